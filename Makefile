@@ -1,0 +1,74 @@
+# Loupe. `make demo` runs the app on one machine with no services; `make test` runs the suite against
+# PostgreSQL and Redis (started here if they are installed but down).
+SHELL := /bin/bash
+PY := .venv/bin/python
+PIP := .venv/bin/pip
+HOST ?= 127.0.0.1
+PORT ?= 8000
+TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/loupe
+TEST_BROKER_URL ?= redis://127.0.0.1:6379/0
+
+.PHONY: demo test lint fmt worker web migrate bench bench-demo services browser clean
+
+.venv/.runtime: requirements.txt
+	test -x $(PY) || python3 -m venv .venv
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -r requirements.txt
+	touch $@
+
+.venv/.dev: requirements-dev.txt .venv/.runtime
+	$(PIP) install -q -r requirements-dev.txt
+	touch $@
+
+migrate: .venv/.runtime
+	DEBUG=1 $(PY) manage.py migrate --noinput
+
+# One machine, no services: SQLite + kombu's filesystem broker under var/. Generates and imports the demo
+# project, starts a Celery worker, trains and promotes a first model through it, then serves on $(PORT).
+demo: .venv/.runtime
+	@export DEBUG=1; set -e; \
+	$(PY) manage.py migrate --noinput; \
+	$(PY) manage.py demo; \
+	mkdir -p var/log; \
+	.venv/bin/celery -A webapp worker -Q default,gpu -c 1 -l info > var/log/worker.log 2>&1 & \
+	worker=$$!; trap "kill $$worker 2>/dev/null; wait $$worker 2>/dev/null" EXIT INT TERM; \
+	$(PY) manage.py demo --train; \
+	echo; echo "Loupe is at http://$(HOST):$(PORT)/  (login: see above or var/demo-admin.txt; worker log var/log/worker.log)"; \
+	$(PY) manage.py runserver $(HOST):$(PORT) --noreload
+
+worker: .venv/.runtime
+	DEBUG=1 .venv/bin/celery -A webapp worker -Q default,gpu -c 1 -l info
+
+web: .venv/.runtime
+	DEBUG=1 $(PY) manage.py runserver $(HOST):$(PORT)
+
+services:
+	@pg_isready -q -h 127.0.0.1 -p 5432 || pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql) main start
+	@redis-cli -h 127.0.0.1 ping >/dev/null 2>&1 || redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no --dir /var/lib/redis --logfile /var/log/redis/ci.log
+	@for i in $$(seq 1 30); do pg_isready -q -h 127.0.0.1 && redis-cli ping >/dev/null 2>&1 && exit 0; sleep 1; done; echo "PostgreSQL or Redis did not start"; exit 1
+
+browser:
+	@test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-dejavu-core >/dev/null)
+
+test: .venv/.dev services browser
+	DEBUG=1 DATABASE_URL=$(TEST_DATABASE_URL) CELERY_BROKER_URL=$(TEST_BROKER_URL) LOUPE_VAR_DIR=$(CURDIR)/var/test \
+	  $(PY) manage.py makemigrations --check --dry-run
+	$(PY) -m ruff check .
+	DEBUG=1 DATABASE_URL=$(TEST_DATABASE_URL) CELERY_BROKER_URL=$(TEST_BROKER_URL) LOUPE_VAR_DIR=$(CURDIR)/var/test \
+	  $(PY) -m pytest $(PYTEST_ARGS)
+
+lint: .venv/.dev
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+fmt: .venv/.dev
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+bench: bench-demo
+
+bench-demo: .venv/.dev
+	$(PY) bench/demo_time.py
+
+clean:
+	rm -rf var/test var/media var/artifacts var/broker var/demo var/loupe.sqlite3

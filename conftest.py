@@ -1,0 +1,77 @@
+"""Shared fixtures: isolated media/artifact folders, users, small generated photos."""
+
+import io
+import random
+from pathlib import Path
+
+import pytest
+from PIL import Image as PILImage
+from PIL import ImageDraw
+
+COLORS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 170, 60), "yellow": (235, 210, 40)}
+# Tiny, fast engine settings for tests that train.
+TINY_TRAIN = {"backbone": "resnet10t", "image_size": 32, "epochs": 2, "batch_size": 16, "num_workers": 0, "lr": 3e-3}
+
+
+@pytest.fixture(autouse=True)
+def _isolated_files(settings, tmp_path):
+    settings.MEDIA_ROOT = tmp_path / "media"
+    settings.ARTIFACT_ROOT = tmp_path / "artifacts"
+    settings.IMPORT_ROOTS = [tmp_path / "import"]
+    settings.LOUPE_TRAIN_OVERRIDES = {}
+    (tmp_path / "import").mkdir()
+    from inference import services
+
+    services.forget_all()
+    yield
+    services.forget_all()
+
+
+def make_photo(color: str, shape: str = "square", *, size: int = 64, seed: int = 0, fmt: str = "JPEG") -> bytes:
+    """A small synthetic photo: a coloured shape on a noisy grey background."""
+    rng = random.Random(f"{color}-{shape}-{size}-{seed}")
+    base = rng.randint(90, 160)
+    img = PILImage.new("RGB", (size, size), (base, base, base))
+    px = img.load()
+    for _ in range(size * 2):
+        x, y = rng.randrange(size), rng.randrange(size)
+        v = rng.randint(60, 200)
+        px[x, y] = (v, v, v)
+    draw = ImageDraw.Draw(img)
+    m = rng.randint(size // 8, size // 4)
+    box = (m, m, size - m + rng.randint(-3, 3), size - m + rng.randint(-3, 3))
+    fill = COLORS[color]
+    if shape == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.ellipse(box, fill=fill)
+    out = io.BytesIO()
+    img.save(out, fmt, quality=92) if fmt == "JPEG" else img.save(out, fmt)
+    return out.getvalue()
+
+
+@pytest.fixture
+def photo_folder(tmp_path):
+    """import/<color>/<ID>_<seq>.jpg: 4 colours × 6 groups × 2 photos."""
+
+    def build(colors=("red", "blue", "green", "yellow"), groups: int = 6, per_group: int = 2, root: Path | None = None):
+        root = root or tmp_path / "import" / "folder"
+        for color in colors:
+            for g in range(groups):
+                for s in range(per_group):
+                    p = root / color / f"{color[:1].upper()}{g:03d}_{s}.jpg"
+                    p.parent.mkdir(parents=True, exist_ok=True)
+                    p.write_bytes(make_photo(color, seed=g * 10 + s, size=64))
+        return root
+
+    return build
+
+
+@pytest.fixture
+def admin_user(django_user_model):
+    return django_user_model.objects.create_user("admin", password="admin-pass-123", is_staff=True, is_superuser=True)
+
+
+@pytest.fixture
+def reviewer(django_user_model):
+    return django_user_model.objects.create_user("reviewer", password="reviewer-pass-123")

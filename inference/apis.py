@@ -1,0 +1,154 @@
+"""REST recognition endpoint: 1..10 photos of one object in, labels per head out."""
+
+import base64
+import binascii
+
+from django.conf import settings
+from django.urls import reverse
+from drf_spectacular.utils import extend_schema
+from rest_framework import status
+from rest_framework.parsers import JSONParser, MultiPartParser
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from labeling.models import Image, Project
+from webapp.errors import ApiError
+
+from . import services
+from .core import ImageError, decode_image
+from .serializers import ErrorSerializer, RecognizeJsonSerializer, RecognizeResponseSerializer
+
+
+def _sniff(data: bytes) -> str | None:
+    if data[:3] == b"\xff\xd8\xff":
+        return "image/jpeg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "image/png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return None
+
+
+def _collect_images(request) -> list[bytes]:
+    max_n = settings.LOUPE_MAX_IMAGES_PER_REQUEST
+    blobs: list[bytes] = []
+    if request.content_type and request.content_type.startswith("multipart/"):
+        files = request.FILES.getlist("images")
+        if len(files) > max_n:
+            raise ApiError(f"Send at most {max_n} images per request (got {len(files)}).", code="too_many_images")
+        for i, f in enumerate(files, start=1):
+            if f.size > settings.LOUPE_MAX_IMAGE_BYTES:
+                raise ApiError(
+                    f"image {i} is {f.size / 1e6:.1f} MB; the limit is {settings.LOUPE_MAX_IMAGE_BYTES / 1e6:.0f} MB.",
+                    code="image_too_large",
+                    status_code=413,
+                )
+            blobs.append(f.read())
+    else:
+        payload = RecognizeJsonSerializer(data=request.data)
+        if isinstance(request.data, dict) and isinstance(request.data.get("images"), list):
+            if len(request.data["images"]) > max_n:
+                raise ApiError(
+                    f"Send at most {max_n} images per request (got {len(request.data['images'])}).",
+                    code="too_many_images",
+                )
+        payload.is_valid(raise_exception=True)
+        for i, item in enumerate(payload.validated_data["images"], start=1):
+            text = item["data"]
+            if text.startswith("data:") and "," in text:
+                text = text.split(",", 1)[1]  # tolerate a data: URL prefix
+            if len(text) * 3 // 4 > settings.LOUPE_MAX_IMAGE_BYTES:
+                raise ApiError(
+                    f"image {i} is larger than {settings.LOUPE_MAX_IMAGE_BYTES / 1e6:.0f} MB.",
+                    code="image_too_large",
+                    status_code=413,
+                )
+            try:
+                data = base64.b64decode(text, validate=True)
+            except (binascii.Error, ValueError):
+                raise ApiError(f"image {i}: 'data' is not valid base64.", code="bad_base64") from None
+            actual = _sniff(data)
+            if actual is not None and actual != item["media_type"]:
+                raise ApiError(
+                    f"image {i}: media_type says {item['media_type']} but the data is {actual}.",
+                    code="media_type_mismatch",
+                )
+            blobs.append(data)
+    if not blobs:
+        raise ApiError(
+            'Send 1 to 10 images: multipart field \'images\', or JSON {"images": [{"data", "media_type"}]}.',
+            code="no_images",
+        )
+    return blobs
+
+
+class RecognizeView(APIView):
+    parser_classes = [JSONParser, MultiPartParser]
+
+    @extend_schema(
+        request={
+            "application/json": RecognizeJsonSerializer,
+            "multipart/form-data": {
+                "type": "object",
+                "properties": {"images": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+            },
+        },
+        responses={
+            200: RecognizeResponseSerializer,
+            400: ErrorSerializer,
+            404: ErrorSerializer,
+            409: ErrorSerializer,
+            413: ErrorSerializer,
+        },
+        description="Recognise one object from 1-10 photos. Per head: the label (null when the combined confidence "
+        "is below the head's threshold), the confidence and the top-k; plus the nearest gallery images.",
+    )
+    def post(self, request, slug: str):
+        project = Project.objects.filter(slug=slug).first()
+        if project is None:
+            raise ApiError(f"No project {slug!r}.", code="not_found", status_code=404)
+        blobs = _collect_images(request)
+        images = []
+        for i, data in enumerate(blobs, start=1):
+            try:
+                # JPEGs decode at reduced size: the models never need more than ~512 px.
+                images.append(decode_image(data, max_pixels=settings.LOUPE_MAX_IMAGE_PIXELS, max_side_hint=512))
+            except ImageError as exc:
+                raise ApiError(f"image {i}: {exc}", code="bad_image") from None
+        try:
+            served = services.active_model(project_id=project.id)
+        except services.NoActiveModel as exc:
+            raise ApiError(str(exc), code="no_active_model", status_code=409) from exc
+        thresholds = dict(project.heads.values_list("name", "threshold"))
+        result = served.recognizer.recognize(images, thresholds=thresholds, top_k=5, neighbours=5)
+        for name, head in result["heads"].items():
+            head["threshold"] = thresholds.get(name, 0.6)
+        result["neighbours"] = _neighbour_details(project, result.get("neighbours", []))
+        body = {"model_version": served.number, "n_images": len(images), **result}
+        return Response(body, status=status.HTTP_200_OK)
+
+
+def _neighbour_details(project: Project, neighbours: list[dict]) -> list[dict]:
+    ids = [n["image_id"] for n in neighbours]
+    images = {
+        im.id: im
+        for im in Image.objects.filter(project=project, id__in=ids).prefetch_related(
+            "labels__label_class", "labels__head"
+        )
+    }
+    out = []
+    for n in neighbours:
+        im = images.get(n["image_id"])
+        if im is None:
+            continue  # deleted since the index was built
+        out.append(
+            {
+                "image_id": im.id,
+                "score": round(float(n["score"]), 4),
+                "labels": {
+                    lb.head.name: (lb.label_class.name if lb.label_class_id else None) for lb in im.labels.all()
+                },
+                "thumbnail_url": reverse("labeling:image-file", args=[project.slug, im.id, "thumb"]),
+            }
+        )
+    return out

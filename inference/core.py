@@ -1,0 +1,387 @@
+"""Loupe inference core (pure Python, no Django): safe image decoding, the Recognizer (classification heads +
+embedding), gallery embedding and the Faiss index.
+
+Public API::
+
+    class ImageError(ValueError)
+    decode_image(data: bytes, *, max_pixels=40_000_000, max_side_hint=None) -> PIL.Image.Image
+    class Recognizer:
+        load(artifact_dir, *, device="cpu", num_threads=None) -> Recognizer      (classmethod)
+        heads: list[str]; label_maps: dict[str, list[str]]; version_dir: Path
+        embedding_dim: int; image_size: int; index (faiss index or None); gallery_ids (np.ndarray or None)
+        predict(images) -> (probs {head: (N, K) float32}, embeddings (N, D) float32, L2-normalised)
+        recognize(images, *, thresholds=None, default_threshold=0.6, top_k=5, neighbours=5) -> dict
+    embed_paths(recognizer, paths, batch_size=64) -> (embeddings (N, D) float32, ok (N,) bool)
+    build_index(artifact_dir, embeddings, ids) -> Path   (index.faiss + gallery_ids.npy, atomically)
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from training.engine.data import draft_size, eval_transform, load_image_file, normalize_batch, to_rgb
+from training.engine.model import ARTIFACT_FORMAT, build_model
+
+log = logging.getLogger("inference.core")
+
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP")
+INDEX_FILE = "index.faiss"
+IDS_FILE = "gallery_ids.npy"
+MODEL_FILE = "model.pt"
+
+
+class ImageError(ValueError):
+    """The uploaded bytes are not a usable image; the message says why in words a person can act on."""
+
+
+# ------------------------------------------------------------------------------------------ decoding
+def _sniff(data: bytes) -> str:
+    head = bytes(data[:32])
+    if head.startswith(b"GIF8"):
+        return "GIF"
+    if head.startswith(b"BM"):
+        return "BMP"
+    if head.startswith((b"II*\x00", b"MM\x00*")):
+        return "TIFF"
+    if head[4:8] == b"ftyp":
+        brand = head[8:12]
+        if brand in (b"heic", b"heix", b"hevc", b"hevx", b"mif1", b"msf1", b"heim", b"heis"):
+            return "HEIC/HEIF (e.g. an iPhone photo: export or share it as JPEG)"
+        if brand in (b"avif", b"avis"):
+            return "AVIF"
+        return f"an ISO media file ({brand.decode('latin-1')!r})"
+    if head.startswith(b"%PDF"):
+        return "PDF"
+    if head.startswith(b"\x00\x00\x01\x00"):
+        return "ICO"
+    if head.startswith(b"\xff\xd8"):
+        return "a damaged JPEG"
+    if head.startswith(b"\x89PNG"):
+        return "a damaged PNG"
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return "a damaged WebP"
+    stripped = head.lstrip()
+    if stripped[:1] in (b"<", b"{", b"["):
+        return "text (HTML/XML/SVG/JSON), not a picture"
+    if head and all(32 <= b < 127 or b in (9, 10, 13) for b in head):
+        return f"text starting with {head[:16].decode('ascii')!r}"
+    return f"unrecognised data starting with 0x{head[:8].hex()}"
+
+
+def decode_image(data: bytes, *, max_pixels: int = 40_000_000, max_side_hint: int | None = None) -> Image.Image:
+    """Validate and decode uploaded bytes into an RGB PIL image (EXIF orientation applied, transparency
+    composited onto white).
+
+    Raises ImageError for: empty data, data that is not a JPEG/PNG/WebP, more than `max_pixels` pixels (checked
+    from the header, before decoding), and truncated/corrupt files (the image is fully loaded; truncated
+    images are never accepted). With `max_side_hint`, JPEGs are decoded at a reduced scale (1/2, 1/4, 1/8)
+    that keeps both sides >= max_side_hint: pass the model's input size for fast, low-memory decoding."""
+    if data is None or len(data) == 0:
+        raise ImageError("image is empty (0 bytes)")
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"decode_image expects bytes, got {type(data).__name__}")
+    data = bytes(data)
+    try:
+        img = Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS))
+    except UnidentifiedImageError:
+        raise ImageError(f"image is not a JPEG/PNG/WebP (got {_sniff(data)})") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"image has too many pixels to process safely ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - any parser error is a bad upload
+        raise ImageError(
+            f"image is truncated or corrupt and cannot be read ({type(exc).__name__}: {exc}); upload the complete file"
+        ) from None
+    try:
+        w, h = img.size
+        if w <= 0 or h <= 0:
+            raise ImageError(f"image has an invalid size {w}x{h}")
+        if w * h > max_pixels:
+            raise ImageError(
+                f"image is too large: {w}x{h} = {w * h / 1e6:.1f} megapixels, the limit is "
+                f"{max_pixels / 1e6:g} megapixels; resize it and try again"
+            )
+        if max_side_hint and img.format == "JPEG":
+            img.draft("RGB", (int(max_side_hint), int(max_side_hint)))
+        try:
+            img.load()
+        except Exception as exc:  # noqa: BLE001 - truncated data, broken chunks, decoder errors
+            raise ImageError(
+                f"image is truncated or corrupt: the {img.format} {w}x{h} data cannot be fully decoded "
+                f"({type(exc).__name__}: {exc}); upload the complete file"
+            ) from None
+        return to_rgb(img)
+    finally:
+        img.close()
+
+
+# ---------------------------------------------------------------------------------------- recognizer
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class Recognizer:
+    """A trained Loupe model version loaded for inference. Thread-safe for concurrent predict/recognize."""
+
+    def __init__(
+        self,
+        model,
+        *,
+        config: dict,
+        heads_meta: list[dict],
+        label_maps: dict[str, list[str]],
+        mean: Sequence[float],
+        std: Sequence[float],
+        embedding_dim: int,
+        version_dir: Path,
+        device: torch.device,
+        index=None,
+        gallery_ids: np.ndarray | None = None,
+    ):
+        self.model = model
+        self.config = config
+        self.heads_meta = heads_meta
+        self.heads: list[str] = [h["name"] for h in heads_meta]
+        self.label_maps = label_maps
+        self.mean = list(mean)
+        self.std = list(std)
+        self.embedding_dim = int(embedding_dim)
+        self.image_size = int(config["image_size"])
+        self.version_dir = Path(version_dir)
+        self.device = device
+        self.index = index
+        self.gallery_ids = gallery_ids
+        self._transform = eval_transform(self.image_size)
+
+    # -- loading
+    @classmethod
+    def load(cls, artifact_dir, *, device: str | torch.device = "cpu", num_threads: int | None = None) -> Recognizer:
+        """Read artifact_dir/model.pt (and index.faiss + gallery_ids.npy when present).
+
+        num_threads (or the LOUPE_TORCH_THREADS environment variable) sets torch's intra-op threads for the
+        process; leave it unset to keep torch's default (one per physical core). With several server
+        processes on one machine, set it to cores / processes."""
+        d = Path(artifact_dir)
+        path = d / MODEL_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"no {MODEL_FILE} in {d}: is this a finished training run folder?")
+        threads = num_threads or int(os.environ.get("LOUPE_TORCH_THREADS", "0") or 0)
+        if threads > 0 and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(ckpt, dict) or ckpt.get("format") != ARTIFACT_FORMAT:
+            got = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+            raise ValueError(f"{path} is not a Loupe model (format {got!r}, expected {ARTIFACT_FORMAT!r})")
+        dev = _resolve_device(device)
+        model, info = build_model(ckpt["config"], ckpt["heads"], load_weights=False)
+        model.load_state_dict(ckpt["state_dict"], strict=True)
+        model.eval().to(dev)
+        if dev.type == "cuda":
+            model.to(memory_format=torch.channels_last)
+        rec = cls(
+            model,
+            config=ckpt["config"],
+            heads_meta=ckpt["heads"],
+            label_maps=ckpt["label_maps"],
+            mean=ckpt["mean"],
+            std=ckpt["std"],
+            embedding_dim=ckpt["embedding_dim"],
+            version_dir=d,
+            device=dev,
+        )
+        rec._load_index()
+        return rec
+
+    def _load_index(self) -> None:
+        index_path = self.version_dir / INDEX_FILE
+        if not index_path.is_file():
+            self.index, self.gallery_ids = None, None
+            return
+        index = faiss.read_index(str(index_path))
+        if index.d != self.embedding_dim:
+            raise ValueError(
+                f"{index_path} has dimension {index.d} but the model's embeddings have {self.embedding_dim}: "
+                "rebuild the index for this model version"
+            )
+        ids_path = self.version_dir / IDS_FILE
+        ids = np.load(ids_path) if ids_path.is_file() else None
+        if ids is not None and len(ids) != index.ntotal:
+            log.warning("%s has %d ids but the index holds %d vectors", ids_path, len(ids), index.ntotal)
+        self.index, self.gallery_ids = index, ids
+
+    def reload_index(self) -> None:
+        """Re-read index.faiss / gallery_ids.npy (after build_index on a loaded version)."""
+        self._load_index()
+
+    # -- inference
+    def _batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        tensors = []
+        for img in images:
+            if not isinstance(img, Image.Image):
+                raise TypeError(f"expected PIL images, got {type(img).__name__}")
+            if img.mode != "RGB":
+                img = img.convert("RGB")
+            tensors.append(self._transform(img))
+        return torch.stack(tensors)
+
+    @torch.inference_mode()
+    def _forward(self, x_uint8: torch.Tensor) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        x = normalize_batch(x_uint8.to(self.device), self.mean, self.std)
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        else:
+            x = x.contiguous()
+        logits, feats = self.model(x)
+        probs = {
+            name: F.softmax(lg.float(), dim=1).cpu().numpy().astype(np.float32, copy=False)
+            for name, lg in zip(self.heads, logits, strict=True)
+        }
+        emb = F.normalize(feats.float(), dim=1).cpu().numpy().astype(np.float32, copy=False)
+        return probs, emb
+
+    def predict(self, images: Sequence[Image.Image]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """One batched forward pass (validation transform). Returns ({head: (N, K) float32 probabilities},
+        (N, D) float32 L2-normalised embeddings)."""
+        if len(images) == 0:
+            raise ValueError("predict() needs at least one image")
+        return self._forward(self._batch(images))
+
+    def search(self, embedding: np.ndarray, k: int = 5) -> list[dict]:
+        """Nearest gallery images of one (D,) embedding (renormalised): [{"image_id", "score"}], best first."""
+        if self.index is None or self.index.ntotal == 0 or k <= 0:
+            return []
+        q = np.asarray(embedding, dtype=np.float32).reshape(1, -1).copy()
+        norm = float(np.linalg.norm(q))
+        if not np.isfinite(norm) or norm == 0.0:
+            return []
+        q /= norm
+        scores, ids = self.index.search(q, min(int(k), self.index.ntotal))
+        return [{"image_id": int(i), "score": float(s)} for s, i in zip(scores[0], ids[0], strict=True) if i != -1]
+
+    def recognize(
+        self,
+        images: Sequence[Image.Image],
+        *,
+        thresholds: dict[str, float] | None = None,
+        default_threshold: float = 0.6,
+        top_k: int = 5,
+        neighbours: int = 5,
+    ) -> dict:
+        """Recognise one object from N >= 1 views: probabilities are averaged per head over the images.
+
+        Returns {"heads": {head: {"label": str | None, "confidence": float, "threshold": float,
+        "top_k": [{"label", "confidence"}, ...]}}, "neighbours": [{"image_id": int, "score": float}, ...]}.
+        "label" is None when the best confidence is below the head's threshold (thresholds[head], else
+        default_threshold); top_k still lists the candidates. Neighbours come from the Faiss index (cosine
+        similarity of the renormalised mean embedding), [] when the version has no index."""
+        probs, emb = self.predict(images)
+        thresholds = thresholds or {}
+        heads_out = {}
+        for name in self.heads:
+            classes = self.label_maps[name]
+            p = probs[name].mean(axis=0)
+            order = np.argsort(-p, kind="stable")[: max(1, min(int(top_k), len(classes)))]
+            conf = float(p[order[0]])
+            thr = float(thresholds.get(name, default_threshold))
+            heads_out[name] = {
+                "label": classes[int(order[0])] if conf >= thr else None,
+                "confidence": conf,
+                "threshold": thr,
+                "top_k": [{"label": classes[int(i)], "confidence": float(p[i])} for i in order],
+            }
+        return {"heads": heads_out, "neighbours": self.search(emb.mean(axis=0), neighbours)}
+
+
+# ------------------------------------------------------------------------------------ gallery / index
+
+
+def embed_paths(recognizer: Recognizer, paths: Sequence[str], batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Embed image files (reduced-size JPEG decode, validation transform).
+
+    Returns (embeddings (N, D) float32, ok (N,) bool). A file that cannot be read does not raise: its row is
+    all zeros, ok[i] is False and a warning naming the file is logged. Use embeddings[ok] / ids[ok]."""
+    n = len(paths)
+    out = np.zeros((n, recognizer.embedding_dim), dtype=np.float32)
+    ok = np.zeros(n, dtype=bool)
+    if n == 0:
+        return out, ok
+    tf = recognizer._transform
+    min_side = draft_size(recognizer.image_size)
+
+    def load(path: str):
+        try:
+            return tf(load_image_file(path, min_side))
+        except Exception as exc:  # noqa: BLE001 - one bad file must not stop the gallery
+            log.warning("cannot embed %s: %s: %s", path, type(exc).__name__, exc)
+            return None
+
+    workers = max(1, min(4, (os.cpu_count() or 1)))
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL decodes/resizes without holding the GIL
+        for start in range(0, n, batch_size):
+            chunk = list(pool.map(load, paths[start : start + batch_size]))
+            good = [i for i, t in enumerate(chunk) if t is not None]
+            if not good:
+                continue
+            _, emb = recognizer._forward(torch.stack([chunk[i] for i in good]))
+            rows = np.asarray(good) + start
+            out[rows] = emb
+            ok[rows] = True
+    return out, ok
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def build_index(artifact_dir, embeddings: np.ndarray, ids: np.ndarray) -> Path:
+    """Write artifact_dir/index.faiss (IndexIDMap2 over IndexFlatIP: cosine similarity on L2-normalised
+    vectors; vectors are renormalised here) and gallery_ids.npy, each via a temp file + os.replace.
+    Returns the index path. An empty gallery gives an empty (valid) index."""
+    d = Path(artifact_dir)
+    if not d.is_dir():
+        raise FileNotFoundError(f"artifact folder {d} does not exist")
+    emb = np.asarray(embeddings, dtype=np.float32)
+    ids = np.asarray(ids)
+    if emb.ndim != 2:
+        raise ValueError(f"embeddings must be a 2-D array (N, D), got shape {emb.shape}")
+    if ids.ndim != 1 or len(ids) != emb.shape[0]:
+        raise ValueError(f"ids must be a 1-D array with one id per embedding ({emb.shape[0]}), got {ids.shape}")
+    if ids.size and not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"ids must be integers, got dtype {ids.dtype}")
+    if not np.isfinite(emb).all():
+        raise ValueError("embeddings contain NaN or infinite values")
+    emb = np.ascontiguousarray(emb.copy())
+    ids = np.ascontiguousarray(ids.astype(np.int64))
+    if len(emb):
+        faiss.normalize_L2(emb)
+    index = faiss.IndexIDMap2(faiss.IndexFlatIP(emb.shape[1]))
+    if len(emb):
+        index.add_with_ids(emb, ids)
+    index_path = d / INDEX_FILE
+
+    def write_ids(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.save(fh, ids)
+
+    _atomic(d / IDS_FILE, write_ids)
+    _atomic(index_path, lambda tmp: faiss.write_index(index, str(tmp)))
+    return index_path

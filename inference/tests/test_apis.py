@@ -1,0 +1,156 @@
+"""The recognition endpoint: contract, auth, bad input, hot swap after a promote."""
+
+import base64
+import io
+
+import pytest
+from django.urls import reverse
+from PIL import Image as PILImage
+from rest_framework.authtoken.models import Token
+from rest_framework.test import APIClient
+
+from conftest import TINY_TRAIN, make_photo
+from labeling import importers
+from labeling.services import project_create
+from training import services as training_services
+from training.models import ModelVersion
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def api(admin_user):
+    client = APIClient()
+    token = Token.objects.create(user=admin_user)
+    client.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
+    return client
+
+
+@pytest.fixture
+def project(photo_folder):
+    project = project_create(name="Shapes", preset="retrieval")
+    rows, report = importers.plan_folder(photo_folder(groups=8), head=project.heads.get())
+    importers.images_import(project=project, rows=rows, report=report)
+    return project
+
+
+def _train(project, **overrides) -> ModelVersion:
+    run = training_services.training_run_create(project=project, config={**TINY_TRAIN, **overrides}, queue=False)
+    run = training_services.training_run_execute(run_id=run.id, inline=True)
+    assert run.status == "succeeded", run.error
+    return run.model_version
+
+
+def _b64(data: bytes, media_type="image/jpeg") -> dict:
+    return {"data": base64.b64encode(data).decode(), "media_type": media_type}
+
+
+def _url(project):
+    return reverse("inference:recognize", args=[project.slug])
+
+
+def test_recognize_json_and_multipart_then_hot_swap(api, project):
+    v1 = _train(project)
+    v1.refresh_from_db()
+    assert v1.is_active and v1.index_status == "ready" and v1.index_size > 0
+    photos = [make_photo("red", seed=900 + i) for i in range(3)]
+    response = api.post(_url(project), {"images": [_b64(p) for p in photos]}, format="json")
+    assert response.status_code == 200, response.content
+    body = response.json()
+    assert body["model_version"] == v1.number and body["n_images"] == 3
+    head = body["heads"]["class"]
+    assert set(head) == {"label", "confidence", "top_k", "threshold"} and head["threshold"] == 0.6
+    assert len(head["top_k"]) == 4 and head["top_k"][0]["confidence"] == pytest.approx(head["confidence"], abs=1e-6)
+    assert head["label"] == (head["top_k"][0]["label"] if head["confidence"] >= 0.6 else None)
+    assert 1 <= len(body["neighbours"]) <= 5
+    assert {"image_id", "score", "labels", "thumbnail_url"} <= set(body["neighbours"][0])
+
+    files = [io.BytesIO(p) for p in photos[:2]]
+    for i, f in enumerate(files):
+        f.name = f"p{i}.jpg"
+    response = api.post(_url(project), {"images": files}, format="multipart")
+    assert response.status_code == 200 and response.json()["n_images"] == 2
+
+    # A threshold above 1 always answers null, with the confidence still reported.
+    project.heads.update(threshold=1.0)
+    body = api.post(_url(project), {"images": [_b64(photos[0])]}, format="json").json()
+    if body["heads"]["class"]["confidence"] < 1.0:
+        assert body["heads"]["class"]["label"] is None
+
+    # Promote a second model: the running server serves it without a restart.
+    v2 = _train(project, epochs=1)
+    assert not v2.is_active  # later models wait for an admin
+    training_services.model_version_promote(version=v2, inline=True)
+    from django.test import override_settings
+
+    with override_settings(LOUPE_ACTIVE_MODEL_TTL=0):
+        body = api.post(_url(project), {"images": [_b64(photos[0])]}, format="json").json()
+    assert body["model_version"] == v2.number
+    # Roll back: v1's index is ready, so the switch is immediate.
+    training_services.model_version_promote(version=v1)
+    assert ModelVersion.objects.get(pk=v1.pk).is_active and not ModelVersion.objects.get(pk=v2.pk).is_active
+
+
+def _err(response, status, code):
+    assert response.status_code == status, response.content
+    body = response.json()
+    assert set(body) == {"error"} and body["error"]["code"] == code and body["error"]["message"]
+    return body["error"]["message"]
+
+
+def test_bad_input_gives_clear_errors(api, project):
+    url = _url(project)
+    msg = _err(
+        api.post(url, {"images": [{"data": "@@not-base64@@", "media_type": "image/jpeg"}]}, format="json"),
+        400,
+        "bad_base64",
+    )
+    assert "image 1" in msg
+    many = [_b64(make_photo("red", seed=i)) for i in range(11)]
+    assert "at most 10" in _err(api.post(url, {"images": many}, format="json"), 400, "too_many_images")
+    _err(api.post(url, {"images": []}, format="json"), 400, "no_images")
+    msg = _err(api.post(url, {"images": [_b64(b"hello, I am text")]}, format="json"), 400, "bad_image")
+    assert "not a" in msg.lower() or "image" in msg.lower()
+    jpeg = make_photo("blue", seed=5, size=128)
+    msg = _err(api.post(url, {"images": [_b64(jpeg[: len(jpeg) // 2])]}, format="json"), 400, "bad_image")
+    assert "truncated" in msg.lower()
+    png = io.BytesIO()
+    PILImage.new("RGB", (8, 8)).save(png, "PNG")
+    assert "media_type says image/jpeg" in _err(
+        api.post(url, {"images": [_b64(png.getvalue(), "image/jpeg")]}, format="json"), 400, "media_type_mismatch"
+    )
+    _err(api.post(url, {"images": [{"data": "abc", "media_type": "text/html"}]}, format="json"), 400, "invalid")
+    text = io.BytesIO(b"not an image")
+    text.name = "x.jpg"
+    _err(api.post(url, {"images": [text]}, format="multipart"), 400, "bad_image")
+    _err(
+        api.post(reverse("inference:recognize", args=["nope"]), {"images": [_b64(jpeg)]}, format="json"),
+        404,
+        "not_found",
+    )
+    # No model yet: a clear 409, not a 500.
+    assert "no promoted model" in _err(api.post(url, {"images": [_b64(jpeg)]}, format="json"), 409, "no_active_model")
+
+
+def test_pixel_bomb_refused(api, project, settings):
+    settings.LOUPE_MAX_IMAGE_PIXELS = 100 * 100
+    big = io.BytesIO()
+    PILImage.new("RGB", (200, 200)).save(big, "PNG")
+    msg = _err(
+        api.post(_url(project), {"images": [_b64(big.getvalue(), "image/png")]}, format="json"), 400, "bad_image"
+    )
+    assert "pixels" in msg
+
+
+def test_token_required(project):
+    response = APIClient().post(_url(project), {"images": []}, format="json")
+    _err(response, 401, "not_authenticated")
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION="Token wrong")
+    _err(client.post(_url(project), {"images": []}, format="json"), 401, "authentication_failed")
+
+
+def test_openapi_schema_and_docs(api):
+    schema = api.get(reverse("schema"), {"format": "json"})
+    assert schema.status_code == 200 and "/api/v1/projects/{slug}/recognize" in schema.json()["paths"]
+    assert api.get(reverse("api-docs")).status_code == 200

@@ -1,0 +1,226 @@
+"""Tests of the pure-Python inference core (no database, no network, CPU only, tiny images)."""
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from inference.core import ImageError, Recognizer, build_index, decode_image, embed_paths
+from training.engine import train_model
+from training.engine.synthetic import TINY_TEST_CONFIG, draw_shape, make_shapes_dataset
+
+
+def encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    out = io.BytesIO()
+    img.save(out, fmt, **kw)
+    return out.getvalue()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG claiming width x height (valid IHDR) whose pixel data is a few bytes: decoding it would fail."""
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    )
+
+
+# ------------------------------------------------------------------------------------------ decode_image
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_decode_valid_images(fmt):
+    img = decode_image(encode(draw_shape("circle", "blue", 64), fmt))
+    assert img.mode == "RGB" and img.size == (64, 64)
+
+
+def test_decode_png_with_alpha_and_grey():
+    rgba = Image.new("RGBA", (20, 10), (255, 0, 0, 0))  # fully transparent -> composited on white
+    out = decode_image(encode(rgba, "PNG"))
+    assert out.mode == "RGB" and out.getpixel((0, 0)) == (255, 255, 255)
+    grey = decode_image(encode(Image.new("L", (8, 8), 77), "PNG"))
+    assert grey.mode == "RGB" and grey.getpixel((0, 0)) == (77, 77, 77)
+
+
+def test_decode_applies_exif_orientation():
+    img = Image.new("RGB", (40, 20), (0, 128, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise on display
+    out = decode_image(encode(img, "JPEG", exif=exif.tobytes()))
+    assert out.size == (20, 40)
+
+
+def test_decode_jpeg_draft_reduces_size():
+    data = encode(draw_shape("square", "red", 800), "JPEG", quality=90)
+    assert decode_image(data).size == (800, 800)
+    small = decode_image(data, max_side_hint=150)
+    assert small.size == (200, 200)  # 1/4 scale: the smallest libjpeg scale keeping both sides >= 150
+
+
+def test_decode_empty():
+    with pytest.raises(ImageError, match="empty"):
+        decode_image(b"")
+
+
+@pytest.mark.parametrize(
+    "data, got",
+    [
+        (b"hello, this is not an image at all", "text starting with 'hello, this is n'"),
+        (b"%PDF-1.7\n...", "PDF"),
+        (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00", "HEIC"),
+        (b"\x01\x02\x03\x04\x05\x06\x07\x08\x09", "unrecognised data"),
+    ],
+)
+def test_decode_not_an_image(data, got):
+    with pytest.raises(ImageError) as exc:
+        decode_image(data)
+    assert "image is not a JPEG/PNG/WebP (got " in str(exc.value)
+    assert got in str(exc.value)
+
+
+def test_decode_other_formats_refused():
+    with pytest.raises(ImageError, match=r"not a JPEG/PNG/WebP \(got GIF\)"):
+        decode_image(encode(Image.new("RGB", (8, 8)), "GIF"))
+    with pytest.raises(ImageError, match=r"\(got BMP\)"):
+        decode_image(encode(Image.new("RGB", (8, 8)), "BMP"))
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_decode_truncated(fmt):
+    data = encode(draw_shape("square", "red", 128), fmt)
+    with pytest.raises(ImageError, match="truncated or corrupt"):
+        decode_image(data[: len(data) // 2])
+
+
+def test_decode_too_many_pixels_checked_before_decoding():
+    # Header-only PNGs: had the pixels been decoded, the error would be "truncated", not a size error.
+    with pytest.raises(ImageError, match="truncated"):
+        decode_image(png_header_only(100, 50))
+    with pytest.raises(ImageError, match="too large: 10000x5000 = 50.0 megapixels, the limit is 40 megapixels"):
+        decode_image(png_header_only(10_000, 5_000))
+    with pytest.raises(ImageError, match="too many pixels|too large"):
+        decode_image(png_header_only(50_000, 50_000))  # a decompression bomb
+    with pytest.raises(ImageError, match="too large"):
+        decode_image(encode(Image.new("RGB", (100, 100)), "PNG"), max_pixels=9_999)
+    assert decode_image(encode(Image.new("RGB", (100, 100)), "PNG"), max_pixels=10_000).size == (100, 100)
+
+
+# -------------------------------------------------------------------------------------------- recognizer
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inference")
+    manifest = make_shapes_dataset(
+        root / "img", n=24, size=32, shapes=("square", "circle", "triangle"), colors=("red", "blue", "green")
+    )
+    out = root / "v1"
+    train_model(manifest, {**TINY_TEST_CONFIG, "epochs": 1}, out)
+    return {"dir": out, "manifest": manifest}
+
+
+def test_load_and_predict_shapes(artifact):
+    rec = Recognizer.load(artifact["dir"])
+    assert rec.heads == ["shape", "color"]
+    assert rec.label_maps == {"shape": ["square", "circle", "triangle"], "color": ["red", "blue", "green"]}
+    assert rec.version_dir == artifact["dir"] and rec.index is None
+    imgs = [
+        draw_shape("square", "red", 50),
+        draw_shape("circle", "blue", 70).convert("L"),
+        Image.new("RGB", (300, 120), (10, 200, 10)),
+    ]
+    probs, emb = rec.predict(imgs)
+    assert set(probs) == {"shape", "color"}
+    for p in probs.values():
+        assert p.shape == (3, 3) and p.dtype == np.float32
+        np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-5)
+    assert emb.shape == (3, rec.embedding_dim) and emb.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    # batching does not change a prediction
+    single, single_emb = rec.predict(imgs[:1])
+    np.testing.assert_allclose(single["color"][0], probs["color"][0], atol=1e-5)
+    np.testing.assert_allclose(single_emb[0], emb[0], atol=1e-5)
+    with pytest.raises(ValueError):
+        rec.predict([])
+
+
+def test_recognize_output_and_thresholds(artifact):
+    rec = Recognizer.load(artifact["dir"])
+    imgs = [draw_shape("square", "red", 40), draw_shape("square", "red", 40)]
+    out = rec.recognize(imgs, top_k=2)
+    assert set(out) == {"heads", "neighbours"} and out["neighbours"] == []
+    for name in ("shape", "color"):
+        h = out["heads"][name]
+        assert set(h) >= {"label", "confidence", "top_k"}
+        assert len(h["top_k"]) == 2 and h["top_k"][0]["confidence"] >= h["top_k"][1]["confidence"]
+        assert h["confidence"] == pytest.approx(h["top_k"][0]["confidence"])
+        assert h["label"] in (None, h["top_k"][0]["label"])
+        assert (h["label"] is None) == (h["confidence"] < 0.6)
+    # averaging two identical views equals one view
+    one = rec.recognize(imgs[:1])
+    assert one["heads"]["color"]["confidence"] == pytest.approx(out["heads"]["color"]["confidence"], abs=1e-5)
+    never = rec.recognize(imgs, thresholds={"color": 1.01}, default_threshold=0.0)
+    assert never["heads"]["color"]["label"] is None and never["heads"]["color"]["top_k"]
+    assert never["heads"]["shape"]["label"] is not None  # default_threshold 0 for the other head
+    assert len(rec.recognize(imgs, top_k=10)["heads"]["color"]["top_k"]) == 3  # capped at K
+
+
+def test_embed_paths_build_index_and_neighbours(artifact, tmp_path):
+    art = artifact["dir"]
+    items = artifact["manifest"]["items"]
+    paths = [it["path"] for it in items] + [str(tmp_path / "missing.jpg")]
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    paths.append(str(bad))
+    rec = Recognizer.load(art)
+    emb, ok = embed_paths(rec, paths, batch_size=5)
+    assert emb.shape == (len(paths), rec.embedding_dim) and emb.dtype == np.float32
+    assert ok.dtype == bool and ok[:-2].all() and not ok[-2:].any()
+    assert not emb[-2:].any()
+    ids = np.array([it["id"] for it in items] + [998, 999], dtype=np.int64)
+    index_path = build_index(art, emb[ok], ids[ok])
+    assert index_path == art / "index.faiss" and index_path.is_file()
+    assert np.array_equal(np.load(art / "gallery_ids.npy"), ids[ok])
+    assert not [p.name for p in art.iterdir() if ".tmp" in p.name]
+
+    rec = Recognizer.load(art)
+    assert rec.index.ntotal == len(items)
+    probe = 7
+    img = Image.open(items[probe]["path"])
+    out = rec.recognize([img], neighbours=4)
+    assert len(out["neighbours"]) == 4
+    first = out["neighbours"][0]
+    assert first["image_id"] == items[probe]["id"] and first["score"] == pytest.approx(1.0, abs=1e-4)
+    scores = [n["score"] for n in out["neighbours"]]
+    assert scores == sorted(scores, reverse=True)
+    assert rec.recognize([img], neighbours=0)["neighbours"] == []
+    # more neighbours than gallery images: capped, no -1 ids
+    assert len(rec.recognize([img], neighbours=500)["neighbours"]) == len(items)
+
+
+def test_build_index_validation_and_empty(artifact, tmp_path):
+    with pytest.raises(ValueError, match="one id per embedding"):
+        build_index(tmp_path, np.zeros((3, 4), np.float32), np.arange(2))
+    with pytest.raises(ValueError, match="2-D"):
+        build_index(tmp_path, np.zeros(4, np.float32), np.arange(1))
+    with pytest.raises(FileNotFoundError):
+        build_index(tmp_path / "nope", np.zeros((1, 4), np.float32), np.arange(1))
+    path = build_index(tmp_path, np.zeros((0, 4), np.float32), np.zeros(0, np.int64))
+    assert path.is_file()
+
+
+def test_index_dimension_mismatch_is_reported(artifact, tmp_path):
+    import shutil
+
+    art = tmp_path / "v"
+    shutil.copytree(artifact["dir"], art)
+    build_index(art, np.random.rand(3, 5).astype(np.float32), np.arange(3))
+    with pytest.raises(ValueError, match="rebuild the index"):
+        Recognizer.load(art)
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no model.pt"):
+        Recognizer.load(tmp_path)

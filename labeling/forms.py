@@ -1,0 +1,59 @@
+from django import forms
+
+from .models import Head
+from .presets import PRESET_CHOICES
+
+
+class ProjectForm(forms.Form):
+    name = forms.CharField(max_length=200)
+    preset = forms.ChoiceField(choices=PRESET_CHOICES)
+
+
+class ImportForm(forms.Form):
+    MODES = [
+        ("folder", "Folder: <class>/<ID>_<seq>.jpg"),
+        ("csv", "CSV with column mapping"),
+        ("placeholder", "Placeholder: all unlabeled"),
+    ]
+    mode = forms.ChoiceField(choices=MODES)
+    folder = forms.CharField(max_length=1000, help_text="A folder on the server, inside the import folders.")
+    head = forms.ModelChoiceField(
+        queryset=Head.objects.none(), required=False, help_text="Folder mode: the head the folder names label."
+    )
+    csv_path = forms.CharField(
+        max_length=1000, required=False, label="CSV file", help_text="CSV mode: path of the CSV on the server."
+    )
+    filename_col = forms.CharField(max_length=100, required=False, initial="image_filename")
+    head_map = forms.CharField(
+        max_length=1000,
+        required=False,
+        label="Head columns",
+        help_text="CSV mode: head=column pairs, comma-separated, e.g. make=make, model=model",
+    )
+    group_col = forms.CharField(max_length=100, required=False)
+    source_col = forms.CharField(max_length=100, required=False)
+    skip_bad_rows = forms.BooleanField(required=False, help_text="Import the good rows and report the bad ones.")
+
+    def __init__(self, *args, project, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["head"].queryset = project.heads.all()
+
+    def clean_head_map(self) -> dict[str, str]:
+        raw = self.cleaned_data.get("head_map") or ""
+        out = {}
+        for part in filter(None, (p.strip() for p in raw.split(","))):
+            if "=" not in part:
+                raise forms.ValidationError(f"{part!r} is not head=column.")
+            head, col = (x.strip() for x in part.split("=", 1))
+            out[head] = col
+        return out
+
+    def clean(self):
+        data = super().clean()
+        if data.get("mode") == "csv" and not (
+            data.get("csv_path") and data.get("filename_col") and data.get("head_map")
+        ):
+            raise forms.ValidationError(
+                "CSV mode needs the CSV file, the filename column and at least one head=column."
+            )
+        return data

@@ -1,0 +1,352 @@
+"""Import photos into a project: a class-per-folder tree, a CSV with column mapping, or placeholder (all
+unlabeled). Two phases: plan + read every file (no writes), then, only if nothing is wrong (or the caller
+allows skipping bad rows), one transaction that writes rows and files. A failed import writes nothing."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from django.db import transaction
+from PIL import Image as PILImage
+from PIL import UnidentifiedImageError
+
+from . import storage
+from .models import Head, Image, Label, LabelEvent, Project
+from .normalize import clean_label
+from .services import LabelingError, label_class_get_or_create
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+_GROUP_RE = re.compile(r"^(?P<group>.+?)_(?P<seq>\d+)$")
+MAX_FILE_BYTES = 50 * 1024 * 1024
+
+
+@dataclass
+class ImportRow:
+    where: str  # "line 12" or the relative path: how the report names this row
+    path: Path
+    labels: dict[str, str | None]
+    group: str
+    source: str = "real"
+
+
+@dataclass
+class ImportReport:
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    warnings: list[tuple[str, str]] = field(default_factory=list)
+    rows: int = 0
+    created: int = 0
+    existing: int = 0
+    unreadable: int = 0
+    labels_set: int = 0
+    classes_created: int = 0
+    written: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def lines(self) -> list[str]:
+        out = [f"ERROR   {where}: {msg}" for where, msg in self.errors]
+        out += [f"WARNING {where}: {msg}" for where, msg in self.warnings]
+        if self.written:
+            out.append(
+                f"Imported {self.created} new image(s) ({self.unreadable} unreadable, kept for the health check), "
+                f"{self.existing} already present, {self.labels_set} label(s) set, "
+                f"{self.classes_created} new class(es)."
+            )
+        else:
+            out.append(f"Nothing was written: {len(self.errors)} error(s) in {self.rows} row(s).")
+        return out
+
+
+def group_from_name(path: Path) -> str:
+    """`<ID>_<seq>.jpg` → ID (images sharing an ID are one group); otherwise the file stem."""
+    m = _GROUP_RE.match(path.stem)
+    return m.group("group") if m else path.stem
+
+
+def inside(root: Path, path: Path) -> bool:
+    try:
+        path.resolve().relative_to(root.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def check_root(root: Path, allowed_roots: list[Path] | None) -> Path:
+    root = Path(root)
+    if allowed_roots is not None and not any(inside(a, root) for a in allowed_roots):
+        allowed = ", ".join(str(a) for a in allowed_roots)
+        raise LabelingError(f"{root} is outside the import folders ({allowed}); copy the photos there first.")
+    if not root.is_dir():
+        raise LabelingError(f"{root} is not a folder.")
+    return root
+
+
+def plan_folder(
+    root: Path, *, head: Head, allowed_roots: list[Path] | None = None
+) -> tuple[list[ImportRow], ImportReport]:
+    """`root/<class>/<ID>_<seq>.jpg`: the folder name is the class for `head`, the ID is the group."""
+    root = check_root(root, allowed_roots)
+    report = ImportReport()
+    rows: list[ImportRow] = []
+    for path in sorted(root.rglob("*")):
+        if path.is_dir():
+            continue
+        rel = path.relative_to(root)
+        if path.suffix.lower() not in IMAGE_EXTS:
+            report.warnings.append((str(rel), "not an image file name (.jpg/.jpeg/.png/.webp/.bmp); ignored"))
+            continue
+        if len(rel.parts) != 2:
+            report.errors.append((str(rel), "expected <class>/<file>; files must sit in one class folder"))
+            continue
+        rows.append(ImportRow(where=str(rel), path=path, labels={head.name: rel.parts[0]}, group=group_from_name(path)))
+    if not rows and not report.errors:
+        report.errors.append((str(root), "no images found (expected <class>/<ID>_<seq>.jpg)"))
+    return rows, report
+
+
+def plan_placeholder(root: Path, *, allowed_roots: list[Path] | None = None) -> tuple[list[ImportRow], ImportReport]:
+    """Every image under `root`, all unlabeled."""
+    root = check_root(root, allowed_roots)
+    report = ImportReport()
+    rows = [
+        ImportRow(where=str(p.relative_to(root)), path=p, labels={}, group=group_from_name(p))
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTS
+    ]
+    if not rows:
+        report.errors.append((str(root), "no images found"))
+    return rows, report
+
+
+def plan_csv(
+    csv_file: Path | io.TextIOBase,
+    *,
+    images_dir: Path,
+    filename_col: str,
+    head_cols: dict[str, str],
+    project: Project,
+    group_col: str | None = None,
+    source_col: str | None = None,
+    allowed_roots: list[Path] | None = None,
+) -> tuple[list[ImportRow], ImportReport]:
+    """A CSV with a filename column and one column per head (`--head make=make`). Rows whose file is
+    missing or outside `images_dir` are reported by line number."""
+    images_dir = check_root(images_dir, allowed_roots)
+    report = ImportReport()
+    heads = {h.name for h in project.heads.all()}
+    unknown_heads = sorted(set(head_cols) - heads)
+    if unknown_heads:
+        raise LabelingError(
+            f"Project {project.slug!r} has no head(s) {', '.join(unknown_heads)}; heads: {', '.join(sorted(heads))}."
+        )
+    try:
+        handle = open(csv_file, newline="", encoding="utf-8-sig") if isinstance(csv_file, (str, Path)) else csv_file
+    except OSError as exc:
+        raise LabelingError(f"Cannot read the CSV file: {exc.strerror}: {csv_file}") from exc
+    rows: list[ImportRow] = []
+    with handle:
+        reader = csv.DictReader(handle)
+        columns = reader.fieldnames or []
+        wanted = [filename_col, *head_cols.values(), *(c for c in (group_col, source_col) if c)]
+        missing = [c for c in wanted if c not in columns]
+        if missing:
+            raise LabelingError(
+                f"The CSV has no column(s) {', '.join(repr(c) for c in missing)}; its columns are "
+                f"{', '.join(repr(c) for c in columns) or '(none: is the file empty?)'}."
+            )
+        valid_sources = {c.value for c in Image.Source}
+        try:
+            for line_no, rec in enumerate(reader, start=2):
+                where = f"line {line_no}"
+                name = (rec.get(filename_col) or "").strip()
+                if not name:
+                    report.errors.append((where, f"empty {filename_col!r}"))
+                    continue
+                path = images_dir / name
+                if not inside(images_dir, path):
+                    report.errors.append((where, f"{name!r} points outside the images folder {images_dir}"))
+                    continue
+                if not path.is_file():
+                    report.errors.append((where, f"no file {name!r} in {images_dir} (unmatched row)"))
+                    continue
+                source = (rec.get(source_col) or "real").strip().lower() if source_col else "real"
+                if source not in valid_sources:
+                    report.errors.append((where, f"source {source!r} is not one of {', '.join(sorted(valid_sources))}"))
+                    continue
+                group = (rec.get(group_col) or "").strip() if group_col else ""
+                rows.append(
+                    ImportRow(
+                        where=where,
+                        path=path,
+                        labels={head: rec.get(col) for head, col in head_cols.items()},
+                        group=group or group_from_name(path),
+                        source=source,
+                    )
+                )
+        except (csv.Error, UnicodeDecodeError) as exc:
+            raise LabelingError(f"The CSV cannot be parsed near line {reader.line_num}: {exc}") from exc
+    if not rows and not report.errors:
+        report.errors.append(("csv", "the CSV has no data rows"))
+    return rows, report
+
+
+@dataclass
+class _ReadFile:
+    row: ImportRow
+    data: bytes
+    sha256: str
+    ext: str
+    width: int | None
+    height: int | None
+    problem: str  # "" when the image decodes
+
+
+def _read(row: ImportRow) -> _ReadFile | str:
+    try:
+        size = row.path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            return f"file is {size / 1e6:.0f} MB, more than the {MAX_FILE_BYTES // 2**20} MiB limit"
+        data = row.path.read_bytes()
+    except OSError as exc:
+        return f"cannot read file: {exc.strerror}"
+    width = height = None
+    problem = ""
+    if not data:
+        problem = "empty file"
+    else:
+        try:
+            with PILImage.open(io.BytesIO(data)) as img:
+                width, height = img.size
+                img.draft("RGB", (64, 64))  # decode at reduced size: enough to catch truncation
+                img.load()
+        except UnidentifiedImageError:
+            problem = "not a readable image"
+        except (OSError, SyntaxError, ValueError) as exc:
+            problem = f"truncated or damaged image ({exc})"
+        except PILImage.DecompressionBombError as exc:
+            problem = f"too many pixels ({exc})"
+    ext = row.path.suffix.lower()
+    ext = ".jpg" if ext == ".jpeg" else ext
+    return _ReadFile(row, data, hashlib.sha256(data).hexdigest(), ext, width, height, problem)
+
+
+def images_import(
+    *, project: Project, rows: list[ImportRow], report: ImportReport, user=None, skip_bad_rows: bool = False
+) -> ImportReport:
+    """Write the planned rows. With errors in the plan nothing is written unless `skip_bad_rows`."""
+    report.rows = len(rows) + len(report.errors)
+    heads = {h.name: h for h in project.heads.select_related("parent")}
+    read: list[_ReadFile] = []
+    for row in rows:
+        result = _read(row)
+        if isinstance(result, str):
+            report.errors.append((row.where, result))
+        else:
+            read.append(result)
+    # Validate label values before writing anything.
+    for item in read:
+        for head_name, raw in item.row.labels.items():
+            if raw is not None and len(str(raw).strip()) > 200:
+                report.errors.append((item.row.where, f"{head_name} label is longer than 200 characters"))
+    if report.errors and not skip_bad_rows:
+        return report
+    bad = {where for where, _ in report.errors}
+    read = [r for r in read if r.row.where not in bad]
+
+    written_files: list[str] = []
+    try:
+        with transaction.atomic():
+            _write(project, heads, read, report, user, written_files)
+    except LabelingError as exc:
+        storage.delete_quietly(written_files)
+        report.errors.append(("import", str(exc)))
+        report.created = report.existing = report.unreadable = report.labels_set = report.classes_created = 0
+        return report
+    except Exception:
+        storage.delete_quietly(written_files)
+        raise
+    report.written = True
+    return report
+
+
+def _write(project, heads, read, report, user, written_files) -> None:
+    by_sha: dict[str, Image] = {
+        im.sha256: im for im in Image.objects.filter(project=project, sha256__in=[r.sha256 for r in read])
+    }
+    for item in read:
+        image = by_sha.get(item.sha256)
+        if image is None:
+            name = storage.image_name(project.slug, item.sha256, item.ext)
+            if storage.store_bytes(name, item.data):
+                written_files.append(name)
+            thumb = ""
+            if not item.problem:
+                thumb_bytes = storage.make_thumbnail(item.data)
+                if thumb_bytes:
+                    thumb = storage.thumb_name(project.slug, item.sha256)
+                    if storage.store_bytes(thumb, thumb_bytes):
+                        written_files.append(thumb)
+            image = Image.objects.create(
+                project=project,
+                sha256=item.sha256,
+                file=name,
+                thumbnail=thumb,
+                original_name=item.row.path.name,
+                width=item.width,
+                height=item.height,
+                byte_size=len(item.data),
+                group_key=item.row.group[:200],
+                source=item.row.source,
+                status=Image.Status.UNREADABLE if item.problem else Image.Status.OK,
+                status_reason=item.problem[:300],
+            )
+            Label.objects.bulk_create([Label(image=image, head=h) for h in heads.values()])
+            by_sha[item.sha256] = image
+            report.created += 1
+            if item.problem:
+                report.unreadable += 1
+                report.warnings.append(
+                    (item.row.where, f"{item.problem}; imported as unreadable (excluded from training)")
+                )
+        else:
+            report.existing += 1
+        _apply_labels(image, heads, item.row, report, user)
+
+
+def _apply_labels(image: Image, heads: dict[str, Head], row: ImportRow, report: ImportReport, user) -> None:
+    labels = {lb.head_id: lb for lb in image.labels.select_related("label_class")}
+    chosen: dict[str, object] = {}
+    # Parents first, so a child class (model) can point at its parent class (make).
+    for head in sorted(heads.values(), key=lambda h: h.parent_id is not None):
+        if head.name not in row.labels:
+            continue
+        display = clean_label(row.labels[head.name])
+        if display is None:
+            continue  # unknown: unlabeled for this head
+        parent_class = chosen.get(head.parent.name) if head.parent_id else None
+        try:
+            cls, created = label_class_get_or_create(
+                head=head, raw_name=str(row.labels[head.name]), parent=parent_class
+            )
+        except LabelingError as exc:
+            raise LabelingError(f"{row.where}: {exc}") from exc
+        report.classes_created += int(created)
+        chosen[head.name] = cls
+        label = labels[head.id]
+        if label.label_class_id == cls.id:
+            continue
+        if label.label_class_id is not None:
+            report.warnings.append(
+                (row.where, f"{head.name} is already {label.label_class.name!r}; kept (the file says {display!r})")
+            )
+            continue
+        Label.objects.filter(pk=label.pk).update(label_class=cls, version=label.version + 1, updated_by=user)
+        LabelEvent.objects.create(image=image, head=head, old_class=None, new_class=cls, user=user, reason="import")
+        report.labels_set += 1

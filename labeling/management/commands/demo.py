@@ -1,0 +1,124 @@
+"""Generate the synthetic LEGO-like demo project, import it, create an admin, and (optionally) train and
+promote a first model through the Celery worker."""
+
+import secrets
+import time
+from pathlib import Path
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.core.management.base import BaseCommand, CommandError
+from rest_framework.authtoken.models import Token
+
+from labeling import importers
+from labeling.demo_data import generate_demo
+from labeling.models import Project
+from labeling.services import project_create
+from training import services as training_services
+from training.models import ModelVersion, TrainingRun
+
+# A small, fast first model on CPU; every key can be changed from the Retrain form or `manage.py train`.
+DEMO_TRAIN_CONFIG = {"epochs": 8, "image_size": 96}
+
+
+class Command(BaseCommand):
+    help = "Create the demo project (synthetic LEGO-like parts × colours) and train its first model."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--slug", default="lego-demo")
+        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--images-per-combo", type=int, default=8)
+        parser.add_argument("--out", default=None, help="where to generate the photos (default var/demo)")
+        parser.add_argument(
+            "--train",
+            action="store_true",
+            help="queue a first training run on the Celery worker and wait until it is promoted",
+        )
+        parser.add_argument("--timeout", type=int, default=1800, help="seconds to wait for the first model")
+        parser.add_argument("--admin-user", default="admin")
+
+    def handle(self, *args, **opts):
+        started = time.monotonic()
+        out = Path(opts["out"] or Path(settings.MEDIA_ROOT).parent / "demo")
+        project = Project.objects.filter(slug=opts["slug"]).first()
+        if project is None or not project.images.exists():
+            self.stdout.write(f"Generating demo photos in {out} (seed {opts['seed']})…")
+            summary = generate_demo(out, seed=opts["seed"], images_per_combo=opts["images_per_combo"])
+            if project is None:
+                project = project_create(
+                    name="LEGO demo",
+                    slug=opts["slug"],
+                    preset="lego",
+                    description="Synthetic LEGO-like parts with planted label problems.",
+                )
+            rows, report = importers.plan_csv(
+                summary.csv_path,
+                images_dir=summary.out_dir / "images",
+                filename_col="image_filename",
+                head_cols={"part": "part", "color": "color"},
+                project=project,
+                group_col="group",
+                source_col="source",
+            )
+            report = importers.images_import(project=project, rows=rows, report=report)
+            for line in report.lines()[-6:]:
+                self.stdout.write(line)
+            if not report.written:
+                raise CommandError("The demo import failed; see the errors above.")
+        else:
+            self.stdout.write(f"Project {project.slug!r} already has {project.images.count()} images.")
+        self._admin(opts["admin_user"])
+        if opts["train"]:
+            self._train(project, opts["timeout"])
+        self.stdout.write(self.style.SUCCESS(f"Demo ready in {time.monotonic() - started:.0f} s."))
+
+    def _admin(self, username: str) -> None:
+        User = get_user_model()
+        password = secrets.token_urlsafe(9)
+        user, _ = User.objects.get_or_create(username=username, defaults={"email": f"{username}@example.com"})
+        user.is_staff = user.is_superuser = True
+        user.set_password(password)
+        user.save()
+        token, _ = Token.objects.get_or_create(user=user)
+        cred = Path(settings.MEDIA_ROOT).parent / "demo-admin.txt"
+        cred.parent.mkdir(parents=True, exist_ok=True)
+        cred.write_text(f"username: {username}\npassword: {password}\napi token: {token.key}\n")
+        cred.chmod(0o600)
+        self.stdout.write(
+            self.style.SUCCESS(f"Admin login: {username} / {password}   API token: {token.key}   (saved in {cred})")
+        )
+
+    def _train(self, project: Project, timeout: int) -> None:
+        if project.model_versions.filter(is_active=True).exists():
+            self.stdout.write("A model is already active.")
+            return
+        run = project.training_runs.filter(status__in=[TrainingRun.Status.QUEUED, TrainingRun.Status.RUNNING]).first()
+        if run is None:
+            run = training_services.training_run_create(project=project, config=DEMO_TRAIN_CONFIG)
+        self.stdout.write(f"Training run {run.id} queued on the Celery worker (queue gpu); waiting…")
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            run.refresh_from_db()
+            loss = "-" if run.loss is None else f"{run.loss:.4f}"
+            line = f"  {run.status}: epoch {run.epoch}/{run.epochs} loss {loss}"
+            if run.metrics:
+                line += " · " + ", ".join(f"{h} top-1 {m.get('top1', 0):.3f}" for h, m in run.metrics.items())
+            if line != last:
+                self.stdout.write(line)
+                last = line
+            if run.status == TrainingRun.Status.FAILED:
+                raise CommandError(f"Training failed: {run.error}")
+            active = project.model_versions.filter(is_active=True).first()
+            if active:
+                self.stdout.write(
+                    self.style.SUCCESS(
+                        f"Model v{active.number} trained and promoted (index: {active.index_size} images)."
+                    )
+                )
+                return
+            failed = project.model_versions.filter(index_status=ModelVersion.IndexStatus.FAILED).first()
+            if failed:
+                raise CommandError(f"Index build failed: {failed.index_error}")
+            time.sleep(1)
+        raise CommandError(f"No promoted model after {timeout} s: is the Celery worker running (make worker)?")

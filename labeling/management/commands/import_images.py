@@ -1,0 +1,98 @@
+"""Import photos into a project: folder (<class>/<ID>_<seq>.jpg), CSV with column mapping, or placeholder."""
+
+from pathlib import Path
+
+from django.core.management.base import BaseCommand, CommandError
+
+from labeling import importers
+from labeling.models import Project
+from labeling.presets import PRESETS
+from labeling.services import LabelingError, project_create
+
+
+class Command(BaseCommand):
+    help = (
+        "Import images into a project. Modes: folder (<root>/<class>/<ID>_<seq>.jpg; ID = group), csv (a filename "
+        "column + one column per head, e.g. --csv labels.csv --filename-col image_filename --head make=make "
+        "--head model=model), placeholder (all images under the folder, unlabeled). With any bad row nothing is "
+        "written unless --skip-bad-rows. Re-importing the same files is a no-op."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument("project", help="project slug")
+        parser.add_argument("folder", help="the images folder")
+        parser.add_argument(
+            "--mode",
+            choices=["folder", "csv", "placeholder"],
+            default=None,
+            help="default: csv when --csv is given, else folder",
+        )
+        parser.add_argument("--csv", dest="csv_path", help="CSV file (csv mode)")
+        parser.add_argument("--filename-col", default="image_filename")
+        parser.add_argument(
+            "--head",
+            action="append",
+            default=[],
+            metavar="HEAD=COLUMN",
+            help="map a CSV column to a head (repeat per head)",
+        )
+        parser.add_argument("--group-col", help="CSV column with the group/ID (default: from <ID>_<seq> file names)")
+        parser.add_argument("--source-col", help="CSV column with the source (real/synthetic/legacy)")
+        parser.add_argument("--class-head", help="folder mode: the head the folder names label (default: first head)")
+        parser.add_argument(
+            "--create",
+            metavar="PRESET",
+            choices=sorted(PRESETS),
+            help="create the project with this preset if it does not exist",
+        )
+        parser.add_argument("--name", help="project name when creating (default: the slug)")
+        parser.add_argument("--skip-bad-rows", action="store_true", help="import good rows, report bad ones")
+
+    def handle(self, *args, **opts):
+        project = Project.objects.filter(slug=opts["project"]).first()
+        if project is None:
+            if not opts["create"]:
+                raise CommandError(f"No project {opts['project']!r}; pass --create PRESET to create it.")
+            project = project_create(name=opts["name"] or opts["project"], slug=opts["project"], preset=opts["create"])
+            self.stdout.write(f"Created project {project.slug!r} ({project.preset}).")
+        mode = opts["mode"] or ("csv" if opts["csv_path"] else "folder")
+        folder = Path(opts["folder"])
+        try:
+            if mode == "csv":
+                if not opts["csv_path"] or not opts["head"]:
+                    raise CommandError("csv mode needs --csv FILE and at least one --head HEAD=COLUMN.")
+                head_cols = {}
+                for item in opts["head"]:
+                    if "=" not in item:
+                        raise CommandError(f"--head {item!r}: expected HEAD=COLUMN, e.g. --head make=make")
+                    head, col = item.split("=", 1)
+                    head_cols[head.strip()] = col.strip()
+                rows, report = importers.plan_csv(
+                    Path(opts["csv_path"]),
+                    images_dir=folder,
+                    filename_col=opts["filename_col"],
+                    head_cols=head_cols,
+                    project=project,
+                    group_col=opts["group_col"],
+                    source_col=opts["source_col"],
+                )
+            elif mode == "placeholder":
+                rows, report = importers.plan_placeholder(folder)
+            else:
+                head = (
+                    project.heads.filter(name=opts["class_head"]).first()
+                    if opts["class_head"]
+                    else project.heads.first()
+                )
+                if head is None:
+                    raise CommandError(f"Project {project.slug!r} has no head {opts['class_head']!r}.")
+                rows, report = importers.plan_folder(folder, head=head)
+            report = importers.images_import(
+                project=project, rows=rows, report=report, skip_bad_rows=opts["skip_bad_rows"]
+            )
+        except LabelingError as exc:
+            raise CommandError(str(exc)) from exc
+        for line in report.lines():
+            self.stdout.write(line)
+        if not report.written:
+            raise CommandError(f"Import failed with {len(report.errors)} error(s); nothing was written.")

@@ -1,0 +1,226 @@
+"""Import: folder, CSV with mapping, placeholder; re-import no-op; bad input reported with nothing written."""
+
+from pathlib import Path
+
+import pytest
+from django.core.files.storage import default_storage
+from django.core.management import CommandError, call_command
+
+from conftest import make_photo
+from labeling import importers
+from labeling.models import Image, Label, LabelClass, LabelEvent
+from labeling.services import LabelingError, project_create
+
+pytestmark = pytest.mark.django_db
+
+
+def _files(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()} if root.exists() else set()
+
+
+def test_folder_import_groups_classes_and_is_idempotent(photo_folder, settings):
+    project = project_create(name="Shapes", preset="retrieval")
+    root = photo_folder(groups=3)
+    rows, report = importers.plan_folder(root, head=project.heads.get())
+    report = importers.images_import(project=project, rows=rows, report=report)
+    assert report.written and report.created == 24 and not report.errors
+    assert set(LabelClass.objects.values_list("name", flat=True)) == {"red", "blue", "green", "yellow"}
+    assert Image.objects.filter(group_key="R000").count() == 2
+    assert Label.objects.filter(label_class__isnull=False).count() == 24
+    img = Image.objects.first()
+    assert default_storage.exists(img.file) and img.file == f"images/{project.slug}/{img.sha256[:2]}/{img.sha256}.jpg"
+    assert default_storage.exists(img.thumbnail)
+    files_before = _files(Path(settings.MEDIA_ROOT))
+    events_before = LabelEvent.objects.count()
+
+    rows, report = importers.plan_folder(root, head=project.heads.get())
+    again = importers.images_import(project=project, rows=rows, report=report)
+    assert again.written and again.created == 0 and again.existing == 24 and again.labels_set == 0
+    assert Image.objects.count() == 24 and LabelEvent.objects.count() == events_before
+    assert _files(Path(settings.MEDIA_ROOT)) == files_before
+
+
+def _write_csv(path: Path, header: str, lines: list[str]) -> Path:
+    path.write_text("\n".join([header, *lines]) + "\n")
+    return path
+
+
+def test_csv_import_with_mapping_hierarchy_and_aliases(tmp_path):
+    project = project_create(name="Cars", preset="car")
+    imgs = tmp_path / "import" / "cars"
+    imgs.mkdir(parents=True)
+    for i, color in enumerate(["red", "blue", "green", "yellow"]):
+        (imgs / f"C{i}_1.jpg").write_bytes(make_photo(color, seed=i))
+    csv = _write_csv(
+        tmp_path / "import" / "cars.csv",
+        "image_filename,make,model,extra",
+        ["C0_1.jpg,Toyota,Corolla,x", "C1_1.jpg,TOYOTA,Yaris,x", "C2_1.jpg, Toyota.,Corolla,x", "C3_1.jpg,Honda,,x"],
+    )
+    rows, report = importers.plan_csv(
+        csv,
+        images_dir=imgs,
+        filename_col="image_filename",
+        head_cols={"make": "make", "model": "model"},
+        project=project,
+    )
+    report = importers.images_import(project=project, rows=rows, report=report)
+    assert report.written, report.lines()
+    toyota = LabelClass.objects.get(head__name="make", normalized_name="toyota")
+    assert toyota.name == "Toyota" and set(toyota.aliases) == {"TOYOTA", "Toyota."}
+    assert LabelClass.objects.filter(head__name="make").count() == 2
+    corolla = LabelClass.objects.get(head__name="model", name="Corolla")
+    assert corolla.parent == toyota
+    honda_img = Image.objects.get(original_name="C3_1.jpg")
+    assert honda_img.labels.get(head__name="model").label_class is None  # empty = unlabeled, never a class
+    assert honda_img.group_key == "C3"
+
+
+def test_csv_model_under_two_makes_fails_whole_import(tmp_path, settings):
+    project = project_create(name="Cars", preset="car")
+    imgs = tmp_path / "import" / "cars"
+    imgs.mkdir(parents=True)
+    for i, color in enumerate(["red", "blue"]):
+        (imgs / f"C{i}_1.jpg").write_bytes(make_photo(color, seed=100 + i))
+    csv = _write_csv(tmp_path / "import" / "c.csv", "f,make,model", ["C0_1.jpg,Toyota,Civic", "C1_1.jpg,Honda,Civic"])
+    rows, report = importers.plan_csv(
+        csv, images_dir=imgs, filename_col="f", head_cols={"make": "make", "model": "model"}, project=project
+    )
+    report = importers.images_import(project=project, rows=rows, report=report)
+    assert not report.written and "belongs to make 'Toyota'" in report.errors[-1][1]
+    assert Image.objects.count() == 0 and LabelClass.objects.count() == 0
+    assert _files(Path(settings.MEDIA_ROOT)) == set()
+
+
+def test_csv_bad_rows_reported_and_nothing_written(tmp_path, settings):
+    project = project_create(name="Cars", preset="car")
+    imgs = tmp_path / "import" / "cars"
+    imgs.mkdir(parents=True)
+    (imgs / "ok_1.jpg").write_bytes(make_photo("red", seed=7))
+    (tmp_path / "import" / "secret.jpg").write_bytes(make_photo("blue", seed=8))
+    csv = _write_csv(
+        tmp_path / "import" / "c.csv",
+        "image_filename,make,model",
+        ["ok_1.jpg,Toyota,Corolla", "missing_1.jpg,Toyota,Yaris", "../secret.jpg,Honda,Civic", ",Honda,Civic"],
+    )
+    rows, report = importers.plan_csv(
+        csv,
+        images_dir=imgs,
+        filename_col="image_filename",
+        head_cols={"make": "make", "model": "model"},
+        project=project,
+    )
+    report = importers.images_import(project=project, rows=rows, report=report)
+    assert not report.written
+    errors = dict(report.errors)
+    assert "unmatched row" in errors["line 3"]
+    assert "outside the images folder" in errors["line 4"]
+    assert "empty 'image_filename'" in errors["line 5"]
+    assert Image.objects.count() == 0 and _files(Path(settings.MEDIA_ROOT)) == set()
+
+    # With skip_bad_rows the good row goes in and the bad ones stay reported.
+    rows, report = importers.plan_csv(
+        csv,
+        images_dir=imgs,
+        filename_col="image_filename",
+        head_cols={"make": "make", "model": "model"},
+        project=project,
+    )
+    report = importers.images_import(project=project, rows=rows, report=report, skip_bad_rows=True)
+    assert report.written and report.created == 1 and len(report.errors) == 3
+
+
+def test_csv_missing_mapped_column_is_a_clear_error(tmp_path):
+    project = project_create(name="Cars", preset="car")
+    imgs = tmp_path / "import" / "cars"
+    imgs.mkdir(parents=True)
+    csv = _write_csv(tmp_path / "import" / "c.csv", "image_filename,make", ["a.jpg,Toyota"])
+    with pytest.raises(LabelingError, match="no column\\(s\\) 'model'.*columns are 'image_filename', 'make'"):
+        importers.plan_csv(
+            csv,
+            images_dir=imgs,
+            filename_col="image_filename",
+            head_cols={"make": "make", "model": "model"},
+            project=project,
+        )
+    with pytest.raises(LabelingError, match="no head\\(s\\) colour"):
+        importers.plan_csv(
+            csv, images_dir=imgs, filename_col="image_filename", head_cols={"colour": "make"}, project=project
+        )
+
+
+def test_unreadable_files_imported_as_unreadable_with_warning(tmp_path):
+    project = project_create(name="Shapes", preset="retrieval")
+    root = tmp_path / "import" / "f"
+    (root / "red").mkdir(parents=True)
+    good = make_photo("red", seed=3, size=128)
+    (root / "red" / "A_1.jpg").write_bytes(good)
+    (root / "red" / "A_2.jpg").write_bytes(good[: len(good) // 2])  # truncated
+    (root / "red" / "A_3.jpg").write_bytes(b"<html>not an image</html>")
+    (root / "red" / "A_4.jpg").write_bytes(b"")
+    rows, report = importers.plan_folder(root, head=project.heads.get())
+    report = importers.images_import(project=project, rows=rows, report=report)
+    assert report.written and report.created == 4 and report.unreadable == 3
+    statuses = dict(Image.objects.values_list("original_name", "status"))
+    assert statuses == {"A_1.jpg": "ok", "A_2.jpg": "unreadable", "A_3.jpg": "unreadable", "A_4.jpg": "unreadable"}
+    assert any("truncated" in msg for _, msg in report.warnings)
+
+
+def test_folder_outside_allowed_roots_refused(tmp_path, settings):
+    project = project_create(name="Shapes", preset="retrieval")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    with pytest.raises(LabelingError, match="outside the import folders"):
+        importers.plan_folder(outside, head=project.heads.get(), allowed_roots=settings.IMPORT_ROOTS)
+
+
+def test_placeholder_import_all_unlabeled(photo_folder):
+    project = project_create(name="Lego", preset="lego")
+    root = photo_folder(colors=("red",), groups=2)
+    rows, report = importers.plan_placeholder(root)
+    report = importers.images_import(project=project, rows=rows, report=report)
+    assert report.created == 4
+    assert Label.objects.filter(label_class__isnull=False).count() == 0
+    assert Label.objects.count() == 8  # one per image and head
+
+
+def test_import_command_reports_rows_and_fails_cleanly(tmp_path, capsys):
+    imgs = tmp_path / "import" / "cars"
+    imgs.mkdir(parents=True)
+    (imgs / "a_1.jpg").write_bytes(make_photo("red", seed=11))
+    csv = _write_csv(
+        tmp_path / "import" / "c.csv", "image_filename,make,model", ["a_1.jpg,Toyota,Corolla", "b_1.jpg,Toyota,Yaris"]
+    )
+    with pytest.raises(CommandError, match="nothing was written"):
+        call_command(
+            "import_images",
+            "cars",
+            str(imgs),
+            "--create",
+            "car",
+            "--csv",
+            str(csv),
+            "--filename-col",
+            "image_filename",
+            "--head",
+            "make=make",
+            "--head",
+            "model=model",
+        )
+    out = capsys.readouterr().out
+    assert "ERROR   line 3: no file 'b_1.jpg'" in out
+    assert Image.objects.count() == 0
+    with pytest.raises(CommandError, match="no column"):
+        call_command("import_images", "cars", str(imgs), "--csv", str(csv), "--head", "make=marque")
+    call_command(
+        "import_images",
+        "cars",
+        str(imgs),
+        "--csv",
+        str(csv),
+        "--head",
+        "make=make",
+        "--head",
+        "model=model",
+        "--skip-bad-rows",
+    )
+    assert Image.objects.count() == 1

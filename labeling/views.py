@@ -1,0 +1,208 @@
+"""Server-rendered labeling pages (Django templates + htmx). Views are thin: they call services/selectors."""
+
+from functools import wraps
+from pathlib import Path
+
+from django.conf import settings
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.files.storage import default_storage
+from django.core.paginator import Paginator
+from django.http import FileResponse, Http404, HttpResponseForbidden
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.http import require_POST
+
+from . import importers, selectors, services
+from .forms import ImportForm, ProjectForm
+from .models import Head, Image, Label, LabelEvent, Project
+
+PAGE_SIZE = 60
+
+
+def staff_required(view):
+    @wraps(view)
+    @login_required
+    def wrapper(request, *args, **kwargs):
+        if not request.user.is_staff:
+            return HttpResponseForbidden("Only admins can do this.")
+        return view(request, *args, **kwargs)
+
+    return wrapper
+
+
+def _partial(request) -> bool:
+    return request.headers.get("HX-Request") == "true" and request.headers.get("HX-Boosted") != "true"
+
+
+@login_required
+def project_list(request):
+    form = ProjectForm(request.POST or None)
+    if request.method == "POST":
+        if not request.user.is_staff:
+            return HttpResponseForbidden("Only admins can create projects.")
+        if form.is_valid():
+            try:
+                project = services.project_create(name=form.cleaned_data["name"], preset=form.cleaned_data["preset"])
+            except services.LabelingError as exc:
+                form.add_error(None, str(exc))
+            else:
+                return redirect("labeling:image-grid", slug=project.slug)
+    return render(
+        request, "labeling/project_list.html", {"projects": selectors.project_list_with_counts(), "form": form}
+    )
+
+
+@login_required
+def image_grid(request, slug):
+    project = get_object_or_404(Project, slug=slug)
+    heads = list(project.heads.prefetch_related("classes"))
+    head = next((h for h in heads if str(h.id) == request.GET.get("head")), None)
+    class_id = request.GET.get("class")
+    class_id = int(class_id) if class_id and class_id.isdigit() else None
+    unlabeled = request.GET.get("unlabeled") == "1"
+    qs = selectors.image_list(project=project, head=head, class_id=class_id, unlabeled=unlabeled)
+    page = Paginator(qs, PAGE_SIZE).get_page(request.GET.get("page"))
+    query = request.GET.copy()
+    query.pop("page", None)
+    context = {
+        "project": project,
+        "heads": heads,
+        "head": head,
+        "class_id": class_id,
+        "unlabeled": unlabeled,
+        "page": page,
+        "query": query.urlencode(),
+    }
+    template = "labeling/_grid.html" if _partial(request) else "labeling/image_grid.html"
+    return render(request, template, context)
+
+
+def _editor_context(image: Image, label: Label, *, message: str = "", conflict: Label | None = None) -> dict:
+    return {
+        "image": image,
+        "label": label,
+        "classes": label.head.classes.all(),
+        "message": message,
+        "conflict": conflict,
+    }
+
+
+@login_required
+def image_detail(request, slug, pk):
+    project = get_object_or_404(Project, slug=slug)
+    image = get_object_or_404(Image, project=project, pk=pk)
+    services.image_labels_ensure(image=image)
+    labels = selectors.image_labels(image=image)
+    editors = [_editor_context(image, lb) for lb in labels]
+    events = LabelEvent.objects.filter(image=image).select_related("head", "old_class", "new_class", "user")[:50]
+    ids = list(Image.objects.filter(project=project).values_list("id", flat=True).order_by("id"))
+    idx = ids.index(image.id)
+    return render(
+        request,
+        "labeling/image_detail.html",
+        {
+            "project": project,
+            "image": image,
+            "editors": editors,
+            "events": events,
+            "prev_id": ids[idx - 1] if idx > 0 else None,
+            "next_id": ids[idx + 1] if idx + 1 < len(ids) else None,
+        },
+    )
+
+
+@login_required
+@require_POST
+def label_update(request, slug, pk, head_id):
+    project = get_object_or_404(Project, slug=slug)
+    image = get_object_or_404(Image, project=project, pk=pk)
+    head = get_object_or_404(Head, project=project, pk=head_id)
+    label = get_object_or_404(Label.objects.select_related("head", "label_class"), image=image, head=head)
+    raw_class = request.POST.get("label_class", "")
+    raw_version = request.POST.get("version", "")
+    status = 200
+    if not raw_version.isdigit() or (raw_class and not raw_class.isdigit()):
+        ctx = _editor_context(image, label, message="The form was incomplete; reload the page and try again.")
+        status = 400
+    else:
+        try:
+            change = services.label_set(
+                label_id=label.id,
+                class_id=int(raw_class) if raw_class else None,
+                expected_version=int(raw_version),
+                user=request.user,
+                reason="edit",
+            )
+            ctx = _editor_context(image, change.label, message="Saved." if change.changed else "No change.")
+        except services.LabelConflict as exc:
+            current = exc.current
+            ctx = _editor_context(image, current, conflict=current)
+            status = 409
+        except services.LabelingError as exc:
+            ctx = _editor_context(image, label, message=str(exc))
+            status = 400
+    if _partial(request):
+        return render(request, "labeling/_label_editor.html", ctx, status=status)
+    if ctx.get("conflict"):
+        messages.error(request, f"{head.name}: changed by someone else meanwhile; current value kept.")
+    elif status == 400:
+        messages.error(request, ctx["message"])
+    return redirect("labeling:image-detail", slug=slug, pk=pk)
+
+
+@login_required
+def image_file(request, slug, pk, kind):
+    image = get_object_or_404(Image, project__slug=slug, pk=pk)
+    name = image.thumbnail if kind == "thumb" else image.file
+    if kind not in ("thumb", "full") or not name or not default_storage.exists(name):
+        raise Http404("No such file.")
+    content_type = "image/jpeg" if kind == "thumb" else None
+    response = FileResponse(default_storage.open(name, "rb"), content_type=content_type)
+    response["Cache-Control"] = "private, max-age=86400, immutable"  # content-addressed
+    return response
+
+
+@staff_required
+def import_page(request, slug):
+    project = get_object_or_404(Project, slug=slug)
+    form = ImportForm(request.POST or None, project=project)
+    report = None
+    if request.method == "POST" and form.is_valid():
+        data = form.cleaned_data
+        roots = settings.IMPORT_ROOTS
+        try:
+            if data["mode"] == "folder":
+                head = data["head"] or project.heads.first()
+                rows, report = importers.plan_folder(Path(data["folder"]), head=head, allowed_roots=roots)
+            elif data["mode"] == "placeholder":
+                rows, report = importers.plan_placeholder(Path(data["folder"]), allowed_roots=roots)
+            else:
+                csv_path = Path(data["csv_path"])
+                if not any(importers.inside(r, csv_path) for r in roots):
+                    raise services.LabelingError(f"{csv_path} is outside the import folders.")
+                rows, report = importers.plan_csv(
+                    csv_path,
+                    images_dir=Path(data["folder"]),
+                    filename_col=data["filename_col"],
+                    head_cols=data["head_map"],
+                    project=project,
+                    group_col=data["group_col"] or None,
+                    source_col=data["source_col"] or None,
+                    allowed_roots=roots,
+                )
+            report = importers.images_import(
+                project=project, rows=rows, report=report, user=request.user, skip_bad_rows=data["skip_bad_rows"]
+            )
+        except services.LabelingError as exc:
+            form.add_error(None, str(exc))
+            report = None
+    return render(
+        request,
+        "labeling/import.html",
+        {
+            "project": project,
+            "form": form,
+            "report": report,
+            "roots": settings.IMPORT_ROOTS,
+        },
+    )

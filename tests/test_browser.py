@@ -1,0 +1,104 @@
+"""Real Chromium (Playwright): log in, correct a label, reload, see it kept; a stale edit shows a conflict.
+The labeling-page screenshot in the README is taken here."""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from labeling import importers
+from labeling.models import Image, Label
+from labeling.services import project_create
+
+CHROMIUM = os.environ.get("LOUPE_CHROMIUM", "/usr/bin/chromium")
+SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "screenshots" / "labeling.png"
+
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.browser,
+    pytest.mark.skipif(
+        not shutil.which(CHROMIUM), reason=f"Chromium not found at {CHROMIUM}; `make browser` installs it"
+    ),
+]
+os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")  # the ORM is used beside Playwright's event loop
+
+
+@pytest.fixture
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            headless=True,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def project(photo_folder, reviewer):
+    project = project_create(name="Shapes", preset="retrieval")
+    rows, report = importers.plan_folder(photo_folder(groups=3), head=project.heads.get())
+    importers.images_import(project=project, rows=rows, report=report)
+    return project
+
+
+def _login(page, live_server):
+    page.goto(f"{live_server.url}/")
+    assert "/accounts/login/" in page.url
+    page.fill("input[name=username]", "reviewer")
+    page.fill("input[name=password]", "reviewer-pass-123")
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{live_server.url}/")
+
+
+def test_login_correct_label_reload_kept(browser, live_server, project):
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    _login(page, live_server)
+    page.click("text=Shapes")
+    page.wait_for_selector(".grid .tile img")
+    image = Image.objects.get(original_name="R001_0.jpg")
+    page.click(f"a.tile[title='{image.original_name}']")
+    head = project.heads.get()
+    select = page.locator(f"#class-{head.id}")
+    assert select.input_value() == str(head.classes.get(name="red").id)
+    blue = head.classes.get(name="blue")
+    select.select_option(str(blue.id))
+    page.click(f"#editor-{head.id} button[type=submit]")
+    page.wait_for_selector(f"#editor-{head.id} .status:has-text('Saved.')")
+    page.reload()
+    assert page.locator(f"#class-{head.id}").input_value() == str(blue.id)
+    assert "red → blue" in page.inner_text(".history")
+    assert Label.objects.get(image=image, head=head).label_class == blue
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT))
+
+
+def test_stale_edit_shows_conflict_and_overwrites_nothing(browser, live_server, project):
+    context = browser.new_context()
+    first, second = context.new_page(), context.new_page()
+    _login(first, live_server)
+    image = Image.objects.get(original_name="B000_1.jpg")
+    head = project.heads.get()
+    url = f"{live_server.url}/p/{project.slug}/images/{image.id}/"
+    first.goto(url)
+    second.goto(url)
+    green, yellow = head.classes.get(name="green"), head.classes.get(name="yellow")
+    first.locator(f"#class-{head.id}").select_option(str(green.id))
+    first.click(f"#editor-{head.id} button[type=submit]")
+    first.wait_for_selector(f"#editor-{head.id} .status:has-text('Saved.')")
+    second.locator(f"#class-{head.id}").select_option(str(yellow.id))
+    second.click(f"#editor-{head.id} button[type=submit]")
+    conflict = second.wait_for_selector(f"#editor-{head.id} .conflict")
+    assert "green" in conflict.inner_text()
+    assert Label.objects.get(image=image, head=head).label_class == green

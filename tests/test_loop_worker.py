@@ -1,0 +1,78 @@
+"""The whole loop through a real Celery worker on Redis and PostgreSQL:
+import → train (tiny, queue gpu) → promote (index on queue default) → recognise over REST."""
+
+import base64
+import time
+
+import pytest
+from celery.contrib.testing.worker import start_worker
+from django.core.management import call_command
+from django.urls import reverse
+from rest_framework.authtoken.models import Token
+from rest_framework.test import APIClient
+
+from conftest import TINY_TRAIN, make_photo
+from labeling.models import Project
+from training import services
+from training.models import ModelVersion, TrainingRun
+from webapp.celery import app
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.worker]
+
+
+def _wait(predicate, timeout=240, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def worker(settings):
+    settings.CELERY_TASK_ALWAYS_EAGER = False
+    with app.connection_for_write() as conn:  # drop messages left by an earlier, interrupted run
+        for queue in ("default", "gpu"):
+            conn.default_channel.queue_purge(queue)
+    with start_worker(
+        app, pool="solo", concurrency=1, perform_ping_check=False, queues=["default", "gpu"], shutdown_timeout=30
+    ):
+        yield
+
+
+def test_import_train_promote_recognise_through_worker(worker, photo_folder, admin_user):
+    assert app.conf.broker_url.startswith("redis://"), "make test runs the worker on Redis"
+    call_command("import_images", "shapes", str(photo_folder(groups=8)), "--create", "retrieval")
+    project = Project.objects.get(slug="shapes")
+
+    run = services.training_run_create(project=project, user=admin_user, config=TINY_TRAIN)
+    run = _wait(
+        lambda: TrainingRun.objects.filter(pk=run.pk, status__in=["succeeded", "failed"]).first(), what="training"
+    )
+    assert run.status == "succeeded", run.error
+    assert run.heartbeat_at is not None and run.history
+    v1 = _wait(lambda: ModelVersion.objects.filter(project=project, is_active=True).first(), what="auto-promote")
+    assert v1.index_status == "ready" and v1.index_size > 0
+
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=admin_user).key}")
+    url = reverse("inference:recognize", args=[project.slug])
+    payload = {
+        "images": [{"data": base64.b64encode(make_photo("green", seed=777)).decode(), "media_type": "image/jpeg"}]
+    }
+    body = client.post(url, payload, format="json").json()
+    assert body["model_version"] == 1 and "class" in body["heads"]
+
+    # A second model waits for the admin; promoting it builds its index on the worker and switches.
+    run2 = services.training_run_create(project=project, user=admin_user, config={**TINY_TRAIN, "epochs": 1})
+    _wait(lambda: TrainingRun.objects.filter(pk=run2.pk, status="succeeded").exists(), what="second training")
+    v2 = ModelVersion.objects.get(run=run2)
+    assert not v2.is_active
+    services.model_version_promote(version=v2, user=admin_user)
+    _wait(lambda: ModelVersion.objects.filter(pk=v2.pk, is_active=True).exists(), what="promote v2")
+    from django.test import override_settings
+
+    with override_settings(LOUPE_ACTIVE_MODEL_TTL=0):
+        assert client.post(url, payload, format="json").json()["model_version"] == 2

@@ -1,0 +1,155 @@
+"""The Loupe network: a timm backbone giving pooled features + one linear head per manifest head."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger("training.engine")
+
+ARTIFACT_FORMAT = "loupe-v1"
+
+
+class LoupeNet(nn.Module):
+    """forward(x) -> (list of logits per head, pooled features). Embedding = L2-normalised features."""
+
+    def __init__(self, backbone: nn.Module, embedding_dim: int, head_sizes: list[int]):
+        super().__init__()
+        self.backbone = backbone
+        self.embedding_dim = embedding_dim
+        self.heads = nn.ModuleList(nn.Linear(embedding_dim, k) for k in head_sizes)
+
+    def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        feats = self.backbone(x)
+        if feats.ndim > 2:  # defensive: some backbones may return unpooled maps
+            feats = feats.flatten(2).mean(-1)
+        return [head(feats) for head in self.heads], feats
+
+    @staticmethod
+    def embed(feats: torch.Tensor) -> torch.Tensor:
+        return F.normalize(feats.float(), dim=1)
+
+
+def _backbone_kwargs(name: str, image_size: int) -> dict:
+    kwargs: dict = {"num_classes": 0}
+    try:
+        fixed = timm.models.get_pretrained_cfg_value(name, "fixed_input_size")
+    except Exception:  # noqa: BLE001
+        fixed = False
+    if fixed:  # e.g. ViTs: build the position embedding for our resolution (timm resamples pretrained ones)
+        kwargs["img_size"] = image_size
+    return kwargs
+
+
+def _read_state_dict(path: Path) -> dict:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file  # noqa: PLC0415
+
+        return load_file(str(path))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # legacy (non-zip) torch files cannot be memory-mapped
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _loupe_backbone_state(ckpt) -> dict | None:
+    if isinstance(ckpt, dict) and ckpt.get("format") == ARTIFACT_FORMAT and "state_dict" in ckpt:
+        return {k[len("backbone.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("backbone.")}
+    return None
+
+
+def create_backbone(
+    name: str, *, image_size: int, pretrained: bool = False, pretrained_path: str | None = None
+) -> tuple[nn.Module, str | None]:
+    """Create the timm backbone with pooled output (num_classes=0).
+
+    Returns (backbone, source) where source is None (random init), "hub", "file" or "loupe" (backbone weights
+    of an earlier Loupe model.pt). A bad `pretrained_path` raises ValueError; unavailable hub weights only log
+    a warning and fall back to random init."""
+    kwargs = _backbone_kwargs(name, image_size)
+    if pretrained_path:
+        path = Path(pretrained_path)
+        if not path.is_file():
+            raise ValueError(f"config 'pretrained_path': file {str(path)!r} does not exist")
+        try:
+            ckpt = _read_state_dict(path)
+        except Exception as exc:  # noqa: BLE001
+            raise ValueError(f"config 'pretrained_path': cannot read {str(path)!r} as weights ({exc})") from exc
+        loupe_sd = _loupe_backbone_state(ckpt)
+        if loupe_sd is not None:
+            model = timm.create_model(name, pretrained=False, **kwargs)
+            try:
+                model.load_state_dict(loupe_sd, strict=True)
+            except RuntimeError as exc:
+                raise ValueError(
+                    f"config 'pretrained_path': {str(path)!r} is a Loupe model of another backbone ({exc})"[:2000]
+                ) from exc
+            return model, "loupe"
+        sd = ckpt
+        if isinstance(sd, dict):
+            for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
+                if isinstance(sd.get(key), dict):
+                    sd = sd[key]
+                    break
+        probe = timm.create_model(name, pretrained=False, **kwargs)
+        own = set(probe.state_dict())
+        theirs = {k[7:] if k.startswith("module.") else k for k in (sd if isinstance(sd, dict) else {})}
+        matched = len(own & theirs)
+        del probe
+        if matched < max(1, len(own) // 2):
+            raise ValueError(
+                f"config 'pretrained_path': {str(path)!r} does not look like weights for backbone {name!r} "
+                f"(only {matched} of {len(own)} parameter names match)"
+            )
+        try:
+            model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+        except Exception as exc:  # noqa: BLE001
+            raise ValueError(
+                f"config 'pretrained_path': loading {str(path)!r} into {name!r} failed: {exc}"[:2000]
+            ) from exc
+        return model, "file"
+    if pretrained:
+        try:
+            return timm.create_model(name, pretrained=True, **kwargs), "hub"
+        except Exception as exc:  # noqa: BLE001 - offline, no weights for this name, hub error, ...
+            reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            log.warning("pretrained weights for %s not available (%s); training from random init", name, reason)
+    return timm.create_model(name, pretrained=False, **kwargs), None
+
+
+def backbone_stats(backbone: nn.Module, image_size: int) -> tuple[int, list[float], list[float]]:
+    """(embedding_dim, mean, std): the pooled feature size (by a dummy forward) and the normalisation."""
+    cfg = timm.data.resolve_model_data_config(backbone)
+    was_training = backbone.training
+    backbone.eval()
+    with torch.inference_mode():
+        out = backbone(torch.zeros(1, 3, image_size, image_size))
+    backbone.train(was_training)
+    dim = int(out.shape[1])
+    return dim, [float(v) for v in cfg["mean"]], [float(v) for v in cfg["std"]]
+
+
+def build_model(config: dict, heads: list[dict], *, load_weights: bool = True) -> tuple[LoupeNet, dict]:
+    """Build LoupeNet for `config` and manifest `heads`. With load_weights=False no pretrained weights are
+    looked for (used when restoring a trained model.pt). Returns (model, info) with info keys
+    embedding_dim, mean, std, pretrained_source."""
+    if load_weights:
+        backbone, source = create_backbone(
+            config["backbone"],
+            image_size=config["image_size"],
+            pretrained=config["pretrained"],
+            pretrained_path=config["pretrained_path"],
+        )
+    else:
+        backbone = timm.create_model(
+            config["backbone"], pretrained=False, **_backbone_kwargs(config["backbone"], config["image_size"])
+        )
+        source = None
+    dim, mean, std = backbone_stats(backbone, config["image_size"])
+    model = LoupeNet(backbone, dim, [len(h["classes"]) for h in heads])
+    return model, {"embedding_dim": dim, "mean": mean, "std": std, "pretrained_source": source}

@@ -1,0 +1,51 @@
+"""Train a model for a project in the foreground (the same code the Celery task runs)."""
+
+import json
+
+from django.core.management.base import BaseCommand, CommandError
+
+from labeling.models import Project
+from training import services
+
+
+def parse_set(items: list[str]) -> dict:
+    config = {}
+    for item in items:
+        if "=" not in item:
+            raise CommandError(f"--set {item!r}: expected KEY=VALUE, e.g. --set epochs=5")
+        key, raw = item.split("=", 1)
+        try:
+            config[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            config[key.strip()] = raw  # a bare string such as a backbone name
+    return config
+
+
+class Command(BaseCommand):
+    help = "Train a model for PROJECT in the foreground; the first model of a project is promoted."
+
+    def add_arguments(self, parser):
+        parser.add_argument("project", help="project slug")
+        parser.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override an engine config value (repeatable), e.g. --set epochs=5 --set backbone=resnet18",
+        )
+
+    def handle(self, *args, **opts):
+        project = Project.objects.filter(slug=opts["project"]).first()
+        if project is None:
+            raise CommandError(f"No project {opts['project']!r}.")
+        try:
+            run = services.training_run_create(project=project, config=parse_set(opts["set"]), queue=False)
+        except services.TrainingError as exc:
+            raise CommandError(str(exc)) from exc
+        self.stdout.write(f"Training run {run.id} for {project.slug}…")
+        run = services.training_run_execute(run_id=run.id, inline=True)
+        if run.status != run.Status.SUCCEEDED:
+            raise CommandError(f"Training run {run.id} failed: {run.error}")
+        version = run.model_version
+        state = "active" if version.is_active else "not promoted (an active model exists; promote it in the UI)"
+        self.stdout.write(f"Model v{version.number}: mean val top-1 {version.metrics.get('primary')} — {state}")

@@ -1,0 +1,86 @@
+"""Training runs and the model versions they produce. The rows own job state (the Celery result backend
+is not relied on): status, progress, heartbeat, error text."""
+
+from django.conf import settings
+from django.db import models
+
+from labeling.models import Project
+
+
+class TrainingRun(models.Model):
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        RUNNING = "running"
+        SUCCEEDED = "succeeded"
+        FAILED = "failed"
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="training_runs")
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.QUEUED)
+    config = models.JSONField(default=dict, blank=True, help_text="Overrides of the engine's defaults.")
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    epoch = models.PositiveIntegerField(default=0)
+    epochs = models.PositiveIntegerField(default=0)
+    step = models.PositiveIntegerField(default=0)
+    steps_per_epoch = models.PositiveIntegerField(default=0)
+    loss = models.FloatField(null=True, blank=True)
+    metrics = models.JSONField(default=dict, blank=True)
+    history = models.JSONField(default=list, blank=True)
+    eta_s = models.FloatField(null=True, blank=True)
+    n_train = models.PositiveIntegerField(default=0)
+    n_val = models.PositiveIntegerField(default=0)
+    error = models.TextField(blank=True)
+    artifact_dir = models.CharField(max_length=500, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"run {self.pk} ({self.status})"
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in (self.Status.QUEUED, self.Status.RUNNING)
+
+
+class ModelVersion(models.Model):
+    class IndexStatus(models.TextChoices):
+        NONE = "none"
+        BUILDING = "building"
+        READY = "ready"
+        FAILED = "failed"
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="model_versions")
+    run = models.OneToOneField(
+        TrainingRun, null=True, blank=True, on_delete=models.SET_NULL, related_name="model_version"
+    )
+    number = models.PositiveIntegerField()
+    artifact_dir = models.CharField(max_length=500)
+    metrics = models.JSONField(default=dict, blank=True)
+    is_active = models.BooleanField(default=False)
+    promote_requested = models.BooleanField(default=False, help_text="Make active once the index is built.")
+    index_status = models.CharField(max_length=20, choices=IndexStatus.choices, default=IndexStatus.NONE)
+    index_error = models.TextField(blank=True)
+    index_size = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+    promoted_at = models.DateTimeField(null=True, blank=True)
+    promoted_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+
+    class Meta:
+        ordering = ["-number"]
+        constraints = [
+            models.UniqueConstraint(fields=["project", "number"], name="model_version_unique_number"),
+            models.UniqueConstraint(
+                fields=["project"], condition=models.Q(is_active=True), name="model_version_one_active_per_project"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.project.slug} v{self.number}"
+
+    @property
+    def primary_metric(self) -> float | None:
+        return self.metrics.get("primary")

@@ -1,0 +1,204 @@
+"""Writes for training: create and execute runs, register model versions, build the index, promote."""
+
+import json
+import logging
+import os
+import traceback
+from pathlib import Path
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Max
+from django.utils import timezone
+
+from labeling.models import Project
+from labeling.selectors import training_manifest
+from labeling.splits import split_for_group
+
+from .models import ModelVersion, TrainingRun
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(ValueError):
+    """Bad request for training: the message says what to fix."""
+
+
+def _resolve(overrides: dict) -> dict:
+    from training.engine import resolve_config
+
+    merged = {**settings.LOUPE_TRAIN_OVERRIDES, **(overrides or {})}
+    try:
+        return resolve_config(merged)
+    except ValueError as exc:
+        raise TrainingError(str(exc)) from exc
+
+
+def training_run_create(*, project: Project, user=None, config: dict | None = None, queue: bool = True) -> TrainingRun:
+    """Check the config and that there is something to train on, then queue the run (after commit)."""
+    _resolve(config or {})
+    if not project.images.filter(labels__label_class__isnull=False, status="ok").exists():
+        raise TrainingError(f"Project {project.slug!r} has no labeled images to train on; import some first.")
+    with transaction.atomic():
+        if project.training_runs.filter(status__in=[TrainingRun.Status.QUEUED, TrainingRun.Status.RUNNING]).exists():
+            raise TrainingError("A training run is already queued or running for this project.")
+        run = TrainingRun.objects.create(project=project, created_by=user, config=config or {})
+        if queue:
+            from .tasks import train_run
+
+            transaction.on_commit(lambda: train_run.delay(run.id))
+    return run
+
+
+def _progress_writer(run_id: int):
+    def write(p: dict) -> None:
+        fields = {
+            "epoch": p.get("epoch", 0),
+            "epochs": p.get("epochs", 0),
+            "step": p.get("step", 0),
+            "steps_per_epoch": p.get("steps_per_epoch", 0),
+            "loss": p.get("loss"),
+            "eta_s": p.get("eta_s"),
+            "heartbeat_at": timezone.now(),
+        }
+        if p.get("metrics"):
+            fields["metrics"] = p["metrics"]
+        TrainingRun.objects.filter(pk=run_id).update(**fields)
+        if p.get("metrics") and p.get("step") == p.get("steps_per_epoch"):
+            run = TrainingRun.objects.only("history").get(pk=run_id)
+            run.history = [*run.history, {"epoch": p.get("epoch"), "loss": p.get("loss"), "metrics": p["metrics"]}]
+            run.save(update_fields=["history"])
+
+    return write
+
+
+def training_run_execute(*, run_id: int, inline: bool = False) -> TrainingRun:
+    """Train for one TrainingRun row (from the Celery task or `manage.py train`). Idempotent: a finished run
+    is left alone; a run left 'running' by a killed worker starts again. `inline` builds the index of an
+    auto-promoted first model in this process instead of queueing it."""
+    from training.engine import train_model
+
+    run = TrainingRun.objects.select_related("project").get(pk=run_id)
+    if run.status in (TrainingRun.Status.SUCCEEDED, TrainingRun.Status.FAILED):
+        return run
+    project = run.project
+    out_dir = Path(settings.ARTIFACT_ROOT) / project.slug / f"run-{run.id}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    TrainingRun.objects.filter(pk=run.id).update(
+        status=TrainingRun.Status.RUNNING,
+        started_at=timezone.now(),
+        heartbeat_at=timezone.now(),
+        artifact_dir=str(out_dir),
+        error="",
+    )
+    try:
+        config = _resolve(run.config)
+        manifest = training_manifest(project=project, split_of=split_for_group)
+        _write_json(out_dir / "manifest.json", manifest)
+        n_train = sum(1 for it in manifest["items"] if it["split"] == "train")
+        n_val = sum(1 for it in manifest["items"] if it["split"] == "val")
+        TrainingRun.objects.filter(pk=run.id).update(n_train=n_train, n_val=n_val, epochs=config["epochs"])
+        metrics = train_model(manifest, config, out_dir, progress=_progress_writer(run.id))
+    except Exception as exc:  # noqa: BLE001 - the row must say why, whatever went wrong
+        log.exception("training run %s failed", run.id)
+        message = (
+            str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"
+        )
+        TrainingRun.objects.filter(pk=run.id).update(
+            status=TrainingRun.Status.FAILED, finished_at=timezone.now(), error=message[:5000]
+        )
+        run.refresh_from_db()
+        return run
+    with transaction.atomic():
+        TrainingRun.objects.filter(pk=run.id).update(
+            status=TrainingRun.Status.SUCCEEDED, finished_at=timezone.now(), metrics=metrics.get("heads", {})
+        )
+        version = model_version_register(project=project, run=run, artifact_dir=out_dir, metrics=metrics)
+    if not project.model_versions.filter(is_active=True).exists():
+        # The first model of a project is promoted automatically; later ones wait for an admin.
+        model_version_promote(version=version, user=None, inline=inline)
+    run.refresh_from_db()
+    return run
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def model_version_register(
+    *, project: Project, run: TrainingRun | None, artifact_dir: Path, metrics: dict
+) -> ModelVersion:
+    with transaction.atomic():
+        # Lock the project row so two concurrent registrations cannot take the same number.
+        Project.objects.select_for_update().get(pk=project.pk)
+        number = (project.model_versions.aggregate(m=Max("number"))["m"] or 0) + 1
+        return ModelVersion.objects.create(
+            project=project, run=run, number=number, artifact_dir=str(artifact_dir), metrics=metrics
+        )
+
+
+def model_version_promote(*, version: ModelVersion, user=None, inline: bool = False) -> ModelVersion:
+    """Ask for `version` to become active: the index is built first (Celery, queue default), then the switch
+    is one transaction. Promoting a version whose index is ready switches at once (rollback)."""
+    with transaction.atomic():
+        version = ModelVersion.objects.select_for_update().get(pk=version.pk)
+        version.promote_requested = True
+        version.promoted_by = user
+        if version.index_status == ModelVersion.IndexStatus.READY:
+            version.save(update_fields=["promote_requested", "promoted_by"])
+            return model_version_activate(version=version)
+        version.index_status = ModelVersion.IndexStatus.BUILDING
+        version.index_error = ""
+        version.save(update_fields=["promote_requested", "promoted_by", "index_status", "index_error"])
+        from .tasks import index_build
+
+        vid = version.id
+        if not inline:
+            transaction.on_commit(lambda: index_build.delay(vid))
+    if inline:
+        return model_version_index_build(version_id=vid)
+    return version
+
+
+def model_version_activate(*, version: ModelVersion) -> ModelVersion:
+    with transaction.atomic():
+        Project.objects.select_for_update().get(pk=version.project_id)
+        ModelVersion.objects.filter(project_id=version.project_id, is_active=True).exclude(pk=version.pk).update(
+            is_active=False
+        )
+        ModelVersion.objects.filter(pk=version.pk).update(
+            is_active=True, promote_requested=False, promoted_at=timezone.now()
+        )
+    version.refresh_from_db()
+    return version
+
+
+def model_version_index_build(*, version_id: int) -> ModelVersion:
+    """Embed the run's train split and write the Faiss index into the artifact folder (atomically), then
+    activate the version if a promote was requested. Idempotent."""
+    import numpy as np
+    from inference.core import Recognizer, build_index, embed_paths
+
+    version = ModelVersion.objects.get(pk=version_id)
+    try:
+        art = Path(version.artifact_dir)
+        manifest = json.loads((art / "manifest.json").read_text())
+        gallery = [it for it in manifest["items"] if it["split"] == "train"]
+        recognizer = Recognizer.load(art)
+        embeddings, ok = embed_paths(recognizer, [it["path"] for it in gallery])
+        ids = np.array([it["id"] for it in gallery], dtype=np.int64)[ok]
+        build_index(art, embeddings[ok], ids)
+    except Exception as exc:  # noqa: BLE001
+        log.exception("index build for model version %s failed", version_id)
+        ModelVersion.objects.filter(pk=version_id).update(
+            index_status=ModelVersion.IndexStatus.FAILED, index_error=f"{type(exc).__name__}: {exc}"[:5000]
+        )
+        version.refresh_from_db()
+        return version
+    ModelVersion.objects.filter(pk=version_id).update(index_status=ModelVersion.IndexStatus.READY, index_size=len(ids))
+    version.refresh_from_db()
+    if version.promote_requested:
+        version = model_version_activate(version=version)
+    return version

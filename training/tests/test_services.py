@@ -1,0 +1,74 @@
+import json
+from pathlib import Path
+
+import pytest
+from django.core.management import CommandError, call_command
+
+from conftest import TINY_TRAIN
+from labeling import importers
+from labeling.services import project_create
+from training import services
+from training.models import ModelVersion, TrainingRun
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def project(photo_folder):
+    project = project_create(name="Shapes", preset="retrieval")
+    rows, report = importers.plan_folder(photo_folder(groups=6), head=project.heads.get())
+    importers.images_import(project=project, rows=rows, report=report)
+    return project
+
+
+def test_run_create_refuses_bad_config_empty_project_and_second_run(project):
+    with pytest.raises(services.TrainingError, match="epochs_typo"):
+        services.training_run_create(project=project, config={"epochs_typo": 3}, queue=False)
+    empty = project_create(name="Empty", preset="sku")
+    with pytest.raises(services.TrainingError, match="no labeled images"):
+        services.training_run_create(project=empty, queue=False)
+    services.training_run_create(project=project, config=TINY_TRAIN, queue=False)
+    with pytest.raises(services.TrainingError, match="already queued or running"):
+        services.training_run_create(project=project, queue=False)
+
+
+def test_execute_records_progress_artifacts_and_promotes_first_model(project):
+    run = services.training_run_create(project=project, config=TINY_TRAIN, queue=False)
+    run = services.training_run_execute(run_id=run.id, inline=True)
+    assert run.status == TrainingRun.Status.SUCCEEDED, run.error
+    assert run.epoch == run.epochs == 2 and len(run.history) == 2 and run.loss is not None
+    assert set(run.metrics) == {"class"} and 0 <= run.metrics["class"]["top1"] <= 1
+    art = Path(run.artifact_dir)
+    for name in ("model.pt", "metrics.json", "manifest.json", "index.faiss", "config.json"):
+        assert (art / name).exists(), name
+    manifest = json.loads((art / "manifest.json").read_text())
+    groups = {}
+    for item in manifest["items"]:
+        groups.setdefault(item["group"], set()).add(item["split"])
+    assert all(len(s) == 1 for s in groups.values())  # a group never crosses splits
+    version = run.model_version
+    assert version.is_active and version.number == 1 and version.index_status == "ready"
+    # Running the same run again is a no-op (idempotent task).
+    again = services.training_run_execute(run_id=run.id)
+    assert again.status == run.status and ModelVersion.objects.count() == 1
+
+
+def test_failed_training_records_the_error(project):
+    with pytest.raises(services.TrainingError, match="no_such_backbone_x"):
+        services.training_run_create(project=project, config={"backbone": "no_such_backbone_x"}, queue=False)
+    run = services.training_run_create(project=project, config=TINY_TRAIN, queue=False)
+    # A config that became invalid after queueing (e.g. an older Loupe) fails the run with the reason.
+    TrainingRun.objects.filter(pk=run.pk).update(config={**TINY_TRAIN, "backbone": "no_such_backbone_x"})
+    run = services.training_run_execute(run_id=run.id)
+    assert run.status == TrainingRun.Status.FAILED and "no_such_backbone_x" in run.error
+    assert run.finished_at is not None and not ModelVersion.objects.exists()
+
+
+def test_train_command(project, capsys):
+    sets = [f"--set={k}={json.dumps(v)}" for k, v in TINY_TRAIN.items()]
+    call_command("train", project.slug, *sets)
+    assert "Model v1" in capsys.readouterr().out
+    with pytest.raises(CommandError, match="No project"):
+        call_command("train", "nope")
+    with pytest.raises(CommandError, match="KEY=VALUE"):
+        call_command("train", project.slug, "--set", "epochs")

@@ -1,0 +1,11 @@
+from django.urls import path
+
+from . import views
+
+app_name = "training"
+urlpatterns = [
+    path("p/<slug:slug>/runs/", views.run_list, name="run-list"),
+    path("p/<slug:slug>/runs/new", views.run_create, name="run-create"),
+    path("p/<slug:slug>/models/", views.version_list, name="version-list"),
+    path("p/<slug:slug>/models/<int:number>/promote", views.version_promote, name="version-promote"),
+]

@@ -1,0 +1,68 @@
+"""Training runs and model versions pages (admins); live progress by htmx polling."""
+
+from django.contrib import messages
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.http import require_POST
+
+from labeling.models import Project
+from labeling.views import _partial, staff_required
+
+from . import services
+from .models import ModelVersion
+
+# Retrain form fields: name -> type. Any engine config key can be set from `manage.py train --set`.
+RETRAIN_FIELDS = {"epochs": int, "backbone": str, "image_size": int, "batch_size": int, "lr": float}
+
+
+@staff_required
+def run_list(request, slug):
+    project = get_object_or_404(Project, slug=slug)
+    runs = list(project.training_runs.select_related("created_by", "model_version")[:50])
+    context = {"project": project, "runs": runs, "polling": any(r.is_active for r in runs), "fields": RETRAIN_FIELDS}
+    template = "training/_runs.html" if _partial(request) else "training/runs.html"
+    return render(request, template, context)
+
+
+@staff_required
+@require_POST
+def run_create(request, slug):
+    project = get_object_or_404(Project, slug=slug)
+    config = {}
+    for name, kind in RETRAIN_FIELDS.items():
+        raw = request.POST.get(name, "").strip()
+        if raw:
+            try:
+                config[name] = kind(raw)
+            except ValueError:
+                messages.error(request, f"{name} must be a {kind.__name__} (got {raw!r}).")
+                return redirect("training:run-list", slug=slug)
+    try:
+        run = services.training_run_create(project=project, user=request.user, config=config)
+    except services.TrainingError as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.success(request, f"Training run {run.id} queued.")
+    return redirect("training:run-list", slug=slug)
+
+
+@staff_required
+def version_list(request, slug):
+    project = get_object_or_404(Project, slug=slug)
+    versions = list(project.model_versions.select_related("run", "promoted_by"))
+    polling = any(v.index_status == ModelVersion.IndexStatus.BUILDING for v in versions)
+    context = {"project": project, "versions": versions, "polling": polling, "heads": list(project.heads.all())}
+    template = "training/_versions.html" if _partial(request) else "training/versions.html"
+    return render(request, template, context)
+
+
+@staff_required
+@require_POST
+def version_promote(request, slug, number):
+    project = get_object_or_404(Project, slug=slug)
+    version = get_object_or_404(ModelVersion, project=project, number=number)
+    version = services.model_version_promote(version=version, user=request.user)
+    if version.is_active:
+        messages.success(request, f"Model v{version.number} is now active.")
+    else:
+        messages.success(request, f"Building the index for v{version.number}; it becomes active when done.")
+    return redirect("training:version-list", slug=slug)
