@@ -10,7 +10,7 @@ from PIL import ImageDraw
 
 COLORS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 170, 60), "yellow": (235, 210, 40)}
 # Tiny, fast engine settings for tests that train.
-TINY_TRAIN = {"backbone": "resnet10t", "image_size": 32, "epochs": 2, "batch_size": 16, "num_workers": 0, "lr": 3e-3}
+TINY_TRAIN = {"backbone": "test_resnet", "image_size": 32, "epochs": 2, "batch_size": 16, "num_workers": 0, "lr": 3e-3}
 
 
 @pytest.fixture(autouse=True)

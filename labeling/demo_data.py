@@ -109,7 +109,7 @@ class _Prim:
 
 def _ccw(poly: list[tuple[float, float]]) -> list[tuple[float, float]]:
     area = 0.0
-    for (u0, v0), (u1, v1) in zip(poly, poly[1:] + poly[:1]):
+    for (u0, v0), (u1, v1) in zip(poly, poly[1:] + poly[:1], strict=True):
         area += u0 * v1 - u1 * v0
     return poly if area > 0 else poly[::-1]
 
@@ -287,7 +287,7 @@ _POSE_LIMITS: dict[str, tuple[list[tuple[float, float]], tuple[float, float]]] =
     "slope_2x1": ([(-65.0, -22.0), (22.0, 65.0)], (25.0, 55.0)),
     "arch_1x4": ([(-50.0, 50.0), (130.0, 230.0)], (18.0, 45.0)),
 }
-_DEFAULT_POSE = ([(0.0, 360.0)], (28.0, 68.0))
+_DEFAULT_POSE = ([(-32.0, 32.0), (148.0, 212.0)], (32.0, 60.0))
 _PART_CACHE: dict[str, list[list[_Prim]]] = {}
 
 
@@ -343,7 +343,7 @@ def _draw_part(size: int, part: str, rgb, rng: np.random.Generator, fill_frac: f
     S = size * _SS
     # Partly physical scale: bigger parts look bigger (as under a fixed camera),
     # but small parts still fill a fair share of the frame.
-    scale = fill_frac * S / (extent ** (1 - _SIZE_REALISM) * _REF_EXTENT ** _SIZE_REALISM)
+    scale = fill_frac * S / (extent ** (1 - _SIZE_REALISM) * _REF_EXTENT**_SIZE_REALISM)
     scale = min(scale, 0.92 * S / extent)
     span = (hi - lo) * scale
     margin = 0.04 * S
@@ -352,7 +352,7 @@ def _draw_part(size: int, part: str, rgb, rng: np.random.Generator, fill_frac: f
 
     base = np.asarray(rgb, dtype=np.float64)
     lum = float(base @ np.array([0.299, 0.587, 0.114]))
-    ambient = rng.uniform(0.5, 0.6)
+    ambient = rng.uniform(0.45, 0.55)
     canvas = Image.new("RGBA", (S, S), (0, 0, 0, 0))
     draw = ImageDraw.Draw(canvas)
     for layer in layers:
@@ -414,7 +414,7 @@ def _lowfreq(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
 def _background(rng: np.random.Generator, size: int, avoid, real: bool) -> np.ndarray:
     avoid = np.asarray(avoid, dtype=np.float64)
     c1 = _bg_color(rng, avoid)
-    c2 = np.clip(c1 + rng.normal(0, 45, 3), 0, 255)
+    c2 = np.clip(c1 + rng.normal(0, 45 if real else 28, 3), 0, 255)
     if np.linalg.norm(c2 - avoid) < 70:
         c2 = c1
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / max(1, size - 1)
@@ -454,7 +454,7 @@ def _background(rng: np.random.Generator, size: int, avoid, real: bool) -> np.nd
 
 def _render(part: str, rgb, size: int, real: bool, rng: np.random.Generator) -> tuple[Image.Image, int, int | None]:
     """Return (RGB image, final JPEG quality, optional pre-compression quality)."""
-    fill = rng.uniform(0.6, 0.85)
+    fill = rng.uniform(0.66, 0.86)
     fg = _draw_part(size, part, rgb, rng, fill)
     bg = _background(rng, size, rgb, real)
 
@@ -697,7 +697,7 @@ def generate_demo(
     # 4. write files, CSV and planted.json (clear stale images from earlier runs)
     for old in img_dir.glob("*.jpg"):
         old.unlink()
-    for it, blob in zip(items, data):
+    for it, blob in zip(items, data, strict=True):
         (img_dir / it.filename).write_bytes(blob)
 
     ordered = sorted(items, key=lambda t: (t.group, t.seq))

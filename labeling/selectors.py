@@ -1,12 +1,13 @@
 """Reads for the labeling domain."""
 
-from django.db.models import Count, Exists, OuterRef, Q, QuerySet
+from django.db.models import Count, Exists, OuterRef, QuerySet
 
-from .models import Head, Image, Label, LabelClass, Project
+from . import storage
+from .models import Head, Image, Label, Project
 
 
 def project_list_with_counts() -> QuerySet[Project]:
-    return Project.objects.annotate(n_images=Count("images", distinct=True)).order_by("name")
+    return Project.objects.annotate(n_images=Count("images", distinct=True)).prefetch_related("heads").order_by("name")
 
 
 def image_list(
@@ -28,10 +29,6 @@ def image_labels(*, image: Image) -> list[Label]:
     return list(image.labels.select_related("head", "label_class").order_by("head__order", "head_id"))
 
 
-def head_classes(*, head: Head) -> QuerySet[LabelClass]:
-    return head.classes.annotate(n=Count("label")).order_by("name")
-
-
 def training_manifest(*, project: Project, split_of) -> dict:
     """The engine's manifest for every usable image: labels by class name (None = unknown), the group, the
     source and the split given by `split_of(group_key) -> "train" | "val" | "test"`."""
@@ -42,8 +39,6 @@ def training_manifest(*, project: Project, split_of) -> dict:
         .prefetch_related("labels__label_class")
         .order_by("id")
     )
-    from . import storage
-
     items = []
     for im in images:
         by_head = {lb.head_id: lb.label_class.name if lb.label_class_id else None for lb in im.labels.all()}
@@ -65,18 +60,3 @@ def training_manifest(*, project: Project, split_of) -> dict:
         ],
         "items": items,
     }
-
-
-def counts_by_class(*, head: Head) -> dict[int, int]:
-    return dict(
-        Label.objects.filter(head=head, label_class__isnull=False)
-        .values_list("label_class_id")
-        .annotate(n=Count("id"))
-        .values_list("label_class_id", "n")
-    )
-
-
-def unlabeled_q(head: Head | None) -> Q:
-    return (
-        Q(labels__label_class__isnull=True) if head is None else Q(labels__head=head, labels__label_class__isnull=True)
-    )

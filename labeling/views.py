@@ -95,8 +95,9 @@ def image_detail(request, slug, pk):
     labels = selectors.image_labels(image=image)
     editors = [_editor_context(image, lb) for lb in labels]
     events = LabelEvent.objects.filter(image=image).select_related("head", "old_class", "new_class", "user")[:50]
-    ids = list(Image.objects.filter(project=project).values_list("id", flat=True).order_by("id"))
-    idx = ids.index(image.id)
+    siblings = Image.objects.filter(project=project)
+    prev_id = siblings.filter(id__lt=image.id).order_by("-id").values_list("id", flat=True).first()
+    next_id = siblings.filter(id__gt=image.id).order_by("id").values_list("id", flat=True).first()
     return render(
         request,
         "labeling/image_detail.html",
@@ -105,8 +106,8 @@ def image_detail(request, slug, pk):
             "image": image,
             "editors": editors,
             "events": events,
-            "prev_id": ids[idx - 1] if idx > 0 else None,
-            "next_id": ids[idx + 1] if idx + 1 < len(ids) else None,
+            "prev_id": prev_id,
+            "next_id": next_id,
         },
     )
 

@@ -21,12 +21,13 @@ pytestmark = [
         not shutil.which(CHROMIUM), reason=f"Chromium not found at {CHROMIUM}; `make browser` installs it"
     ),
 ]
-os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")  # the ORM is used beside Playwright's event loop
 
 
 @pytest.fixture
-def browser():
+def browser(monkeypatch):
     from playwright.sync_api import sync_playwright
+
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")  # the ORM is used beside Playwright's event loop
 
     with sync_playwright() as p:
         browser = p.chromium.launch(
@@ -62,24 +63,49 @@ def _login(page, live_server):
     page.wait_for_url(f"{live_server.url}/")
 
 
-def test_login_correct_label_reload_kept(browser, live_server, project):
+@pytest.fixture
+def lego_project(tmp_path, reviewer):
+    """A small slice of the demo generator's LEGO-like photos, with two heads (part, color)."""
+    from labeling.demo_data import generate_demo
+
+    summary = generate_demo(tmp_path / "import" / "lego", seed=3, images_per_combo=1, parts=12, colors=8)
+    project = project_create(name="LEGO demo", preset="lego")
+    rows, report = importers.plan_csv(
+        summary.csv_path,
+        images_dir=summary.out_dir / "images",
+        filename_col="image_filename",
+        head_cols={"part": "part", "color": "color"},
+        project=project,
+        group_col="group",
+        source_col="source",
+    )
+    assert importers.images_import(project=project, rows=rows, report=report).written
+    return project
+
+
+def test_login_correct_label_reload_kept(browser, live_server, lego_project):
     page = browser.new_page(viewport={"width": 1280, "height": 800})
     _login(page, live_server)
-    page.click("text=Shapes")
+    page.click("text=LEGO demo")
     page.wait_for_selector(".grid .tile img")
-    image = Image.objects.get(original_name="R001_0.jpg")
+    part = lego_project.heads.get(name="part")
+    image = Image.objects.filter(
+        project=lego_project, status="ok", labels__head=part, labels__label_class__isnull=False
+    ).order_by("id")[5]
     page.click(f"a.tile[title='{image.original_name}']")
-    head = project.heads.get()
-    select = page.locator(f"#class-{head.id}")
-    assert select.input_value() == str(head.classes.get(name="red").id)
-    blue = head.classes.get(name="blue")
-    select.select_option(str(blue.id))
-    page.click(f"#editor-{head.id} button[type=submit]")
-    page.wait_for_selector(f"#editor-{head.id} .status:has-text('Saved.')")
+    page.wait_for_selector(f"#class-{part.id}")
+    old = Label.objects.get(image=image, head=part).label_class
+    select = page.locator(f"#class-{part.id}")
+    assert select.input_value() == str(old.id)
+    new = part.classes.exclude(pk=old.pk).order_by("name").first()
+    select.select_option(str(new.id))
+    page.click(f"#editor-{part.id} button[type=submit]")
+    page.wait_for_selector(f"#editor-{part.id} .status:has-text('Saved.')")
     page.reload()
-    assert page.locator(f"#class-{head.id}").input_value() == str(blue.id)
-    assert "red → blue" in page.inner_text(".history")
-    assert Label.objects.get(image=image, head=head).label_class == blue
+    assert page.locator(f"#class-{part.id}").input_value() == str(new.id)
+    assert f"{old.name} → {new.name}" in page.inner_text(".history")
+    assert Label.objects.get(image=image, head=part).label_class == new
+    page.wait_for_function("document.querySelector('.photo img').complete")
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SCREENSHOT))
 

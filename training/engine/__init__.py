@@ -3,11 +3,18 @@
 Public API::
 
     DEFAULT_CONFIG: dict
-    resolve_config(overrides: dict | None) -> dict
+    resolve_config(overrides: dict | None) -> dict            # unknown key / bad value -> ValueError
     train_model(manifest: dict, config: dict | None, out_dir, *, progress=None) -> dict
+    parse_manifest(manifest: dict) -> ParsedManifest          # the validation train_model runs first
 
-`train_model` (and torch/timm) are imported lazily so that `resolve_config` stays cheap to import.
+Output of train_model in out_dir: model.pt, label_maps.json, metrics.json, config.json (each written to a
+temp name, then os.replace). torch/timm are imported lazily, on the first train_model call.
 """
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
 
 from .config import DEFAULT_CONFIG, resolve_config
 from .manifest import parse_manifest
@@ -15,10 +22,19 @@ from .manifest import parse_manifest
 __all__ = ["DEFAULT_CONFIG", "resolve_config", "train_model", "parse_manifest"]
 
 
-def train_model(manifest, config, out_dir, *, progress=None):
-    from .loop import train_model as _train_model  # noqa: PLC0415 - heavy imports (torch, timm) on demand
+def train_model(
+    manifest: dict,
+    config: dict | None,
+    out_dir: str | Path,
+    *,
+    progress: Callable[[dict], None] | None = None,
+) -> dict:
+    """Train on the manifest's "train" items, pick the best epoch on "val" (never reads "test"), write the
+    artifacts into out_dir and return the metrics dict (also written as metrics.json).
+
+    Raises ValueError (message for a person) for a bad manifest/config before training. An exception raised
+    by `progress` aborts training and propagates (use it to cancel); no artifact is written then.
+    See training.engine.loop.train_model for details."""
+    from .loop import train_model as _train_model  # noqa: PLC0415 - torch/timm only when training
 
     return _train_model(manifest, config, out_dir, progress=progress)
-
-
-train_model.__doc__ = """Train on the manifest's "train" split; see training.engine.loop.train_model."""

@@ -13,9 +13,11 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "pretrained_path": None,  # local weights file (timm/torch/safetensors state dict, or a Loupe model.pt)
     "image_size": 128,
     # Optimisation
-    "epochs": 20,
+    # Measured on the demo LEGO set (~770 images, 12 parts, 9 colours, random init, CPU): lr 1e-3 / 20 epochs
+    # gave part top-1 0.12; lr 3e-3 / 40 epochs gave 0.36 (colour 0.99). Use ~1e-3 when fine-tuning pretrained.
+    "epochs": 40,
     "batch_size": 32,
-    "lr": 1e-3,
+    "lr": 3e-3,
     "weight_decay": 0.05,
     "warmup_epochs": 1.0,
     "label_smoothing": 0.1,
@@ -26,6 +28,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "crop_scale_min": 0.6,
     # Runtime
     "num_workers": "auto",
+    "torch_threads": "auto",  # CPU intra-op threads while training: "auto" = cpus - workers - 1 (min 1)
     "seed": 0,
     "device": "auto",  # "auto" (cuda if available else cpu), "cpu", "cuda", "cuda:1", ...
     "max_train_seconds": None,  # stop training (keeping the best epoch so far) after this many seconds
@@ -113,6 +116,8 @@ def _validate(cfg: dict[str, Any]) -> None:
     )
     nw = cfg["num_workers"]
     _check(nw == "auto" or (_is_int(nw) and 0 <= nw <= 64), "num_workers", nw, '"auto" or an integer >= 0')
+    tt = cfg["torch_threads"]
+    _check(tt == "auto" or (_is_int(tt) and 1 <= tt <= 256), "torch_threads", tt, '"auto" or an integer >= 1')
     _check(_is_int(cfg["seed"]), "seed", cfg["seed"], "an integer")
     dev = cfg["device"]
     _check(

@@ -23,7 +23,9 @@ TRAIN_DECODE_RATIO = 1.5  # JPEG draft target for training: leaves room for Rand
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Apply the EXIF orientation and convert to RGB; transparent pixels are composited onto white."""
+    """Apply the EXIF orientation and convert to RGB; transparent pixels are composited onto white.
+    Always returns a new image, so the source (and its file) can be closed."""
+    src = img
     img = ImageOps.exif_transpose(img)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
@@ -31,7 +33,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         return Image.alpha_composite(background, rgba).convert("RGB")
     if img.mode != "RGB":
         return img.convert("RGB")
-    return img
+    return img.copy() if img is src else img
 
 
 def draft_size(image_size: int, ratio: float = EVAL_RESIZE_RATIO) -> int:

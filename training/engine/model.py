@@ -127,7 +127,7 @@ def backbone_stats(backbone: nn.Module, image_size: int) -> tuple[int, list[floa
     cfg = timm.data.resolve_model_data_config(backbone)
     was_training = backbone.training
     backbone.eval()
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: lazily created buffers must stay usable for training
         out = backbone(torch.zeros(1, 3, image_size, image_size))
     backbone.train(was_training)
     dim = int(out.shape[1])
