@@ -4,7 +4,6 @@ Baseline, measured in the same run: the training engine alone (`training.engine.
 manifest and config, in one process with no web app, database or Celery. The ratio says what the whole loop
 (generate + import + queue + worker + index + promote + first request) costs on top of training itself.
 Run: `make bench-demo` (writes bench/results/demo.json)."""
-import base64
 import json
 import os
 import subprocess
@@ -78,9 +77,10 @@ def main() -> None:
     }
     for name, seconds in steps.items():
         results[f"step_{name}_s"] = metric(seconds, "s", "engine-only train_model", engine_s)
+    per_head = ", ".join(f"{h} {m['top1']:.3f}" for h, m in demo_metrics["heads"].items())
     notes = (
         f"venv install excluded (cached). Demo model v{answer['model_version']}: mean val top-1 "
-        f"{demo_metrics['primary']:.3f} ({', '.join(f'{h} {m['top1']:.3f}' for h, m in demo_metrics['heads'].items())}); "
+        f"{demo_metrics['primary']:.3f} ({per_head}); "
         f"engine-only rerun mean val top-1 {metrics['primary']:.3f}. n_train {demo_metrics['n_train']}, "
         f"n_val {demo_metrics['n_val']}."
     )

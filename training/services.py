@@ -179,6 +179,7 @@ def model_version_index_build(*, version_id: int) -> ModelVersion:
     """Embed the run's train split and write the Faiss index into the artifact folder (atomically), then
     activate the version if a promote was requested. Idempotent."""
     import numpy as np
+
     from inference.core import Recognizer, build_index, embed_paths
 
     version = ModelVersion.objects.get(pk=version_id)
