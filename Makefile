@@ -45,7 +45,9 @@ web: .venv/.runtime
 services:
 	@pg_isready -q -h 127.0.0.1 -p 5432 || pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql) main start
 	@redis-cli -h 127.0.0.1 ping >/dev/null 2>&1 || redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no --dir /var/lib/redis --logfile /var/log/redis/ci.log
-	@for i in $$(seq 1 30); do pg_isready -q -h 127.0.0.1 && redis-cli ping >/dev/null 2>&1 && exit 0; sleep 1; done; echo "PostgreSQL or Redis did not start"; exit 1
+	@for i in $$(seq 1 30); do pg_isready -q -h 127.0.0.1 && redis-cli ping >/dev/null 2>&1 && break; sleep 1; done
+	@pg_isready -q -h 127.0.0.1 && redis-cli ping >/dev/null 2>&1 || (echo "PostgreSQL or Redis did not start"; exit 1)
+	@psql -h 127.0.0.1 -U postgres -lqt | cut -d'|' -f1 | grep -qw loupe || createdb -h 127.0.0.1 -U postgres loupe
 
 browser:
 	@test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-dejavu-core >/dev/null)
