@@ -67,25 +67,31 @@ class Command(BaseCommand):
                 raise CommandError("The demo import failed; see the errors above.")
         else:
             self.stdout.write(f"Project {project.slug!r} already has {project.images.count()} images.")
-        self._admin(opts["admin_user"])
         if opts["train"]:
             self._train(project, opts["timeout"])
+        self._admin(opts["admin_user"])
         self.stdout.write(self.style.SUCCESS(f"Demo ready in {time.monotonic() - started:.0f} s."))
 
     def _admin(self, username: str) -> None:
+        """An admin with a random password and an API token, saved in var/demo-admin.txt; kept across runs."""
         User = get_user_model()
-        password = secrets.token_urlsafe(9)
-        user, _ = User.objects.get_or_create(username=username, defaults={"email": f"{username}@example.com"})
-        user.is_staff = user.is_superuser = True
-        user.set_password(password)
-        user.save()
-        token, _ = Token.objects.get_or_create(user=user)
         cred = Path(settings.MEDIA_ROOT).parent / "demo-admin.txt"
-        cred.parent.mkdir(parents=True, exist_ok=True)
-        cred.write_text(f"username: {username}\npassword: {password}\napi token: {token.key}\n")
-        cred.chmod(0o600)
+        user, created = User.objects.get_or_create(username=username, defaults={"email": f"{username}@example.com"})
+        if created or not cred.exists():
+            password = secrets.token_urlsafe(9)
+            user.is_staff = user.is_superuser = True
+            user.set_password(password)
+            user.save()
+            token, _ = Token.objects.get_or_create(user=user)
+            cred.parent.mkdir(parents=True, exist_ok=True)
+            cred.write_text(f"username: {username}\npassword: {password}\napi token: {token.key}\n")
+            cred.chmod(0o600)
+        creds = dict(line.split(": ", 1) for line in cred.read_text().splitlines() if ": " in line)
         self.stdout.write(
-            self.style.SUCCESS(f"Admin login: {username} / {password}   API token: {token.key}   (saved in {cred})")
+            self.style.SUCCESS(
+                f"Admin login: {creds['username']} / {creds['password']}   API token: {creds['api token']}"
+                f"   (saved in {cred})"
+            )
         )
 
     def _train(self, project: Project, timeout: int) -> None:

@@ -1,0 +1,29 @@
+import pytest
+from django.contrib.auth import get_user_model
+from django.core.management import call_command
+
+from labeling.models import Image, LabelClass, Project
+
+pytestmark = pytest.mark.django_db
+
+
+def test_demo_command_imports_project_and_creates_admin(tmp_path, settings, capsys):
+    out = tmp_path / "demo"
+    call_command("demo", "--images-per-combo", "1", "--out", str(out))
+    project = Project.objects.get(slug="lego-demo")
+    assert project.preset == "lego" and [h.name for h in project.heads.all()] == ["part", "color"]
+    assert LabelClass.objects.filter(head__name="part").count() >= 12
+    assert LabelClass.objects.filter(head__name="color").count() >= 8
+    assert not LabelClass.objects.filter(normalized_name="9999").exists()  # unknown colour is never a class
+    assert Image.objects.filter(status="unreadable").count() == 2  # the two planted corrupt files
+    assert set(Image.objects.values_list("source", flat=True)) == {"real", "synthetic"}
+    admin = get_user_model().objects.get(username="admin")
+    assert admin.is_staff and admin.is_superuser
+    text = capsys.readouterr().out
+    password = text.split("Admin login: admin / ")[1].split()[0]
+    assert admin.check_password(password)
+    # Running it again changes nothing and keeps the same login.
+    n = Image.objects.count()
+    call_command("demo", "--images-per-combo", "1", "--out", str(out))
+    assert Image.objects.count() == n
+    assert f"admin / {password}" in capsys.readouterr().out
