@@ -34,7 +34,8 @@ def run_create(request, slug):
             try:
                 config[name] = kind(raw)
             except ValueError:
-                messages.error(request, f"{name} must be a {kind.__name__} (got {raw!r}).")
+                expected = {int: "an integer", float: "a number"}.get(kind, "text")
+                messages.error(request, f"{name} must be {expected} (got {raw!r}).")
                 return redirect("training:run-list", slug=slug)
     try:
         run = services.training_run_create(project=project, user=request.user, config=config)
