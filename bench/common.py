@@ -1,4 +1,5 @@
 """Shared helpers for benchmarks: the machine description and the results file format (DESIGN.md)."""
+
 import datetime as dt
 import json
 import os
@@ -24,16 +25,26 @@ def machine() -> str:
 def metric(value, unit, baseline, baseline_value, target=None, met=None) -> dict:
     ratio = None if not baseline_value else round(value / baseline_value, 3)
     return {
-        "value": round(value, 3), "unit": unit, "baseline": baseline, "baseline_value": round(baseline_value, 3),
-        "ratio": ratio, "target": target, "met": met,
+        "value": round(value, 3),
+        "unit": unit,
+        "baseline": baseline,
+        "baseline_value": round(baseline_value, 3),
+        "ratio": ratio,
+        "target": target,
+        "met": met,
     }
 
 
 def write(name: str, metrics: dict, notes: str = "") -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    body = {"bench": name, "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "machine": machine(),
-            "metrics": metrics, "notes": notes}
+    body = {
+        "bench": name,
+        "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "metrics": metrics,
+        "notes": notes,
+    }
     path.write_text(json.dumps(body, indent=2) + "\n")
     return path
 

@@ -4,6 +4,7 @@ Baseline, measured in the same run: the training engine alone (`training.engine.
 manifest and config, in one process with no web app, database or Celery. The ratio says what the whole loop
 (generate + import + queue + worker + index + promote + first request) costs on top of training itself.
 Run: `make bench-demo` (writes bench/results/demo.json)."""
+
 import json
 import os
 import subprocess
@@ -37,7 +38,10 @@ def main() -> None:
     (var / "log").mkdir(exist_ok=True)
     worker = subprocess.Popen(
         [py, "-m", "celery", "-A", "webapp", "worker", "-Q", "default,gpu", "-c", "1", "-l", "warning"],
-        cwd=ROOT, env=env, stdout=open(var / "log" / "worker.log", "w"), stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        env=env,
+        stdout=open(var / "log" / "worker.log", "w"),
+        stderr=subprocess.STDOUT,
     )
     try:
         run("train_index_promote", "demo", "--train")
@@ -54,8 +58,14 @@ def main() -> None:
         " format='json'); print(json.dumps(r.json()))"
     )
     sample = sorted((var / "demo" / "images").glob("*.jpg"))[0]
-    out = subprocess.run([py, "-c", code, str(sample)], cwd=ROOT, check=True, capture_output=True, text=True,
-                         env={**env, "DJANGO_SETTINGS_MODULE": "webapp.settings", "ALLOWED_HOSTS": "testserver"})
+    out = subprocess.run(
+        [py, "-c", code, str(sample)],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**env, "DJANGO_SETTINGS_MODULE": "webapp.settings", "ALLOWED_HOSTS": "testserver"},
+    )
     answer = json.loads(out.stdout.strip().splitlines()[-1])
     steps["first_recognize"] = time.monotonic() - t
     total = time.monotonic() - t_all
@@ -72,8 +82,14 @@ def main() -> None:
     demo_metrics = json.loads((run_dir / "metrics.json").read_text())
 
     results = {
-        "demo_to_served_model_s": metric(total, "s", "engine-only train_model on the same manifest", engine_s,
-                                         target="a few minutes on CPU", met=total < 600),
+        "demo_to_served_model_s": metric(
+            total,
+            "s",
+            "engine-only train_model on the same manifest",
+            engine_s,
+            target="a few minutes on CPU",
+            met=total < 600,
+        ),
     }
     for name, seconds in steps.items():
         results[f"step_{name}_s"] = metric(seconds, "s", "engine-only train_model", engine_s)
