@@ -68,6 +68,22 @@ def photo_folder(tmp_path):
 
 
 @pytest.fixture
+def shapes_project(photo_folder):
+    """A `retrieval` project with photo_folder's colours imported; call with the number of groups per colour."""
+
+    def build(groups: int):
+        from labeling import importers
+        from labeling.services import project_create
+
+        project = project_create(name="Shapes", preset="retrieval")
+        rows, report = importers.plan_folder(photo_folder(groups=groups), head=project.heads.get())
+        assert importers.images_import(project=project, rows=rows, report=report).written
+        return project
+
+    return build
+
+
+@pytest.fixture
 def admin_user(django_user_model):
     return django_user_model.objects.create_user("admin", password="admin-pass-123", is_staff=True, is_superuser=True)
 

@@ -350,3 +350,17 @@ def _apply_labels(image: Image, heads: dict[str, Head], row: ImportRow, report: 
         Label.objects.filter(pk=label.pk).update(label_class=cls, version=label.version + 1, updated_by=user)
         LabelEvent.objects.create(image=image, head=head, old_class=None, new_class=cls, user=user, reason="import")
         report.labels_set += 1
+
+
+def demo_import(*, project: Project, csv_path: Path, images_dir: Path, user=None) -> ImportReport:
+    """Import the demo generator's output (labels.csv: image_filename, part, color, source, group)."""
+    rows, report = plan_csv(
+        csv_path,
+        images_dir=images_dir,
+        filename_col="image_filename",
+        head_cols={"part": "part", "color": "color"},
+        project=project,
+        group_col="group",
+        source_col="source",
+    )
+    return images_import(project=project, rows=rows, report=report, user=user)

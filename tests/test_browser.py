@@ -47,11 +47,8 @@ def browser(monkeypatch):
 
 
 @pytest.fixture
-def project(photo_folder, reviewer):
-    project = project_create(name="Shapes", preset="retrieval")
-    rows, report = importers.plan_folder(photo_folder(groups=3), head=project.heads.get())
-    importers.images_import(project=project, rows=rows, report=report)
-    return project
+def project(shapes_project, reviewer):
+    return shapes_project(3)
 
 
 def _login(page, live_server):
@@ -70,16 +67,8 @@ def lego_project(tmp_path, reviewer):
 
     summary = generate_demo(tmp_path / "import" / "lego", seed=3, images_per_combo=1, parts=12, colors=8)
     project = project_create(name="LEGO demo", preset="lego")
-    rows, report = importers.plan_csv(
-        summary.csv_path,
-        images_dir=summary.out_dir / "images",
-        filename_col="image_filename",
-        head_cols={"part": "part", "color": "color"},
-        project=project,
-        group_col="group",
-        source_col="source",
-    )
-    assert importers.images_import(project=project, rows=rows, report=report).written
+    report = importers.demo_import(project=project, csv_path=summary.csv_path, images_dir=summary.out_dir / "images")
+    assert report.written
     return project
 
 

@@ -10,8 +10,6 @@ from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from conftest import TINY_TRAIN, make_photo
-from labeling import importers
-from labeling.services import project_create
 from training import services as training_services
 from training.models import ModelVersion
 
@@ -27,11 +25,8 @@ def api(admin_user):
 
 
 @pytest.fixture
-def project(photo_folder):
-    project = project_create(name="Shapes", preset="retrieval")
-    rows, report = importers.plan_folder(photo_folder(groups=8), head=project.heads.get())
-    importers.images_import(project=project, rows=rows, report=report)
-    return project
+def project(shapes_project):
+    return shapes_project(8)
 
 
 def _train(project, **overrides) -> ModelVersion:

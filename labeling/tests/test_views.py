@@ -1,19 +1,14 @@
 import pytest
 from django.urls import reverse
 
-from labeling import importers
 from labeling.models import Image, Label
-from labeling.services import project_create
 
 pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
-def project(photo_folder):
-    project = project_create(name="Shapes", preset="retrieval")
-    rows, report = importers.plan_folder(photo_folder(groups=2), head=project.heads.get())
-    importers.images_import(project=project, rows=rows, report=report)
-    return project
+def project(shapes_project):
+    return shapes_project(2)
 
 
 def test_pages_require_login(client, project):

@@ -5,7 +5,6 @@ import pytest
 from django.core.management import CommandError, call_command
 
 from conftest import TINY_TRAIN
-from labeling import importers
 from labeling.services import project_create
 from training import services
 from training.models import ModelVersion, TrainingRun
@@ -14,11 +13,8 @@ pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
-def project(photo_folder):
-    project = project_create(name="Shapes", preset="retrieval")
-    rows, report = importers.plan_folder(photo_folder(groups=6), head=project.heads.get())
-    importers.images_import(project=project, rows=rows, report=report)
-    return project
+def project(shapes_project):
+    return shapes_project(6)
 
 
 def test_run_create_refuses_bad_config_empty_project_and_second_run(project):

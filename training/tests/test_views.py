@@ -2,8 +2,6 @@ import pytest
 from django.urls import reverse
 
 from conftest import TINY_TRAIN
-from labeling import importers
-from labeling.services import project_create
 from training import services
 from training.models import ModelVersion, TrainingRun
 
@@ -11,11 +9,8 @@ pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
-def project(photo_folder):
-    project = project_create(name="Shapes", preset="retrieval")
-    rows, report = importers.plan_folder(photo_folder(groups=4), head=project.heads.get())
-    importers.images_import(project=project, rows=rows, report=report)
-    return project
+def project(shapes_project):
+    return shapes_project(4)
 
 
 def test_reviewers_cannot_retrain_or_promote(client, reviewer, project):

@@ -52,16 +52,9 @@ class Command(BaseCommand):
                     preset="lego",
                     description="Synthetic LEGO-like parts with planted label problems.",
                 )
-            rows, report = importers.plan_csv(
-                summary.csv_path,
-                images_dir=summary.out_dir / "images",
-                filename_col="image_filename",
-                head_cols={"part": "part", "color": "color"},
-                project=project,
-                group_col="group",
-                source_col="source",
+            report = importers.demo_import(
+                project=project, csv_path=summary.csv_path, images_dir=summary.out_dir / "images"
             )
-            report = importers.images_import(project=project, rows=rows, report=report)
             for line in report.lines()[-6:]:
                 self.stdout.write(line)
             if not report.written:
