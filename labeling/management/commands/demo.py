@@ -104,9 +104,12 @@ class Command(BaseCommand):
             line = f"  {run.status}: epoch {run.epoch}/{run.epochs} loss {loss}"
             if run.metrics:
                 line += " · " + ", ".join(f"{h} top-1 {m.get('top1', 0):.3f}" for h, m in run.metrics.items())
-            if line != last:
+            if run.eta_s and run.status == TrainingRun.Status.RUNNING:
+                line += f" · about {run.eta_s:.0f} s left"
+            key = (run.status, repr(run.metrics))  # one line per finished epoch, not per progress tick
+            if key != last:
                 self.stdout.write(line)
-                last = line
+                last = key
             if run.status == TrainingRun.Status.FAILED:
                 raise CommandError(f"Training failed: {run.error}")
             active = project.model_versions.filter(is_active=True).first()
