@@ -90,3 +90,11 @@ def test_docker_compose_describes_the_deployment():
     gpu = services["gpu-worker"]
     assert gpu["command"][gpu["command"].index("-Q") + 1] == "gpu"
     assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+
+
+def test_training_goes_to_the_gpu_queue_and_index_builds_to_default():
+    from webapp.celery import app
+
+    router = app.amqp.router
+    assert router.route({}, "training.tasks.train_run")["queue"].name == "gpu"
+    assert router.route({}, "training.tasks.index_build")["queue"].name == "default"
