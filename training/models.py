@@ -80,7 +80,3 @@ class ModelVersion(models.Model):
 
     def __str__(self) -> str:
         return f"{self.project.slug} v{self.number}"
-
-    @property
-    def primary_metric(self) -> float | None:
-        return self.metrics.get("primary")
