@@ -18,6 +18,7 @@ def _isolated_files(settings, tmp_path):
     settings.MEDIA_ROOT = tmp_path / "media"
     settings.ARTIFACT_ROOT = tmp_path / "artifacts"
     settings.IMPORT_ROOTS = [tmp_path / "import"]
+    settings.LOUPE_EXPORT_ROOT = tmp_path / "exports"
     settings.LOUPE_TRAIN_OVERRIDES = {}
     (tmp_path / "import").mkdir()
     from inference import services
@@ -76,6 +77,8 @@ def shapes_project(photo_folder):
         from labeling.services import project_create
 
         project = project_create(name="Shapes", preset="retrieval")
+        project.min_image_side = 32  # the test photos are 64 px
+        project.save(update_fields=["min_image_side"])
         rows, report = importers.plan_folder(photo_folder(groups=groups), head=project.heads.get())
         assert importers.images_import(project=project, rows=rows, report=report).written
         return project
@@ -91,3 +94,20 @@ def admin_user(django_user_model):
 @pytest.fixture
 def reviewer(django_user_model):
     return django_user_model.objects.create_user("reviewer", password="reviewer-pass-123")
+
+
+@pytest.fixture
+def worker(settings):
+    """A real Celery worker (thread, solo pool) on the configured broker, consuming both queues."""
+    from celery.contrib.testing.worker import start_worker
+
+    from webapp.celery import app
+
+    settings.CELERY_TASK_ALWAYS_EAGER = False
+    with app.connection_for_write() as conn:  # drop messages left by an earlier, interrupted run
+        for queue in ("default", "gpu"):
+            conn.default_channel.queue_purge(queue)
+    with start_worker(
+        app, pool="solo", concurrency=1, perform_ping_check=False, queues=["default", "gpu"], shutdown_timeout=30
+    ):
+        yield

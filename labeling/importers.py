@@ -32,6 +32,7 @@ class ImportRow:
     labels: dict[str, str | None]
     group: str
     source: str = "real"
+    split: str | None = None  # from an export's splits: becomes the group's sticky split
 
 
 @dataclass
@@ -108,6 +109,49 @@ def plan_folder(
         rows.append(ImportRow(where=str(rel), path=path, labels={head.name: rel.parts[0]}, group=group_from_name(path)))
     if not rows and not report.errors:
         report.errors.append((str(root), "no images found (expected <class>/<ID>_<seq>.jpg)"))
+    return rows, report
+
+
+def plan_export(
+    folder: Path, *, project: Project, allowed_roots: list[Path] | None = None
+) -> tuple[list[ImportRow], ImportReport]:
+    """A folder in the seeds' formats (as `dataset_version export` writes it: car_labels.csv or labels.csv with
+    images/, splits.json, metadata.csv, label_maps.json; or an ImageFolder tree with class_to_idx.json). The
+    splits become the groups' sticky splits."""
+    from .formats import FormatError, read_export
+    from .versions import folder_head
+
+    folder = check_root(folder, allowed_roots)
+    try:
+        data = read_export(folder)
+    except FormatError as exc:
+        raise LabelingError(str(exc)) from exc
+    heads = list(project.heads.order_by("order", "id"))
+    names = [h.name for h in heads]
+    mapping = {h: h for h in data.heads}
+    if data.kind == "imagefolder" and data.heads == ["label"] and "label" not in names:
+        mapping = {"label": folder_head(heads).name}  # a plain ImageFolder labels the project's folder head
+    unknown = sorted(h for h, target in mapping.items() if target not in names)
+    if unknown:
+        raise LabelingError(
+            f"The export has head(s) {', '.join(unknown)} but project {project.slug!r} has {', '.join(names)}; "
+            "import into a project with the same heads."
+        )
+    report = ImportReport()
+    report.warnings.extend(data.notes)
+    rows = [
+        ImportRow(
+            where=r.where,
+            path=r.path,
+            labels={mapping[h]: v for h, v in r.labels.items()},
+            group=r.group,
+            source=r.source,
+            split=r.split,
+        )
+        for r in data.rows
+    ]
+    if not rows:
+        report.errors.append((str(folder), "the export lists no images"))
     return rows, report
 
 
@@ -276,7 +320,37 @@ def images_import(
     return report
 
 
+def _write_group_splits(project, read) -> None:
+    """Record the splits an export carried as the groups' sticky splits; a group that already has a different
+    split refuses the import (groups never cross splits)."""
+    from .models import GroupSplit
+
+    wanted: dict[str, str] = {}
+    for item in read:
+        if item.row.split is None:
+            continue
+        group = item.row.group[:200]
+        if wanted.setdefault(group, item.row.split) != item.row.split:
+            raise LabelingError(f"{item.row.where}: group {group!r} is in two splits; a group must stay in one.")
+    if not wanted:
+        return
+    existing = dict(
+        GroupSplit.objects.filter(project=project, group_key__in=list(wanted)).values_list("group_key", "split")
+    )
+    for group, split in wanted.items():
+        if group in existing and existing[group] != split:
+            raise LabelingError(
+                f"group {group!r} is in {split!r} in this export but already in {existing[group]!r} in the project; "
+                "splits are sticky, so nothing was imported."
+            )
+    GroupSplit.objects.bulk_create(
+        [GroupSplit(project=project, group_key=g, split=s) for g, s in wanted.items() if g not in existing],
+        batch_size=5000,
+    )
+
+
 def _write(project, heads, read, report, user, written_files) -> None:
+    _write_group_splits(project, read)
     by_sha: dict[str, Image] = {
         im.sha256: im for im in Image.objects.filter(project=project, sha256__in=[r.sha256 for r in read])
     }

@@ -12,7 +12,21 @@ class Project(models.Model):
     slug = models.SlugField(max_length=100, unique=True)
     preset = models.CharField(max_length=20, choices=PRESET_CHOICES)
     description = models.TextField(blank=True)
-    min_image_side = models.PositiveIntegerField(default=224)
+    min_image_side = models.PositiveIntegerField(
+        default=224, help_text="Images with a shorter side are too small (and so is their whole group)."
+    )
+    min_samples_per_class = models.PositiveIntegerField(
+        default=10, help_text="Classes with fewer labeled images are reported as rare."
+    )
+    near_duplicate_distance = models.PositiveSmallIntegerField(
+        default=10,
+        help_text="Perceptual-hash Hamming distance (of 64 bits) at or below which photos are near-duplicates.",
+    )
+    training_options = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text='{"class_weighting": "none"|"inverse"|"sqrt_inverse", "per_class_cap": null or an integer}',
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -58,6 +72,17 @@ class LabelClass(models.Model):
         help_text="The class in the parent head this class belongs to (model → make).",
     )
     aliases = models.JSONField(default=list, blank=True)
+    excluded_from_training = models.BooleanField(
+        default=False, help_text="Labels of this class are treated as unknown when training (the data stays)."
+    )
+    merged_into = models.ForeignKey(
+        "self",
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="merged_from",
+        help_text="Set when this class was merged into another one (kept so the merge can be undone).",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -94,6 +119,7 @@ class Image(models.Model):
     source = models.CharField(max_length=20, choices=Source.choices, default=Source.REAL)
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.OK)
     status_reason = models.CharField(max_length=300, blank=True)
+    phash = models.BigIntegerField(null=True, blank=True, help_text="64-bit perceptual hash (signed storage).")
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -132,6 +158,9 @@ class LabelEvent(models.Model):
     new_class = models.ForeignKey(LabelClass, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
     user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
     reason = models.CharField(max_length=200, blank=True)
+    action = models.ForeignKey(
+        "DatasetAction", null=True, blank=True, on_delete=models.SET_NULL, related_name="label_events"
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -144,3 +173,166 @@ class LabelEvent(models.Model):
         if self.pk is not None:
             raise ValidationError("Label events are append-only.")
         super().save(*args, **kwargs)
+
+
+class ImageEvent(models.Model):
+    """Append-only history of an image's status (excluded, unreadable, back to ok)."""
+
+    image = models.ForeignKey(Image, on_delete=models.CASCADE, related_name="status_events")
+    old_status = models.CharField(max_length=20)
+    new_status = models.CharField(max_length=20)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    reason = models.CharField(max_length=300, blank=True)
+    action = models.ForeignKey(
+        "DatasetAction", null=True, blank=True, on_delete=models.SET_NULL, related_name="image_events"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"image {self.image_id}: {self.old_status} -> {self.new_status} ({self.reason})"
+
+    def save(self, *args, **kwargs):
+        if self.pk is not None:
+            raise ValidationError("Image events are append-only.")
+        super().save(*args, **kwargs)
+
+
+class DatasetAction(models.Model):
+    """One data-fixing action taken from the health report (resolve a duplicate cluster, merge classes, exclude
+    rare classes, change training options). `changes` records exactly what it changed so it can be undone."""
+
+    class Kind(models.TextChoices):
+        CLUSTER_KEEP_ONE = "cluster_keep_one", "keep one, exclude the rest"
+        CLUSTER_LABEL_ALL = "cluster_label_all", "apply one label to all"
+        CLUSTER_EXCLUDE_ALL = "cluster_exclude_all", "exclude all"
+        MERGE_CLASSES = "merge_classes", "merge classes"
+        EXCLUDE_CLASSES = "exclude_classes", "exclude classes from training"
+        INCLUDE_CLASSES = "include_classes", "include classes in training"
+        TRAINING_OPTIONS = "training_options", "training options"
+        UNDO = "undo", "undo"
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="dataset_actions")
+    kind = models.CharField(max_length=40, choices=Kind.choices)
+    summary = models.CharField(max_length=500)
+    params = models.JSONField(default=dict, blank=True)
+    changes = models.JSONField(default=dict, blank=True)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    created_at = models.DateTimeField(auto_now_add=True)
+    undone_at = models.DateTimeField(null=True, blank=True)
+    undone_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.get_kind_display()}: {self.summary}"
+
+
+class HealthReport(models.Model):
+    """One health scan of a project's images; the row owns the job state and the findings."""
+
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        RUNNING = "running"
+        SUCCEEDED = "succeeded"
+        FAILED = "failed"
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="health_reports")
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.QUEUED)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    phase = models.CharField(max_length=40, blank=True)
+    done = models.PositiveIntegerField(default=0)
+    total = models.PositiveIntegerField(default=0)
+    params = models.JSONField(default=dict, blank=True)
+    summary = models.JSONField(default=dict, blank=True)
+    findings = models.JSONField(default=dict, blank=True)
+    error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"health report {self.pk} ({self.status})"
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in (self.Status.QUEUED, self.Status.RUNNING)
+
+
+class DuplicateCluster(models.Model):
+    """Photos that are the same (sha256) or nearly the same (perceptual hash) as found by one health scan."""
+
+    report = models.ForeignKey(HealthReport, on_delete=models.CASCADE, related_name="clusters")
+    kind = models.CharField(max_length=10, choices=[("exact", "exact"), ("near", "near")])
+    image_ids = models.JSONField(default=list)
+    conflicting = models.BooleanField(default=False, help_text="Members carry different labels.")
+    max_distance = models.PositiveSmallIntegerField(default=0)
+    action = models.ForeignKey(DatasetAction, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+
+    class Meta:
+        ordering = ["-conflicting", "id"]
+
+    def __str__(self) -> str:
+        return f"{self.kind} cluster {self.pk}: {self.image_ids}"
+
+
+class GroupSplit(models.Model):
+    """The sticky split of one group: assigned once, kept by every later dataset version."""
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="group_splits")
+    group_key = models.CharField(max_length=200)
+    split = models.CharField(max_length=5, choices=[("train", "train"), ("val", "val"), ("test", "test")])
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["project", "group_key"], name="group_split_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.group_key}: {self.split}"
+
+
+class DatasetVersion(models.Model):
+    """A frozen snapshot of the usable images, their labels and their splits."""
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="dataset_versions")
+    number = models.PositiveIntegerField()
+    parent = models.ForeignKey("self", null=True, blank=True, on_delete=models.SET_NULL, related_name="children")
+    content_hash = models.CharField(
+        max_length=64, help_text="sha256 over (image sha256, labels): same data, same hash."
+    )
+    counts = models.JSONField(default=dict, blank=True)
+    params = models.JSONField(default=dict, blank=True)
+    note = models.CharField(max_length=300, blank=True)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-number"]
+        constraints = [models.UniqueConstraint(fields=["project", "number"], name="dataset_version_unique_number")]
+
+    def __str__(self) -> str:
+        return f"{self.project.slug} dataset v{self.number}"
+
+
+class DatasetVersionItem(models.Model):
+    version = models.ForeignKey(DatasetVersion, on_delete=models.CASCADE, related_name="items")
+    image = models.ForeignKey(Image, on_delete=models.CASCADE, related_name="+")
+    split = models.CharField(max_length=5)
+    group_key = models.CharField(max_length=200)
+    labels = models.JSONField(default=dict, help_text="{head name: class name or null}")
+
+    class Meta:
+        ordering = ["id"]
+        constraints = [models.UniqueConstraint(fields=["version", "image"], name="version_item_unique_image")]
+
+    def __str__(self) -> str:
+        return f"v{self.version_id} image {self.image_id} ({self.split})"

@@ -59,6 +59,8 @@ def label_class_get_or_create(
     obj, created = LabelClass.objects.get_or_create(
         head=head, normalized_name=key, defaults={"name": display, "parent": parent}
     )
+    while obj.merged_into_id is not None:  # a merged class's spellings label its target
+        obj, created = obj.merged_into, False
     changed = False
     raw_stripped = str(raw_name).strip()
     if not created and raw_stripped != obj.name and raw_stripped not in obj.aliases:

@@ -1,5 +1,6 @@
 from django.urls import path
 
+from . import dataset_views as dv
 from . import views
 
 app_name = "labeling"
@@ -10,4 +11,17 @@ urlpatterns = [
     path("p/<slug:slug>/images/<int:pk>/", views.image_detail, name="image-detail"),
     path("p/<slug:slug>/images/<int:pk>/heads/<int:head_id>/", views.label_update, name="label-update"),
     path("p/<slug:slug>/images/<int:pk>/<str:kind>", views.image_file, name="image-file"),
+    path("p/<slug:slug>/health/", dv.health_page, name="health"),
+    path("p/<slug:slug>/health/scan/", dv.health_scan_start, name="health-scan"),
+    path("p/<slug:slug>/health/clusters/<int:cluster_id>/", dv.cluster_resolve, name="cluster-resolve"),
+    path("p/<slug:slug>/health/merge/", dv.classes_merge, name="classes-merge"),
+    path("p/<slug:slug>/health/exclude/", dv.classes_exclude, name="classes-exclude"),
+    path("p/<slug:slug>/health/training-options/", dv.training_options, name="training-options"),
+    path("p/<slug:slug>/health/actions/<int:action_id>/undo/", dv.action_undo, name="action-undo"),
+    path("p/<slug:slug>/versions/", dv.version_list, name="version-list"),
+    path("p/<slug:slug>/versions/new/", dv.version_create, name="version-create"),
+    path("p/<slug:slug>/versions/<int:number>/", dv.version_detail, name="version-detail"),
+    path("p/<slug:slug>/versions/<int:number>/export/", dv.version_export, name="version-export"),
+    path("p/<slug:slug>/versions/<int:number>/download/", dv.version_download, name="version-download"),
+    path("p/<slug:slug>/versions/<int:old>/diff/<int:new>/", dv.version_diff, name="version-diff"),
 ]

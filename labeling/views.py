@@ -14,7 +14,7 @@ from django.views.decorators.http import require_POST
 
 from . import importers, selectors, services
 from .forms import ImportForm, ProjectForm
-from .models import Head, Image, Label, LabelEvent, Project
+from .models import Head, Image, ImageEvent, Label, LabelEvent, Project
 
 PAGE_SIZE = 60
 
@@ -81,7 +81,7 @@ def _editor_context(image: Image, label: Label, *, message: str = "", conflict: 
     return {
         "image": image,
         "label": label,
-        "classes": label.head.classes.all(),
+        "classes": label.head.classes.filter(merged_into__isnull=True),
         "message": message,
         "conflict": conflict,
     }
@@ -94,7 +94,9 @@ def image_detail(request, slug, pk):
     services.image_labels_ensure(image=image)
     labels = selectors.image_labels(image=image)
     editors = [_editor_context(image, lb) for lb in labels]
-    events = LabelEvent.objects.filter(image=image).select_related("head", "old_class", "new_class", "user")[:50]
+    label_events = LabelEvent.objects.filter(image=image).select_related("head", "old_class", "new_class", "user")[:50]
+    status_events = ImageEvent.objects.filter(image=image).select_related("user")[:50]
+    events = sorted([*label_events, *status_events], key=lambda e: (e.created_at, e.id), reverse=True)[:50]
     siblings = Image.objects.filter(project=project)
     prev_id = siblings.filter(id__lt=image.id).order_by("-id").values_list("id", flat=True).first()
     next_id = siblings.filter(id__gt=image.id).order_by("id").values_list("id", flat=True).first()

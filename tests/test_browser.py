@@ -117,3 +117,37 @@ def test_stale_edit_shows_conflict_and_overwrites_nothing(browser, live_server, 
     conflict = second.wait_for_selector(f"#editor-{head.id} .conflict")
     assert "green" in conflict.inner_text()
     assert Label.objects.get(image=image, head=head).label_class == green
+
+
+HEALTH_SCREENSHOT = SCREENSHOT.parent / "health.png"
+
+
+def test_admin_runs_health_scan_resolves_a_conflict_and_undoes(browser, live_server, lego_project, admin_user, worker):
+    """The scan runs on a real Celery worker; the page shows live progress, then the report."""
+    from labeling.models import DatasetAction, DuplicateCluster
+
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.goto(f"{live_server.url}/accounts/login/")
+    page.fill("input[name=username]", "admin")
+    page.fill("input[name=password]", "admin-pass-123")
+    page.click("button[type=submit]")
+    page.goto(f"{live_server.url}/p/{lego_project.slug}/health/")
+    page.click("#run-scan")
+    page.wait_for_selector("#summary", timeout=120_000)  # htmx polled the progress, then refreshed the page
+    assert "Unreadable, truncated, missing or empty files" in page.inner_text("#summary")
+    files = page.inner_text("#files")
+    assert "unreadable" in files or "truncated" in files
+    first = page.locator(".cluster").first
+    assert "Conflicting labels" in first.inner_text()
+    page.screenshot(path=str(HEALTH_SCREENSHOT), full_page=False)
+    cluster_id = int(first.get_attribute("id").removeprefix("cluster-"))
+    first.locator("button[value=keep_one]").click()
+    page.wait_for_selector(".messages li:has-text('excluded')")
+    cluster = DuplicateCluster.objects.get(pk=cluster_id)
+    kept, *rest = cluster.image_ids
+    assert Image.objects.get(pk=kept).status == "ok"
+    assert {im.status for im in Image.objects.filter(pk__in=rest)} == {"excluded"}
+    page.locator("#actions button.undo").first.click()
+    page.wait_for_selector(".messages li:has-text('Undone')")
+    assert {im.status for im in Image.objects.filter(pk__in=rest)} == {"ok"}
+    assert DatasetAction.objects.get().undone_at is not None

@@ -5,7 +5,6 @@ import base64
 import time
 
 import pytest
-from celery.contrib.testing.worker import start_worker
 from django.core.management import call_command
 from django.urls import reverse
 from rest_framework.authtoken.models import Token
@@ -30,22 +29,12 @@ def _wait(predicate, timeout=240, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-@pytest.fixture
-def worker(settings):
-    settings.CELERY_TASK_ALWAYS_EAGER = False
-    with app.connection_for_write() as conn:  # drop messages left by an earlier, interrupted run
-        for queue in ("default", "gpu"):
-            conn.default_channel.queue_purge(queue)
-    with start_worker(
-        app, pool="solo", concurrency=1, perform_ping_check=False, queues=["default", "gpu"], shutdown_timeout=30
-    ):
-        yield
-
-
 def test_import_train_promote_recognise_through_worker(worker, photo_folder, admin_user):
     assert app.conf.broker_url.startswith("redis://"), "make test runs the worker on Redis"
     call_command("import_images", "shapes", str(photo_folder(groups=8)), "--create", "retrieval")
     project = Project.objects.get(slug="shapes")
+    Project.objects.filter(pk=project.pk).update(min_image_side=32)  # the test photos are 64 px
+    project.refresh_from_db()
 
     run = services.training_run_create(project=project, user=admin_user, config=TINY_TRAIN)
     run = _wait(

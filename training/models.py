@@ -17,6 +17,9 @@ class TrainingRun(models.Model):
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="training_runs")
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.QUEUED)
     config = models.JSONField(default=dict, blank=True, help_text="Overrides of the engine's defaults.")
+    dataset_version = models.ForeignKey(
+        "labeling.DatasetVersion", null=True, blank=True, on_delete=models.PROTECT, related_name="training_runs"
+    )
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)

@@ -11,9 +11,9 @@ from django.db import transaction
 from django.db.models import Max
 from django.utils import timezone
 
-from labeling.models import Project
-from labeling.selectors import training_manifest
-from labeling.splits import split_for_group
+from labeling.models import DatasetVersion, Project
+from labeling.services import LabelingError
+from labeling.versions import dataset_version_create, version_manifest
 
 from .models import ModelVersion, TrainingRun
 
@@ -34,15 +34,42 @@ def _resolve(overrides: dict) -> dict:
         raise TrainingError(str(exc)) from exc
 
 
-def training_run_create(*, project: Project, user=None, config: dict | None = None, queue: bool = True) -> TrainingRun:
-    """Check the config and that there is something to train on, then queue the run (after commit)."""
-    _resolve(config or {})
-    if not project.images.filter(labels__label_class__isnull=False, status="ok").exists():
-        raise TrainingError(f"Project {project.slug!r} has no labeled images to train on; import some first.")
+def _with_project_options(project: Project, config: dict) -> dict:
+    """The project's training options (health page: class weighting) under the run's own overrides."""
+    weighting = (project.training_options or {}).get("class_weighting")
+    if weighting and weighting != "none" and "class_weighting" not in config:
+        return {**config, "class_weighting": weighting}
+    return config
+
+
+def training_run_create(
+    *,
+    project: Project,
+    user=None,
+    config: dict | None = None,
+    queue: bool = True,
+    dataset_version: DatasetVersion | None = None,
+) -> TrainingRun:
+    """Check the config, freeze the data (a new dataset version, or the latest when nothing changed) unless
+    `dataset_version` is given, then queue the run (after commit)."""
+    _resolve(_with_project_options(project, config or {}))
+    if dataset_version is not None and dataset_version.project_id != project.id:
+        raise TrainingError("That dataset version belongs to another project.")
     with transaction.atomic():
         if project.training_runs.filter(status__in=[TrainingRun.Status.QUEUED, TrainingRun.Status.RUNNING]).exists():
             raise TrainingError("A training run is already queued or running for this project.")
-        run = TrainingRun.objects.create(project=project, created_by=user, config=config or {})
+        if dataset_version is None:
+            try:
+                dataset_version, _created = dataset_version_create(project=project, user=user, note="for a retrain")
+            except LabelingError as exc:
+                raise TrainingError(str(exc)) from exc
+        if not dataset_version.counts.get("splits", {}).get("train"):
+            raise TrainingError(
+                f"Dataset version {dataset_version.number} has no train images; label more groups first."
+            )
+        run = TrainingRun.objects.create(
+            project=project, created_by=user, config=config or {}, dataset_version=dataset_version
+        )
         if queue:
             from .tasks import train_run
 
@@ -78,7 +105,7 @@ def training_run_execute(*, run_id: int, inline: bool = False) -> TrainingRun:
     auto-promoted first model in this process instead of queueing it."""
     from training.engine import train_model
 
-    run = TrainingRun.objects.select_related("project").get(pk=run_id)
+    run = TrainingRun.objects.select_related("project", "dataset_version").get(pk=run_id)
     if run.status in (TrainingRun.Status.SUCCEEDED, TrainingRun.Status.FAILED):
         return run
     project = run.project
@@ -92,8 +119,15 @@ def training_run_execute(*, run_id: int, inline: bool = False) -> TrainingRun:
         error="",
     )
     try:
-        config = _resolve(run.config)
-        manifest = training_manifest(project=project, split_of=split_for_group)
+        config = _resolve(_with_project_options(project, run.config))
+        if run.dataset_version_id is None:  # a run queued before dataset versions existed
+            version, _ = dataset_version_create(project=project, note="for a retrain")
+            TrainingRun.objects.filter(pk=run.id).update(dataset_version=version)
+        else:
+            version = run.dataset_version
+        manifest = version_manifest(
+            version=version, per_class_cap=(project.training_options or {}).get("per_class_cap")
+        )
         _write_json(out_dir / "manifest.json", manifest)
         n_train = sum(1 for it in manifest["items"] if it["split"] == "train")
         n_val = sum(1 for it in manifest["items"] if it["split"] == "val")

@@ -109,6 +109,7 @@ MEDIA_URL = "/media/"
 ARTIFACT_ROOT = Path(env.str("ARTIFACT_ROOT", default=str(VAR_DIR / "artifacts")))
 # Folders the admin import page may read from (the CLI takes any folder it is given).
 IMPORT_ROOTS = [Path(p) for p in env.list("IMPORT_ROOTS", default=[str(VAR_DIR / "import")])]
+LOUPE_EXPORT_ROOT = Path(env.str("LOUPE_EXPORT_ROOT", default=str(VAR_DIR / "exports")))
 
 # Upload limits for the recognition endpoint (decompression bombs are refused by pixel count).
 LOUPE_MAX_IMAGES_PER_REQUEST = env.int("LOUPE_MAX_IMAGES_PER_REQUEST", default=10)
@@ -140,7 +141,7 @@ else:
     CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 12 * 3600}
 CELERY_TASK_IGNORE_RESULT = True  # job state lives in the database rows, not the result backend
 CELERY_TASK_DEFAULT_QUEUE = "default"
-CELERY_TASK_ROUTES = {"training.tasks.train_run": {"queue": "gpu"}}
+CELERY_TASK_ROUTES = {"training.tasks.train_run": {"queue": "gpu"}, "labeling.tasks.*": {"queue": "default"}}
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1

@@ -21,6 +21,8 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "weight_decay": 0.05,
     "warmup_epochs": 1.0,
     "label_smoothing": 0.1,
+    # Class weights in the loss from the train counts: "none", "inverse" (N / (K * n_c)) or "sqrt_inverse".
+    "class_weighting": "none",
     # Augmentation (train only; validation is resize + centre crop)
     "hflip": True,  # set False when mirror-image parts are different classes (left/right wedges)
     "rotation_degrees": 15.0,
@@ -34,6 +36,9 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "max_train_seconds": None,  # stop training (keeping the best epoch so far) after this many seconds
     "progress_every": 20,  # call progress() every N train steps (and at least every ~15 s)
 }
+
+
+CLASS_WEIGHTINGS = ("none", "inverse", "sqrt_inverse")
 
 
 def _is_int(v: Any) -> bool:
@@ -94,6 +99,12 @@ def _validate(cfg: dict[str, Any]) -> None:
         "label_smoothing",
         cfg["label_smoothing"],
         "a number in [0, 1)",
+    )
+    _check(
+        cfg["class_weighting"] in CLASS_WEIGHTINGS,
+        "class_weighting",
+        cfg["class_weighting"],
+        " or ".join(map(repr, CLASS_WEIGHTINGS)),
     )
     _check(isinstance(cfg["hflip"], bool), "hflip", cfg["hflip"], "true or false")
     _check(

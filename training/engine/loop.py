@@ -132,14 +132,43 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _heads_loss(logits: list[torch.Tensor], y: torch.Tensor, label_smoothing: float) -> torch.Tensor:
-    """Sum over heads of the mean cross-entropy over the samples whose label for that head is known."""
+def class_weights(targets: list[tuple[int, ...]], head_sizes: list[int], mode: str) -> list[torch.Tensor | None]:
+    """Per-head loss weights from the train counts: "inverse" gives N / (K * n_c) (a balanced loss), "sqrt_inverse"
+    the square root of that (milder); classes absent from train get weight 0. None for mode "none"."""
+    if mode == "none":
+        return [None] * len(head_sizes)
+    out = []
+    for h, k in enumerate(head_sizes):
+        counts = torch.zeros(k, dtype=torch.float64)
+        for t in targets:
+            if t[h] != IGNORE_INDEX:
+                counts[t[h]] += 1
+        present = counts > 0
+        w = torch.zeros(k, dtype=torch.float64)
+        if present.any():
+            w[present] = counts.sum() / (present.sum() * counts[present])
+            if mode == "sqrt_inverse":
+                w[present] = w[present].sqrt()
+        out.append(w.float())
+    return out
+
+
+def _heads_loss(
+    logits: list[torch.Tensor], y: torch.Tensor, label_smoothing: float, weights: list | None = None
+) -> torch.Tensor:
+    """Sum over heads of the (class-weighted) mean cross-entropy over the samples whose label is known."""
     total = logits[0].new_zeros((), dtype=torch.float32)
     for h, lg in enumerate(logits):
         yh = y[:, h]
-        n = (yh != IGNORE_INDEX).sum().clamp_min(1)
+        known = yh != IGNORE_INDEX
+        w = weights[h] if weights else None
+        if w is None:
+            n = known.sum().clamp_min(1)
+        else:
+            w = w.to(lg.device)
+            n = w[yh[known]].sum().clamp_min(1e-6)
         ce = F.cross_entropy(
-            lg.float(), yh, ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing, reduction="sum"
+            lg.float(), yh, weight=w, ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing, reduction="sum"
         )
         total = total + ce / n
     return total
@@ -165,6 +194,8 @@ def evaluate(
     correct5 = torch.zeros(n_heads, dtype=torch.long)
     counts = torch.zeros(n_heads, dtype=torch.long)
     ce_sum = torch.zeros(n_heads, dtype=torch.float64)
+    class_n = [torch.zeros(k, dtype=torch.long) for k in head_sizes]
+    class_ok = [torch.zeros(k, dtype=torch.long) for k in head_sizes]
     for x, y, _idx, bad in loader:
         on_bad(bad, "eval")
         if x is None:
@@ -183,7 +214,10 @@ def evaluate(
             lg, yh = lg[mask], yh[mask]
             k = min(5, head_sizes[h])
             topk = lg.topk(k, dim=1).indices
-            correct1[h] += (topk[:, 0] == yh).sum()
+            hit = topk[:, 0] == yh
+            correct1[h] += hit.sum()
+            class_n[h] += torch.bincount(yh, minlength=head_sizes[h])
+            class_ok[h] += torch.bincount(yh[hit], minlength=head_sizes[h])
             correct5[h] += (topk == yh[:, None]).any(dim=1).sum()
             counts[h] += yh.numel()
             ce_sum[h] += F.cross_entropy(lg, yh, reduction="sum").double()
@@ -195,6 +229,7 @@ def evaluate(
             "top1": float(correct1[h]) / n if n else None,
             "top5": float(correct5[h]) / n if n else None,
             "n_val": n,
+            "per_class_counts": (class_n[h].tolist(), class_ok[h].tolist()),
         }
         if n:
             losses.append(float(ce_sum[h]) / n)
@@ -299,6 +334,7 @@ def _train(parsed, cfg, out_dir: Path, device: torch.device, num_workers: int, p
                 log.warning("skipping unreadable image %s (%s)", path, error)
 
     n_known = [sum(1 for it in parsed.train if it.targets[h] != IGNORE_INDEX) for h in range(len(head_names))]
+    loss_weights = class_weights([it.targets for it in parsed.train], head_sizes, cfg["class_weighting"])
     for name, n in zip(head_names, n_known, strict=True):
         if n == 0:
             log.warning("head %r has no labelled train item: it will not learn anything", name)
@@ -351,7 +387,7 @@ def _train(parsed, cfg, out_dir: Path, device: torch.device, num_workers: int, p
                     x = x.contiguous(memory_format=torch.channels_last)
                 with autocast_ctx():
                     logits, _ = model(x)
-                loss = _heads_loss(logits, y, cfg["label_smoothing"])
+                loss = _heads_loss(logits, y, cfg["label_smoothing"], loss_weights)
                 optimizer.zero_grad(set_to_none=True)
                 if scaler is not None and scaler.is_enabled():
                     scaler.scale(loss).backward()
@@ -408,7 +444,7 @@ def _train(parsed, cfg, out_dir: Path, device: torch.device, num_workers: int, p
             "epoch": epoch,
             "train_loss": train_loss,
             "val_loss": result["loss"],
-            "heads": result["heads"],
+            "heads": {n: {k: v for k, v in m.items() if k != "per_class_counts"} for n, m in result["heads"].items()},
             "primary": result["primary"],
             "lr": optimizer.param_groups[0]["lr"],
             "seconds": round(time.monotonic() - t_epoch, 3),
@@ -459,7 +495,10 @@ def _train(parsed, cfg, out_dir: Path, device: torch.device, num_workers: int, p
     _, best_epoch, best_state, best_result = best
     label_maps = parsed.label_maps
     metrics = {
-        "heads": {name: {**best_result["heads"][name], "n_train": n_known[h]} for h, name in enumerate(head_names)},
+        "heads": {
+            name: _with_per_class(best_result["heads"][name], parsed.heads[h]["classes"], n_known[h])
+            for h, name in enumerate(head_names)
+        },
         "primary": best_result["primary"],
         "best_epoch": best_epoch,
         "history": history,
@@ -497,6 +536,17 @@ def _train(parsed, cfg, out_dir: Path, device: torch.device, num_workers: int, p
     write_json_atomic(out_dir / "metrics.json", metrics)
     log.info("best epoch %d, mean top1 %s, written to %s", best_epoch, _fmt(metrics["primary"]), out_dir)
     return metrics
+
+
+def _with_per_class(head_metrics: dict, classes: list[str], n_train: int) -> dict:
+    """Replace the raw per-class counts by {class: {n, correct, accuracy}} for classes seen in validation."""
+    out = {k: v for k, v in head_metrics.items() if k != "per_class_counts"}
+    ns, oks = head_metrics.get("per_class_counts", ([], []))
+    out["per_class"] = {
+        c: {"n": n, "correct": ok, "accuracy": ok / n} for c, n, ok in zip(classes, ns, oks, strict=False) if n
+    }
+    out["n_train"] = n_train
+    return out
 
 
 def _fmt(v) -> str:

@@ -205,7 +205,7 @@ def test_metrics_content(run):
     assert m["device"] == "cpu" and m["metrics_on"] == "val"
     assert len(m["history"]) == 3 and 1 <= m["best_epoch"] <= 3
     # all val "shape" labels are unknown: no metrics for that head, and the primary is the colour top-1
-    assert m["heads"]["shape"] == {"top1": None, "top5": None, "n_val": 0, "n_train": 31}
+    assert m["heads"]["shape"] == {"top1": None, "top5": None, "n_val": 0, "n_train": 31, "per_class": {}}
     assert m["heads"]["color"]["n_val"] == 10 and m["heads"]["color"]["n_train"] == 26
     assert m["primary"] == m["heads"]["color"]["top1"]
     assert m["heads"]["color"]["top5"] == 1.0  # top-5 with K=2 is top-2
@@ -317,3 +317,23 @@ def test_engine_imports_no_django():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)
+
+
+def test_class_weights_balance_the_loss():
+    import torch
+
+    from training.engine.loop import _heads_loss, class_weights
+    from training.engine.manifest import IGNORE_INDEX
+
+    targets = [(0,)] * 8 + [(1,)] * 2 + [(IGNORE_INDEX,)]
+    assert class_weights(targets, [3], "none") == [None]
+    (w,) = class_weights(targets, [3], "inverse")
+    assert torch.allclose(w, torch.tensor([10 / (2 * 8), 10 / (2 * 2), 0.0]))
+    (ws,) = class_weights(targets, [3], "sqrt_inverse")
+    assert torch.allclose(ws, w.sqrt())
+    # With inverse weights each class contributes equally, whatever its count.
+    logits = [torch.zeros(10, 3)]
+    y = torch.tensor([[0]] * 8 + [[1]] * 2)
+    assert torch.isclose(_heads_loss(logits, y, 0.0, [w]), _heads_loss(logits, y, 0.0))
+    with pytest.raises(ValueError, match="class_weighting"):
+        resolve_config({"class_weighting": "heavy"})

@@ -21,7 +21,7 @@ def test_run_create_refuses_bad_config_empty_project_and_second_run(project):
     with pytest.raises(services.TrainingError, match="epochs_typo"):
         services.training_run_create(project=project, config={"epochs_typo": 3}, queue=False)
     empty = project_create(name="Empty", preset="sku")
-    with pytest.raises(services.TrainingError, match="no labeled images"):
+    with pytest.raises(services.TrainingError, match="no usable labeled images"):
         services.training_run_create(project=empty, queue=False)
     services.training_run_create(project=project, config=TINY_TRAIN, queue=False)
     with pytest.raises(services.TrainingError, match="already queued or running"):
@@ -68,3 +68,41 @@ def test_train_command(project, capsys):
         call_command("train", "nope")
     with pytest.raises(CommandError, match="KEY=VALUE"):
         call_command("train", project.slug, "--set", "epochs")
+
+
+def test_run_trains_on_a_frozen_dataset_version_with_project_options(project):
+    from labeling import health
+
+    health.training_options_set(project=project, class_weighting="inverse", per_class_cap=4)
+    run = services.training_run_create(project=project, config=TINY_TRAIN, queue=False)
+    version = run.dataset_version
+    assert version is not None and version.number == 1
+    run = services.training_run_execute(run_id=run.id, inline=True)
+    assert run.status == TrainingRun.Status.SUCCEEDED, run.error
+    art = Path(run.artifact_dir)
+    manifest = json.loads((art / "manifest.json").read_text())
+    frozen = dict(version.items.values_list("image_id", "split"))
+    assert {it["id"]: it["split"] for it in manifest["items"]}.items() <= frozen.items()
+    train = [it for it in manifest["items"] if it["split"] == "train"]
+    for cls in ("red", "blue", "green", "yellow"):
+        assert sum(1 for it in train if it["labels"]["class"] == cls) <= 4  # the per-class cap
+    assert [it["id"] for it in manifest["items"] if it["split"] != "train"] == [
+        i for i, s in sorted(frozen.items()) if s != "train"
+    ]
+    assert json.loads((art / "config.json").read_text())["class_weighting"] == "inverse"
+    metrics = json.loads((art / "metrics.json").read_text())
+    assert metrics["n_test"] == version.counts["splits"]["test"] > 0  # counted, never trained on
+    per_class = metrics["heads"]["class"]["per_class"]
+    assert per_class and all(0 <= v["accuracy"] <= 1 and v["n"] >= 1 for v in per_class.values())
+
+    # The next retrain without data changes reuses the same frozen version.
+    run2 = services.training_run_create(project=project, config=TINY_TRAIN, queue=False)
+    assert run2.dataset_version_id == version.id
+
+    # With an active model the health report shows per-class validation accuracy, weakest first.
+    report = health.health_report_execute(
+        report_id=health.health_report_create(project=project, queue=False).id, workers=1
+    )
+    rows = report.findings["accuracy"]["heads"]["class"]
+    assert report.findings["accuracy"]["model_version"] == 1
+    assert [r["accuracy"] for r in rows] == sorted(r["accuracy"] for r in rows)

@@ -14,7 +14,9 @@ class Command(BaseCommand):
     help = (
         "Import images into a project. Modes: folder (<root>/<class>/<ID>_<seq>.jpg; ID = group), csv (a filename "
         "column + one column per head, e.g. --csv labels.csv --filename-col image_filename --head make=make "
-        "--head model=model), placeholder (all images under the folder, unlabeled). With any bad row nothing is "
+        "--head model=model), placeholder (all images under the folder, unlabeled), export (a folder in the "
+        "seeds' formats as `dataset_version export` writes it: labels CSV + images/ + splits.json, or an "
+        "ImageFolder tree; its splits become sticky). With any bad row nothing is "
         "written unless --skip-bad-rows. Re-importing the same files is a no-op."
     )
 
@@ -23,7 +25,7 @@ class Command(BaseCommand):
         parser.add_argument("folder", help="the images folder")
         parser.add_argument(
             "--mode",
-            choices=["folder", "csv", "placeholder"],
+            choices=["folder", "csv", "placeholder", "export"],
             default=None,
             help="default: csv when --csv is given, else folder",
         )
@@ -78,6 +80,8 @@ class Command(BaseCommand):
                 )
             elif mode == "placeholder":
                 rows, report = importers.plan_placeholder(folder)
+            elif mode == "export":
+                rows, report = importers.plan_export(folder, project=project)
             else:
                 head = (
                     project.heads.filter(name=opts["class_head"]).first()

@@ -1,0 +1,596 @@
+"""Dataset health: the scan (a Celery task or `manage.py check_dataset`) that stores a HealthReport, and the
+fixing actions taken from the report page. Every action is a DatasetAction that records exactly what it
+changed, writes label/status history rows, and can be undone."""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from django.db import transaction
+from django.db.models import Count, F, Q
+from django.utils import timezone
+
+from . import health_core, storage
+from .models import (
+    DatasetAction,
+    DuplicateCluster,
+    HealthReport,
+    Image,
+    ImageEvent,
+    Label,
+    LabelClass,
+    LabelEvent,
+    Project,
+)
+from .services import LabelingError
+
+log = logging.getLogger(__name__)
+
+CLASS_WEIGHTING_CHOICES = ("none", "inverse", "sqrt_inverse")
+MAX_CLUSTERS_STORED = 5000
+
+
+def _to_signed(h: int) -> int:
+    return h - (1 << 64) if h >= (1 << 63) else h
+
+
+def _to_unsigned(h: int) -> int:
+    return h + (1 << 64) if h < 0 else h
+
+
+# ------------------------------------------------------------------------------------------------- scan
+def health_report_create(
+    *,
+    project: Project,
+    user=None,
+    queue: bool = True,
+    min_side: int | None = None,
+    max_distance: int | None = None,
+    min_samples: int | None = None,
+) -> HealthReport:
+    params = {
+        "min_side": project.min_image_side if min_side is None else min_side,
+        "max_distance": project.near_duplicate_distance if max_distance is None else max_distance,
+        "min_samples": project.min_samples_per_class if min_samples is None else min_samples,
+    }
+    for key, lo, hi in (("min_side", 1, 100_000), ("max_distance", 0, 32), ("min_samples", 1, 1_000_000)):
+        value = params[key]
+        if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+            raise LabelingError(f"{key} must be an integer between {lo} and {hi}, got {value!r}.")
+    with transaction.atomic():
+        if project.health_reports.filter(status__in=[HealthReport.Status.QUEUED, HealthReport.Status.RUNNING]).exists():
+            raise LabelingError("A health scan is already queued or running for this project.")
+        report = HealthReport.objects.create(project=project, created_by=user, params=params)
+        if queue:
+            from .tasks import health_scan
+
+            transaction.on_commit(lambda: health_scan.delay(report.id))
+    return report
+
+
+class _Progress:
+    """Write scan progress to the row at most every `every` seconds (and always at the end of a phase)."""
+
+    def __init__(self, report_id: int, every: float = 1.0):
+        self.report_id, self.every, self.last = report_id, every, 0.0
+
+    def __call__(self, phase: str, done: int, total: int, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self.last >= self.every:
+            self.last = now
+            HealthReport.objects.filter(pk=self.report_id).update(
+                phase=phase, done=done, total=total, heartbeat_at=timezone.now()
+            )
+
+
+def health_report_execute(*, report_id: int, workers: int | None = None) -> HealthReport:
+    """Run one scan. Idempotent: a finished report is left alone; one left running by a killed worker starts
+    again from the beginning (the scan only reads files and rewrites its own findings)."""
+    report = HealthReport.objects.select_related("project").get(pk=report_id)
+    if report.status in (HealthReport.Status.SUCCEEDED, HealthReport.Status.FAILED):
+        return report
+    HealthReport.objects.filter(pk=report.id).update(
+        status=HealthReport.Status.RUNNING, started_at=timezone.now(), heartbeat_at=timezone.now(), error=""
+    )
+    try:
+        summary, findings = _scan(report, _Progress(report.id), workers=workers)
+    except Exception as exc:  # noqa: BLE001 - the row must say why
+        log.exception("health scan %s failed", report.id)
+        HealthReport.objects.filter(pk=report.id).update(
+            status=HealthReport.Status.FAILED,
+            finished_at=timezone.now(),
+            error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"[:5000],
+        )
+        report.refresh_from_db()
+        return report
+    HealthReport.objects.filter(pk=report.id).update(
+        status=HealthReport.Status.SUCCEEDED,
+        finished_at=timezone.now(),
+        summary=summary,
+        findings=findings,
+        phase="done",
+    )
+    report.refresh_from_db()
+    return report
+
+
+def _scan(report: HealthReport, progress: _Progress, *, workers: int | None) -> tuple[dict, dict]:
+    project = report.project
+    params = report.params
+    images = list(
+        Image.objects.filter(project=project)
+        .exclude(status=Image.Status.EXCLUDED)
+        .order_by("id")
+        .only("id", "file", "status", "status_reason", "width", "height", "phash", "group_key")
+    )
+    total = len(images)
+    progress("files", 0, total, force=True)
+    paths = [storage.local_path(im.file) for im in images]
+    checks = health_core.check_files(paths, workers=workers, progress=lambda d, t: progress("files", d, t))
+    progress("files", total, total, force=True)
+
+    # 1. Files: unreadable, truncated, missing, zero-byte. The image's status follows the file.
+    file_issues = []
+    status_events = []
+    to_update = []
+    for im, chk in zip(images, checks, strict=True):
+        if chk.status != "ok":
+            file_issues.append({"image_id": im.id, "problem": chk.status, "reason": chk.reason})
+            if im.status != Image.Status.UNREADABLE:
+                status_events.append(
+                    ImageEvent(
+                        image_id=im.id,
+                        old_status=im.status,
+                        new_status=Image.Status.UNREADABLE,
+                        reason=f"health scan {report.id}: {chk.status}",
+                    )
+                )
+            im.status, im.status_reason = Image.Status.UNREADABLE, f"{chk.status}: {chk.reason}"[:300]
+            im.phash = None
+        else:
+            if im.status == Image.Status.UNREADABLE:
+                status_events.append(
+                    ImageEvent(
+                        image_id=im.id,
+                        old_status=im.status,
+                        new_status=Image.Status.OK,
+                        reason=f"health scan {report.id}: the file reads now",
+                    )
+                )
+                im.status, im.status_reason = Image.Status.OK, ""
+            im.width, im.height, im.phash = chk.width, chk.height, _to_signed(chk.phash)
+        to_update.append(im)
+    with transaction.atomic():
+        Image.objects.bulk_update(to_update, ["status", "status_reason", "width", "height", "phash"], batch_size=2000)
+        ImageEvent.objects.bulk_create(status_events, batch_size=2000)
+
+    ok_pairs = [(im, chk) for im, chk in zip(images, checks, strict=True) if chk.status == "ok"]
+    ok = [im for im, _chk in ok_pairs]
+    labels_of = _labels_by_image(project)
+
+    # 2. Too small: the image, and its whole group (groups must stay consistent across splits).
+    min_side = params["min_side"]
+    small = [im for im in ok if min(im.width or 0, im.height or 0) < min_side]
+    small_groups = sorted({im.group_key for im in small})
+    group_sizes = Counter(im.group_key for im in ok)
+    small_findings = {
+        "images": [{"image_id": im.id, "width": im.width, "height": im.height, "group": im.group_key} for im in small],
+        "groups": [{"group": g, "images": group_sizes[g]} for g in small_groups],
+        "excluded_images": sum(group_sizes[g] for g in small_groups),
+    }
+
+    # 3. Duplicates: byte-identical files share a sha256 and are merged at import (content addressing); the scan
+    # finds photos that look the same: perceptual hash (whole image and centre crop) within the Hamming
+    # threshold, confirmed by the correlation of 32x32 thumbnails (health_core.find_near_duplicates), clustered.
+    progress("duplicates", 0, len(ok), force=True)
+    pairs = health_core.find_near_duplicates([chk for _im, chk in ok_pairs], max_distance=params["max_distance"])
+    clusters = health_core.clusters_from_pairs(len(ok), pairs)
+    max_d: dict[int, int] = defaultdict(int)
+    root = {}
+    for c_i, members in enumerate(clusters):
+        for m in members:
+            root[m] = c_i
+    for i, _j, d in pairs.tolist() if len(pairs) else []:
+        c_i = root[int(i)]
+        max_d[c_i] = max(max_d[c_i], int(d))
+    rows = []
+    for c_i, members in enumerate(clusters):
+        ids = [ok[m].id for m in members]
+        rows.append(
+            DuplicateCluster(
+                report=report,
+                kind="exact" if max_d[c_i] == 0 else "near",
+                image_ids=ids,
+                conflicting=_conflicting([labels_of.get(i, {}) for i in ids]),
+                max_distance=max_d[c_i],
+            )
+        )
+    rows.sort(key=lambda r: (not r.conflicting, -len(r.image_ids)))
+    DuplicateCluster.objects.filter(report=report).delete()
+    DuplicateCluster.objects.bulk_create(rows[:MAX_CLUSTERS_STORED], batch_size=2000)
+    progress("duplicates", len(ok), len(ok), force=True)
+
+    # 4. Classes: distribution per head, rare, dominant, imbalance, unknown-like and near-identical names.
+    progress("classes", 0, 1, force=True)
+    class_findings = _class_findings(project, params["min_samples"])
+
+    # 5. With an active model: its per-class accuracy on the validation split.
+    accuracy = _per_class_accuracy(project)
+
+    summary = {
+        "images": total,
+        "file_issues": len(file_issues),
+        "too_small_images": len(small),
+        "too_small_groups": len(small_groups),
+        "excluded_by_size_rule": small_findings["excluded_images"],
+        "duplicate_clusters": len(rows),
+        "conflicting_clusters": sum(r.conflicting for r in rows),
+        "images_in_clusters": sum(len(r.image_ids) for r in rows),
+        "rare_classes": sum(len(h["rare"]) for h in class_findings.values()),
+        "similar_names": sum(len(h["similar_names"]) for h in class_findings.values()),
+        "unknown_like": sum(len(h["unknown_like"]) for h in class_findings.values()),
+    }
+    findings = {
+        "files": file_issues,
+        "small": small_findings,
+        "classes": class_findings,
+        "accuracy": accuracy,
+        "clusters_truncated": max(0, len(rows) - MAX_CLUSTERS_STORED),
+    }
+    return summary, findings
+
+
+def _labels_by_image(project: Project) -> dict[int, dict[int, int]]:
+    out: dict[int, dict[int, int]] = defaultdict(dict)
+    for image_id, head_id, class_id in Label.objects.filter(
+        image__project=project, label_class__isnull=False
+    ).values_list("image_id", "head_id", "label_class_id"):
+        out[image_id][head_id] = class_id
+    return out
+
+
+def _conflicting(label_dicts: list[dict[int, int]]) -> bool:
+    """Members disagree when two of them carry different (known) classes for the same head."""
+    seen: dict[int, int] = {}
+    for labels in label_dicts:
+        for head_id, class_id in labels.items():
+            if seen.setdefault(head_id, class_id) != class_id:
+                return True
+    return False
+
+
+def _class_findings(project: Project, min_samples: int) -> dict:
+    out = {}
+    for head in project.heads.order_by("order", "id"):
+        classes = list(
+            LabelClass.objects.filter(head=head, merged_into__isnull=True)
+            .annotate(
+                n=Count("label", filter=Q(label__image__status=Image.Status.OK)),
+            )
+            .order_by("name")
+        )
+        counts = {c.name: c.n for c in classes if c.n}
+        dist = health_core.class_distribution(counts, min_samples=min_samples)
+        ids = {c.name: c.id for c in classes}
+        excluded = {c.name for c in classes if c.excluded_from_training}
+        dist["ids"] = ids
+        dist["excluded"] = sorted(excluded)
+        dist["rare"] = [{"name": n, "id": ids[n], "count": counts[n], "excluded": n in excluded} for n in dist["rare"]]
+        dist["similar_names"] = [
+            {
+                "a": a,
+                "b": b,
+                "a_id": ids[a],
+                "b_id": ids[b],
+                "a_count": counts.get(a, 0),
+                "b_count": counts.get(b, 0),
+                "score": round(score, 1),
+            }
+            for a, b, score in health_core.similar_names([c.name for c in classes])
+        ]
+        dist["unknown_like"] = [
+            {"name": c.name, "id": c.id, "count": c.n} for c in classes if health_core.is_unknown_like(c.name)
+        ]
+        unlabeled = Label.objects.filter(head=head, label_class__isnull=True, image__status=Image.Status.OK).count()
+        dist["unlabeled"] = unlabeled
+        out[head.name] = dist
+    return out
+
+
+def _per_class_accuracy(project: Project) -> dict | None:
+    """The active model's per-class accuracy on its validation split (from its metrics.json), worst first."""
+    import json
+
+    version = project.model_versions.filter(is_active=True).first()
+    if version is None:
+        return None
+    try:
+        metrics = json.loads((Path(version.artifact_dir) / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return {"model_version": version.number, "heads": {}, "note": "the model's metrics.json cannot be read"}
+    heads = {}
+    for head, m in (metrics.get("heads") or {}).items():
+        per_class = m.get("per_class") or {}
+        rows = [
+            {"class": cls, "n": v.get("n", 0), "correct": v.get("correct", 0), "accuracy": v.get("accuracy")}
+            for cls, v in per_class.items()
+        ]
+        rows.sort(key=lambda r: (r["accuracy"] if r["accuracy"] is not None else 2.0, r["class"]))
+        heads[head] = rows
+    note = "" if any(heads.values()) else "this model has no per-class metrics; retrain to see them"
+    return {"model_version": version.number, "heads": heads, "note": note}
+
+
+def latest_report(project: Project) -> HealthReport | None:
+    return project.health_reports.order_by("-created_at", "-id").first()
+
+
+# ---------------------------------------------------------------------------------------------- actions
+def _set_status(images, new_status: str, reason: str, user, action: DatasetAction) -> list[dict]:
+    changes = []
+    events = []
+    for im in images:
+        if im.status == new_status:
+            continue
+        changes.append({"image_id": im.id, "old": im.status, "new": new_status, "old_reason": im.status_reason})
+        events.append(
+            ImageEvent(
+                image_id=im.id, old_status=im.status, new_status=new_status, user=user, reason=reason, action=action
+            )
+        )
+        Image.objects.filter(pk=im.id).update(status=new_status, status_reason=reason[:300])
+    ImageEvent.objects.bulk_create(events)
+    return changes
+
+
+def _relabel(labels, new_class_id: int | None, reason: str, user, action: DatasetAction) -> list[dict]:
+    """Set every given Label row to `new_class_id` (bumping its version) and log each change."""
+    changes = []
+    events = []
+    for lb in labels:
+        if lb.label_class_id == new_class_id:
+            continue
+        changes.append(
+            {
+                "label_id": lb.id,
+                "image_id": lb.image_id,
+                "head_id": lb.head_id,
+                "old": lb.label_class_id,
+                "new": new_class_id,
+            }
+        )
+        events.append(
+            LabelEvent(
+                image_id=lb.image_id,
+                head_id=lb.head_id,
+                old_class_id=lb.label_class_id,
+                new_class_id=new_class_id,
+                user=user,
+                reason=reason[:200],
+                action=action,
+            )
+        )
+    if changes:
+        Label.objects.filter(pk__in=[c["label_id"] for c in changes]).update(
+            label_class_id=new_class_id, version=F("version") + 1, updated_by=user
+        )
+        LabelEvent.objects.bulk_create(events, batch_size=2000)
+    return changes
+
+
+def cluster_resolve(
+    *,
+    cluster: DuplicateCluster,
+    mode: str,
+    user=None,
+    keep_image_id: int | None = None,
+    labels: dict[int, int | None] | None = None,
+) -> DatasetAction:
+    """Resolve a duplicate cluster: `keep_one` (keep `keep_image_id`, exclude the rest), `label_all` (apply
+    `labels` {head id: class id} to every member) or `exclude_all`."""
+    project = cluster.report.project
+    ids = list(cluster.image_ids)
+    with transaction.atomic():
+        images = list(Image.objects.select_for_update().filter(pk__in=ids, project=project).order_by("id"))
+        if not images:
+            raise LabelingError("The images of this cluster no longer exist.")
+        if mode == "keep_one":
+            if keep_image_id not in ids:
+                raise LabelingError("Choose which photo of the cluster to keep.")
+            action = DatasetAction.objects.create(
+                project=project,
+                kind=DatasetAction.Kind.CLUSTER_KEEP_ONE,
+                user=user,
+                summary=f"kept image {keep_image_id}, excluded {len(ids) - 1} duplicate(s)",
+                params={"cluster": cluster.id, "keep": keep_image_id},
+            )
+            changes = {
+                "status": _set_status(
+                    [im for im in images if im.id != keep_image_id],
+                    Image.Status.EXCLUDED,
+                    f"duplicate of image {keep_image_id}",
+                    user,
+                    action,
+                )
+            }
+        elif mode == "exclude_all":
+            action = DatasetAction.objects.create(
+                project=project,
+                kind=DatasetAction.Kind.CLUSTER_EXCLUDE_ALL,
+                user=user,
+                summary=f"excluded all {len(ids)} photos of a duplicate cluster",
+                params={"cluster": cluster.id},
+            )
+            changes = {"status": _set_status(images, Image.Status.EXCLUDED, "duplicate cluster excluded", user, action)}
+        elif mode == "label_all":
+            labels = {int(k): (int(v) if v not in (None, "") else None) for k, v in (labels or {}).items()}
+            if not labels:
+                raise LabelingError("Choose the label to apply to every photo of the cluster.")
+            heads = {h.id: h for h in project.heads.all()}
+            for head_id, class_id in labels.items():
+                if head_id not in heads:
+                    raise LabelingError(f"Head {head_id} is not a head of this project.")
+                if class_id is not None and not LabelClass.objects.filter(pk=class_id, head_id=head_id).exists():
+                    raise LabelingError(f"Class {class_id} does not belong to head {heads[head_id].name!r}.")
+            names = ", ".join(
+                f"{heads[h].name}={LabelClass.objects.get(pk=c).name if c else 'unknown'}" for h, c in labels.items()
+            )
+            action = DatasetAction.objects.create(
+                project=project,
+                kind=DatasetAction.Kind.CLUSTER_LABEL_ALL,
+                user=user,
+                summary=f"labeled {len(ids)} duplicate photos {names}",
+                params={"cluster": cluster.id, "labels": labels},
+            )
+            label_changes = []
+            for head_id, class_id in labels.items():
+                rows = Label.objects.select_for_update().filter(image_id__in=ids, head_id=head_id).order_by("id")
+                label_changes += _relabel(
+                    list(rows), class_id, f"duplicate cluster {cluster.id}: one label for all", user, action
+                )
+            changes = {"labels": label_changes}
+        else:
+            raise LabelingError(f"Unknown resolution {mode!r}; use keep_one, label_all or exclude_all.")
+        action.changes = changes
+        action.save(update_fields=["changes"])
+        cluster.action = action
+        cluster.save(update_fields=["action"])
+    return action
+
+
+def classes_merge(*, source: LabelClass, target: LabelClass, user=None) -> DatasetAction:
+    """Merge `source` into `target` (same head): its labels move to `target`, its child classes (e.g. the
+    models of a make) move under `target`, its name becomes an alias of `target`. Undoable."""
+    if source.pk == target.pk:
+        raise LabelingError("Choose two different classes to merge.")
+    if source.head_id != target.head_id:
+        raise LabelingError(
+            f"{source.name!r} and {target.name!r} belong to different heads; only classes of one head merge."
+        )
+    with transaction.atomic():
+        source = LabelClass.objects.select_for_update().get(pk=source.pk)
+        target = LabelClass.objects.select_for_update().get(pk=target.pk)
+        if source.merged_into_id or target.merged_into_id:
+            raise LabelingError("One of these classes was already merged into another; reload the page.")
+        if source.parent_id != target.parent_id and source.parent_id and target.parent_id:
+            raise LabelingError(
+                f"{source.name!r} belongs to {source.parent.name!r} and {target.name!r} to {target.parent.name!r}: "
+                "merge their parent classes first."
+            )
+        project = source.head.project
+        action = DatasetAction.objects.create(
+            project=project,
+            kind=DatasetAction.Kind.MERGE_CLASSES,
+            user=user,
+            summary=f"merged {source.head.name} {source.name!r} into {target.name!r}",
+            params={"source": source.id, "target": target.id},
+        )
+        labels = list(Label.objects.select_for_update().filter(label_class=source).order_by("id"))
+        label_changes = _relabel(labels, target.id, f"merge {source.name!r} into {target.name!r}", user, action)
+        children = list(source.children.values_list("id", flat=True))
+        LabelClass.objects.filter(pk__in=children).update(parent=target)
+        new_aliases = [a for a in [source.name, *source.aliases] if a != target.name and a not in target.aliases]
+        target.aliases = [*target.aliases, *new_aliases]
+        target.save(update_fields=["aliases"])
+        source.merged_into = target
+        source.save(update_fields=["merged_into"])
+        action.changes = {"labels": label_changes, "reparented": children, "aliases_added": new_aliases}
+        action.save(update_fields=["changes"])
+    return action
+
+
+def classes_set_excluded(*, project: Project, class_ids: list[int], excluded: bool, user=None) -> DatasetAction:
+    """Exclude classes from training (their labels count as unknown in new dataset versions) or include them
+    again. The images and labels stay."""
+    classes = list(LabelClass.objects.filter(pk__in=class_ids, head__project=project).select_related("head"))
+    if not classes or len(classes) != len(set(class_ids)):
+        raise LabelingError("Choose one or more classes of this project.")
+    with transaction.atomic():
+        changed = [c for c in classes if c.excluded_from_training != excluded]
+        LabelClass.objects.filter(pk__in=[c.id for c in changed]).update(excluded_from_training=excluded)
+        names = ", ".join(f"{c.head.name} {c.name!r}" for c in classes[:10]) + (" …" if len(classes) > 10 else "")
+        action = DatasetAction.objects.create(
+            project=project,
+            kind=DatasetAction.Kind.EXCLUDE_CLASSES if excluded else DatasetAction.Kind.INCLUDE_CLASSES,
+            user=user,
+            summary=(
+                f"{'excluded' if excluded else 'included'} {len(classes)} class(es) "
+                f"{'from' if excluded else 'in'} training: {names}"
+            ),
+            params={"class_ids": sorted(class_ids), "excluded": excluded},
+            changes={"classes": [{"id": c.id, "old": c.excluded_from_training, "new": excluded} for c in changed]},
+        )
+    return action
+
+
+def training_options_set(
+    *, project: Project, class_weighting: str = "none", per_class_cap: int | None = None, user=None
+) -> DatasetAction:
+    if class_weighting not in CLASS_WEIGHTING_CHOICES:
+        raise LabelingError(f"class weighting must be one of {', '.join(CLASS_WEIGHTING_CHOICES)}.")
+    if per_class_cap is not None and (not isinstance(per_class_cap, int) or per_class_cap < 1):
+        raise LabelingError("The per-class cap must be a whole number of images ≥ 1 (or empty for no cap).")
+    with transaction.atomic():
+        project = Project.objects.select_for_update().get(pk=project.pk)
+        old = dict(project.training_options or {})
+        new = {**old, "class_weighting": class_weighting, "per_class_cap": per_class_cap}
+        project.training_options = new
+        project.save(update_fields=["training_options"])
+        cap = f"at most {per_class_cap} train images per class" if per_class_cap else "no per-class cap"
+        return DatasetAction.objects.create(
+            project=project,
+            kind=DatasetAction.Kind.TRAINING_OPTIONS,
+            user=user,
+            summary=f"class weighting {class_weighting}, {cap}",
+            params=new,
+            changes={"old": old, "new": new},
+        )
+
+
+def action_undo(*, action: DatasetAction, user=None) -> dict:
+    """Revert what `action` changed. A label or status someone changed since is left as it is now (reported
+    as skipped): undo never overwrites a later edit."""
+    skipped = 0
+    with transaction.atomic():
+        action = DatasetAction.objects.select_for_update().get(pk=action.pk)
+        if action.undone_at is not None:
+            raise LabelingError("This action was already undone.")
+        if action.kind == DatasetAction.Kind.UNDO:
+            raise LabelingError("An undo cannot be undone; redo the action instead.")
+        ch = action.changes or {}
+        reason = f"undo: {action.summary}"[:200]
+        for c in reversed(ch.get("labels", [])):
+            lb = Label.objects.select_for_update().filter(pk=c["label_id"]).first()
+            if lb is None or lb.label_class_id != c["new"]:
+                skipped += 1
+                continue
+            _relabel([lb], c["old"], reason, user, action)
+        for c in reversed(ch.get("status", [])):
+            im = Image.objects.select_for_update().filter(pk=c["image_id"]).first()
+            if im is None or im.status != c["new"]:
+                skipped += 1
+                continue
+            ImageEvent.objects.create(
+                image=im, old_status=im.status, new_status=c["old"], user=user, reason=reason, action=action
+            )
+            Image.objects.filter(pk=im.pk).update(status=c["old"], status_reason=c.get("old_reason", ""))
+        for c in ch.get("classes", []):
+            LabelClass.objects.filter(pk=c["id"]).update(excluded_from_training=c["old"])
+        if action.kind == DatasetAction.Kind.MERGE_CLASSES:
+            source = LabelClass.objects.get(pk=action.params["source"])
+            target = LabelClass.objects.get(pk=action.params["target"])
+            LabelClass.objects.filter(pk__in=ch.get("reparented", []), parent=target).update(parent=source)
+            target.aliases = [a for a in target.aliases if a not in set(ch.get("aliases_added", []))]
+            target.save(update_fields=["aliases"])
+            source.merged_into = None
+            source.save(update_fields=["merged_into"])
+        if action.kind == DatasetAction.Kind.TRAINING_OPTIONS:
+            Project.objects.filter(pk=action.project_id).update(training_options=ch.get("old", {}))
+        action.undone_at = timezone.now()
+        action.undone_by = user
+        action.save(update_fields=["undone_at", "undone_by"])
+    return {"skipped": skipped}

@@ -1,0 +1,11 @@
+"""Celery tasks for the labeling domain: thin wrappers that take ids and call one service."""
+
+from celery import shared_task
+
+from . import health
+
+
+@shared_task(name="labeling.tasks.health_scan", acks_late=True, reject_on_worker_lost=True, time_limit=6 * 3600)
+def health_scan(report_id: int) -> str:
+    report = health.health_report_execute(report_id=report_id)
+    return report.status

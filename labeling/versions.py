@@ -1,0 +1,333 @@
+"""Dataset versions: frozen snapshots of the usable images, their labels and their (sticky, group-aware,
+stratified) splits; the diff between two versions; export in the seeds' formats and the training manifest."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from django.db import transaction
+from django.db.models import Max
+
+from . import storage
+from .models import DatasetVersion, DatasetVersionItem, GroupSplit, Head, Image, Label, LabelClass, Project
+from .services import LabelingError
+from .splits import DEFAULT_RATIOS, SPLITS, GroupInfo, assign_splits
+
+
+def folder_head(heads: list[Head]) -> Head:
+    """The head the classes of an ImageFolder tree come from: the first head that is no other head's parent
+    (car → model, lego → part). Also the stratification label of the splits."""
+    parents = {h.parent_id for h in heads if h.parent_id}
+    return next((h for h in heads if h.id not in parents), heads[0])
+
+
+@dataclass(frozen=True)
+class _Row:
+    image_id: int
+    sha256: str
+    group: str
+    source: str
+    labels: dict[str, str | None]
+
+
+def _usable_rows(project: Project) -> tuple[list[_Row], dict]:
+    """Images that can be trained on, with their labels as training sees them, and what was left out why."""
+    heads = list(project.heads.order_by("order", "id"))
+    classes = {
+        c["id"]: c
+        for c in LabelClass.objects.filter(head__project=project).values("id", "name", "excluded_from_training")
+    }
+    images = list(
+        Image.objects.filter(project=project, status=Image.Status.OK)
+        .order_by("id")
+        .values_list("id", "sha256", "group_key", "source", "width", "height")
+    )
+    min_side = project.min_image_side
+    small_groups = {g for (_i, _s, g, _src, w, h) in images if w is None or h is None or min(w, h) < min_side}
+    labels: dict[int, dict[int, int | None]] = defaultdict(dict)
+    for image_id, head_id, class_id in Label.objects.filter(image__project=project).values_list(
+        "image_id", "head_id", "label_class_id"
+    ):
+        labels[image_id][head_id] = class_id
+    left_out = Counter()
+    rows = []
+    for image_id, sha, group, source, _w, _h in images:
+        if group in small_groups:
+            left_out["too_small_or_in_a_group_with_a_too_small_image"] += 1
+            continue
+        by_head = {}
+        for h in heads:
+            cid = labels[image_id].get(h.id)
+            cls = classes.get(cid) if cid is not None else None
+            if cls is not None and cls["excluded_from_training"]:
+                left_out_label = f"label_of_excluded_class:{h.name}"
+                left_out[left_out_label] += 1
+                cls = None
+            by_head[h.name] = cls["name"] if cls else None
+        if all(v is None for v in by_head.values()):
+            left_out["unlabeled"] += 1
+            continue
+        rows.append(_Row(image_id, sha, group, source, by_head))
+    return rows, {"left_out": dict(left_out), "too_small_groups": len(small_groups)}
+
+
+def content_hash(rows: list[_Row]) -> str:
+    """sha256 over the sorted (image sha256, labels) pairs: the same data gives the same hash."""
+    digest = hashlib.sha256()
+    for line in sorted(f"{r.sha256}\t{json.dumps(r.labels, sort_keys=True)}" for r in rows):
+        digest.update(line.encode())
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def dataset_version_create(
+    *, project: Project, user=None, note: str = "", ratios: tuple[float, float, float] = DEFAULT_RATIOS
+) -> tuple[DatasetVersion, bool]:
+    """Freeze the current usable data. Returns (version, created): when nothing changed since the latest
+    version (same content hash), that version is returned and nothing is written."""
+    with transaction.atomic():
+        Project.objects.select_for_update().get(pk=project.pk)  # one snapshot at a time per project
+        rows, info = _usable_rows(project)
+        if not rows:
+            why = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in sorted(info["left_out"].items()))
+            raise LabelingError(
+                f"Project {project.slug!r} has no usable labeled images (readable, short side ≥ "
+                f"{project.min_image_side} px, at least one label){f'; left out: {why}' if why else ''}. Import or "
+                "label images, or lower the project's minimum image size."
+            )
+        digest = content_hash(rows)
+        latest = project.dataset_versions.order_by("-number").first()
+        if latest is not None and latest.content_hash == digest:
+            return latest, False
+
+        heads = list(project.heads.order_by("order", "id"))
+        strat_head = folder_head(heads).name
+        by_group: dict[str, list[_Row]] = defaultdict(list)
+        for r in rows:
+            by_group[r.group].append(r)
+        real_only_eval = project.preset == "lego"
+        groups = []
+        for key, members in by_group.items():
+            votes = Counter(r.labels[strat_head] for r in members if r.labels[strat_head] is not None)
+            label = min(votes, key=lambda c: (-votes[c], c)) if votes else None
+            eval_ok = not real_only_eval or any(r.source == Image.Source.REAL for r in members)
+            groups.append(GroupInfo(key=key, n_images=len(members), label=label, eval_ok=eval_ok))
+        previous = dict(
+            GroupSplit.objects.filter(project=project, group_key__in=list(by_group)).values_list("group_key", "split")
+        )
+        splits = assign_splits(groups, previous=previous, ratios=ratios, seed=project.slug)
+        GroupSplit.objects.bulk_create(
+            [GroupSplit(project=project, group_key=k, split=s) for k, s in splits.items() if k not in previous],
+            batch_size=5000,
+        )
+
+        number = (project.dataset_versions.aggregate(m=Max("number"))["m"] or 0) + 1
+        version = DatasetVersion.objects.create(
+            project=project,
+            number=number,
+            parent=latest,
+            content_hash=digest,
+            note=note[:300],
+            created_by=user,
+            params={"ratios": list(ratios), "min_image_side": project.min_image_side, "real_only_eval": real_only_eval},
+        )
+        items = []
+        per_split = Counter()
+        per_class: dict[str, dict[str, Counter]] = {h.name: defaultdict(Counter) for h in heads}
+        left_out = Counter(info["left_out"])
+        for r in rows:
+            split = splits[r.group]
+            if real_only_eval and split != "train" and r.source != Image.Source.REAL:
+                left_out[f"non_real_in_{split}"] += 1  # LEGO: validation and test take real images only
+                continue
+            items.append(
+                DatasetVersionItem(
+                    version=version, image_id=r.image_id, split=split, group_key=r.group, labels=r.labels
+                )
+            )
+            per_split[split] += 1
+            for head, cls in r.labels.items():
+                if cls is not None:
+                    per_class[head][cls][split] += 1
+        DatasetVersionItem.objects.bulk_create(items, batch_size=5000)
+        version.counts = {
+            "images": len(items),
+            "groups": len(by_group),
+            "splits": {s: per_split[s] for s in SPLITS},
+            "classes": {
+                head: {cls: {s: c[s] for s in SPLITS} for cls, c in sorted(classes.items())}
+                for head, classes in per_class.items()
+            },
+            "left_out": dict(left_out),
+        }
+        version.save(update_fields=["counts"])
+    return version, True
+
+
+def dataset_version_diff(*, old: DatasetVersion, new: DatasetVersion) -> dict:
+    """Images added, removed and relabeled from `old` to `new`, and the per-class count changes per head."""
+    if old.project_id != new.project_id:
+        raise LabelingError("Both dataset versions must belong to the same project.")
+
+    def load(v):
+        return {i: (s, lb) for i, s, lb in v.items.values_list("image_id", "split", "labels")}
+
+    a, b = load(old), load(new)
+    added = sorted(set(b) - set(a))
+    removed = sorted(set(a) - set(b))
+    relabeled = []
+    split_changed = []
+    for image_id in sorted(set(a) & set(b)):
+        (sa, la), (sb, lb) = a[image_id], b[image_id]
+        if la != lb:
+            changes = {h: [la.get(h), lb.get(h)] for h in sorted(set(la) | set(lb)) if la.get(h) != lb.get(h)}
+            relabeled.append({"image_id": image_id, "changes": changes})
+        if sa != sb:
+            split_changed.append({"image_id": image_id, "old": sa, "new": sb})
+
+    def class_counts(d):
+        out: dict[str, Counter] = defaultdict(Counter)
+        for _s, labels in d.values():
+            for h, c in labels.items():
+                if c is not None:
+                    out[h][c] += 1
+        return out
+
+    ca, cb = class_counts(a), class_counts(b)
+    per_class = {}
+    for head in sorted(set(ca) | set(cb)):
+        rows = []
+        for cls in sorted(set(ca[head]) | set(cb[head])):
+            before, after = ca[head][cls], cb[head][cls]
+            if before != after:
+                rows.append({"class": cls, "old": before, "new": after, "delta": after - before})
+        per_class[head] = rows
+    return {
+        "old": old.number,
+        "new": new.number,
+        "added": added,
+        "removed": removed,
+        "relabeled": relabeled,
+        "split_changed": split_changed,
+        "per_class": per_class,
+        "summary": {
+            "added": len(added),
+            "removed": len(removed),
+            "relabeled": len(relabeled),
+            "split_changed": len(split_changed),
+        },
+    }
+
+
+def version_manifest(*, version: DatasetVersion, per_class_cap: int | None = None) -> dict:
+    """The engine's manifest for a frozen version. `per_class_cap` keeps at most that many train images per
+    class of the stratification head (chosen by a stable hash, so the same images every time)."""
+    project = version.project
+    heads = list(project.heads.order_by("order", "id"))
+    strat = folder_head(heads).name
+    rows = list(
+        version.items.select_related("image")
+        .order_by("id")
+        .values_list("image_id", "split", "group_key", "labels", "image__file", "image__source", "image__sha256")
+    )
+    if per_class_cap:
+        by_class: dict[str | None, list] = defaultdict(list)
+        for r in rows:
+            if r[1] == "train":
+                by_class[r[3].get(strat)].append(r)
+        dropped = set()
+        for cls, members in by_class.items():
+            if cls is not None and len(members) > per_class_cap:
+                members.sort(key=lambda r: r[6])
+                dropped.update(r[0] for r in members[per_class_cap:])
+        rows = [r for r in rows if r[0] not in dropped]
+    classes: dict[str, set] = {h.name: set() for h in heads}
+    for r in rows:
+        for h, c in r[3].items():
+            if c is not None and h in classes:
+                classes[h].add(c)
+    items = [
+        {
+            "id": image_id,
+            "path": storage.local_path(file),
+            "labels": {h.name: labels.get(h.name) for h in heads},
+            "group": group,
+            "source": source,
+            "split": split,
+        }
+        for image_id, split, group, labels, file, source, _sha in rows
+    ]
+    return {
+        "dataset_version": version.number,
+        "heads": [
+            {"name": h.name, "classes": sorted(classes[h.name]), "parent": h.parent.name if h.parent_id else None}
+            for h in heads
+            if classes[h.name]
+        ],
+        "items": items,
+    }
+
+
+def _export_name(image: Image, used: set[str]) -> str:
+    """`<group>_<n>.<ext>` (the seeds' `<ID>_<seq>.jpg` naming), unique within the export."""
+    ext = Path(image.file).suffix or ".jpg"
+    safe_group = "".join(ch if ch.isalnum() or ch in "-." else "-" for ch in image.group_key)[:80].strip(".") or "img"
+    n = 1
+    while f"{safe_group}_{n:03d}{ext}" in used:
+        n += 1
+    name = f"{safe_group}_{n:03d}{ext}"
+    used.add(name)
+    return name
+
+
+def dataset_version_export(*, version: DatasetVersion, out_dir: Path, link: str = "hardlink") -> dict:
+    """Write the version in the seeds' formats (labels CSV, splits.json, label_maps.json, splits/*_ids.json,
+    class_to_idx.json, an ImageFolder tree) into `out_dir`."""
+    from .formats import ExportRecord, FormatError, export_dataset
+
+    project = version.project
+    heads = [
+        {"name": h.name, "parent": h.parent.name if h.parent_id else None}
+        for h in project.heads.order_by("order", "id")
+    ]
+    used: set[str] = set()
+    records = []
+    for item in version.items.select_related("image").order_by("image__group_key", "image_id"):
+        image = item.image
+        records.append(
+            ExportRecord(
+                filename=_export_name(image, used),
+                src_path=storage.local_path(image.file),
+                labels=item.labels,
+                group=item.group_key,
+                source=image.source,
+                split=item.split,
+            )
+        )
+    try:
+        return export_dataset(Path(out_dir), heads=heads, records=records, link=link)
+    except FormatError as exc:
+        raise LabelingError(str(exc)) from exc
+
+
+def version_list(project: Project):
+    return project.dataset_versions.select_related("parent", "created_by").order_by("-number")
+
+
+def version_get(project: Project, number: int) -> DatasetVersion:
+    version = project.dataset_versions.filter(number=number).first()
+    if version is None:
+        raise LabelingError(f"Project {project.slug!r} has no dataset version {number}.")
+    return version
+
+
+def class_counts_for_training(version: DatasetVersion) -> dict[str, dict[str, int]]:
+    """Train-split images per class per head (for class weights)."""
+    return {
+        head: {cls: c["train"] for cls, c in classes.items() if c["train"]}
+        for head, classes in version.counts.get("classes", {}).items()
+    }
