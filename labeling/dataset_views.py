@@ -254,7 +254,12 @@ def version_detail(request, slug, number):
     project = get_object_or_404(Project, slug=slug)
     version = get_object_or_404(project.dataset_versions, number=number)
     others = list(project.dataset_versions.exclude(pk=version.pk).values_list("number", flat=True))
-    return render(request, "labeling/version_detail.html", {"project": project, "version": version, "others": others})
+    has_export = _export_paths(project, version.number)[1].is_file()
+    return render(
+        request,
+        "labeling/version_detail.html",
+        {"project": project, "version": version, "others": others, "has_export": has_export},
+    )
 
 
 @staff_required

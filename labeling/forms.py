@@ -14,6 +14,7 @@ class ImportForm(forms.Form):
         ("folder", "Folder: <class>/<ID>_<seq>.jpg"),
         ("csv", "CSV with column mapping"),
         ("placeholder", "Placeholder: all unlabeled"),
+        ("export", "Export: car_labels.csv/labels.csv + images/ + splits.json, or an ImageFolder tree"),
     ]
     mode = forms.ChoiceField(choices=MODES)
     folder = forms.CharField(max_length=1000, help_text="A folder on the server, inside the import folders.")

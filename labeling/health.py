@@ -4,6 +4,7 @@ changed, writes label/status history rows, and can be undone."""
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import time
 import traceback
@@ -62,6 +63,7 @@ def health_report_create(
         if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
             raise LabelingError(f"{key} must be an integer between {lo} and {hi}, got {value!r}.")
     with transaction.atomic():
+        _fail_lost_reports(project)
         if project.health_reports.filter(status__in=[HealthReport.Status.QUEUED, HealthReport.Status.RUNNING]).exists():
             raise LabelingError("A health scan is already queued or running for this project.")
         report = HealthReport.objects.create(project=project, created_by=user, params=params)
@@ -70,6 +72,24 @@ def health_report_create(
 
             transaction.on_commit(lambda: health_scan.delay(report.id))
     return report
+
+
+LOST_AFTER = dt.timedelta(minutes=15)
+
+
+def _fail_lost_reports(project: Project) -> None:
+    """A scan whose worker died stops sending heartbeats; mark it failed so a new scan can start."""
+    cutoff = timezone.now() - LOST_AFTER
+    lost = project.health_reports.filter(
+        Q(status=HealthReport.Status.RUNNING, heartbeat_at__lt=cutoff)
+        | Q(status=HealthReport.Status.QUEUED, created_at__lt=cutoff)
+    )
+    lost.update(
+        status=HealthReport.Status.FAILED,
+        finished_at=timezone.now(),
+        error="No progress for 15 minutes: the worker was lost or no worker consumes queue 'default'. "
+        "Start a worker (make worker) and scan again.",
+    )
 
 
 class _Progress:

@@ -25,6 +25,10 @@ def folder_head(heads: list[Head]) -> Head:
     return next((h for h in heads if h.id not in parents), heads[0])
 
 
+LEFT_TOO_SMALL = "too small, or in a group with a too-small image"
+LEFT_NON_REAL = "non-real photo of a group in"  # + split: LEGO val/test take real photos only
+
+
 @dataclass(frozen=True)
 class _Row:
     image_id: int
@@ -57,15 +61,14 @@ def _usable_rows(project: Project) -> tuple[list[_Row], dict]:
     rows = []
     for image_id, sha, group, source, _w, _h in images:
         if group in small_groups:
-            left_out["too_small_or_in_a_group_with_a_too_small_image"] += 1
+            left_out[LEFT_TOO_SMALL] += 1
             continue
         by_head = {}
         for h in heads:
             cid = labels[image_id].get(h.id)
             cls = classes.get(cid) if cid is not None else None
             if cls is not None and cls["excluded_from_training"]:
-                left_out_label = f"label_of_excluded_class:{h.name}"
-                left_out[left_out_label] += 1
+                left_out[f"{h.name} label of a class excluded from training (counted as unknown)"] += 1
                 cls = None
             by_head[h.name] = cls["name"] if cls else None
         if all(v is None for v in by_head.values()):
@@ -142,7 +145,7 @@ def dataset_version_create(
         for r in rows:
             split = splits[r.group]
             if real_only_eval and split != "train" and r.source != Image.Source.REAL:
-                left_out[f"non_real_in_{split}"] += 1  # LEGO: validation and test take real images only
+                left_out[f"{LEFT_NON_REAL} {split}"] += 1  # LEGO: validation and test take real images only
                 continue
             items.append(
                 DatasetVersionItem(

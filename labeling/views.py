@@ -179,6 +179,8 @@ def import_page(request, slug):
                 rows, report = importers.plan_folder(Path(data["folder"]), head=head, allowed_roots=roots)
             elif data["mode"] == "placeholder":
                 rows, report = importers.plan_placeholder(Path(data["folder"]), allowed_roots=roots)
+            elif data["mode"] == "export":
+                rows, report = importers.plan_export(Path(data["folder"]), project=project, allowed_roots=roots)
             else:
                 csv_path = Path(data["csv_path"])
                 if not any(importers.inside(r, csv_path) for r in roots):

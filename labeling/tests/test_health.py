@@ -237,3 +237,49 @@ def test_check_dataset_command_and_bad_parameters(planted, capsys):
         call_command("check_dataset", project.slug, "--max-distance", "99")
     with pytest.raises(CommandError, match="No project"):
         call_command("check_dataset", "nope")
+
+
+def test_a_scan_lost_with_its_worker_does_not_block_the_next(planted):
+    import datetime as dt
+
+    from django.utils import timezone
+
+    project = planted["project"]
+    lost = health.health_report_create(project=project, queue=False)
+    HealthReport.objects.filter(pk=lost.pk).update(
+        status="running", heartbeat_at=timezone.now() - dt.timedelta(minutes=20)
+    )
+    fresh = health.health_report_create(project=project, queue=False)
+    lost.refresh_from_db()
+    assert lost.status == "failed" and "worker was lost" in lost.error
+    assert fresh.status == "queued"
+    with pytest.raises(LabelingError, match="already queued or running"):
+        health.health_report_create(project=project, queue=False)
+
+
+def test_scan_finds_exactly_what_the_demo_generator_planted(tmp_path):
+    """The demo generator lists what it planted (planted.json); the scan must find all of it and no other
+    duplicates."""
+    import json
+
+    from labeling.demo_data import generate_demo
+
+    summary = generate_demo(tmp_path / "import" / "lego", seed=5, images_per_combo=2, parts=12, colors=8)
+    planted = json.loads((summary.out_dir / "planted.json").read_text())
+    project = project_create(name="Lego", preset="lego")
+    assert importers.demo_import(
+        project=project, csv_path=summary.csv_path, images_dir=summary.out_dir / "images"
+    ).written
+    name_of = dict(Image.objects.filter(project=project).values_list("id", "original_name"))
+    report = health.health_report_execute(
+        report_id=health.health_report_create(project=project, queue=False).id, workers=2
+    )
+    assert report.status == "succeeded", report.error
+    found_files = {name_of[f["image_id"]] for f in report.findings["files"]}
+    assert found_files == {c["image_filename"] for c in planted["corrupt"]}
+    found_small = {name_of[s["image_id"]] for s in report.findings["small"]["images"]}
+    assert found_small == {s["image_filename"] for s in planted["small_images"]}
+    clusters = [{name_of[i] for i in c.image_ids} for c in report.clusters.all()]
+    expected = [{d["original"], d["duplicate"]} for d in planted["near_duplicates"]]
+    assert sorted(map(sorted, clusters)) == sorted(map(sorted, expected))
+    assert all(c.conflicting for c in report.clusters.all())  # each planted copy carries another part label

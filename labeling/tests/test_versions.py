@@ -80,7 +80,7 @@ def test_too_small_image_excludes_its_whole_group(shapes_project):
     groups = set(v.items.values_list("group_key", flat=True))
     assert victim.group_key not in groups
     assert v.counts["images"] == 32 - 2
-    assert v.counts["left_out"]["too_small_or_in_a_group_with_a_too_small_image"] == 2
+    assert v.counts["left_out"][versions.LEFT_TOO_SMALL] == 2
 
 
 def test_excluded_class_and_unreadable_images_are_left_out(shapes_project):
@@ -122,7 +122,7 @@ def test_lego_val_and_test_take_real_images_only(tmp_path):
             assert sources[image_id] == "real", f"{group}: a {sources[image_id]} image in {split}"
         if int(group.split("-")[1]) >= 12:
             assert split == "train"
-    left = sum(n for k, n in v.counts["left_out"].items() if k.startswith("non_real_in_"))
+    left = sum(n for k, n in v.counts["left_out"].items() if k.startswith(versions.LEFT_NON_REAL))
     assert left == v.items.exclude(split="train").count() // 2  # one synthetic per real pair in eval groups
     assert all(len(s) == 1 for s in _split_by_group(v).values())
 
@@ -243,3 +243,28 @@ def test_version_command_and_no_usable_images(tmp_path, capsys):
     assert "v1" in capsys.readouterr().out
     with pytest.raises(CommandError, match="no dataset version 7"):
         call_command("dataset_version", project.slug, "diff", "1", "7")
+
+
+def test_plain_imagefolder_import_keeps_its_splits(tmp_path, client, admin_user):
+    """A torchvision-style ImageFolder (train/<class>/…, val/<class>/…) from the admin Import page."""
+    root = tmp_path / "import" / "imagefolder"
+    n = 0
+    for split, groups in (("train", range(0, 6)), ("val", range(6, 8))):
+        for color in ("red", "blue"):
+            for g in groups:
+                p = root / split / color / f"{color}{g}_0.jpg"
+                p.parent.mkdir(parents=True, exist_ok=True)
+                p.write_bytes(make_photo(color, seed=n))
+                n += 1
+    project = project_create(name="Folders", preset="retrieval")
+    project.min_image_side = 32
+    project.save()
+    client.force_login(admin_user)
+    response = client.post(f"/p/{project.slug}/import/", {"mode": "export", "folder": str(root)})
+    assert response.status_code == 200 and b"Imported 16 new image" in response.content
+    assert dict(GroupSplit.objects.filter(project=project).values_list("group_key", "split"))["red7"] == "val"
+    v, _ = versions.dataset_version_create(project=project)
+    assert v.counts["splits"] == {"train": 12, "val": 4, "test": 0}
+    # Outside the import folders: refused.
+    response = client.post(f"/p/{project.slug}/import/", {"mode": "export", "folder": str(tmp_path)})
+    assert b"outside the import folders" in response.content

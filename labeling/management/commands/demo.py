@@ -89,6 +89,11 @@ class Command(BaseCommand):
         )
 
     def _train(self, project: Project, timeout: int) -> None:
+        if not project.health_reports.exists():
+            from labeling import health
+
+            report = health.health_report_create(project=project)
+            self.stdout.write(f"Health scan {report.id} queued on the worker: see the project's Health page.")
         if project.model_versions.filter(is_active=True).exists():
             self.stdout.write("A model is already active.")
             return
