@@ -309,24 +309,27 @@ class Recognizer:
 # ------------------------------------------------------------------------------------ gallery / index
 
 
-def embed_paths(recognizer: Recognizer, paths: Sequence[str], batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Embed image files (reduced-size JPEG decode, validation transform).
+def predict_paths(
+    recognizer: Recognizer, paths: Sequence[str], batch_size: int = 64
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """Run image files through the model (reduced-size JPEG decode, validation transform).
 
-    Returns (embeddings (N, D) float32, ok (N,) bool). A file that cannot be read does not raise: its row is
-    all zeros, ok[i] is False and a warning naming the file is logged. Use embeddings[ok] / ids[ok]."""
+    Returns ({head: (N, K) float32 probabilities}, embeddings (N, D) float32, ok (N,) bool). A file that cannot
+    be read does not raise: its rows are all zeros, ok[i] is False and a warning naming the file is logged."""
     n = len(paths)
     out = np.zeros((n, recognizer.embedding_dim), dtype=np.float32)
+    probs = {h: np.zeros((n, len(recognizer.label_maps[h])), dtype=np.float32) for h in recognizer.heads}
     ok = np.zeros(n, dtype=bool)
     if n == 0:
-        return out, ok
+        return probs, out, ok
     tf = recognizer._transform
     min_side = draft_size(recognizer.image_size)
 
     def load(path: str):
         try:
             return tf(load_image_file(path, min_side))
-        except Exception as exc:  # noqa: BLE001 - one bad file must not stop the gallery
-            log.warning("cannot embed %s: %s: %s", path, type(exc).__name__, exc)
+        except Exception as exc:  # noqa: BLE001 - one bad file must not stop the batch
+            log.warning("cannot read %s: %s: %s", path, type(exc).__name__, exc)
             return None
 
     workers = max(1, min(4, (os.cpu_count() or 1)))
@@ -336,11 +339,44 @@ def embed_paths(recognizer: Recognizer, paths: Sequence[str], batch_size: int = 
             good = [i for i, t in enumerate(chunk) if t is not None]
             if not good:
                 continue
-            _, emb = recognizer._forward(torch.stack([chunk[i] for i in good]))
+            p, emb = recognizer._forward(torch.stack([chunk[i] for i in good]))
             rows = np.asarray(good) + start
             out[rows] = emb
+            for h in recognizer.heads:
+                probs[h][rows] = p[h]
             ok[rows] = True
-    return out, ok
+    return probs, out, ok
+
+
+def embed_paths(recognizer: Recognizer, paths: Sequence[str], batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Embed image files: (embeddings (N, D) float32, ok (N,) bool); see predict_paths."""
+    _probs, emb, ok = predict_paths(recognizer, paths, batch_size)
+    return emb, ok
+
+
+def split_accuracy(recognizer: Recognizer, items: Sequence[dict]) -> dict:
+    """Top-1/top-5 per head of the model on manifest items ({"path", "labels": {head: class or None}}) as
+    {"heads": {head: {"top1", "top5", "n"}}, "n", "unreadable"}; unknown labels, or classes the model does not
+    know, are not counted."""
+    probs, _emb, ok = predict_paths(recognizer, [it["path"] for it in items])
+    out: dict[str, dict] = {}
+    for h in recognizer.heads:
+        index = {c: i for i, c in enumerate(recognizer.label_maps[h])}
+        rows = [(r, index[it["labels"].get(h)]) for r, it in enumerate(items) if ok[r] and it["labels"].get(h) in index]
+        if not rows:
+            out[h] = {"top1": None, "top5": None, "n": 0}
+            continue
+        r_idx = np.array([r for r, _ in rows])
+        y = np.array([c for _, c in rows])
+        p = probs[h][r_idx]
+        k = min(5, p.shape[1])
+        topk = np.argsort(-p, axis=1)[:, :k]
+        out[h] = {
+            "top1": float((topk[:, 0] == y).mean()),
+            "top5": float((topk == y[:, None]).any(axis=1).mean()),
+            "n": len(rows),
+        }
+    return {"heads": out, "n": len(items), "unreadable": int((~ok).sum())}
 
 
 def _atomic(path: Path, write) -> None:

@@ -143,6 +143,11 @@ def training_run_execute(*, run_id: int, inline: bool = False) -> TrainingRun:
         )
         run.refresh_from_db()
         return run
+    try:
+        metrics["test"] = _test_split_report(out_dir, manifest)
+    except Exception as exc:  # noqa: BLE001 - the model is fine; only the report failed
+        log.exception("test-split report for run %s failed", run.id)
+        metrics["test"] = {"error": f"{type(exc).__name__}: {exc}"}
     with transaction.atomic():
         TrainingRun.objects.filter(pk=run.id).update(
             status=TrainingRun.Status.SUCCEEDED, finished_at=timezone.now(), metrics=metrics.get("heads", {})
@@ -153,6 +158,19 @@ def training_run_execute(*, run_id: int, inline: bool = False) -> TrainingRun:
         model_version_promote(version=version, user=None, inline=inline)
     run.refresh_from_db()
     return run
+
+
+def _test_split_report(out_dir: Path, manifest: dict) -> dict:
+    """Accuracy of the trained model on the frozen test split: reported, never trained on or used to pick an
+    epoch (the engine does not read test items)."""
+    from inference.core import Recognizer, split_accuracy
+
+    items = [it for it in manifest["items"] if it["split"] == "test"]
+    if not items:
+        return {}
+    report = split_accuracy(Recognizer.load(out_dir), items)
+    _write_json(out_dir / "test_metrics.json", report)
+    return report
 
 
 def _write_json(path: Path, data) -> None:

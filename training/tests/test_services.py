@@ -95,6 +95,12 @@ def test_run_trains_on_a_frozen_dataset_version_with_project_options(project):
     per_class = metrics["heads"]["class"]["per_class"]
     assert per_class and all(0 <= v["accuracy"] <= 1 and v["n"] >= 1 for v in per_class.values())
 
+    # The test split is reported on (never trained on): accuracy of the model on the frozen test images.
+    test = run.model_version.metrics["test"]
+    assert test["n"] == version.counts["splits"]["test"]
+    assert test["heads"]["class"]["n"] == test["n"] and 0 <= test["heads"]["class"]["top1"] <= 1
+    assert (art / "test_metrics.json").exists()
+
     # The next retrain without data changes reuses the same frozen version.
     run2 = services.training_run_create(project=project, config=TINY_TRAIN, queue=False)
     assert run2.dataset_version_id == version.id
