@@ -92,6 +92,10 @@ def dataset_version_create(
 ) -> tuple[DatasetVersion, bool]:
     """Freeze the current usable data. Returns (version, created): when nothing changed since the latest
     version (same content hash), that version is returned and nothing is written."""
+    try:
+        assign_splits([], ratios=ratios)  # validates the ratios before anything else
+    except ValueError as exc:
+        raise LabelingError(str(exc)) from exc
     with transaction.atomic():
         Project.objects.select_for_update().get(pk=project.pk)  # one snapshot at a time per project
         rows, info = _usable_rows(project)
@@ -122,7 +126,10 @@ def dataset_version_create(
         previous = dict(
             GroupSplit.objects.filter(project=project, group_key__in=list(by_group)).values_list("group_key", "split")
         )
-        splits = assign_splits(groups, previous=previous, ratios=ratios, seed=project.slug)
+        try:
+            splits = assign_splits(groups, previous=previous, ratios=ratios, seed=project.slug)
+        except ValueError as exc:
+            raise LabelingError(str(exc)) from exc
         GroupSplit.objects.bulk_create(
             [GroupSplit(project=project, group_key=k, split=s) for k, s in splits.items() if k not in previous],
             batch_size=5000,

@@ -239,6 +239,10 @@ def test_version_command_and_no_usable_images(tmp_path, capsys):
     call_command("dataset_version", project.slug, "create")
     out = capsys.readouterr().out
     assert "Created dataset version 1" in out and "Nothing changed" in out
+    with pytest.raises(CommandError, match="expected three numbers"):
+        call_command("dataset_version", project.slug, "create", "--ratios", "a,b")
+    with pytest.raises(CommandError, match="sum"):
+        call_command("dataset_version", project.slug, "create", "--ratios", "0.5,0.1,0.1")
     call_command("dataset_version", project.slug, "list")
     assert "v1" in capsys.readouterr().out
     with pytest.raises(CommandError, match="no dataset version 7"):

@@ -22,6 +22,11 @@ class Command(BaseCommand):
         sub = parser.add_subparsers(dest="action", required=True)
         create = sub.add_parser("create")
         create.add_argument("--note", default="")
+        create.add_argument(
+            "--ratios",
+            default="0.7,0.15,0.15",
+            help="train,val,test shares for groups that have no split yet (sticky groups keep theirs)",
+        )
         sub.add_parser("list")
         diff = sub.add_parser("diff")
         diff.add_argument("old", type=int)
@@ -41,7 +46,11 @@ class Command(BaseCommand):
             raise CommandError(str(exc)) from exc
 
     def _create(self, project, opts):
-        version, created = versions.dataset_version_create(project=project, note=opts["note"])
+        try:
+            ratios = tuple(float(x) for x in opts["ratios"].split(","))
+        except ValueError:
+            raise CommandError(f"--ratios {opts['ratios']!r}: expected three numbers like 0.7,0.15,0.15") from None
+        version, created = versions.dataset_version_create(project=project, note=opts["note"], ratios=ratios)
         c = version.counts
         verb = "Created" if created else "Nothing changed; the latest is"
         self.stdout.write(
