@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from training.engine.data import draft_size, eval_transform, load_image_file, normalize_batch, to_rgb
+from training.engine.hierarchy import consistent, decode, parent_index
 from training.engine.model import ARTIFACT_FORMAT, build_model
 
 log = logging.getLogger("inference.core")
@@ -290,15 +291,31 @@ class Recognizer:
         similarity of the renormalised mean embedding), [] when the version has no index."""
         probs, emb = self.predict(images)
         thresholds = thresholds or {}
+        mean_probs = {name: probs[name].mean(axis=0) for name in self.heads}
+        choice = {name: int(np.argmax(p)) for name, p in mean_probs.items()}
+        parent_of_head: dict[str, str] = {}
+        for meta in self.heads_meta:  # child heads (model under make): consistent, top-down decisions
+            parent = meta.get("parent")
+            if parent and meta.get("class_parents") and parent in mean_probs:
+                cp = parent_index(meta["classes"], self.label_maps[parent], meta["class_parents"])
+                q_parent, q_child = consistent(mean_probs[parent], mean_probs[meta["name"]], cp)
+                mean_probs[parent], mean_probs[meta["name"]] = q_parent, q_child
+                choice[parent], choice[meta["name"]] = decode(q_parent, q_child, cp)
+                parent_of_head[meta["name"]] = parent
         heads_out = {}
         for name in self.heads:
             classes = self.label_maps[name]
-            p = probs[name].mean(axis=0)
+            p = mean_probs[name]
             order = np.argsort(-p, kind="stable")[: max(1, min(int(top_k), len(classes)))]
-            conf = float(p[order[0]])
+            best = choice[name]
+            conf = float(p[best]) if best >= 0 else 0.0
             thr = float(thresholds.get(name, default_threshold))
+            label = classes[best] if best >= 0 and conf >= thr else None
+            parent = parent_of_head.get(name)
+            if parent and heads_out.get(parent, {}).get("label") is None:
+                label = None  # a model is never given without its make
             heads_out[name] = {
-                "label": classes[int(order[0])] if conf >= thr else None,
+                "label": label,
                 "confidence": conf,
                 "threshold": thr,
                 "top_k": [{"label": classes[int(i)], "confidence": float(p[i])} for i in order],

@@ -271,15 +271,20 @@ def version_manifest(*, version: DatasetVersion, per_class_cap: int | None = Non
         }
         for image_id, split, group, labels, file, source, _sha in rows
     ]
-    return {
-        "dataset_version": version.number,
-        "heads": [
-            {"name": h.name, "classes": sorted(classes[h.name]), "parent": h.parent.name if h.parent_id else None}
-            for h in heads
-            if classes[h.name]
-        ],
-        "items": items,
-    }
+    out_heads = []
+    for h in heads:
+        if not classes[h.name]:
+            continue
+        entry = {"name": h.name, "classes": sorted(classes[h.name]), "parent": h.parent.name if h.parent_id else None}
+        if h.parent_id and classes.get(h.parent.name):
+            parents = dict(
+                LabelClass.objects.filter(head=h, parent__isnull=False, name__in=classes[h.name]).values_list(
+                    "name", "parent__name"
+                )
+            )
+            entry["class_parents"] = {c: p for c, p in parents.items() if p in classes[h.parent.name]}
+        out_heads.append(entry)
+    return {"dataset_version": version.number, "heads": out_heads, "items": items}
 
 
 def _export_name(image: Image, used: set[str]) -> str:

@@ -224,3 +224,31 @@ def test_index_dimension_mismatch_is_reported(artifact, tmp_path):
 def test_load_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no model.pt"):
         Recognizer.load(tmp_path)
+
+
+def test_recognize_keeps_child_head_consistent_with_parent(tmp_path):
+    """A make → model style hierarchy: whatever the images, a predicted model belongs to the predicted make."""
+    from training.engine.synthetic import make_shapes_dataset as make
+
+    manifest = make(tmp_path / "imgs", n=48, seed=3)
+    # colour is the parent ("make"), shape+colour the child ("model"): each model belongs to one make.
+    for it in manifest["items"]:
+        it["labels"] = {"make": it["labels"]["color"], "model": f"{it['labels']['shape']}-{it['labels']['color']}"}
+    models = sorted({it["labels"]["model"] for it in manifest["items"] if it["labels"]["make"]})
+    makes = sorted({it["labels"]["make"] for it in manifest["items"] if it["labels"]["make"]})
+    manifest["items"] = [it for it in manifest["items"] if it["labels"]["make"]]
+    manifest["heads"] = [
+        {"name": "make", "classes": makes, "parent": None},
+        {"name": "model", "classes": models, "parent": "make", "class_parents": {m: m.split("-")[1] for m in models}},
+    ]
+    train_model(manifest, {**TINY_TEST_CONFIG, "epochs": 1}, tmp_path / "run")
+    rec = Recognizer.load(tmp_path / "run")
+    assert rec.heads_meta[1]["class_parents"]["circle-red"] == "red"
+    rng = np.random.default_rng(0)
+    for _ in range(12):
+        noise = Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8))
+        out = rec.recognize([noise], default_threshold=0.0)["heads"]
+        assert out["model"]["label"].split("-")[1] == out["make"]["label"]
+    # A make below its threshold hides the model too (never a model without its make).
+    out = rec.recognize([noise], thresholds={"make": 1.01, "model": 0.0})["heads"]
+    assert out["make"]["label"] is None and out["model"]["label"] is None

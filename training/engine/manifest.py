@@ -18,7 +18,7 @@ class Item:
 
 @dataclass
 class ParsedManifest:
-    heads: list[dict]  # [{"name", "classes", "parent"}] as given (normalised copies)
+    heads: list[dict]  # [{"name", "classes", "parent"[, "class_parents"]}] as given (normalised copies)
     train: list[Item]
     val: list[Item]
     n_test: int
@@ -72,11 +72,29 @@ def parse_manifest(manifest: dict) -> ParsedManifest:
             if c in seen:
                 raise ValueError(f"head {name!r}: class {c!r} is listed twice")
             seen[c] = c_i
-        heads.append({"name": name, "classes": list(classes), "parent": head.get("parent")})
+        entry = {"name": name, "classes": list(classes), "parent": head.get("parent")}
+        if head.get("class_parents") is not None:
+            entry["class_parents"] = head["class_parents"]
+        heads.append(entry)
         class_index.append(seen)
+    by_name = {h["name"]: h for h in heads}
     for head in heads:
         if head["parent"] is not None and head["parent"] not in names:
             raise ValueError(f"head {head['name']!r}: parent {head['parent']!r} is not a head of this manifest")
+        cp = head.get("class_parents")
+        if cp is None:
+            continue
+        if head["parent"] is None:
+            raise ValueError(f"head {head['name']!r} has 'class_parents' but no parent head")
+        if not isinstance(cp, dict):
+            raise ValueError(f"head {head['name']!r}: 'class_parents' must be a dict {{class: parent class}}")
+        parent_classes = set(by_name[head["parent"]]["classes"])
+        bad = [f"{c!r} -> {p!r}" for c, p in cp.items() if c not in head["classes"] or p not in parent_classes]
+        if bad:
+            raise ValueError(
+                f"head {head['name']!r}: 'class_parents' entries not among the classes of {head['name']!r} / "
+                f"{head['parent']!r}: {', '.join(bad[:5])}"
+            )
 
     items = manifest["items"]
     if not isinstance(items, list):

@@ -1,0 +1,65 @@
+"""Hierarchy-consistent predictions (car make → model, coarse → fine): the child head never contradicts its
+parent. Pure numpy; used by inference after averaging the probabilities of the views of one object.
+
+With p_parent over parent classes and p_child over child classes, each child class c has one parent π(c).
+The joint score of a consistent pair is p_child(c) · p_parent(π(c)); normalised over children it gives the
+consistent child distribution q_child, and summing q_child over the children of each parent gives the
+consistent parent distribution q_parent (parents without any child class keep their own share). Decoding is
+top-down: the parent is argmax q_parent, the child is the best child *of that parent* — so a predicted model
+always belongs to the predicted make (a weak model then falls below its threshold and is returned as null,
+while the make stays)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def parent_index(child_classes: list[str], parent_classes: list[str], class_parents: dict[str, str]) -> np.ndarray:
+    """For each child class, the index of its parent class (-1 when the mapping does not say)."""
+    pos = {c: i for i, c in enumerate(parent_classes)}
+    return np.array([pos.get(class_parents.get(c), -1) for c in child_classes], dtype=np.int64)
+
+
+def consistent(p_parent: np.ndarray, p_child: np.ndarray, child_parent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return (q_parent, q_child), the joint-consistent probability vectors (1-D, or 2-D batches). Child
+    classes with an unknown parent (-1) keep their own probability times the mean parent confidence, so they
+    are neither favoured nor dropped."""
+    p_parent = np.asarray(p_parent, dtype=np.float64)
+    p_child = np.asarray(p_child, dtype=np.float64)
+    single = p_parent.ndim == 1
+    if single:
+        p_parent, p_child = p_parent[None], p_child[None]
+    known = child_parent >= 0
+    parent_of = np.where(known, child_parent, 0)
+    support = p_parent[:, parent_of]  # (N, C): p_parent of each child's parent
+    support = np.where(known[None, :], support, p_parent.mean(axis=1, keepdims=True))
+    joint = p_child * support
+    total = joint.sum(axis=1, keepdims=True)
+    q_child = np.divide(joint, total, out=np.full_like(joint, 1.0 / joint.shape[1]), where=total > 0)
+    # Parents with children get the mass of their children; childless parents keep their share of p_parent.
+    has_child = np.zeros(p_parent.shape[1], dtype=bool)
+    has_child[child_parent[known]] = True
+    q_parent = np.zeros_like(p_parent)
+    np.add.at(q_parent.T, child_parent[known], q_child[:, known].T)
+    childless_mass = (p_parent * ~has_child).sum(axis=1, keepdims=True)
+    q_parent = q_parent * (1.0 - childless_mass) + p_parent * ~has_child
+    # Unknown-parent children's mass is spread like the parent distribution (they imply no parent).
+    unknown_mass = q_child[:, ~known].sum(axis=1, keepdims=True)
+    if np.any(~known):
+        q_parent = q_parent * (1.0 - unknown_mass) + p_parent * unknown_mass
+    q_parent /= q_parent.sum(axis=1, keepdims=True)
+    if single:
+        return q_parent[0], q_child[0]
+    return q_parent, q_child
+
+
+def decode(q_parent: np.ndarray, q_child: np.ndarray, child_parent: np.ndarray) -> tuple[int, int]:
+    """Top-down decision for one object: (parent index, child index) with the child belonging to the parent
+    (or, when the parent has no child class, the best child whose parent is unknown; -1 if none)."""
+    parent = int(np.argmax(q_parent))
+    members = np.flatnonzero(child_parent == parent)
+    if members.size == 0:
+        members = np.flatnonzero(child_parent < 0)
+    if members.size == 0:
+        return parent, -1
+    return parent, int(members[np.argmax(q_child[members])])
