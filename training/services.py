@@ -255,3 +255,20 @@ def model_version_index_build(*, version_id: int) -> ModelVersion:
     if version.promote_requested:
         version = model_version_activate(version=version)
     return version
+
+
+def model_version_oof(*, version: ModelVersion, k: int = 5, mode: str = "cheap") -> dict:
+    """Out-of-fold predicted probabilities for every labeled train/val image of the version's frozen dataset
+    (group-aware K-fold, never the test split), written to <artifact>/oof/ for the mislabel queue; the summary
+    is kept in the version's metrics["oof"]."""
+    from training.engine.oof import out_of_fold_predictions
+
+    art = Path(version.artifact_dir)
+    manifest = json.loads((art / "manifest.json").read_text())
+    config = json.loads((art / "config.json").read_text())
+    try:
+        summary = out_of_fold_predictions(manifest, config, art / "oof", k=k, mode=mode)
+    except ValueError as exc:
+        raise TrainingError(str(exc)) from exc
+    ModelVersion.objects.filter(pk=version.pk).update(metrics={**version.metrics, "oof": summary})
+    return summary

@@ -141,7 +141,11 @@ else:
     CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 12 * 3600}
 CELERY_TASK_IGNORE_RESULT = True  # job state lives in the database rows, not the result backend
 CELERY_TASK_DEFAULT_QUEUE = "default"
-CELERY_TASK_ROUTES = {"training.tasks.train_run": {"queue": "gpu"}, "labeling.tasks.*": {"queue": "default"}}
+CELERY_TASK_ROUTES = {
+    "training.tasks.train_run": {"queue": "gpu"},
+    "training.tasks.oof_predict": {"queue": "gpu"},
+    "labeling.tasks.*": {"queue": "default"},
+}
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1

@@ -112,3 +112,21 @@ def test_run_trains_on_a_frozen_dataset_version_with_project_options(project):
     rows = report.findings["accuracy"]["heads"]["class"]
     assert report.findings["accuracy"]["model_version"] == 1
     assert [r["accuracy"] for r in rows] == sorted(r["accuracy"] for r in rows)
+
+
+def test_oof_predictions_command_on_the_active_model(project, capsys):
+    import numpy as np
+
+    run = services.training_run_execute(
+        run_id=services.training_run_create(project=project, config=TINY_TRAIN, queue=False).id, inline=True
+    )
+    version = run.model_version
+    call_command("oof_predictions", project.slug, "--k", "2", "--mode", "cheap")
+    assert "Out-of-fold predictions for" in capsys.readouterr().out
+    data = np.load(Path(version.artifact_dir) / "oof" / "oof_predictions.npz")
+    frozen = dict(version.run.dataset_version.items.values_list("image_id", "split"))
+    assert sorted(map(int, data["ids"])) == sorted(i for i, s in frozen.items() if s != "test")
+    version.refresh_from_db()
+    assert version.metrics["oof"]["k"] == 2
+    with pytest.raises(CommandError, match="No such model version"):
+        call_command("oof_predictions", project.slug, "--model-version", "9")

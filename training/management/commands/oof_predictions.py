@@ -1,0 +1,45 @@
+"""Out-of-fold predicted probabilities for the mislabel queue, from the command line."""
+
+from django.core.management.base import BaseCommand, CommandError
+
+from labeling.models import Project
+from training import services
+
+
+class Command(BaseCommand):
+    help = (
+        "Group-aware K-fold cross-validation on the frozen dataset of a model version (default: the active one): "
+        "every labeled train/val image gets predicted probabilities from a model that never saw it (the test split "
+        "is left out). Writes <artifact>/oof/oof_predictions.npz and oof_meta.json. --mode cheap trains each fold "
+        "for 30 percent of the epochs."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument("project", help="project slug")
+        parser.add_argument("--model-version", type=int, help="model version number (default: the active one)")
+        parser.add_argument("--k", type=int, default=5, help="folds (default 5)")
+        parser.add_argument("--mode", choices=["full", "cheap"], default="cheap")
+
+    def handle(self, *args, **opts):
+        project = Project.objects.filter(slug=opts["project"]).first()
+        if project is None:
+            raise CommandError(f"No project {opts['project']!r}.")
+        versions = project.model_versions
+        version = (
+            versions.filter(number=opts["model_version"]).first()
+            if opts["model_version"]
+            else versions.filter(is_active=True).first()
+        )
+        if version is None:
+            raise CommandError("No such model version (train and promote one first, or pass --model-version N).")
+        try:
+            summary = services.model_version_oof(version=version, k=opts["k"], mode=opts["mode"])
+        except services.TrainingError as exc:
+            raise CommandError(str(exc)) from exc
+        heads = ", ".join(
+            f"{h} top-1 {m['top1']:.3f} (n={m['n']})" for h, m in summary["heads"].items() if m["top1"] is not None
+        )
+        self.stdout.write(
+            f"Out-of-fold predictions for {summary['n']} images ({summary['k']} folds, {summary['mode']}): {heads}"
+        )
+        self.stdout.write(f"Written to {summary['path']}")
