@@ -19,7 +19,7 @@ def _isolated_files(settings, tmp_path):
     settings.ARTIFACT_ROOT = tmp_path / "artifacts"
     settings.IMPORT_ROOTS = [tmp_path / "import"]
     settings.LOUPE_EXPORT_ROOT = tmp_path / "exports"
-    settings.LOUPE_TRAIN_OVERRIDES = {}
+    settings.LOUPE_TRAIN_OVERRIDES = {"pretrained": False}  # no hub downloads in tests (no network in CI)
     (tmp_path / "import").mkdir()
     from inference import services
 

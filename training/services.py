@@ -24,10 +24,32 @@ class TrainingError(ValueError):
     """Bad request for training: the message says what to fix."""
 
 
-def _resolve(overrides: dict) -> dict:
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+
+
+def preset_config(preset: str) -> dict:
+    """The YAML training preset of a project preset (training/presets/<preset>.yaml); {} when there is none."""
+    import yaml
+
+    path = PRESETS_DIR / f"{preset}.yaml"
+    if not path.is_file():
+        return {}
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise TrainingError(f"{path} must hold a mapping of engine config keys, got {type(data).__name__}")
+    return data
+
+
+def _resolve(project: Project, overrides: dict) -> dict:
+    """The full engine config of a run: engine defaults < the project preset's YAML < LOUPE_TRAIN_OVERRIDES <
+    the project's training options (health page) < the run's own overrides (Retrain form, manage.py train)."""
     from training.engine import resolve_config
 
-    merged = {**settings.LOUPE_TRAIN_OVERRIDES, **(overrides or {})}
+    merged = {
+        **preset_config(project.preset),
+        **settings.LOUPE_TRAIN_OVERRIDES,
+        **_with_project_options(project, overrides or {}),
+    }
     try:
         return resolve_config(merged)
     except ValueError as exc:
@@ -52,7 +74,7 @@ def training_run_create(
 ) -> TrainingRun:
     """Check the config, freeze the data (a new dataset version, or the latest when nothing changed) unless
     `dataset_version` is given, then queue the run (after commit)."""
-    _resolve(_with_project_options(project, config or {}))
+    _resolve(project, config or {})
     if dataset_version is not None and dataset_version.project_id != project.id:
         raise TrainingError("That dataset version belongs to another project.")
     with transaction.atomic():
@@ -119,7 +141,7 @@ def training_run_execute(*, run_id: int, inline: bool = False) -> TrainingRun:
         error="",
     )
     try:
-        config = _resolve(_with_project_options(project, run.config))
+        config = _resolve(project, run.config)
         if run.dataset_version_id is None:  # a run queued before dataset versions existed
             version, _ = dataset_version_create(project=project, note="for a retrain")
             TrainingRun.objects.filter(pk=run.id).update(dataset_version=version)

@@ -130,3 +130,30 @@ def test_oof_predictions_command_on_the_active_model(project, capsys):
     assert version.metrics["oof"]["k"] == 2
     with pytest.raises(CommandError, match="No such model version"):
         call_command("oof_predictions", project.slug, "--model-version", "9")
+
+
+def test_yaml_preset_under_settings_project_options_and_run_overrides(project, settings, tmp_path, monkeypatch):
+    from labeling import health
+
+    preset = services.preset_config("retrieval")
+    assert preset["backbone"] == "efficientnet_b0" and preset["pretrained"] is True
+    for name in ("car", "lego", "sku", "retrieval"):  # every preset is a valid engine config
+        project.preset = name
+        assert services._resolve(project, {})["backbone"] == services.preset_config(name)["backbone"]
+    project.preset = "retrieval"
+    assert services.preset_config("lego")["hflip"] is False  # mirrored LEGO parts can be different parts
+    cfg = services._resolve(project, {"epochs": 2})
+    assert cfg["backbone"] == "efficientnet_b0" and cfg["epochs"] == 2 and cfg["pretrained"] is False  # conftest
+    settings.LOUPE_TRAIN_OVERRIDES = {"epochs": 7, "pretrained": False}
+    assert services._resolve(project, {})["epochs"] == 7
+    assert services._resolve(project, {"epochs": 3})["epochs"] == 3
+    health.training_options_set(project=project, class_weighting="inverse")
+    project.refresh_from_db()
+    assert services._resolve(project, {})["class_weighting"] == "inverse"
+    assert services._resolve(project, {"class_weighting": "none"})["class_weighting"] == "none"
+    bad = tmp_path / "presets"
+    bad.mkdir()
+    (bad / "retrieval.yaml").write_text("- just\n- a list\n")
+    monkeypatch.setattr(services, "PRESETS_DIR", bad)
+    with pytest.raises(services.TrainingError, match="mapping"):
+        services._resolve(project, {})
