@@ -166,6 +166,14 @@ def training_run_execute(*, run_id: int, inline: bool = False) -> TrainingRun:
         run.refresh_from_db()
         return run
     try:
+        from training.engine.onnx_export import export_onnx
+
+        onnx = export_onnx(out_dir)  # every head + the embedding, dynamic batch, checked against torch (1e-4)
+        metrics["onnx"] = {k: onnx[k] for k in ("exporter", "opset", "max_abs_diff", "seconds")}
+    except Exception as exc:  # noqa: BLE001 - serving falls back to torch; the reason is kept
+        log.exception("ONNX export for run %s failed", run.id)
+        metrics["onnx"] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+    try:
         metrics["test"] = _test_split_report(out_dir, manifest)
     except Exception as exc:  # noqa: BLE001 - the model is fine; only the report failed
         log.exception("test-split report for run %s failed", run.id)

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageFilter, ImageOps
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
@@ -81,20 +81,138 @@ def eval_transform(image_size: int) -> T.Compose:
     )
 
 
+# ---- training augmentation presets
+#
+# Config keys (merged into the training config by config.py; every key is optional here, see AUG_DEFAULTS):
+#   augment    "none" | "light" | "standard" (default) | "strong"
+#   blur_prob  probability of a Gaussian blur (PIL, after the crop); null = the preset's default
+#   noise_std  max std of additive Gaussian pixel noise, as a fraction of 255; null = the preset's default
+#   vflip      random vertical flip (default false: photos have an "up", and it is rarely label-preserving)
+# plus the existing keys image_size, crop_scale_min, hflip, rotation_degrees and color_jitter.
+#
+#   preset    crop scale                    flips         rotation          colour jitter (never hue)       blur  noise
+#   none      resize + centre crop (= eval_transform: deterministic, every other augmentation key is ignored)
+#   light     (max(crop_scale_min, .8), 1)  hflip, vflip  -                 b/c/s color_jitter / 2        0     0
+#   standard  (crop_scale_min, 1)           hflip, vflip  rotation_degrees  b/c/s color_jitter            0     0
+#   strong    (crop_scale_min, 1)           hflip, vflip  rotation_degrees  b/c 1.5x, s 1x color_jitter     0.2   0.03
+# (hflip / vflip only when those keys are true; blur and noise columns are the defaults of blur_prob / noise_std.)
+#
+# All resizes are bicubic (the small rotation after the crop is bilinear: cheaper, same result). Pixel noise is
+# added to the uint8 HWC tensor (int16 arithmetic, clamped to 0..255): the batch stays uint8 until
+# normalize_batch, so workers never convert images to float. "standard" with the default keys is the transform
+# used before presets existed.
+
+AUG_PRESETS = ("none", "light", "standard", "strong")
+AUG_DEFAULTS: dict = {"augment": "standard", "blur_prob": None, "noise_std": None, "vflip": False}
+_PRESET_BLUR = {"none": 0.0, "light": 0.0, "standard": 0.0, "strong": 0.2}
+_PRESET_NOISE = {"none": 0.0, "light": 0.0, "standard": 0.0, "strong": 0.03}
+MAX_NOISE_STD = 0.5
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def validate_aug_config(cfg: dict) -> None:
+    """Check the augmentation keys of `cfg` (missing keys take AUG_DEFAULTS); ValueError names the key."""
+    augment = cfg.get("augment", AUG_DEFAULTS["augment"])
+    if augment not in AUG_PRESETS:
+        raise ValueError(f"config 'augment': expected one of {', '.join(map(repr, AUG_PRESETS))}, got {augment!r}")
+    blur = cfg.get("blur_prob", AUG_DEFAULTS["blur_prob"])
+    if blur is not None and not (_is_num(blur) and 0 <= blur <= 1):
+        raise ValueError(f"config 'blur_prob': expected null (preset default) or a number in [0, 1], got {blur!r}")
+    noise = cfg.get("noise_std", AUG_DEFAULTS["noise_std"])
+    if noise is not None and not (_is_num(noise) and 0 <= noise <= MAX_NOISE_STD):
+        raise ValueError(
+            f"config 'noise_std': expected null (preset default) or a number in [0, {MAX_NOISE_STD}] "
+            f"(fraction of the 0..255 range, e.g. 0.03), got {noise!r}"
+        )
+    vflip = cfg.get("vflip", AUG_DEFAULTS["vflip"])
+    if not isinstance(vflip, bool):
+        raise ValueError(f"config 'vflip': expected true or false, got {vflip!r}")
+
+
+class RandomGaussianBlur:
+    """With probability p, blur a PIL image with a Gaussian of radius uniform in [sigma_min, sigma_max] (PIL's
+    C filter: much cheaper than torchvision's GaussianBlur, which round-trips PIL images through tensors)."""
+
+    def __init__(self, p: float, sigma: tuple[float, float]):
+        self.p = float(p)
+        self.sigma = (float(sigma[0]), float(sigma[1]))
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        if self.p <= 0 or torch.rand(1).item() >= self.p:
+            return img
+        lo, hi = self.sigma
+        radius = lo + (hi - lo) * torch.rand(1).item()
+        return img.filter(ImageFilter.GaussianBlur(radius))
+
+    def __repr__(self) -> str:
+        return f"RandomGaussianBlur(p={self.p}, sigma=({self.sigma[0]:.2f}, {self.sigma[1]:.2f}))"
+
+
+class AddGaussianNoiseUint8:
+    """uint8 HWC tensor -> uint8 HWC tensor + Gaussian noise of std uniform in [0, max_std] x 255 (per image),
+    rounded and clamped to 0..255. Works on the output of ToUint8HWC, so the pipeline stays uint8. The noise is
+    luminance noise (one value per pixel, shared by the channels): it does not shift colours, which are labels,
+    and costs a third of per-channel noise."""
+
+    def __init__(self, max_std: float):
+        self.max_std = float(max_std)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.max_std <= 0:
+            return x
+        std = torch.rand(1).item() * self.max_std * 255.0
+        if std < 0.5:  # would round to no change anyway
+            return x
+        noise = torch.randn(*x.shape[:-1], 1).mul_(std).round_().to(torch.int16)  # one value for all channels
+        return (noise + x).clamp_(0, 255).to(torch.uint8)
+
+    def __repr__(self) -> str:
+        return f"AddGaussianNoiseUint8(max_std={self.max_std})"
+
+
 def train_transform(config: dict) -> T.Compose:
-    """RandomResizedCrop (bicubic) + optional hflip / rotation / colour jitter (never hue) -> uint8 HWC."""
+    """Training transform for the preset config.get("augment", "standard") (table above) -> uint8 HWC tensor.
+
+    Uses image_size, crop_scale_min, hflip, rotation_degrees and color_jitter, plus the optional keys of
+    AUG_DEFAULTS (blur_prob, noise_std, vflip). Raises ValueError on a bad augmentation key."""
+    validate_aug_config(config)
     size = config["image_size"]
-    steps: list = [
-        T.RandomResizedCrop(size, scale=(config["crop_scale_min"], 1.0), interpolation=InterpolationMode.BICUBIC)
-    ]
+    preset = config.get("augment", AUG_DEFAULTS["augment"])
+    if preset == "none":
+        return eval_transform(size)
+    bicubic = InterpolationMode.BICUBIC
+    scale_min = config["crop_scale_min"]
+    if preset == "light":
+        scale_min = max(scale_min, 0.8)
+    steps: list = [T.RandomResizedCrop(size, scale=(scale_min, 1.0), interpolation=bicubic)]
     if config["hflip"]:
         steps.append(T.RandomHorizontalFlip())
-    if config["rotation_degrees"] > 0:
+    if config.get("vflip", False):
+        steps.append(T.RandomVerticalFlip())
+    if preset != "light" and config["rotation_degrees"] > 0:
+        # bilinear on purpose: at the final size a bicubic rotation costs ~20% of loader throughput for no gain
         steps.append(T.RandomRotation(config["rotation_degrees"], interpolation=InterpolationMode.BILINEAR))
     cj = config["color_jitter"]
-    if cj > 0:
-        steps.append(T.ColorJitter(brightness=cj, contrast=cj, saturation=cj, hue=0.0))  # hue=0: colour labels
+    if preset == "light":
+        bc, sat = cj / 2, cj / 2
+    elif preset == "strong":
+        bc, sat = min(cj * 1.5, 0.9), cj
+    else:
+        bc, sat = cj, cj
+    if bc > 0 or sat > 0:
+        steps.append(T.ColorJitter(brightness=bc, contrast=bc, saturation=sat, hue=0.0))  # hue=0: colour labels
+    blur = config.get("blur_prob")
+    blur = _PRESET_BLUR[preset] if blur is None else blur
+    if blur > 0:
+        steps.append(RandomGaussianBlur(blur, sigma=(0.1, max(0.5, size / 100.0))))
     steps.append(ToUint8HWC())
+    noise = config.get("noise_std")
+    noise = _PRESET_NOISE[preset] if noise is None else noise
+    if noise > 0:
+        steps.append(AddGaussianNoiseUint8(noise))
     return T.Compose(steps)
 
 

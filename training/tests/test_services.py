@@ -100,6 +100,8 @@ def test_run_trains_on_a_frozen_dataset_version_with_project_options(project):
     assert test["n"] == version.counts["splits"]["test"]
     assert test["heads"]["class"]["n"] == test["n"] and 0 <= test["heads"]["class"]["top1"] <= 1
     assert (art / "test_metrics.json").exists()
+    onnx = run.model_version.metrics["onnx"]
+    assert (art / "model.onnx").exists() and onnx["max_abs_diff"] <= 1e-4, onnx
 
     # The next retrain without data changes reuses the same frozen version.
     run2 = services.training_run_create(project=project, config=TINY_TRAIN, queue=False)

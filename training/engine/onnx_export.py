@@ -1,0 +1,390 @@
+"""Export a trained Loupe model (artifact_dir/model.pt) to ONNX, with an onnxruntime parity check (no Django).
+
+Public API::
+
+    export_onnx(artifact_dir, *, opset=17, out_name="model.onnx", check=True, atol=1e-4, exporter="auto") -> dict
+        -> {"path", "meta_path", "exporter", "opset", "max_abs_diff", "outputs", "seconds"}
+    meta_name(out_name) -> str                     # onnx_meta.json for model.onnx, else "<stem>.meta.json"
+    load_artifact(artifact_dir) -> (LoupeNet in eval mode, checkpoint dict)
+
+Written beside model.pt (each to a temp name, then os.replace; model.onnx only after it passed the check):
+model.onnx and onnx_meta.json (for another out_name: "<stem>.meta.json") with {"input", "input_shape", "mean",
+"std", "outputs", "heads", "opset", "exporter", "torch_version", "max_abs_diff", "preprocess", ...}. The same
+metadata is stored in the ONNX file's metadata_props under "loupe_meta" (onnxruntime:
+session.get_modelmeta().custom_metadata_map["loupe_meta"]).
+
+Graph contract
+--------------
+Input ``images``: float32, NCHW, shape (batch, 3, S, S), S = the model's config["image_size"] (fixed), batch
+dynamic. The pixels must be prepared exactly like inference (training.engine.data.eval_transform +
+normalize_batch):
+
+1. decode to RGB (EXIF orientation applied, transparency composited onto white: training.engine.data.to_rgb);
+2. resize (bicubic, antialiased, PIL) so that the SHORTER side is ceil(S * 1.14), keeping the aspect ratio
+   (longer side = int(ceil(S * 1.14) * long / short));
+3. centre-crop S x S (top = round((h - S) / 2), left = round((w - S) / 2));
+4. to float32, divide by 255, subtract the artifact's per-channel ``mean`` and divide by its ``std``
+   (RGB order, both listed in onnx_meta.json), then HWC -> CHW and stack into a batch.
+
+Outputs (all with the dynamic batch axis first), in this order: ``logits_<head>`` (batch, K_head) for every head
+in manifest order, then ``probs_<head>`` (softmax of the logits), then ``embedding`` (batch, D): the
+L2-normalised pooled backbone features, i.e. exactly what inference.core.Recognizer.predict returns (probs and
+embeddings) and what the Faiss gallery index holds. Class names of head h: onnx_meta.json["heads"][h] (index i of
+probs_h is class heads[h][i]).
+
+Exporter choice (measured on torch 2.14 / onnxscript 0.7.2 / onnxruntime 1.32, CPU)
+------------------------------------------------------------------------------------
+Both the dynamo (torch.export) exporter and the legacy TorchScript exporter export timm backbones correctly
+(test_resnet, mobilenetv3_small_100, resnet18, efficientnet_b0, convnext_atto, vit_tiny_patch16_224: max abs
+difference to eager 1e-7 .. 2.5e-6 at batch 1/3/5, dynamic batch). But the dynamo exporter has no
+implementations below opset 18: asked for 17 it exports opset 18, fails the down-conversion (ReduceMean axes)
+and silently keeps 18. So ``exporter="auto"`` uses TorchScript when opset < 18 (exact opset, ~10x faster to
+export) and dynamo when opset >= 18; if the first one fails (export error, invalid graph or failed parity) the
+other one is tried, and the result records which one produced the file and the opset actually written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import EVAL_RESIZE_RATIO, draft_size
+from .model import ARTIFACT_FORMAT, LoupeNet, build_model
+
+log = logging.getLogger("training.engine")
+
+MODEL_FILE = "model.pt"
+META_FILE = "onnx_meta.json"
+INPUT_NAME = "images"
+BATCH_AXIS = "batch"
+EXPORTERS = ("auto", "dynamo", "torchscript")
+DYNAMO_MIN_OPSET = 18  # the dynamo exporter's lowest implemented opset (torch 2.14)
+CHECK_BATCHES = (3, 1)  # batch sizes of the parity check (2 is the export's example batch)
+
+
+# ------------------------------------------------------------------------------------------------- loading
+def load_artifact(artifact_dir: str | Path) -> tuple[LoupeNet, dict]:
+    """Read artifact_dir/model.pt (weights_only) and rebuild the LoupeNet exactly like
+    inference.core.Recognizer.load does (build_model(config, heads, load_weights=False) + strict
+    load_state_dict), on the CPU, in eval mode. Returns (model, checkpoint dict).
+
+    Raises FileNotFoundError (missing model.pt) or ValueError (not a Loupe model / does not match its config).
+    Recognizer.load inlines the same steps; it could call this instead."""
+    d = Path(artifact_dir)
+    path = d / MODEL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {MODEL_FILE} in {d} ({path} does not exist): is this a finished training run?")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - truncated / foreign / pickled-with-code files
+        raise ValueError(f"{path} cannot be read as a Loupe model ({_shorten(exc)})") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != ARTIFACT_FORMAT:
+        got = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{path} is not a Loupe model (format {got!r}, expected {ARTIFACT_FORMAT!r})")
+    missing = [k for k in ("config", "heads", "label_maps", "state_dict", "mean", "std") if k not in ckpt]
+    if missing:
+        raise ValueError(f"{path} is an incomplete Loupe model (missing {', '.join(missing)})")
+    model, _info = build_model(ckpt["config"], ckpt["heads"], load_weights=False)
+    try:
+        model.load_state_dict(ckpt["state_dict"], strict=True)
+    except RuntimeError as exc:
+        raise ValueError(
+            f"{path}: weights do not match backbone {ckpt['config'].get('backbone')!r} ({_shorten(exc)})"
+        ) from exc
+    return model.eval(), ckpt
+
+
+# ------------------------------------------------------------------------------------------------- graph
+class OnnxLoupe(nn.Module):
+    """images (N, 3, S, S) normalised float32 -> (logits per head..., probs per head..., embedding)."""
+
+    def __init__(self, model: LoupeNet):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits, feats = self.model(images)
+        logits = [lg.float() for lg in logits]
+        probs = [F.softmax(lg, dim=1) for lg in logits]
+        return (*logits, *probs, LoupeNet.embed(feats))
+
+
+def output_names(head_names: list[str]) -> list[str]:
+    return [f"logits_{h}" for h in head_names] + [f"probs_{h}" for h in head_names] + ["embedding"]
+
+
+def preprocess_contract(image_size: int, mean, std) -> dict:
+    """The input contract of the exported graph, as data (also in onnx_meta.json["preprocess"])."""
+    return {
+        "color": "RGB",
+        "resize_shorter_side_to": draft_size(image_size),
+        "resize_ratio": EVAL_RESIZE_RATIO,
+        "interpolation": "bicubic (PIL, antialiased)",
+        "center_crop": [image_size, image_size],
+        "scale": "divide by 255",
+        "normalize": "(x / 255 - mean) / std per RGB channel",
+        "mean": [float(v) for v in mean],
+        "std": [float(v) for v in std],
+        "layout": "NCHW",
+        "dtype": "float32",
+    }
+
+
+# ------------------------------------------------------------------------------------------------- export
+def _shorten(exc: BaseException, limit: int = 600) -> str:
+    """First informative lines of an (often huge) exporter error."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = " | ".join(lines[:4]) or "(no message)"
+    text = re.sub(r"\s+", " ", f"{type(exc).__name__}: {text}")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _export_torchscript(wrapper: nn.Module, example: torch.Tensor, path: Path, opset: int, names: list[str]) -> None:
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the legacy exporter's DeprecationWarning and tracer warnings
+        torch.onnx.export(
+            wrapper,
+            (example,),
+            str(path),
+            dynamo=False,
+            input_names=[INPUT_NAME],
+            output_names=names,
+            opset_version=opset,
+            dynamic_axes={n: {0: BATCH_AXIS} for n in [INPUT_NAME, *names]},
+            do_constant_folding=True,
+        )
+
+
+def _export_dynamo(wrapper: nn.Module, example: torch.Tensor, path: Path, opset: int, names: list[str]) -> None:
+    if opset < DYNAMO_MIN_OPSET:
+        log.info("the dynamo ONNX exporter needs opset >= %d; exporting opset %d", DYNAMO_MIN_OPSET, DYNAMO_MIN_OPSET)
+        opset = DYNAMO_MIN_OPSET
+    batch = torch.export.Dim(BATCH_AXIS, min=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            wrapper,
+            (example,),
+            str(path),
+            dynamo=True,
+            input_names=[INPUT_NAME],
+            output_names=names,
+            opset_version=opset,
+            dynamic_shapes={INPUT_NAME: {0: batch}},
+            external_data=False,
+            verbose=False,
+        )
+
+
+_EXPORT_FUNCS = {"torchscript": _export_torchscript, "dynamo": _export_dynamo}
+
+
+def _finish_onnx(path: Path, names: list[str], meta: dict) -> int:
+    """Validate the written graph (checker, names) and embed `meta`; returns the opset actually written."""
+    import onnx  # noqa: PLC0415
+
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model)
+    ins = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+    outs = [o.name for o in model.graph.output]
+    if ins != [INPUT_NAME] or outs != names:
+        raise ValueError(f"exported graph has inputs {ins} and outputs {outs}, expected [{INPUT_NAME!r}] and {names}")
+    opset = next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), -1)
+    del model.metadata_props[:]
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "loupe_meta", json.dumps({**meta, "opset": opset})
+    onnx.save(model, str(path))
+    return opset
+
+
+def _reference(wrapper: nn.Module, x: torch.Tensor) -> list:
+    with torch.no_grad():
+        return [t.float().numpy() for t in wrapper(x)]
+
+
+def _parity(path: Path, wrapper: nn.Module, names: list[str], image_size: int, atol: float) -> dict[str, float]:
+    """Max abs difference per output between onnxruntime (CPU) and torch eager, over random batches of
+    CHECK_BATCHES sizes; ValueError naming the first output that is off by more than atol."""
+    import numpy as np  # noqa: PLC0415
+    import onnxruntime as ort  # noqa: PLC0415
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    gen = torch.Generator().manual_seed(0)
+    diffs = dict.fromkeys(names, 0.0)
+    for b in CHECK_BATCHES:
+        x = torch.randn(b, 3, image_size, image_size, generator=gen)
+        ref = _reference(wrapper, x)
+        got = sess.run(names, {INPUT_NAME: x.numpy()})
+        for name, r, g in zip(names, ref, got, strict=True):
+            if g.shape != r.shape:
+                raise ValueError(f"ONNX output {name!r} has shape {list(g.shape)} at batch {b}, torch {list(r.shape)}")
+            d = float(np.max(np.abs(g.astype(np.float64) - r.astype(np.float64)))) if r.size else 0.0
+            if not np.isfinite(d) or d > atol:
+                raise ValueError(
+                    f"ONNX output {name!r} differs from torch by {d:.3g} (max abs, batch {b}), more than atol={atol:g}"
+                )
+            diffs[name] = max(diffs[name], d)
+    return diffs
+
+
+def _tmp_path(directory: Path, name: str) -> Path:
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+    os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; the artifacts are read by other processes (web, workers)
+    return Path(tmp)
+
+
+def _write_json_atomic(path: Path, data) -> None:
+    tmp = _tmp_path(path.parent, path.name)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def meta_name(out_name: str) -> str:
+    """onnx_meta.json for the default model.onnx, else "<stem>.meta.json" (model_fp16.onnx -> model_fp16.meta.json)."""
+    return META_FILE if out_name == "model.onnx" else f"{Path(out_name).stem}.meta.json"
+
+
+def export_onnx(
+    artifact_dir: str | Path,
+    *,
+    opset: int = 17,
+    out_name: str = "model.onnx",
+    check: bool = True,
+    atol: float = 1e-4,
+    exporter: str = "auto",
+) -> dict:
+    """Export artifact_dir/model.pt to artifact_dir/<out_name> (+ onnx_meta.json); see the module docstring for
+    the graph's input contract and outputs.
+
+    exporter: "auto" (TorchScript for opset < 18, dynamo otherwise, the other one as fallback), "dynamo" (always
+    opset >= 18) or "torchscript". With `check`, onnxruntime (CPU) is compared with torch eager (eval, float32)
+    on random batches of 3 and 1 and every output must be within `atol` (max abs difference) or ValueError is
+    raised naming the output; the file is only put in place after the check passed.
+
+    The metadata goes to onnx_meta.json (for another out_name: meta_name(out_name), so it never describes
+    another file). Returns {"path", "meta_path", "exporter", "opset", "max_abs_diff" (None without check),
+    "outputs", "seconds"}. Raises FileNotFoundError for a missing model.pt, ValueError for a bad artifact, a
+    failed export (the exporter's message, shortened) or a failed parity check."""
+    t0 = time.monotonic()
+    if exporter not in EXPORTERS:
+        raise ValueError(f"exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < 9:
+        raise ValueError(f"opset must be an integer >= 9, got {opset!r}")
+    if not out_name or Path(out_name).name != out_name or not out_name.endswith(".onnx") or out_name == ".onnx":
+        raise ValueError(f"out_name must be a plain file name ending in .onnx, got {out_name!r}")
+    if not atol >= 0:
+        raise ValueError(f"atol must be >= 0, got {atol!r}")
+    d = Path(artifact_dir)
+    model, ckpt = load_artifact(d)
+    cfg = ckpt["config"]
+    size = int(cfg["image_size"])
+    head_names = [h["name"] for h in ckpt["heads"]]
+    names = output_names(head_names)
+    if len(set(names)) != len(names):
+        raise ValueError(f"head names {head_names} give duplicate ONNX output names")
+    label_maps = ckpt["label_maps"]
+    wrapper = OnnxLoupe(model).eval()
+    example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out_shapes = {n: [None, *list(t.shape[1:])] for n, t in zip(names, wrapper(example), strict=True)}
+    meta = {
+        "format": "loupe-onnx-v1",
+        "source": MODEL_FILE,
+        "file": out_name,
+        "backbone": cfg.get("backbone"),
+        "image_size": size,
+        "input": INPUT_NAME,
+        "input_shape": [None, 3, size, size],
+        "input_dtype": "float32",
+        "dynamic_axes": {INPUT_NAME: {"0": BATCH_AXIS}, **{n: {"0": BATCH_AXIS} for n in names}},
+        "mean": [float(v) for v in ckpt["mean"]],
+        "std": [float(v) for v in ckpt["std"]],
+        "preprocess": preprocess_contract(size, ckpt["mean"], ckpt["std"]),
+        "outputs": names,
+        "output_shapes": out_shapes,
+        "heads": {h: list(label_maps.get(h) or ckpt["heads"][i]["classes"]) for i, h in enumerate(head_names)},
+        "embedding_dim": int(ckpt.get("embedding_dim") or out_shapes["embedding"][1]),
+        "embedding": "L2-normalised pooled backbone features (cosine similarity = dot product)",
+        "opset_requested": opset,
+        "torch_version": str(torch.__version__),
+    }
+    if exporter == "auto":
+        order = ["dynamo", "torchscript"] if opset >= DYNAMO_MIN_OPSET else ["torchscript", "dynamo"]
+    else:
+        order = [exporter]
+
+    target = d / out_name
+    errors: list[str] = []
+    for name in order:
+        tmp = _tmp_path(d, out_name)
+        try:
+            t_exp = time.monotonic()
+            try:
+                _EXPORT_FUNCS[name](wrapper, example, tmp, opset, names)
+            except Exception as exc:  # noqa: BLE001 - unsupported ops, tracing/export errors
+                raise ValueError(f"export failed: {_shorten(exc)}") from exc
+            export_seconds = time.monotonic() - t_exp
+            try:
+                written_opset = _finish_onnx(tmp, names, {**meta, "exporter": name})
+            except ValueError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - onnx checker / protobuf (e.g. > 2 GB) errors
+                raise ValueError(f"invalid ONNX graph: {_shorten(exc)}") from exc
+            diffs = _parity(tmp, wrapper, names, size, atol) if check else None
+            os.replace(tmp, target)
+        except ValueError as exc:
+            errors.append(f"{name}: {exc}")
+            log.warning("ONNX export of %s with the %s exporter failed: %s", d, name, exc)
+            continue
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        max_diff = max(diffs.values()) if diffs is not None else None
+        meta.update(
+            exporter=name,
+            opset=written_opset,
+            max_abs_diff=max_diff,
+            abs_diff=diffs,
+            atol=atol if check else None,
+            checked_batches=list(CHECK_BATCHES) if check else [],
+            export_seconds=round(export_seconds, 3),
+        )
+        _write_json_atomic(d / meta_name(out_name), meta)
+        seconds = round(time.monotonic() - t0, 3)
+        log.info(
+            "exported %s (%s exporter, opset %d, max abs diff %s) in %.1fs",
+            target,
+            name,
+            written_opset,
+            max_diff,
+            seconds,
+        )
+        return {
+            "path": str(target),
+            "meta_path": str(d / meta_name(out_name)),
+            "exporter": name,
+            "opset": written_opset,
+            "max_abs_diff": max_diff,
+            "outputs": names,
+            "seconds": seconds,
+        }
+    raise ValueError(f"ONNX export of {d / MODEL_FILE} failed: " + "; ".join(errors))
