@@ -21,6 +21,41 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "weight_decay": 0.05,
     "warmup_epochs": 1.0,
     "label_smoothing": 0.1,
+    "optimizer": "adamw",  # "adamw" (betas 0.9/0.999) or "sgd" (Nesterov momentum, see "momentum")
+    "momentum": 0.9,  # SGD momentum (ignored by AdamW)
+    # Learning-rate schedule (all are torch schedulers, so a checkpoint can restore them exactly):
+    #   "cosine": linear warm-up over `warmup_epochs`, then cosine decay to 1% of lr (stepped per optimizer step)
+    #   "cosine_restarts": cosine to 1% of lr restarting every `restart_epochs` epochs, each cycle `restart_mult`
+    #       times longer than the previous one (CosineAnnealingWarmRestarts, stepped per optimizer step)
+    #   "plateau": lr x `plateau_factor` when the early-stopping metric has not improved (by more than
+    #       early_stopping.min_delta) for `plateau_patience` epochs; never below 1% of lr (ReduceLROnPlateau)
+    #   "none": constant lr
+    # warmup_epochs is used by "cosine" only.
+    "scheduler": "cosine",
+    "restart_epochs": 10,
+    "restart_mult": 1,
+    "plateau_patience": 2,
+    "plateau_factor": 0.1,
+    # Gradient accumulation: one optimizer step every N batches (effective batch = batch_size * N); the
+    # loss of each batch is divided by the number of batches of its accumulation group.
+    "accumulate_steps": 1,
+    # Per-head loss weights {head name: weight >= 0}; heads not listed weigh 1, null = all 1. A name that is
+    # not a head of the manifest raises ValueError when training starts. The reported val loss is unweighted.
+    "head_loss_weights": None,
+    # Best-epoch selection and early stopping, both on the validation split (the test split is never read):
+    #   metric: "primary" (mean top-1 over heads; ties broken by the lower val loss), "val_loss" (lower is
+    #       better) or "top1:<head>" (top-1 of one head; ties broken by the lower val loss)
+    #   patience: stop after this many epochs without an improvement greater than min_delta; null = never stop
+    #       early (train all epochs, keep the best one)
+    # A partial dict is completed from these defaults.
+    "early_stopping": {"metric": "primary", "patience": None, "min_delta": 0.0},
+    # Backbone freezing: during the first `freeze_backbone_epochs` epochs the first `freeze_fraction` of the
+    # backbone's parameter tensors (in module order; 1.0 = the whole backbone) are frozen (no gradient, their
+    # BatchNorm layers in eval mode) and only the rest (heads) trains. Afterwards they train with
+    # lr x `unfreeze_lr_mult`. 0 = no freezing (and unfreeze_lr_mult is unused).
+    "freeze_backbone_epochs": 0,
+    "freeze_fraction": 1.0,
+    "unfreeze_lr_mult": 0.1,
     # Class weights in the loss from the train counts: "none", "inverse" (N / (K * n_c)) or "sqrt_inverse".
     "class_weighting": "none",
     # Augmentation (train only; validation is resize + centre crop)
@@ -35,10 +70,47 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "device": "auto",  # "auto" (cuda if available else cpu), "cpu", "cuda", "cuda:1", ...
     "max_train_seconds": None,  # stop training (keeping the best epoch so far) after this many seconds
     "progress_every": 20,  # call progress() every N train steps (and at least every ~15 s)
+    # Checkpoints in out_dir/checkpoints/: latest.pt after every epoch, best.pt when the selection metric
+    # improves, and epoch-NNN.pt every N epochs (0 = none). train_model resumes from latest.pt by default.
+    "checkpoint_every": 0,
 }
+
+# Keys that only change how/where training runs, not what it computes: a checkpoint written with other values
+# of these keys can still be resumed (they are left out of the checkpoint fingerprint).
+RUNTIME_KEYS = ("num_workers", "torch_threads", "device", "progress_every", "max_train_seconds", "checkpoint_every")
 
 
 CLASS_WEIGHTINGS = ("none", "inverse", "sqrt_inverse")
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULERS = ("cosine", "cosine_restarts", "plateau", "none")
+EARLY_STOPPING_KEYS = ("metric", "patience", "min_delta")
+INT_KEYS = (
+    "image_size",
+    "epochs",
+    "batch_size",
+    "seed",
+    "progress_every",
+    "restart_epochs",
+    "restart_mult",
+    "plateau_patience",
+    "accumulate_steps",
+    "freeze_backbone_epochs",
+    "checkpoint_every",
+)
+FLOAT_KEYS = (
+    "lr",
+    "weight_decay",
+    "warmup_epochs",
+    "label_smoothing",
+    "rotation_degrees",
+    "color_jitter",
+    "crop_scale_min",
+    "max_train_seconds",
+    "momentum",
+    "plateau_factor",
+    "freeze_fraction",
+    "unfreeze_lr_mult",
+)
 
 
 def _is_int(v: Any) -> bool:
@@ -145,6 +217,133 @@ def _validate(cfg: dict[str, Any]) -> None:
         cfg["progress_every"],
         "an integer >= 1",
     )
+    _validate_training_options(cfg)
+
+
+def _validate_training_options(cfg: dict[str, Any]) -> None:
+    """Optimizer, schedule, accumulation, loss weights, early stopping, freezing and checkpoint keys."""
+    _check(cfg["optimizer"] in OPTIMIZERS, "optimizer", cfg["optimizer"], " or ".join(map(repr, OPTIMIZERS)))
+    _check(
+        _is_number(cfg["momentum"]) and 0 <= cfg["momentum"] < 1,
+        "momentum",
+        cfg["momentum"],
+        "a number in [0, 1) (e.g. 0.9)",
+    )
+    _check(cfg["scheduler"] in SCHEDULERS, "scheduler", cfg["scheduler"], " or ".join(map(repr, SCHEDULERS)))
+    _check(
+        _is_int(cfg["restart_epochs"]) and 1 <= cfg["restart_epochs"] <= 10_000,
+        "restart_epochs",
+        cfg["restart_epochs"],
+        "an integer >= 1 (epochs until the first cosine restart)",
+    )
+    _check(
+        _is_int(cfg["restart_mult"]) and 1 <= cfg["restart_mult"] <= 100,
+        "restart_mult",
+        cfg["restart_mult"],
+        "an integer >= 1 (growth factor of the cosine cycle length)",
+    )
+    _check(
+        _is_int(cfg["plateau_patience"]) and 0 <= cfg["plateau_patience"] <= 10_000,
+        "plateau_patience",
+        cfg["plateau_patience"],
+        "an integer >= 0 (epochs without improvement before the lr is reduced)",
+    )
+    _check(
+        _is_number(cfg["plateau_factor"]) and 0 < cfg["plateau_factor"] < 1,
+        "plateau_factor",
+        cfg["plateau_factor"],
+        "a number in (0, 1) (e.g. 0.1)",
+    )
+    _check(
+        _is_int(cfg["accumulate_steps"]) and 1 <= cfg["accumulate_steps"] <= 1024,
+        "accumulate_steps",
+        cfg["accumulate_steps"],
+        "an integer between 1 and 1024",
+    )
+    hw = cfg["head_loss_weights"]
+    _check(
+        hw is None
+        or (
+            isinstance(hw, dict)
+            and all(isinstance(k, str) and k for k in hw)
+            and all(_is_number(v) and v >= 0 for v in hw.values())
+        ),
+        "head_loss_weights",
+        hw,
+        "null or a dict {head name: weight >= 0}",
+    )
+    es = cfg["early_stopping"]
+    _check(
+        isinstance(es, dict) and set(es) == set(EARLY_STOPPING_KEYS),
+        "early_stopping",
+        es,
+        'a dict such as {"metric": "primary", "patience": 5, "min_delta": 0.0}',
+    )
+    metric = es["metric"]
+    _check(
+        isinstance(metric, str)
+        and (metric in ("primary", "val_loss") or (metric.startswith("top1:") and metric[5:].strip() != "")),
+        "early_stopping.metric",
+        metric,
+        '"primary", "val_loss" or "top1:<head name>"',
+    )
+    patience = es["patience"]
+    _check(
+        patience is None or (_is_int(patience) and patience >= 1),
+        "early_stopping.patience",
+        patience,
+        "null (no early stopping) or an integer >= 1",
+    )
+    _check(
+        _is_number(es["min_delta"]) and es["min_delta"] >= 0,
+        "early_stopping.min_delta",
+        es["min_delta"],
+        "a number >= 0",
+    )
+    _check(
+        _is_int(cfg["freeze_backbone_epochs"]) and 0 <= cfg["freeze_backbone_epochs"] <= 10_000,
+        "freeze_backbone_epochs",
+        cfg["freeze_backbone_epochs"],
+        "an integer >= 0",
+    )
+    _check(
+        _is_number(cfg["freeze_fraction"]) and 0 < cfg["freeze_fraction"] <= 1,
+        "freeze_fraction",
+        cfg["freeze_fraction"],
+        "a number in (0, 1] (1.0 = the whole backbone)",
+    )
+    _check(
+        _is_number(cfg["unfreeze_lr_mult"]) and 0 < cfg["unfreeze_lr_mult"] <= 100,
+        "unfreeze_lr_mult",
+        cfg["unfreeze_lr_mult"],
+        "a number > 0 (e.g. 0.1)",
+    )
+    _check(
+        _is_int(cfg["checkpoint_every"]) and 0 <= cfg["checkpoint_every"] <= 10_000,
+        "checkpoint_every",
+        cfg["checkpoint_every"],
+        "an integer >= 0 (0 = no per-epoch checkpoint files)",
+    )
+
+
+def _normalize_numbers(cfg: dict[str, Any]) -> None:
+    """Be lenient with JSON/form numbers: integral floats for integer keys (10.0 epochs), ints for floats."""
+    for key in INT_KEYS:
+        v = cfg[key]
+        if isinstance(v, float) and v.is_integer():
+            cfg[key] = int(v)
+    for key in FLOAT_KEYS:
+        if _is_int(cfg[key]):
+            cfg[key] = float(cfg[key])
+    hw = cfg["head_loss_weights"]
+    if isinstance(hw, dict):
+        cfg["head_loss_weights"] = {k: float(v) if _is_int(v) else v for k, v in hw.items()}
+    es = cfg["early_stopping"]
+    if isinstance(es, dict):
+        if isinstance(es.get("patience"), float) and es["patience"].is_integer():
+            es["patience"] = int(es["patience"])
+        if _is_int(es.get("min_delta")):
+            es["min_delta"] = float(es["min_delta"])
 
 
 def resolve_config(overrides: dict | None = None) -> dict:
@@ -164,23 +363,16 @@ def resolve_config(overrides: dict | None = None) -> dict:
         )
     cfg = copy.deepcopy(DEFAULT_CONFIG)
     cfg.update(copy.deepcopy(overrides))
-    # Be lenient with integral floats coming from JSON/forms for integer keys (e.g. 10.0 epochs).
-    for key in ("image_size", "epochs", "batch_size", "seed", "progress_every"):
-        v = cfg[key]
-        if isinstance(v, float) and v.is_integer():
-            cfg[key] = int(v)
-    for key in (
-        "lr",
-        "weight_decay",
-        "warmup_epochs",
-        "label_smoothing",
-        "rotation_degrees",
-        "color_jitter",
-        "crop_scale_min",
-        "max_train_seconds",
-    ):
-        if _is_int(cfg[key]):
-            cfg[key] = float(cfg[key])
+    es = cfg["early_stopping"]
+    if isinstance(es, dict):  # a partial dict is completed from the defaults
+        unknown_es = sorted(set(es) - set(EARLY_STOPPING_KEYS), key=str)
+        if unknown_es:
+            raise ValueError(
+                f"config 'early_stopping': unknown key(s) {', '.join(map(repr, unknown_es))}; "
+                f"expected {', '.join(map(repr, EARLY_STOPPING_KEYS))}"
+            )
+        cfg["early_stopping"] = {**DEFAULT_CONFIG["early_stopping"], **es}
+    _normalize_numbers(cfg)
     _validate(cfg)
     import timm  # noqa: PLC0415 - heavy import only when really validating a backbone name
 

@@ -1,13 +1,16 @@
-"""train_model: the training loop (AdamW + warm-up/cosine, per-head masked cross-entropy, per-epoch
-validation, best-epoch selection, atomic artifact writing)."""
+"""train_model: the training loop (AdamW or SGD, torch LR schedulers, gradient accumulation, per-head masked
+cross-entropy, optional backbone freezing, per-epoch validation, best-epoch selection and early stopping on the
+validation split, resumable checkpoints, atomic artifact writing)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
 import random
+import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -17,19 +20,23 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
+from torch.optim.lr_scheduler import CosineAnnealingWarmRestarts, LambdaLR, ReduceLROnPlateau
 from torch.utils.data import DataLoader
 
-from .config import resolve_config
+from .config import RUNTIME_KEYS, resolve_config
 from .data import ManifestDataset, collate_skip, draft_size, eval_transform, normalize_batch, train_transform
-from .manifest import IGNORE_INDEX, parse_manifest
-from .model import ARTIFACT_FORMAT, build_model
+from .manifest import IGNORE_INDEX, ParsedManifest, parse_manifest
+from .model import ARTIFACT_FORMAT, build_model, freezable_backbone_params
 
 log = logging.getLogger("training.engine")
 
-MIN_LR_RATIO = 0.01  # cosine decays to lr * MIN_LR_RATIO
+MIN_LR_RATIO = 0.01  # cosine (and cosine_restarts) decay to lr * MIN_LR_RATIO; plateau never goes below it
 PROGRESS_MIN_INTERVAL_S = 15.0
+CHECKPOINT_FORMAT = "loupe-ckpt-v1"
+CHECKPOINT_DIR = "checkpoints"
 
 
+# ----------------------------------------------------------------------------------------------- helpers
 # ----------------------------------------------------------------------------------------------- helpers
 def cpu_count() -> int:
     try:
@@ -112,7 +119,10 @@ def write_json_atomic(path: Path, data) -> None:
     _atomic_write_bytes_via(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+# ------------------------------------------------------------------------------------------ optimisation
 def _lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """LR factor at optimizer step `step` (0-based): linear warm-up, then cosine down to MIN_LR_RATIO."""
+
     def f(step: int) -> float:
         if warmup_steps > 0 and step < warmup_steps:
             return (step + 1) / warmup_steps
@@ -123,13 +133,212 @@ def _lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
     return f
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
+def _param_groups(model, weight_decay: float, lr: float, freezable: list, freezable_lr_mult: float) -> list[dict]:
+    """Optimizer param groups named "backbone" (the freezable part, lr x freezable_lr_mult), "backbone_rest" (the
+    part never frozen) and "heads", each split into decay / no decay (no decay on biases and norm weights).
+    Empty groups are left out; the layout depends only on the model and config, so a checkpoint fits."""
+    freezable_ids = {id(p) for p in freezable}
+    backbone_ids = {id(p) for p in model.backbone.parameters()}
+    buckets: dict[str, tuple[list, list]] = {"backbone": ([], []), "backbone_rest": ([], []), "heads": ([], [])}
     for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 else decay).append(p)  # no decay on biases and norm weights
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if id(p) in freezable_ids:
+            name = "backbone"
+        elif id(p) in backbone_ids:
+            name = "backbone_rest" if freezable_ids else "backbone"
+        else:
+            name = "heads"
+        buckets[name][1 if p.ndim <= 1 else 0].append(p)
+    groups = []
+    for name, (decay, no_decay) in buckets.items():
+        group_lr = lr * (freezable_lr_mult if name == "backbone" and freezable_ids else 1.0)
+        for params, wd in ((decay, weight_decay), (no_decay, 0.0)):
+            if params:
+                groups.append({"params": params, "weight_decay": wd, "lr": group_lr, "name": name})
+    return groups
+
+
+def _make_optimizer(cfg: dict, groups: list[dict], is_cuda: bool) -> torch.optim.Optimizer:
+    if cfg["optimizer"] == "sgd":
+        momentum = cfg["momentum"]
+        return torch.optim.SGD(groups, lr=cfg["lr"], momentum=momentum, nesterov=momentum > 0)
+    return torch.optim.AdamW(groups, lr=cfg["lr"], betas=(0.9, 0.999), fused=is_cuda or None)
+
+
+def _make_scheduler(cfg: dict, optimizer, steps_per_epoch: int, mode: str):
+    """(scheduler or None, "step" | "epoch" | None): when to call scheduler.step(). steps_per_epoch counts
+    optimizer steps (after gradient accumulation)."""
+    kind = cfg["scheduler"]
+    epochs = cfg["epochs"]
+    if kind == "cosine":
+        total = epochs * steps_per_epoch
+        warmup = min(int(round(cfg["warmup_epochs"] * steps_per_epoch)), max(0, total - 1))
+        return LambdaLR(optimizer, _lr_lambda(total, warmup)), "step"
+    if kind == "cosine_restarts":
+        eta_min = min(g["lr"] for g in optimizer.param_groups) * MIN_LR_RATIO
+        return (
+            CosineAnnealingWarmRestarts(
+                optimizer, T_0=cfg["restart_epochs"] * steps_per_epoch, T_mult=cfg["restart_mult"], eta_min=eta_min
+            ),
+            "step",
+        )
+    if kind == "plateau":
+        return (
+            ReduceLROnPlateau(
+                optimizer,
+                mode=mode,
+                factor=cfg["plateau_factor"],
+                patience=cfg["plateau_patience"],
+                threshold=cfg["early_stopping"]["min_delta"],
+                threshold_mode="abs",
+                min_lr=[g["lr"] * MIN_LR_RATIO for g in optimizer.param_groups],
+            ),
+            "epoch",
+        )
+    return None, None
+
+
+def _group_lrs(optimizer) -> dict[str, float]:
+    return {g.get("name", str(i)): float(g["lr"]) for i, g in enumerate(optimizer.param_groups)}
+
+
+def _head_loss_weights(cfg: dict, head_names: list[str]) -> list[float] | None:
+    weights = cfg["head_loss_weights"]
+    if weights is None:
+        return None
+    unknown = sorted(set(weights) - set(head_names))
+    if unknown:
+        raise ValueError(
+            f"config 'head_loss_weights': unknown head(s) {', '.join(map(repr, unknown))}; "
+            f"the heads of this manifest are {', '.join(map(repr, head_names))}"
+        )
+    out = [float(weights.get(name, 1.0)) for name in head_names]
+    if not any(w > 0 for w in out):
+        raise ValueError("config 'head_loss_weights': every head has weight 0, nothing would be trained")
+    return out
+
+
+def _check_metric(metric: str, head_names: list[str]) -> None:
+    if metric.startswith("top1:") and metric[5:] not in head_names:
+        raise ValueError(
+            f"config 'early_stopping.metric': {metric!r} names no head of this manifest; "
+            f"use 'primary', 'val_loss' or one of {', '.join(repr('top1:' + n) for n in head_names)}"
+        )
+
+
+def _metric_value(result: dict, metric: str) -> float | None:
+    if metric == "val_loss":
+        return result["loss"]
+    if metric == "primary":
+        return result["primary"]
+    return result["heads"][metric[5:]]["top1"]
+
+
+def _judge(value, loss, best: dict | None, mode: str, min_delta: float) -> tuple[bool, bool]:
+    """(improved, selected) for an epoch with metric `value` and val `loss` against the best epoch so far.
+
+    improved (resets the early-stopping counter): better than the best value by more than min_delta.
+    selected (becomes the best epoch): any improvement; for accuracies also an equal value with a lower loss.
+    An epoch without a value (no labelled val item) is only selected when the best has none either."""
+    if best is None:
+        return value is not None, True
+    best_value, best_loss = best["value"], best["loss"]
+    if value is None:
+        return False, best_value is None
+    if best_value is None:
+        return True, True
+    if mode == "min":
+        return value < best_value - min_delta, value < best_value
+    tie_better = value >= best_value and loss is not None and (best_loss is None or loss < best_loss)
+    return value > best_value + min_delta, value > best_value or tie_better
+
+
+# ----------------------------------------------------------------------------------- checkpoints & RNG
+def _rng_state(generator: torch.Generator) -> dict:
+    """Python/numpy/torch (CPU, CUDA) RNG states and the train DataLoader generator's state (which gives the
+    shuffle order and the workers' base seed). Taken after each epoch's evaluation and restored at the start of
+    the next epoch (from the checkpoint when resuming), so an epoch's data order and augmentations are the same
+    whether or not the run was interrupted, and whatever progress() did with the RNGs in between."""
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [str(np_state[0]), np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "loader": generator.get_state(),
+    }
+
+
+def _set_rng_state(state: dict, generator: torch.Generator) -> None:
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    generator.set_state(state["loader"])
+
+
+def checkpoint_fingerprint(parsed: ParsedManifest, cfg: dict) -> str:
+    """sha256 of the train/val items, the heads and the config without RUNTIME_KEYS: a checkpoint is only
+    resumed by a run that would compute the same thing."""
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "heads": parsed.heads,
+        "train": [[it.id, it.path, list(it.targets)] for it in parsed.train],
+        "val": [[it.id, it.path, list(it.targets)] for it in parsed.val],
+        "config": {k: v for k, v in cfg.items() if k not in RUNTIME_KEYS},
+    }
+    text = json.dumps(payload, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _clear_checkpoints(ckpt_dir: Path) -> None:
+    if not ckpt_dir.is_dir():
+        return
+    for path in ckpt_dir.iterdir():
+        name = path.name
+        if path.is_file() and (
+            name in ("latest.pt", "best.pt") or (name.startswith("epoch-") and name.endswith(".pt")) or ".tmp-" in name
+        ):
+            path.unlink()
+
+
+def _load_checkpoint(path: Path, fingerprint: str) -> dict | None:
+    """The checkpoint at `path` if it exists, is readable and has `fingerprint`; None otherwise (logged)."""
+    if not path.is_file():
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a truncated/corrupt file must not block a new run
+        log.warning("cannot read checkpoint %s (%s: %s): starting fresh", path, type(exc).__name__, exc)
+        return None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        log.warning("%s is not a Loupe checkpoint (%s): starting fresh", path, CHECKPOINT_FORMAT)
+        return None
+    if ckpt.get("fingerprint") != fingerprint:
+        log.warning(
+            "checkpoint %s was written for other data or another config (fingerprint mismatch): not resuming it; "
+            "starting fresh and replacing the old checkpoints",
+            path,
+        )
+        return None
+    return ckpt
+
+
+def _fits(ckpt: dict, model, optimizer) -> str | None:
+    """Why the checkpoint's tensors do not fit the freshly built model/optimizer, or None."""
+    own = model.state_dict()
+    theirs = ckpt["model"]
+    if set(own) != set(theirs):
+        return "model parameter names differ"
+    bad = [k for k, v in own.items() if tuple(v.shape) != tuple(theirs[k].shape)]
+    if bad:
+        return f"model shapes differ ({bad[0]})"
+    groups = ckpt["optimizer"].get("param_groups", [])
+    if [len(g["params"]) for g in groups] != [len(g["params"]) for g in optimizer.param_groups]:
+        return "optimizer parameter groups differ"
+    return None
 
 
 def class_weights(targets: list[tuple[int, ...]], head_sizes: list[int], mode: str) -> list[torch.Tensor | None]:
@@ -154,11 +363,19 @@ def class_weights(targets: list[tuple[int, ...]], head_sizes: list[int], mode: s
 
 
 def _heads_loss(
-    logits: list[torch.Tensor], y: torch.Tensor, label_smoothing: float, weights: list | None = None
+    logits: list[torch.Tensor],
+    y: torch.Tensor,
+    label_smoothing: float,
+    weights: list | None = None,
+    head_weights: list[float] | None = None,
 ) -> torch.Tensor:
-    """Sum over heads of the (class-weighted) mean cross-entropy over the samples whose label is known."""
+    """Sum over heads of the (class-weighted) mean cross-entropy over the samples whose label is known, each
+    head's term multiplied by its head_weights entry (default 1)."""
     total = logits[0].new_zeros((), dtype=torch.float32)
     for h, lg in enumerate(logits):
+        hw = 1.0 if head_weights is None else head_weights[h]
+        if hw == 0:
+            continue
         yh = y[:, h]
         known = yh != IGNORE_INDEX
         w = weights[h] if weights else None
@@ -170,7 +387,7 @@ def _heads_loss(
         ce = F.cross_entropy(
             lg.float(), yh, weight=w, ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing, reduction="sum"
         )
-        total = total + ce / n
+        total = total + ce / n * hw
     return total
 
 
@@ -243,14 +460,26 @@ def evaluate(
 
 # ------------------------------------------------------------------------------------------------- train
 def train_model(
-    manifest: dict, config: dict | None, out_dir, *, progress: Callable[[dict], None] | None = None
+    manifest: dict,
+    config: dict | None,
+    out_dir,
+    *,
+    progress: Callable[[dict], None] | None = None,
+    resume: bool = True,
+    fresh: bool = False,
 ) -> dict:
     """Train on the manifest's "train" items, select the best epoch on "val", write the artifacts into
     out_dir (model.pt, label_maps.json, metrics.json, config.json, each atomically) and return the metrics.
 
     Items of split "test" are never read. Unreadable image files are skipped (logged, counted in
     metrics["skipped_files"]). A bad manifest or config raises ValueError before any training. An exception
-    raised by `progress` aborts training (use it to cancel) and propagates; nothing is written then."""
+    raised by `progress` aborts training (use it to cancel) and propagates; no artifact is written then, but
+    the checkpoints of the finished epochs are on disk (out_dir/checkpoints/).
+
+    resume (default): continue from out_dir/checkpoints/latest.pt when it was written for the same manifest
+    and config (runtime-only keys such as num_workers or device may differ); a mismatching checkpoint is
+    ignored with a warning. The resumed run ends in the same state as an uninterrupted one. fresh=True deletes
+    existing checkpoints and starts from scratch; resume=False starts from scratch without reading them."""
     t_start = time.monotonic()
     cfg = resolve_config(config)
     parsed = parse_manifest(manifest)
@@ -263,15 +492,38 @@ def train_model(
     prev_threads = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(resolve_torch_threads(cfg["torch_threads"], num_workers))
+    prev_cuda_flags = None
+    if device.type == "cuda":  # TF32 matmuls/convolutions and cuDNN autotuning: free speed on Ampere+
+        prev_cuda_flags = (
+            torch.backends.cuda.matmul.allow_tf32,
+            torch.backends.cudnn.allow_tf32,
+            torch.backends.cudnn.benchmark,
+        )
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
     try:
-        return _train(parsed, cfg, out_dir, device, num_workers, progress, t_start)
+        return _train(parsed, cfg, out_dir, device, num_workers, progress, t_start, resume=resume, fresh=fresh)
     finally:
         torch.set_num_threads(prev_threads)
+        if prev_cuda_flags is not None:
+            (
+                torch.backends.cuda.matmul.allow_tf32,
+                torch.backends.cudnn.allow_tf32,
+                torch.backends.cudnn.benchmark,
+            ) = prev_cuda_flags
 
 
-def _train(parsed, cfg, out_dir: Path, device: torch.device, num_workers: int, progress, t_start: float) -> dict:
+def _train(
+    parsed, cfg, out_dir: Path, device: torch.device, num_workers: int, progress, t_start: float, *, resume, fresh
+) -> dict:
     head_names = parsed.head_names
     head_sizes = [len(h["classes"]) for h in parsed.heads]
+    head_weights = _head_loss_weights(cfg, head_names)  # ValueError before any work
+    es = cfg["early_stopping"]
+    metric = es["metric"]
+    _check_metric(metric, head_names)
+    mode = "min" if metric == "val_loss" else "max"
     model, info = build_model(cfg, parsed.heads)  # may raise ValueError (pretrained_path)
     mean, std = info["mean"], info["std"]
     is_cuda = device.type == "cuda"
@@ -290,6 +542,8 @@ def _train(parsed, cfg, out_dir: Path, device: torch.device, num_workers: int, p
         def autocast_ctx():
             return nullcontext()
 
+    use_scaler = scaler is not None and scaler.is_enabled()
+
     # ---- data
     n_train = len(parsed.train)
     bs = min(cfg["batch_size"], n_train)
@@ -299,15 +553,22 @@ def _train(parsed, cfg, out_dir: Path, device: torch.device, num_workers: int, p
         num_workers=num_workers,
         collate_fn=collate_skip,
         pin_memory=is_cuda,
-        persistent_workers=num_workers > 0,
         worker_init_fn=_worker_init if num_workers else None,
     )
     train_ds = ManifestDataset(parsed.train, train_transform(cfg), min_side=draft_size(cfg["image_size"], 1.5))
+    # Train workers are not persistent: each epoch's workers are seeded from `gen`, whose state is restored at each
+    # epoch start (see _rng_state), so their augmentations are reproducible after a resume too.
     train_loader = DataLoader(train_ds, batch_size=bs, shuffle=True, drop_last=n_train > bs, generator=gen, **loader_kw)
     metrics_on = "val" if parsed.val else "train"
     eval_items = parsed.val if parsed.val else parsed.train
     eval_ds = ManifestDataset(eval_items, eval_transform(cfg["image_size"]), min_side=draft_size(cfg["image_size"]))
-    eval_loader = DataLoader(eval_ds, batch_size=max(1, cfg["batch_size"] * 2), shuffle=False, **loader_kw)
+    eval_loader = DataLoader(
+        eval_ds,
+        batch_size=max(1, cfg["batch_size"] * 2),
+        shuffle=False,
+        persistent_workers=num_workers > 0,
+        **loader_kw,
+    )
     if metrics_on == "train":
         log.warning("no val items: metrics are computed on the train split (optimistic)")
 
@@ -315,12 +576,16 @@ def _train(parsed, cfg, out_dir: Path, device: torch.device, num_workers: int, p
     epochs = cfg["epochs"]
     steps_per_epoch = len(train_loader)
     total_steps = epochs * steps_per_epoch
-    warmup_steps = min(int(round(cfg["warmup_epochs"] * steps_per_epoch)), max(0, total_steps - 1))
-    optimizer = torch.optim.AdamW(
-        _param_groups(model, cfg["weight_decay"]), lr=cfg["lr"], betas=(0.9, 0.999), fused=is_cuda or None
+    accum = cfg["accumulate_steps"]
+    opt_steps_per_epoch = math.ceil(steps_per_epoch / accum)
+    freeze_epochs = cfg["freeze_backbone_epochs"]
+    freezable, frozen_norms = (
+        freezable_backbone_params(model, cfg["freeze_fraction"]) if freeze_epochs > 0 else ([], [])
     )
-    lr_at = _lr_lambda(total_steps, warmup_steps)  # per-step factor, applied by hand (no LR-scheduler state)
-    global_step = 0
+    optimizer = _make_optimizer(
+        cfg, _param_groups(model, cfg["weight_decay"], cfg["lr"], freezable, cfg["unfreeze_lr_mult"]), is_cuda
+    )
+    scheduler, sched_when = _make_scheduler(cfg, optimizer, opt_steps_per_epoch, mode)
     has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
     skipped: dict[str, str] = {}
@@ -338,16 +603,80 @@ def _train(parsed, cfg, out_dir: Path, device: torch.device, num_workers: int, p
     for name, n in zip(head_names, n_known, strict=True):
         if n == 0:
             log.warning("head %r has no labelled train item: it will not learn anything", name)
+    if freeze_epochs >= epochs:
+        log.warning("freeze_backbone_epochs=%d >= epochs=%d: the backbone is never trained", freeze_epochs, epochs)
 
+    # ---- state (fresh or from a checkpoint)
     history: list[dict] = []
-    best = None  # (key, epoch, state_dict, eval result)
+    best: dict | None = None  # {"epoch", "value", "loss", "result"}
+    best_state: dict | None = None
+    bad_epochs = 0
     stopped_early = None
+    global_step = 0  # train batches
+    optimizer_steps = 0
+    trained_samples_total = 0
+    start_epoch = 1
+    resumed_from = None
+    rng_snapshot = None  # RNG states to restore at the next epoch's start
+    ckpt_dir = out_dir / CHECKPOINT_DIR
+    fingerprint = checkpoint_fingerprint(parsed, cfg)
+    ckpt = None
+    if fresh:
+        _clear_checkpoints(ckpt_dir)
+    elif resume:
+        ckpt = _load_checkpoint(ckpt_dir / "latest.pt", fingerprint)
+        why = _fits(ckpt, model, optimizer) if ckpt is not None else None
+        if why:
+            log.warning("checkpoint %s does not fit this model (%s): starting fresh", ckpt_dir / "latest.pt", why)
+            ckpt = None
+        if ckpt is None:
+            _clear_checkpoints(ckpt_dir)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        # The checkpoint may come from another device: keep this run's "fused" setting (it also decides where
+        # load_state_dict puts AdamW's step counters).
+        fused = optimizer.param_groups[0].get("fused")
+        opt_state = dict(ckpt["optimizer"])
+        opt_state["param_groups"] = [{**g, "fused": fused} if "fused" in g else g for g in opt_state["param_groups"]]
+        optimizer.load_state_dict(opt_state)
+        if scheduler is not None and ckpt["scheduler"] is not None:
+            scheduler.load_state_dict(ckpt["scheduler"])
+        if use_scaler and ckpt["scaler"] is not None:
+            scaler.load_state_dict(ckpt["scaler"])
+        history = list(ckpt["history"])
+        best = ckpt["best"]
+        best_state = ckpt["model"] if ckpt["best_model"] is None else ckpt["best_model"]
+        bad_epochs = ckpt["bad_epochs"]
+        stopped_early = ckpt["stopped_early"]
+        global_step = ckpt["global_step"]
+        optimizer_steps = ckpt["optimizer_steps"]
+        trained_samples_total = ckpt["trained_samples_total"]
+        skipped.update(ckpt["skipped"])
+        t_start -= ckpt["elapsed_s"]
+        rng_snapshot = ckpt["rng"]
+        resumed_from = ckpt["epoch"]
+        start_epoch = resumed_from + 1
+        if stopped_early == "time_limit" and (
+            cfg["max_train_seconds"] is None or ckpt["elapsed_s"] < cfg["max_train_seconds"]
+        ):
+            stopped_early = None  # more time now: go on
+        if start_epoch > epochs or stopped_early:
+            log.info("checkpoint %s: training had finished at epoch %d", ckpt_dir / "latest.pt", resumed_from)
+        else:
+            log.info(
+                "resuming from checkpoint %s: epoch %d done, continuing at epoch %d",
+                ckpt_dir,
+                resumed_from,
+                start_epoch,
+            )
+        del ckpt
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+
     step_time = 0.0
     steps_done = 0
     eval_time = 0.0
     last_progress = time.monotonic()
     max_s = cfg["max_train_seconds"]
-    trained_samples_total = 0
 
     def eta(epoch: int, step: int) -> float:
         per_step = step_time / max(1, steps_done)
@@ -358,6 +687,47 @@ def _train(parsed, cfg, out_dir: Path, device: torch.device, num_workers: int, p
             value = min(value, max(0.0, max_s - (time.monotonic() - t_start)))
         return float(value)
 
+    def optimizer_step() -> None:
+        if use_scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def save_checkpoints(epoch: int, is_best: bool) -> None:
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "fingerprint": fingerprint,
+            "epoch": epoch,
+            "global_step": global_step,
+            "optimizer_steps": optimizer_steps,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "scaler": scaler.state_dict() if use_scaler else None,
+            "best": best,
+            "best_model": None if best["epoch"] == epoch else best_state,
+            "history": history,
+            "bad_epochs": bad_epochs,
+            "stopped_early": stopped_early,
+            "trained_samples_total": trained_samples_total,
+            "skipped": dict(skipped),
+            "elapsed_s": time.monotonic() - t_start,
+            "rng": rng_snapshot,
+        }
+        latest = ckpt_dir / "latest.pt"
+        _atomic_write_bytes_via(latest, lambda tmp: torch.save(state, tmp))
+        copies = []
+        if is_best:
+            copies.append(ckpt_dir / "best.pt")
+        every = cfg["checkpoint_every"]
+        if every and epoch % every == 0:
+            copies.append(ckpt_dir / f"epoch-{epoch:03d}.pt")
+        for path in copies:
+            _atomic_write_bytes_via(path, lambda tmp: shutil.copyfile(latest, tmp))
+
+    amp_name = "off" if amp_dtype is None else ("bf16" if amp_dtype == torch.bfloat16 else "fp16 + GradScaler")
     log.info(
         "training %s on %s: %d train / %d val items, %d heads, %d epochs x %d steps, workers=%d",
         cfg["backbone"],
@@ -369,16 +739,49 @@ def _train(parsed, cfg, out_dir: Path, device: torch.device, num_workers: int, p
         steps_per_epoch,
         num_workers,
     )
-    for epoch in range(1, epochs + 1):
+    log.info(
+        "optimizer=%s lr=%g weight_decay=%g, scheduler=%s, accumulate_steps=%d (effective batch %d), "
+        "freeze_backbone_epochs=%d%s, early_stopping=%s (patience %s), amp=%s, device=%s",
+        cfg["optimizer"]
+        + (
+            f" (momentum {cfg['momentum']:g}{', nesterov' if cfg['momentum'] > 0 else ''})"
+            if cfg["optimizer"] == "sgd"
+            else ""
+        ),
+        cfg["lr"],
+        cfg["weight_decay"],
+        cfg["scheduler"],
+        accum,
+        bs * accum,
+        freeze_epochs,
+        f" (fraction {cfg['freeze_fraction']:g}, then lr x{cfg['unfreeze_lr_mult']:g})" if freeze_epochs else "",
+        metric,
+        es["patience"],
+        amp_name,
+        device,
+    )
+    epoch_range = range(start_epoch, epochs + 1) if not stopped_early else range(0)
+    for epoch in epoch_range:
+        if rng_snapshot is not None:
+            _set_rng_state(rng_snapshot, gen)
+        frozen = epoch <= freeze_epochs
+        for p in freezable:
+            p.requires_grad_(not frozen)
         model.train()
+        if frozen:
+            for m in frozen_norms:
+                m.eval()
+        elif freeze_epochs and epoch == freeze_epochs + 1:
+            log.info("epoch %d: backbone unfrozen (lr x%g)", epoch, cfg["unfreeze_lr_mult"])
         t_epoch = time.monotonic()
         loss_sum, loss_n, samples_epoch = 0.0, 0, 0
         step = 0
+        pending = False  # gradients accumulated since the last optimizer step
+        epoch_lrs = _group_lrs(optimizer)
+        optimizer.zero_grad(set_to_none=True)
         t_step = time.monotonic()
         for step, (x, y, _idx, bad) in enumerate(train_loader, 1):
             on_bad(bad, "train")
-            for group in optimizer.param_groups:
-                group["lr"] = cfg["lr"] * lr_at(global_step)
             global_step += 1
             if x is not None and not (has_bn and x.shape[0] < 2):
                 x = normalize_batch(x.to(device, non_blocking=True), mean, std)
@@ -387,23 +790,34 @@ def _train(parsed, cfg, out_dir: Path, device: torch.device, num_workers: int, p
                     x = x.contiguous(memory_format=torch.channels_last)
                 with autocast_ctx():
                     logits, _ = model(x)
-                loss = _heads_loss(logits, y, cfg["label_smoothing"], loss_weights)
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is not None and scaler.is_enabled():
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
+                loss = _heads_loss(logits, y, cfg["label_smoothing"], loss_weights, head_weights)
+                group_start = (step - 1) // accum * accum + 1
+                group_len = min(accum, steps_per_epoch - group_start + 1)
+                scaled = loss / group_len if group_len > 1 else loss
+                if use_scaler:
+                    scaler.scale(scaled).backward()
                 else:
-                    loss.backward()
-                    optimizer.step()
+                    scaled.backward()
+                pending = True
                 loss_sum += float(loss.detach())
                 loss_n += 1
                 samples_epoch += x.shape[0]
             now = time.monotonic()
+            time_up = max_s is not None and now - t_start > max_s
+            if step % accum == 0 or step == steps_per_epoch or time_up:
+                epoch_lrs = _group_lrs(optimizer)  # the lr of the epoch's last optimizer step is recorded
+                if pending:
+                    optimizer_step()
+                    pending = False
+                else:  # no gradient in this group (unreadable or size-1 batches): a no-op that keeps the
+                    optimizer.step()  # scheduler's step bookkeeping in order
+                optimizer_steps += 1
+                if sched_when == "step":
+                    scheduler.step()
+            now = time.monotonic()
             step_time += now - t_step
             t_step = now
             steps_done += 1
-            time_up = max_s is not None and now - t_start > max_s
             if (
                 progress is not None
                 and step < steps_per_epoch
@@ -420,7 +834,7 @@ def _train(parsed, cfg, out_dir: Path, device: torch.device, num_workers: int, p
                         "loss": loss_sum / max(1, loss_n),
                         "metrics": {},
                         "eta_s": eta(epoch, step),
-                        "lr": optimizer.param_groups[0]["lr"],
+                        "lr": _group_lrs(optimizer).get("heads"),
                     }
                 )
                 last_progress = time.monotonic()
@@ -429,6 +843,7 @@ def _train(parsed, cfg, out_dir: Path, device: torch.device, num_workers: int, p
                 stopped_early = "time_limit"
                 log.warning("max_train_seconds=%s reached during epoch %d step %d: stopping", max_s, epoch, step)
                 break
+        optimizer.zero_grad(set_to_none=True)
         trained_samples_total += samples_epoch
         if epoch == 1 and trained_samples_total == 0 and stopped_early is None:
             first = next(iter(skipped.items()), None)
@@ -440,25 +855,42 @@ def _train(parsed, cfg, out_dir: Path, device: torch.device, num_workers: int, p
         result = evaluate(model, eval_loader, head_names, head_sizes, device, autocast_ctx, on_bad, mean, std)
         eval_time = time.monotonic() - t_eval
         train_loss = loss_sum / loss_n if loss_n else None
+        rng_snapshot = _rng_state(gen)
+        value = _metric_value(result, metric)
         record = {
             "epoch": epoch,
             "train_loss": train_loss,
             "val_loss": result["loss"],
             "heads": {n: {k: v for k, v in m.items() if k != "per_class_counts"} for n, m in result["heads"].items()},
             "primary": result["primary"],
-            "lr": optimizer.param_groups[0]["lr"],
+            "lr": epoch_lrs.get("heads"),
+            "lrs": epoch_lrs,
+            "backbone_frozen": bool(frozen and freezable),
             "seconds": round(time.monotonic() - t_epoch, 3),
             "steps": step,
         }
         history.append(record)
-        key = (
-            result["primary"] if result["primary"] is not None else -1.0,
-            -result["loss"] if result["loss"] is not None else -math.inf,
-            epoch,
-        )
-        if best is None or key > best[0]:
-            state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-            best = (key, epoch, state, result)
+        improved, selected = _judge(value, result["loss"], best, mode, es["min_delta"])
+        if improved:
+            bad_epochs = 0
+        elif value is not None:
+            bad_epochs += 1
+        if selected:
+            best = {"epoch": epoch, "value": value, "loss": result["loss"], "result": result}
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        if sched_when == "epoch":
+            scheduler.step(value if value is not None else (math.inf if mode == "min" else -math.inf))
+        if es["patience"] is not None and bad_epochs >= es["patience"] and not stopped_early and epoch < epochs:
+            stopped_early = "early_stopping"
+            log.info(
+                "early stopping after epoch %d: %s has not improved for %d epochs (best %s at epoch %d)",
+                epoch,
+                metric,
+                bad_epochs,
+                _fmt(best["value"]),
+                best["epoch"],
+            )
+        save_checkpoints(epoch, selected)  # before progress(): a cancelled run can resume from here
         log.info(
             "epoch %d/%d: train loss %s, %s loss %s, mean top1 %s (%.1fs)",
             epoch,
@@ -492,7 +924,7 @@ def _train(parsed, cfg, out_dir: Path, device: torch.device, num_workers: int, p
         if stopped_early:
             break
 
-    _, best_epoch, best_state, best_result = best
+    best_epoch, best_result = best["epoch"], best["result"]
     label_maps = parsed.label_maps
     metrics = {
         "heads": {
@@ -501,6 +933,7 @@ def _train(parsed, cfg, out_dir: Path, device: torch.device, num_workers: int, p
         },
         "primary": best_result["primary"],
         "best_epoch": best_epoch,
+        "selection_metric": metric,
         "history": history,
         "n_train": n_train,
         "n_val": len(parsed.val),
@@ -516,6 +949,8 @@ def _train(parsed, cfg, out_dir: Path, device: torch.device, num_workers: int, p
         "stopped_early": stopped_early,
         "seconds": None,
     }
+    if resumed_from is not None:
+        metrics["resumed_from_epoch"] = resumed_from
     artifact = {
         "format": ARTIFACT_FORMAT,
         "config": cfg,
@@ -534,7 +969,7 @@ def _train(parsed, cfg, out_dir: Path, device: torch.device, num_workers: int, p
     metrics["seconds"] = round(time.monotonic() - t_start, 3)
     metrics = _clean(metrics)
     write_json_atomic(out_dir / "metrics.json", metrics)
-    log.info("best epoch %d, mean top1 %s, written to %s", best_epoch, _fmt(metrics["primary"]), out_dir)
+    log.info("best epoch %d, %s %s, written to %s", best_epoch, metric, _fmt(best["value"]), out_dir)
     return metrics
 
 

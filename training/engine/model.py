@@ -153,3 +153,22 @@ def build_model(config: dict, heads: list[dict], *, load_weights: bool = True) -
     dim, mean, std = backbone_stats(backbone, config["image_size"])
     model = LoupeNet(backbone, dim, [len(h["classes"]) for h in heads])
     return model, {"embedding_dim": dim, "mean": mean, "std": std, "pretrained_source": source}
+
+
+def freezable_backbone_params(model: LoupeNet, fraction: float) -> tuple[list[nn.Parameter], list[nn.Module]]:
+    """The first `fraction` of the backbone's parameter tensors in module order (at least one, 1.0 = all), and
+    the BatchNorm layers whose parameters are all among them (kept in eval mode while frozen, so that a frozen
+    part of the backbone does not change at all)."""
+    params = list(model.backbone.parameters())
+    n = min(len(params), max(1, int(round(fraction * len(params))))) if params else 0
+    chosen = params[:n]
+    ids = {id(p) for p in chosen}
+    everything = n == len(params)
+    norms = []
+    for m in model.backbone.modules():
+        if not isinstance(m, nn.modules.batchnorm._BatchNorm):
+            continue
+        own = list(m.parameters(recurse=False))
+        if everything or (own and all(id(p) in ids for p in own)):
+            norms.append(m)
+    return chosen, norms
