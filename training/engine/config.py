@@ -58,7 +58,23 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "unfreeze_lr_mult": 0.1,
     # Class weights in the loss from the train counts: "none", "inverse" (N / (K * n_c)) or "sqrt_inverse".
     "class_weighting": "none",
-    # Augmentation (train only; validation is resize + centre crop)
+    # Sampling of the train split (see training/engine/sampling.py):
+    #   "shuffle": every item once per epoch; "pk": balanced batches of pk_p classes x pk_k images of the first
+    #   head (metric learning); "weighted": draw by source shares, fixed (`source_weights`, e.g.
+    #   {"real": 0.7, "synthetic": 0.3}) or per epoch (`source_curriculum`, e.g. [{"until_epoch": 5,
+    #   "weights": {"synthetic": 0.8, "real": 0.2}}, {"weights": {"real": 0.7, "synthetic": 0.3}}])
+    "sampler": "shuffle",
+    "pk_p": 8,
+    "pk_k": 4,
+    "source_weights": None,
+    "source_curriculum": None,
+    # Augmentation (train only; validation is bicubic resize + centre crop). Presets: "none", "light",
+    # "standard" (random resized crop, flip, rotation, colour jitter), "strong" (+ blur and noise).
+    # blur_prob / noise_std null = the preset's default; vertical flip is off unless asked for.
+    "augment": "standard",
+    "blur_prob": None,
+    "noise_std": None,
+    "vflip": False,
     "hflip": True,  # set False when mirror-image parts are different classes (left/right wedges)
     "rotation_degrees": 15.0,
     "color_jitter": 0.2,  # brightness/contrast/saturation; hue is never jittered (colour labels)
@@ -374,6 +390,11 @@ def resolve_config(overrides: dict | None = None) -> dict:
         cfg["early_stopping"] = {**DEFAULT_CONFIG["early_stopping"], **es}
     _normalize_numbers(cfg)
     _validate(cfg)
+    from .data import validate_aug_config  # noqa: PLC0415 - imports torch, like timm below
+    from .sampling import validate_sampling_config  # noqa: PLC0415
+
+    validate_sampling_config(cfg)
+    validate_aug_config(cfg)
     import timm  # noqa: PLC0415 - heavy import only when really validating a backbone name
 
     if not timm.is_model(cfg["backbone"]):

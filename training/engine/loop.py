@@ -27,6 +27,7 @@ from .config import RUNTIME_KEYS, resolve_config
 from .data import ManifestDataset, collate_skip, draft_size, eval_transform, normalize_batch, train_transform
 from .manifest import IGNORE_INDEX, ParsedManifest, parse_manifest
 from .model import ARTIFACT_FORMAT, build_model, freezable_backbone_params
+from .sampling import build_train_sampler, manifest_train_sources
 
 log = logging.getLogger("training.engine")
 
@@ -503,7 +504,10 @@ def train_model(
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     try:
-        return _train(parsed, cfg, out_dir, device, num_workers, progress, t_start, resume=resume, fresh=fresh)
+        sources = manifest_train_sources(manifest)
+        return _train(
+            parsed, cfg, out_dir, device, num_workers, progress, t_start, resume=resume, fresh=fresh, sources=sources
+        )
     finally:
         torch.set_num_threads(prev_threads)
         if prev_cuda_flags is not None:
@@ -515,7 +519,17 @@ def train_model(
 
 
 def _train(
-    parsed, cfg, out_dir: Path, device: torch.device, num_workers: int, progress, t_start: float, *, resume, fresh
+    parsed,
+    cfg,
+    out_dir: Path,
+    device: torch.device,
+    num_workers: int,
+    progress,
+    t_start: float,
+    *,
+    resume,
+    fresh,
+    sources: list[str] | None = None,
 ) -> dict:
     head_names = parsed.head_names
     head_sizes = [len(h["classes"]) for h in parsed.heads]
@@ -558,7 +572,19 @@ def _train(
     train_ds = ManifestDataset(parsed.train, train_transform(cfg), min_side=draft_size(cfg["image_size"], 1.5))
     # Train workers are not persistent: each epoch's workers are seeded from `gen`, whose state is restored at each
     # epoch start (see _rng_state), so their augmentations are reproducible after a resume too.
-    train_loader = DataLoader(train_ds, batch_size=bs, shuffle=True, drop_last=n_train > bs, generator=gen, **loader_kw)
+    sampler, sampler_kind = build_train_sampler(
+        sources or ["real"] * n_train, [it.targets[0] for it in parsed.train], cfg, seed=cfg["seed"]
+    )
+    if sampler_kind == "pk":
+        train_loader = DataLoader(train_ds, batch_sampler=sampler, generator=gen, **loader_kw)
+    elif sampler_kind == "weighted":
+        train_loader = DataLoader(
+            train_ds, sampler=sampler, batch_size=bs, drop_last=n_train > bs, generator=gen, **loader_kw
+        )
+    else:
+        train_loader = DataLoader(
+            train_ds, batch_size=bs, shuffle=True, drop_last=n_train > bs, generator=gen, **loader_kw
+        )
     metrics_on = "val" if parsed.val else "train"
     eval_items = parsed.val if parsed.val else parsed.train
     eval_ds = ManifestDataset(eval_items, eval_transform(cfg["image_size"]), min_side=draft_size(cfg["image_size"]))
@@ -764,6 +790,8 @@ def _train(
     for epoch in epoch_range:
         if rng_snapshot is not None:
             _set_rng_state(rng_snapshot, gen)
+        if sampler is not None:
+            sampler.set_epoch(epoch)  # the epoch's draw is a pure function of (seed, epoch): exact resume
         frozen = epoch <= freeze_epochs
         for p in freezable:
             p.requires_grad_(not frozen)

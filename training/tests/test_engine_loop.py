@@ -35,6 +35,8 @@ def kill_after(epoch):
 def manifest(tmp_path_factory):
     root = tmp_path_factory.mktemp("loop")
     m = make_shapes_dataset(root / "img", n=32, size=32, shapes=("square", "circle"))
+    for i, it in enumerate(m["items"]):
+        it["source"] = "synthetic" if i % 3 == 0 else "real"
     for i in range(2):  # never opened: training must not touch the test split
         m["items"].append(
             {"id": 900 + i, "path": str(root / "missing" / f"t{i}.png"), "labels": {"color": "red"}, "split": "test"}
@@ -86,8 +88,21 @@ def initial_model(manifest, **kw):
             "freeze_backbone_epochs": 1,
             "early_stopping": {"metric": "val_loss"},
         },
+        {  # P x K batches and the strong augmentation preset (blur + noise)
+            "sampler": "pk",
+            "pk_p": 2,
+            "pk_k": 4,
+            "augment": "strong",
+        },
+        {  # a source curriculum: the weighted sampler's draw changes per epoch
+            "sampler": "weighted",
+            "source_curriculum": [
+                {"until_epoch": 2, "weights": {"synthetic": 0.8, "real": 0.2}},
+                {"weights": {"real": 0.7, "synthetic": 0.3}},
+            ],
+        },
     ],
-    ids=["adamw-cosine", "sgd-plateau-accum-freeze"],
+    ids=["adamw-cosine", "sgd-plateau-accum-freeze", "pk-strong-aug", "curriculum"],
 )
 def test_resume_after_kill_equals_uninterrupted(manifest, tmp_path, options):
     def noisy_progress(p):  # a callback that uses the global RNGs must not change the training
@@ -339,3 +354,12 @@ def test_new_config_keys_rejected(overrides, words):
         resolve_config(overrides)
     for w in words:
         assert w in str(exc.value)
+
+
+def test_sampler_and_augmentation_keys_are_validated():
+    with pytest.raises(ValueError, match="sampler"):
+        resolve_config({"sampler": "random"})
+    with pytest.raises(ValueError, match="augment"):
+        resolve_config({"augment": "extreme"})
+    with pytest.raises(ValueError, match="source"):
+        resolve_config({"sampler": "weighted", "source_weights": {"reel": 1.0}})
