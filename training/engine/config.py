@@ -89,11 +89,25 @@ DEFAULT_CONFIG: dict[str, Any] = {
     # Checkpoints in out_dir/checkpoints/: latest.pt after every epoch, best.pt when the selection metric
     # improves, and epoch-NNN.pt every N epochs (0 = none). train_model resumes from latest.pt by default.
     "checkpoint_every": 0,
+    # Evaluation artifacts of the best epoch: per-class precision/recall, confusion matrix and training-curve
+    # pictures, most-confused pairs, report.md; with eval_retrieval also Recall@1/5 and mAP of the validation
+    # embeddings against a Faiss gallery of the train split (one extra pass over the train images).
+    "eval_report": True,
+    "eval_retrieval": True,
 }
 
 # Keys that only change how/where training runs, not what it computes: a checkpoint written with other values
 # of these keys can still be resumed (they are left out of the checkpoint fingerprint).
-RUNTIME_KEYS = ("num_workers", "torch_threads", "device", "progress_every", "max_train_seconds", "checkpoint_every")
+RUNTIME_KEYS = (
+    "num_workers",
+    "torch_threads",
+    "device",
+    "progress_every",
+    "max_train_seconds",
+    "checkpoint_every",
+    "eval_report",
+    "eval_retrieval",
+)
 
 
 CLASS_WEIGHTINGS = ("none", "inverse", "sqrt_inverse")
@@ -194,6 +208,8 @@ def _validate(cfg: dict[str, Any]) -> None:
         cfg["class_weighting"],
         " or ".join(map(repr, CLASS_WEIGHTINGS)),
     )
+    for key in ("eval_report", "eval_retrieval"):
+        _check(isinstance(cfg[key], bool), key, cfg[key], "true or false")
     _check(isinstance(cfg["hflip"], bool), "hflip", cfg["hflip"], "true or false")
     _check(
         _is_number(cfg["rotation_degrees"]) and 0 <= cfg["rotation_degrees"] <= 180,

@@ -979,6 +979,26 @@ def _train(
     }
     if resumed_from is not None:
         metrics["resumed_from_epoch"] = resumed_from
+    if cfg["eval_report"]:
+        try:
+            model.load_state_dict(best_state)
+            _final_report(
+                model,
+                parsed,
+                cfg,
+                out_dir,
+                metrics,
+                eval_loader,
+                eval_items,
+                device,
+                autocast_ctx,
+                mean,
+                std,
+                loader_kw,
+            )
+        except Exception as exc:  # noqa: BLE001 - a failed report must not lose the trained model
+            log.exception("evaluation report failed")
+            metrics["report_error"] = f"{type(exc).__name__}: {exc}"[:1000]
     artifact = {
         "format": ARTIFACT_FORMAT,
         "config": cfg,
@@ -999,6 +1019,91 @@ def _train(
     write_json_atomic(out_dir / "metrics.json", metrics)
     log.info("best epoch %d, %s %s, written to %s", best_epoch, metric, _fmt(best["value"]), out_dir)
     return metrics
+
+
+@torch.inference_mode()
+def _predict_all(model, loader, device, autocast_ctx, mean, std, n: int, heads: list[dict]):
+    """Logits per head (n, K) float32, targets (n, H) int64 and L2-normalised embeddings (n, D) of a loader in
+    order; rows of unreadable files stay NaN (logits/embeddings) and IGNORE_INDEX (targets)."""
+    model.eval()
+    logits_out = [np.full((n, len(h["classes"])), np.nan, dtype=np.float32) for h in heads]
+    targets = np.full((n, len(heads)), IGNORE_INDEX, dtype=np.int64)
+    emb = None
+    for x, y, idx, _bad in loader:
+        if x is None:
+            continue
+        x = normalize_batch(x.to(device, non_blocking=True), mean, std)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast_ctx():
+            logits, feats = model(x)
+        rows = np.asarray(idx)
+        for h, lg in enumerate(logits):
+            logits_out[h][rows] = lg.float().cpu().numpy()
+        targets[rows] = y.numpy()
+        e = F.normalize(feats.float(), dim=1).cpu().numpy()
+        if emb is None:
+            emb = np.full((n, e.shape[1]), np.nan, dtype=np.float32)
+        emb[rows] = e
+    return logits_out, targets, emb
+
+
+def _final_report(model, parsed, cfg, out_dir, metrics, eval_loader, eval_items, device, autocast_ctx, mean, std, kw):
+    """The best epoch's evaluation artifacts: per-class precision/recall and confusion per head (metrics.json +
+    confusion_<head>.png), most-confused pairs, curves.png, retrieval Recall@1/5 + mAP against a Faiss gallery of
+    the train split (metrics["retrieval"]) and report.md."""
+    from . import report  # noqa: PLC0415
+
+    heads = parsed.heads
+    logits, targets, emb = _predict_all(model, eval_loader, device, autocast_ctx, mean, std, len(eval_items), heads)
+    images = {}
+    head_reports = {}
+    for h, head in enumerate(heads):
+        name = head["name"]
+        rep = report.classification_report(logits[h], targets[:, h], head["classes"])
+        head_reports[name] = rep
+        m = metrics["heads"][name]
+        m["per_class"] = {
+            c: {k: v[k] for k in ("n", "correct", "accuracy", "precision", "recall", "f1")}
+            for c, v in rep["per_class"].items()
+            if v["n"]
+        }
+        m["macro"] = rep.get("macro")
+        m["most_confused"] = rep["most_confused"]
+        png = f"confusion_{name}.png"
+        report.plot_confusion(rep["confusion"], head["classes"], out_dir / png, title=name)
+        images[f"{name} confusion"] = png
+        write_json_atomic(out_dir / f"confusion_{name}.json", {"classes": head["classes"], "matrix": rep["confusion"]})
+    report.plot_curves(metrics["history"], out_dir / "curves.png")
+    images["curves"] = "curves.png"
+    retrieval = None
+    if cfg["eval_retrieval"] and parsed.val and emb is not None:
+        gallery_ds = ManifestDataset(parsed.train, eval_transform(cfg["image_size"]), draft_size(cfg["image_size"]))
+        gallery_loader = DataLoader(gallery_ds, batch_size=max(1, cfg["batch_size"] * 2), shuffle=False, **kw)
+        _g_logits, g_targets, g_emb = _predict_all(
+            model, gallery_loader, device, autocast_ctx, mean, std, len(parsed.train), heads
+        )
+        retrieval = {}
+        ok_q = ~np.isnan(emb).any(axis=1)
+        ok_g = ~np.isnan(g_emb).any(axis=1) if g_emb is not None else None
+        for h, head in enumerate(heads):
+            if ok_g is None or not ok_g.any():
+                break
+            retrieval[head["name"]] = report.retrieval_report(
+                g_emb[ok_g], g_targets[ok_g, h], emb[ok_q], targets[ok_q, h]
+            )
+        metrics["retrieval"] = retrieval
+    metrics["report_images"] = images
+    parents = {h.get("parent") for h in heads}
+    leaf = next((h["name"] for h in heads if h["name"] not in parents), heads[0]["name"])  # model, part, sku
+    report.write_report_md(
+        out_dir / "report.md",
+        metrics=metrics,
+        heads=head_reports,
+        retrieval=(retrieval or {}).get(leaf),
+        images=images,
+        config=cfg,
+    )
 
 
 def _with_per_class(head_metrics: dict, classes: list[str], n_train: int) -> dict:

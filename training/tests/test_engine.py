@@ -205,7 +205,8 @@ def test_metrics_content(run):
     assert m["device"] == "cpu" and m["metrics_on"] == "val"
     assert len(m["history"]) == 3 and 1 <= m["best_epoch"] <= 3
     # all val "shape" labels are unknown: no metrics for that head, and the primary is the colour top-1
-    assert m["heads"]["shape"] == {"top1": None, "top5": None, "n_val": 0, "n_train": 31, "per_class": {}}
+    shape = {k: m["heads"]["shape"][k] for k in ("top1", "top5", "n_val", "n_train", "per_class", "most_confused")}
+    assert shape == {"top1": None, "top5": None, "n_val": 0, "n_train": 31, "per_class": {}, "most_confused": []}
     assert m["heads"]["color"]["n_val"] == 10 and m["heads"]["color"]["n_train"] == 26
     assert m["primary"] == m["heads"]["color"]["top1"]
     assert m["heads"]["color"]["top5"] == 1.0  # top-5 with K=2 is top-2
@@ -337,3 +338,20 @@ def test_class_weights_balance_the_loss():
     assert torch.isclose(_heads_loss(logits, y, 0.0, [w]), _heads_loss(logits, y, 0.0))
     with pytest.raises(ValueError, match="class_weighting"):
         resolve_config({"class_weighting": "heavy"})
+
+
+def test_evaluation_artifacts(run):
+    out, m = run["out"], run["metrics"]
+    for name in ("confusion_color.png", "confusion_shape.png", "curves.png", "report.md", "confusion_color.json"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    color = m["heads"]["color"]
+    assert set(color["per_class"]) <= {"red", "blue"} and sum(c["n"] for c in color["per_class"].values()) == 10
+    for c in color["per_class"].values():
+        assert 0 <= c["recall"] <= 1 and c["accuracy"] == c["recall"]
+    assert isinstance(color["most_confused"], list)
+    # Retrieval of validation embeddings against a Faiss gallery of the train split.
+    r = m["retrieval"]["color"]
+    assert 0 <= r["recall@1"] <= r["recall@5"] <= 1 and 0 <= r["map"] <= 1 and r["n_gallery"] > 0
+    text = (out / "report.md").read_text()
+    assert "color" in text and "curves.png" in text and "confusion_color.png" in text
