@@ -56,6 +56,17 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "freeze_backbone_epochs": 0,
     "freeze_fraction": 1.0,
     "unfreeze_lr_mult": 0.1,
+    # Heads: "softmax" (a linear classifier per head) or "arcface": one head (arcface_head, default the leaf
+    # head: model, part, sku) becomes an ArcFace head on an `arcface_dim`-d L2-normalised embedding (additive
+    # angular margin `arcface_margin` degrees, scale `arcface_scale`; pytorch-metric-learning). The seed's two
+    # phases: during the freeze_backbone_epochs warm-up the margin is `arcface_warmup_margin` (0), then the whole
+    # network trains with the target margin (same weights throughout). Other heads stay softmax.
+    "head_type": "softmax",
+    "arcface_head": None,
+    "arcface_dim": 512,
+    "arcface_margin": 28.6,
+    "arcface_scale": 64.0,
+    "arcface_warmup_margin": 0.0,
     # Class weights in the loss from the train counts: "none", "inverse" (N / (K * n_c)) or "sqrt_inverse".
     "class_weighting": "none",
     # Sampling of the train split (see training/engine/sampling.py):
@@ -115,6 +126,7 @@ OPTIMIZERS = ("adamw", "sgd")
 SCHEDULERS = ("cosine", "cosine_restarts", "plateau", "none")
 EARLY_STOPPING_KEYS = ("metric", "patience", "min_delta")
 INT_KEYS = (
+    "arcface_dim",
     "image_size",
     "epochs",
     "batch_size",
@@ -128,6 +140,9 @@ INT_KEYS = (
     "checkpoint_every",
 )
 FLOAT_KEYS = (
+    "arcface_margin",
+    "arcface_scale",
+    "arcface_warmup_margin",
     "lr",
     "weight_decay",
     "warmup_epochs",
@@ -207,6 +222,27 @@ def _validate(cfg: dict[str, Any]) -> None:
         "class_weighting",
         cfg["class_weighting"],
         " or ".join(map(repr, CLASS_WEIGHTINGS)),
+    )
+    _check(cfg["head_type"] in ("softmax", "arcface"), "head_type", cfg["head_type"], "'softmax' or 'arcface'")
+    _check(
+        cfg["arcface_head"] is None or (isinstance(cfg["arcface_head"], str) and cfg["arcface_head"]),
+        "arcface_head",
+        cfg["arcface_head"],
+        "null (the leaf head) or a head name",
+    )
+    _check(
+        _is_int(cfg["arcface_dim"]) and 8 <= cfg["arcface_dim"] <= 4096,
+        "arcface_dim",
+        cfg["arcface_dim"],
+        "an integer between 8 and 4096 (512 in the seeds)",
+    )
+    for key, hi in (("arcface_margin", 90), ("arcface_warmup_margin", 90)):
+        _check(_is_number(cfg[key]) and 0 <= cfg[key] < hi, key, cfg[key], "degrees in [0, 90), e.g. 28.6 (= 0.5 rad)")
+    _check(
+        _is_number(cfg["arcface_scale"]) and 0 < cfg["arcface_scale"] <= 1000,
+        "arcface_scale",
+        cfg["arcface_scale"],
+        "a number > 0 (e.g. 30 or 64)",
     )
     for key in ("eval_report", "eval_retrieval"):
         _check(isinstance(cfg[key], bool), key, cfg[key], "true or false")

@@ -369,16 +369,25 @@ def _heads_loss(
     label_smoothing: float,
     weights: list | None = None,
     head_weights: list[float] | None = None,
+    *,
+    model=None,
+    embeddings: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sum over heads of the (class-weighted) mean cross-entropy over the samples whose label is known, each
-    head's term multiplied by its head_weights entry (default 1)."""
+    head's term multiplied by its head_weights entry (default 1). The ArcFace head of `model` (if any) uses the
+    ArcFace loss on `embeddings` instead (float32, margin as currently set on the model)."""
     total = logits[0].new_zeros((), dtype=torch.float32)
+    arc = getattr(model, "arcface_head", None)
     for h, lg in enumerate(logits):
         hw = 1.0 if head_weights is None else head_weights[h]
         if hw == 0:
             continue
         yh = y[:, h]
         known = yh != IGNORE_INDEX
+        if h == arc:
+            if known.any():
+                total = total + model.arcface(embeddings[known].float(), yh[known]) * hw
+            continue
         w = weights[h] if weights else None
         if w is None:
             n = known.sum().clamp_min(1)
@@ -795,6 +804,8 @@ def _train(
         frozen = epoch <= freeze_epochs
         for p in freezable:
             p.requires_grad_(not frozen)
+        if getattr(model, "arcface_head", None) is not None:  # the seed's two phases: margin 0, then the target
+            model.set_arcface_margin(cfg["arcface_warmup_margin"] if frozen else cfg["arcface_margin"])
         model.train()
         if frozen:
             for m in frozen_norms:
@@ -817,8 +828,10 @@ def _train(
                 if is_cuda:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with autocast_ctx():
-                    logits, _ = model(x)
-                loss = _heads_loss(logits, y, cfg["label_smoothing"], loss_weights, head_weights)
+                    logits, feats = model(x)
+                loss = _heads_loss(
+                    logits, y, cfg["label_smoothing"], loss_weights, head_weights, model=model, embeddings=feats
+                )
                 group_start = (step - 1) // accum * accum + 1
                 group_len = min(accum, steps_per_epoch - group_start + 1)
                 scaled = loss / group_len if group_len > 1 else loss
@@ -894,6 +907,11 @@ def _train(
             "lr": epoch_lrs.get("heads"),
             "lrs": epoch_lrs,
             "backbone_frozen": bool(frozen and freezable),
+            "arcface_margin": (
+                round(math.degrees(model.arcface.margin), 4)
+                if getattr(model, "arcface_head", None) is not None
+                else None
+            ),
             "seconds": round(time.monotonic() - t_epoch, 3),
             "steps": step,
         }

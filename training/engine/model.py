@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import timm
@@ -16,19 +17,56 @@ ARTIFACT_FORMAT = "loupe-v1"
 
 
 class LoupeNet(nn.Module):
-    """forward(x) -> (list of logits per head, pooled features). Embedding = L2-normalised features."""
+    """forward(x) -> (list of logits per head, embedding features). Embedding = L2-normalised features.
 
-    def __init__(self, backbone: nn.Module, embedding_dim: int, head_sizes: list[int]):
+    With `arcface` ({"head": index, "dim": 512, "margin": degrees, "scale": s}) one head is an ArcFace head
+    (pytorch-metric-learning's ArcFaceLoss, whose class centres W live in this module so they are trained,
+    checkpointed and exported): a projection neck (Linear + BatchNorm) gives the `dim`-d embedding, that head's
+    logits are scale x cosine(embedding, class centre) (no margin: the margin only enters the training loss),
+    and the embedding returned (and indexed by Faiss) is the ArcFace embedding."""
+
+    def __init__(self, backbone: nn.Module, embedding_dim: int, head_sizes: list[int], arcface: dict | None = None):
         super().__init__()
         self.backbone = backbone
+        self.feature_dim = embedding_dim
+        self.arcface_head = None
+        if arcface is not None:
+            from pytorch_metric_learning.losses import ArcFaceLoss  # noqa: PLC0415
+
+            self.arcface_head = int(arcface["head"])
+            dim = int(arcface["dim"])
+            self.neck = nn.Sequential(nn.Linear(embedding_dim, dim), nn.BatchNorm1d(dim))
+            self.arcface = ArcFaceLoss(
+                num_classes=head_sizes[self.arcface_head],
+                embedding_size=dim,
+                margin=float(arcface["margin"]),
+                scale=float(arcface["scale"]),
+            )
+            self.arcface_scale = float(arcface["scale"])
+            embedding_dim = dim
         self.embedding_dim = embedding_dim
-        self.heads = nn.ModuleList(nn.Linear(embedding_dim, k) for k in head_sizes)
+        self.heads = nn.ModuleList(
+            nn.Identity() if h == self.arcface_head else nn.Linear(self.feature_dim, k)
+            for h, k in enumerate(head_sizes)
+        )
 
     def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         feats = self.backbone(x)
         if feats.ndim > 2:  # defensive: some backbones may return unpooled maps
             feats = feats.flatten(2).mean(-1)
-        return [head(feats) for head in self.heads], feats
+        if self.arcface_head is None:
+            return [head(feats) for head in self.heads], feats
+        emb = self.neck(feats)
+        cosine = F.normalize(emb.float(), dim=1) @ F.normalize(self.arcface.W.float(), dim=0)
+        logits = [
+            (cosine * self.arcface_scale).to(feats.dtype) if h == self.arcface_head else head(feats)
+            for h, head in enumerate(self.heads)
+        ]
+        return logits, emb
+
+    def set_arcface_margin(self, degrees: float) -> None:
+        """The ArcFace margin used by the training loss (the warm-up phase trains with 0)."""
+        self.arcface.margin = math.radians(degrees)
 
     @staticmethod
     def embed(feats: torch.Tensor) -> torch.Tensor:
@@ -151,8 +189,29 @@ def build_model(config: dict, heads: list[dict], *, load_weights: bool = True) -
         )
         source = None
     dim, mean, std = backbone_stats(backbone, config["image_size"])
-    model = LoupeNet(backbone, dim, [len(h["classes"]) for h in heads])
-    return model, {"embedding_dim": dim, "mean": mean, "std": std, "pretrained_source": source}
+    arcface = arcface_spec(config, heads)
+    model = LoupeNet(backbone, dim, [len(h["classes"]) for h in heads], arcface=arcface)
+    return model, {"embedding_dim": model.embedding_dim, "mean": mean, "std": std, "pretrained_source": source}
+
+
+def arcface_spec(config: dict, heads: list[dict]) -> dict | None:
+    """{"head", "dim", "margin", "scale"} when config["head_type"] is "arcface", else None. The ArcFace head is
+    config["arcface_head"] or, by default, the first head no other head names as parent (model, part, sku)."""
+    if config.get("head_type", "softmax") != "arcface":
+        return None
+    names = [h["name"] for h in heads]
+    wanted = config.get("arcface_head")
+    if wanted is None:
+        parents = {h.get("parent") for h in heads}
+        wanted = next((n for n in names if n not in parents), names[0])
+    if wanted not in names:
+        raise ValueError(f"config 'arcface_head': {wanted!r} is not a head; heads are {', '.join(names)}")
+    return {
+        "head": names.index(wanted),
+        "dim": config.get("arcface_dim", 512),
+        "margin": config.get("arcface_margin", 28.6),
+        "scale": config.get("arcface_scale", 64.0),
+    }
 
 
 def freezable_backbone_params(model: LoupeNet, fraction: float) -> tuple[list[nn.Parameter], list[nn.Module]]:
