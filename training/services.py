@@ -121,7 +121,19 @@ def _progress_writer(run_id: int):
     return write
 
 
-def training_run_execute(*, run_id: int, inline: bool = False) -> TrainingRun:
+def training_run_reopen(*, project: Project, run_id: int) -> TrainingRun:
+    """Make a failed (or stuck) run runnable again; executing it resumes from its latest checkpoint."""
+    run = project.training_runs.filter(pk=run_id).first()
+    if run is None:
+        raise TrainingError(f"Project {project.slug!r} has no training run {run_id}.")
+    if run.status == TrainingRun.Status.SUCCEEDED:
+        raise TrainingError(f"Run {run_id} already succeeded (model v{run.model_version.number}); start a new run.")
+    TrainingRun.objects.filter(pk=run.pk).update(status=TrainingRun.Status.QUEUED, error="", finished_at=None)
+    run.refresh_from_db()
+    return run
+
+
+def training_run_execute(*, run_id: int, inline: bool = False, fresh: bool = False) -> TrainingRun:
     """Train for one TrainingRun row (from the Celery task or `manage.py train`). Idempotent: a finished run
     is left alone; a run left 'running' by a killed worker starts again. `inline` builds the index of an
     auto-promoted first model in this process instead of queueing it."""
@@ -154,7 +166,8 @@ def training_run_execute(*, run_id: int, inline: bool = False) -> TrainingRun:
         n_train = sum(1 for it in manifest["items"] if it["split"] == "train")
         n_val = sum(1 for it in manifest["items"] if it["split"] == "val")
         TrainingRun.objects.filter(pk=run.id).update(n_train=n_train, n_val=n_val, epochs=config["epochs"])
-        metrics = train_model(manifest, config, out_dir, progress=_progress_writer(run.id))
+        # Resumes from out_dir/checkpoints/latest.pt when a worker was killed mid-run (same data and config).
+        metrics = train_model(manifest, config, out_dir, progress=_progress_writer(run.id), fresh=fresh)
     except Exception as exc:  # noqa: BLE001 - the row must say why, whatever went wrong
         log.exception("training run %s failed", run.id)
         message = (

@@ -1,5 +1,7 @@
 """Training runs and model versions pages (admins); live progress by htmx polling."""
 
+import json
+
 from django.contrib import messages
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
@@ -14,11 +16,37 @@ from .models import ModelVersion
 RETRAIN_FIELDS = {"epochs": int, "backbone": str, "image_size": int, "batch_size": int, "lr": float}
 
 
+def parse_more_options(text: str) -> dict:
+    """Any engine option from the Retrain form: one `key = value` per line, values in JSON (strings may be bare),
+    e.g. `head_type = arcface` or `early_stopping = {"metric": "val_loss", "patience": 5}`."""
+    out = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if "=" not in line:
+            raise ValueError(f"More options, line {n}: expected key = value, e.g. scheduler = cosine_restarts")
+        key, raw = (part.strip() for part in line.split("=", 1))
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            if raw[:1] in "[{":
+                raise ValueError(f"More options, line {n}: {raw!r} is not valid JSON") from None
+            out[key] = raw
+    return out
+
+
 @staff_required
 def run_list(request, slug):
     project = get_object_or_404(Project, slug=slug)
     runs = list(project.training_runs.select_related("created_by", "model_version")[:50])
-    context = {"project": project, "runs": runs, "polling": any(r.is_active for r in runs), "fields": RETRAIN_FIELDS}
+    context = {
+        "project": project,
+        "runs": runs,
+        "polling": any(r.is_active for r in runs),
+        "fields": RETRAIN_FIELDS,
+        "preset": services.preset_config(project.preset),
+    }
     template = "training/_runs.html" if _partial(request) else "training/runs.html"
     return render(request, template, context)
 
@@ -37,6 +65,11 @@ def run_create(request, slug):
                 expected = {int: "an integer", float: "a number"}.get(kind, "text")
                 messages.error(request, f"{name} must be {expected} (got {raw!r}).")
                 return redirect("training:run-list", slug=slug)
+    try:
+        config.update(parse_more_options(request.POST.get("more", "")))
+    except ValueError as exc:
+        messages.error(request, str(exc))
+        return redirect("training:run-list", slug=slug)
     try:
         run = services.training_run_create(project=project, user=request.user, config=config)
     except services.TrainingError as exc:

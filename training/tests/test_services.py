@@ -159,3 +159,37 @@ def test_yaml_preset_under_settings_project_options_and_run_overrides(project, s
     monkeypatch.setattr(services, "PRESETS_DIR", bad)
     with pytest.raises(services.TrainingError, match="mapping"):
         services._resolve(project, {})
+
+
+def test_interrupted_run_resumes_from_its_checkpoint(project, monkeypatch, capsys):
+    class WorkerLost(Exception):
+        pass
+
+    real_writer = services._progress_writer
+
+    def dying_writer(run_id):
+        write = real_writer(run_id)
+
+        def progress(p):
+            write(p)
+            if p.get("phase") == "epoch" and p["epoch"] == 1:
+                raise WorkerLost("the worker was killed")
+
+        return progress
+
+    run = services.training_run_create(project=project, config={**TINY_TRAIN, "epochs": 3}, queue=False)
+    monkeypatch.setattr(services, "_progress_writer", dying_writer)
+    run = services.training_run_execute(run_id=run.id, inline=True)
+    assert run.status == TrainingRun.Status.FAILED and "WorkerLost" in run.error
+    assert (Path(run.artifact_dir) / "checkpoints" / "latest.pt").exists()
+    monkeypatch.setattr(services, "_progress_writer", real_writer)
+
+    call_command("train", project.slug, "--run", str(run.id))
+    run.refresh_from_db()
+    assert run.status == TrainingRun.Status.SUCCEEDED
+    metrics = json.loads((Path(run.artifact_dir) / "metrics.json").read_text())
+    assert metrics["resumed_from_epoch"] == 1 and metrics["epochs_run"] == 3
+    with pytest.raises(CommandError, match="already succeeded"):
+        call_command("train", project.slug, "--run", str(run.id))
+    with pytest.raises(CommandError, match="only applies with --run"):
+        call_command("train", project.slug, "--fresh")

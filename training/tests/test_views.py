@@ -34,6 +34,20 @@ def test_retrain_button_queues_a_run_and_page_polls(client, admin_user, project,
     assert b'hx-trigger="every 2s"' in fragment.content and b"<html" not in fragment.content
     response = client.post(reverse("training:run-create", args=[project.slug]), {"epochs": "many"}, follow=True)
     assert b"epochs must be an integer" in response.content
+    TrainingRun.objects.all().delete()
+    more = 'head_type = arcface\nscheduler = cosine_restarts\nearly_stopping = {"metric": "val_loss"}'
+    with django_capture_on_commit_callbacks(execute=False):
+        client.post(reverse("training:run-create", args=[project.slug]), {"more": more})
+    assert TrainingRun.objects.get().config == {
+        "head_type": "arcface",
+        "scheduler": "cosine_restarts",
+        "early_stopping": {"metric": "val_loss"},
+    }
+    TrainingRun.objects.all().delete()
+    response = client.post(reverse("training:run-create", args=[project.slug]), {"more": "head_type: x"}, follow=True)
+    assert b"expected key = value" in response.content
+    response = client.post(reverse("training:run-create", args=[project.slug]), {"more": "warp = 9"}, follow=True)
+    assert b"unknown config key" in response.content and not TrainingRun.objects.exists()
 
 
 def test_models_page_shows_metrics_and_promote_switches(client, admin_user, project):

@@ -33,17 +33,29 @@ class Command(BaseCommand):
             metavar="KEY=VALUE",
             help="override an engine config value (repeatable), e.g. --set epochs=5 --set backbone=resnet18",
         )
+        parser.add_argument(
+            "--run",
+            type=int,
+            metavar="ID",
+            help="continue an interrupted or failed run from its latest checkpoint instead of starting a new one",
+        )
+        parser.add_argument("--fresh", action="store_true", help="with --run: ignore its checkpoints, start over")
 
     def handle(self, *args, **opts):
         project = Project.objects.filter(slug=opts["project"]).first()
         if project is None:
             raise CommandError(f"No project {opts['project']!r}.")
+        if opts["fresh"] and not opts["run"]:
+            raise CommandError("--fresh only applies with --run ID (a new run always starts fresh).")
         try:
-            run = services.training_run_create(project=project, config=parse_set(opts["set"]), queue=False)
+            if opts["run"]:
+                run = services.training_run_reopen(project=project, run_id=opts["run"])
+            else:
+                run = services.training_run_create(project=project, config=parse_set(opts["set"]), queue=False)
         except services.TrainingError as exc:
             raise CommandError(str(exc)) from exc
         self.stdout.write(f"Training run {run.id} for {project.slug}…")
-        run = services.training_run_execute(run_id=run.id, inline=True)
+        run = services.training_run_execute(run_id=run.id, inline=True, fresh=opts["fresh"])
         if run.status != run.Status.SUCCEEDED:
             raise CommandError(f"Training run {run.id} failed: {run.error}")
         version = run.model_version
