@@ -8,7 +8,7 @@ PORT ?= 8000
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/loupe
 TEST_BROKER_URL ?= redis://127.0.0.1:6379/0
 
-.PHONY: demo test lint fmt worker web migrate bench bench-demo bench-health services browser clean
+.PHONY: demo test lint fmt worker web migrate bench bench-demo bench-health bench-train services browser clean
 
 .venv/.runtime: requirements.txt
 	test -x $(PY) || python3 -m venv .venv
@@ -67,7 +67,7 @@ fmt: .venv/.dev
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
-bench: bench-demo bench-health
+bench: bench-demo bench-health bench-train
 
 bench-demo: .venv/.dev
 	$(PY) bench/demo_time.py
@@ -75,6 +75,10 @@ bench-demo: .venv/.dev
 # Dataset health scan on the real grocery-store photos (read in place from ../shared/datasets/grocery-store).
 bench-health: .venv/.dev
 	$(PY) -m bench.health
+
+# Training throughput (engine vs a bare timm loop) on a seeded subset of the grocery-store photos (read in place).
+bench-train: .venv/.dev
+	$(PY) -m bench.train_throughput
 
 clean:
 	rm -rf var/test var/media var/artifacts var/broker var/demo var/loupe.sqlite3
