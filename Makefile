@@ -8,7 +8,7 @@ PORT ?= 8000
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/loupe
 TEST_BROKER_URL ?= redis://127.0.0.1:6379/0
 
-.PHONY: demo test lint fmt worker web migrate bench bench-demo bench-health bench-train services browser clean
+.PHONY: demo test lint fmt worker web migrate bench bench-demo bench-health bench-train bench-accuracy services browser clean
 
 .venv/.runtime: requirements.txt
 	test -x $(PY) || python3 -m venv .venv
@@ -67,7 +67,7 @@ fmt: .venv/.dev
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
-bench: bench-demo bench-health bench-train
+bench: bench-demo bench-accuracy bench-health bench-train
 
 bench-demo: .venv/.dev
 	$(PY) bench/demo_time.py
@@ -77,6 +77,10 @@ bench-health: .venv/.dev
 	$(PY) -m bench.health
 
 # Training throughput (engine vs a bare timm loop) on a seeded subset of the grocery-store photos (read in place).
+# Real-data accuracy: plain single-head loop vs our multi-head softmax vs ArcFace + Faiss, same CPU budget per arm.
+bench-accuracy: .venv/.dev
+	$(PY) -m bench.train_accuracy
+
 bench-train: .venv/.dev
 	$(PY) -m bench.train_throughput
 

@@ -577,6 +577,7 @@ def _train(
         collate_fn=collate_skip,
         pin_memory=is_cuda,
         worker_init_fn=_worker_init if num_workers else None,
+        prefetch_factor=4 if num_workers else None,  # keep several batches decoded ahead of the model
     )
     train_ds = ManifestDataset(parsed.train, train_transform(cfg), min_side=draft_size(cfg["image_size"], 1.5))
     # Train workers are not persistent: each epoch's workers are seeded from `gen`, whose state is restored at each

@@ -355,3 +355,35 @@ def test_evaluation_artifacts(run):
     assert 0 <= r["recall@1"] <= r["recall@5"] <= 1 and 0 <= r["map"] <= 1 and r["n_gallery"] > 0
     text = (out / "report.md").read_text()
     assert "color" in text and "curves.png" in text and "confusion_color.png" in text
+
+
+def test_unknown_labels_contribute_no_loss():
+    """An unknown colour (IGNORE_INDEX, the LEGO 9999 convention) changes neither the loss nor its gradient."""
+    from training.engine.loop import _heads_loss
+    from training.engine.manifest import IGNORE_INDEX
+
+    torch.manual_seed(0)
+    part = torch.randn(4, 3, requires_grad=True)
+    color = torch.randn(4, 5, requires_grad=True)
+    y = torch.tensor([[0, 1], [1, IGNORE_INDEX], [2, 3], [0, IGNORE_INDEX]])
+    loss = _heads_loss([part, color], y, 0.1)
+    loss.backward()
+    assert torch.all(color.grad[1] == 0) and torch.all(color.grad[3] == 0)
+    assert torch.any(part.grad[1] != 0)  # the part label of the same image still trains
+    known = torch.tensor([0, 2])
+    colour_only = torch.nn.functional.cross_entropy(color[known], y[known, 1], label_smoothing=0.1)
+    part_only = torch.nn.functional.cross_entropy(part, y[:, 0], label_smoothing=0.1)
+    assert torch.isclose(loss, colour_only + part_only)
+
+
+def test_the_test_split_is_refused_for_training(tmp_path):
+    """Test items are never trained on, read, or used for model selection: a manifest whose labeled items are
+    all in the test split cannot train."""
+    manifest = make_shapes_dataset(tmp_path / "img", n=8, size=24)
+    for it in manifest["items"]:
+        it["split"] = "test"
+    with pytest.raises(ValueError, match="no items with split 'train'"):
+        train_model(manifest, tiny(), tmp_path / "out")
+    assert not (tmp_path / "out" / "model.pt").exists()
+    with pytest.raises(ValueError, match="'split' must be one of"):
+        parse_manifest({**manifest, "items": [{**manifest["items"][0], "split": "holdout"}]})
