@@ -387,3 +387,19 @@ def test_the_test_split_is_refused_for_training(tmp_path):
     assert not (tmp_path / "out" / "model.pt").exists()
     with pytest.raises(ValueError, match="'split' must be one of"):
         parse_manifest({**manifest, "items": [{**manifest["items"][0], "split": "holdout"}]})
+
+
+@pytest.mark.parametrize(
+    "backbone", ["efficientnet_b0", "tf_efficientnetv2_b0", "resnet18", "convnext_atto", "mobilenetv3_small_100"]
+)
+def test_timm_backbone_families_build_and_run(backbone):
+    """The seeds' backbone families come from timm's registry (random init here: no hub access in tests)."""
+    from training.engine.model import build_model
+
+    cfg = resolve_config({"backbone": backbone, "image_size": 64})
+    heads = [{"name": "make", "classes": ["a", "b"]}, {"name": "model", "classes": ["x", "y", "z"], "parent": "make"}]
+    model, info = build_model(cfg, heads)
+    model.eval()
+    with torch.inference_mode():
+        logits, feats = model(torch.randn(2, 3, 64, 64))
+    assert [tuple(lg.shape) for lg in logits] == [(2, 2), (2, 3)] and feats.shape == (2, info["embedding_dim"])
