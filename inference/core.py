@@ -41,6 +41,7 @@ ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP")
 INDEX_FILE = "index.faiss"
 IDS_FILE = "gallery_ids.npy"
 MODEL_FILE = "model.pt"
+ONNX_FILE = "model.onnx"
 
 
 class ImageError(ValueError):
@@ -166,16 +167,30 @@ class Recognizer:
         self.index = index
         self.gallery_ids = gallery_ids
         self._transform = eval_transform(self.image_size)
+        self.session = None  # an onnxruntime.InferenceSession when serving model.onnx
+        self._onnx_outputs: list[str] = []
+        self.backend = "torch"
 
     # -- loading
     @classmethod
-    def load(cls, artifact_dir, *, device: str | torch.device = "cpu", num_threads: int | None = None) -> Recognizer:
+    def load(
+        cls,
+        artifact_dir,
+        *,
+        device: str | torch.device = "cpu",
+        num_threads: int | None = None,
+        backend: str | None = None,
+    ) -> Recognizer:
         """Read artifact_dir/model.pt (and index.faiss + gallery_ids.npy when present).
 
         Torch's intra-op threads (process-wide) are set to num_threads, else $LOUPE_TORCH_THREADS, else 1:
         requests are small batches, and on a small shared CPU (a training worker next to the web server) one
         thread measured 6.5 ms per image against 100-230 ms with two (OpenMP spin-waiting on busy cores).
-        Scale with more server processes/threads instead; pass num_threads=0 to keep torch's setting."""
+        Scale with more server processes/threads instead; pass num_threads=0 to keep torch's setting.
+
+        backend ("auto" by default, or $LOUPE_INFERENCE_BACKEND): "auto" runs model.onnx with ONNX Runtime when
+        the version has one (CUDA provider on a CUDA device when available) and falls back to torch otherwise
+        (logged); "onnx" requires it; "torch" always runs the PyTorch model."""
         d = Path(artifact_dir)
         path = d / MODEL_FILE
         if not path.is_file():
@@ -204,8 +219,39 @@ class Recognizer:
             version_dir=d,
             device=dev,
         )
+        backend = backend or os.environ.get("LOUPE_INFERENCE_BACKEND") or "auto"
+        if backend not in ("auto", "onnx", "torch"):
+            raise ValueError(f"backend must be 'auto', 'onnx' or 'torch', got {backend!r}")
+        if backend != "torch":
+            try:
+                rec._load_onnx(threads=threads)
+            except Exception as exc:  # noqa: BLE001 - torch serves when ONNX cannot
+                if backend == "onnx":
+                    raise
+                log.warning("serving %s with torch: %s", d, exc)
         rec._load_index()
         return rec
+
+    def _load_onnx(self, *, threads: int) -> None:
+        import onnxruntime as ort  # noqa: PLC0415
+
+        path = self.version_dir / ONNX_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"no {ONNX_FILE} in {self.version_dir}")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = max(1, threads)
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        providers = ["CPUExecutionProvider"]
+        if self.device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        session = ort.InferenceSession(str(path), options, providers=providers)
+        outputs = [o.name for o in session.get_outputs()]
+        wanted = [f"probs_{h}" for h in self.heads] + ["embedding"]
+        missing = [w for w in wanted if w not in outputs]
+        if missing:
+            raise ValueError(f"{path} lacks output(s) {missing}: re-export it (training.engine.onnx_export)")
+        self.session, self._onnx_outputs, self.backend = session, wanted, "onnx"
 
     def _load_index(self) -> None:
         index_path = self.version_dir / INDEX_FILE
@@ -241,6 +287,10 @@ class Recognizer:
 
     @torch.inference_mode()
     def _forward(self, x_uint8: torch.Tensor) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        if self.session is not None:
+            x = normalize_batch(x_uint8, self.mean, self.std).contiguous().numpy()
+            *probs, emb = self.session.run(self._onnx_outputs, {"images": x})
+            return dict(zip(self.heads, probs, strict=True)), emb
         x = normalize_batch(x_uint8.to(self.device), self.mean, self.std)
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)

@@ -252,3 +252,29 @@ def test_recognize_keeps_child_head_consistent_with_parent(tmp_path):
     # A make below its threshold hides the model too (never a model without its make).
     out = rec.recognize([noise], thresholds={"make": 1.01, "model": 0.0})["heads"]
     assert out["make"]["label"] is None and out["model"]["label"] is None
+
+
+def test_onnx_runtime_is_the_default_backend_and_matches_torch(tmp_path):
+    from training.engine.onnx_export import export_onnx
+
+    manifest = make_shapes_dataset(tmp_path / "imgs", n=24, seed=2)
+    train_model(manifest, {**TINY_TEST_CONFIG, "epochs": 1}, tmp_path / "run")
+    auto = Recognizer.load(tmp_path / "run")
+    assert auto.backend == "torch"  # no model.onnx yet: torch serves (the fallback)
+    with pytest.raises(FileNotFoundError, match="model.onnx"):
+        Recognizer.load(tmp_path / "run", backend="onnx")
+    export_onnx(tmp_path / "run")
+    onnx = Recognizer.load(tmp_path / "run")
+    torch_rec = Recognizer.load(tmp_path / "run", backend="torch")
+    assert onnx.backend == "onnx" and torch_rec.backend == "torch"
+    images = [draw_shape("circle", "red", 48), draw_shape("square", "blue", 60), draw_shape("circle", "blue", 40)]
+    p_onnx, e_onnx = onnx.predict(images)
+    p_torch, e_torch = torch_rec.predict(images)
+    for head in p_torch:
+        assert np.abs(p_onnx[head] - p_torch[head]).max() <= 1e-4
+    assert np.abs(e_onnx - e_torch).max() <= 1e-4
+    a = onnx.recognize(images[:2], default_threshold=0.0)
+    b = torch_rec.recognize(images[:2], default_threshold=0.0)
+    assert {h: v["label"] for h, v in a["heads"].items()} == {h: v["label"] for h, v in b["heads"].items()}
+    with pytest.raises(ValueError, match="backend"):
+        Recognizer.load(tmp_path / "run", backend="tensorrt")
