@@ -6,7 +6,7 @@ import binascii
 from django.conf import settings
 from django.urls import reverse
 from drf_spectacular.utils import extend_schema
-from rest_framework import status
+from rest_framework import serializers, status
 from rest_framework.parsers import JSONParser, MultiPartParser
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -152,3 +152,68 @@ def _neighbour_details(project: Project, neighbours: list[dict]) -> list[dict]:
             }
         )
     return out
+
+
+class CarDetectResponseSerializer(serializers.Serializer):
+    make = serializers.CharField(allow_null=True, help_text="null when its confidence is below the threshold (0.6)")
+    model = serializers.CharField(allow_null=True, help_text="null when its confidence is below the threshold")
+    confidence = serializers.FloatField(allow_null=True, help_text="of the model when given, else of the make")
+    error = serializers.CharField(allow_null=True, help_text="null on success; what went wrong otherwise")
+
+
+class CarDetectView(APIView):
+    """The car seed's endpoint, same contract: 4-10 photos of one car in, make/model/confidence/error out.
+    The project it serves is settings.LOUPE_CAR_PROJECT; every error keeps the contract's shape."""
+
+    parser_classes = [JSONParser]
+
+    @extend_schema(
+        request=RecognizeJsonSerializer,
+        responses={
+            200: CarDetectResponseSerializer,
+            400: CarDetectResponseSerializer,
+            409: CarDetectResponseSerializer,
+        },
+        description="Recognise a car's make and model from 4-10 photos (JSON base64). A field is null when its "
+        "confidence is below LOUPE_CAR_THRESHOLD (0.6); `error` says what went wrong (HTTP 4xx/5xx).",
+    )
+    def post(self, request):
+        slug = settings.LOUPE_CAR_PROJECT
+        project = Project.objects.filter(slug=slug).first()
+        if project is None:
+            raise ApiError(
+                f"The car endpoint serves project {slug!r} (LOUPE_CAR_PROJECT), which does not exist.",
+                code="not_configured",
+                status_code=503,
+            )
+        heads = set(project.heads.values_list("name", flat=True))
+        if not {"make", "model"} <= heads:
+            raise ApiError(f"Project {slug!r} has no make and model heads.", code="not_configured", status_code=503)
+        items = request.data.get("images") if isinstance(request.data, dict) else None
+        lo, hi = settings.LOUPE_CAR_MIN_IMAGES, settings.LOUPE_MAX_IMAGES_PER_REQUEST
+        if not isinstance(items, list) or not lo <= len(items) <= hi:
+            got = len(items) if isinstance(items, list) else "no 'images' list"
+            raise ApiError(f"Send {lo} to {hi} photos of one car in 'images' (got {got}).", code="image_count")
+        blobs = _collect_images(request)
+        images = []
+        for i, data in enumerate(blobs, start=1):
+            try:
+                images.append(decode_image(data, max_pixels=settings.LOUPE_MAX_IMAGE_PIXELS, max_side_hint=512))
+            except ImageError as exc:
+                raise ApiError(f"image {i}: {exc}", code="bad_image") from None
+        try:
+            served = services.active_model(project_id=project.id)
+        except services.NoActiveModel as exc:
+            raise ApiError(str(exc), code="no_active_model", status_code=409) from exc
+        thr = settings.LOUPE_CAR_THRESHOLD
+        result = served.recognizer.recognize(images, thresholds={"make": thr, "model": thr}, neighbours=0)["heads"]
+        make, model = result["make"], result["model"]
+        confidence = model["confidence"] if model["label"] is not None else make["confidence"]
+        return Response({"make": make["label"], "model": model["label"], "confidence": confidence, "error": None})
+
+    def handle_exception(self, exc):
+        response = super().handle_exception(exc)  # the one error shape: {"error": {"code", "message", ...}}
+        error = response.data.get("error") if isinstance(response.data, dict) else None
+        message = error.get("message") if isinstance(error, dict) else str(response.data)
+        response.data = {"make": None, "model": None, "confidence": None, "error": message}
+        return response

@@ -113,6 +113,10 @@ LOUPE_EXPORT_ROOT = Path(env.str("LOUPE_EXPORT_ROOT", default=str(VAR_DIR / "exp
 
 # Upload limits for the recognition endpoint (decompression bombs are refused by pixel count).
 LOUPE_MAX_IMAGES_PER_REQUEST = env.int("LOUPE_MAX_IMAGES_PER_REQUEST", default=10)
+# The car seed's endpoint (POST /api/ai/detect-car-vision): the project it serves, its photo count and threshold.
+LOUPE_CAR_PROJECT = env.str("LOUPE_CAR_PROJECT", default="cars")
+LOUPE_CAR_MIN_IMAGES = env.int("LOUPE_CAR_MIN_IMAGES", default=4)
+LOUPE_CAR_THRESHOLD = env.float("LOUPE_CAR_THRESHOLD", default=0.6)
 LOUPE_MAX_IMAGE_BYTES = env.int("LOUPE_MAX_IMAGE_BYTES", default=15 * 1024 * 1024)
 LOUPE_MAX_IMAGE_PIXELS = env.int("LOUPE_MAX_IMAGE_PIXELS", default=40_000_000)
 DATA_UPLOAD_MAX_MEMORY_SIZE = env.int("DATA_UPLOAD_MAX_MEMORY_SIZE", default=200 * 1024 * 1024)

@@ -4,6 +4,8 @@ from django.http import JsonResponse
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from inference.apis import CarDetectView
+
 
 def health(_request):
     return JsonResponse({"status": "ok"})
@@ -13,6 +15,7 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("accounts/login/", auth_views.LoginView.as_view(), name="login"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("api/ai/detect-car-vision", CarDetectView.as_view(), name="car-detect"),  # the car seed's contract
     path("api/v1/", include("inference.urls")),
     path("api/v1/", include("labeling.api_urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),

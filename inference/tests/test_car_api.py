@@ -1,0 +1,130 @@
+"""The car seed's endpoint, same contract: POST /api/ai/detect-car-vision with 4-10 base64 photos answers
+{"make", "model", "confidence", "error"}; a field is null below 0.6; every error keeps that shape with a 4xx."""
+
+import base64
+import io
+
+import pytest
+from PIL import Image as PILImage
+from rest_framework.authtoken.models import Token
+from rest_framework.test import APIClient
+
+from conftest import TINY_TRAIN, make_photo
+from labeling import importers
+from labeling.models import LabelClass
+from labeling.services import project_create
+from training import services as training_services
+
+pytestmark = pytest.mark.django_db
+URL = "/api/ai/detect-car-vision"
+CARS = [
+    ("Toyota", "Corolla", "red", "square"),
+    ("Toyota", "Yaris", "blue", "square"),
+    ("Honda", "Civic", "green", "circle"),
+]
+
+
+@pytest.fixture
+def api(admin_user):
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=admin_user).key}")
+    return client
+
+
+@pytest.fixture
+def cars(tmp_path, settings):
+    settings.LOUPE_CAR_PROJECT = "cars"
+    project = project_create(name="Cars", preset="car", slug="cars")
+    project.min_image_side = 32
+    project.save()
+    root = tmp_path / "import" / "cars"
+    root.mkdir(parents=True)
+    lines = ["image_filename,make,model,group"]
+    n = 0
+    for make, model, color, shape in CARS:
+        for g in range(6):
+            for s in range(2):
+                name = f"{model}{g}_{s}.jpg"
+                (root / name).write_bytes(make_photo(color, shape, seed=n))
+                lines.append(f"{name},{make},{model},{model}{g}")
+                n += 1
+    (root / "cars.csv").write_text("\n".join(lines) + "\n")
+    rows, report = importers.plan_csv(
+        root / "cars.csv",
+        images_dir=root,
+        filename_col="image_filename",
+        head_cols={"make": "make", "model": "model"},
+        group_col="group",
+        project=project,
+    )
+    assert importers.images_import(project=project, rows=rows, report=report).written
+    return project
+
+
+def _train(project):
+    run = training_services.training_run_create(project=project, config={**TINY_TRAIN, "epochs": 3}, queue=False)
+    run = training_services.training_run_execute(run_id=run.id, inline=True)
+    assert run.status == "succeeded", run.error
+    return run.model_version
+
+
+def _photos(n, color="red", shape="square", fmt="JPEG", media_type="image/jpeg"):
+    out = []
+    for i in range(n):
+        data = make_photo(color, shape, seed=500 + i, fmt=fmt)
+        out.append({"data": base64.b64encode(data).decode(), "media_type": media_type})
+    return {"images": out}
+
+
+def _contract_error(response, status):
+    body = response.json()
+    assert response.status_code == status, body
+    assert set(body) == {"make", "model", "confidence", "error"}
+    assert body["make"] is None and body["model"] is None and body["confidence"] is None
+    assert isinstance(body["error"], str) and body["error"]
+    return body["error"]
+
+
+def test_contract_field_by_field(api, cars, settings):
+    _contract_error(api.post(URL, _photos(4), format="json"), 409)  # no promoted model yet
+    _train(cars)
+    for n in (4, 10):
+        response = api.post(URL, _photos(n), format="json")
+        body = response.json()
+        assert response.status_code == 200, body
+        assert set(body) == {"make", "model", "confidence", "error"} and body["error"] is None
+        assert isinstance(body["confidence"], float) and 0 <= body["confidence"] <= 1
+        if body["model"] is not None:  # a model always comes with its own make
+            assert body["make"] == LabelClass.objects.get(head__name="model", name=body["model"]).parent.name
+    # Below the threshold a field is null, and confidence still says how sure the model was.
+    settings.LOUPE_CAR_THRESHOLD = 1.01
+    body = api.post(URL, _photos(4), format="json").json()
+    assert body["make"] is None and body["model"] is None and isinstance(body["confidence"], float)
+    assert body["error"] is None
+
+
+def test_bad_requests_keep_the_contract_shape(api, cars, client):
+    _train(cars)
+    assert "4 to 10" in _contract_error(api.post(URL, _photos(3), format="json"), 400)
+    assert "4 to 10" in _contract_error(api.post(URL, _photos(11), format="json"), 400)
+    assert "4 to 10" in _contract_error(api.post(URL, {"pictures": []}, format="json"), 400)
+    bad = _photos(4)
+    bad["images"][2]["data"] = "not base64 at all!"
+    assert "base64" in _contract_error(api.post(URL, bad, format="json"), 400)
+    wrong = _photos(4)
+    wrong["images"][0]["media_type"] = "text/plain"
+    assert "media_type" in _contract_error(api.post(URL, wrong, format="json"), 400)
+    mismatch = _photos(4, fmt="PNG", media_type="image/jpeg")
+    assert "image/png" in _contract_error(api.post(URL, mismatch, format="json"), 400)
+    broken = _photos(4)
+    buf = io.BytesIO()
+    PILImage.new("RGB", (8, 8)).save(buf, "JPEG")
+    broken["images"][1]["data"] = base64.b64encode(buf.getvalue()[:40]).decode()
+    assert "image 2" in _contract_error(api.post(URL, broken, format="json"), 400)
+    anonymous = APIClient().post(URL, _photos(4), format="json")
+    _contract_error(anonymous, 401)
+
+
+def test_misconfigured_project_is_a_503_in_the_contract_shape(api, settings, db):
+    settings.LOUPE_CAR_PROJECT = "no-such-project"
+    assert "LOUPE_CAR_PROJECT" in _contract_error(api.post(URL, _photos(4), format="json"), 503)
