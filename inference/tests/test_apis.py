@@ -149,3 +149,17 @@ def test_openapi_schema_and_docs(api):
     schema = api.get(reverse("schema"), {"format": "json"})
     assert schema.status_code == 200 and "/api/v1/projects/{slug}/recognize" in schema.json()["paths"]
     assert api.get(reverse("api-docs")).status_code == 200
+
+
+def test_openapi_schema_is_valid_without_warnings(tmp_path):
+    from django.core.management import call_command
+
+    out = tmp_path / "schema.yaml"
+    call_command("spectacular", "--validate", "--fail-on-warn", "--file", str(out))
+    text = out.read_text()
+    for path in (
+        "/api/ai/detect-car-vision",
+        "/api/v1/projects/{slug}/dataset-versions/",
+        "/api/v1/projects/{slug}/health/",
+    ):
+        assert path in text
