@@ -163,3 +163,24 @@ def test_openapi_schema_is_valid_without_warnings(tmp_path):
         "/api/v1/projects/{slug}/health/",
     ):
         assert path in text
+
+
+def test_recognize_and_export_onnx_commands(project, tmp_path, capsys):
+    import json
+
+    from django.core.management import CommandError, call_command
+
+    version = _train(project)
+    photo = tmp_path / "p.jpg"
+    photo.write_bytes(make_photo("green", seed=3))
+    call_command("recognize", project.slug, str(photo), str(photo))
+    body = json.loads(capsys.readouterr().out)
+    assert body["model_version"] == version.number and body["backend"] == "onnx" and "class" in body["heads"]
+    call_command("export_onnx", project.slug)
+    assert "max |onnx - torch|" in capsys.readouterr().out
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"nope")
+    with pytest.raises(CommandError, match="bad.jpg"):
+        call_command("recognize", project.slug, str(bad))
+    with pytest.raises(CommandError, match="No such model version"):
+        call_command("export_onnx", project.slug, "--model-version", "42")
