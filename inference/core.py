@@ -258,7 +258,10 @@ class Recognizer:
         if not index_path.is_file():
             self.index, self.gallery_ids = None, None
             return
-        index = faiss.read_index(str(index_path))
+        try:  # memory-mapped: several server processes share one copy of a large gallery through the page cache
+            index = faiss.read_index(str(index_path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+        except RuntimeError:  # index types without mmap support are read into memory
+            index = faiss.read_index(str(index_path))
         if index.d != self.embedding_dim:
             raise ValueError(
                 f"{index_path} has dimension {index.d} but the model's embeddings have {self.embedding_dim}: "
@@ -456,10 +459,47 @@ def _atomic(path: Path, write) -> None:
             tmp.unlink()
 
 
-def build_index(artifact_dir, embeddings: np.ndarray, ids: np.ndarray) -> Path:
-    """Write artifact_dir/index.faiss (IndexIDMap2 over IndexFlatIP: cosine similarity on L2-normalised
-    vectors; vectors are renormalised here) and gallery_ids.npy, each via a temp file + os.replace.
-    Returns the index path. An empty gallery gives an empty (valid) index."""
+FLAT_MAX = 50_000  # exact search below this gallery size; approximate (HNSW) above
+INDEX_KINDS = ("auto", "flat", "hnsw", "ivf")
+
+
+def choose_index_kind(n: int, kind: str = "auto", *, flat_max: int = FLAT_MAX) -> str:
+    """ "flat" (exact) for galleries below flat_max vectors, "hnsw" above (no training, high recall, fast
+    queries); an explicit kind is kept. "ivf" (inverted lists, cheaper to build for tens of millions) on request."""
+    if kind not in INDEX_KINDS:
+        raise ValueError(f"index kind must be one of {INDEX_KINDS}, got {kind!r}")
+    if kind != "auto":
+        return kind
+    return "flat" if n < flat_max else "hnsw"
+
+
+def _make_index(emb: np.ndarray, kind: str):
+    d = emb.shape[1]
+    if kind == "flat":
+        return faiss.IndexFlatIP(d)
+    if kind == "hnsw":
+        inner = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
+        inner.hnsw.efConstruction = 200
+        inner.hnsw.efSearch = 128
+        return inner
+    nlist = max(1, min(int(4 * np.sqrt(len(emb))), len(emb) // 39 or 1))
+    quantizer = faiss.IndexFlatIP(d)
+    inner = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+    rng = np.random.default_rng(0)
+    sample = emb[rng.choice(len(emb), size=min(len(emb), nlist * 256), replace=False)]
+    inner.train(sample)
+    inner.nprobe = min(nlist, 32)
+    return inner
+
+
+def build_index(
+    artifact_dir, embeddings: np.ndarray, ids: np.ndarray, *, kind: str = "auto", flat_max: int = FLAT_MAX
+) -> Path:
+    """Write artifact_dir/index.faiss (an IndexIDMap2 — vector ids are database ids — over an inner-product
+    index on L2-normalised vectors, i.e. cosine similarity; vectors are renormalised here) and gallery_ids.npy,
+    each via a temp file + os.replace, so a loaded index is never half-written. The inner index is exact (flat)
+    below `flat_max` vectors and HNSW above (`kind` overrides: "flat", "hnsw", "ivf"). Returns the index path.
+    An empty gallery gives an empty (valid) index."""
     d = Path(artifact_dir)
     if not d.is_dir():
         raise FileNotFoundError(f"artifact folder {d} does not exist")
@@ -477,7 +517,8 @@ def build_index(artifact_dir, embeddings: np.ndarray, ids: np.ndarray) -> Path:
     ids = np.ascontiguousarray(ids.astype(np.int64))
     if len(emb):
         faiss.normalize_L2(emb)
-    index = faiss.IndexIDMap2(faiss.IndexFlatIP(emb.shape[1]))
+    chosen = choose_index_kind(len(emb), kind, flat_max=flat_max) if len(emb) else "flat"
+    index = faiss.IndexIDMap2(_make_index(emb, chosen))
     if len(emb):
         index.add_with_ids(emb, ids)
     index_path = d / INDEX_FILE

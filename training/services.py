@@ -285,7 +285,7 @@ def model_version_index_build(*, version_id: int) -> ModelVersion:
         recognizer = Recognizer.load(art)
         embeddings, ok = embed_paths(recognizer, [it["path"] for it in gallery])
         ids = np.array([it["id"] for it in gallery], dtype=np.int64)[ok]
-        build_index(art, embeddings[ok], ids)
+        build_index(art, embeddings[ok], ids, kind=settings.LOUPE_INDEX_KIND, flat_max=settings.LOUPE_INDEX_FLAT_MAX)
     except Exception as exc:  # noqa: BLE001
         log.exception("index build for model version %s failed", version_id)
         ModelVersion.objects.filter(pk=version_id).update(

@@ -115,6 +115,9 @@ LOUPE_EXPORT_ROOT = Path(env.str("LOUPE_EXPORT_ROOT", default=str(VAR_DIR / "exp
 LOUPE_MAX_IMAGES_PER_REQUEST = env.int("LOUPE_MAX_IMAGES_PER_REQUEST", default=10)
 # The car seed's endpoint (POST /api/ai/detect-car-vision): the project it serves, its photo count and threshold.
 LOUPE_CAR_PROJECT = env.str("LOUPE_CAR_PROJECT", default="cars")
+# Faiss gallery per model version: exact below LOUPE_INDEX_FLAT_MAX vectors, HNSW above ("flat"/"hnsw"/"ivf" force).
+LOUPE_INDEX_KIND = env.str("LOUPE_INDEX_KIND", default="auto")
+LOUPE_INDEX_FLAT_MAX = env.int("LOUPE_INDEX_FLAT_MAX", default=50_000)
 LOUPE_CAR_MIN_IMAGES = env.int("LOUPE_CAR_MIN_IMAGES", default=4)
 LOUPE_CAR_THRESHOLD = env.float("LOUPE_CAR_THRESHOLD", default=0.6)
 LOUPE_MAX_IMAGE_BYTES = env.int("LOUPE_MAX_IMAGE_BYTES", default=15 * 1024 * 1024)

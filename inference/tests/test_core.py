@@ -278,3 +278,32 @@ def test_onnx_runtime_is_the_default_backend_and_matches_torch(tmp_path):
     assert {h: v["label"] for h, v in a["heads"].items()} == {h: v["label"] for h, v in b["heads"].items()}
     with pytest.raises(ValueError, match="backend"):
         Recognizer.load(tmp_path / "run", backend="tensorrt")
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
+def test_index_kinds_find_the_exact_neighbours_and_load_memory_mapped(artifact, tmp_path, kind):
+    import shutil
+
+    from inference.core import choose_index_kind
+
+    art = tmp_path / "art"
+    shutil.copytree(artifact["dir"], art)
+    rec = Recognizer.load(art)
+    rng = np.random.default_rng(0)
+    n, d = 3000, rec.embedding_dim
+    emb = rng.normal(size=(n, d)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    ids = np.arange(10_000, 10_000 + n)
+    build_index(art, emb, ids, kind=kind)
+    rec.reload_index()
+    assert rec.index.ntotal == n
+    hits = 0
+    for q in range(50):
+        query = emb[q] + 0.05 * rng.normal(size=d).astype(np.float32)
+        exact = int(ids[np.argmax(emb @ (query / np.linalg.norm(query)))])
+        hits += rec.search(query, k=1)[0]["image_id"] == exact
+    assert hits >= 48, f"{kind}: {hits}/50 exact top-1"
+    assert choose_index_kind(10, "auto") == "flat" and choose_index_kind(100_000, "auto") == "hnsw"
+    assert choose_index_kind(10, "ivf") == "ivf"
+    with pytest.raises(ValueError, match="index kind"):
+        choose_index_kind(10, "lsh")
