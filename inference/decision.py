@@ -308,12 +308,15 @@ def fuse(p_softmax: Mapping[str, float], p_retrieval: Mapping[str, float], *, we
 
     ``weight`` is the weight of the CLASSIFIER (1 = softmax only, 0 = retrieval only), in [0, 1]. Each input is
     first normalised to sum to 1; a class missing from one side counts 0 there. An empty (or all-zero) side carries
-    no evidence: the result is then the other side alone (renormalisation). Both empty -> {}. The result sums to 1.
+    no evidence: the result is then the other side alone, whatever the weight. Both empty -> {}. Otherwise the
+    result sums to 1 (classes with 0 are kept, keys sorted).
     ValueError for weight outside [0, 1] or negative / non-finite scores.
     """
     _check_fraction("weight", float(weight))
     a = _normalised(p_softmax, "p_softmax")
     b = _normalised(p_retrieval, "p_retrieval")
+    if not a or not b:  # one side carries no evidence: the other alone, whatever the weight
+        return dict(sorted((a or b).items()))
     out: dict[str, float] = {}
     for cls in a.keys() | b.keys():
         out[cls] = weight * a.get(cls, 0.0) + (1.0 - weight) * b.get(cls, 0.0)
@@ -357,6 +360,7 @@ def combine_views(per_view_probs: np.ndarray, *, mode: str = "mean") -> np.ndarr
     if (sums <= 0).any():
         raise ValueError("a view has all-zero probabilities")
     p = p / sums
+    p = p[np.lexsort(p.T[::-1])]  # canonical row order: the result is bit-for-bit independent of the view order
     mean = p.mean(axis=0)
     if mode == "mean":
         return mean / mean.sum()
@@ -381,7 +385,8 @@ def fit_temperature(logits: np.ndarray, targets: np.ndarray, *, bounds: tuple[fl
     logits: (N, K) validation logits; targets: (N,) class indices, rows with target < 0 (IGNORE_INDEX, unknown
     label) are skipped. Optimised with ``scipy.optimize.minimize_scalar(method="bounded")`` over log T (the NLL is
     convex in 1/T, hence unimodal in log T). Returns 1.0 when no row is left. When the data are separable the NLL
-    keeps falling as T -> 0 and the lower bound is returned. ValueError for bad shapes, targets >= K, non-finite
+    keeps falling as T -> 0 and the lower bound (or a value near it where the NLL is flat to float precision) is
+    returned. ValueError for bad shapes, targets >= K, non-finite
     logits or invalid bounds.
     """
     lo, hi = float(bounds[0]), float(bounds[1])

@@ -288,7 +288,7 @@ def test_combine_views_distribution_and_permutation(rows, mode, rnd):
     assert (out >= 0).all()
     perm = list(range(p.shape[0]))
     rnd.shuffle(perm)
-    assert np.allclose(combine_views(p[perm], mode=mode), out, atol=1e-12)
+    assert np.array_equal(combine_views(p[perm], mode=mode), out)
 
 
 @FAST
@@ -307,7 +307,7 @@ def test_combine_views_vote_majority_and_ties():
     assert out.argmax() == 0
     assert out == pytest.approx([2 / 3, 0.0, 1 / 3], abs=1e-3)
     assert out.sum() == pytest.approx(1.0)
-    # the mean would pick class 2 (0.9 / 3 = 0.3 < 0.38 ... check): the vote still follows the majority
+    # the mean picks class 2 (0.66 against 0.34), the vote follows the two views that prefer class 0
     q = np.array([[0.51, 0.0, 0.49], [0.51, 0.0, 0.49], [0.0, 0.0, 1.0]])
     assert combine_views(q, mode="mean").argmax() == 2
     assert combine_views(q, mode="vote").argmax() == 0
@@ -373,8 +373,8 @@ def test_fit_temperature_ignore_rows_and_empty():
 
 
 def test_fit_temperature_separable_hits_lower_bound():
-    logits = np.array([[5.0, 0.0], [0.0, 5.0]])
-    assert fit_temperature(logits, np.array([0, 1]), bounds=(0.1, 10.0)) == pytest.approx(0.1, rel=1e-3)
+    logits = np.array([[1.0, 0.0], [0.0, 1.0]])
+    assert fit_temperature(logits, np.array([0, 1]), bounds=(0.1, 10.0)) == pytest.approx(0.1, rel=1e-2)
 
 
 # ------------------------------------------------------------------------------------------------ calibration
@@ -395,15 +395,19 @@ def _precision_at(ok, bad, t):
 def test_calibrate_thresholds_reaches_target_with_smallest_threshold(ok, bad, target):
     t = calibrate_thresholds(np.array(ok), np.array(bad), target_precision=target)
     a, b = _precision_at(ok, bad, t)
-    if a + b:
-        if t < 1.0:
-            assert a / (a + b) >= target - 1e-12
-        # minimality: no smaller observed score qualifies
-        for v in sorted(set(ok) | set(bad)):
-            if v >= t:
-                break
-            a2, b2 = _precision_at(ok, bad, v)
-            assert a2 / (a2 + b2) < target - 1e-12
+    feasible = any(
+        _precision_at(ok, bad, v)[0] / sum(_precision_at(ok, bad, v)) >= target - 1e-12 for v in set(ok) | set(bad)
+    )
+    if feasible:
+        assert a + b and a / (a + b) >= target - 1e-12
+    else:
+        assert t == 1.0
+    # minimality: no smaller observed score qualifies
+    for v in sorted(set(ok) | set(bad)):
+        if v >= t:
+            break
+        a2, b2 = _precision_at(ok, bad, v)
+        assert a2 / (a2 + b2) < target - 1e-12
 
 
 def test_calibrate_thresholds_hand_case():
@@ -465,9 +469,11 @@ def test_calibrate_retrieval_hand_case():
     m_bad = [0.90, 0.05]
     cal = calibrate_retrieval(d_ok, d_bad, m_ok, m_bad, target_precision=1.0)
     assert cal == {"max_distance": 0.30, "min_margin": 0.50, "precision": 1.0, "coverage": 5 / 7}
-    # a lower target lets one wrong answer in to gain coverage only if it reaches the target: 6/7 >= 0.85
-    cal = calibrate_retrieval(d_ok, d_bad, m_ok, m_bad, target_precision=0.85)
+    # a lower target lets one wrong answer in: 5/6 >= 0.8 (at 0.85 it would not qualify)
+    cal = calibrate_retrieval(d_ok, d_bad, m_ok, m_bad, target_precision=0.8)
     assert cal["coverage"] == pytest.approx(6 / 7) and cal["precision"] == pytest.approx(5 / 6)
+    cal = calibrate_retrieval(d_ok, d_bad, m_ok, m_bad, target_precision=0.85)
+    assert cal["coverage"] == pytest.approx(5 / 7)
     none = calibrate_retrieval([0.5], [0.1], [0.1], [0.9], target_precision=0.9)
     assert none == {"max_distance": -1.0, "min_margin": 1.0, "precision": 1.0, "coverage": 0.0}
     assert calibrate_retrieval([], [], [], [])["coverage"] == 0.0
