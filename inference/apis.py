@@ -5,7 +5,7 @@ import binascii
 
 from django.conf import settings
 from django.urls import reverse
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers, status
 from rest_framework.parsers import JSONParser, MultiPartParser
 from rest_framework.response import Response
@@ -82,6 +82,9 @@ def _collect_images(request) -> list[bytes]:
     return blobs
 
 
+COMBINE_MODES = ("mean", "vote", "geometric")
+
+
 class RecognizeView(APIView):
     parser_classes = [JSONParser, MultiPartParser]
 
@@ -100,6 +103,14 @@ class RecognizeView(APIView):
             409: ErrorSerializer,
             413: ErrorSerializer,
         },
+        parameters=[
+            OpenApiParameter(
+                "combine",
+                str,
+                enum=list(COMBINE_MODES),
+                description="how the photos' probabilities combine: mean (default), vote or geometric",
+            )
+        ],
         description="Recognise one object from 1-10 photos. Per head: the label (null when the combined confidence "
         "is below the head's threshold), the confidence and the top-k; plus the nearest gallery images.",
     )
@@ -120,7 +131,10 @@ class RecognizeView(APIView):
         except services.NoActiveModel as exc:
             raise ApiError(str(exc), code="no_active_model", status_code=409) from exc
         thresholds = dict(project.heads.values_list("name", "threshold"))
-        result = served.recognizer.recognize(images, thresholds=thresholds, top_k=5, neighbours=5)
+        combine = request.query_params.get("combine", settings.LOUPE_COMBINE_VIEWS)
+        if combine not in COMBINE_MODES:
+            raise ApiError(f"combine must be one of {', '.join(COMBINE_MODES)} (got {combine!r}).", code="bad_combine")
+        result = served.recognizer.recognize(images, thresholds=thresholds, top_k=5, neighbours=5, combine=combine)
         for name, head in result["heads"].items():
             head["threshold"] = thresholds.get(name, 0.6)
         result["neighbours"] = _neighbour_details(project, result.get("neighbours", []))
@@ -206,7 +220,9 @@ class CarDetectView(APIView):
         except services.NoActiveModel as exc:
             raise ApiError(str(exc), code="no_active_model", status_code=409) from exc
         thr = settings.LOUPE_CAR_THRESHOLD
-        result = served.recognizer.recognize(images, thresholds={"make": thr, "model": thr}, neighbours=0)["heads"]
+        result = served.recognizer.recognize(
+            images, thresholds={"make": thr, "model": thr}, neighbours=0, combine=settings.LOUPE_COMBINE_VIEWS
+        )["heads"]
         make, model = result["make"], result["model"]
         confidence = model["confidence"] if model["label"] is not None else make["confidence"]
         return Response({"make": make["label"], "model": model["label"], "confidence": confidence, "error": None})

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from inference.decision import combine_views
 from training.engine.data import draft_size, eval_transform, load_image_file, normalize_batch, to_rgb
 from training.engine.hierarchy import consistent, decode, parent_index
 from training.engine.model import ARTIFACT_FORMAT, build_model
@@ -334,8 +335,11 @@ class Recognizer:
         default_threshold: float = 0.6,
         top_k: int = 5,
         neighbours: int = 5,
+        combine: str = "mean",
     ) -> dict:
-        """Recognise one object from N >= 1 views: probabilities are averaged per head over the images.
+        """Recognise one object from N >= 1 views: per head the views' probabilities are combined by `combine`
+        ("mean" = probability averaging, "vote" = majority vote of the views, "geometric" = normalised geometric
+        mean; see inference.decision.combine_views).
 
         Returns {"heads": {head: {"label": str | None, "confidence": float, "threshold": float,
         "top_k": [{"label", "confidence"}, ...]}}, "neighbours": [{"image_id": int, "score": float}, ...]}.
@@ -344,7 +348,7 @@ class Recognizer:
         similarity of the renormalised mean embedding), [] when the version has no index."""
         probs, emb = self.predict(images)
         thresholds = thresholds or {}
-        mean_probs = {name: probs[name].mean(axis=0) for name in self.heads}
+        mean_probs = {name: combine_views(probs[name], mode=combine) for name in self.heads}
         choice = {name: int(np.argmax(p)) for name, p in mean_probs.items()}
         parent_of_head: dict[str, str] = {}
         for meta in self.heads_meta:  # child heads (model under make): consistent, top-down decisions

@@ -115,6 +115,8 @@ LOUPE_EXPORT_ROOT = Path(env.str("LOUPE_EXPORT_ROOT", default=str(VAR_DIR / "exp
 LOUPE_MAX_IMAGES_PER_REQUEST = env.int("LOUPE_MAX_IMAGES_PER_REQUEST", default=10)
 # The car seed's endpoint (POST /api/ai/detect-car-vision): the project it serves, its photo count and threshold.
 LOUPE_CAR_PROJECT = env.str("LOUPE_CAR_PROJECT", default="cars")
+# How the photos of one object combine per head: "mean" (probability averaging), "vote" or "geometric".
+LOUPE_COMBINE_VIEWS = env.str("LOUPE_COMBINE_VIEWS", default="mean")
 # Faiss gallery per model version: exact below LOUPE_INDEX_FLAT_MAX vectors, HNSW above ("flat"/"hnsw"/"ivf" force).
 LOUPE_INDEX_KIND = env.str("LOUPE_INDEX_KIND", default="auto")
 LOUPE_INDEX_FLAT_MAX = env.int("LOUPE_INDEX_FLAT_MAX", default=50_000)

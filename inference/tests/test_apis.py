@@ -184,3 +184,16 @@ def test_recognize_and_export_onnx_commands(project, tmp_path, capsys):
         call_command("recognize", project.slug, str(bad))
     with pytest.raises(CommandError, match="No such model version"):
         call_command("export_onnx", project.slug, "--model-version", "42")
+
+
+def test_combine_modes(api, project):
+    _train(project)
+    url = reverse("inference:recognize", args=[project.slug])
+    payload = {"images": [_b64(make_photo(c, seed=i)) for i, c in enumerate(["red", "red", "blue"])]}
+    for mode in ("mean", "vote", "geometric"):
+        body = api.post(f"{url}?combine={mode}", payload, format="json").json()
+        head = body["heads"]["class"]
+        assert len(head["top_k"]) == 4  # all four classes: the combined scores are a distribution
+        assert abs(sum(t["confidence"] for t in head["top_k"]) - 1) < 1e-3, (mode, head)
+    bad = api.post(f"{url}?combine=median", payload, format="json")
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "bad_combine"
