@@ -83,6 +83,7 @@ def _collect_images(request) -> list[bytes]:
 
 
 COMBINE_MODES = ("mean", "vote", "geometric")
+RECOGNITION_MODES = ("softmax", "retrieval", "fusion")
 
 
 class RecognizeView(APIView):
@@ -105,11 +106,18 @@ class RecognizeView(APIView):
         },
         parameters=[
             OpenApiParameter(
+                "mode",
+                str,
+                enum=list(RECOGNITION_MODES),
+                description="softmax (the classifier, default), retrieval (vote of the nearest gallery photos, "
+                "with calibrated rejection) or fusion (both)",
+            ),
+            OpenApiParameter(
                 "combine",
                 str,
                 enum=list(COMBINE_MODES),
                 description="how the photos' probabilities combine: mean (default), vote or geometric",
-            )
+            ),
         ],
         description="Recognise one object from 1-10 photos. Per head: the label (null when the combined confidence "
         "is below the head's threshold), the confidence and the top-k; plus the nearest gallery images.",
@@ -134,7 +142,18 @@ class RecognizeView(APIView):
         combine = request.query_params.get("combine", settings.LOUPE_COMBINE_VIEWS)
         if combine not in COMBINE_MODES:
             raise ApiError(f"combine must be one of {', '.join(COMBINE_MODES)} (got {combine!r}).", code="bad_combine")
-        result = served.recognizer.recognize(images, thresholds=thresholds, top_k=5, neighbours=5, combine=combine)
+        mode = request.query_params.get("mode", settings.LOUPE_RECOGNITION_MODE)
+        if mode not in RECOGNITION_MODES:
+            raise ApiError(f"mode must be one of {', '.join(RECOGNITION_MODES)} (got {mode!r}).", code="bad_mode")
+        if mode != "softmax" and served.recognizer.gallery_labels is None:
+            raise ApiError(
+                f"mode {mode!r} needs the model's gallery; promote the version again to build it.",
+                code="no_gallery",
+                status_code=409,
+            )
+        result = served.recognizer.recognize(
+            images, thresholds=thresholds, top_k=5, neighbours=5, combine=combine, mode=mode
+        )
         for name, head in result["heads"].items():
             head["threshold"] = thresholds.get(name, 0.6)
         result["neighbours"] = _neighbour_details(project, result.get("neighbours", []))

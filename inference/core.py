@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from inference.decision import combine_views
+from inference.calibration import K_NEIGHBOURS, apply_temperature, read_calibration, read_gallery_labels
+from inference.decision import combine_views, fuse, retrieval_evidence
 from training.engine.data import draft_size, eval_transform, load_image_file, normalize_batch, to_rgb
 from training.engine.hierarchy import consistent, decode, parent_index
 from training.engine.model import ARTIFACT_FORMAT, build_model
@@ -39,6 +40,7 @@ from training.engine.model import ARTIFACT_FORMAT, build_model
 log = logging.getLogger("inference.core")
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP")
+RECOGNITION_MODES = ("softmax", "retrieval", "fusion")
 INDEX_FILE = "index.faiss"
 IDS_FILE = "gallery_ids.npy"
 MODEL_FILE = "model.pt"
@@ -168,6 +170,8 @@ class Recognizer:
         self.index = index
         self.gallery_ids = gallery_ids
         self._transform = eval_transform(self.image_size)
+        self.calibration: dict = {}  # calibration.json: temperatures, thresholds, retrieval rejection
+        self.gallery_labels: dict[int, dict[str, str | None]] | None = None  # gallery id -> labels per head
         self.session = None  # an onnxruntime.InferenceSession when serving model.onnx
         self._onnx_outputs: list[str] = []
         self.backend = "torch"
@@ -255,6 +259,8 @@ class Recognizer:
         self.session, self._onnx_outputs, self.backend = session, wanted, "onnx"
 
     def _load_index(self) -> None:
+        self.calibration = read_calibration(self.version_dir) or {}
+        self.gallery_labels = read_gallery_labels(self.version_dir)
         index_path = self.version_dir / INDEX_FILE
         if not index_path.is_file():
             self.index, self.gallery_ids = None, None
@@ -336,19 +342,59 @@ class Recognizer:
         top_k: int = 5,
         neighbours: int = 5,
         combine: str = "mean",
+        mode: str = "softmax",
+        fusion_weight: float = 0.5,
     ) -> dict:
-        """Recognise one object from N >= 1 views: per head the views' probabilities are combined by `combine`
-        ("mean" = probability averaging, "vote" = majority vote of the views, "geometric" = normalised geometric
-        mean; see inference.decision.combine_views).
+        """Recognise one object from N >= 1 views.
 
-        Returns {"heads": {head: {"label": str | None, "confidence": float, "threshold": float,
-        "top_k": [{"label", "confidence"}, ...]}}, "neighbours": [{"image_id": int, "score": float}, ...]}.
-        "label" is None when the best confidence is below the head's threshold (thresholds[head], else
-        default_threshold); top_k still lists the candidates. Neighbours come from the Faiss index (cosine
-        similarity of the renormalised mean embedding), [] when the version has no index."""
+        Per head the views' probabilities (temperature-scaled when the version is calibrated) are combined by
+        `combine` ("mean" = probability averaging, "vote" = majority vote of the views, "geometric"). `mode`:
+        "softmax" (the classifier), "retrieval" (inverse-distance vote of the 20 nearest gallery photos of the
+        mean embedding) or "fusion" (a convex combination, `fusion_weight` on the classifier). In retrieval and
+        fusion modes a head is rejected when the nearest labelled gallery photo is farther than its calibrated
+        max_distance ("too_far") or the vote margin between the first two classes is below min_margin
+        ("ambiguous"). Child heads (model under make) are decided top-down, so they never contradict the parent.
+
+        Returns {"heads": {head: {"label": str | None, "confidence", "threshold", "reason": None | "low_confidence"
+        | "too_far" | "ambiguous" | "no_neighbours", "top_k": [...]}}, "neighbours": [{"image_id", "score"}],
+        "unclassifiable": bool, "reason": "reshoot" | None, "mode": mode}. "unclassifiable" is true when no head
+        gives a label: the photos should be retaken."""
+        if mode not in RECOGNITION_MODES:
+            raise ValueError(f"mode must be one of {RECOGNITION_MODES}, got {mode!r}")
         probs, emb = self.predict(images)
         thresholds = thresholds or {}
-        mean_probs = {name: combine_views(probs[name], mode=combine) for name in self.heads}
+        temps = self.calibration.get("temperature", {})
+        mean_probs = {
+            name: combine_views(apply_temperature(probs[name], float(temps.get(name, 1.0))), mode=combine)
+            for name in self.heads
+        }
+        query = emb.mean(axis=0)
+        found = self.search(query, max(neighbours, K_NEIGHBOURS))
+        rejected: dict[str, str] = {}
+        if mode != "softmax":
+            if self.gallery_labels is None:
+                raise ValueError("this model version has no labelled gallery (index + gallery_labels.json)")
+            for name in self.heads:
+                nb = [n for n in found if n["image_id"] in self.gallery_labels][:K_NEIGHBOURS]
+                ev = retrieval_evidence(
+                    [self.gallery_labels[n["image_id"]].get(name) for n in nb], [n["score"] for n in nb]
+                )
+                classes = self.label_maps[name]
+                r = np.array([ev.scores.get(c, 0.0) for c in classes], dtype=np.float64)
+                if mode == "retrieval":
+                    mean_probs[name] = r / r.sum() if r.sum() > 0 else np.full(len(classes), 1.0 / len(classes))
+                else:
+                    fused = fuse(
+                        dict(zip(classes, map(float, mean_probs[name]), strict=True)), ev.scores, weight=fusion_weight
+                    )
+                    mean_probs[name] = np.array([fused.get(c, 0.0) for c in classes])
+                cal = self.calibration.get("retrieval", {}).get(name)
+                if not ev.scores:
+                    rejected[name] = "no_neighbours"
+                elif cal and ev.top1_distance > cal["max_distance"]:
+                    rejected[name] = "too_far"
+                elif cal and ev.margin < cal["min_margin"]:
+                    rejected[name] = "ambiguous"
         choice = {name: int(np.argmax(p)) for name, p in mean_probs.items()}
         parent_of_head: dict[str, str] = {}
         for meta in self.heads_meta:  # child heads (model under make): consistent, top-down decisions
@@ -367,17 +413,27 @@ class Recognizer:
             best = choice[name]
             conf = float(p[best]) if best >= 0 else 0.0
             thr = float(thresholds.get(name, default_threshold))
-            label = classes[best] if best >= 0 and conf >= thr else None
+            reason = rejected.get(name)
+            if reason is None and (best < 0 or conf < thr):
+                reason = "low_confidence"
             parent = parent_of_head.get(name)
-            if parent and heads_out.get(parent, {}).get("label") is None:
-                label = None  # a model is never given without its make
+            if reason is None and parent and heads_out.get(parent, {}).get("label") is None:
+                reason = heads_out[parent]["reason"]  # a model is never given without its make
             heads_out[name] = {
-                "label": label,
+                "label": classes[best] if reason is None else None,
                 "confidence": conf,
                 "threshold": thr,
+                "reason": reason,
                 "top_k": [{"label": classes[int(i)], "confidence": float(p[i])} for i in order],
             }
-        return {"heads": heads_out, "neighbours": self.search(emb.mean(axis=0), neighbours)}
+        unclassifiable = all(h["label"] is None for h in heads_out.values())
+        return {
+            "heads": heads_out,
+            "neighbours": found[:neighbours],
+            "unclassifiable": unclassifiable,
+            "reason": "reshoot" if unclassifiable else None,
+            "mode": mode,
+        }
 
 
 # ------------------------------------------------------------------------------------ gallery / index

@@ -19,6 +19,11 @@ class HeadResultSerializer(serializers.Serializer):
     label = serializers.CharField(allow_null=True, help_text="null when confidence is below the head's threshold")
     confidence = serializers.FloatField()
     threshold = serializers.FloatField()
+    reason = serializers.ChoiceField(
+        choices=["low_confidence", "too_far", "ambiguous", "no_neighbours"],
+        allow_null=True,
+        help_text="why label is null (null when a label is given)",
+    )
     top_k = TopKSerializer(many=True)
 
 
@@ -34,6 +39,9 @@ class RecognizeResponseSerializer(serializers.Serializer):
     n_images = serializers.IntegerField()
     heads = serializers.DictField(child=HeadResultSerializer())
     neighbours = NeighbourSerializer(many=True)
+    unclassifiable = serializers.BooleanField(help_text="true when no head gives a label")
+    reason = serializers.CharField(allow_null=True, help_text='"reshoot" when unclassifiable: take new photos')
+    mode = serializers.ChoiceField(choices=["softmax", "retrieval", "fusion"])
 
 
 class ErrorBodySerializer(serializers.Serializer):

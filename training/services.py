@@ -187,6 +187,11 @@ def training_run_execute(*, run_id: int, inline: bool = False, fresh: bool = Fal
         log.exception("ONNX export for run %s failed", run.id)
         metrics["onnx"] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
     try:
+        metrics["calibration"] = _calibrate(out_dir, manifest)
+    except Exception as exc:  # noqa: BLE001 - recognition works uncalibrated; the reason is kept
+        log.exception("calibration for run %s failed", run.id)
+        metrics["calibration"] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+    try:
         metrics["test"] = _test_split_report(out_dir, manifest)
     except Exception as exc:  # noqa: BLE001 - the model is fine; only the report failed
         log.exception("test-split report for run %s failed", run.id)
@@ -201,6 +206,34 @@ def training_run_execute(*, run_id: int, inline: bool = False, fresh: bool = Fal
         model_version_promote(version=version, user=None, inline=inline)
     run.refresh_from_db()
     return run
+
+
+def _calibrate(out_dir: Path, manifest: dict) -> dict:
+    """Temperature, suggested thresholds and retrieval rejection per head, fitted on the validation split with
+    the train split as gallery (inference.calibration); written as calibration.json."""
+    from inference.calibration import calibrate, write_calibration
+    from inference.core import Recognizer, predict_paths
+
+    val = [it for it in manifest["items"] if it["split"] == "val"]
+    train = [it for it in manifest["items"] if it["split"] == "train"]
+    if not val:
+        return {}
+    rec = Recognizer.load(out_dir)
+    v_probs, v_emb, v_ok = predict_paths(rec, [it["path"] for it in val])
+    _g_probs, g_emb, g_ok = predict_paths(rec, [it["path"] for it in train])
+    val = [it for it, ok in zip(val, v_ok, strict=True) if ok]
+    train = [it for it, ok in zip(train, g_ok, strict=True) if ok]
+    cal = calibrate(
+        heads=rec.heads,
+        label_maps=rec.label_maps,
+        val_probs={h: p[v_ok] for h, p in v_probs.items()},
+        val_labels={h: [it["labels"].get(h) for it in val] for h in rec.heads},
+        val_emb=v_emb[v_ok],
+        gallery_emb=g_emb[g_ok],
+        gallery_labels={h: [it["labels"].get(h) for it in train] for h in rec.heads},
+    )
+    write_calibration(out_dir, cal)
+    return {"temperature": cal["temperature"], "softmax_threshold": cal["softmax_threshold"]}
 
 
 def _test_split_report(out_dir: Path, manifest: dict) -> dict:
@@ -275,6 +308,7 @@ def model_version_index_build(*, version_id: int) -> ModelVersion:
     activate the version if a promote was requested. Idempotent."""
     import numpy as np
 
+    from inference.calibration import write_gallery_labels
     from inference.core import Recognizer, build_index, embed_paths
 
     version = ModelVersion.objects.get(pk=version_id)
@@ -285,6 +319,8 @@ def model_version_index_build(*, version_id: int) -> ModelVersion:
         recognizer = Recognizer.load(art)
         embeddings, ok = embed_paths(recognizer, [it["path"] for it in gallery])
         ids = np.array([it["id"] for it in gallery], dtype=np.int64)[ok]
+        kept = [it for it, good in zip(gallery, ok, strict=True) if good]
+        write_gallery_labels(art, ids, {h: [it["labels"].get(h) for it in kept] for h in recognizer.heads})
         build_index(art, embeddings[ok], ids, kind=settings.LOUPE_INDEX_KIND, flat_max=settings.LOUPE_INDEX_FLAT_MAX)
     except Exception as exc:  # noqa: BLE001
         log.exception("index build for model version %s failed", version_id)

@@ -117,6 +117,8 @@ LOUPE_MAX_IMAGES_PER_REQUEST = env.int("LOUPE_MAX_IMAGES_PER_REQUEST", default=1
 LOUPE_CAR_PROJECT = env.str("LOUPE_CAR_PROJECT", default="cars")
 # How the photos of one object combine per head: "mean" (probability averaging), "vote" or "geometric".
 LOUPE_COMBINE_VIEWS = env.str("LOUPE_COMBINE_VIEWS", default="mean")
+# "softmax" (classifier), "retrieval" (Faiss neighbour vote with calibrated rejection) or "fusion".
+LOUPE_RECOGNITION_MODE = env.str("LOUPE_RECOGNITION_MODE", default="softmax")
 # Faiss gallery per model version: exact below LOUPE_INDEX_FLAT_MAX vectors, HNSW above ("flat"/"hnsw"/"ivf" force).
 LOUPE_INDEX_KIND = env.str("LOUPE_INDEX_KIND", default="auto")
 LOUPE_INDEX_FLAT_MAX = env.int("LOUPE_INDEX_FLAT_MAX", default=50_000)

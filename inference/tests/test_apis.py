@@ -54,7 +54,7 @@ def test_recognize_json_and_multipart_then_hot_swap(api, project):
     body = response.json()
     assert body["model_version"] == v1.number and body["n_images"] == 3
     head = body["heads"]["class"]
-    assert set(head) == {"label", "confidence", "top_k", "threshold"} and head["threshold"] == 0.6
+    assert set(head) == {"label", "confidence", "top_k", "threshold", "reason"} and head["threshold"] == 0.6
     assert len(head["top_k"]) == 4 and head["top_k"][0]["confidence"] == pytest.approx(head["confidence"], abs=1e-6)
     assert head["label"] == (head["top_k"][0]["label"] if head["confidence"] >= 0.6 else None)
     assert 1 <= len(body["neighbours"]) <= 5
@@ -197,3 +197,34 @@ def test_combine_modes(api, project):
         assert abs(sum(t["confidence"] for t in head["top_k"]) - 1) < 1e-3, (mode, head)
     bad = api.post(f"{url}?combine=median", payload, format="json")
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "bad_combine"
+
+
+def test_retrieval_and_fusion_modes_with_calibrated_rejection(api, project):
+    import json
+    from pathlib import Path
+
+    from inference import services as inference_services
+
+    version = _train(project)
+    art = Path(version.artifact_dir)
+    cal = json.loads((art / "calibration.json").read_text())
+    assert cal["temperature"]["class"] > 0 and "class" in cal["retrieval"]
+    assert set(cal["retrieval"]["class"]) >= {"max_distance", "min_margin", "precision", "coverage"}
+    assert (art / "gallery_labels.json").exists()
+    url = reverse("inference:recognize", args=[project.slug])
+    payload = {"images": [_b64(make_photo("red", seed=11)), _b64(make_photo("red", seed=12))]}
+    for mode in ("retrieval", "fusion", "softmax"):
+        body = api.post(f"{url}?mode={mode}", payload, format="json").json()
+        head = body["heads"]["class"]
+        assert body["mode"] == mode and head["reason"] in (None, "low_confidence", "too_far", "ambiguous")
+        assert (head["label"] is None) == (head["reason"] is not None)
+        assert abs(sum(t["confidence"] for t in head["top_k"]) - 1) < 1e-3
+        assert body["unclassifiable"] == (head["label"] is None)
+    # A photo nothing in the gallery resembles, with a strict calibration: "unclassifiable", reason "reshoot".
+    served = inference_services.active_model(project_id=project.id)
+    served.recognizer.calibration["retrieval"]["class"] = {"max_distance": -1.0, "min_margin": 1.0}
+    body = api.post(f"{url}?mode=retrieval", payload, format="json").json()
+    assert body["unclassifiable"] is True and body["reason"] == "reshoot"
+    assert body["heads"]["class"]["reason"] == "too_far" and body["heads"]["class"]["label"] is None
+    bad = api.post(f"{url}?mode=magic", payload, format="json")
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "bad_mode"

@@ -150,7 +150,7 @@ def test_recognize_output_and_thresholds(artifact):
     rec = Recognizer.load(artifact["dir"])
     imgs = [draw_shape("square", "red", 40), draw_shape("square", "red", 40)]
     out = rec.recognize(imgs, top_k=2)
-    assert set(out) == {"heads", "neighbours"} and out["neighbours"] == []
+    assert set(out) == {"heads", "neighbours", "unclassifiable", "reason", "mode"} and out["neighbours"] == []
     for name in ("shape", "color"):
         h = out["heads"][name]
         assert set(h) >= {"label", "confidence", "top_k"}
