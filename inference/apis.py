@@ -156,6 +156,9 @@ class RecognizeView(APIView):
         )
         for name, head in result["heads"].items():
             head["threshold"] = thresholds.get(name, 0.6)
+        services.recognition_keep(
+            project=project, served=served, blobs=blobs, result=result, mode=mode, user=request.user
+        )
         result["neighbours"] = _neighbour_details(project, result.get("neighbours", []))
         body = {"model_version": served.number, "n_images": len(images), **result}
         return Response(body, status=status.HTTP_200_OK)

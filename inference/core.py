@@ -85,6 +85,17 @@ def _sniff(data: bytes) -> str:
     return f"unrecognised data starting with 0x{head[:8].hex()}"
 
 
+def _sniff_ext(data: bytes) -> str:
+    """The file extension for stored photo bytes (.jpg, .png, .webp; .bin when unknown)."""
+    if data[:3] == b"\xff\xd8\xff":
+        return ".jpg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return ".png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return ".webp"
+    return ".bin"
+
+
 def decode_image(data: bytes, *, max_pixels: int = 40_000_000, max_side_hint: int | None = None) -> Image.Image:
     """Validate and decode uploaded bytes into an RGB PIL image (EXIF orientation applied, transparency
     composited onto white).

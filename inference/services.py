@@ -58,3 +58,88 @@ def forget_all() -> None:
     with _lock:
         _served.clear()
         _checked_at.clear()
+
+
+def recognition_keep(*, project, served, blobs: list[bytes], result: dict, mode: str, user=None):
+    """Production feedback: when the project opts in and some head got no label, store the photos as
+    `production` images (content-addressed, unlabeled) and the prediction, for the low-confidence queue.
+    Returns the Recognition or None. One transaction; files written are removed if it fails."""
+    import hashlib
+
+    from django.db import transaction
+
+    from labeling import storage
+    from labeling.models import Image, Label
+
+    from .core import _sniff_ext
+    from .models import Recognition
+
+    if not project.keep_low_confidence_photos or all(h["label"] is not None for h in result["heads"].values()):
+        return None
+    written: list[str] = []
+    try:
+        with transaction.atomic():
+            rec = Recognition.objects.create(
+                project=project,
+                model_version=served.number,
+                mode=mode,
+                result={"heads": result["heads"], "reason": result.get("reason")},
+                unclassifiable=bool(result.get("unclassifiable")),
+                user=user if getattr(user, "is_authenticated", False) else None,
+            )
+            heads = list(project.heads.all())
+            for data in blobs:
+                sha = hashlib.sha256(data).hexdigest()
+                image = Image.objects.filter(project=project, sha256=sha).first()
+                if image is None:
+                    name = storage.image_name(project.slug, sha, _sniff_ext(data))
+                    if storage.store_bytes(name, data):
+                        written.append(name)
+                    thumb = ""
+                    thumb_bytes = storage.make_thumbnail(data)
+                    if thumb_bytes:
+                        thumb = storage.thumb_name(project.slug, sha)
+                        if storage.store_bytes(thumb, thumb_bytes):
+                            written.append(thumb)
+                    image = Image.objects.create(
+                        project=project,
+                        sha256=sha,
+                        file=name,
+                        thumbnail=thumb,
+                        original_name=f"recognition-{rec.id}{_sniff_ext(data)}",
+                        byte_size=len(data),
+                        group_key=f"recognition-{rec.id}",  # the photos of one object are one group
+                        source=Image.Source.PRODUCTION,
+                    )
+                    Label.objects.bulk_create([Label(image=image, head=h) for h in heads])
+                rec.images.add(image)
+    except Exception:
+        storage.delete_quietly(written)
+        raise
+    return rec
+
+
+def production_purge(*, project, now=None) -> int:
+    """Delete production photos older than the project's retention that nobody labeled (labeled ones are
+    training data now), and older Recognition rows. Returns the number of images deleted."""
+    import datetime as dt
+
+    from django.db.models import Exists, OuterRef
+    from django.utils import timezone
+
+    from labeling import storage
+    from labeling.models import Image, Label
+
+    from .models import Recognition
+
+    cutoff = (now or timezone.now()) - dt.timedelta(days=project.production_retention_days)
+    labeled = Label.objects.filter(image=OuterRef("pk"), label_class__isnull=False)
+    old = Image.objects.filter(project=project, source=Image.Source.PRODUCTION, created_at__lt=cutoff).exclude(
+        Exists(labeled)
+    )
+    files = [n for pair in old.values_list("file", "thumbnail") for n in pair if n]
+    count = old.count()
+    old.delete()
+    Recognition.objects.filter(project=project, created_at__lt=cutoff).delete()
+    storage.delete_quietly(files)
+    return count

@@ -22,6 +22,13 @@ class Project(models.Model):
         default=10,
         help_text="Perceptual-hash Hamming distance (of 64 bits) at or below which photos are near-duplicates.",
     )
+    keep_low_confidence_photos = models.BooleanField(
+        default=False,
+        help_text="Store recognition photos that got no label for some head, for the low-confidence review queue.",
+    )
+    production_retention_days = models.PositiveIntegerField(
+        default=30, help_text="Stored production photos nobody labeled are deleted after this many days."
+    )
     training_options = models.JSONField(
         default=dict,
         blank=True,

@@ -228,3 +228,44 @@ def test_retrieval_and_fusion_modes_with_calibrated_rejection(api, project):
     assert body["heads"]["class"]["reason"] == "too_far" and body["heads"]["class"]["label"] is None
     bad = api.post(f"{url}?mode=magic", payload, format="json")
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "bad_mode"
+
+
+def test_low_confidence_recognitions_keep_their_photos_when_the_project_opts_in(api, project):
+    import datetime as dt
+
+    from django.core.management import call_command
+    from django.utils import timezone
+
+    from inference.models import Recognition
+    from labeling.models import Image, Label
+
+    _train(project)
+    url = reverse("inference:recognize", args=[project.slug])
+    photos = [make_photo("yellow", seed=971), make_photo("yellow", seed=972)]  # not among the training photos
+    payload = {"images": [_b64(p) for p in photos]}
+    project.heads.update(threshold=1.0)  # nothing is sure enough: every answer is low-confidence
+    api.post(url, payload, format="json")
+    assert not Recognition.objects.exists()  # not opted in: nothing is kept
+    project.keep_low_confidence_photos = True
+    project.save()
+    body = api.post(url, payload, format="json").json()
+    rec = Recognition.objects.get()
+    assert rec.unclassifiable == body["unclassifiable"] and rec.result["heads"]["class"]["label"] is None
+    kept = list(rec.images.order_by("id"))
+    assert len(kept) == 2 and {im.source for im in kept} == {"production"}
+    assert {im.group_key for im in kept} == {f"recognition-{rec.id}"}  # one object = one group
+    assert all(Label.objects.filter(image=im, label_class__isnull=True).exists() for im in kept)
+    # Confident answers are not kept.
+    project.heads.update(threshold=0.0)
+    api.post(url, {"images": [_b64(make_photo("red", seed=99))]}, format="json")
+    assert Recognition.objects.count() == 1
+    # Retention: old unlabeled production photos go, labeled ones stay as training data.
+    first, second = kept
+    label = Label.objects.get(image=second)
+    label.label_class = project.heads.get().classes.get(name="yellow")
+    label.save()
+    Image.objects.filter(pk__in=[first.pk, second.pk]).update(created_at=timezone.now() - dt.timedelta(days=40))
+    Recognition.objects.update(created_at=timezone.now() - dt.timedelta(days=40))
+    call_command("purge_production_photos", project.slug)
+    assert not Image.objects.filter(pk=first.pk).exists() and Image.objects.filter(pk=second.pk).exists()
+    assert not Recognition.objects.exists()
