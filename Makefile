@@ -7,6 +7,8 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/loupe
 TEST_BROKER_URL ?= redis://127.0.0.1:6379/0
+# A fresh test database every `make test` (a kept one may hold another checkout's schema); PYTEST_ARGS= to reuse.
+PYTEST_ARGS ?= --create-db
 
 .PHONY: demo test lint fmt worker web migrate bench bench-demo bench-health bench-train bench-accuracy services browser clean
 
