@@ -11,7 +11,7 @@ from rest_framework.parsers import JSONParser, MultiPartParser
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from labeling.models import Image, Project
+from labeling.models import Label, Project
 from webapp.errors import ApiError
 
 from . import services
@@ -165,26 +165,24 @@ class RecognizeView(APIView):
 
 
 def _neighbour_details(project: Project, neighbours: list[dict]) -> list[dict]:
+    """Labels and thumbnail links of the nearest gallery images, in one query."""
     ids = [n["image_id"] for n in neighbours]
-    images = {
-        im.id: im
-        for im in Image.objects.filter(project=project, id__in=ids).prefetch_related(
-            "labels__label_class", "labels__head"
-        )
-    }
+    labels: dict[int, dict[str, str | None]] = {}
+    rows = Label.objects.filter(image__project=project, image_id__in=ids).values_list(
+        "image_id", "head__name", "label_class__name"
+    )
+    for image_id, head, cls in rows:
+        labels.setdefault(image_id, {})[head] = cls
     out = []
     for n in neighbours:
-        im = images.get(n["image_id"])
-        if im is None:
+        if n["image_id"] not in labels:
             continue  # deleted since the index was built
         out.append(
             {
-                "image_id": im.id,
+                "image_id": n["image_id"],
                 "score": round(float(n["score"]), 4),
-                "labels": {
-                    lb.head.name: (lb.label_class.name if lb.label_class_id else None) for lb in im.labels.all()
-                },
-                "thumbnail_url": reverse("labeling:image-file", args=[project.slug, im.id, "thumb"]),
+                "labels": labels[n["image_id"]],
+                "thumbnail_url": reverse("labeling:image-file", args=[project.slug, n["image_id"], "thumb"]),
             }
         )
     return out
