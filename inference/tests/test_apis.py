@@ -269,3 +269,22 @@ def test_low_confidence_recognitions_keep_their_photos_when_the_project_opts_in(
     call_command("purge_production_photos", project.slug)
     assert not Image.objects.filter(pk=first.pk).exists() and Image.objects.filter(pk=second.pk).exists()
     assert not Recognition.objects.exists()
+
+
+def test_throttling_is_per_token_in_the_error_shape(project, admin_user, reviewer, monkeypatch):
+    from django.core.cache import cache
+
+    from webapp.throttling import TokenRateThrottle
+
+    monkeypatch.setattr(TokenRateThrottle, "THROTTLE_RATES", {"token": "2/min"})
+    cache.clear()
+    url = reverse("inference:recognize", args=[project.slug])
+    first, second = APIClient(), APIClient()
+    first.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=admin_user).key}")
+    second.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=reviewer).key}")
+    codes = [first.post(url, {"images": []}, format="json").status_code for _ in range(3)]
+    assert codes[:2] == [400, 400] and codes[2] == 429
+    limited = first.post(url, {"images": []}, format="json")
+    assert limited.json()["error"]["code"] == "throttled" and "Retry-After" in limited
+    assert second.post(url, {"images": []}, format="json").status_code == 400  # its own budget
+    cache.clear()

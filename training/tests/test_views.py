@@ -67,3 +67,31 @@ def test_models_page_shows_metrics_and_promote_switches(client, admin_user, proj
     response = client.post(reverse("training:version-promote", args=[project.slug, v1.number]), follow=True)
     assert b"Model v1 is now active" in response.content
     assert ModelVersion.objects.get(is_active=True) == v1
+
+
+def test_model_registry_api_list_compare_promote(project, admin_user, reviewer):
+    from rest_framework.test import APIClient
+
+    services.training_run_execute(
+        run_id=services.training_run_create(project=project, config=TINY_TRAIN, queue=False).id, inline=True
+    )
+    run2 = services.training_run_create(project=project, config={**TINY_TRAIN, "epochs": 1}, queue=False)
+    services.training_run_execute(run_id=run2.id, inline=True)
+    api = APIClient()
+    api.force_authenticate(reviewer)
+    assert api.get(f"/api/v1/projects/{project.slug}/models/").status_code == 403
+    api.force_authenticate(admin_user)
+    listing = api.get(f"/api/v1/projects/{project.slug}/models/").json()
+    assert [v["number"] for v in listing] == [2, 1] and listing[1]["is_active"] and not listing[0]["is_active"]
+    assert listing[0]["dataset_version"] == 1 and "class" in listing[0]["heads"] and listing[0]["test"]["heads"]
+    cmp = api.get(f"/api/v1/projects/{project.slug}/models/compare/?a=1&b=2").json()
+    assert cmp["test_split_of"] == 2 and set(cmp["versions"]) == {"1", "2"}
+    assert cmp["versions"]["1"]["class"]["n"] == cmp["versions"]["2"]["class"]["n"] == cmp["n_test"]
+    bad = api.get(f"/api/v1/projects/{project.slug}/models/compare/?a=1")
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "bad_request"
+    promoted = api.post(f"/api/v1/projects/{project.slug}/models/2/promote/")
+    assert promoted.status_code == 202  # its index builds on the worker first
+    ModelVersion.objects.filter(number=2).update(index_status="ready")
+    assert api.post(f"/api/v1/projects/{project.slug}/models/2/promote/").json()["is_active"] is True
+    assert api.post(f"/api/v1/projects/{project.slug}/models/1/promote/").status_code == 200  # rollback
+    assert ModelVersion.objects.get(is_active=True).number == 1

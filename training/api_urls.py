@@ -1,0 +1,14 @@
+from django.urls import path
+
+from . import apis
+
+app_name = "training-api"
+urlpatterns = [
+    path("projects/<slug:slug>/models/", apis.ModelVersionListView.as_view(), name="model-list"),
+    path("projects/<slug:slug>/models/compare/", apis.ModelVersionCompareView.as_view(), name="model-compare"),
+    path(
+        "projects/<slug:slug>/models/<int:number>/promote/",
+        apis.ModelVersionPromoteView.as_view(),
+        name="model-promote",
+    ),
+]

@@ -1,0 +1,110 @@
+"""Model registry API: list versions with their metrics, compare two on the same test split, promote or roll
+back (admins). Errors use the one error shape."""
+
+import json
+from pathlib import Path
+
+from django.shortcuts import get_object_or_404
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from rest_framework import serializers
+from rest_framework.permissions import IsAdminUser
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from labeling.models import Project
+from webapp.errors import ApiError
+
+from . import services
+from .models import ModelVersion
+
+
+class ModelVersionSerializer(serializers.ModelSerializer):
+    heads = serializers.SerializerMethodField()
+    test = serializers.SerializerMethodField()
+    primary = serializers.SerializerMethodField()
+    dataset_version = serializers.SerializerMethodField()
+
+    class Meta:
+        model = ModelVersion
+        fields = [
+            "number",
+            "is_active",
+            "created_at",
+            "promoted_at",
+            "index_status",
+            "index_size",
+            "primary",
+            "heads",
+            "test",
+            "dataset_version",
+        ]
+
+    def get_primary(self, obj) -> float | None:
+        return obj.metrics.get("primary")
+
+    def get_heads(self, obj) -> dict:
+        return {
+            h: {k: m.get(k) for k in ("top1", "top5", "n_val")} for h, m in (obj.metrics.get("heads") or {}).items()
+        }
+
+    def get_test(self, obj) -> dict:
+        return obj.metrics.get("test") or {}
+
+    def get_dataset_version(self, obj) -> int | None:
+        return obj.run.dataset_version.number if obj.run_id and obj.run.dataset_version_id else None
+
+
+def _version(slug: str, number: int) -> ModelVersion:
+    return get_object_or_404(
+        ModelVersion.objects.select_related("run__dataset_version"), project__slug=slug, number=number
+    )
+
+
+class ModelVersionListView(APIView):
+    permission_classes = [IsAdminUser]
+
+    @extend_schema(responses=ModelVersionSerializer(many=True), summary="Model versions of a project with metrics")
+    def get(self, request, slug):
+        project = get_object_or_404(Project, slug=slug)
+        qs = project.model_versions.select_related("run__dataset_version").order_by("-number")
+        return Response(ModelVersionSerializer(qs, many=True).data)
+
+
+class ModelVersionPromoteView(APIView):
+    permission_classes = [IsAdminUser]
+
+    @extend_schema(
+        request=None,
+        responses={200: ModelVersionSerializer, 202: ModelVersionSerializer},
+        summary="Promote (or roll back to) a version: 200 when active now, 202 while its index builds",
+    )
+    def post(self, request, slug, number):
+        version = services.model_version_promote(version=_version(slug, number), user=request.user)
+        return Response(ModelVersionSerializer(version).data, status=200 if version.is_active else 202)
+
+
+class ModelVersionCompareView(APIView):
+    permission_classes = [IsAdminUser]
+
+    @extend_schema(
+        parameters=[OpenApiParameter("a", int, required=True), OpenApiParameter("b", int, required=True)],
+        responses=OpenApiResponse(description="top-1/top-5 per head of both versions on the same test images"),
+        summary="Compare two versions on the same frozen test split (the newer version's)",
+    )
+    def get(self, request, slug):
+        from inference.core import Recognizer, split_accuracy
+
+        try:
+            a_num, b_num = int(request.query_params["a"]), int(request.query_params["b"])
+        except (KeyError, ValueError):
+            raise ApiError("Pass two version numbers: ?a=1&b=2.", code="bad_request") from None
+        a, b = _version(slug, a_num), _version(slug, b_num)
+        newer = a if a.number > b.number else b
+        manifest = json.loads((Path(newer.artifact_dir) / "manifest.json").read_text())
+        items = [it for it in manifest["items"] if it["split"] == "test"]
+        if not items:
+            raise ApiError(f"Version {newer.number}'s dataset has no test split to compare on.", code="no_test_split")
+        out = {"test_split_of": newer.number, "n_test": len(items), "versions": {}}
+        for v in (a, b):
+            out["versions"][str(v.number)] = split_accuracy(Recognizer.load(v.artifact_dir), items)["heads"]
+        return Response(out)
