@@ -135,6 +135,8 @@ def test_versions_pages_diff_export_and_api(client, admin_user, project):
     assert api.post(f"/api/v1/projects/{project.slug}/dataset-versions/", {"note": "x"}).status_code == 200
     api_diff = api.get(f"/api/v1/projects/{project.slug}/dataset-versions/1/diff/2/").json()
     assert api_diff["summary"]["removed"] == 1
+    gone = api.get(f"/api/v1/projects/{project.slug}/dataset-versions/99/")
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "not_found"  # found by schemathesis: was a 500
     missing = api.get(f"/api/v1/projects/{project.slug}/health/")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "no_report"
     bad = api.post(f"/api/v1/projects/{project.slug}/health/", {"max_distance": 999}, format="json")
