@@ -15,18 +15,20 @@ from labeling.models import Label, Project
 from webapp.errors import ApiError
 
 from . import services
-from .core import ImageError, decode_image
+from .core import ImageError, decode_image, sniff_media_type
 from .serializers import ErrorSerializer, RecognizeJsonSerializer, RecognizeResponseSerializer
 
 
-def _sniff(data: bytes) -> str | None:
-    if data[:3] == b"\xff\xd8\xff":
-        return "image/jpeg"
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return "image/png"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp"
-    return None
+def _decode_all(blobs: list[bytes]) -> list:
+    """Decode every photo (JPEGs at reduced size: the models never need more than ~512 px) or refuse the
+    request naming the bad one."""
+    images = []
+    for i, data in enumerate(blobs, start=1):
+        try:
+            images.append(decode_image(data, max_pixels=settings.LOUPE_MAX_IMAGE_PIXELS, max_side_hint=512))
+        except ImageError as exc:
+            raise ApiError(f"image {i}: {exc}", code="bad_image") from None
+    return images
 
 
 def _collect_images(request) -> list[bytes]:
@@ -67,7 +69,7 @@ def _collect_images(request) -> list[bytes]:
                 data = base64.b64decode(text, validate=True)
             except (binascii.Error, ValueError):
                 raise ApiError(f"image {i}: 'data' is not valid base64.", code="bad_base64") from None
-            actual = _sniff(data)
+            actual = sniff_media_type(data)
             if actual is not None and actual != item["media_type"]:
                 raise ApiError(
                     f"image {i}: media_type says {item['media_type']} but the data is {actual}.",
@@ -127,13 +129,7 @@ class RecognizeView(APIView):
         if project is None:
             raise ApiError(f"No project {slug!r}.", code="not_found", status_code=404)
         blobs = _collect_images(request)
-        images = []
-        for i, data in enumerate(blobs, start=1):
-            try:
-                # JPEGs decode at reduced size: the models never need more than ~512 px.
-                images.append(decode_image(data, max_pixels=settings.LOUPE_MAX_IMAGE_PIXELS, max_side_hint=512))
-            except ImageError as exc:
-                raise ApiError(f"image {i}: {exc}", code="bad_image") from None
+        images = _decode_all(blobs)
         try:
             served = services.active_model(project_id=project.id)
         except services.NoActiveModel as exc:
@@ -229,12 +225,7 @@ class CarDetectView(APIView):
             got = len(items) if isinstance(items, list) else "no 'images' list"
             raise ApiError(f"Send {lo} to {hi} photos of one car in 'images' (got {got}).", code="image_count")
         blobs = _collect_images(request)
-        images = []
-        for i, data in enumerate(blobs, start=1):
-            try:
-                images.append(decode_image(data, max_pixels=settings.LOUPE_MAX_IMAGE_PIXELS, max_side_hint=512))
-            except ImageError as exc:
-                raise ApiError(f"image {i}: {exc}", code="bad_image") from None
+        images = _decode_all(blobs)
         try:
             served = services.active_model(project_id=project.id)
         except services.NoActiveModel as exc:

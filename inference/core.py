@@ -85,15 +85,20 @@ def _sniff(data: bytes) -> str:
     return f"unrecognised data starting with 0x{head[:8].hex()}"
 
 
+def sniff_media_type(data: bytes) -> str | None:
+    """image/jpeg, image/png or image/webp from the file's magic bytes; None for anything else."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "image/jpeg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "image/png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return None
+
+
 def _sniff_ext(data: bytes) -> str:
     """The file extension for stored photo bytes (.jpg, .png, .webp; .bin when unknown)."""
-    if data[:3] == b"\xff\xd8\xff":
-        return ".jpg"
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return ".png"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return ".webp"
-    return ".bin"
+    return {"image/jpeg": ".jpg", "image/png": ".png", "image/webp": ".webp"}.get(sniff_media_type(data), ".bin")
 
 
 def decode_image(data: bytes, *, max_pixels: int = 40_000_000, max_side_hint: int | None = None) -> Image.Image:

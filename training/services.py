@@ -6,6 +6,7 @@ import os
 import traceback
 from pathlib import Path
 
+import numpy as np
 from django.conf import settings
 from django.db import transaction
 from django.db.models import Max
@@ -25,6 +26,7 @@ class TrainingError(ValueError):
 
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+GALLERY_CACHE = "gallery_embeddings.npz"  # train-split embeddings from the calibration, reused by the index build
 
 
 def preset_config(preset: str) -> dict:
@@ -223,6 +225,8 @@ def _calibrate(out_dir: Path, manifest: dict) -> dict:
     _g_probs, g_emb, g_ok = predict_paths(rec, [it["path"] for it in train])
     val = [it for it, ok in zip(val, v_ok, strict=True) if ok]
     train = [it for it, ok in zip(train, g_ok, strict=True) if ok]
+    # The index build at promote embeds the same train images with the same model: keep them for it.
+    np.savez(out_dir / GALLERY_CACHE, ids=np.array([it["id"] for it in train], dtype=np.int64), emb=g_emb[g_ok])
     cal = calibrate(
         heads=rec.heads,
         label_maps=rec.label_maps,
@@ -306,8 +310,6 @@ def model_version_activate(*, version: ModelVersion) -> ModelVersion:
 def model_version_index_build(*, version_id: int) -> ModelVersion:
     """Embed the run's train split and write the Faiss index into the artifact folder (atomically), then
     activate the version if a promote was requested. Idempotent."""
-    import numpy as np
-
     from inference.calibration import write_gallery_labels
     from inference.core import Recognizer, build_index, embed_paths
 
@@ -317,11 +319,17 @@ def model_version_index_build(*, version_id: int) -> ModelVersion:
         manifest = json.loads((art / "manifest.json").read_text())
         gallery = [it for it in manifest["items"] if it["split"] == "train"]
         recognizer = Recognizer.load(art)
-        embeddings, ok = embed_paths(recognizer, [it["path"] for it in gallery])
-        ids = np.array([it["id"] for it in gallery], dtype=np.int64)[ok]
-        kept = [it for it, good in zip(gallery, ok, strict=True) if good]
+        by_id = {it["id"]: it for it in gallery}
+        cache = art / GALLERY_CACHE
+        if cache.is_file():  # written by the calibration after training: same model, same images
+            with np.load(cache) as cached:
+                ids, embeddings = cached["ids"], cached["emb"]
+        else:
+            embeddings, ok = embed_paths(recognizer, [it["path"] for it in gallery])
+            ids, embeddings = np.array([it["id"] for it in gallery], dtype=np.int64)[ok], embeddings[ok]
+        kept = [by_id[int(i)] for i in ids]
         write_gallery_labels(art, ids, {h: [it["labels"].get(h) for it in kept] for h in recognizer.heads})
-        build_index(art, embeddings[ok], ids, kind=settings.LOUPE_INDEX_KIND, flat_max=settings.LOUPE_INDEX_FLAT_MAX)
+        build_index(art, embeddings, ids, kind=settings.LOUPE_INDEX_KIND, flat_max=settings.LOUPE_INDEX_FLAT_MAX)
     except Exception as exc:  # noqa: BLE001
         log.exception("index build for model version %s failed", version_id)
         ModelVersion.objects.filter(pk=version_id).update(
@@ -351,3 +359,12 @@ def model_version_oof(*, version: ModelVersion, k: int = 5, mode: str = "cheap")
         raise TrainingError(str(exc)) from exc
     ModelVersion.objects.filter(pk=version.pk).update(metrics={**version.metrics, "oof": summary})
     return summary
+
+
+def model_version_for(project: Project, number: int | None) -> ModelVersion:
+    """Version `number` of the project, or the active one when number is None (for the command line)."""
+    versions = project.model_versions
+    version = versions.filter(number=number).first() if number else versions.filter(is_active=True).first()
+    if version is None:
+        raise TrainingError("No such model version (train and promote one first, or pass --model-version N).")
+    return version

@@ -5,6 +5,7 @@ from pathlib import Path
 from django.core.management.base import BaseCommand, CommandError
 
 from labeling.models import Project
+from training import services
 from training.engine.onnx_export import export_onnx
 
 
@@ -24,14 +25,10 @@ class Command(BaseCommand):
         project = Project.objects.filter(slug=opts["project"]).first()
         if project is None:
             raise CommandError(f"No project {opts['project']!r}.")
-        versions = project.model_versions
-        version = (
-            versions.filter(number=opts["model_version"]).first()
-            if opts["model_version"]
-            else versions.filter(is_active=True).first()
-        )
-        if version is None:
-            raise CommandError("No such model version (train and promote one, or pass --model-version N).")
+        try:
+            version = services.model_version_for(project, opts["model_version"])
+        except services.TrainingError as exc:
+            raise CommandError(str(exc)) from exc
         try:
             result = export_onnx(Path(version.artifact_dir), opset=opts["opset"], atol=opts["atol"])
         except (ValueError, FileNotFoundError) as exc:

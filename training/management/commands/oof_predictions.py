@@ -24,14 +24,10 @@ class Command(BaseCommand):
         project = Project.objects.filter(slug=opts["project"]).first()
         if project is None:
             raise CommandError(f"No project {opts['project']!r}.")
-        versions = project.model_versions
-        version = (
-            versions.filter(number=opts["model_version"]).first()
-            if opts["model_version"]
-            else versions.filter(is_active=True).first()
-        )
-        if version is None:
-            raise CommandError("No such model version (train and promote one first, or pass --model-version N).")
+        try:
+            version = services.model_version_for(project, opts["model_version"])
+        except services.TrainingError as exc:
+            raise CommandError(str(exc)) from exc
         try:
             summary = services.model_version_oof(version=version, k=opts["k"], mode=opts["mode"])
         except services.TrainingError as exc:
