@@ -447,7 +447,10 @@ def cluster_resolve(
             )
             changes = {"status": _set_status(images, Image.Status.EXCLUDED, "duplicate cluster excluded", user, action)}
         elif mode == "label_all":
-            labels = {int(k): (int(v) if v not in (None, "") else None) for k, v in (labels or {}).items()}
+            try:
+                labels = {int(k): (int(v) if v not in (None, "") else None) for k, v in (labels or {}).items()}
+            except (TypeError, ValueError):
+                raise LabelingError("Head and class must be given by their numeric ids.") from None
             if not labels:
                 raise LabelingError("Choose the label to apply to every photo of the cluster.")
             heads = {h.id: h for h in project.heads.all()}

@@ -164,6 +164,8 @@ def test_resolve_cluster_label_all_logged_and_undo_keeps_later_edits(planted):
     dupe_label.refresh_from_db()
     assert dupe_label.label_class.name == "Yaris" and result["skipped"] == 0
 
+    with pytest.raises(LabelingError, match="numeric ids"):
+        health.cluster_resolve(cluster=cluster, mode="label_all", labels={"model": "Corolla"})
     with pytest.raises(LabelingError, match="Unknown resolution"):
         health.cluster_resolve(cluster=cluster, mode="delete")
     with pytest.raises(LabelingError, match="Choose which photo"):
