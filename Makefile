@@ -10,7 +10,7 @@ TEST_BROKER_URL ?= redis://127.0.0.1:6379/0
 # A fresh test database every `make test` (a kept one may hold another checkout's schema); PYTEST_ARGS= to reuse.
 PYTEST_ARGS ?= --create-db
 
-.PHONY: demo test lint fmt worker web migrate bench bench-demo bench-health bench-train bench-accuracy bench-serving services browser clean
+.PHONY: demo test lint fmt worker web migrate bench bench-demo bench-health bench-train bench-accuracy bench-serving bench-faiss bench-load services browser clean
 
 .venv/.runtime: requirements.txt
 	test -x $(PY) || python3 -m venv .venv
@@ -69,7 +69,7 @@ fmt: .venv/.dev
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
-bench: bench-demo bench-accuracy bench-health bench-serving bench-train
+bench: bench-demo bench-accuracy bench-health bench-serving bench-faiss bench-load bench-train
 
 bench-demo: .venv/.dev
 	$(PY) bench/demo_time.py
@@ -86,6 +86,13 @@ bench-accuracy: .venv/.dev
 # Serving latency: the recognise endpoint vs raw onnxruntime and torch eager; the car endpoint with 10 photos.
 bench-serving: .venv/.dev
 	$(PY) -m bench.serving
+
+bench-faiss: .venv/.dev
+	$(PY) -m bench.faiss_index
+
+# gunicorn under 50 concurrent clients, then with a promote every 10 s; needs the local PostgreSQL
+bench-load: .venv/.dev
+	$(PY) -m bench.load
 
 bench-train: .venv/.dev
 	$(PY) -m bench.train_throughput

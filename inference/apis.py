@@ -11,7 +11,7 @@ from rest_framework.parsers import JSONParser, MultiPartParser
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from labeling.models import Label, Project
+from labeling.models import Label
 from webapp.errors import ApiError
 
 from . import services
@@ -31,6 +31,34 @@ def _decode_all(blobs: list[bytes]) -> list:
     return images
 
 
+MEDIA_TYPES = ("image/jpeg", "image/png", "image/webp")
+
+
+def _json_images(data, max_n: int) -> list[dict]:
+    """The JSON body's images, checked by hand: RecognizeJsonSerializer documents the shape, but running DRF's
+    serializer machinery on every request costs more than decoding the photo (bench/serving.py)."""
+    if not isinstance(data, dict) or "images" not in data:
+        raise ApiError(
+            'The body needs an "images" list.', code="invalid", details={"images": ["This field is required."]}
+        )
+    items = data["images"]
+    if not isinstance(items, list):
+        raise ApiError('"images" must be a list of {"data", "media_type"} objects.', code="invalid")
+    if len(items) > max_n:
+        raise ApiError(f"Send at most {max_n} images per request (got {len(items)}).", code="too_many_images")
+    for i, item in enumerate(items, start=1):
+        if not isinstance(item, dict):
+            raise ApiError(f'image {i}: expected an object {{"data", "media_type"}}.', code="invalid")
+        if not isinstance(item.get("data"), str) or not item["data"]:
+            raise ApiError(f"image {i}: 'data' must be a non-empty base64 string.", code="invalid")
+        if item.get("media_type") not in MEDIA_TYPES:
+            raise ApiError(
+                f"image {i}: media_type must be one of {', '.join(MEDIA_TYPES)} (got {item.get('media_type')!r}).",
+                code="invalid",
+            )
+    return items
+
+
 def _collect_images(request) -> list[bytes]:
     max_n = settings.LOUPE_MAX_IMAGES_PER_REQUEST
     blobs: list[bytes] = []
@@ -47,15 +75,8 @@ def _collect_images(request) -> list[bytes]:
                 )
             blobs.append(f.read())
     else:
-        payload = RecognizeJsonSerializer(data=request.data)
-        if isinstance(request.data, dict) and isinstance(request.data.get("images"), list):
-            if len(request.data["images"]) > max_n:
-                raise ApiError(
-                    f"Send at most {max_n} images per request (got {len(request.data['images'])}).",
-                    code="too_many_images",
-                )
-        payload.is_valid(raise_exception=True)
-        for i, item in enumerate(payload.validated_data["images"], start=1):
+        items = _json_images(request.data, max_n)
+        for i, item in enumerate(items, start=1):
             text = item["data"]
             if text.startswith("data:") and "," in text:
                 text = text.split(",", 1)[1]  # tolerate a data: URL prefix
@@ -85,6 +106,7 @@ def _collect_images(request) -> list[bytes]:
 
 
 COMBINE_MODES = ("mean", "vote", "geometric")
+MAX_NEIGHBOURS = 20
 RECOGNITION_MODES = ("softmax", "retrieval", "fusion")
 
 
@@ -115,6 +137,12 @@ class RecognizeView(APIView):
                 "with calibrated rejection) or fusion (both)",
             ),
             OpenApiParameter(
+                "neighbours",
+                int,
+                description=f"also return this many nearest gallery photos (0-{MAX_NEIGHBOURS}, default 0) with their "
+                "current labels and thumbnail links",
+            ),
+            OpenApiParameter(
                 "combine",
                 str,
                 enum=list(COMBINE_MODES),
@@ -125,46 +153,51 @@ class RecognizeView(APIView):
         "is below the head's threshold), the confidence and the top-k; plus the nearest gallery images.",
     )
     def post(self, request, slug: str):
-        project = Project.objects.filter(slug=slug).first()
-        if project is None:
-            raise ApiError(f"No project {slug!r}.", code="not_found", status_code=404)
-        blobs = _collect_images(request)
-        images = _decode_all(blobs)
         try:
-            served = services.active_model(project_id=project.id)
-        except services.NoActiveModel as exc:
-            raise ApiError(str(exc), code="no_active_model", status_code=409) from exc
-        thresholds = dict(project.heads.values_list("name", "threshold"))
+            ctx = services.serving_context(slug=slug)
+        except services.NoProject as exc:
+            raise ApiError(str(exc), code="not_found", status_code=404) from None
         combine = request.query_params.get("combine", settings.LOUPE_COMBINE_VIEWS)
         if combine not in COMBINE_MODES:
             raise ApiError(f"combine must be one of {', '.join(COMBINE_MODES)} (got {combine!r}).", code="bad_combine")
         mode = request.query_params.get("mode", settings.LOUPE_RECOGNITION_MODE)
         if mode not in RECOGNITION_MODES:
             raise ApiError(f"mode must be one of {', '.join(RECOGNITION_MODES)} (got {mode!r}).", code="bad_mode")
-        if mode != "softmax" and served.recognizer.gallery_labels is None:
+        raw = request.query_params.get("neighbours", "0")
+        if not raw.isdigit() or int(raw) > MAX_NEIGHBOURS:
             raise ApiError(
-                f"mode {mode!r} needs the model's gallery; promote the version again to build it.",
+                f"neighbours must be a whole number 0-{MAX_NEIGHBOURS} (got {raw!r}).", code="bad_neighbours"
+            )
+        n_neighbours = int(raw)
+        blobs = _collect_images(request)
+        images = _decode_all(blobs)
+        try:
+            served = services.active_model(project_id=ctx.project_id)
+        except services.NoActiveModel as exc:
+            raise ApiError(str(exc), code="no_active_model", status_code=409) from exc
+        if (mode != "softmax" or n_neighbours) and served.recognizer.gallery_labels is None:
+            raise ApiError(
+                f"{'mode ' + repr(mode) if mode != 'softmax' else 'neighbours'} needs the model's gallery; "
+                "promote the version again to build it.",
                 code="no_gallery",
                 status_code=409,
             )
+        thresholds = ctx.thresholds
         result = served.recognizer.recognize(
-            images, thresholds=thresholds, top_k=5, neighbours=5, combine=combine, mode=mode
+            images, thresholds=thresholds, top_k=5, neighbours=n_neighbours, combine=combine, mode=mode
         )
-        for name, head in result["heads"].items():
-            head["threshold"] = thresholds.get(name, 0.6)
-        services.recognition_keep(
-            project=project, served=served, blobs=blobs, result=result, mode=mode, user=request.user
-        )
-        result["neighbours"] = _neighbour_details(project, result.get("neighbours", []))
+        services.recognition_keep(project=ctx, served=served, blobs=blobs, result=result, mode=mode, user=request.user)
+        if n_neighbours:
+            result["neighbours"] = _neighbour_details(ctx, result["neighbours"])
         body = {"model_version": served.number, "n_images": len(images), **result}
         return Response(body, status=status.HTTP_200_OK)
 
 
-def _neighbour_details(project: Project, neighbours: list[dict]) -> list[dict]:
-    """Labels and thumbnail links of the nearest gallery images, in one query."""
+def _neighbour_details(ctx: services.ServingContext, neighbours: list[dict]) -> list[dict]:
+    """Current labels and thumbnail links of the nearest gallery images, in one query."""
     ids = [n["image_id"] for n in neighbours]
     labels: dict[int, dict[str, str | None]] = {}
-    rows = Label.objects.filter(image__project=project, image_id__in=ids).values_list(
+    rows = Label.objects.filter(image__project_id=ctx.project_id, image_id__in=ids).values_list(
         "image_id", "head__name", "label_class__name"
     )
     for image_id, head, cls in rows:
@@ -178,7 +211,7 @@ def _neighbour_details(project: Project, neighbours: list[dict]) -> list[dict]:
                 "image_id": n["image_id"],
                 "score": round(float(n["score"]), 4),
                 "labels": labels[n["image_id"]],
-                "thumbnail_url": reverse("labeling:image-file", args=[project.slug, n["image_id"], "thumb"]),
+                "thumbnail_url": reverse("labeling:image-file", args=[ctx.slug, n["image_id"], "thumb"]),
             }
         )
     return out
@@ -209,15 +242,15 @@ class CarDetectView(APIView):
     )
     def post(self, request):
         slug = settings.LOUPE_CAR_PROJECT
-        project = Project.objects.filter(slug=slug).first()
-        if project is None:
+        try:
+            ctx = services.serving_context(slug=slug)
+        except services.NoProject:
             raise ApiError(
                 f"The car endpoint serves project {slug!r} (LOUPE_CAR_PROJECT), which does not exist.",
                 code="not_configured",
                 status_code=503,
-            )
-        heads = set(project.heads.values_list("name", flat=True))
-        if not {"make", "model"} <= heads:
+            ) from None
+        if not {"make", "model"} <= set(ctx.thresholds):
             raise ApiError(f"Project {slug!r} has no make and model heads.", code="not_configured", status_code=503)
         items = request.data.get("images") if isinstance(request.data, dict) else None
         lo, hi = settings.LOUPE_CAR_MIN_IMAGES, settings.LOUPE_MAX_IMAGES_PER_REQUEST
@@ -227,7 +260,7 @@ class CarDetectView(APIView):
         blobs = _collect_images(request)
         images = _decode_all(blobs)
         try:
-            served = services.active_model(project_id=project.id)
+            served = services.active_model(project_id=ctx.project_id)
         except services.NoActiveModel as exc:
             raise ApiError(str(exc), code="no_active_model", status_code=409) from exc
         thr = settings.LOUPE_CAR_THRESHOLD

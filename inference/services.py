@@ -2,7 +2,12 @@
 
 Every request asks the database which version is active (at most every LOUPE_ACTIVE_MODEL_TTL seconds per
 project); a changed version is loaded fully, then swapped in under a lock, so a request sees either the old
-or the new model, never a mix, and never fails during a promote."""
+or the new model, never a mix, and never fails during a promote.
+
+The few project settings a recognition needs (id, head thresholds, the keep-photos opt-in) are cached beside
+it with the same TTL (`serving_context`), so a request that hits the cache runs no SQL at all: at 224 px the
+model itself takes ~1-10 ms on this CPU, and three ORM queries cost ~1.5 ms. Saving a project or a head drops
+its entry in this process at once; other server processes see the change within the TTL."""
 
 import threading
 import time
@@ -22,16 +27,65 @@ class Served:
     recognizer: Recognizer
 
 
+@dataclass(frozen=True)
+class ServingContext:
+    """What one recognition request needs to know about its project (cached, see serving_context)."""
+
+    project_id: int
+    slug: str
+    thresholds: dict  # head name -> threshold
+    keep_low_confidence_photos: bool
+
+
 _lock = threading.Lock()
 _served: dict[int, Served] = {}
 _checked_at: dict[int, float] = {}
+_contexts: dict[str, tuple[float, ServingContext]] = {}
+_loading: dict[int, threading.Lock] = {}  # per project: held by the one thread loading a newly promoted version
 
 
 class NoActiveModel(LookupError):
     pass
 
 
+class NoProject(LookupError):
+    pass
+
+
+def serving_context(*, slug: str) -> ServingContext:
+    """The project's serving settings, from this process's cache when younger than LOUPE_ACTIVE_MODEL_TTL.
+    Raises NoProject for an unknown slug (not cached: a project created a moment later is found)."""
+    now = time.monotonic()
+    hit = _contexts.get(slug)
+    if hit is not None and now - hit[0] < settings.LOUPE_ACTIVE_MODEL_TTL:
+        return hit[1]
+    from labeling.models import Head, Project  # noqa: PLC0415 - labeling imports this app's models
+
+    row = Project.objects.filter(slug=slug).values("id", "keep_low_confidence_photos").first()
+    if row is None:
+        raise NoProject(f"No project {slug!r}.")
+    ctx = ServingContext(
+        project_id=row["id"],
+        slug=slug,
+        thresholds=dict(Head.objects.filter(project_id=row["id"]).values_list("name", "threshold")),
+        keep_low_confidence_photos=row["keep_low_confidence_photos"],
+    )
+    _contexts[slug] = (now, ctx)
+    return ctx
+
+
+def forget_project(slug: str | None = None) -> None:
+    """Drop the cached serving settings of one project (all when slug is None); called on Project/Head saves."""
+    if slug is None:
+        _contexts.clear()
+    else:
+        _contexts.pop(slug, None)
+
+
 def active_model(*, project_id: int) -> Served:
+    """The project's promoted model in this process. After a promote, the first request to notice loads the
+    new version fully (one thread per project at a time) while the process's other threads go on answering
+    with the old one; then it is swapped in. A process with nothing loaded yet waits for the load."""
     now = time.monotonic()
     current = _served.get(project_id)
     if current is not None and now - _checked_at.get(project_id, 0) < settings.LOUPE_ACTIVE_MODEL_TTL:
@@ -46,23 +100,36 @@ def active_model(*, project_id: int) -> Served:
     if current is not None and current.version_id == row["id"]:
         _checked_at[project_id] = now
         return current
-    loaded = Served(version_id=row["id"], number=row["number"], recognizer=Recognizer.load(row["artifact_dir"]))
     with _lock:
-        _served[project_id] = loaded
-        _checked_at[project_id] = now
-    return loaded
+        loading = _loading.setdefault(project_id, threading.Lock())
+    if not loading.acquire(blocking=current is None):
+        return current  # another thread is loading the new version: keep serving the old one meanwhile
+    try:
+        again = _served.get(project_id)
+        if again is not None and again.version_id == row["id"]:
+            return again
+        loaded = Served(version_id=row["id"], number=row["number"], recognizer=Recognizer.load(row["artifact_dir"]))
+        with _lock:
+            _served[project_id] = loaded
+            _checked_at[project_id] = time.monotonic()
+        return loaded
+    finally:
+        loading.release()
 
 
 def forget_all() -> None:
-    """Drop cached models (tests)."""
+    """Drop cached models and project settings (tests)."""
     with _lock:
         _served.clear()
         _checked_at.clear()
+        _contexts.clear()
+        _loading.clear()
 
 
 def recognition_keep(*, project, served, blobs: list[bytes], result: dict, mode: str, user=None):
     """Production feedback: when the project opts in and some head got no label, store the photos as
     `production` images (content-addressed, unlabeled) and the prediction, for the low-confidence queue.
+    `project` is a Project or a ServingContext (the Project row is then read only when something is kept).
     Returns the Recognition or None. One transaction; files written are removed if it fails."""
     import hashlib
 
@@ -76,6 +143,10 @@ def recognition_keep(*, project, served, blobs: list[bytes], result: dict, mode:
 
     if not project.keep_low_confidence_photos or all(h["label"] is not None for h in result["heads"].values()):
         return None
+    if isinstance(project, ServingContext):
+        from labeling.models import Project  # noqa: PLC0415
+
+        project = Project.objects.get(pk=project.project_id)
     written: list[str] = []
     try:
         with transaction.atomic():

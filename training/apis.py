@@ -1,9 +1,6 @@
 """Model registry API: list versions with their metrics, compare two on the same test split, promote or roll
 back (admins). Errors use the one error shape."""
 
-import json
-from pathlib import Path
-
 from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import serializers
@@ -92,19 +89,12 @@ class ModelVersionCompareView(APIView):
         summary="Compare two versions on the same frozen test split (the newer version's)",
     )
     def get(self, request, slug):
-        from inference.core import Recognizer, split_accuracy
-
         try:
             a_num, b_num = int(request.query_params["a"]), int(request.query_params["b"])
         except (KeyError, ValueError):
             raise ApiError("Pass two version numbers: ?a=1&b=2.", code="bad_request") from None
-        a, b = _version(slug, a_num), _version(slug, b_num)
-        newer = a if a.number > b.number else b
-        manifest = json.loads((Path(newer.artifact_dir) / "manifest.json").read_text())
-        items = [it for it in manifest["items"] if it["split"] == "test"]
-        if not items:
-            raise ApiError(f"Version {newer.number}'s dataset has no test split to compare on.", code="no_test_split")
-        out = {"test_split_of": newer.number, "n_test": len(items), "versions": {}}
-        for v in (a, b):
-            out["versions"][str(v.number)] = split_accuracy(Recognizer.load(v.artifact_dir), items)["heads"]
+        try:
+            out = services.model_versions_compare(a=_version(slug, a_num), b=_version(slug, b_num))
+        except ValueError as exc:
+            raise ApiError(str(exc), code="no_test_split") from None
         return Response(out)

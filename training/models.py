@@ -83,3 +83,17 @@ class ModelVersion(models.Model):
 
     def __str__(self) -> str:
         return f"{self.project.slug} v{self.number}"
+
+    @property
+    def index_meta(self) -> dict | None:
+        """index.json of the version's Faiss index (kind, size, nprobe and measured recall for IVF), if built."""
+        from inference.core import read_index_meta  # noqa: PLC0415 - inference imports this module
+
+        return read_index_meta(self.artifact_dir) if self.artifact_dir else None
+
+    @property
+    def suggested_thresholds(self) -> dict[str, float]:
+        """Per head, the smallest confidence whose accepted validation answers were >= 95 % right (after
+        temperature scaling), from the calibration done after training; {} when not calibrated."""
+        cal = (self.metrics or {}).get("calibration") or {}
+        return {h: float(t) for h, t in (cal.get("softmax_threshold") or {}).items()}

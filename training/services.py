@@ -12,7 +12,7 @@ from django.db import transaction
 from django.db.models import Max
 from django.utils import timezone
 
-from labeling.models import DatasetVersion, Project
+from labeling.models import DatasetVersion, Head, Project
 from labeling.services import LabelingError
 from labeling.versions import dataset_version_create, version_manifest
 
@@ -292,6 +292,51 @@ def model_version_promote(*, version: ModelVersion, user=None, inline: bool = Fa
     if inline:
         return model_version_index_build(version_id=vid)
     return version
+
+
+def model_versions_compare(*, a: ModelVersion, b: ModelVersion) -> dict:
+    """Top-1/top-5 per head of two versions on the same images: the newer version's frozen test split.
+    Returns {"test_split_of", "n_test", "versions": {"<n>": {head: {"top1", "top5", "n"}}}}; the result is kept
+    in the newer version's folder (versions never change). ValueError when that split is empty."""
+    from inference.core import Recognizer, split_accuracy
+
+    if a.project_id != b.project_id:
+        raise ValueError("Compare two versions of the same project.")
+    newer = a if a.number >= b.number else b
+    cache = Path(newer.artifact_dir) / f"compare-{min(a.number, b.number)}-{max(a.number, b.number)}.json"
+    try:
+        return json.loads(cache.read_text())
+    except (OSError, ValueError):
+        pass
+    manifest = json.loads((Path(newer.artifact_dir) / "manifest.json").read_text())
+    items = [it for it in manifest["items"] if it["split"] == "test"]
+    if not items:
+        raise ValueError(f"Version {newer.number}'s dataset has no test split to compare on.")
+    out = {"test_split_of": newer.number, "n_test": len(items), "versions": {}}
+    for v in (a, b):
+        out["versions"][str(v.number)] = split_accuracy(Recognizer.load(v.artifact_dir), items)["heads"]
+    _write_json(cache, out)
+    return out
+
+
+def head_thresholds_apply(*, version: ModelVersion, heads: list[str] | None = None) -> dict[str, tuple[float, float]]:
+    """Set the project's head thresholds to the version's calibrated suggestions (95 % precision on its
+    validation split). Only heads that have a suggestion (and are in `heads`, when given) change. Returns
+    {head: (old, new)} for the heads changed. ValueError when the version was not calibrated."""
+    suggested = version.suggested_thresholds
+    if not suggested:
+        raise ValueError(f"v{version.number} has no calibrated thresholds (its validation split was empty).")
+    changed: dict[str, tuple[float, float]] = {}
+    with transaction.atomic():
+        for head in Head.objects.select_for_update().filter(project_id=version.project_id, name__in=list(suggested)):
+            if heads is not None and head.name not in heads:
+                continue
+            new = round(min(1.0, max(0.0, suggested[head.name])), 4)
+            if new != head.threshold:
+                changed[head.name] = (head.threshold, new)
+                head.threshold = new
+                head.save(update_fields=["threshold"])  # post_save drops the cached serving settings
+    return changed
 
 
 def model_version_activate(*, version: ModelVersion) -> ModelVersion:

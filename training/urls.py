@@ -7,5 +7,11 @@ urlpatterns = [
     path("p/<slug:slug>/runs/", views.run_list, name="run-list"),
     path("p/<slug:slug>/runs/new", views.run_create, name="run-create"),
     path("p/<slug:slug>/models/", views.version_list, name="version-list"),
+    path("p/<slug:slug>/models/compare/", views.version_compare, name="version-compare"),
     path("p/<slug:slug>/models/<int:number>/promote", views.version_promote, name="version-promote"),
+    path(
+        "p/<slug:slug>/models/<int:number>/apply-thresholds",
+        views.version_thresholds_apply,
+        name="version-thresholds-apply",
+    ),
 ]

@@ -84,9 +84,71 @@ def version_list(request, slug):
     project = get_object_or_404(Project, slug=slug)
     versions = list(project.model_versions.select_related("run", "promoted_by"))
     polling = any(v.index_status == ModelVersion.IndexStatus.BUILDING for v in versions)
-    context = {"project": project, "versions": versions, "polling": polling, "heads": list(project.heads.all())}
+    heads = list(project.heads.all())
+    current = {h.name: h.threshold for h in heads}
+    for v in versions:
+        temps = ((v.metrics or {}).get("calibration") or {}).get("temperature") or {}
+        v.cal_rows = [
+            {"head": h, "temperature": temps.get(h, 1.0), "suggested": t, "current": current.get(h)}
+            for h, t in v.suggested_thresholds.items()
+        ]
+    context = {"project": project, "versions": versions, "polling": polling, "heads": heads}
     template = "training/_versions.html" if _partial(request) else "training/versions.html"
     return render(request, template, context)
+
+
+@staff_required
+def version_compare(request, slug):
+    """Two versions side by side on the newer one's frozen test split (top-1/top-5 per head)."""
+    project = get_object_or_404(Project, slug=slug)
+    versions = list(project.model_versions.order_by("-number"))
+    context = {"project": project, "versions": versions, "a": None, "b": None, "rows": [], "result": None}
+    a_raw, b_raw = request.GET.get("a"), request.GET.get("b")
+    if a_raw and b_raw:
+        by_number = {str(v.number): v for v in versions}
+        a, b = by_number.get(a_raw), by_number.get(b_raw)
+        if a is None or b is None:
+            messages.error(request, f"No version {a_raw if a is None else b_raw} in this project.")
+        elif a == b:
+            messages.error(request, "Pick two different versions.")
+        else:
+            try:
+                result = services.model_versions_compare(a=a, b=b)
+            except ValueError as exc:
+                messages.error(request, str(exc))
+            else:
+                ra, rb = result["versions"][str(a.number)], result["versions"][str(b.number)]
+                context["rows"] = [
+                    {
+                        "head": h,
+                        "a": ra[h],
+                        "b": rb.get(h),
+                        "delta": f"{rb[h]['top1'] - ra[h]['top1']:+.3f}"
+                        if h in rb and rb[h]["top1"] is not None and ra[h]["top1"] is not None
+                        else None,
+                    }
+                    for h in ra
+                ]
+                context |= {"a": a, "b": b, "result": result}
+    return render(request, "training/compare.html", context)
+
+
+@staff_required
+@require_POST
+def version_thresholds_apply(request, slug, number):
+    project = get_object_or_404(Project, slug=slug)
+    version = get_object_or_404(ModelVersion, project=project, number=number)
+    try:
+        changed = services.head_thresholds_apply(version=version)
+    except ValueError as exc:
+        messages.error(request, str(exc))
+    else:
+        if changed:
+            text = ", ".join(f"{h} {old:g} → {new:g}" for h, (old, new) in changed.items())
+            messages.success(request, f"Thresholds set from v{version.number}'s calibration: {text}.")
+        else:
+            messages.info(request, f"The thresholds already are v{version.number}'s calibrated ones.")
+    return redirect("training:version-list", slug=slug)
 
 
 @staff_required

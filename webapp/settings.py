@@ -119,7 +119,8 @@ LOUPE_CAR_PROJECT = env.str("LOUPE_CAR_PROJECT", default="cars")
 LOUPE_COMBINE_VIEWS = env.str("LOUPE_COMBINE_VIEWS", default="mean")
 # "softmax" (classifier), "retrieval" (Faiss neighbour vote with calibrated rejection) or "fusion".
 LOUPE_RECOGNITION_MODE = env.str("LOUPE_RECOGNITION_MODE", default="softmax")
-# Faiss gallery per model version: exact below LOUPE_INDEX_FLAT_MAX vectors, HNSW above ("flat"/"hnsw"/"ivf" force).
+# Faiss gallery per model version: exact below LOUPE_INDEX_FLAT_MAX vectors, IVF (nprobe tuned to recall@20 >= 0.95)
+# above; "flat"/"hnsw"/"ivf" force one.
 LOUPE_INDEX_KIND = env.str("LOUPE_INDEX_KIND", default="auto")
 LOUPE_INDEX_FLAT_MAX = env.int("LOUPE_INDEX_FLAT_MAX", default=50_000)
 LOUPE_CAR_MIN_IMAGES = env.int("LOUPE_CAR_MIN_IMAGES", default=4)

@@ -40,6 +40,12 @@ def _b64(data: bytes, media_type="image/jpeg") -> dict:
     return {"data": base64.b64encode(data).decode(), "media_type": media_type}
 
 
+def _set_thresholds(project, value: float) -> None:
+    for head in project.heads.all():  # save(), as the admin pages do: it drops the cached serving settings
+        head.threshold = value
+        head.save()
+
+
 def _url(project):
     return reverse("inference:recognize", args=[project.slug])
 
@@ -49,7 +55,7 @@ def test_recognize_json_and_multipart_then_hot_swap(api, project):
     v1.refresh_from_db()
     assert v1.is_active and v1.index_status == "ready" and v1.index_size > 0
     photos = [make_photo("red", seed=900 + i) for i in range(3)]
-    response = api.post(_url(project), {"images": [_b64(p) for p in photos]}, format="json")
+    response = api.post(_url(project) + "?neighbours=5", {"images": [_b64(p) for p in photos]}, format="json")
     assert response.status_code == 200, response.content
     body = response.json()
     assert body["model_version"] == v1.number and body["n_images"] == 3
@@ -67,10 +73,16 @@ def test_recognize_json_and_multipart_then_hot_swap(api, project):
     assert response.status_code == 200 and response.json()["n_images"] == 2
 
     # A threshold above 1 always answers null, with the confidence still reported.
-    project.heads.update(threshold=1.0)
+    # Saving a head takes effect at once in this process (the cached serving settings are dropped).
+    _set_thresholds(project, 1.0)
     body = api.post(_url(project), {"images": [_b64(photos[0])]}, format="json").json()
+    assert body["heads"]["class"]["threshold"] == 1.0 and body["neighbours"] == []  # no neighbours unless asked
     if body["heads"]["class"]["confidence"] < 1.0:
-        assert body["heads"]["class"]["label"] is None
+        assert body["heads"]["class"]["label"] is None and body["heads"]["class"]["reason"] == "low_confidence"
+    _err(
+        api.post(_url(project) + "?neighbours=21", {"images": [_b64(photos[0])]}, format="json"), 400, "bad_neighbours"
+    )
+    _err(api.post(_url(project) + "?neighbours=x", {"images": [_b64(photos[0])]}, format="json"), 400, "bad_neighbours")
 
     # Promote a second model: the running server serves it without a restart.
     v2 = _train(project, epochs=1)
@@ -243,7 +255,7 @@ def test_low_confidence_recognitions_keep_their_photos_when_the_project_opts_in(
     url = reverse("inference:recognize", args=[project.slug])
     photos = [make_photo("yellow", seed=971), make_photo("yellow", seed=972)]  # not among the training photos
     payload = {"images": [_b64(p) for p in photos]}
-    project.heads.update(threshold=1.0)  # nothing is sure enough: every answer is low-confidence
+    _set_thresholds(project, 1.0)  # nothing is sure enough: every answer is low-confidence
     api.post(url, payload, format="json")
     assert not Recognition.objects.exists()  # not opted in: nothing is kept
     project.keep_low_confidence_photos = True
@@ -256,7 +268,7 @@ def test_low_confidence_recognitions_keep_their_photos_when_the_project_opts_in(
     assert {im.group_key for im in kept} == {f"recognition-{rec.id}"}  # one object = one group
     assert all(Label.objects.filter(image=im, label_class__isnull=True).exists() for im in kept)
     # Confident answers are not kept.
-    project.heads.update(threshold=0.0)
+    _set_thresholds(project, 0.0)
     api.post(url, {"images": [_b64(make_photo("red", seed=99))]}, format="json")
     assert Recognition.objects.count() == 1
     # Retention: old unlabeled production photos go, labeled ones stay as training data.

@@ -303,7 +303,48 @@ def test_index_kinds_find_the_exact_neighbours_and_load_memory_mapped(artifact, 
         exact = int(ids[np.argmax(emb @ (query / np.linalg.norm(query)))])
         hits += rec.search(query, k=1)[0]["image_id"] == exact
     assert hits >= 48, f"{kind}: {hits}/50 exact top-1"
-    assert choose_index_kind(10, "auto") == "flat" and choose_index_kind(100_000, "auto") == "hnsw"
+    assert choose_index_kind(10, "auto") == "flat" and choose_index_kind(100_000, "auto") == "ivf"
     assert choose_index_kind(10, "ivf") == "ivf"
     with pytest.raises(ValueError, match="index kind"):
         choose_index_kind(10, "lsh")
+
+
+def test_ivf_nprobe_is_tuned_to_the_recall_target_and_kept_in_the_file(artifact, tmp_path):
+    import shutil
+
+    import faiss
+
+    from inference.core import RECALL_TARGET, read_index_meta, tune_nprobe
+
+    art = tmp_path / "art"
+    shutil.copytree(artifact["dir"], art)
+    rec = Recognizer.load(art)
+    rng = np.random.default_rng(1)
+    d = rec.embedding_dim
+    centres = rng.normal(size=(60, d)).astype(np.float32)
+    labels = rng.integers(0, 60, 4000)
+    emb = centres[labels] + 0.6 * rng.normal(size=(4000, d)).astype(np.float32)  # classes, like a trained model
+    ids = np.arange(5_000, 9_000)
+    build_index(art, emb, ids, kind="ivf")
+    meta = read_index_meta(art)
+    assert meta["kind"] == "ivf" and meta["size"] == 4000 and meta["nlist"] >= 2
+    assert meta["recall_at_20"] >= RECALL_TARGET and 1 <= meta["nprobe"] <= meta["nlist"]
+    rec.reload_index()
+    assert faiss.extract_index_ivf(rec.index).nprobe == meta["nprobe"]  # the tuned nprobe is in index.faiss
+    # an independent recall check on fresh queries, at the stored nprobe
+    q = centres[rng.integers(0, 60, 100)] + 0.6 * rng.normal(size=(100, d)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    e = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    exact = ids[np.argsort(-(q @ e.T), axis=1)[:, :20]]
+    got = [{n["image_id"] for n in rec.search(row, k=20)} for row in q]
+    recall = np.mean([len(g & set(x.tolist())) / 20 for g, x in zip(got, exact, strict=True)])
+    assert recall >= 0.9
+    # the tuner raises nprobe until the target is met: a target of 1.0 on unclustered data needs every list
+    noise = rng.normal(size=(2000, d)).astype(np.float32)
+    noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, 16, faiss.METRIC_INNER_PRODUCT)
+    index.train(noise)
+    index.add(noise)
+    nprobe, r = tune_nprobe(index, noise, target=1.0)
+    assert nprobe == 16 and r == pytest.approx(1.0)
+    assert read_index_meta(tmp_path / "nowhere") is None

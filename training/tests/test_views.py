@@ -67,6 +67,45 @@ def test_models_page_shows_metrics_and_promote_switches(client, admin_user, proj
     response = client.post(reverse("training:version-promote", args=[project.slug, v1.number]), follow=True)
     assert b"Model v1 is now active" in response.content
     assert ModelVersion.objects.get(is_active=True) == v1
+    # Compare page: both versions on v2's test split, the same numbers as the API
+    url = reverse("training:version-compare", args=[project.slug])
+    assert "on the same test split" in client.get(reverse("training:version-list", args=[project.slug])).text
+    page = client.get(url, {"a": 1, "b": 2}).content.decode()
+    result = services.model_versions_compare(a=v1, b=v2)
+    assert result["test_split_of"] == 2 and f"{result['n_test']} images" in page
+    row = result["versions"]["2"]["class"]
+    assert f"{row['top1']:.3f} / {row['top5']:.3f}" in page
+    assert "Pick two different versions" in client.get(url, {"a": 1, "b": 1}, follow=True).content.decode()
+    assert "No version 9" in client.get(url, {"a": 1, "b": 9}, follow=True).content.decode()
+
+
+def test_models_page_shows_calibration_and_applies_the_suggested_thresholds(client, admin_user, project):
+    from labeling.models import Head
+
+    v1 = services.training_run_execute(
+        run_id=services.training_run_create(project=project, config=TINY_TRAIN, queue=False).id, inline=True
+    ).model_version
+    v1.refresh_from_db()
+    suggested = v1.suggested_thresholds
+    assert set(suggested) == {"class"} and 0.0 <= suggested["class"] <= 1.0
+    assert v1.index_meta["kind"] == "flat" and v1.index_meta["size"] == v1.index_size
+    client.force_login(admin_user)
+    page = client.get(reverse("training:version-list", args=[project.slug])).content.decode()
+    assert "Calibration" in page and f"suggested {suggested['class']:.2f}" in page and "(now 0.60)" in page
+    assert "Use suggested thresholds" in page and "flat" in page
+    url = reverse("training:version-thresholds-apply", args=[project.slug, v1.number])
+    response = client.post(url, follow=True)
+    head = Head.objects.get(project=project, name="class")
+    assert head.threshold == pytest.approx(round(suggested["class"], 4))
+    if head.threshold != 0.6:
+        assert "Thresholds set from v1" in response.content.decode()
+    again = client.post(url, follow=True).content.decode()
+    assert "already are v1" in again
+    # an uncalibrated version is refused with a clear message, nothing changes
+    v1.metrics = {**v1.metrics, "calibration": {}}
+    v1.save(update_fields=["metrics"])
+    assert "has no calibrated thresholds" in client.post(url, follow=True).content.decode()
+    assert Head.objects.get(pk=head.pk).threshold == head.threshold
 
 
 def test_model_registry_api_list_compare_promote(project, admin_user, reviewer):

@@ -1,0 +1,315 @@
+"""Load: 50 concurrent clients against gunicorn on loopback (make bench-load).
+
+Set-up (in this process): a fresh PostgreSQL database (LOAD_DATABASE_URL, default
+postgres://postgres@127.0.0.1:5432/loupe_bench_load; dropped and created), a car project, two model versions
+(mobilenetv3_small_100, 224 px, trained one epoch with different seeds, so their answers differ), both indexes
+built, v1 active. gunicorn then runs exactly as docker-compose.yml runs it (webapp.wsgi, 3 sync workers).
+
+Phases, each LOAD_SECONDS (default 120 s) with 50 client threads, each posting one 224 px JPEG (JSON base64,
+token auth) to /api/v1/projects/<slug>/recognize again and again:
+  steady    no promote;
+  promote   this process promotes v2 / v1 alternately every 10 s (the admin's promote service).
+Every answer is checked against what its own version answers alone (computed beforehand in this process for
+each of the 8 photos): an answer that is not exactly one version's answer (labels, confidences to 1e-4)
+counts as an error, like a non-200 or a connection failure.
+Baseline, same run: one client alone (sequential requests), p50.
+Run: .venv/bin/python -m bench.load (writes bench/results/load.json)."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VAR = Path(tempfile.mkdtemp(prefix="loupe-bench-load-"))
+DB_URL = os.environ.get("LOAD_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/loupe_bench_load")
+CLIENTS = int(os.environ.get("LOAD_CLIENTS", "50"))
+SECONDS = float(os.environ.get("LOAD_SECONDS", "120"))
+PROMOTE_EVERY = 10.0
+ENV = {
+    "DEBUG": "0",
+    "SECRET_KEY": "bench-load-not-secret-" + "x" * 40,
+    "ALLOWED_HOSTS": "127.0.0.1,localhost",
+    "LOUPE_VAR_DIR": str(VAR),
+    "DATABASE_URL": DB_URL,
+    "DJANGO_SETTINGS_MODULE": "webapp.settings",
+    "LOUPE_API_RATE": "10000000/min",  # one token for all 50 clients: the throttle runs but never refuses
+    "SECURE_SSL_REDIRECT": "0",  # plain HTTP on loopback (production sits behind a TLS proxy)
+}
+os.environ.update(ENV)
+os.environ.pop("CELERY_BROKER_URL", None)
+sys.path.insert(0, str(ROOT))
+
+
+def recreate_database() -> None:
+    import psycopg
+
+    base, name = DB_URL.rsplit("/", 1)
+    try:
+        with psycopg.connect(base + "/postgres", autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            conn.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.OperationalError as exc:
+        sys.exit(f"bench.load needs PostgreSQL at {base} (set LOAD_DATABASE_URL): {exc}")
+
+
+recreate_database()
+
+import django  # noqa: E402
+
+django.setup()
+
+import numpy as np  # noqa: E402
+from django.core.management import call_command  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from bench.common import metric, table, write  # noqa: E402
+
+
+def photo(seed: int, size: int = 224) -> bytes:
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)  # a smooth, photo-like picture (upscaled noise)
+    img = Image.fromarray(base).resize((size, size), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def setup():
+    from django.contrib.auth import get_user_model
+    from rest_framework.authtoken.models import Token
+
+    from inference.core import Recognizer
+    from labeling.services import project_create
+    from training import services as training_services
+
+    call_command("migrate", verbosity=0)
+    imgs = VAR / "import" / "cars"
+    imgs.mkdir(parents=True)
+    lines = ["image_filename,make,model"]
+    for i in range(48):
+        make, model = [("Toyota", "Corolla"), ("Toyota", "Yaris"), ("Honda", "Civic")][i % 3]
+        (imgs / f"c{i}.jpg").write_bytes(photo(i, 256))
+        lines.append(f"c{i}.jpg,{make},{model}")
+    (imgs / "cars.csv").write_text("\n".join(lines) + "\n")
+    project = project_create(name="Cars", preset="car", slug="cars")
+    call_command(
+        "import_images",
+        "cars",
+        str(imgs),
+        "--csv",
+        str(imgs / "cars.csv"),
+        "--head",
+        "make=make",
+        "--head",
+        "model=model",
+        verbosity=0,
+        stdout=io.StringIO(),
+    )
+    versions = []
+    for seed in (1, 2):
+        config = {"backbone": "mobilenetv3_small_100", "pretrained": False, "image_size": 224, "epochs": 1}
+        config |= {"batch_size": 16, "seed": seed, "eval_report": False}
+        run = training_services.training_run_create(project=project, config=config, queue=False)
+        run = training_services.training_run_execute(run_id=run.id, inline=True)
+        assert run.status == "succeeded", run.error
+        versions.append(run.model_version)
+    v1, v2 = versions
+    training_services.model_version_promote(version=v2, inline=True)  # builds v2's index
+    training_services.model_version_promote(version=v1, inline=True)  # builds v1's index; v1 active
+    user = get_user_model().objects.create_user("bench", is_staff=True)
+    token = Token.objects.create(user=user).key
+    photos = [photo(1000 + i) for i in range(8)]
+    expected: dict[int, list[dict]] = {}
+    for v in (v1, v2):
+        v.refresh_from_db()
+        rec = Recognizer.load(v.artifact_dir, num_threads=1)
+        thresholds = dict(project.heads.values_list("name", "threshold"))
+        expected[v.number] = [
+            rec.recognize([Image.open(io.BytesIO(p)).convert("RGB")], thresholds=thresholds, neighbours=0)["heads"]
+            for p in photos
+        ]
+    differs = sum(expected[v1.number][i] != expected[v2.number][i] for i in range(len(photos)))
+    return project, v1, v2, token, photos, expected, differs
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_gunicorn(port: int) -> subprocess.Popen:
+    compose = (ROOT / "docker-compose.yml").read_text()
+    assert '"--workers", "3"' in compose, "keep this bench's gunicorn command in step with docker-compose.yml"
+    cmd = [sys.executable, "-m", "gunicorn", "webapp.wsgi:application", "--bind", f"127.0.0.1:{port}"]
+    cmd += ["--workers", "3", "--timeout", "120", "--log-level", "warning"]
+    env = {**os.environ, **ENV}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            conn.request("GET", "/healthz")
+            if conn.getresponse().status == 200:
+                return proc
+        except OSError:
+            time.sleep(0.3)
+    proc.kill()
+    sys.exit("gunicorn did not answer /healthz within 60 s")
+
+
+def matches(heads: dict, want: dict) -> bool:
+    if set(heads) != set(want):
+        return False
+    for name, w in want.items():
+        h = heads[name]
+        if h["label"] != w["label"] or abs(h["confidence"] - w["confidence"]) > 1e-4:
+            return False
+        if [t["label"] for t in h["top_k"]] != [t["label"] for t in w["top_k"]]:
+            return False
+    return True
+
+
+class Load:
+    """CLIENTS threads posting photos until stop; records (latency, ok, version, why) per request."""
+
+    def __init__(self, port, url, token, bodies, expected):
+        self.port, self.url, self.token, self.bodies, self.expected = port, url, token, bodies, expected
+        self.records: list[tuple[float, bool, int | None, str]] = []
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+
+    def one(self, i: int) -> tuple[float, bool, int | None, str]:
+        body = self.bodies[i % len(self.bodies)]
+        headers = {"Content-Type": "application/json", "Authorization": f"Token {self.token}"}
+        t = time.perf_counter()
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+            conn.request("POST", self.url, body=body, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+            conn.close()
+        except OSError as exc:
+            return time.perf_counter() - t, False, None, f"connection: {exc}"
+        dt = time.perf_counter() - t
+        if resp.status != 200:
+            return dt, False, None, f"HTTP {resp.status}: {data[:200]!r}"
+        answer = json.loads(data)
+        version = answer.get("model_version")
+        want = self.expected.get(version)
+        if want is None or not matches(answer["heads"], want[i % len(self.bodies)]):
+            return dt, False, version, f"answer of version {version} is not that version's answer"
+        return dt, True, version, ""
+
+    def client(self, k: int) -> None:
+        i = k
+        while not self.stop.is_set():
+            rec = self.one(i)
+            with self.lock:
+                self.records.append(rec)
+            i += CLIENTS
+
+    def run(self, seconds: float, n_clients: int, during=None) -> list:
+        self.records, self.stop = [], threading.Event()
+        threads = [threading.Thread(target=self.client, args=(k,), daemon=True) for k in range(n_clients)]
+        for t in threads:
+            t.start()
+        end = time.monotonic() + seconds
+        if during:
+            during(end)
+        else:
+            time.sleep(seconds)
+        self.stop.set()
+        for t in threads:
+            t.join(timeout=90)
+        return list(self.records)
+
+
+def summary(records, seconds) -> dict:
+    lat = np.array([r[0] for r in records]) * 1000
+    errors = [r for r in records if not r[1]]
+    return {
+        "requests": len(records),
+        "errors": len(errors),
+        "first_errors": sorted({r[3] for r in errors})[:5],
+        "p50": float(np.percentile(lat, 50)),
+        "p99": float(np.percentile(lat, 99)),
+        "rps": len(records) / seconds,
+        "versions": sorted({r[2] for r in records if r[2] is not None}),
+    }
+
+
+def main() -> None:
+    from training import services as training_services
+
+    project, v1, v2, token, photos, expected, differs = setup()
+    assert differs > 0, "the two versions answer the same for every photo: the mixing check would be blind"
+    bodies = [
+        json.dumps({"images": [{"data": base64.b64encode(p).decode(), "media_type": "image/jpeg"}]}).encode()
+        for p in photos
+    ]
+    port = free_port()
+    proc = start_gunicorn(port)
+    try:
+        load = Load(port, f"/api/v1/projects/{project.slug}/recognize", token, bodies, expected)
+        load.run(10, CLIENTS)  # warm-up: every worker has loaded v1
+        alone = summary(load.run(20, 1), 20)
+        steady = summary(load.run(SECONDS, CLIENTS), SECONDS)
+        promotes = []
+
+        def promote_every(end):
+            versions = [v2, v1]
+            k = 0
+            while time.monotonic() + PROMOTE_EVERY <= end:
+                time.sleep(PROMOTE_EVERY)
+                training_services.model_version_promote(version=versions[k % 2])
+                promotes.append(versions[k % 2].number)
+                k += 1
+            time.sleep(max(0.0, end - time.monotonic()))
+
+        swapping = summary(load.run(SECONDS, CLIENTS, during=promote_every), SECONDS)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+    metrics = {
+        "steady_p50_ms": metric(steady["p50"], "ms", "one client alone, p50", alone["p50"]),
+        "steady_p99_ms": metric(steady["p99"], "ms", "one client alone, p50", alone["p50"]),
+        "steady_requests_per_s": metric(steady["rps"], "req/s", "one client alone, req/s", alone["rps"]),
+        "steady_errors": metric(steady["errors"], "errors", f"of {steady['requests']} requests", 0, "0", None),
+        "promote_every_10s_p50_ms": metric(swapping["p50"], "ms", "one client alone, p50", alone["p50"]),
+        "promote_every_10s_p99_ms": metric(swapping["p99"], "ms", "one client alone, p50", alone["p50"]),
+        "promote_every_10s_errors": metric(
+            swapping["errors"], "errors", f"of {swapping['requests']} requests", 0, "0", None
+        ),
+    }
+    metrics["steady_errors"]["met"] = steady["errors"] == 0
+    metrics["promote_every_10s_errors"]["met"] = swapping["errors"] == 0
+    notes = (
+        f"gunicorn webapp.wsgi, 3 sync workers (as docker-compose.yml), PostgreSQL, on this 2-core machine with the "
+        f"{CLIENTS} client threads in the same machine; {SECONDS:.0f} s per phase; mobilenetv3_small_100 224 px, "
+        f"ONNX Runtime; one 224 px JPEG per request (JSON base64, token auth). The two versions answer differently "
+        f"for {differs} of the {len(photos)} photos; every answer was checked against its version's own answer. "
+        f"Promote phase: {len(promotes)} promotes ({promotes}); versions seen {swapping['versions']}. "
+        f"Errors seen: steady {steady['first_errors']}, promote {swapping['first_errors']}."
+    )
+    path = write("load", metrics, notes=notes)
+    print(table(metrics))
+    print(notes)
+    print(f"written {path}")
+
+
+if __name__ == "__main__":
+    main()
