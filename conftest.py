@@ -21,11 +21,17 @@ def _isolated_files(settings, tmp_path):
     settings.LOUPE_EXPORT_ROOT = tmp_path / "exports"
     settings.LOUPE_TRAIN_OVERRIDES = {"pretrained": False}  # no hub downloads in tests (no network in CI)
     (tmp_path / "import").mkdir()
+    from django.core.cache import cache
+
     from inference import services
+    from webapp.authentication import forget_tokens
 
     services.forget_all()
+    forget_tokens()
+    cache.clear()  # throttle counters of earlier tests
     yield
     services.forget_all()
+    forget_tokens()
 
 
 def make_photo(color: str, shape: str = "square", *, size: int = 64, seed: int = 0, fmt: str = "JPEG") -> bytes:

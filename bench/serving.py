@@ -157,9 +157,11 @@ def main() -> None:
     call_command("migrate", verbosity=0)
     settings.LOUPE_ACTIVE_MODEL_TTL = 60
     settings.ALLOWED_HOSTS = [*settings.ALLOWED_HOSTS, "testserver"]
+    from rest_framework.authtoken.models import Token
+
     user = get_user_model().objects.create_user("bench", is_staff=True)
     client = APIClient()
-    client.force_authenticate(user)
+    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=user).key}")  # real token auth
 
     metrics = {}
     for backbone, _why in BACKBONES:
@@ -195,7 +197,7 @@ def main() -> None:
             f"{backbone}: car_endpoint_10_photos_p99_ms": metric(pct(t["car"], 99), "ms", "target 150 ms", 150.0),
         }
     notes = (
-        "224 px, 1 intra-op thread for both runtimes, in-process Django test client (no HTTP server: see "
+        "224 px, 1 intra-op thread for both runtimes, token auth, in-process Django test client (no HTTP server: see "
         f"bench/load.py for gunicorn); {N_RUNS} timed requests after {N_WARM} warm-up; the floor is session.run "
         "alone on a preprocessed tensor; the endpoint decodes a 224 px JPEG, resizes, runs the model and answers "
         "JSON. Backbones: " + "; ".join(f"{b} = {why}" for b, why in BACKBONES) + "."

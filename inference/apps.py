@@ -17,6 +17,16 @@ class InferenceConfig(AppConfig):
             # the cache is one query per project. Other processes see the change within LOUPE_ACTIVE_MODEL_TTL.
             services.forget_project(None)
 
+        from django.contrib.auth import get_user_model  # noqa: PLC0415
+        from rest_framework.authtoken.models import Token  # noqa: PLC0415
+
+        from webapp.authentication import forget_tokens  # noqa: PLC0415
+
+        user_model = get_user_model()
+        post_delete.connect(forget_tokens, sender=Token, dispatch_uid="loupe-token-cache-del", weak=False)
+        post_save.connect(forget_tokens, sender=user_model, dispatch_uid="loupe-token-cache-user", weak=False)
+        post_delete.connect(forget_tokens, sender=user_model, dispatch_uid="loupe-token-cache-user-del", weak=False)
+
         for model in (Project, Head):
             post_save.connect(changed, sender=model, dispatch_uid=f"loupe-serving-{model.__name__}", weak=False)
             post_delete.connect(changed, sender=model, dispatch_uid=f"loupe-serving-del-{model.__name__}", weak=False)

@@ -132,6 +132,8 @@ FILE_UPLOAD_MAX_MEMORY_SIZE = 20 * 1024 * 1024
 DATA_UPLOAD_MAX_NUMBER_FILES = 50
 # How often a server process re-reads which model version is active (seconds).
 LOUPE_ACTIVE_MODEL_TTL = env.float("LOUPE_ACTIVE_MODEL_TTL", default=2.0)
+# Seconds a verified API token is remembered per server process (0 = ask the database on every request).
+LOUPE_TOKEN_CACHE_TTL = env.float("LOUPE_TOKEN_CACHE_TTL", default=5.0)
 # Training config overrides applied to every run (JSON), e.g. '{"epochs": 2}' for a quick demo.
 LOUPE_TRAIN_OVERRIDES = env.json("LOUPE_TRAIN_OVERRIDES", default={})
 
@@ -166,7 +168,7 @@ CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=False)
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "rest_framework.authentication.TokenAuthentication",
+        "webapp.authentication.CachedTokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],

@@ -157,6 +157,29 @@ def test_token_required(project):
     _err(client.post(_url(project), {"images": []}, format="json"), 401, "authentication_failed")
 
 
+def test_cached_tokens_are_dropped_when_revoked_or_the_user_is_deactivated(project, admin_user, settings):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+    from rest_framework.authtoken.models import Token
+
+    settings.LOUPE_TOKEN_CACHE_TTL = 60
+    client = APIClient()
+    token = Token.objects.create(user=admin_user)
+    client.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
+    _err(client.post(_url(project), {"images": []}, format="json"), 400, "no_images")  # authenticated
+    with CaptureQueriesContext(connection) as queries:
+        _err(client.post(_url(project), {"images": []}, format="json"), 400, "no_images")
+    assert not any("authtoken_token" in q["sql"] for q in queries.captured_queries)  # served from the cache
+    token.delete()
+    _err(client.post(_url(project), {"images": []}, format="json"), 401, "authentication_failed")
+    token = Token.objects.create(user=admin_user)
+    client.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
+    _err(client.post(_url(project), {"images": []}, format="json"), 400, "no_images")
+    admin_user.is_active = False
+    admin_user.save()
+    _err(client.post(_url(project), {"images": []}, format="json"), 401, "authentication_failed")
+
+
 def test_openapi_schema_and_docs(api):
     schema = api.get(reverse("schema"), {"format": "json"})
     assert schema.status_code == 200 and "/api/v1/projects/{slug}/recognize" in schema.json()["paths"]

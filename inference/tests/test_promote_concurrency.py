@@ -24,7 +24,10 @@ def _train(project, **overrides):
     return run.model_version
 
 
-def test_promote_under_concurrent_requests(shapes_project, admin_user, settings):
+def test_promote_under_concurrent_requests(shapes_project, admin_user, settings, monkeypatch):
+    from webapp.throttling import TokenRateThrottle
+
+    monkeypatch.setattr(TokenRateThrottle, "THROTTLE_RATES", {"token": "1000000/min"})  # not what this tests
     settings.LOUPE_ACTIVE_MODEL_TTL = 0  # every request asks which version is active
     project = shapes_project(6)
     v1 = _train(project)
