@@ -29,8 +29,9 @@ def _wait(predicate, timeout=240, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_import_train_promote_recognise_through_worker(worker, photo_folder, admin_user):
+def test_import_train_promote_recognise_through_worker(worker, photo_folder, admin_user, settings):
     assert app.conf.broker_url.startswith("redis://"), "make test runs the worker on Redis"
+    settings.LOUPE_MISLABEL_AFTER_TRAINING = True  # as in production: OOF + mislabel queue after each run
     call_command("import_images", "shapes", str(photo_folder(groups=8)), "--create", "retrieval")
     project = Project.objects.get(slug="shapes")
     Project.objects.filter(pk=project.pk).update(min_image_side=32)  # the test photos are 64 px
@@ -53,6 +54,10 @@ def test_import_train_promote_recognise_through_worker(worker, photo_folder, adm
     }
     body = client.post(url, payload, format="json").json()
     assert body["model_version"] == 1 and "class" in body["heads"]
+    # After the run the worker computed out-of-fold predictions and rebuilt the mislabel queue from them.
+    queued = _wait(lambda: ModelVersion.objects.get(pk=v1.pk).metrics.get("mislabel_queue"), what="mislabel queue")
+    assert set(queued) == {"class"}
+    assert ModelVersion.objects.get(pk=v1.pk).metrics["oof"]["k"] == 5
 
     # A second model waits for the admin; promoting it builds its index on the worker and switches.
     run2 = services.training_run_create(project=project, user=admin_user, config={**TINY_TRAIN, "epochs": 1})

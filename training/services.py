@@ -206,6 +206,12 @@ def training_run_execute(*, run_id: int, inline: bool = False, fresh: bool = Fal
     if not project.model_versions.filter(is_active=True).exists():
         # The first model of a project is promoted automatically; later ones wait for an admin.
         model_version_promote(version=version, user=None, inline=inline)
+    if settings.LOUPE_MISLABEL_AFTER_TRAINING and not inline:
+        # The mislabel queue is rebuilt from this version's out-of-fold predictions (K fold models: gpu queue).
+        from review.tasks import mislabel_refresh
+
+        vid = version.id
+        transaction.on_commit(lambda: mislabel_refresh.delay(vid))
     run.refresh_from_db()
     return run
 

@@ -36,6 +36,7 @@ INSTALLED_APPS = [
     "labeling",
     "training",
     "inference",
+    "review",
 ]
 
 MIDDLEWARE = [
@@ -132,6 +133,10 @@ FILE_UPLOAD_MAX_MEMORY_SIZE = 20 * 1024 * 1024
 DATA_UPLOAD_MAX_NUMBER_FILES = 50
 # How often a server process re-reads which model version is active (seconds).
 LOUPE_ACTIVE_MODEL_TTL = env.float("LOUPE_ACTIVE_MODEL_TTL", default=2.0)
+# After every training run on a worker, queue out-of-fold predictions + the mislabel queue refresh (gpu queue).
+LOUPE_MISLABEL_AFTER_TRAINING = env.bool("LOUPE_MISLABEL_AFTER_TRAINING", default=True)
+# Seconds a review item stays with the reviewer who opened it; after that it goes back to the queue.
+LOUPE_REVIEW_LEASE_SECONDS = env.int("LOUPE_REVIEW_LEASE_SECONDS", default=600)
 # Seconds a verified API token is remembered per server process (0 = ask the database on every request).
 LOUPE_TOKEN_CACHE_TTL = env.float("LOUPE_TOKEN_CACHE_TTL", default=5.0)
 # Training config overrides applied to every run (JSON), e.g. '{"epochs": 2}' for a quick demo.

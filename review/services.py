@@ -1,0 +1,255 @@
+"""Review queues: refresh from a model version, hand out items with leases, resolve, undo.
+
+Leases: `queue_next` locks the first open item nobody holds with SELECT ... FOR UPDATE SKIP LOCKED and leases it
+to the reviewer for LOUPE_REVIEW_LEASE_SECONDS, so two reviewers never get the same item, and an abandoned item
+comes back when its lease expires."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Count, Q
+from django.utils import timezone
+
+from labeling.models import Image, ImageEvent, Label, LabelClass, Project
+from labeling.services import LabelConflict, LabelingError, label_set
+
+from .core import rank_label_issues
+from .models import ReviewItem
+
+log = logging.getLogger("review")
+
+
+class ReviewError(LabelingError):
+    pass
+
+
+def _lease_seconds() -> int:
+    return int(getattr(settings, "LOUPE_REVIEW_LEASE_SECONDS", 600))
+
+
+# ----------------------------------------------------------------------------------------------- refresh
+def mislabel_refresh(*, version) -> dict:
+    """Rebuild the project's mislabel queue from the version's out-of-fold probabilities (<artifact>/oof/):
+    per head, cleanlab's label issues ranked worst first. Open items of earlier refreshes become stale;
+    an (image, head, class) a reviewer already confirmed ("kept") is never queued again, and neither is an image
+    whose label changed since the version's dataset was frozen. Returns {head: n_queued}."""
+    art = Path(version.artifact_dir) / "oof"
+    try:
+        meta = json.loads((art / "oof_meta.json").read_text())
+        data = np.load(art / "oof_predictions.npz")
+    except (OSError, ValueError) as exc:
+        raise ReviewError(
+            f"v{version.number} has no out-of-fold predictions ({exc}); run oof_predictions first."
+        ) from None
+    project = version.project
+    heads = {h.name: h for h in project.heads.all()}
+    ids = data["ids"].astype(np.int64)
+    current = {
+        (image_id, head_id): class_id
+        for image_id, head_id, class_id in Label.objects.filter(image__project=project).values_list(
+            "image_id", "head_id", "label_class_id"
+        )
+    }
+    confirmed = set(
+        ReviewItem.objects.filter(
+            project=project, queue=ReviewItem.Queue.MISLABEL, resolution=ReviewItem.Resolution.KEPT
+        ).values_list("image_id", "head_id", "given_class_id")
+    )
+    excluded = set(Image.objects.filter(project=project).exclude(status=Image.Status.OK).values_list("id", flat=True))
+    counts: dict[str, int] = {}
+    items: list[ReviewItem] = []
+    for name, head_meta in meta["heads"].items():
+        head = heads.get(name)
+        if head is None or f"probs_{name}" not in data:
+            continue
+        classes = head_meta["classes"]
+        by_name = {c.name: c.id for c in LabelClass.objects.filter(head=head)}
+        class_ids = [by_name.get(c) for c in classes]
+        probs, targets = data[f"probs_{name}"], data[f"targets_{name}"].astype(np.int64)
+        valid = np.flatnonzero((targets >= 0) & (targets < len(classes)))
+        issues = rank_label_issues(targets[valid], probs[valid])
+        n = 0
+        for issue in issues:
+            row = int(valid[issue.index])
+            image_id, given_id = int(ids[row]), class_ids[issue.given]
+            if image_id in excluded or given_id is None or current.get((image_id, head.id)) != given_id:
+                continue  # gone, excluded, or relabeled since the freeze
+            if (image_id, head.id, given_id) in confirmed:
+                continue
+            p = probs[row]
+            order = np.argsort(-p)[:5]
+            items.append(
+                ReviewItem(
+                    project=project,
+                    queue=ReviewItem.Queue.MISLABEL,
+                    image_id=image_id,
+                    head=head,
+                    given_class_id=given_id,
+                    suggested_class_id=class_ids[issue.suggested],
+                    suggested_prob=issue.suggested_prob,
+                    score=issue.quality,
+                    rank=0,
+                    top_k=[
+                        {"class_id": class_ids[int(j)], "label": classes[int(j)], "prob": round(float(p[j]), 4)}
+                        for j in order
+                    ],
+                    model_version=version.number,
+                )
+            )
+            n += 1
+        counts[name] = n
+    items.sort(key=lambda it: (it.score, it.image_id))
+    for rank, it in enumerate(items):
+        it.rank = rank
+    with transaction.atomic():
+        ReviewItem.objects.filter(
+            project=project, queue=ReviewItem.Queue.MISLABEL, status=ReviewItem.Status.OPEN
+        ).update(status=ReviewItem.Status.STALE, leased_by=None, lease_until=None)
+        ReviewItem.objects.bulk_create(items, batch_size=1000)
+    type(version).objects.filter(pk=version.pk).update(
+        metrics={**(type(version).objects.get(pk=version.pk).metrics or {}), "mislabel_queue": counts}
+    )
+    log.info("mislabel queue of %s from v%s: %s", project.slug, version.number, counts)
+    return counts
+
+
+# ------------------------------------------------------------------------------------------------ leases
+def queue_next(*, project: Project, queue: str, user, now=None) -> ReviewItem | None:
+    """The reviewer's current item (a lease they still hold), else the best open item nobody holds, leased to
+    them. None when the queue is empty."""
+    now = now or timezone.now()
+    base = ReviewItem.objects.filter(project=project, queue=queue, status=ReviewItem.Status.OPEN)
+    with transaction.atomic():
+        mine = base.filter(leased_by=user, lease_until__gt=now).order_by("rank", "id").first()
+        if mine is not None:
+            return mine
+        free = Q(lease_until__isnull=True) | Q(lease_until__lte=now)
+        candidates = base.filter(free).exclude(resolution=ReviewItem.Resolution.SKIPPED, resolved_by=user)
+        item = candidates.select_for_update(skip_locked=True).order_by("rank", "id").first()
+        if item is None:
+            return None
+        item.leased_by, item.lease_until = user, now + dt.timedelta(seconds=_lease_seconds())
+        item.save(update_fields=["leased_by", "lease_until"])
+        return item
+
+
+def _holding(item: ReviewItem, user, now) -> ReviewItem:
+    """Re-read the item under a row lock and check the user may resolve it."""
+    item = ReviewItem.objects.select_for_update().get(pk=item.pk)
+    if item.status != ReviewItem.Status.OPEN:
+        raise ReviewError("This item was already reviewed (or replaced by a newer model's queue).")
+    if item.leased_by_id not in (None, user.pk) and item.lease_until and item.lease_until > now:
+        raise ReviewError("Another reviewer holds this item.")
+    return item
+
+
+# --------------------------------------------------------------------------------------------- resolving
+ACTIONS = ("accept", "keep", "relabel", "exclude", "skip")
+
+
+def item_resolve(
+    *, item: ReviewItem, user, action: str, class_id: int | None = None, expected_version: int | None = None
+) -> ReviewItem:
+    """Resolve an item: accept the suggestion, keep the given label (confirmed: never queued again for it),
+    relabel to `class_id`, exclude the image (a bad photo), or skip (it goes to other reviewers).
+    `expected_version` is the label version the reviewer saw: a stale one raises LabelConflict, nothing changes."""
+    if action not in ACTIONS:
+        raise ReviewError(f"action must be one of {', '.join(ACTIONS)} (got {action!r})")
+    now = timezone.now()
+    with transaction.atomic():
+        item = _holding(item, user, now)
+        label = Label.objects.get(image_id=item.image_id, head_id=item.head_id)
+        if expected_version is not None and label.version != expected_version:
+            raise LabelConflict(label)
+        undo: dict = {"label_id": label.id, "old_class_id": label.label_class_id}
+        resolved_class = None
+        if action in ("accept", "relabel"):
+            target = item.suggested_class_id if action == "accept" else class_id
+            if target is None:
+                raise ReviewError("Pick a class to relabel to." if action == "relabel" else "No suggestion to accept.")
+            change = label_set(
+                label_id=label.id, class_id=target, expected_version=label.version, user=user, reason=f"review:{action}"
+            )
+            undo["new_version"] = change.label.version
+            resolved_class = target
+        elif action == "keep":
+            resolved_class = label.label_class_id
+        elif action == "exclude":
+            image = Image.objects.select_for_update().get(pk=item.image_id)
+            undo["old_status"] = image.status
+            if image.status != Image.Status.EXCLUDED:
+                Image.objects.filter(pk=image.pk).update(
+                    status=Image.Status.EXCLUDED, status_reason="review: bad photo"
+                )
+                ImageEvent.objects.create(
+                    image=image, old_status=image.status, new_status=Image.Status.EXCLUDED, user=user, reason="review"
+                )
+        item.status = ReviewItem.Status.OPEN if action == "skip" else ReviewItem.Status.DONE
+        item.resolution = ReviewItem.Resolution(
+            {"accept": "accepted", "keep": "kept", "relabel": "relabeled", "exclude": "excluded", "skip": "skipped"}[
+                action
+            ]
+        )
+        item.resolved_class_id, item.resolved_by, item.resolved_at = resolved_class, user, now
+        item.leased_by, item.lease_until, item.undo = None, None, undo
+        item.save()
+    return item
+
+
+def item_undo(*, user, project: Project, queue: str) -> ReviewItem | None:
+    """Undo the user's last resolution in this queue: the label goes back (only if nobody changed it since:
+    LabelConflict otherwise), an excluded image comes back, and the item is open and leased to the user again."""
+    now = timezone.now()
+    with transaction.atomic():
+        item = (
+            ReviewItem.objects.select_for_update()
+            .filter(project=project, queue=queue, resolved_by=user)
+            .exclude(resolution="")
+            .order_by("-resolved_at", "-id")
+            .first()
+        )
+        if item is None:
+            return None
+        undo = item.undo or {}
+        if item.resolution in (ReviewItem.Resolution.ACCEPTED, ReviewItem.Resolution.RELABELED):
+            label = Label.objects.get(pk=undo["label_id"])
+            if label.version != undo.get("new_version"):
+                raise LabelConflict(label)
+            label_set(
+                label_id=label.id,
+                class_id=undo["old_class_id"],
+                expected_version=label.version,
+                user=user,
+                reason="review:undo",
+            )
+        elif item.resolution == ReviewItem.Resolution.EXCLUDED and undo.get("old_status") != Image.Status.EXCLUDED:
+            old = undo.get("old_status", Image.Status.OK)
+            Image.objects.filter(pk=item.image_id).update(status=old, status_reason="")
+            ImageEvent.objects.create(
+                image_id=item.image_id,
+                old_status=Image.Status.EXCLUDED,
+                new_status=old,
+                user=user,
+                reason="review:undo",
+            )
+        item.status, item.resolution, item.resolved_class = ReviewItem.Status.OPEN, "", None
+        item.resolved_by, item.resolved_at, item.undo = None, None, {}
+        item.leased_by, item.lease_until = user, now + dt.timedelta(seconds=_lease_seconds())
+        item.save()
+        return item
+
+
+def queue_counts(*, project: Project) -> dict[str, dict[str, int]]:
+    """{queue: {status: n}} of the project's review items."""
+    out: dict[str, dict[str, int]] = {}
+    rows = ReviewItem.objects.filter(project=project).values_list("queue", "status").order_by().annotate(n=Count("id"))
+    for queue, status, n in rows:
+        out.setdefault(queue, {})[status] = n
+    return out

@@ -1,0 +1,17 @@
+from celery import shared_task
+
+from training.models import ModelVersion
+
+from . import services
+
+
+@shared_task(name="review.tasks.mislabel_refresh", queue="gpu")
+def mislabel_refresh(version_id: int, k: int = 5, mode: str = "cheap") -> dict:
+    """Out-of-fold predictions of the version's frozen dataset (K fresh models: GPU work), then the project's
+    mislabel queue from them. Queued after every successful training run (LOUPE_MISLABEL_AFTER_TRAINING)."""
+    from training import services as training_services
+
+    version = ModelVersion.objects.get(pk=version_id)
+    training_services.model_version_oof(version=version, k=k, mode=mode)
+    version.refresh_from_db()
+    return services.mislabel_refresh(version=version)

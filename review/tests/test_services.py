@@ -1,0 +1,177 @@
+import json
+import threading
+
+import numpy as np
+import pytest
+from django.db import connection, transaction
+
+from conftest import TINY_TRAIN
+from labeling.models import Image, Label, LabelClass, LabelEvent
+from labeling.services import LabelConflict
+from review import services
+from review.models import ReviewItem
+from training import services as training_services
+
+COLORS = ["red", "blue", "green", "yellow"]
+
+
+def _version(project):
+    run = training_services.training_run_create(project=project, config=TINY_TRAIN, queue=False)
+    run = training_services.training_run_execute(run_id=run.id, inline=True)
+    assert run.status == "succeeded", run.error
+    return run.model_version
+
+
+def _plant(project, version, flips: int = 4):
+    """Write out-of-fold files where the model is sure of every image's true colour, after relabeling `flips`
+    images to a wrong colour in the database (the "given" labels the queue must doubt). Returns the flipped
+    image ids -> true class name."""
+    from pathlib import Path
+
+    head = project.heads.get()
+    classes = {c.name: c for c in LabelClass.objects.filter(head=head)}
+    labels = list(Label.objects.filter(head=head).select_related("label_class").order_by("image_id"))
+    truth = {lb.image_id: lb.label_class.name for lb in labels}
+    flipped = {}
+    rng = np.random.default_rng(0)
+    for lb in labels[:: max(1, len(labels) // flips)][:flips]:
+        wrong = COLORS[(COLORS.index(truth[lb.image_id]) + 1) % 4]
+        Label.objects.filter(pk=lb.pk).update(label_class=classes[wrong])
+        flipped[lb.image_id] = truth[lb.image_id]
+    given = dict(Label.objects.filter(head=head).values_list("image_id", "label_class__name"))
+    ids = np.array(sorted(given), dtype=np.int64)
+    probs = np.full((len(ids), 4), 0.02, dtype=np.float32)
+    for i, image_id in enumerate(ids):
+        probs[i, COLORS.index(truth[int(image_id)])] = 0.94 - 0.001 * i  # sure of the true colour
+    probs /= probs.sum(axis=1, keepdims=True)
+    targets = np.array([COLORS.index(given[int(i)]) for i in ids])
+    out = Path(version.artifact_dir) / "oof"
+    out.mkdir(exist_ok=True)
+    np.savez(
+        out / "oof_predictions.npz",
+        ids=ids,
+        fold=rng.integers(0, 3, len(ids)),
+        probs_class=probs,
+        targets_class=targets,
+    )
+    (out / "oof_meta.json").write_text(json.dumps({"heads": {"class": {"classes": COLORS}}}))
+    return flipped
+
+
+@pytest.mark.django_db
+def test_refresh_queues_the_planted_flips_and_never_requeues_a_confirmed_label(shapes_project, admin_user):
+    project = shapes_project(6)
+    version = _version(project)
+    flipped = _plant(project, version)
+    assert services.mislabel_refresh(version=version) == {"class": len(flipped)}
+    items = list(ReviewItem.objects.filter(project=project, status="open").select_related("suggested_class"))
+    assert {it.image_id for it in items} == set(flipped)
+    assert all(it.suggested_class.name == flipped[it.image_id] for it in items)
+    assert [it.rank for it in items] == list(range(len(items))) and items[0].score <= items[-1].score
+    assert items[0].top_k[0]["label"] == flipped[items[0].image_id] and len(items[0].top_k) == 4
+    # "keep" confirms the given label: a refresh never queues it again; the other items are rebuilt
+    first = services.queue_next(project=project, queue="mislabel", user=admin_user)
+    services.item_resolve(item=first, user=admin_user, action="keep")
+    assert services.mislabel_refresh(version=version) == {"class": len(flipped) - 1}
+    assert first.image_id not in set(
+        ReviewItem.objects.filter(project=project, status="open").values_list("image_id", flat=True)
+    )
+    assert ReviewItem.objects.filter(status="stale").count() == len(flipped) - 1
+    # a label changed since the freeze is not queued (the queue would show a label nobody gave)
+    other = ReviewItem.objects.filter(project=project, status="open").first()
+    Label.objects.filter(image_id=other.image_id).update(label_class=other.suggested_class)
+    assert services.mislabel_refresh(version=version) == {"class": len(flipped) - 2}
+
+
+@pytest.mark.django_db
+def test_resolutions_change_labels_with_history_and_undo_puts_them_back(shapes_project, admin_user, reviewer):
+    project = shapes_project(6)
+    version = _version(project)
+    flipped = _plant(project, version)
+    services.mislabel_refresh(version=version)
+    item = services.queue_next(project=project, queue="mislabel", user=reviewer)
+    label = Label.objects.get(image_id=item.image_id)
+    with pytest.raises(LabelConflict):  # the reviewer saw an older label version: nothing changes
+        services.item_resolve(item=item, user=reviewer, action="accept", expected_version=label.version - 1 or 99)
+    services.item_resolve(item=item, user=reviewer, action="accept", expected_version=label.version)
+    label.refresh_from_db()
+    assert label.label_class.name == flipped[item.image_id]
+    assert LabelEvent.objects.filter(image_id=item.image_id, reason="review:accept").exists()
+    with pytest.raises(services.ReviewError, match="already reviewed"):
+        services.item_resolve(item=item, user=reviewer, action="keep")
+    undone = services.item_undo(user=reviewer, project=project, queue="mislabel")
+    assert undone.pk == item.pk and undone.status == "open" and undone.leased_by == reviewer
+    label.refresh_from_db()
+    assert label.label_class.name != flipped[item.image_id]  # the given (wrong) label is back
+    # relabel to a class of the reviewer's choice, exclude a bad photo (and undo it)
+    blue = LabelClass.objects.get(head=label.head, name="blue")
+    services.item_resolve(item=undone, user=reviewer, action="relabel", class_id=blue.id)
+    assert Label.objects.get(pk=label.pk).label_class == blue
+    nxt = services.queue_next(project=project, queue="mislabel", user=reviewer)
+    assert nxt.pk != item.pk
+    services.item_resolve(item=nxt, user=reviewer, action="exclude")
+    assert Image.objects.get(pk=nxt.image_id).status == "excluded"
+    services.item_undo(user=reviewer, project=project, queue="mislabel")
+    assert Image.objects.get(pk=nxt.image_id).status == "ok"
+    with pytest.raises(services.ReviewError, match="action must be"):
+        services.item_resolve(item=nxt, user=reviewer, action="delete")
+
+
+@pytest.mark.django_db
+def test_leases_two_reviewers_never_share_an_item_and_abandoned_items_come_back(shapes_project, admin_user, reviewer):
+    import datetime as dt
+
+    from django.utils import timezone
+
+    project = shapes_project(6)
+    version = _version(project)
+    _plant(project, version)
+    services.mislabel_refresh(version=version)
+    a = services.queue_next(project=project, queue="mislabel", user=admin_user)
+    b = services.queue_next(project=project, queue="mislabel", user=reviewer)
+    assert a.pk != b.pk
+    assert services.queue_next(project=project, queue="mislabel", user=admin_user).pk == a.pk  # still mine
+    with pytest.raises(services.ReviewError, match="Another reviewer"):
+        services.item_resolve(item=a, user=reviewer, action="keep")
+    later = timezone.now() + dt.timedelta(seconds=3600)  # admin walked away: the lease expired
+    c = services.queue_next(project=project, queue="mislabel", user=reviewer, now=later)
+    assert c.pk in (a.pk, b.pk)
+    # skip: the item goes to others, not back to the one who skipped it
+    services.item_resolve(item=b, user=reviewer, action="skip")
+    assert services.queue_next(project=project, queue="mislabel", user=reviewer).pk != b.pk
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_handouts_skip_locked_rows(shapes_project, admin_user, reviewer):
+    """Two reviewers asking at the same moment, each in their own transaction and database connection."""
+    project = shapes_project(6)
+    version = _version(project)
+    _plant(project, version)
+    services.mislabel_refresh(version=version)
+    got: dict[str, int] = {}
+    holding = threading.Event()
+    release = threading.Event()
+
+    def first():
+        try:
+            with transaction.atomic():  # the hand-out's row lock is held until this block ends
+                got["a"] = services.queue_next(project=project, queue="mislabel", user=admin_user).pk
+                holding.set()
+                release.wait(10)
+        finally:
+            connection.close()
+
+    t = threading.Thread(target=first)
+    t.start()
+    assert holding.wait(10)
+    import time
+
+    started = time.monotonic()
+    try:
+        got["b"] = services.queue_next(project=project, queue="mislabel", user=reviewer).pk
+        waited = time.monotonic() - started
+    finally:
+        release.set()
+        t.join(10)
+    assert got["a"] != got["b"]
+    assert waited < 5, f"the second hand-out waited {waited:.1f} s for the first one's lock (no SKIP LOCKED?)"
