@@ -151,3 +151,95 @@ def test_admin_runs_health_scan_resolves_a_conflict_and_undoes(browser, live_ser
     page.wait_for_selector(".messages li:has-text('Undone')")
     assert {im.status for im in Image.objects.filter(pk__in=rest)} == {"ok"}
     assert DatasetAction.objects.get().undone_at is not None
+
+
+REVIEW_SCREENSHOT = SCREENSHOT.parent / "review.png"
+
+
+def _login_as(page, live_server, username, password):
+    page.goto(f"{live_server.url}/accounts/login/")
+    page.fill("input[name=username]", username)
+    page.fill("input[name=password]", password)
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{live_server.url}/")
+
+
+@pytest.fixture
+def mislabel_queue(shapes_project):
+    from review import services as review_services
+    from review.tests.helpers import plant, trained_version
+
+    project = shapes_project(6)
+    version = trained_version(project)
+    flipped = plant(project, version)
+    review_services.mislabel_refresh(version=version)
+    return project, flipped
+
+
+def test_review_mislabels_with_the_keyboard_only(browser, live_server, mislabel_queue, reviewer):
+    from review.models import ReviewItem
+
+    project, flipped = mislabel_queue
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    _login_as(page, live_server, "reviewer", "reviewer-pass-123")
+    page.goto(f"{live_server.url}/p/{project.slug}/review/mislabel/")
+    first = int(page.get_attribute("#review-panel", "data-item"))
+    page.wait_for_function(  # reference photos load after the item: four of each class
+        "(() => { const im = Array.from(document.querySelectorAll('#references img'));"
+        " return im.length === 8 && im.every(i => i.complete && i.naturalWidth > 0); })()"
+    )
+    page.wait_for_function("document.querySelector('#review-photo').complete")
+    page.screenshot(path=str(REVIEW_SCREENSHOT))
+    item = ReviewItem.objects.get(pk=first)
+    page.keyboard.press("Enter")  # accept the suggestion
+    page.wait_for_function(f"document.querySelector('#review-panel').dataset.item !== '{first}'")
+    assert Label.objects.get(image_id=item.image_id).label_class.name == flipped[item.image_id]
+    second = int(page.get_attribute("#review-panel", "data-item"))
+    page.keyboard.press("k")  # keep the given label
+    page.wait_for_function(f"document.querySelector('#review-panel').dataset.item !== '{second}'")
+    assert ReviewItem.objects.get(pk=second).resolution == "kept"
+    page.keyboard.press("u")  # undo: the kept item is back
+    page.wait_for_function(f"document.querySelector('#review-panel').dataset.item === '{second}'")
+    assert ReviewItem.objects.get(pk=second).status == "open"
+    page.keyboard.press("?")
+    assert page.is_visible("#shortcuts")
+    page.keyboard.press("Escape")
+    page.keyboard.press("/")  # type-ahead: another class by name
+    item2 = ReviewItem.objects.get(pk=second)
+    other = next(
+        c for c in ("red", "blue", "green", "yellow") if c not in (item2.given_class.name, flipped[item2.image_id])
+    )
+    page.keyboard.type(other[:3])
+    page.keyboard.press("Enter")
+    page.wait_for_function(f"document.querySelector('#review-panel').dataset.item !== '{second}'")
+    assert ReviewItem.objects.get(pk=second).resolution == "relabeled"
+    assert Label.objects.get(image_id=item2.image_id).label_class.name == other
+    third = int(page.get_attribute("#review-panel", "data-item"))
+    page.keyboard.press("2")  # the second of the top 5
+    page.wait_for_function(f"document.querySelector('#review-panel').dataset.item !== '{third}'")
+    done = ReviewItem.objects.get(pk=third)
+    assert done.status == "done" and done.resolved_class_id == done.top_k[1]["class_id"]
+
+
+def test_two_reviewers_on_one_queue_never_get_the_same_item(browser, live_server, mislabel_queue, admin_user, reviewer):
+    project, _ = mislabel_queue
+    pages = []
+    for username, password in (("reviewer", "reviewer-pass-123"), ("admin", "admin-pass-123")):
+        page = browser.new_context().new_page()
+        _login_as(page, live_server, username, password)
+        pages.append(page)
+    from review.models import ReviewItem
+
+    url = f"{live_server.url}/p/{project.slug}/review/mislabel/"
+    for page in pages:
+        page.goto(url)
+    a, b = (int(page.get_attribute("#review-panel", "data-item")) for page in pages)
+    assert a != b
+    pages[0].keyboard.press("Enter")  # the first reviewer decides: the next item is still not the other's
+    pages[0].wait_for_function(f"document.querySelector('#review-panel').dataset.item !== '{a}'")
+    a2 = int(pages[0].get_attribute("#review-panel", "data-item"))
+    assert a2 not in (a, b)
+    pages[1].reload()  # the second reviewer keeps their leased item
+    assert int(pages[1].get_attribute("#review-panel", "data-item")) == b
+    held = ReviewItem.objects.filter(status="open", leased_by__isnull=False)
+    assert sorted(held.values_list("id", flat=True)) == sorted([a2, b])

@@ -1,68 +1,20 @@
-import json
 import threading
 
-import numpy as np
 import pytest
 from django.db import connection, transaction
 
-from conftest import TINY_TRAIN
 from labeling.models import Image, Label, LabelClass, LabelEvent
 from labeling.services import LabelConflict
 from review import services
 from review.models import ReviewItem
-from training import services as training_services
-
-COLORS = ["red", "blue", "green", "yellow"]
-
-
-def _version(project):
-    run = training_services.training_run_create(project=project, config=TINY_TRAIN, queue=False)
-    run = training_services.training_run_execute(run_id=run.id, inline=True)
-    assert run.status == "succeeded", run.error
-    return run.model_version
-
-
-def _plant(project, version, flips: int = 4):
-    """Write out-of-fold files where the model is sure of every image's true colour, after relabeling `flips`
-    images to a wrong colour in the database (the "given" labels the queue must doubt). Returns the flipped
-    image ids -> true class name."""
-    from pathlib import Path
-
-    head = project.heads.get()
-    classes = {c.name: c for c in LabelClass.objects.filter(head=head)}
-    labels = list(Label.objects.filter(head=head).select_related("label_class").order_by("image_id"))
-    truth = {lb.image_id: lb.label_class.name for lb in labels}
-    flipped = {}
-    rng = np.random.default_rng(0)
-    for lb in labels[:: max(1, len(labels) // flips)][:flips]:
-        wrong = COLORS[(COLORS.index(truth[lb.image_id]) + 1) % 4]
-        Label.objects.filter(pk=lb.pk).update(label_class=classes[wrong])
-        flipped[lb.image_id] = truth[lb.image_id]
-    given = dict(Label.objects.filter(head=head).values_list("image_id", "label_class__name"))
-    ids = np.array(sorted(given), dtype=np.int64)
-    probs = np.full((len(ids), 4), 0.02, dtype=np.float32)
-    for i, image_id in enumerate(ids):
-        probs[i, COLORS.index(truth[int(image_id)])] = 0.94 - 0.001 * i  # sure of the true colour
-    probs /= probs.sum(axis=1, keepdims=True)
-    targets = np.array([COLORS.index(given[int(i)]) for i in ids])
-    out = Path(version.artifact_dir) / "oof"
-    out.mkdir(exist_ok=True)
-    np.savez(
-        out / "oof_predictions.npz",
-        ids=ids,
-        fold=rng.integers(0, 3, len(ids)),
-        probs_class=probs,
-        targets_class=targets,
-    )
-    (out / "oof_meta.json").write_text(json.dumps({"heads": {"class": {"classes": COLORS}}}))
-    return flipped
+from review.tests.helpers import plant, trained_version
 
 
 @pytest.mark.django_db
 def test_refresh_queues_the_planted_flips_and_never_requeues_a_confirmed_label(shapes_project, admin_user):
     project = shapes_project(6)
-    version = _version(project)
-    flipped = _plant(project, version)
+    version = trained_version(project)
+    flipped = plant(project, version)
     assert services.mislabel_refresh(version=version) == {"class": len(flipped)}
     items = list(ReviewItem.objects.filter(project=project, status="open").select_related("suggested_class"))
     assert {it.image_id for it in items} == set(flipped)
@@ -86,8 +38,8 @@ def test_refresh_queues_the_planted_flips_and_never_requeues_a_confirmed_label(s
 @pytest.mark.django_db
 def test_resolutions_change_labels_with_history_and_undo_puts_them_back(shapes_project, admin_user, reviewer):
     project = shapes_project(6)
-    version = _version(project)
-    flipped = _plant(project, version)
+    version = trained_version(project)
+    flipped = plant(project, version)
     services.mislabel_refresh(version=version)
     item = services.queue_next(project=project, queue="mislabel", user=reviewer)
     label = Label.objects.get(image_id=item.image_id)
@@ -124,8 +76,8 @@ def test_leases_two_reviewers_never_share_an_item_and_abandoned_items_come_back(
     from django.utils import timezone
 
     project = shapes_project(6)
-    version = _version(project)
-    _plant(project, version)
+    version = trained_version(project)
+    plant(project, version)
     services.mislabel_refresh(version=version)
     a = services.queue_next(project=project, queue="mislabel", user=admin_user)
     b = services.queue_next(project=project, queue="mislabel", user=reviewer)
@@ -145,8 +97,8 @@ def test_leases_two_reviewers_never_share_an_item_and_abandoned_items_come_back(
 def test_concurrent_handouts_skip_locked_rows(shapes_project, admin_user, reviewer):
     """Two reviewers asking at the same moment, each in their own transaction and database connection."""
     project = shapes_project(6)
-    version = _version(project)
-    _plant(project, version)
+    version = trained_version(project)
+    plant(project, version)
     services.mislabel_refresh(version=version)
     got: dict[str, int] = {}
     holding = threading.Event()

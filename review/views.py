@@ -1,0 +1,128 @@
+"""Review pages: one queue item at a time, keyboard first (static/loupe/review.js)."""
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.http import Http404
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.http import require_POST
+
+from labeling.models import Image, Label, LabelClass, Project
+from labeling.services import LabelConflict
+
+from . import references, services
+from .models import ReviewItem
+
+QUEUES = {q.value: q.label for q in ReviewItem.Queue}
+
+
+def _queue(queue: str) -> str:
+    if queue not in QUEUES:
+        raise Http404(f"No review queue {queue!r}.")
+    return queue
+
+
+def _panel_context(request, project: Project, queue: str, *, message: str = "", conflict=None) -> dict:
+    item = services.queue_next(project=project, queue=queue, user=request.user)
+    ctx = {"project": project, "queue": queue, "item": item, "message": message, "conflict": conflict}
+    ctx["remaining"] = ReviewItem.objects.filter(project=project, queue=queue, status=ReviewItem.Status.OPEN).count()
+    if item is not None:
+        item = (
+            ReviewItem.objects.select_related("image", "head", "given_class", "suggested_class")
+            .filter(pk=item.pk)
+            .first()
+        )
+        label = Label.objects.select_related("label_class").get(image_id=item.image_id, head_id=item.head_id)
+        ctx |= {
+            "item": item,
+            "label": label,
+            "top_k": [{**t, "key": i} for i, t in enumerate(item.top_k[:5], start=1)],
+            "classes": LabelClass.objects.filter(head_id=item.head_id, merged_into__isnull=True)
+            .order_by("name")
+            .values_list("id", "name"),
+        }
+    return ctx
+
+
+def _render(request, ctx: dict, status: int = 200):
+    template = "review/_panel.html" if request.headers.get("HX-Request") else "review/queue.html"
+    return render(request, template, ctx, status=status)
+
+
+@login_required
+def queue_page(request, slug, queue):
+    project = get_object_or_404(Project, slug=slug)
+    return _render(request, _panel_context(request, project, _queue(queue)))
+
+
+@login_required
+@require_POST
+def item_resolve(request, slug, queue, item_id):
+    project = get_object_or_404(Project, slug=slug)
+    queue = _queue(queue)
+    item = get_object_or_404(ReviewItem, project=project, queue=queue, pk=item_id)
+    action = request.POST.get("action", "")
+    raw_class, raw_version = request.POST.get("class_id", ""), request.POST.get("version", "")
+    if (raw_class and not raw_class.isdigit()) or (raw_version and not raw_version.isdigit()):
+        return _render(request, _panel_context(request, project, queue, message="The form was incomplete."), 400)
+    class_id = int(raw_class) if raw_class else None
+    if action == "relabel" and class_id is not None:  # picking the suggestion or the given class by hand
+        if class_id == item.suggested_class_id:
+            action = "accept"
+        elif class_id == item.given_class_id:
+            action = "keep"
+    status, message, conflict = 200, "", None
+    try:
+        done = services.item_resolve(
+            item=item,
+            user=request.user,
+            action=action,
+            class_id=class_id,
+            expected_version=int(raw_version) if raw_version else None,
+        )
+        message = f"Image {done.image_id}: {done.get_resolution_display().lower()}."
+    except LabelConflict as exc:
+        status, conflict = 409, exc.current
+        message = (
+            f"Someone else changed this label meanwhile: it is now "
+            f"{exc.current.label_class.name if exc.current.label_class else 'unlabeled'}. Nothing was overwritten."
+        )
+    except services.ReviewError as exc:
+        status, message = 400, str(exc)
+    if not request.headers.get("HX-Request"):
+        (messages.success if status == 200 else messages.error)(request, message)
+        return redirect("review:queue", slug=slug, queue=queue)
+    return _render(request, _panel_context(request, project, queue, message=message, conflict=conflict), status)
+
+
+@login_required
+@require_POST
+def undo(request, slug, queue):
+    project = get_object_or_404(Project, slug=slug)
+    queue = _queue(queue)
+    status = 200
+    try:
+        item = services.item_undo(user=request.user, project=project, queue=queue)
+        message = f"Undone: image {item.image_id} is back in the queue." if item else "Nothing to undo."
+    except LabelConflict:
+        status, message = 409, "Cannot undo: someone changed that label since."
+    if not request.headers.get("HX-Request"):
+        (messages.success if status == 200 else messages.error)(request, message)
+        return redirect("review:queue", slug=slug, queue=queue)
+    return _render(request, _panel_context(request, project, queue, message=message), status)
+
+
+@login_required
+def item_references(request, slug, queue, item_id):
+    """Reference photos (loaded after the item is shown): the nearest gallery photos of the suggested class and
+    of the given class, side by side."""
+    project = get_object_or_404(Project, slug=slug)
+    item = get_object_or_404(
+        ReviewItem.objects.select_related("given_class", "suggested_class", "image"), project=project, pk=item_id
+    )
+    rows = []
+    for title, cls in (("Suggested", item.suggested_class), ("Given", item.given_class)):
+        if cls is not None:
+            ids = references.nearest_of_class(project=project, image=item.image, label_class=cls, k=4)
+            images = Image.objects.filter(pk__in=ids).in_bulk()
+            rows.append({"title": title, "class": cls, "images": [images[i] for i in ids if i in images]})
+    return render(request, "review/_references.html", {"project": project, "rows": rows})

@@ -1,0 +1,124 @@
+// Review queue, keyboard first. Every decision is a POST that answers the next item's panel (HTML), swapped in
+// place; without JavaScript the same forms post and redirect.
+(function () {
+  "use strict";
+  const root = document.getElementById("review");
+  if (!root) return;
+  let busy = false;
+
+  function csrf() {
+    const input = document.querySelector("#review-panel input[name=csrfmiddlewaretoken]");
+    return input ? input.value : "";
+  }
+
+  async function post(url, body) {
+    if (busy) return;
+    busy = true;
+    const status = document.getElementById("review-status");
+    if (status) status.textContent = "Saving…";
+    try {
+      const response = await fetch(url, {
+        method: "POST",
+        body: body,
+        headers: { "X-CSRFToken": csrf(), "HX-Request": "true" },
+        credentials: "same-origin",
+      });
+      const html = await response.text();
+      const panel = document.getElementById("review-panel");
+      const holder = document.createElement("div");
+      holder.innerHTML = html;
+      const fresh = holder.querySelector("#review-panel");
+      if (panel && fresh) {
+        panel.replaceWith(fresh);
+        if (window.htmx) window.htmx.process(fresh);
+      } else if (status) {
+        status.textContent = "The server answered " + response.status + "; nothing changed. Reload the page.";
+      }
+    } catch (err) {
+      if (status) status.textContent = "Network error: " + err + ". Nothing was saved; try again.";
+    } finally {
+      busy = false;
+    }
+  }
+
+  function decide(action, classId) {
+    const form = document.getElementById("review-form");
+    if (!form) return;
+    const body = new FormData(form);
+    body.set("action", action);
+    body.set("class_id", classId || "");
+    post(form.getAttribute("action"), body); // not form.action: the buttons are named "action"
+  }
+
+  function undo() {
+    const form = document.getElementById("undo-form");
+    if (form) post(form.getAttribute("action"), new FormData(form));
+  }
+
+  function pickTyped() {
+    const input = document.getElementById("class-picker");
+    const text = input.value.trim().toLowerCase();
+    if (!text) return;
+    const options = Array.from(document.querySelectorAll("#class-list option"));
+    const hit =
+      options.find((o) => o.value.toLowerCase() === text) ||
+      options.find((o) => o.value.toLowerCase().startsWith(text)) ||
+      options.find((o) => o.value.toLowerCase().includes(text));
+    if (hit) {
+      decide("relabel", hit.dataset.id);
+    } else {
+      const status = document.getElementById("review-status");
+      if (status) status.textContent = "No class matches “" + input.value + "”.";
+    }
+  }
+
+  root.addEventListener("submit", function (event) {
+    const form = event.target;
+    event.preventDefault();
+    if (form.id === "undo-form") return undo();
+    const button = event.submitter;
+    decide(button ? button.value : "accept", button && button.dataset.class ? button.dataset.class : "");
+  });
+
+  root.addEventListener("click", function (event) {
+    if (event.target.closest("#btn-help")) document.getElementById("shortcuts").showModal();
+  });
+
+  document.addEventListener("keydown", function (event) {
+    const dialog = document.getElementById("shortcuts");
+    if (dialog && dialog.open) return; // Esc closes it natively
+    const target = event.target;
+    if (target && target.id === "class-picker") {
+      if (event.key === "Enter") {
+        event.preventDefault();
+        pickTyped();
+      } else if (event.key === "Escape") {
+        target.blur();
+      }
+      return;
+    }
+    if (target && (target.tagName === "INPUT" || target.tagName === "TEXTAREA" || target.tagName === "SELECT")) return;
+    if (event.altKey || event.metaKey) return;
+    if (event.ctrlKey) {
+      if (event.key === "z") {
+        event.preventDefault();
+        undo();
+      }
+      return;
+    }
+    const key = event.key;
+    let handled = true;
+    if (key === "Enter" || key === "a") decide("accept");
+    else if (key === "k") decide("keep");
+    else if (key === "x") decide("exclude");
+    else if (key === "s" || key === "ArrowRight") decide("skip");
+    else if (key === "u" || key === "ArrowLeft") undo();
+    else if (key === "?") dialog.showModal();
+    else if (key === "/") document.getElementById("class-picker")?.focus();
+    else if (/^[1-9]$/.test(key)) {
+      const pick = document.querySelector('#review-panel .pick[data-key="' + key + '"]');
+      if (pick) decide("relabel", pick.dataset.class);
+    } else handled = false;
+    if (handled) event.preventDefault();
+  });
+})();
