@@ -613,6 +613,12 @@ def action_undo(*, action: DatasetAction, user=None) -> dict:
             source.save(update_fields=["merged_into"])
         if action.kind == DatasetAction.Kind.TRAINING_OPTIONS:
             Project.objects.filter(pk=action.project_id).update(training_options=ch.get("old", {}))
+        if action.kind == DatasetAction.Kind.REVIEW_BULK:  # the items it resolved are open again
+            from review.models import ReviewItem  # noqa: PLC0415 - review builds on labeling
+
+            ReviewItem.objects.filter(pk__in=ch.get("items", []), resolved_by=action.user).update(
+                status=ReviewItem.Status.OPEN, resolution="", resolved_by=None, resolved_at=None, undo={}
+            )
         action.undone_at = timezone.now()
         action.undone_by = user
         action.save(update_fields=["undone_at", "undone_by"])

@@ -209,7 +209,7 @@ class ImageEvent(models.Model):
 
 class DatasetAction(models.Model):
     """One data-fixing action taken from the health report (resolve a duplicate cluster, merge classes, exclude
-    rare classes, change training options). `changes` records exactly what it changed so it can be undone."""
+    rare classes, change training options) or a review queue's bulk rule. `changes` records exactly what it changed so it can be undone."""
 
     class Kind(models.TextChoices):
         CLUSTER_KEEP_ONE = "cluster_keep_one", "keep one, exclude the rest"
@@ -219,6 +219,7 @@ class DatasetAction(models.Model):
         EXCLUDE_CLASSES = "exclude_classes", "exclude classes from training"
         INCLUDE_CLASSES = "include_classes", "include classes in training"
         TRAINING_OPTIONS = "training_options", "training options"
+        REVIEW_BULK = "review_bulk", "review queue bulk rule"
         UNDO = "undo", "undo"
 
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="dataset_actions")

@@ -212,6 +212,7 @@ def item_undo(*, user, project: Project, queue: str) -> ReviewItem | None:
             ReviewItem.objects.select_for_update()
             .filter(project=project, queue=queue, resolved_by=user)
             .exclude(resolution="")
+            .exclude(undo__has_key="bulk_action")  # a bulk rule is undone as a whole (its DatasetAction)
             .order_by("-resolved_at", "-id")
             .first()
         )
@@ -253,3 +254,110 @@ def queue_counts(*, project: Project) -> dict[str, dict[str, int]]:
     for queue, status, n in rows:
         out.setdefault(queue, {})[status] = n
     return out
+
+
+# --------------------------------------------------------------------------------------------- bulk rules
+def bulk_rule_preview(*, project: Project, accept_above: float = 0.8, exclude_below: float = 0.3) -> dict:
+    """What a bulk rule on the open mislabel items would do, without doing it: accept the model's suggestion
+    where its probability is above `accept_above`; exclude the image where the model gives no class more than
+    `exclude_below` (a photo it cannot read: blurred, empty, not the object). Items another reviewer holds are
+    left alone. Returns {"accept": [items], "exclude": [items], "held": n}."""
+    if not (0.0 <= exclude_below <= 1.0 and 0.0 <= accept_above <= 1.0):
+        raise ReviewError("Thresholds are probabilities between 0 and 1.")
+    if exclude_below > accept_above:
+        raise ReviewError("The exclude threshold must not be above the accept threshold.")
+    now = timezone.now()
+    items = list(
+        ReviewItem.objects.filter(project=project, queue=ReviewItem.Queue.MISLABEL, status=ReviewItem.Status.OPEN)
+        .select_related("image", "head", "given_class", "suggested_class")
+        .order_by("rank", "id")
+    )
+    accept, exclude, held = [], [], 0
+    for it in items:
+        if it.leased_by_id is not None and it.lease_until and it.lease_until > now:
+            held += 1
+            continue
+        best = max((t["prob"] for t in it.top_k), default=it.suggested_prob)
+        if it.suggested_class_id is not None and it.suggested_prob > accept_above:
+            accept.append(it)
+        elif best < exclude_below:
+            exclude.append(it)
+    return {"accept": accept, "exclude": exclude, "held": held}
+
+
+def bulk_rule_apply(*, project: Project, user, accept_above: float = 0.8, exclude_below: float = 0.3):
+    """Apply bulk_rule_preview's decisions as one DatasetAction (undo on the Health page or via action_undo
+    puts the labels, the images and the items back). Returns the action, or None when there was nothing to do."""
+    from labeling.health import _relabel, _set_status  # noqa: PLC0415 - the same change records as health actions
+    from labeling.models import DatasetAction  # noqa: PLC0415
+
+    now = timezone.now()
+    with transaction.atomic():
+        plan = bulk_rule_preview(project=project, accept_above=accept_above, exclude_below=exclude_below)
+        if not plan["accept"] and not plan["exclude"]:
+            return None
+        locked = {
+            it.pk
+            for it in ReviewItem.objects.select_for_update(skip_locked=True).filter(
+                pk__in=[it.pk for it in plan["accept"] + plan["exclude"]], status=ReviewItem.Status.OPEN
+            )
+        }
+        accept = [it for it in plan["accept"] if it.pk in locked]
+        exclude = [it for it in plan["exclude"] if it.pk in locked]
+        summary = (
+            f"mislabel queue: accepted {len(accept)} suggestion(s) above {accept_above:g}, "
+            f"excluded {len(exclude)} photo(s) below {exclude_below:g}"
+        )
+        action = DatasetAction.objects.create(
+            project=project,
+            kind=DatasetAction.Kind.REVIEW_BULK,
+            summary=summary,
+            params={"accept_above": accept_above, "exclude_below": exclude_below},
+            user=user,
+        )
+        label_changes = []
+        by_class: dict[int, list[int]] = {}
+        for it in accept:
+            by_class.setdefault(it.suggested_class_id, []).append(it)
+        for class_id, its in by_class.items():
+            labels = Label.objects.select_for_update().filter(
+                image_id__in=[it.image_id for it in its], head_id__in=[it.head_id for it in its]
+            )
+            wanted = {(it.image_id, it.head_id) for it in its}
+            labels = [lb for lb in labels if (lb.image_id, lb.head_id) in wanted]
+            label_changes += _relabel(labels, class_id, "review: bulk accept", user, action)
+        images = list(Image.objects.select_for_update().filter(pk__in=[it.image_id for it in exclude]))
+        status_changes = _set_status(images, Image.Status.EXCLUDED, "review: bulk exclude (unreadable)", user, action)
+        for it, resolution in [(it, "accepted") for it in accept] + [(it, "excluded") for it in exclude]:
+            ReviewItem.objects.filter(pk=it.pk).update(
+                status=ReviewItem.Status.DONE,
+                resolution=resolution,
+                resolved_class=it.suggested_class if resolution == "accepted" else None,
+                resolved_by=user,
+                resolved_at=now,
+                leased_by=None,
+                lease_until=None,
+                undo={"bulk_action": action.id},
+            )
+        action.changes = {
+            "labels": label_changes,
+            "status": status_changes,
+            "items": [it.pk for it in accept + exclude],
+        }
+        action.save(update_fields=["changes"])
+    return action
+
+
+def mislabel_refresh_queue(*, project: Project) -> int:
+    """Queue the out-of-fold predictions + mislabel queue rebuild for the active version (a Celery task on the
+    gpu queue). Returns the version number. ReviewError when nothing is promoted yet."""
+    from training.models import ModelVersion  # noqa: PLC0415
+
+    from .tasks import mislabel_refresh  # noqa: PLC0415
+
+    version = ModelVersion.objects.filter(project=project, is_active=True).first()
+    if version is None:
+        raise ReviewError("Train and promote a model first: the queue comes from its out-of-fold predictions.")
+    vid = version.id
+    transaction.on_commit(lambda: mislabel_refresh.delay(vid))
+    return version.number

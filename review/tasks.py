@@ -5,7 +5,7 @@ from training.models import ModelVersion
 from . import services
 
 
-@shared_task(name="review.tasks.mislabel_refresh", queue="gpu")
+@shared_task(name="review.tasks.mislabel_refresh", acks_late=True, reject_on_worker_lost=True, time_limit=48 * 3600)
 def mislabel_refresh(version_id: int, k: int = 5, mode: str = "cheap") -> dict:
     """Out-of-fold predictions of the version's frozen dataset (K fresh models: GPU work), then the project's
     mislabel queue from them. Queued after every successful training run (LOUPE_MISLABEL_AFTER_TRAINING)."""

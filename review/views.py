@@ -8,6 +8,7 @@ from django.views.decorators.http import require_POST
 
 from labeling.models import Image, Label, LabelClass, Project
 from labeling.services import LabelConflict
+from labeling.views import staff_required
 
 from . import references, services
 from .models import ReviewItem
@@ -126,3 +127,59 @@ def item_references(request, slug, queue, item_id):
             images = Image.objects.filter(pk__in=ids).in_bulk()
             rows.append({"title": title, "class": cls, "images": [images[i] for i in ids if i in images]})
     return render(request, "review/_references.html", {"project": project, "rows": rows})
+
+
+def _threshold(raw: str | None, default: float) -> float | None:
+    if raw in (None, ""):
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        return None
+    return value if 0.0 <= value <= 1.0 else None
+
+
+@staff_required
+def bulk_rules(request, slug):
+    """Admin bulk rules over the open mislabel items, with a preview first: nothing changes until Apply."""
+    project = get_object_or_404(Project, slug=slug)
+    source = request.POST if request.method == "POST" else request.GET
+    accept_above = _threshold(source.get("accept_above"), 0.8)
+    exclude_below = _threshold(source.get("exclude_below"), 0.3)
+    ctx = {"project": project, "queue": "mislabel", "accept_above": accept_above, "exclude_below": exclude_below}
+    if accept_above is None or exclude_below is None:
+        messages.error(request, "Thresholds are numbers between 0 and 1 (e.g. 0.8 and 0.3).")
+        return render(request, "review/rules.html", ctx, status=400)
+    try:
+        if request.method == "POST":
+            action = services.bulk_rule_apply(
+                project=project, user=request.user, accept_above=accept_above, exclude_below=exclude_below
+            )
+            if action is None:
+                messages.info(request, "Nothing matched the rule; nothing changed.")
+            else:
+                messages.success(request, f"Done: {action.summary}. Undo it from the Health page's action list.")
+            return redirect("review:rules", slug=slug)
+        ctx["plan"] = services.bulk_rule_preview(
+            project=project, accept_above=accept_above, exclude_below=exclude_below
+        )
+    except services.ReviewError as exc:
+        messages.error(request, str(exc))
+        return render(request, "review/rules.html", ctx, status=400)
+    return render(request, "review/rules.html", ctx)
+
+
+@staff_required
+@require_POST
+def refresh(request, slug, queue):
+    project = get_object_or_404(Project, slug=slug)
+    if _queue(queue) != "mislabel":
+        raise Http404("Only the mislabel queue is rebuilt this way.")
+    try:
+        number = services.mislabel_refresh_queue(project=project)
+        messages.success(
+            request, f"Rebuilding the queue from v{number}: K fold models train on the worker, then it refills."
+        )
+    except services.ReviewError as exc:
+        messages.error(request, str(exc))
+    return redirect("review:queue", slug=slug, queue=queue)

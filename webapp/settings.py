@@ -163,6 +163,7 @@ CELERY_TASK_DEFAULT_QUEUE = "default"
 CELERY_TASK_ROUTES = {
     "training.tasks.train_run": {"queue": "gpu"},
     "training.tasks.oof_predict": {"queue": "gpu"},
+    "review.tasks.mislabel_refresh": {"queue": "gpu"},
     "labeling.tasks.*": {"queue": "default"},
 }
 CELERY_TASK_SERIALIZER = "json"

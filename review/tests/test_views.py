@@ -91,3 +91,60 @@ def test_empty_queue_says_how_it_fills(client, reviewer, shapes_project):
     client.force_login(reviewer)
     page = client.get(reverse("review:queue", args=[project.slug, "mislabel"])).content.decode()
     assert "Nothing to review" in page and "after every training run" in page
+
+
+def test_bulk_rules_preview_then_apply_then_undo_as_one_action(client, admin_user, reviewer, queued):
+    from labeling.health import action_undo
+    from labeling.models import DatasetAction, Image
+
+    project, flipped = queued
+    items = list(ReviewItem.objects.filter(project=project, status="open").order_by("rank"))
+    unsure = items[-1]  # the model gives no class more than 0.3: a photo it cannot read
+    unsure.suggested_prob = 0.26
+    unsure.top_k = [{**t, "prob": p} for t, p in zip(unsure.top_k, [0.26, 0.25, 0.25, 0.24], strict=True)]
+    unsure.save()
+    url = reverse("review:rules", args=[project.slug])
+    client.force_login(reviewer)
+    assert client.get(url).status_code == 403  # admins only
+    assert client.post(reverse("review:refresh", args=[project.slug, "mislabel"])).status_code == 403
+    client.force_login(admin_user)
+    page = client.get(url, {"accept_above": "0.8", "exclude_below": "0.3"}).content.decode()
+    assert f"Preview: {len(items) - 1} to accept, 1 to exclude" in page
+    before = dict(Label.objects.values_list("image_id", "label_class__name"))
+    assert dict(Label.objects.values_list("image_id", "label_class__name")) == before  # a preview changes nothing
+    assert client.get(url, {"accept_above": "2"}).status_code == 400
+    response = client.post(url, {"accept_above": "0.8", "exclude_below": "0.3"}, follow=True)
+    assert "accepted 3 suggestion(s) above 0.8, excluded 1 photo(s) below 0.3" in response.content.decode()
+    for it in items[:-1]:
+        assert Label.objects.get(image_id=it.image_id).label_class.name == flipped[it.image_id]
+    assert Image.objects.get(pk=unsure.image_id).status == "excluded"
+    assert not ReviewItem.objects.filter(project=project, status="open").exists()
+    # the reviewer's own undo does not pick apart a bulk action; the action's undo puts everything back
+    assert services.item_undo(user=admin_user, project=project, queue="mislabel") is None
+    action_undo(action=DatasetAction.objects.get(kind="review_bulk"), user=admin_user)
+    assert dict(Label.objects.values_list("image_id", "label_class__name")) == before
+    assert Image.objects.get(pk=unsure.image_id).status == "ok"
+    assert ReviewItem.objects.filter(project=project, status="open").count() == len(items)
+
+
+def test_refresh_needs_a_promoted_model_and_queues_the_task(
+    client, admin_user, shapes_project, django_capture_on_commit_callbacks
+):
+    from training.models import ModelVersion
+    from webapp.celery import app
+
+    project = shapes_project(3)
+    client.force_login(admin_user)
+    url = reverse("review:refresh", args=[project.slug, "mislabel"])
+    page = client.post(url, follow=True).content.decode()
+    assert "Train and promote a model first" in page
+    version = trained_version(project)
+    app.conf.task_always_eager = True  # run the task here, on commit (tests/test_loop_worker.py: a real worker)
+    try:
+        with django_capture_on_commit_callbacks(execute=True) as callbacks:
+            page = client.post(url, follow=True).content.decode()
+    finally:
+        app.conf.task_always_eager = False
+    assert "Rebuilding the queue from v1" in page and len(callbacks) == 1
+    metrics = ModelVersion.objects.get(pk=version.pk).metrics
+    assert metrics["oof"]["k"] == 5 and set(metrics["mislabel_queue"]) == {"class"}
