@@ -29,6 +29,17 @@ class Project(models.Model):
     production_retention_days = models.PositiveIntegerField(
         default=30, help_text="Stored production photos nobody labeled are deleted after this many days."
     )
+    uncertainty_strategy = models.CharField(
+        max_length=20,
+        choices=[("least_confidence", "least confidence"), ("margin", "margin"), ("entropy", "entropy")],
+        default="margin",
+        help_text="How the low-confidence queue ranks unlabeled photos (then diversifies them on the embeddings).",
+    )
+    random_control_share = models.FloatField(
+        default=0.1,
+        help_text="Share of the low-confidence queue drawn at random (the control arm that shows whether active "
+        "learning pays off).",
+    )
     training_options = models.JSONField(
         default=dict,
         blank=True,

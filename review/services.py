@@ -180,6 +180,8 @@ def item_resolve(
             undo["new_version"] = change.label.version
             resolved_class = target
         elif action == "keep":
+            if label.label_class_id is None:
+                raise ReviewError("Nothing to keep: this photo has no label yet. Accept or pick a class.")
             resolved_class = label.label_class_id
         elif action == "exclude":
             image = Image.objects.select_for_update().get(pk=item.image_id)
@@ -348,16 +350,137 @@ def bulk_rule_apply(*, project: Project, user, accept_above: float = 0.8, exclud
     return action
 
 
-def mislabel_refresh_queue(*, project: Project) -> int:
-    """Queue the out-of-fold predictions + mislabel queue rebuild for the active version (a Celery task on the
-    gpu queue). Returns the version number. ReviewError when nothing is promoted yet."""
+def queue_refresh(*, project: Project, queue: str) -> int:
+    """Queue the rebuild of a review queue with the active version (a Celery task on the gpu queue): out-of-fold
+    predictions + cleanlab for the mislabel queue, predictions of every unlabeled photo for the low-confidence
+    queue. Returns the version number. ReviewError when nothing is promoted yet."""
     from training.models import ModelVersion  # noqa: PLC0415
 
-    from .tasks import mislabel_refresh  # noqa: PLC0415
+    from .tasks import mislabel_refresh, uncertain_refresh  # noqa: PLC0415
 
     version = ModelVersion.objects.filter(project=project, is_active=True).first()
     if version is None:
-        raise ReviewError("Train and promote a model first: the queue comes from its out-of-fold predictions.")
-    vid = version.id
-    transaction.on_commit(lambda: mislabel_refresh.delay(vid))
+        raise ReviewError("Train and promote a model first: the queue is built from its predictions.")
+    vid, pid = version.id, project.id
+    if queue == ReviewItem.Queue.MISLABEL:
+        transaction.on_commit(lambda: mislabel_refresh.delay(vid))
+    else:
+        transaction.on_commit(lambda: uncertain_refresh.delay(pid))
     return version.number
+
+
+# ------------------------------------------------------------------------------------- low-confidence queue
+def uncertain_refresh(*, project: Project, size: int | None = None, seed: int = 0) -> dict:
+    """Rebuild the project's low-confidence queue with the active model: every usable image with an unlabeled
+    head (imported photos and production photos kept by the recognition endpoint) is predicted; its most
+    uncertain unlabeled head (the project's strategy: least confidence, margin or entropy) is its score; the
+    most uncertain are diversified on the embeddings (k-center greedy, far from each other and from the labeled
+    gallery), and `random_control_share` of the batch is drawn at random and marked as the control arm. Random
+    items are interleaved evenly, so both arms are labeled at the same pace. Returns {"candidates", "queued",
+    "random", "strategy", "model_version"}."""
+    from inference.core import Recognizer, predict_paths  # noqa: PLC0415
+    from labeling import storage  # noqa: PLC0415
+    from training.models import ModelVersion  # noqa: PLC0415
+    from training.services import GALLERY_CACHE  # noqa: PLC0415
+
+    from . import active  # noqa: PLC0415
+
+    version = ModelVersion.objects.filter(project=project, is_active=True).first()
+    if version is None:
+        raise ReviewError("Train and promote a model first: the queue ranks photos by its uncertainty.")
+    size = int(size or getattr(settings, "LOUPE_UNCERTAIN_BATCH", 500))
+    heads = {h.id: h for h in project.heads.all()}
+    unlabeled: dict[int, list[int]] = {}
+    for image_id, head_id in (
+        Label.objects.filter(image__project=project, image__status=Image.Status.OK, label_class__isnull=True)
+        .order_by("image_id", "head_id")
+        .values_list("image_id", "head_id")
+    ):
+        unlabeled.setdefault(image_id, []).append(head_id)
+    image_ids = sorted(unlabeled)
+    files = dict(Image.objects.filter(pk__in=image_ids).values_list("id", "file"))
+    rec = Recognizer.load(version.artifact_dir)
+    paths = [storage.local_path(files[i]) for i in image_ids]
+    probs, emb, ok = predict_paths(rec, paths) if paths else ({}, np.zeros((0, rec.embedding_dim)), np.zeros(0, bool))
+    keep = np.flatnonzero(ok)
+    image_ids = [image_ids[i] for i in keep]
+    emb = emb[keep] if len(keep) else np.zeros((0, rec.embedding_dim), np.float32)
+    head_scores = {
+        h.name: active.uncertainty(probs[h.name][keep], project.uncertainty_strategy)
+        for h in heads.values()
+        if h.name in probs and len(keep)
+    }
+    scores = np.zeros(len(image_ids))
+    chosen_head: list[int] = []
+    for row, image_id in enumerate(image_ids):
+        best_head, best = None, -1.0
+        for head_id in unlabeled[image_id]:
+            name = heads[head_id].name
+            if name in head_scores and head_scores[name][row] > best:
+                best_head, best = head_id, float(head_scores[name][row])
+        chosen_head.append(best_head)
+        scores[row] = max(best, 0.0)
+    usable = [r for r, h in enumerate(chosen_head) if h is not None]
+    labeled = None
+    cache = Path(version.artifact_dir) / GALLERY_CACHE
+    if cache.is_file():
+        with np.load(cache) as cached:
+            labeled = cached["emb"]
+        if len(labeled) > 20_000:  # enough to keep picks away from what is labeled; bounded work
+            labeled = labeled[np.random.default_rng(seed).choice(len(labeled), 20_000, replace=False)]
+    picks = active.select_by_scores(
+        scores[usable],
+        emb[usable],
+        size=size,
+        random_share=project.random_control_share,
+        labeled_embeddings=labeled,
+        seed=seed,
+    )
+    active_picks = [(usable[r], s) for r, is_random, s in picks if not is_random]
+    random_picks = [(usable[r], s) for r, is_random, s in picks if is_random]
+    total, n_random = len(active_picks) + len(random_picks), len(random_picks)
+    slots = {int((j + 0.5) * total / n_random) for j in range(n_random)} if n_random else set()
+    actives, randoms = iter(active_picks), iter(random_picks)
+    order = []  # random control items spread evenly through the queue: both arms are labeled at the same pace
+    for position in range(total):
+        row, score = next(randoms) if position in slots else next(actives)
+        order.append((row, position in slots, score))
+    classes = {h.id: {c.name: c.id for c in LabelClass.objects.filter(head=h)} for h in heads.values()}
+    items = []
+    for rank, (row, is_random, score) in enumerate(order):
+        head = heads[chosen_head[row]]
+        p = probs[head.name][keep[row]]
+        names = rec.label_maps[head.name]
+        top = np.argsort(-p)[:5]
+        cid = classes[head.id]
+        items.append(
+            ReviewItem(
+                project=project,
+                queue=ReviewItem.Queue.UNCERTAIN,
+                image_id=image_ids[row],
+                head=head,
+                given_class=None,
+                suggested_class_id=cid.get(names[int(top[0])]),
+                suggested_prob=float(p[top[0]]),
+                score=float(score),
+                rank=rank,
+                top_k=[
+                    {"class_id": cid.get(names[int(j)]), "label": names[int(j)], "prob": round(float(p[j]), 4)}
+                    for j in top
+                ],
+                model_version=version.number,
+                random_control=is_random,
+            )
+        )
+    with transaction.atomic():
+        ReviewItem.objects.filter(
+            project=project, queue=ReviewItem.Queue.UNCERTAIN, status=ReviewItem.Status.OPEN
+        ).update(status=ReviewItem.Status.STALE, leased_by=None, lease_until=None)
+        ReviewItem.objects.bulk_create(items, batch_size=1000)
+    return {
+        "candidates": len(usable),
+        "queued": len(items),
+        "random": sum(it.random_control for it in items),
+        "strategy": project.uncertainty_strategy,
+        "model_version": version.number,
+    }

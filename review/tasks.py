@@ -15,3 +15,11 @@ def mislabel_refresh(version_id: int, k: int = 5, mode: str = "cheap") -> dict:
     training_services.model_version_oof(version=version, k=k, mode=mode)
     version.refresh_from_db()
     return services.mislabel_refresh(version=version)
+
+
+@shared_task(name="review.tasks.uncertain_refresh", acks_late=True, reject_on_worker_lost=True, time_limit=24 * 3600)
+def uncertain_refresh(project_id: int) -> dict:
+    """The low-confidence queue, ranked by the active model (every unlabeled photo is predicted)."""
+    from labeling.models import Project
+
+    return services.uncertain_refresh(project=Project.objects.get(pk=project_id))

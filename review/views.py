@@ -173,13 +173,13 @@ def bulk_rules(request, slug):
 @require_POST
 def refresh(request, slug, queue):
     project = get_object_or_404(Project, slug=slug)
-    if _queue(queue) != "mislabel":
-        raise Http404("Only the mislabel queue is rebuilt this way.")
+    queue = _queue(queue)
     try:
-        number = services.mislabel_refresh_queue(project=project)
-        messages.success(
-            request, f"Rebuilding the queue from v{number}: K fold models train on the worker, then it refills."
+        number = services.queue_refresh(project=project, queue=queue)
+        how = (
+            "K fold models train on the worker" if queue == "mislabel" else "the worker predicts every unlabeled photo"
         )
+        messages.success(request, f"Rebuilding the queue from v{number}: {how}, then it refills.")
     except services.ReviewError as exc:
         messages.error(request, str(exc))
     return redirect("review:queue", slug=slug, queue=queue)

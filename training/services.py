@@ -354,6 +354,11 @@ def model_version_activate(*, version: ModelVersion) -> ModelVersion:
         ModelVersion.objects.filter(pk=version.pk).update(
             is_active=True, promote_requested=False, promoted_at=timezone.now()
         )
+        if settings.LOUPE_UNCERTAIN_AFTER_PROMOTE:  # the new model re-ranks the low-confidence queue
+            from review.tasks import uncertain_refresh
+
+            pid = version.project_id
+            transaction.on_commit(lambda: uncertain_refresh.delay(pid))
     version.refresh_from_db()
     return version
 

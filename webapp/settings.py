@@ -135,6 +135,9 @@ DATA_UPLOAD_MAX_NUMBER_FILES = 50
 LOUPE_ACTIVE_MODEL_TTL = env.float("LOUPE_ACTIVE_MODEL_TTL", default=2.0)
 # After every training run on a worker, queue out-of-fold predictions + the mislabel queue refresh (gpu queue).
 LOUPE_MISLABEL_AFTER_TRAINING = env.bool("LOUPE_MISLABEL_AFTER_TRAINING", default=True)
+# After every promote, re-rank the low-confidence queue with the new model (gpu queue); its batch size.
+LOUPE_UNCERTAIN_AFTER_PROMOTE = env.bool("LOUPE_UNCERTAIN_AFTER_PROMOTE", default=True)
+LOUPE_UNCERTAIN_BATCH = env.int("LOUPE_UNCERTAIN_BATCH", default=500)
 # Seconds a review item stays with the reviewer who opened it; after that it goes back to the queue.
 LOUPE_REVIEW_LEASE_SECONDS = env.int("LOUPE_REVIEW_LEASE_SECONDS", default=600)
 # Seconds a verified API token is remembered per server process (0 = ask the database on every request).
@@ -164,6 +167,7 @@ CELERY_TASK_ROUTES = {
     "training.tasks.train_run": {"queue": "gpu"},
     "training.tasks.oof_predict": {"queue": "gpu"},
     "review.tasks.mislabel_refresh": {"queue": "gpu"},
+    "review.tasks.uncertain_refresh": {"queue": "gpu"},
     "labeling.tasks.*": {"queue": "default"},
 }
 CELERY_TASK_SERIALIZER = "json"
