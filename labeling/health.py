@@ -19,6 +19,7 @@ from . import health_core, storage
 from .models import (
     DatasetAction,
     DuplicateCluster,
+    Head,
     HealthReport,
     Image,
     ImageEvent,
@@ -572,6 +573,35 @@ def training_options_set(
             params=new,
             changes={"old": old, "new": new},
         )
+
+
+def labels_bulk_set(*, head: Head, class_id: int | None, expected: dict[int, int], user=None) -> dict:
+    """Set `head`'s label of many images (image id -> the label version the user saw) to `class_id` as one
+    undoable DatasetAction. Labels changed since they were shown are left alone and reported ("stale"), like a
+    single edit's conflict. Returns {"action": DatasetAction | None, "changed": n, "stale": [image ids]}."""
+    if class_id is not None and not LabelClass.objects.filter(pk=class_id, head=head).exists():
+        raise LabelingError(f"Class {class_id} does not belong to head {head.name!r}.")
+    if not expected:
+        raise LabelingError("Select at least one image.")
+    with transaction.atomic():
+        labels = list(Label.objects.select_for_update().filter(head=head, image_id__in=list(expected)))
+        fresh = [lb for lb in labels if lb.version == expected.get(lb.image_id)]
+        stale = sorted(lb.image_id for lb in labels if lb.version != expected.get(lb.image_id))
+        target = LabelClass.objects.filter(pk=class_id).first() if class_id else None
+        action = DatasetAction.objects.create(
+            project=head.project,
+            kind=DatasetAction.Kind.BULK_RELABEL,
+            summary=f"{head.name}: {len(fresh)} image(s) -> {target.name if target else 'unlabeled'}",
+            params={"head": head.id, "class": class_id, "images": sorted(expected)},
+            user=user,
+        )
+        changes = _relabel(fresh, class_id, "bulk relabel", user, action)
+        if not changes:
+            action.delete()
+            return {"action": None, "changed": 0, "stale": stale}
+        action.changes = {"labels": changes}
+        action.save(update_fields=["changes"])
+    return {"action": action, "changed": len(changes), "stale": stale}
 
 
 def action_undo(*, action: DatasetAction, user=None) -> dict:

@@ -219,8 +219,9 @@ class ImageEvent(models.Model):
 
 
 class DatasetAction(models.Model):
-    """One data-fixing action taken from the health report (resolve a duplicate cluster, merge classes, exclude
-    rare classes, change training options) or a review queue's bulk rule. `changes` records exactly what it changed so it can be undone."""
+    """One data-fixing action: from the health report (resolve a duplicate cluster, merge classes, exclude rare
+    classes, change training options), a review queue's bulk rule or a bulk relabel on the image grid. `changes`
+    records exactly what it changed so it can be undone."""
 
     class Kind(models.TextChoices):
         CLUSTER_KEEP_ONE = "cluster_keep_one", "keep one, exclude the rest"
@@ -231,6 +232,7 @@ class DatasetAction(models.Model):
         INCLUDE_CLASSES = "include_classes", "include classes in training"
         TRAINING_OPTIONS = "training_options", "training options"
         REVIEW_BULK = "review_bulk", "review queue bulk rule"
+        BULK_RELABEL = "bulk_relabel", "bulk relabel"
         UNDO = "undo", "undo"
 
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="dataset_actions")

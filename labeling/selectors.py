@@ -2,7 +2,7 @@
 
 from django.db.models import Count, Exists, OuterRef, QuerySet
 
-from .models import Head, Image, Label, Project
+from .models import GroupSplit, Head, Image, Label, Project
 
 
 def project_list_with_counts() -> QuerySet[Project]:
@@ -10,9 +10,17 @@ def project_list_with_counts() -> QuerySet[Project]:
 
 
 def image_list(
-    *, project: Project, head: Head | None = None, class_id: int | None = None, unlabeled: bool = False
+    *,
+    project: Project,
+    head: Head | None = None,
+    class_id: int | None = None,
+    unlabeled: bool = False,
+    split: str | None = None,
+    source: str | None = None,
+    status: str | None = None,
 ) -> QuerySet[Image]:
-    """Images of a project filtered by a head's class or by being unlabeled for that head (or any head)."""
+    """Images of a project filtered by a head's class or by being unlabeled for that head (or any head), by the
+    sticky split of their group, by source and by status."""
     qs = Image.objects.filter(project=project)
     if class_id is not None:
         qs = qs.filter(labels__label_class_id=class_id)
@@ -21,7 +29,21 @@ def image_list(
         if head is not None:
             missing = missing.filter(head=head)
         qs = qs.filter(Exists(missing))
+    if split:
+        qs = qs.filter(Exists(GroupSplit.objects.filter(project=project, group_key=OuterRef("group_key"), split=split)))
+    if source:
+        qs = qs.filter(source=source)
+    if status:
+        qs = qs.filter(status=status)
     return qs.order_by("id")
+
+
+def labels_by_image(image_ids: list[int]) -> dict[int, dict[int, Label]]:
+    """{image_id: {head_id: Label}} for a page of images, in one query."""
+    out: dict[int, dict[int, Label]] = {}
+    for lb in Label.objects.filter(image_id__in=image_ids).select_related("label_class"):
+        out.setdefault(lb.image_id, {})[lb.head_id] = lb
+    return out
 
 
 def image_labels(*, image: Image) -> list[Label]:

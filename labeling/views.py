@@ -10,13 +10,15 @@ from django.core.files.storage import default_storage
 from django.core.paginator import Paginator
 from django.http import FileResponse, Http404, HttpResponseForbidden
 from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
+from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_POST
 
 from . import importers, selectors, services
 from .forms import ImportForm, ProjectForm
 from .models import Head, Image, ImageEvent, Label, LabelEvent, Project
 
-PAGE_SIZE = 60
+PAGE_SIZE = 100
 
 
 def staff_required(view):
@@ -52,29 +54,107 @@ def project_list(request):
     )
 
 
+GRID_FILTERS = ("head", "class", "unlabeled", "split", "source", "status", "flagged", "disagrees", "sort")
+
+
 @login_required
 def image_grid(request, slug):
+    from review import selectors as review_selectors  # noqa: PLC0415 - review builds on labeling
+
     project = get_object_or_404(Project, slug=slug)
     heads = list(project.heads.prefetch_related("classes"))
-    head = next((h for h in heads if str(h.id) == request.GET.get("head")), None)
-    class_id = request.GET.get("class")
+    get = request.GET
+    head = next((h for h in heads if str(h.id) == get.get("head")), None)
+    class_id = get.get("class")
     class_id = int(class_id) if class_id and class_id.isdigit() else None
-    unlabeled = request.GET.get("unlabeled") == "1"
-    qs = selectors.image_list(project=project, head=head, class_id=class_id, unlabeled=unlabeled)
-    page = Paginator(qs, PAGE_SIZE).get_page(request.GET.get("page"))
-    query = request.GET.copy()
+    f = {
+        "unlabeled": get.get("unlabeled") == "1",
+        "split": get.get("split") if get.get("split") in ("train", "val", "test") else "",
+        "source": get.get("source") if get.get("source") in Image.Source.values else "",
+        "status": get.get("status") if get.get("status") in Image.Status.values else "",
+        "flagged": get.get("flagged") == "1",
+        "disagrees": get.get("disagrees") == "1",
+        "sort": get.get("sort") if get.get("sort") in review_selectors.SORTS else "id",
+    }
+    qs = selectors.image_list(
+        project=project,
+        head=head,
+        class_id=class_id,
+        unlabeled=f["unlabeled"],
+        split=f["split"] or None,
+        source=f["source"] or None,
+        status=f["status"] or None,
+    )
+    qs = review_selectors.filter_images(qs, flagged=f["flagged"], disagrees=f["disagrees"])
+    qs = review_selectors.sort_images(qs, f["sort"])
+    page = Paginator(qs, PAGE_SIZE).get_page(get.get("page"))
+    labels = selectors.labels_by_image([im.id for im in page])
+    tiles = [
+        {
+            "image": im,
+            "labels": [(h.name, labels.get(im.id, {}).get(h.id)) for h in heads],
+            "selected_label": labels.get(im.id, {}).get(head.id) if head else None,
+        }
+        for im in page
+    ]
+    query = get.copy()
     query.pop("page", None)
     context = {
         "project": project,
         "heads": heads,
         "head": head,
         "class_id": class_id,
-        "unlabeled": unlabeled,
+        "unlabeled": f["unlabeled"],
+        "f": f,
+        "sorts": review_selectors.SORTS,
+        "sources": Image.Source.values,
+        "statuses": Image.Status.values,
         "page": page,
+        "tiles": tiles,
         "query": query.urlencode(),
     }
     template = "labeling/_grid.html" if _partial(request) else "labeling/image_grid.html"
     return render(request, template, context)
+
+
+@login_required
+@require_POST
+def labels_bulk_relabel(request, slug):
+    """Multi-select on the grid: set one head's label of the selected images (one undoable action)."""
+    from . import health  # noqa: PLC0415
+
+    project = get_object_or_404(Project, slug=slug)
+    head = get_object_or_404(Head, project=project, pk=request.POST.get("head") or 0)
+    raw_class = request.POST.get("label_class", "")
+    expected: dict[int, int] = {}
+    for item in request.POST.getlist("item"):
+        image_id, _, version = item.partition(":")
+        if image_id.isdigit() and version.isdigit():
+            expected[int(image_id)] = int(version)
+    back = request.POST.get("next") or reverse("labeling:image-grid", args=[slug])
+    if not url_has_allowed_host_and_scheme(back, allowed_hosts={request.get_host()}):
+        back = reverse("labeling:image-grid", args=[slug])
+    if raw_class and not raw_class.isdigit():
+        messages.error(request, "Pick a class from the list.")
+        return redirect(back)
+    try:
+        out = health.labels_bulk_set(
+            head=head, class_id=int(raw_class) if raw_class else None, expected=expected, user=request.user
+        )
+    except services.LabelingError as exc:
+        messages.error(request, str(exc))
+        return redirect(back)
+    if out["changed"]:
+        messages.success(request, f"{out['action'].summary}. Undo it from the Health page's action list.")
+    else:
+        messages.info(request, "No label changed.")
+    if out["stale"]:
+        messages.error(
+            request,
+            f"{len(out['stale'])} image(s) were changed by someone else since you loaded the page and were left "
+            f"as they are now: {', '.join(map(str, out['stale'][:20]))}.",
+        )
+    return redirect(back)
 
 
 def _editor_context(image: Image, label: Label, *, message: str = "", conflict: Label | None = None) -> dict:

@@ -81,7 +81,7 @@ def test_login_correct_label_reload_kept(browser, live_server, lego_project):
     image = Image.objects.filter(
         project=lego_project, status="ok", labels__head=part, labels__label_class__isnull=False
     ).order_by("id")[5]
-    page.click(f"a.tile[title='{image.original_name}']")
+    page.click(f".tile a[title='{image.original_name}']")
     page.wait_for_selector(f"#class-{part.id}")
     old = Label.objects.get(image=image, head=part).label_class
     select = page.locator(f"#class-{part.id}")

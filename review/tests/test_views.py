@@ -148,3 +148,54 @@ def test_refresh_needs_a_promoted_model_and_queues_the_task(
     assert "Rebuilding the queue from v1" in page and len(callbacks) == 1
     metrics = ModelVersion.objects.get(pk=version.pk).metrics
     assert metrics["oof"]["k"] == 5 and set(metrics["mislabel_queue"]) == {"class"}
+
+
+def test_grid_filters_sorts_and_bulk_relabel_with_stale_protection(
+    client, reviewer, queued, django_assert_max_num_queries
+):
+    from labeling.health import action_undo
+    from labeling.models import DatasetAction, GroupSplit, Image
+
+    project, flipped = queued
+    head = project.heads.get()
+    client.force_login(reviewer)
+    url = reverse("labeling:image-grid", args=[project.slug])
+    with django_assert_max_num_queries(14):  # bounded, whatever the page size
+        page = client.get(url, {"head": head.id, "sort": "quality"})
+    assert page.context["page"].paginator.count == 48
+    tiles = [t["image"].id for t in page.context["tiles"]]
+    by_quality = list(
+        ReviewItem.objects.filter(project=project, status="open")
+        .order_by("score", "id")
+        .values_list("image_id", flat=True)
+    )
+    assert tiles[: len(by_quality)] == by_quality  # worst label quality first, the rest after
+    flagged = client.get(url, {"disagrees": "1"}).context["page"]
+    assert {im.id for im in flagged} == set(flipped)
+    assert client.get(url, {"flagged": "1"}).context["page"].paginator.count == len(flipped)
+    group = Image.objects.get(pk=next(iter(flipped))).group_key
+    GroupSplit.objects.update_or_create(project=project, group_key=group, defaults={"split": "test"})
+    in_test = client.get(url, {"split": "test"}).context["page"]
+    assert next(iter(flipped)) in {im.id for im in in_test}
+    assert client.get(url, {"source": "production"}).context["page"].paginator.count == 0
+    # bulk relabel: the versions shown are checked; one label changed meanwhile is left alone and reported
+    ids = list(flipped)
+    before = dict(Label.objects.filter(image_id__in=ids).values_list("image_id", "label_class_id"))
+    versions = dict(Label.objects.filter(image_id__in=ids).values_list("image_id", "version"))
+    Label.objects.filter(image_id=ids[0]).update(version=versions[ids[0]] + 1)  # someone else saved it
+    red = head.classes.get(name="red")
+    response = client.post(
+        reverse("labeling:bulk-relabel", args=[project.slug]),
+        {"head": head.id, "label_class": red.id, "item": [f"{i}:{versions[i]}" for i in ids], "next": url},
+        follow=True,
+    )
+    text = response.content.decode()
+    assert f"class: {len(ids) - 1} image(s) -&gt; red" in text and "changed by someone else" in text
+    assert {lb.image_id for lb in Label.objects.filter(image_id__in=ids, label_class=red)} >= set(ids[1:])
+    action = DatasetAction.objects.get(kind="bulk_relabel")
+    action_undo(action=action, user=reviewer)
+    assert dict(Label.objects.filter(image_id__in=ids).values_list("image_id", "label_class_id")) == before
+    bad = client.post(
+        reverse("labeling:bulk-relabel", args=[project.slug]), {"head": head.id, "label_class": red.id}, follow=True
+    )
+    assert "Select at least one image" in bad.content.decode()
