@@ -9,6 +9,7 @@ urlpatterns = [
     path("p/<slug:slug>/", views.image_grid, name="image-grid"),
     path("p/<slug:slug>/import/", views.import_page, name="import"),
     path("p/<slug:slug>/images/bulk-relabel/", views.labels_bulk_relabel, name="bulk-relabel"),
+    path("p/<slug:slug>/heads/<int:head_id>/classes/", views.class_create, name="class-create"),
     path("p/<slug:slug>/images/<int:pk>/", views.image_detail, name="image-detail"),
     path("p/<slug:slug>/images/<int:pk>/heads/<int:head_id>/", views.label_update, name="label-update"),
     path("p/<slug:slug>/images/<int:pk>/<str:kind>", views.image_file, name="image-file"),

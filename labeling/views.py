@@ -161,7 +161,7 @@ def _editor_context(image: Image, label: Label, *, message: str = "", conflict: 
     return {
         "image": image,
         "label": label,
-        "classes": label.head.classes.filter(merged_into__isnull=True),
+        "classes": label.head.classes.filter(merged_into__isnull=True).order_by("name").only("id", "name", "parent_id"),
         "message": message,
         "conflict": conflict,
     }
@@ -225,6 +225,7 @@ def label_update(request, slug, pk, head_id):
             ctx = _editor_context(image, label, message=str(exc))
             status = 400
     if _partial(request):
+        ctx["can_create"] = request.user.is_staff
         return render(request, "labeling/_label_editor.html", ctx, status=status)
     if ctx.get("conflict"):
         messages.error(request, f"{head.name}: changed by someone else meanwhile; current value kept.")
@@ -291,3 +292,29 @@ def import_page(request, slug):
             "roots": settings.IMPORT_ROOTS,
         },
     )
+
+
+@staff_required
+@require_POST
+def class_create(request, slug, head_id):
+    """A new class from the label picker (admins only): JSON {"id", "name", "parent"} or {"error"}."""
+    from django.http import JsonResponse  # noqa: PLC0415
+
+    project = get_object_or_404(Project, slug=slug)
+    head = get_object_or_404(Head, project=project, pk=head_id)
+    name = (request.POST.get("name") or "").strip()
+    parent = None
+    raw_parent = request.POST.get("parent", "")
+    if head.parent_id:
+        if not raw_parent.isdigit():
+            return JsonResponse({"error": f"Choose the {head.parent.name} first."}, status=400)
+        parent = head.parent.classes.filter(pk=int(raw_parent)).first()
+        if parent is None:
+            return JsonResponse({"error": f"No such {head.parent.name}."}, status=400)
+    if not name or len(name) > 200:
+        return JsonResponse({"error": "A class name is 1 to 200 characters."}, status=400)
+    try:
+        cls, created = services.label_class_get_or_create(head=head, raw_name=name, parent=parent)
+    except services.LabelingError as exc:
+        return JsonResponse({"error": str(exc)}, status=400)
+    return JsonResponse({"id": cls.id, "name": cls.name, "parent": cls.parent_id, "created": created})

@@ -60,6 +60,12 @@ def _login(page, live_server):
     page.wait_for_url(f"{live_server.url}/")
 
 
+def _pick(page, head_id, text):
+    page.click(f"#editor-{head_id} .picker-input")
+    page.keyboard.type(text)
+    page.keyboard.press("Enter")
+
+
 @pytest.fixture
 def lego_project(tmp_path, reviewer):
     """A small slice of the demo generator's LEGO-like photos, with two heads (part, color)."""
@@ -87,8 +93,7 @@ def test_login_correct_label_reload_kept(browser, live_server, lego_project):
     select = page.locator(f"#class-{part.id}")
     assert select.input_value() == str(old.id)
     new = part.classes.exclude(pk=old.pk).order_by("name").first()
-    select.select_option(str(new.id))
-    page.click(f"#editor-{part.id} button[type=submit]")
+    _pick(page, part.id, new.name)  # the type-ahead picker: type, Enter
     page.wait_for_selector(f"#editor-{part.id} .status:has-text('Saved.')")
     page.reload()
     assert page.locator(f"#class-{part.id}").input_value() == str(new.id)
@@ -109,11 +114,9 @@ def test_stale_edit_shows_conflict_and_overwrites_nothing(browser, live_server, 
     first.goto(url)
     second.goto(url)
     green, yellow = head.classes.get(name="green"), head.classes.get(name="yellow")
-    first.locator(f"#class-{head.id}").select_option(str(green.id))
-    first.click(f"#editor-{head.id} button[type=submit]")
+    _pick(first, head.id, green.name)
     first.wait_for_selector(f"#editor-{head.id} .status:has-text('Saved.')")
-    second.locator(f"#class-{head.id}").select_option(str(yellow.id))
-    second.click(f"#editor-{head.id} button[type=submit]")
+    _pick(second, head.id, yellow.name)
     conflict = second.wait_for_selector(f"#editor-{head.id} .conflict")
     assert "green" in conflict.inner_text()
     assert Label.objects.get(image=image, head=head).label_class == green
@@ -243,3 +246,96 @@ def test_two_reviewers_on_one_queue_never_get_the_same_item(browser, live_server
     assert int(pages[1].get_attribute("#review-panel", "data-item")) == b
     held = ReviewItem.objects.filter(status="open", leased_by__isnull=False)
     assert sorted(held.values_list("id", flat=True)) == sorted([a2, b])
+
+
+@pytest.fixture
+def car_project(tmp_path, reviewer, admin_user):
+    """make -> model: Toyota (Corolla, Yaris), Honda (Civic)."""
+    from django.core.management import call_command
+
+    from conftest import make_photo
+
+    folder = tmp_path / "import" / "cars"
+    folder.mkdir(parents=True)
+    rows = ["image_filename,make,model"]
+    for i, (make, model) in enumerate([("Toyota", "Corolla"), ("Toyota", "Yaris"), ("Honda", "Civic")] * 2):
+        (folder / f"c{i}.jpg").write_bytes(make_photo(["red", "blue", "green"][i % 3], seed=i, size=64))
+        rows.append(f"c{i}.jpg,{make},{model}")
+    (folder / "cars.csv").write_text("\n".join(rows) + "\n")
+    project = project_create(name="Cars", preset="car", slug="cars")
+    call_command(
+        "import_images",
+        "cars",
+        str(folder),
+        "--csv",
+        str(folder / "cars.csv"),
+        "--head",
+        "make=make",
+        "--head",
+        "model=model",
+        verbosity=0,
+    )
+    return project
+
+
+def test_picker_is_hierarchy_aware_and_admins_create_classes(browser, live_server, car_project):
+    make, model = car_project.heads.get(name="make"), car_project.heads.get(name="model")
+    image = Image.objects.get(project=car_project, original_name="c0.jpg")  # Toyota Corolla
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    _login(page, live_server)
+    page.goto(f"{live_server.url}/p/{car_project.slug}/images/{image.id}/")
+    page.click(f"#editor-{model.id} .picker-input")
+    listed = page.locator(f"#editor-{model.id} .picker-list li").all_inner_texts()
+    assert listed == ["Corolla", "Yaris"]  # the chosen make's models
+    page.keyboard.type("civ")
+    assert page.locator(f"#editor-{model.id} .picker-list li").all_inner_texts() == ["Civic (Honda)"]
+    assert "create" not in page.inner_text(f"#editor-{model.id}")  # reviewers cannot add classes
+    page.keyboard.press("Enter")  # choosing a model sets its make
+    page.wait_for_selector(f"#editor-{model.id} .status:has-text('Saved.')")
+    labels = {
+        lb.head.name: lb.label_class.name
+        for lb in Label.objects.filter(image=image).select_related("head", "label_class")
+    }
+    assert labels == {"make": "Honda", "model": "Civic"}
+
+    admin = browser.new_context().new_page()
+    admin.goto(f"{live_server.url}/accounts/login/")
+    admin.fill("input[name=username]", "admin")
+    admin.fill("input[name=password]", "admin-pass-123")
+    admin.click("button[type=submit]")
+    admin.goto(f"{live_server.url}/p/{car_project.slug}/images/{image.id}/")
+    _pick(admin, model.id, "Accord")  # no such class: the admin's Enter creates it under Honda
+    admin.wait_for_selector(f"#editor-{model.id} .status:has-text('Saved.')")
+    accord = model.classes.get(name="Accord")
+    assert accord.parent == make.classes.get(name="Honda")
+    assert Label.objects.get(image=image, head=model).label_class == accord
+
+
+def test_picker_stays_instant_with_5000_classes(browser, live_server, project):
+    from labeling.models import LabelClass
+
+    head = project.heads.get()
+    LabelClass.objects.bulk_create(
+        [LabelClass(head=head, name=f"sku-{i:05d}", normalized_name=f"sku-{i:05d}") for i in range(5000)]
+    )
+    image = Image.objects.filter(project=project).first()
+    page = browser.new_page()
+    _login(page, live_server)
+    page.goto(f"{live_server.url}/p/{project.slug}/images/{image.id}/")
+    page.click(f"#editor-{head.id} .picker-input")
+    times = page.evaluate(
+        """async (sel) => {
+        const input = document.querySelector(sel);
+        const out = [];
+        for (const text of ["s", "sk", "sku-0", "sku-04", "sku-049", "sku-0499", "sku-04999"]) {
+          const t = performance.now();
+          input.value = text;
+          input.dispatchEvent(new Event("input"));
+          out.push(performance.now() - t);
+        }
+        return out;
+      }""",
+        f"#editor-{head.id} .picker-input",
+    )
+    assert max(times) < 50, times  # filtering 5,000 names and drawing the list, per key press
+    assert page.locator(f"#editor-{head.id} .picker-list li").all_inner_texts() == ["sku-04999"]

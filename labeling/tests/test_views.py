@@ -77,3 +77,25 @@ def test_import_page_admin_only_and_reports(client, reviewer, admin_user, projec
     response = client.post(url, {"mode": "folder", "folder": str(root)})
     assert response.status_code == 200 and b"Import done" in response.content
     assert b"imported as unreadable" in response.content
+
+
+def test_class_create_is_for_admins_and_keeps_the_hierarchy(client, reviewer, admin_user):
+    from labeling.models import LabelClass
+    from labeling.services import label_class_get_or_create, project_create
+
+    project = project_create(name="Cars", preset="car", slug="cars")
+    make, model = project.heads.get(name="make"), project.heads.get(name="model")
+    honda, _ = label_class_get_or_create(head=make, raw_name="Honda")
+    url = reverse("labeling:class-create", args=[project.slug, model.id])
+    client.force_login(reviewer)
+    assert client.post(url, {"name": "Accord", "parent": honda.id}).status_code == 403
+    client.force_login(admin_user)
+    assert "Choose the make first" in client.post(url, {"name": "Accord"}).json()["error"]
+    assert client.post(url, {"name": "", "parent": honda.id}).status_code == 400
+    body = client.post(url, {"name": "Accord", "parent": honda.id}).json()
+    assert body["name"] == "Accord" and body["parent"] == honda.id and body["created"] is True
+    assert client.post(url, {"name": "accord", "parent": honda.id}).json()["created"] is False  # same class
+    toyota, _ = label_class_get_or_create(head=make, raw_name="Toyota")
+    clash = client.post(url, {"name": "Accord", "parent": toyota.id})
+    assert clash.status_code == 400 and "belongs to make 'Honda'" in clash.json()["error"]
+    assert LabelClass.objects.filter(head=model).count() == 1
