@@ -183,3 +183,15 @@ def refresh(request, slug, queue):
     except services.ReviewError as exc:
         messages.error(request, str(exc))
     return redirect("review:queue", slug=slug, queue=queue)
+
+
+@staff_required
+def stats(request, slug):
+    from .stats import reviewer_stats  # noqa: PLC0415
+
+    project = get_object_or_404(Project, slug=slug)
+    return render(
+        request,
+        "review/stats.html",
+        {"project": project, "rows": reviewer_stats(project=project), "counts": services.queue_counts(project=project)},
+    )

@@ -199,3 +199,51 @@ def test_grid_filters_sorts_and_bulk_relabel_with_stale_protection(
         reverse("labeling:bulk-relabel", args=[project.slug]), {"head": head.id, "label_class": red.id}, follow=True
     )
     assert "Select at least one image" in bad.content.decode()
+
+
+def test_reviewer_statistics(client, admin_user, reviewer, queued):
+    import datetime as dt
+
+    from django.utils import timezone
+
+    from review.stats import reviewer_stats
+
+    project, _ = queued
+    items = list(ReviewItem.objects.filter(project=project, status="open").order_by("rank"))
+    t0 = timezone.now() - dt.timedelta(hours=2)
+
+    def done(item, user, resolution, class_id, minutes):
+        ReviewItem.objects.filter(pk=item.pk).update(
+            status="done",
+            resolution=resolution,
+            resolved_by=user,
+            resolved_class_id=class_id,
+            resolved_at=t0 + dt.timedelta(minutes=minutes),
+        )
+
+    # reviewer: 3 decisions in 2 sessions (0-4 min, then 60 min: 5 active minutes -> 36/hour)
+    done(items[0], reviewer, "accepted", items[0].suggested_class_id, 0)
+    done(items[1], reviewer, "kept", items[1].given_class_id, 4)
+    done(items[2], reviewer, "relabeled", items[2].suggested_class_id, 60)
+    # admin decided the same image/head as items[0] (a later queue's item) the same way, and items[1] otherwise
+    twin0 = ReviewItem.objects.create(**{**_fields(items[0]), "status": "open"})
+    twin1 = ReviewItem.objects.create(**{**_fields(items[1]), "status": "open"})
+    done(twin0, admin_user, "accepted", items[0].suggested_class_id, 30)
+    done(twin1, admin_user, "accepted", items[1].suggested_class_id, 31)
+    rows = {r["user"]: r for r in reviewer_stats(project=project)}
+    r = rows["reviewer"]
+    assert r["decisions"] == 3 and r["per_hour"] == pytest.approx(3 / (5 / 60))
+    assert r["accepted_share"] == pytest.approx(1 / 3) and (r["kept"], r["relabeled"]) == (1, 1)
+    assert r["agreement"] == pytest.approx(0.5) and r["shared"] == 2
+    assert rows["admin"]["accepted_share"] == 1.0 and rows["admin"]["agreement"] == pytest.approx(0.5)
+    client.force_login(reviewer)
+    assert client.get(reverse("review:stats", args=[project.slug])).status_code == 403
+    client.force_login(admin_user)
+    page = client.get(reverse("review:stats", args=[project.slug])).content.decode()
+    assert "<td>reviewer</td><td>3</td><td>36</td>" in page
+
+
+def _fields(item):
+    return {
+        f.name: getattr(item, f.name) for f in ReviewItem._meta.concrete_fields if f.name not in ("id", "created_at")
+    }
