@@ -88,7 +88,7 @@ def test_login_correct_label_reload_kept(browser, live_server, lego_project):
         project=lego_project, status="ok", labels__head=part, labels__label_class__isnull=False
     ).order_by("id")[5]
     page.click(f".tile a[title='{image.original_name}']")
-    page.wait_for_selector(f"#class-{part.id}")
+    page.wait_for_selector(f"#editor-{part.id} .picker-input")  # the picker replaces the select
     old = Label.objects.get(image=image, head=part).label_class
     select = page.locator(f"#class-{part.id}")
     assert select.input_value() == str(old.id)
