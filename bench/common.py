@@ -54,3 +54,50 @@ def table(metrics: dict) -> str:
     for name, m in metrics.items():
         lines.append(f"{name:38} {m['value']:>10} {m['baseline_value']:>10} {m['ratio']!s:>7}  {m['baseline']}")
     return "\n".join(lines)
+
+
+def car_project(root: Path, slug: str, photo):
+    """A `car`-preset project of 48 generated photos (3 make/model pairs) imported from a CSV, as a user would;
+    `photo(seed, size)` returns JPEG bytes. Django must be set up."""
+    import io  # noqa: PLC0415
+
+    from django.core.management import call_command  # noqa: PLC0415
+
+    from labeling.services import project_create  # noqa: PLC0415
+
+    imgs = root / "import" / slug
+    imgs.mkdir(parents=True)
+    lines = ["image_filename,make,model"]
+    for i in range(48):
+        make, model = [("Toyota", "Corolla"), ("Toyota", "Yaris"), ("Honda", "Civic")][i % 3]
+        (imgs / f"c{i}.jpg").write_bytes(photo(i, 256))
+        lines.append(f"c{i}.jpg,{make},{model}")
+    (imgs / "cars.csv").write_text("\n".join(lines) + "\n")
+    project = project_create(name=slug, preset="car", slug=slug)
+    call_command(
+        "import_images",
+        slug,
+        str(imgs),
+        "--csv",
+        str(imgs / "cars.csv"),
+        "--head",
+        "make=make",
+        "--head",
+        "model=model",
+        verbosity=0,
+        stdout=io.StringIO(),
+    )
+    return project
+
+
+def train_one_epoch(project, backbone: str, *, seed: int = 0):
+    """A 224 px, one-epoch, from-scratch run trained inline (latency does not depend on the weights); returns it."""
+    from training import services  # noqa: PLC0415
+
+    config = {"backbone": backbone, "pretrained": False, "image_size": 224, "epochs": 1, "batch_size": 16}
+    config |= {"seed": seed, "eval_report": False}
+    run = services.training_run_execute(
+        run_id=services.training_run_create(project=project, config=config, queue=False).id, inline=True
+    )
+    assert run.status == "succeeded", run.error
+    return run

@@ -45,6 +45,8 @@ ENV = {
     "DATABASE_URL": DB_URL,
     "DJANGO_SETTINGS_MODULE": "webapp.settings",
     "LOUPE_API_RATE": "10000000/min",  # one token for all 50 clients: the throttle runs but never refuses
+    "LOUPE_UNCERTAIN_AFTER_PROMOTE": "0",  # no worker here: the promotes measure the switch alone
+    "LOUPE_MISLABEL_AFTER_TRAINING": "0",
     "SECURE_SSL_REDIRECT": "0",  # plain HTTP on loopback (production sits behind a TLS proxy)
 }
 os.environ.update(ENV)
@@ -74,7 +76,7 @@ import numpy as np  # noqa: E402
 from django.core.management import call_command  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from bench.common import metric, table, write  # noqa: E402
+from bench.common import car_project, metric, table, train_one_epoch, write  # noqa: E402
 
 
 def photo(seed: int, size: int = 224) -> bytes:
@@ -91,40 +93,11 @@ def setup():
     from rest_framework.authtoken.models import Token
 
     from inference.core import Recognizer
-    from labeling.services import project_create
     from training import services as training_services
 
     call_command("migrate", verbosity=0)
-    imgs = VAR / "import" / "cars"
-    imgs.mkdir(parents=True)
-    lines = ["image_filename,make,model"]
-    for i in range(48):
-        make, model = [("Toyota", "Corolla"), ("Toyota", "Yaris"), ("Honda", "Civic")][i % 3]
-        (imgs / f"c{i}.jpg").write_bytes(photo(i, 256))
-        lines.append(f"c{i}.jpg,{make},{model}")
-    (imgs / "cars.csv").write_text("\n".join(lines) + "\n")
-    project = project_create(name="Cars", preset="car", slug="cars")
-    call_command(
-        "import_images",
-        "cars",
-        str(imgs),
-        "--csv",
-        str(imgs / "cars.csv"),
-        "--head",
-        "make=make",
-        "--head",
-        "model=model",
-        verbosity=0,
-        stdout=io.StringIO(),
-    )
-    versions = []
-    for seed in (1, 2):
-        config = {"backbone": "mobilenetv3_small_100", "pretrained": False, "image_size": 224, "epochs": 1}
-        config |= {"batch_size": 16, "seed": seed, "eval_report": False}
-        run = training_services.training_run_create(project=project, config=config, queue=False)
-        run = training_services.training_run_execute(run_id=run.id, inline=True)
-        assert run.status == "succeeded", run.error
-        versions.append(run.model_version)
+    project = car_project(VAR, "cars", photo)
+    versions = [train_one_epoch(project, "mobilenetv3_small_100", seed=seed).model_version for seed in (1, 2)]
     v1, v2 = versions
     training_services.model_version_promote(version=v2, inline=True)  # builds v2's index
     training_services.model_version_promote(version=v1, inline=True)  # builds v1's index; v1 active

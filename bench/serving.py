@@ -23,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 VAR = Path(tempfile.mkdtemp(prefix="loupe-bench-serving-"))
 os.environ.update({"DEBUG": "1", "LOUPE_VAR_DIR": str(VAR), "DJANGO_SETTINGS_MODULE": "webapp.settings"})
+os.environ["LOUPE_UNCERTAIN_AFTER_PROMOTE"] = "0"  # no worker in this bench
 os.environ["LOUPE_API_RATE"] = "1000000/min"  # the throttle still runs (its cost is measured), it never refuses
 os.environ.pop("DATABASE_URL", None)
 os.environ.pop("CELERY_BROKER_URL", None)
@@ -38,7 +39,7 @@ from django.conf import settings  # noqa: E402
 from django.core.management import call_command  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from bench.common import metric, table, write  # noqa: E402
+from bench.common import car_project, metric, table, train_one_epoch, write  # noqa: E402
 
 N_WARM, N_RUNS = 20, 200
 
@@ -72,49 +73,14 @@ BACKBONES = (
 )
 
 
-def make_project(slug: str):
-    from labeling.services import project_create
-
-    imgs = VAR / "import" / slug
-    imgs.mkdir(parents=True)
-    lines = ["image_filename,make,model"]
-    for i in range(48):
-        make, model = [("Toyota", "Corolla"), ("Toyota", "Yaris"), ("Honda", "Civic")][i % 3]
-        (imgs / f"c{i}_0.jpg").write_bytes(photo(i, 256))
-        lines.append(f"c{i}_0.jpg,{make},{model}")
-    (imgs / "cars.csv").write_text("\n".join(lines) + "\n")
-    project = project_create(name=slug, preset="car", slug=slug)
-    call_command(
-        "import_images",
-        slug,
-        str(imgs),
-        "--csv",
-        str(imgs / "cars.csv"),
-        "--head",
-        "make=make",
-        "--head",
-        "model=model",
-        verbosity=0,
-        stdout=io.StringIO(),
-    )
-    return project
-
-
 def measure(backbone: str, client) -> dict:
     """Train one epoch of `backbone`, promote it, and time floor / torch eager / endpoint / car endpoint."""
     from inference import services as inference_services
     from inference.core import Recognizer
-    from training import services as training_services
     from training.engine.data import normalize_batch
 
-    slug = "cars-" + backbone.split("_")[0]
-    project = make_project(slug)
-    config = {"backbone": backbone, "pretrained": False, "image_size": 224, "epochs": 1, "batch_size": 16}
-    config["eval_report"] = False
-    run = training_services.training_run_create(project=project, config=config, queue=False)
-    run = training_services.training_run_execute(run_id=run.id, inline=True)
-    assert run.status == "succeeded", run.error
-    art = Path(run.artifact_dir)
+    project = car_project(VAR, "cars-" + backbone.split("_")[0], photo)
+    art = Path(train_one_epoch(project, backbone).artifact_dir)
 
     rec = Recognizer.load(art, num_threads=1)
     assert rec.backend == "onnx", "the version should have model.onnx"
