@@ -273,6 +273,21 @@ def test_onnx_runtime_is_the_default_backend_and_matches_torch(tmp_path):
     for head in p_torch:
         assert np.abs(p_onnx[head] - p_torch[head]).max() <= 1e-4
     assert np.abs(e_onnx - e_torch).max() <= 1e-4
+    # The served session takes uint8 NHWC pixels (normalisation inside the graph); the file on disk keeps the
+    # exported float NCHW contract, and both give the same numbers.
+    import onnxruntime as ort
+
+    from training.engine.data import normalize_batch
+
+    (inp,) = onnx.session.get_inputs()
+    assert (inp.name, inp.type) == ("pixels", "tensor(uint8)")
+    raw = ort.InferenceSession(str(tmp_path / "run" / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [(i.name, i.type) for i in raw.get_inputs()] == [("images", "tensor(float)")]
+    x = normalize_batch(onnx._batch(images), onnx.mean, onnx.std).contiguous().numpy()
+    ref = raw.run(onnx._onnx_outputs, {"images": x})
+    for head, r in zip(onnx.heads, ref, strict=False):
+        assert np.abs(p_onnx[head] - r).max() <= 1e-5
+    assert np.abs(e_onnx - ref[-1]).max() <= 1e-5
     a = onnx.recognize(images[:2], default_threshold=0.0)
     b = torch_rec.recognize(images[:2], default_threshold=0.0)
     assert {h: v["label"] for h, v in a["heads"].items()} == {h: v["label"] for h, v in b["heads"].items()}
