@@ -157,6 +157,11 @@ class RecognizeView(APIView):
             ctx = services.serving_context(slug=slug)
         except services.NoProject as exc:
             raise ApiError(str(exc), code="not_found", status_code=404) from None
+        if ctx.members_only and not request.user.is_staff:  # open projects need no query here (the hot path)
+            from labeling.models import ProjectMember  # noqa: PLC0415
+
+            if not ProjectMember.objects.filter(project_id=ctx.project_id, user=request.user).exists():
+                raise ApiError(f"No project {slug!r}.", code="not_found", status_code=404)
         combine = request.query_params.get("combine", settings.LOUPE_COMBINE_VIEWS)
         if combine not in COMBINE_MODES:
             raise ApiError(f"combine must be one of {', '.join(COMBINE_MODES)} (got {combine!r}).", code="bad_combine")

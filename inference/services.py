@@ -35,6 +35,7 @@ class ServingContext:
     slug: str
     thresholds: dict  # head name -> threshold
     keep_low_confidence_photos: bool
+    members_only: bool = False
 
 
 _lock = threading.Lock()
@@ -61,7 +62,7 @@ def serving_context(*, slug: str) -> ServingContext:
         return hit[1]
     from labeling.models import Head, Project  # noqa: PLC0415 - labeling imports this app's models
 
-    row = Project.objects.filter(slug=slug).values("id", "keep_low_confidence_photos").first()
+    row = Project.objects.filter(slug=slug).values("id", "keep_low_confidence_photos", "members_only").first()
     if row is None:
         raise NoProject(f"No project {slug!r}.")
     ctx = ServingContext(
@@ -69,6 +70,7 @@ def serving_context(*, slug: str) -> ServingContext:
         slug=slug,
         thresholds=dict(Head.objects.filter(project_id=row["id"]).values_list("name", "threshold")),
         keep_low_confidence_photos=row["keep_low_confidence_photos"],
+        members_only=row["members_only"],
     )
     _contexts[slug] = (now, ctx)
     return ctx

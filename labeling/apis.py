@@ -3,13 +3,13 @@
 from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import OpenApiResponse, extend_schema, inline_serializer
 from rest_framework import serializers, status
-from rest_framework.permissions import IsAdminUser
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from webapp.errors import ApiError
 
 from . import health, versions
+from .access import IsProjectAdmin
 from .models import DatasetVersion, HealthReport, Project
 from .services import LabelingError
 
@@ -50,7 +50,7 @@ def _project(slug: str) -> Project:
 
 
 class DatasetVersionListView(APIView):
-    permission_classes = [IsAdminUser]
+    permission_classes = [IsProjectAdmin]
 
     @extend_schema(responses=DatasetVersionSerializer(many=True), summary="List the dataset versions of a project")
     def get(self, request, slug):
@@ -76,7 +76,7 @@ class DatasetVersionListView(APIView):
 
 
 class DatasetVersionDetailView(APIView):
-    permission_classes = [IsAdminUser]
+    permission_classes = [IsProjectAdmin]
 
     @extend_schema(responses=DatasetVersionSerializer, summary="One dataset version with its counts")
     def get(self, request, slug, number):
@@ -85,7 +85,7 @@ class DatasetVersionDetailView(APIView):
 
 
 class DatasetVersionDiffView(APIView):
-    permission_classes = [IsAdminUser]
+    permission_classes = [IsProjectAdmin]
 
     @extend_schema(
         responses=OpenApiResponse(description="added / removed / relabeled image ids and per-class changes"),
@@ -98,7 +98,7 @@ class DatasetVersionDiffView(APIView):
 
 
 class HealthScanView(APIView):
-    permission_classes = [IsAdminUser]
+    permission_classes = [IsProjectAdmin]
 
     @extend_schema(responses=HealthReportSerializer, summary="The latest health report of a project")
     def get(self, request, slug):

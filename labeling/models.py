@@ -45,6 +45,10 @@ class Project(models.Model):
         blank=True,
         help_text='{"class_weighting": "none"|"inverse"|"sqrt_inverse", "per_class_cap": null or an integer}',
     )
+    members_only = models.BooleanField(
+        default=False,
+        help_text="Only its members (and site admins) see the project; otherwise every account does, as reviewer.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -52,6 +56,30 @@ class Project(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class ProjectMember(models.Model):
+    """A user's role in one project. Reviewers label and review; project admins also import, scan, freeze
+    datasets, retrain, promote and manage the project's members. Site admins (is_staff) are admins everywhere."""
+
+    class Role(models.TextChoices):
+        REVIEWER = "reviewer", "reviewer"
+        ADMIN = "admin", "admin"
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="members")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="project_memberships")
+    role = models.CharField(max_length=10, choices=Role.choices, default=Role.REVIEWER)
+    added_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    added_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["project", "user"], name="uniq_project_member")]
+        ordering = ["user__username"]
+
+    def __str__(self) -> str:
+        return f"{self.user} ({self.role}) in {self.project}"
 
 
 class Head(models.Model):

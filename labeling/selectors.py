@@ -5,8 +5,12 @@ from django.db.models import Count, Exists, OuterRef, QuerySet
 from .models import GroupSplit, Head, Image, Label, Project
 
 
-def project_list_with_counts() -> QuerySet[Project]:
-    return Project.objects.annotate(n_images=Count("images", distinct=True)).prefetch_related("heads").order_by("name")
+def project_list_with_counts(user=None) -> QuerySet[Project]:
+    """Projects with their image counts; only those `user` may see when given (labeling.access)."""
+    from .access import visible_projects  # noqa: PLC0415
+
+    qs = visible_projects(user) if user is not None else Project.objects.all()
+    return qs.annotate(n_images=Count("images", distinct=True)).prefetch_related("heads").order_by("name")
 
 
 def image_list(

@@ -22,10 +22,14 @@ PAGE_SIZE = 100
 
 
 def staff_required(view):
+    """Admins only: site admins, or on a project's pages (a `slug` argument) that project's admin members
+    (request.project_role, set by labeling.access.ProjectAccessMiddleware). Reviewers get 403."""
+
     @wraps(view)
     @login_required
     def wrapper(request, *args, **kwargs):
-        if not request.user.is_staff:
+        role = getattr(request, "project_role", None) if "slug" in kwargs else None
+        if not (request.user.is_staff or role == "admin"):
             return HttpResponseForbidden("Only admins can do this.")
         return view(request, *args, **kwargs)
 
@@ -49,9 +53,8 @@ def project_list(request):
                 form.add_error(None, str(exc))
             else:
                 return redirect("labeling:image-grid", slug=project.slug)
-    return render(
-        request, "labeling/project_list.html", {"projects": selectors.project_list_with_counts(), "form": form}
-    )
+    projects = selectors.project_list_with_counts(request.user)
+    return render(request, "labeling/project_list.html", {"projects": projects, "form": form})
 
 
 GRID_FILTERS = ("head", "class", "unlabeled", "split", "source", "status", "flagged", "disagrees", "sort")
@@ -225,7 +228,7 @@ def label_update(request, slug, pk, head_id):
             ctx = _editor_context(image, label, message=str(exc))
             status = 400
     if _partial(request):
-        ctx["can_create"] = request.user.is_staff
+        ctx["can_create"] = request.user.is_staff or getattr(request, "project_role", None) == "admin"
         return render(request, "labeling/_label_editor.html", ctx, status=status)
     if ctx.get("conflict"):
         messages.error(request, f"{head.name}: changed by someone else meanwhile; current value kept.")

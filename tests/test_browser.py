@@ -339,3 +339,46 @@ def test_picker_stays_instant_with_5000_classes(browser, live_server, project):
     )
     assert max(times) < 50, times  # filtering 5,000 names and drawing the list, per key press
     assert page.locator(f"#editor-{head.id} .picker-list li").all_inner_texts() == ["sku-04999"]
+
+
+def test_reviewer_gets_403_on_admin_actions_until_made_project_admin(browser, live_server, project, admin_user):
+    """A reviewer sees no admin navigation and gets 403 on admin pages and actions; an admin makes them a
+    project admin on the Members page, and the same pages open (for that project only)."""
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    _login(page, live_server)
+    page.goto(f"{live_server.url}/p/{project.slug}/")
+    nav = page.inner_text("header.top nav")
+    assert "Review" in nav and "Models" not in nav and "Import" not in nav and "Members" not in nav
+    for path in ("health/", "versions/", "runs/", "members/"):
+        response = page.goto(f"{live_server.url}/p/{project.slug}/{path}")
+        assert response.status == 403, path
+        assert "Only admins" in page.inner_text("body")
+    assert page.goto(f"{live_server.url}/team/").status == 403
+    # an admin action posted straight from the reviewer's page (a fetch with the page's CSRF token): 403
+    page.goto(f"{live_server.url}/p/{project.slug}/")
+    status = page.evaluate(
+        """async (url) => {
+            const token = JSON.parse(document.body.getAttribute('hx-headers'))['X-CSRFToken'];
+            const r = await fetch(url, {method: 'POST', headers: {'X-CSRFToken': token}});
+            return r.status;
+        }""",
+        f"{live_server.url}/p/{project.slug}/health/scan/",
+    )
+    assert status == 403
+
+    admin = browser.new_context().new_page()
+    admin.goto(f"{live_server.url}/accounts/login/")
+    admin.fill("input[name=username]", "admin")
+    admin.fill("input[name=password]", "admin-pass-123")
+    admin.click("button[type=submit]")
+    admin.goto(f"{live_server.url}/p/{project.slug}/members/")
+    admin.fill("#add-member input[name=username]", "reviewer")
+    admin.select_option("#add-member select[name=role]", "admin")
+    admin.click("#add-member button[type=submit]")
+    admin.wait_for_selector('#members tr[data-user="reviewer"]')
+    assert "reviewer is now admin of" in admin.inner_text(".messages")
+
+    page.goto(f"{live_server.url}/p/{project.slug}/")
+    assert "Models" in page.inner_text("header.top nav")
+    assert page.goto(f"{live_server.url}/p/{project.slug}/health/").status == 200
+    assert page.goto(f"{live_server.url}/team/").status == 403  # accounts stay the site admins'
