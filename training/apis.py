@@ -4,10 +4,10 @@ back (admins). Errors use the one error shape."""
 from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import serializers
-from rest_framework.permissions import IsAdminUser
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from labeling.access import IsProjectAdmin
 from labeling.models import Project
 from webapp.errors import ApiError
 
@@ -58,7 +58,7 @@ def _version(slug: str, number: int) -> ModelVersion:
 
 
 class ModelVersionListView(APIView):
-    permission_classes = [IsAdminUser]
+    permission_classes = [IsProjectAdmin]
 
     @extend_schema(responses=ModelVersionSerializer(many=True), summary="Model versions of a project with metrics")
     def get(self, request, slug):
@@ -68,7 +68,7 @@ class ModelVersionListView(APIView):
 
 
 class ModelVersionPromoteView(APIView):
-    permission_classes = [IsAdminUser]
+    permission_classes = [IsProjectAdmin]
 
     @extend_schema(
         request=None,
@@ -81,7 +81,7 @@ class ModelVersionPromoteView(APIView):
 
 
 class ModelVersionCompareView(APIView):
-    permission_classes = [IsAdminUser]
+    permission_classes = [IsProjectAdmin]
 
     @extend_schema(
         parameters=[OpenApiParameter("a", int, required=True), OpenApiParameter("b", int, required=True)],
