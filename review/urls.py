@@ -7,6 +7,7 @@ app_name = "review"
 urlpatterns = [
     path("p/<slug:slug>/review/mislabel/rules/", views.bulk_rules, name="rules"),
     path("p/<slug:slug>/review/stats/", views.stats, name="stats"),
+    path("p/<slug:slug>/review/learning-curve/", views.learning_curve, name="curve"),
     path("p/<slug:slug>/review/<str:queue>/", views.queue_page, name="queue"),
     path("p/<slug:slug>/review/<str:queue>/refresh/", views.refresh, name="refresh"),
     path("p/<slug:slug>/review/<str:queue>/undo/", views.undo, name="undo"),

@@ -195,3 +195,12 @@ def stats(request, slug):
         "review/stats.html",
         {"project": project, "rows": reviewer_stats(project=project), "counts": services.queue_counts(project=project)},
     )
+
+
+@login_required
+def learning_curve(request, slug):
+    """Accuracy against the number of labels per model version, and the active vs random arm (review.curve)."""
+    from .curve import learning_curve as curve  # noqa: PLC0415
+
+    project = get_object_or_404(Project, slug=slug)
+    return render(request, "review/curve.html", {"project": project, **curve(project=project)})
