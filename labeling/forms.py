@@ -1,6 +1,6 @@
 from django import forms
 
-from .models import Head
+from .models import Head, Project
 from .presets import PRESET_CHOICES
 
 
@@ -57,4 +57,20 @@ class ImportForm(forms.Form):
             raise forms.ValidationError(
                 "CSV mode needs the CSV file, the filename column and at least one head=column."
             )
+        return data
+
+
+class ReviewSettingsForm(forms.ModelForm):
+    """The review queues' per-project settings (on the reviewer statistics page)."""
+
+    class Meta:
+        model = Project
+        fields = ["uncertainty_strategy", "random_control_share", "double_review_share"]
+
+    def clean(self):
+        data = super().clean()
+        for name in ("random_control_share", "double_review_share"):
+            v = data.get(name)
+            if v is not None and not 0.0 <= v <= 1.0:
+                self.add_error(name, "A share between 0 and 1 (e.g. 0.1 for 10 %).")
         return data

@@ -45,6 +45,11 @@ class Project(models.Model):
         blank=True,
         help_text='{"class_weighting": "none"|"inverse"|"sqrt_inverse", "per_class_cap": null or an integer}',
     )
+    double_review_share = models.FloatField(
+        default=0.0,
+        help_text="Share of review decisions shown blind to a second reviewer (0 = off): their agreement is on the "
+        "reviewer statistics page, and disagreements are listed there for an admin.",
+    )
     members_only = models.BooleanField(
         default=False,
         help_text="Only its members (and site admins) see the project; otherwise every account does, as reviewer.",

@@ -47,6 +47,14 @@ class ReviewItem(models.Model):
     )
     resolved_at = models.DateTimeField(null=True, blank=True)
     undo = models.JSONField(default=dict, blank=True, help_text="what the resolution changed, for undo")
+    second_look_of = models.ForeignKey(
+        "self",
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="second_looks",
+        help_text="a blind second review of that item (double review): recorded for agreement, changes no label",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

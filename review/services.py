@@ -132,6 +132,9 @@ def queue_next(*, project: Project, queue: str, user, now=None) -> ReviewItem | 
             return mine
         free = Q(lease_until__isnull=True) | Q(lease_until__lte=now)
         candidates = base.filter(free).exclude(resolution=ReviewItem.Resolution.SKIPPED, resolved_by=user)
+        # a second look is for someone else (a subquery: FOR UPDATE refuses the outer join a lookup would make)
+        theirs = ReviewItem.objects.filter(project=project, queue=queue, resolved_by=user).values("id")
+        candidates = candidates.exclude(second_look_of_id__in=theirs)
         item = candidates.select_for_update(skip_locked=True).order_by("rank", "id").first()
         if item is None:
             return None
@@ -163,6 +166,8 @@ def item_resolve(
     if action not in ACTIONS:
         raise ReviewError(f"action must be one of {', '.join(ACTIONS)} (got {action!r})")
     now = timezone.now()
+    if item.second_look_of_id:
+        return _second_look_resolve(item=item, user=user, action=action, class_id=class_id, now=now)
     with transaction.atomic():
         item = _holding(item, user, now)
         label = Label.objects.get(image_id=item.image_id, head_id=item.head_id)
@@ -202,7 +207,80 @@ def item_resolve(
         item.resolved_class_id, item.resolved_by, item.resolved_at = resolved_class, user, now
         item.leased_by, item.lease_until, item.undo = None, None, undo
         item.save()
+        if action != "skip":
+            _maybe_second_look(item)
     return item
+
+
+def _second_look_wanted(item: ReviewItem, share: float) -> bool:
+    """Deterministic per item (a multiplicative hash of its id): the same item is always picked or not."""
+    return share > 0 and ((item.id * 2654435761) % 2**32) / 2**32 < share
+
+
+def _maybe_second_look(item: ReviewItem) -> ReviewItem | None:
+    """Double review: a share (Project.double_review_share) of decisions gets a blind copy for another reviewer,
+    at the same place in the queue."""
+    share = Project.objects.filter(pk=item.project_id).values_list("double_review_share", flat=True).first() or 0.0
+    if not _second_look_wanted(item, share) or item.second_looks.exists():
+        return None
+    return ReviewItem.objects.create(
+        project_id=item.project_id,
+        queue=item.queue,
+        image_id=item.image_id,
+        head_id=item.head_id,
+        given_class_id=item.given_class_id,
+        suggested_class_id=item.suggested_class_id,
+        suggested_prob=item.suggested_prob,
+        score=item.score,
+        rank=item.rank,
+        top_k=item.top_k,
+        model_version=item.model_version,
+        random_control=item.random_control,
+        second_look_of=item,
+    )
+
+
+def _second_look_resolve(*, item: ReviewItem, user, action: str, class_id: int | None, now) -> ReviewItem:
+    """A blind second decision: recorded (for agreement), no label or image is changed."""
+    with transaction.atomic():
+        item = _holding(item, user, now)
+        if action in ("accept", "relabel"):
+            resolved = item.suggested_class_id if action == "accept" else class_id
+            if resolved is None:
+                raise ReviewError("Pick a class to relabel to." if action == "relabel" else "No suggestion to accept.")
+        elif action == "keep":
+            if item.given_class_id is None:
+                raise ReviewError("Nothing to keep: this photo had no label. Accept or pick a class.")
+            resolved = item.given_class_id
+        else:
+            resolved = None
+        item.status = ReviewItem.Status.OPEN if action == "skip" else ReviewItem.Status.DONE
+        item.resolution = {"accept": "accepted", "keep": "kept", "relabel": "relabeled", "exclude": "excluded"}.get(
+            action, "skipped"
+        )
+        item.resolved_class_id, item.resolved_by, item.resolved_at = resolved, user, now
+        item.leased_by, item.lease_until, item.undo = None, None, {"second_look": True}
+        item.save()
+    return item
+
+
+def double_review_disagreements(*, project: Project, limit: int = 50) -> tuple[int, list[dict]]:
+    """(count, the latest `limit`) of blind second looks whose decision differs from the first reviewer's."""
+    pairs = (
+        ReviewItem.objects.filter(project=project, status=ReviewItem.Status.DONE, second_look_of__isnull=False)
+        .filter(second_look_of__status=ReviewItem.Status.DONE)
+        .select_related("second_look_of__resolved_by", "second_look_of__resolved_class", "resolved_by")
+        .select_related("resolved_class", "head", "image")
+        .order_by("-resolved_at")
+    )
+    out = []
+    for second in pairs:
+        first = second.second_look_of
+        a = (first.resolution == "excluded", first.resolved_class_id)
+        b = (second.resolution == "excluded", second.resolved_class_id)
+        if a != b:
+            out.append({"first": first, "second": second})
+    return len(out), out[:limit]
 
 
 def item_undo(*, user, project: Project, queue: str) -> ReviewItem | None:
@@ -221,7 +299,9 @@ def item_undo(*, user, project: Project, queue: str) -> ReviewItem | None:
         if item is None:
             return None
         undo = item.undo or {}
-        if item.resolution in (ReviewItem.Resolution.ACCEPTED, ReviewItem.Resolution.RELABELED):
+        if undo.get("second_look"):
+            pass  # a second look changed nothing
+        elif item.resolution in (ReviewItem.Resolution.ACCEPTED, ReviewItem.Resolution.RELABELED):
             label = Label.objects.get(pk=undo["label_id"])
             if label.version != undo.get("new_version"):
                 raise LabelConflict(label)
@@ -242,6 +322,7 @@ def item_undo(*, user, project: Project, queue: str) -> ReviewItem | None:
                 user=user,
                 reason="review:undo",
             )
+        item.second_looks.filter(status=ReviewItem.Status.OPEN).delete()  # not decided yet: drawn again on redo
         item.status, item.resolution, item.resolved_class = ReviewItem.Status.OPEN, "", None
         item.resolved_by, item.resolved_at, item.undo = None, None, {}
         item.leased_by, item.lease_until = user, now + dt.timedelta(seconds=_lease_seconds())

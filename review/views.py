@@ -36,6 +36,8 @@ def _panel_context(request, project: Project, queue: str, *, message: str = "", 
         ctx |= {
             "item": item,
             "label": label,
+            # a blind second look shows what the first reviewer saw, not their decision
+            "given": item.given_class if item.second_look_of_id else label.label_class,
             "top_k": [{**t, "key": i} for i, t in enumerate(item.top_k[:5], start=1)],
             "classes": LabelClass.objects.filter(head_id=item.head_id, merged_into__isnull=True)
             .order_by("name")
@@ -190,10 +192,27 @@ def stats(request, slug):
     from .stats import reviewer_stats  # noqa: PLC0415
 
     project = get_object_or_404(Project, slug=slug)
+    from labeling.forms import ReviewSettingsForm  # noqa: PLC0415
+
+    form = ReviewSettingsForm(request.POST or None, instance=project)
+    if request.method == "POST":
+        if form.is_valid():
+            form.save()
+            messages.success(request, "Review settings saved.")
+            return redirect("review:stats", slug=slug)
+        project.refresh_from_db()
+    n_disagree, disagreements = services.double_review_disagreements(project=project)
     return render(
         request,
         "review/stats.html",
-        {"project": project, "rows": reviewer_stats(project=project), "counts": services.queue_counts(project=project)},
+        {
+            "project": project,
+            "rows": reviewer_stats(project=project),
+            "counts": services.queue_counts(project=project),
+            "n_disagree": n_disagree,
+            "disagreements": disagreements,
+            "form": form,
+        },
     )
 
 
