@@ -10,7 +10,7 @@ TEST_BROKER_URL ?= redis://127.0.0.1:6379/0
 # A fresh test database every `make test` (a kept one may hold another checkout's schema); PYTEST_ARGS= to reuse.
 PYTEST_ARGS ?= --create-db
 
-.PHONY: demo test lint fmt worker web migrate bench bench-demo bench-health bench-train bench-accuracy bench-serving bench-faiss bench-load services browser clean
+.PHONY: demo test lint fmt worker web migrate bench bench-demo bench-health bench-train bench-accuracy bench-serving bench-faiss bench-load bench-mislabel bench-review-ui services browser clean
 
 .venv/.runtime: requirements.txt
 	test -x $(PY) || python3 -m venv .venv
@@ -69,7 +69,7 @@ fmt: .venv/.dev
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
-bench: bench-demo bench-accuracy bench-health bench-serving bench-faiss bench-load bench-train
+bench: bench-demo bench-accuracy bench-health bench-serving bench-faiss bench-load bench-train bench-mislabel bench-review-ui
 
 bench-demo: .venv/.dev
 	$(PY) bench/demo_time.py
@@ -96,6 +96,10 @@ bench-load: .venv/.dev
 
 bench-train: .venv/.dev
 	$(PY) -m bench.train_throughput
+bench-mislabel: .venv/.dev
+	$(PY) -m bench.mislabel
+bench-review-ui: .venv/.dev browser
+	$(PY) -m bench.review_ui
 
 clean:
 	rm -rf var/test var/media var/artifacts var/broker var/demo var/loupe.sqlite3

@@ -225,9 +225,10 @@ def main() -> None:
             f"{backbone}: car_endpoint_10_photos_p99_ms": metric(pct(t["car"], 99), "ms", "target 150 ms", 150.0),
         }
     notes = (
-        "224 px, 1 intra-op thread for both runtimes, token auth, requests through Django's WSGI handler as gunicorn "
-        f"calls it (no HTTP socket: bench/load.py measures gunicorn over loopback); {N_RUNS} timed requests after {N_WARM} warm-up; the floor is session.run "
-        "alone on a preprocessed tensor; the endpoint decodes a photo-like 224 px JPEG, resizes, runs the model and answers "
+        "224 px, 1 intra-op thread for both runtimes, token auth, requests through Django's WSGI handler as "
+        "gunicorn calls it (no HTTP socket: bench/load.py measures gunicorn over loopback); "
+        f"{N_RUNS} timed requests after {N_WARM} warm-up; the floor is session.run of the exported model alone on "
+        "a preprocessed tensor; the endpoint decodes a photo-like 224 px JPEG, resizes, runs the model and answers "
         "JSON. Backbones: " + "; ".join(f"{b} = {why}" for b, why in BACKBONES) + "."
     )
     path = write("serving", metrics, notes=notes)

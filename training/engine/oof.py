@@ -100,6 +100,8 @@ def out_of_fold_predictions(
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     cfg = resolve_config(config)
+    # the fold models only predict their held-out fold: no evaluation report or retrieval pass per fold
+    cfg["eval_report"], cfg["eval_retrieval"] = False, False
     if mode == "cheap":
         cfg["epochs"] = max(1, int(round(cfg["epochs"] * cheap_epoch_fraction)))
     parsed = parse_manifest(manifest)  # validates; class indices per head
