@@ -247,3 +247,30 @@ def _fields(item):
     return {
         f.name: getattr(item, f.name) for f in ReviewItem._meta.concrete_fields if f.name not in ("id", "created_at")
     }
+
+
+def test_scored_first_pages_match_the_reference_order(queued):
+    """The two-segment sort gives exactly ORDER BY (open item's score NULLS LAST, id), on every slice."""
+    from django.db.models import F, OuterRef, Subquery
+
+    from labeling.models import Image
+    from review.selectors import sort_images
+
+    project, _ = queued
+    ReviewItem.objects.create(**{**_fields(ReviewItem.objects.filter(status="open").first()), "score": -1.0})
+    qs = Image.objects.filter(project=project)
+    score = (
+        ReviewItem.objects.filter(image=OuterRef("pk"), status="open", queue="mislabel")
+        .order_by("score")
+        .values("score")[:1]
+    )
+    ref = list(qs.annotate(s=Subquery(score)).order_by(F("s").asc(nulls_last=True), "id").values_list("id", flat=True))
+    scored = sort_images(qs, "quality")
+    assert scored.count() == len(ref) == 48 and len(scored.scored_ids()) < 10
+    for a, b in [(0, 3), (0, 10), (2, 7), (3, 20), (20, 48), (40, 60), (0, 48)]:
+        assert [im.id for im in scored[a:b]] == ref[a:b], (a, b)
+    assert scored[5].id == ref[5]
+    from django.core.paginator import Paginator
+
+    page = Paginator(scored, 10).get_page(2)
+    assert [im.id for im in page] == ref[10:20]
