@@ -382,3 +382,33 @@ def test_reviewer_gets_403_on_admin_actions_until_made_project_admin(browser, li
     assert "Models" in page.inner_text("header.top nav")
     assert page.goto(f"{live_server.url}/p/{project.slug}/health/").status == 200
     assert page.goto(f"{live_server.url}/team/").status == 403  # accounts stay the site admins'
+
+
+def test_label_a_low_confidence_item_with_the_keyboard(browser, live_server, shapes_project, reviewer):
+    """The low-confidence queue: an unlabeled photo ranked by the active model; the reviewer labels it with a
+    digit (one of the model's top 5) and accepts the next one's suggestion with Enter."""
+    from review import services as review_services
+    from review.models import ReviewItem
+    from review.tests.helpers import trained_version
+
+    project = shapes_project(6)
+    trained_version(project)
+    images = list(Image.objects.filter(project=project).order_by("id"))
+    Label.objects.filter(image_id__in=[im.id for im in images[::2]]).update(label_class=None)
+    assert review_services.uncertain_refresh(project=project, size=6)["queued"] == 6
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    _login(page, live_server)
+    page.goto(f"{live_server.url}/p/{project.slug}/review/uncertain/")
+    first = int(page.get_attribute("#review-panel", "data-item"))
+    assert page.inner_text("#given") == "unlabeled" and not page.is_visible("#btn-keep")  # nothing to keep
+    page.keyboard.press("3")  # the third of the model's top 5
+    page.wait_for_function(f"document.querySelector('#review-panel').dataset.item !== '{first}'")
+    item = ReviewItem.objects.get(pk=first)
+    label = Label.objects.get(image_id=item.image_id)
+    assert item.status == "done" and label.label_class_id == item.top_k[2]["class_id"]
+    second = int(page.get_attribute("#review-panel", "data-item"))
+    page.keyboard.press("Enter")
+    page.wait_for_function(f"document.querySelector('#review-panel').dataset.item !== '{second}'")
+    item = ReviewItem.objects.get(pk=second)
+    assert item.resolution == "accepted"
+    assert Label.objects.get(image_id=item.image_id).label_class_id == item.suggested_class_id
