@@ -7,7 +7,8 @@ imports, scans, freezes datasets, retrains, promotes and manages the members of 
 
 HTML views get this from ProjectAccessMiddleware (one query on /p/<slug>/... pages: the project and the user's
 membership together), which sets ``request.project_role``; ``labeling.views.staff_required`` and the
-``can_admin`` template variable read it. API views use the DRF permissions below."""
+``can_admin`` template variable read it. The admin API uses IsProjectAdmin; the recognition endpoint checks
+members-only projects itself (inference.apis)."""
 
 from __future__ import annotations
 
@@ -33,10 +34,6 @@ def role_in(user, project: Project, member_role: str | None = None, *, lookup: b
     if member_role is not None:
         return member_role
     return None if project.members_only else REVIEWER
-
-
-def can_admin(user, project: Project) -> bool:
-    return role_in(user, project) == ADMIN
 
 
 def visible_projects(user):
@@ -76,13 +73,12 @@ class ProjectAccessMiddleware:
         if slug is None or request.path.startswith("/api/") or not request.user.is_authenticated:
             return None
         try:
-            project, role = project_for(request.user, slug)
+            _project, role = project_for(request.user, slug)
         except Http404:
             if Project.objects.filter(slug=slug).exists():
                 raise
             return None  # unknown slug: the view answers its own 404
         request.project_role = role
-        request.project_access = project
         return None
 
 
@@ -102,16 +98,6 @@ def _api_project(request, view) -> tuple[Project, str] | None:
         return project_for(request.user, slug)
     except Http404:
         raise NotFound("No such project.") from None
-
-
-class ProjectVisible(BasePermission):
-    """Authenticated, and the project in the URL (if any) is one this user may see (404 otherwise)."""
-
-    def has_permission(self, request, view) -> bool:
-        if not (request.user and request.user.is_authenticated):
-            return False
-        _api_project(request, view)
-        return True
 
 
 class IsProjectAdmin(BasePermission):
