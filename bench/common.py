@@ -101,3 +101,50 @@ def train_one_epoch(project, backbone: str, *, seed: int = 0):
     )
     assert run.status == "succeeded", run.error
     return run
+
+
+# Headless Chromium as the browser tests start it (Playwright's own browser download does not work here).
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+def free_port() -> int:
+    import socket  # noqa: PLC0415
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_gunicorn(port: int):
+    """gunicorn as docker-compose.yml runs it (3 sync workers), with this process's environment, in its own
+    process group (os.killpg stops its workers too); returns once /healthz answers, exits the bench otherwise."""
+    import http.client  # noqa: PLC0415
+    import signal  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    root = Path(__file__).resolve().parent.parent
+    compose = (root / "docker-compose.yml").read_text()
+    assert '"--workers", "3"' in compose, "keep the benches' gunicorn command in step with docker-compose.yml"
+    cmd = [sys.executable, "-m", "gunicorn", "webapp.wsgi:application", "--bind", f"127.0.0.1:{port}"]
+    cmd += ["--workers", "3", "--timeout", "120", "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, cwd=root, env=dict(os.environ), start_new_session=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            conn.request("GET", "/healthz")
+            if conn.getresponse().status == 200:
+                return proc
+        except OSError:
+            time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGTERM)
+    sys.exit("gunicorn did not answer /healthz within 60 s")

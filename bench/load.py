@@ -23,8 +23,6 @@ import io
 import json
 import os
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -76,7 +74,7 @@ import numpy as np  # noqa: E402
 from django.core.management import call_command  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from bench.common import car_project, metric, table, train_one_epoch, write  # noqa: E402
+from bench.common import car_project, free_port, metric, start_gunicorn, table, train_one_epoch, write  # noqa: E402
 
 
 def photo(seed: int, size: int = 224) -> bytes:
@@ -115,32 +113,6 @@ def setup():
         ]
     differs = sum(expected[v1.number][i] != expected[v2.number][i] for i in range(len(photos)))
     return project, v1, v2, token, photos, expected, differs
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_gunicorn(port: int) -> subprocess.Popen:
-    compose = (ROOT / "docker-compose.yml").read_text()
-    assert '"--workers", "3"' in compose, "keep this bench's gunicorn command in step with docker-compose.yml"
-    cmd = [sys.executable, "-m", "gunicorn", "webapp.wsgi:application", "--bind", f"127.0.0.1:{port}"]
-    cmd += ["--workers", "3", "--timeout", "120", "--log-level", "warning"]
-    env = {**os.environ, **ENV}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            conn.request("GET", "/healthz")
-            if conn.getresponse().status == 200:
-                return proc
-        except OSError:
-            time.sleep(0.3)
-    proc.kill()
-    sys.exit("gunicorn did not answer /healthz within 60 s")
 
 
 def matches(heads: dict, want: dict) -> bool:

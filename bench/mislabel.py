@@ -108,32 +108,15 @@ def baseline(ds: dict, folds: np.ndarray, n_fold_train: int) -> np.ndarray:
     import timm  # noqa: PLC0415
     import torch  # noqa: PLC0415
     from torch.utils.data import DataLoader  # noqa: PLC0415
-    from torchvision import transforms as T  # noqa: PLC0415
-    from torchvision.transforms import InterpolationMode  # noqa: PLC0415
 
-    from bench.train_accuracy import BACKBONE, BATCH, MEAN, SIZE, STD, Plain  # noqa: PLC0415
+    from bench.train_accuracy import BACKBONE, BATCH, Plain, baseline_transforms  # noqa: PLC0415
     from training.engine.loop import resolve_num_workers, resolve_torch_threads  # noqa: PLC0415
 
     classes = next(h["classes"] for h in ds["heads"] if h["name"] == "fine")
     idx = {c: i for i, c in enumerate(classes)}
     paths = [it["path"] for it in ds["items"]]
     labels = np.array([idx[it["labels"]["fine"]] for it in ds["items"]])
-    train_tf = T.Compose(
-        [
-            T.RandomResizedCrop(SIZE, scale=(0.6, 1.0), interpolation=InterpolationMode.BICUBIC),
-            T.RandomHorizontalFlip(),
-            T.ToTensor(),
-            T.Normalize(MEAN, STD),
-        ]
-    )
-    val_tf = T.Compose(
-        [
-            T.Resize(int(SIZE * 1.14), interpolation=InterpolationMode.BICUBIC),
-            T.CenterCrop(SIZE),
-            T.ToTensor(),
-            T.Normalize(MEAN, STD),
-        ]
-    )
+    train_tf, val_tf = baseline_transforms()
     workers = resolve_num_workers("auto")
     torch.set_num_threads(resolve_torch_threads("auto", workers))
     epochs, budget = fold_epochs(n_fold_train), BUDGET / K

@@ -50,7 +50,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -58,6 +57,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from bench.common import CHROMIUM_ARGS, free_port, start_gunicorn
 
 ROOT = Path(__file__).resolve().parent.parent
 DB_URL = os.environ.get("REVIEW_UI_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/loupe_bench_review")
@@ -488,31 +489,6 @@ def measure_http(port: int, session: str, pages: dict[str, str], grid: dict) -> 
         grid[name]["http_ms"] = times[1:]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_gunicorn(port: int) -> subprocess.Popen:
-    compose = (ROOT / "docker-compose.yml").read_text()
-    assert '"--workers", "3"' in compose, "keep this bench's gunicorn command in step with docker-compose.yml"
-    cmd = [sys.executable, "-m", "gunicorn", "webapp.wsgi:application", "--bind", f"127.0.0.1:{port}"]
-    cmd += ["--workers", "3", "--timeout", "120", "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ), start_new_session=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            conn.request("GET", "/healthz")
-            if conn.getresponse().status == 200:
-                return proc
-        except OSError:
-            time.sleep(0.3)
-    os.killpg(proc.pid, signal.SIGTERM)
-    sys.exit("gunicorn did not answer /healthz within 60 s")
-
-
 INSTRUMENT = """() => {
   window.__lat = [];
   window.__t0 = null;
@@ -553,14 +529,7 @@ def measure_browser(port: int) -> dict:
         browser = p.chromium.launch(
             executable_path=CHROMIUM,
             headless=True,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-            ],
+            args=CHROMIUM_ARGS,
         )
         page = browser.new_page(viewport={"width": 1280, "height": 900})
 

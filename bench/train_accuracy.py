@@ -119,12 +119,8 @@ class Plain(Dataset):
             return self.tf(img.convert("RGB")), self.labels[i]
 
 
-def baseline(ds: dict) -> dict:
-    leaf = ds["leaf"]
-    classes = next(h["classes"] for h in ds["heads"] if h["name"] == leaf)
-    idx = {c: i for i, c in enumerate(classes)}
-    train = [it for it in ds["items"] if it["split"] == "train"]
-    val = [it for it in ds["items"] if it["split"] == "val"]
+def baseline_transforms() -> tuple[T.Compose, T.Compose]:
+    """The plain loop's (train, val) transforms: torchvision RandomResizedCrop + flip / resize + centre crop."""
     train_tf = T.Compose(
         [
             T.RandomResizedCrop(SIZE, scale=(0.6, 1.0), interpolation=InterpolationMode.BICUBIC),
@@ -141,6 +137,16 @@ def baseline(ds: dict) -> dict:
             T.Normalize(MEAN, STD),
         ]
     )
+    return train_tf, val_tf
+
+
+def baseline(ds: dict) -> dict:
+    leaf = ds["leaf"]
+    classes = next(h["classes"] for h in ds["heads"] if h["name"] == leaf)
+    idx = {c: i for i, c in enumerate(classes)}
+    train = [it for it in ds["items"] if it["split"] == "train"]
+    val = [it for it in ds["items"] if it["split"] == "val"]
+    train_tf, val_tf = baseline_transforms()
     workers = resolve_num_workers("auto")
     torch.set_num_threads(resolve_torch_threads("auto", workers))
     torch.manual_seed(0)

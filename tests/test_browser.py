@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.common import CHROMIUM_ARGS
 from labeling import importers
 from labeling.models import Image, Label
 from labeling.services import project_create
@@ -33,14 +34,7 @@ def browser(monkeypatch):
         browser = p.chromium.launch(
             executable_path=CHROMIUM,
             headless=True,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-            ],
+            args=CHROMIUM_ARGS,
         )
         yield browser
         browser.close()
