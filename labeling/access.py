@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from django.db.models import Exists, OuterRef, Q, Subquery
 from django.http import Http404
+from django.shortcuts import get_object_or_404
 from rest_framework.exceptions import NotFound
 from rest_framework.permissions import BasePermission
 
@@ -78,8 +79,17 @@ class ProjectAccessMiddleware:
             if Project.objects.filter(slug=slug).exists():
                 raise
             return None  # unknown slug: the view answers its own 404
-        request.project_role = role
+        request.project, request.project_role = _project, role
         return None
+
+
+def current_project(request, slug: str) -> Project:
+    """The project of a /p/<slug>/ page: the one ProjectAccessMiddleware already loaded (no second query), else
+    looked up (404 when unknown)."""
+    project = getattr(request, "project", None)
+    if project is not None and project.slug == slug:
+        return project
+    return get_object_or_404(Project, slug=slug)
 
 
 def context(request) -> dict:

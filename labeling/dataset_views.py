@@ -16,6 +16,7 @@ from django.urls import reverse
 from django.views.decorators.http import require_POST
 
 from . import health, versions
+from .access import current_project
 from .models import DatasetAction, DuplicateCluster, HealthReport, Image, LabelClass, Project
 from .services import LabelingError
 from .views import _partial, staff_required
@@ -80,7 +81,7 @@ def _with_bars(findings: dict) -> dict:
 
 @staff_required
 def health_page(request, slug):
-    project = get_object_or_404(Project, slug=slug)
+    project = current_project(request, slug)
     report = health.latest_report(project)
     context = {"project": project, "report": report, "polling": bool(report and report.is_active)}
     if report and report.status == HealthReport.Status.SUCCEEDED:
@@ -112,7 +113,7 @@ def health_page(request, slug):
 @staff_required
 @require_POST
 def health_scan_start(request, slug):
-    project = get_object_or_404(Project, slug=slug)
+    project = current_project(request, slug)
     try:
         report = health.health_report_create(
             project=project,
@@ -131,7 +132,7 @@ def health_scan_start(request, slug):
 @staff_required
 @require_POST
 def cluster_resolve(request, slug, cluster_id):
-    project = get_object_or_404(Project, slug=slug)
+    project = current_project(request, slug)
     cluster = get_object_or_404(DuplicateCluster, pk=cluster_id, report__project=project)
     mode = request.POST.get("mode", "")
     try:
@@ -157,7 +158,7 @@ def cluster_resolve(request, slug, cluster_id):
 @staff_required
 @require_POST
 def classes_merge(request, slug):
-    project = get_object_or_404(Project, slug=slug)
+    project = current_project(request, slug)
     try:
         source = LabelClass.objects.get(pk=_int_or_none(request.POST.get("source"), "source"), head__project=project)
         target = LabelClass.objects.get(pk=_int_or_none(request.POST.get("target"), "target"), head__project=project)
@@ -174,7 +175,7 @@ def classes_merge(request, slug):
 @staff_required
 @require_POST
 def classes_exclude(request, slug):
-    project = get_object_or_404(Project, slug=slug)
+    project = current_project(request, slug)
     try:
         ids = [int(v) for v in request.POST.getlist("class_id")]
         action = health.classes_set_excluded(
@@ -192,7 +193,7 @@ def classes_exclude(request, slug):
 @staff_required
 @require_POST
 def training_options(request, slug):
-    project = get_object_or_404(Project, slug=slug)
+    project = current_project(request, slug)
     try:
         action = health.training_options_set(
             project=project,
@@ -210,7 +211,7 @@ def training_options(request, slug):
 @staff_required
 @require_POST
 def action_undo(request, slug, action_id):
-    project = get_object_or_404(Project, slug=slug)
+    project = current_project(request, slug)
     action = get_object_or_404(DatasetAction, pk=action_id, project=project)
     try:
         result = health.action_undo(action=action, user=request.user)
@@ -225,7 +226,7 @@ def action_undo(request, slug, action_id):
 # ------------------------------------------------------------------------------------------- versions
 @staff_required
 def version_list(request, slug):
-    project = get_object_or_404(Project, slug=slug)
+    project = current_project(request, slug)
     return render(
         request, "labeling/versions.html", {"project": project, "versions": list(versions.version_list(project)[:100])}
     )
@@ -234,7 +235,7 @@ def version_list(request, slug):
 @staff_required
 @require_POST
 def version_create(request, slug):
-    project = get_object_or_404(Project, slug=slug)
+    project = current_project(request, slug)
     try:
         version, created = versions.dataset_version_create(
             project=project, user=request.user, note=request.POST.get("note", "")
@@ -251,7 +252,7 @@ def version_create(request, slug):
 
 @staff_required
 def version_detail(request, slug, number):
-    project = get_object_or_404(Project, slug=slug)
+    project = current_project(request, slug)
     version = get_object_or_404(project.dataset_versions, number=number)
     others = list(project.dataset_versions.exclude(pk=version.pk).values_list("number", flat=True))
     has_export = _export_paths(project, version.number)[1].is_file()
@@ -264,7 +265,7 @@ def version_detail(request, slug, number):
 
 @staff_required
 def version_diff(request, slug, old, new):
-    project = get_object_or_404(Project, slug=slug)
+    project = current_project(request, slug)
     a = get_object_or_404(project.dataset_versions, number=old)
     b = get_object_or_404(project.dataset_versions, number=new)
     diff = versions.dataset_version_diff(old=a, new=b)
@@ -282,7 +283,7 @@ def _export_paths(project: Project, number: int) -> tuple[Path, Path]:
 @require_POST
 def version_export(request, slug, number):
     """Write the version in the seeds' formats under LOUPE_EXPORT_ROOT and zip it for download."""
-    project = get_object_or_404(Project, slug=slug)
+    project = current_project(request, slug)
     version = get_object_or_404(project.dataset_versions, number=number)
     folder, archive = _export_paths(project, version.number)
     try:
@@ -301,7 +302,7 @@ def version_export(request, slug, number):
 
 @staff_required
 def version_download(request, slug, number):
-    project = get_object_or_404(Project, slug=slug)
+    project = current_project(request, slug)
     version = get_object_or_404(project.dataset_versions, number=number)
     _folder, archive = _export_paths(project, version.number)
     if not archive.is_file():

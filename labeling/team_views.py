@@ -1,10 +1,11 @@
 """The Team page (site admins: accounts, roles, API tokens) and a project's Members page (its admins)."""
 
 from django.contrib import messages
-from django.shortcuts import get_object_or_404, redirect, render
+from django.shortcuts import redirect, render
 
 from . import team
-from .models import Project, ProjectMember
+from .access import current_project
+from .models import ProjectMember
 from .views import staff_required
 
 
@@ -52,7 +53,7 @@ def team_page(request):
 @staff_required
 def members_page(request, slug):
     """A project's admins: who may work on it and in which role, and whether it is open to every account."""
-    project = get_object_or_404(Project, slug=slug)
+    project = current_project(request, slug)
     if request.method == "POST":
         action = request.POST.get("action", "")
         try:

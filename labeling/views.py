@@ -15,8 +15,9 @@ from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_POST
 
 from . import importers, selectors, services
+from .access import current_project
 from .forms import ImportForm, ProjectForm
-from .models import Head, Image, ImageEvent, Label, LabelEvent, Project
+from .models import Head, Image, ImageEvent, Label, LabelEvent
 
 PAGE_SIZE = 100
 
@@ -64,7 +65,7 @@ GRID_FILTERS = ("head", "class", "unlabeled", "split", "source", "status", "flag
 def image_grid(request, slug):
     from review import selectors as review_selectors  # noqa: PLC0415 - review builds on labeling
 
-    project = get_object_or_404(Project, slug=slug)
+    project = current_project(request, slug)
     heads = list(project.heads.prefetch_related("classes"))
     get = request.GET
     head = next((h for h in heads if str(h.id) == get.get("head")), None)
@@ -126,7 +127,7 @@ def labels_bulk_relabel(request, slug):
     """Multi-select on the grid: set one head's label of the selected images (one undoable action)."""
     from . import health  # noqa: PLC0415
 
-    project = get_object_or_404(Project, slug=slug)
+    project = current_project(request, slug)
     head = get_object_or_404(Head, project=project, pk=request.POST.get("head") or 0)
     raw_class = request.POST.get("label_class", "")
     expected: dict[int, int] = {}
@@ -172,7 +173,7 @@ def _editor_context(image: Image, label: Label, *, message: str = "", conflict: 
 
 @login_required
 def image_detail(request, slug, pk):
-    project = get_object_or_404(Project, slug=slug)
+    project = current_project(request, slug)
     image = get_object_or_404(Image, project=project, pk=pk)
     services.image_labels_ensure(image=image)
     labels = selectors.image_labels(image=image)
@@ -200,7 +201,7 @@ def image_detail(request, slug, pk):
 @login_required
 @require_POST
 def label_update(request, slug, pk, head_id):
-    project = get_object_or_404(Project, slug=slug)
+    project = current_project(request, slug)
     image = get_object_or_404(Image, project=project, pk=pk)
     head = get_object_or_404(Head, project=project, pk=head_id)
     label = get_object_or_404(Label.objects.select_related("head", "label_class"), image=image, head=head)
@@ -251,7 +252,7 @@ def image_file(request, slug, pk, kind):
 
 @staff_required
 def import_page(request, slug):
-    project = get_object_or_404(Project, slug=slug)
+    project = current_project(request, slug)
     form = ImportForm(request.POST or None, project=project)
     report = None
     if request.method == "POST" and form.is_valid():
@@ -303,7 +304,7 @@ def class_create(request, slug, head_id):
     """A new class from the label picker (admins only): JSON {"id", "name", "parent"} or {"error"}."""
     from django.http import JsonResponse  # noqa: PLC0415
 
-    project = get_object_or_404(Project, slug=slug)
+    project = current_project(request, slug)
     head = get_object_or_404(Head, project=project, pk=head_id)
     name = (request.POST.get("name") or "").strip()
     parent = None

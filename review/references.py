@@ -13,8 +13,12 @@ log = logging.getLogger("review")
 SEARCH_K = 200
 
 
-def nearest_of_class(*, project: Project, image: Image, label_class: LabelClass, k: int = 4) -> list[int]:
-    found: list[int] = []
+def nearest_of_classes(
+    *, project: Project, image: Image, classes: list[LabelClass], k: int = 4
+) -> dict[int, list[int]]:
+    """{class id: up to k gallery image ids of that class nearest to `image`}; the photo is embedded and searched
+    once for all classes (of any heads)."""
+    found: dict[int, list[int]] = {c.id: [] for c in classes}
     try:
         from django.core.files.storage import default_storage  # noqa: PLC0415
 
@@ -23,27 +27,30 @@ def nearest_of_class(*, project: Project, image: Image, label_class: LabelClass,
 
         served = serving.active_model(project_id=project.id)
         rec = served.recognizer
-        if rec.index is not None and rec.gallery_labels is not None:
+        if classes and rec.index is not None and rec.gallery_labels is not None:
             with default_storage.open(image.file, "rb") as fh:
                 photo = decode_image(fh.read(), max_side_hint=rec.image_size)
             _, emb = rec.predict([photo])
-            head = label_class.head.name
+            wanted = [(c.id, c.head.name, c.name) for c in classes]
             for n in rec.search(emb[0], k=SEARCH_K):
-                if (
-                    n["image_id"] != image.id
-                    and rec.gallery_labels.get(n["image_id"], {}).get(head) == label_class.name
-                ):
-                    found.append(n["image_id"])
-                    if len(found) == k:
-                        break
+                if n["image_id"] == image.id:
+                    continue
+                labels = rec.gallery_labels.get(n["image_id"], {})
+                for cid, head, name in wanted:
+                    if labels.get(head) == name and len(found[cid]) < k:
+                        found[cid].append(n["image_id"])
+                if all(len(v) >= k for v in found.values()):
+                    break
     except Exception as exc:  # noqa: BLE001 - references are a help, never a reason for the page to fail
         log.info("reference photos by class order for image %s: %s", image.id, exc)
-    if len(found) < k:
-        more = (
-            Label.objects.filter(head=label_class.head, label_class=label_class, image__status=Image.Status.OK)
-            .exclude(image_id__in=[image.id, *found])
-            .order_by("image_id")
-            .values_list("image_id", flat=True)[: k - len(found)]
-        )
-        found.extend(more)
+    for c in classes:
+        ids = found[c.id]
+        if len(ids) < k:
+            more = (
+                Label.objects.filter(head_id=c.head_id, label_class=c, image__status=Image.Status.OK)
+                .exclude(image_id__in=[image.id, *ids])
+                .order_by("image_id")
+                .values_list("image_id", flat=True)[: k - len(ids)]
+            )
+            ids.extend(more)
     return found

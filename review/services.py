@@ -123,9 +123,11 @@ def mislabel_refresh(*, version) -> dict:
 # ------------------------------------------------------------------------------------------------ leases
 def queue_next(*, project: Project, queue: str, user, now=None) -> ReviewItem | None:
     """The reviewer's current item (a lease they still hold), else the best open item nobody holds, leased to
-    them. None when the queue is empty."""
+    them. None when the queue is empty. The image, head, given and suggested classes come with it (one query)."""
     now = now or timezone.now()
-    base = ReviewItem.objects.filter(project=project, queue=queue, status=ReviewItem.Status.OPEN)
+    base = ReviewItem.objects.filter(project=project, queue=queue, status=ReviewItem.Status.OPEN).select_related(
+        "image", "head", "given_class", "suggested_class"
+    )
     with transaction.atomic():
         mine = base.filter(leased_by=user, lease_until__gt=now).order_by("rank", "id").first()
         if mine is not None:
@@ -135,7 +137,8 @@ def queue_next(*, project: Project, queue: str, user, now=None) -> ReviewItem | 
         # a second look is for someone else (a subquery: FOR UPDATE refuses the outer join a lookup would make)
         theirs = ReviewItem.objects.filter(project=project, queue=queue, resolved_by=user).values("id")
         candidates = candidates.exclude(second_look_of_id__in=theirs)
-        item = candidates.select_for_update(skip_locked=True).order_by("rank", "id").first()
+        # lock the item row only (the joined classes are on the nullable side of outer joins)
+        item = candidates.select_for_update(skip_locked=True, of=("self",)).order_by("rank", "id").first()
         if item is None:
             return None
         item.leased_by, item.lease_until = user, now + dt.timedelta(seconds=_lease_seconds())
@@ -183,6 +186,7 @@ def item_resolve(
                 label_id=label.id, class_id=target, expected_version=label.version, user=user, reason=f"review:{action}"
             )
             undo["new_version"] = change.label.version
+            undo["parents"] = _parents_follow(image_id=item.image_id, class_id=target, user=user, action=action)
             resolved_class = target
         elif action == "keep":
             if label.label_class_id is None:
@@ -210,6 +214,29 @@ def item_resolve(
         if action != "skip":
             _maybe_second_look(item)
     return item
+
+
+def _parents_follow(*, image_id: int, class_id: int, user, action: str) -> list[dict]:
+    """Hierarchy: a photo relabeled to a model gets that model's make (and so on up), as the label editor does.
+    Returns the undo records of the parent labels it changed."""
+    changed = []
+    cls = LabelClass.objects.filter(pk=class_id).values("parent_id", "parent__head_id").first()
+    while cls and cls["parent_id"]:
+        parent_id, head_id = cls["parent_id"], cls["parent__head_id"]
+        label = Label.objects.select_for_update().filter(image_id=image_id, head_id=head_id).first()
+        if label is not None and label.label_class_id != parent_id:
+            change = label_set(
+                label_id=label.id,
+                class_id=parent_id,
+                expected_version=label.version,
+                user=user,
+                reason=f"review:{action} (parent)",
+            )
+            changed.append(
+                {"label_id": label.id, "old_class_id": label.label_class_id, "new_version": change.label.version}
+            )
+        cls = LabelClass.objects.filter(pk=parent_id).values("parent_id", "parent__head_id").first()
+    return changed
 
 
 def _second_look_wanted(item: ReviewItem, share: float) -> bool:
@@ -302,16 +329,17 @@ def item_undo(*, user, project: Project, queue: str) -> ReviewItem | None:
         if undo.get("second_look"):
             pass  # a second look changed nothing
         elif item.resolution in (ReviewItem.Resolution.ACCEPTED, ReviewItem.Resolution.RELABELED):
-            label = Label.objects.get(pk=undo["label_id"])
-            if label.version != undo.get("new_version"):
-                raise LabelConflict(label)
-            label_set(
-                label_id=label.id,
-                class_id=undo["old_class_id"],
-                expected_version=label.version,
-                user=user,
-                reason="review:undo",
-            )
+            for record in [undo, *undo.get("parents", [])]:  # all or nothing: the transaction rolls back
+                label = Label.objects.select_for_update().get(pk=record["label_id"])
+                if label.version != record.get("new_version"):
+                    raise LabelConflict(label)
+                label_set(
+                    label_id=label.id,
+                    class_id=record["old_class_id"],
+                    expected_version=label.version,
+                    user=user,
+                    reason="review:undo",
+                )
         elif item.resolution == ReviewItem.Resolution.EXCLUDED and undo.get("old_status") != Image.Status.EXCLUDED:
             old = undo.get("old_status", Image.Status.OK)
             Image.objects.filter(pk=item.image_id).update(status=old, status_reason="")
@@ -409,6 +437,15 @@ def bulk_rule_apply(*, project: Project, user, accept_above: float = 0.8, exclud
             wanted = {(it.image_id, it.head_id) for it in its}
             labels = [lb for lb in labels if (lb.image_id, lb.head_id) in wanted]
             label_changes += _relabel(labels, class_id, "review: bulk accept", user, action)
+            # hierarchy: the accepted model's make (and so on up) follows, in the same undoable action
+            cls = LabelClass.objects.select_related("parent").get(pk=class_id)
+            while cls.parent_id:
+                parents = Label.objects.select_for_update().filter(
+                    image_id__in=[it.image_id for it in its], head_id=cls.parent.head_id
+                )
+                stale = [lb for lb in parents if lb.label_class_id != cls.parent_id]
+                label_changes += _relabel(stale, cls.parent_id, "review: bulk accept (parent)", user, action)
+                cls = cls.parent
         images = list(Image.objects.select_for_update().filter(pk__in=[it.image_id for it in exclude]))
         status_changes = _set_status(images, Image.Status.EXCLUDED, "review: bulk exclude (unreadable)", user, action)
         for it, resolution in [(it, "accepted") for it in accept] + [(it, "excluded") for it in exclude]:

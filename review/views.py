@@ -6,6 +6,7 @@ from django.http import Http404
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
+from labeling.access import current_project
 from labeling.models import Image, Label, LabelClass, Project
 from labeling.services import LabelConflict
 from labeling.views import staff_required
@@ -27,11 +28,6 @@ def _panel_context(request, project: Project, queue: str, *, message: str = "", 
     ctx = {"project": project, "queue": queue, "item": item, "message": message, "conflict": conflict}
     ctx["remaining"] = ReviewItem.objects.filter(project=project, queue=queue, status=ReviewItem.Status.OPEN).count()
     if item is not None:
-        item = (
-            ReviewItem.objects.select_related("image", "head", "given_class", "suggested_class")
-            .filter(pk=item.pk)
-            .first()
-        )
         label = Label.objects.select_related("label_class").get(image_id=item.image_id, head_id=item.head_id)
         ctx |= {
             "item": item,
@@ -41,7 +37,7 @@ def _panel_context(request, project: Project, queue: str, *, message: str = "", 
             "top_k": [{**t, "key": i} for i, t in enumerate(item.top_k[:5], start=1)],
             "classes": LabelClass.objects.filter(head_id=item.head_id, merged_into__isnull=True)
             .order_by("name")
-            .values_list("id", "name"),
+            .values_list("id", "name", "parent__name"),
         }
     return ctx
 
@@ -53,14 +49,14 @@ def _render(request, ctx: dict, status: int = 200):
 
 @login_required
 def queue_page(request, slug, queue):
-    project = get_object_or_404(Project, slug=slug)
+    project = current_project(request, slug)
     return _render(request, _panel_context(request, project, _queue(queue)))
 
 
 @login_required
 @require_POST
 def item_resolve(request, slug, queue, item_id):
-    project = get_object_or_404(Project, slug=slug)
+    project = current_project(request, slug)
     queue = _queue(queue)
     item = get_object_or_404(ReviewItem, project=project, queue=queue, pk=item_id)
     action = request.POST.get("action", "")
@@ -100,7 +96,7 @@ def item_resolve(request, slug, queue, item_id):
 @login_required
 @require_POST
 def undo(request, slug, queue):
-    project = get_object_or_404(Project, slug=slug)
+    project = current_project(request, slug)
     queue = _queue(queue)
     status = 200
     try:
@@ -118,16 +114,19 @@ def undo(request, slug, queue):
 def item_references(request, slug, queue, item_id):
     """Reference photos (loaded after the item is shown): the nearest gallery photos of the suggested class and
     of the given class, side by side."""
-    project = get_object_or_404(Project, slug=slug)
+    project = current_project(request, slug)
     item = get_object_or_404(
-        ReviewItem.objects.select_related("given_class", "suggested_class", "image"), project=project, pk=item_id
+        ReviewItem.objects.select_related("given_class__head", "suggested_class__head", "image"),
+        project=project,
+        pk=item_id,
     )
-    rows = []
-    for title, cls in (("Suggested", item.suggested_class), ("Given", item.given_class)):
-        if cls is not None:
-            ids = references.nearest_of_class(project=project, image=item.image, label_class=cls, k=4)
-            images = Image.objects.filter(pk__in=ids).in_bulk()
-            rows.append({"title": title, "class": cls, "images": [images[i] for i in ids if i in images]})
+    shown = [(title, cls) for title, cls in (("Suggested", item.suggested_class), ("Given", item.given_class)) if cls]
+    nearest = references.nearest_of_classes(project=project, image=item.image, classes=[c for _, c in shown], k=4)
+    images = Image.objects.filter(pk__in=[i for ids in nearest.values() for i in ids]).in_bulk()
+    rows = [
+        {"title": title, "class": cls, "images": [images[i] for i in nearest[cls.id] if i in images]}
+        for title, cls in shown
+    ]
     return render(request, "review/_references.html", {"project": project, "rows": rows})
 
 
@@ -144,7 +143,7 @@ def _threshold(raw: str | None, default: float) -> float | None:
 @staff_required
 def bulk_rules(request, slug):
     """Admin bulk rules over the open mislabel items, with a preview first: nothing changes until Apply."""
-    project = get_object_or_404(Project, slug=slug)
+    project = current_project(request, slug)
     source = request.POST if request.method == "POST" else request.GET
     accept_above = _threshold(source.get("accept_above"), 0.8)
     exclude_below = _threshold(source.get("exclude_below"), 0.3)
@@ -174,7 +173,7 @@ def bulk_rules(request, slug):
 @staff_required
 @require_POST
 def refresh(request, slug, queue):
-    project = get_object_or_404(Project, slug=slug)
+    project = current_project(request, slug)
     queue = _queue(queue)
     try:
         number = services.queue_refresh(project=project, queue=queue)
@@ -191,7 +190,7 @@ def refresh(request, slug, queue):
 def stats(request, slug):
     from .stats import reviewer_stats  # noqa: PLC0415
 
-    project = get_object_or_404(Project, slug=slug)
+    project = current_project(request, slug)
     from labeling.forms import ReviewSettingsForm  # noqa: PLC0415
 
     form = ReviewSettingsForm(request.POST or None, instance=project)
@@ -221,5 +220,5 @@ def learning_curve(request, slug):
     """Accuracy against the number of labels per model version, and the active vs random arm (review.curve)."""
     from .curve import learning_curve as curve  # noqa: PLC0415
 
-    project = get_object_or_404(Project, slug=slug)
+    project = current_project(request, slug)
     return render(request, "review/curve.html", {"project": project, **curve(project=project)})

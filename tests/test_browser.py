@@ -207,6 +207,7 @@ def test_review_mislabels_with_the_keyboard_only(browser, live_server, mislabel_
         c for c in ("red", "blue", "green", "yellow") if c not in (item2.given_class.name, flipped[item2.image_id])
     )
     page.keyboard.type(other[:3])
+    assert page.inner_text("#review-panel .picker-list li.active") == other  # the picker's first match
     page.keyboard.press("Enter")
     page.wait_for_function(f"document.querySelector('#review-panel').dataset.item !== '{second}'")
     assert ReviewItem.objects.get(pk=second).resolution == "relabeled"

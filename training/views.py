@@ -6,7 +6,7 @@ from django.contrib import messages
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
-from labeling.models import Project
+from labeling.access import current_project
 from labeling.views import _partial, staff_required
 
 from . import services
@@ -38,7 +38,7 @@ def parse_more_options(text: str) -> dict:
 
 @staff_required
 def run_list(request, slug):
-    project = get_object_or_404(Project, slug=slug)
+    project = current_project(request, slug)
     runs = list(project.training_runs.select_related("created_by", "model_version")[:50])
     context = {
         "project": project,
@@ -54,7 +54,7 @@ def run_list(request, slug):
 @staff_required
 @require_POST
 def run_create(request, slug):
-    project = get_object_or_404(Project, slug=slug)
+    project = current_project(request, slug)
     config = {}
     for name, kind in RETRAIN_FIELDS.items():
         raw = request.POST.get(name, "").strip()
@@ -81,7 +81,7 @@ def run_create(request, slug):
 
 @staff_required
 def version_list(request, slug):
-    project = get_object_or_404(Project, slug=slug)
+    project = current_project(request, slug)
     versions = list(project.model_versions.select_related("run", "promoted_by"))
     polling = any(v.index_status == ModelVersion.IndexStatus.BUILDING for v in versions)
     heads = list(project.heads.all())
@@ -100,7 +100,7 @@ def version_list(request, slug):
 @staff_required
 def version_compare(request, slug):
     """Two versions side by side on the newer one's frozen test split (top-1/top-5 per head)."""
-    project = get_object_or_404(Project, slug=slug)
+    project = current_project(request, slug)
     versions = list(project.model_versions.order_by("-number"))
     context = {"project": project, "versions": versions, "a": None, "b": None, "rows": [], "result": None}
     a_raw, b_raw = request.GET.get("a"), request.GET.get("b")
@@ -136,7 +136,7 @@ def version_compare(request, slug):
 @staff_required
 @require_POST
 def version_thresholds_apply(request, slug, number):
-    project = get_object_or_404(Project, slug=slug)
+    project = current_project(request, slug)
     version = get_object_or_404(ModelVersion, project=project, number=number)
     try:
         changed = services.head_thresholds_apply(version=version)
@@ -154,7 +154,7 @@ def version_thresholds_apply(request, slug, number):
 @staff_required
 @require_POST
 def version_promote(request, slug, number):
-    project = get_object_or_404(Project, slug=slug)
+    project = current_project(request, slug)
     version = get_object_or_404(ModelVersion, project=project, number=number)
     version = services.model_version_promote(version=version, user=request.user)
     if version.is_active:

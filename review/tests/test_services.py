@@ -127,3 +127,76 @@ def test_concurrent_handouts_skip_locked_rows(shapes_project, admin_user, review
         t.join(10)
     assert got["a"] != got["b"]
     assert waited < 5, f"the second hand-out waited {waited:.1f} s for the first one's lock (no SKIP LOCKED?)"
+
+
+@pytest.mark.django_db
+def test_relabeling_a_model_sets_its_make_and_undo_puts_both_back(reviewer):
+    import hashlib  # noqa: PLC0415
+
+    from labeling.services import project_create  # noqa: PLC0415
+
+    project = project_create(name="cars-hier", preset="car", slug="cars-hier")
+    make, model = project.heads.order_by("order")
+    honda = LabelClass.objects.create(head=make, name="Honda", normalized_name="honda")
+    toyota = LabelClass.objects.create(head=make, name="Toyota", normalized_name="toyota")
+    civic = LabelClass.objects.create(head=model, name="Civic", normalized_name="civic", parent=honda)
+    corolla = LabelClass.objects.create(head=model, name="Corolla", normalized_name="corolla", parent=toyota)
+    image = Image.objects.create(
+        project=project, sha256=hashlib.sha256(b"hier").hexdigest(), file="x.jpg", width=320, height=240
+    )
+    make_label = Label.objects.create(image=image, head=make, label_class=toyota)
+    model_label = Label.objects.create(image=image, head=model, label_class=corolla)
+    item = ReviewItem.objects.create(
+        project=project,
+        queue=ReviewItem.Queue.MISLABEL,
+        image=image,
+        head=model,
+        given_class=corolla,
+        suggested_class=civic,
+        suggested_prob=0.9,
+        score=0.1,
+        rank=0,
+    )
+    services.item_resolve(item=item, user=reviewer, action="accept", expected_version=model_label.version)
+    now = dict(Label.objects.filter(image=image).values_list("head__name", "label_class__name"))
+    assert now == {"make": "Honda", "model": "Civic"}  # a Civic is never left under Toyota
+    assert LabelEvent.objects.filter(image=image, reason="review:accept (parent)").count() == 1
+    services.item_undo(user=reviewer, project=project, queue="mislabel")
+    now = dict(Label.objects.filter(image=image).values_list("head__name", "label_class__name"))
+    assert now == {"make": "Toyota", "model": "Corolla"}
+    # the make was changed by someone else meanwhile: undo refuses and changes nothing
+    item.refresh_from_db()
+    services.item_resolve(item=item, user=reviewer, action="relabel", class_id=civic.id)
+    Label.objects.filter(pk=make_label.pk).update(version=99)
+    with pytest.raises(LabelConflict):
+        services.item_undo(user=reviewer, project=project, queue="mislabel")
+    assert Label.objects.get(pk=model_label.pk).label_class == civic
+    # a bulk rule accepts a model above the threshold: its make follows, in the same undoable action
+    from labeling.health import action_undo  # noqa: PLC0415
+
+    other = Image.objects.create(
+        project=project, sha256=hashlib.sha256(b"hier2").hexdigest(), file="y.jpg", width=320, height=240
+    )
+    Label.objects.create(image=other, head=make, label_class=toyota)
+    Label.objects.create(image=other, head=model, label_class=corolla)
+    ReviewItem.objects.create(
+        project=project,
+        queue=ReviewItem.Queue.MISLABEL,
+        image=other,
+        head=model,
+        given_class=corolla,
+        suggested_class=civic,
+        suggested_prob=0.95,
+        score=0.05,
+        rank=1,
+    )
+    action = services.bulk_rule_apply(project=project, user=reviewer, accept_above=0.8, exclude_below=0.0)
+    assert dict(Label.objects.filter(image=other).values_list("head__name", "label_class__name")) == {
+        "make": "Honda",
+        "model": "Civic",
+    }
+    action_undo(action=action, user=reviewer)
+    assert dict(Label.objects.filter(image=other).values_list("head__name", "label_class__name")) == {
+        "make": "Toyota",
+        "model": "Corolla",
+    }

@@ -1,3 +1,5 @@
+from unittest import mock
+
 import pytest
 from django.urls import reverse
 
@@ -70,7 +72,11 @@ def test_references_show_photos_of_the_suggested_and_the_given_class(client, rev
     client.force_login(reviewer)
     client.get(reverse("review:queue", args=[project.slug, "mislabel"]))
     item = ReviewItem.objects.get(leased_by=reviewer)
-    html = client.get(reverse("review:references", args=[project.slug, "mislabel", item.id])).content.decode()
+    from inference.core import Recognizer  # noqa: PLC0415
+
+    with mock.patch.object(Recognizer, "predict", autospec=True, side_effect=Recognizer.predict) as predict:
+        html = client.get(reverse("review:references", args=[project.slug, "mislabel", item.id])).content.decode()
+    assert predict.call_count == 1  # one embedding and one search serve both rows
     assert f"Suggested: <strong>{item.suggested_class.name}</strong>" in html
     assert f"Given: <strong>{item.given_class.name}</strong>" in html
     assert html.count("<img") == 8  # four of each, nearest first (the active model's gallery)

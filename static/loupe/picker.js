@@ -2,6 +2,9 @@
 // array filtered per key press, at most 50 rows drawn), keyboard driven (type, ↑/↓, Enter, Esc), hierarchy-aware
 // (a child head — model — lists only the children of its parent head's current class — make —, and picking a
 // child whose parent differs sets the parent first), and admins may create a class that does not exist yet.
+// On the review page (<select data-picker data-event>) a choice is not submitted: the picker fires a bubbling
+// "picker:choose" event ({detail: {id, name}}) and review.js decides; options may carry data-parent-name (shown
+// beside the name and searched too: typing a make lists its models).
 (function () {
   "use strict";
   const MAX_ROWS = 50;
@@ -20,7 +23,13 @@
     const form = select.form;
     const options = Array.from(select.options)
       .filter((o) => o.value)
-      .map((o) => ({ id: o.value, name: o.textContent, key: norm(o.textContent), parent: o.dataset.parent || "" }));
+      .map((o) => ({
+        id: o.value,
+        name: o.textContent,
+        key: norm(o.textContent + (o.dataset.parentName ? " " + o.dataset.parentName : "")),
+        parent: o.dataset.parent || "",
+        parentName: o.dataset.parentName || "",
+      }));
     const wrap = document.createElement("div");
     wrap.className = "picker";
     const input = document.createElement("input");
@@ -28,7 +37,10 @@
     input.autocomplete = "off";
     input.className = "picker-input";
     input.setAttribute("aria-label", select.dataset.head + " class");
-    input.placeholder = (select.selectedOptions[0] && select.value ? select.selectedOptions[0].textContent : "unlabeled") + " — type to change";
+    input.placeholder =
+      select.dataset.placeholder ||
+      (select.selectedOptions[0] && select.value ? select.selectedOptions[0].textContent : "unlabeled") + " — type to change";
+    if (select.id) input.id = select.id + "-input";
     const list = document.createElement("ul");
     list.className = "picker-list";
     list.setAttribute("role", "listbox");
@@ -84,7 +96,8 @@
         li.textContent =
           row.kind === "create"
             ? "+ create “" + row.name + "”"
-            : row.option.name + (other ? " (" + parentName(row.option.parent) + ")" : "");
+            : row.option.name +
+              (other ? " (" + parentName(row.option.parent) + ")" : row.option.parentName ? " (" + row.option.parentName + ")" : "");
         if (row.kind === "create") li.className = "create";
         li.addEventListener("mousedown", (e) => {
           e.preventDefault();
@@ -141,6 +154,11 @@
         return submitWith(String(data.id));
       }
       const option = row.option;
+      if (select.dataset.event !== undefined) {
+        input.value = "";
+        select.dispatchEvent(new CustomEvent("picker:choose", { bubbles: true, detail: { id: option.id, name: option.name } }));
+        return;
+      }
       const parentHead = select.dataset.parentHeadId;
       if (parentHead && option.parent) {
         const parentSelect = editorOf(parentHead);
@@ -192,6 +210,7 @@
   function scan(root) {
     (root || document).querySelectorAll("select[data-picker]").forEach(setup);
   }
+  window.loupePicker = { scan: scan };
   document.addEventListener("DOMContentLoaded", () => scan());
   document.addEventListener("htmx:afterSwap", (e) => scan(e.target));
 })();

@@ -31,6 +31,7 @@
       if (panel && fresh) {
         panel.replaceWith(fresh);
         if (window.htmx) window.htmx.process(fresh);
+        if (window.loupePicker) window.loupePicker.scan(fresh);
       } else if (status) {
         status.textContent = "The server answered " + response.status + "; nothing changed. Reload the page.";
       }
@@ -55,29 +56,17 @@
     if (form) post(form.getAttribute("action"), new FormData(form));
   }
 
-  function pickTyped() {
-    const input = document.getElementById("class-picker");
-    const text = input.value.trim().toLowerCase();
-    if (!text) return;
-    const options = Array.from(document.querySelectorAll("#class-list option"));
-    const hit =
-      options.find((o) => o.value.toLowerCase() === text) ||
-      options.find((o) => o.value.toLowerCase().startsWith(text)) ||
-      options.find((o) => o.value.toLowerCase().includes(text));
-    if (hit) {
-      decide("relabel", hit.dataset.id);
-    } else {
-      const status = document.getElementById("review-status");
-      if (status) status.textContent = "No class matches “" + input.value + "”.";
-    }
-  }
-
   root.addEventListener("submit", function (event) {
     const form = event.target;
     event.preventDefault();
     if (form.id === "undo-form") return undo();
     const button = event.submitter;
     decide(button ? button.value : "accept", button && button.dataset.class ? button.dataset.class : "");
+  });
+
+  // "/" opens the type-ahead class picker (static/loupe/picker.js); its choice relabels to that class
+  root.addEventListener("picker:choose", function (event) {
+    decide("relabel", event.detail.id);
   });
 
   root.addEventListener("click", function (event) {
@@ -88,15 +77,6 @@
     const dialog = document.getElementById("shortcuts");
     if (dialog && dialog.open) return; // Esc closes it natively
     const target = event.target;
-    if (target && target.id === "class-picker") {
-      if (event.key === "Enter") {
-        event.preventDefault();
-        pickTyped();
-      } else if (event.key === "Escape") {
-        target.blur();
-      }
-      return;
-    }
     if (target && (target.tagName === "INPUT" || target.tagName === "TEXTAREA" || target.tagName === "SELECT")) return;
     if (event.altKey || event.metaKey) return;
     if (event.ctrlKey) {
@@ -114,7 +94,7 @@
     else if (key === "s" || key === "ArrowRight") decide("skip");
     else if (key === "u" || key === "ArrowLeft") undo();
     else if (key === "?") dialog.showModal();
-    else if (key === "/") document.getElementById("class-picker")?.focus();
+    else if (key === "/") document.getElementById("class-picker-input")?.focus();
     else if (/^[1-9]$/.test(key)) {
       const pick = document.querySelector('#review-panel .pick[data-key="' + key + '"]');
       if (pick) decide("relabel", pick.dataset.class);
