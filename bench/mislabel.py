@@ -13,7 +13,8 @@ train.txt and the fine class each was given).
 Arms (same K group-aware folds from training.engine.oof.group_folds, seed 0, one photo per group; per fold: train on
 K-2 folds, pick the best epoch on fold f+1, predict fold f, exactly the engine's out-of-fold scheme):
   ours      training.engine.oof.out_of_fold_predictions (mode "full") with the engine's default recipe,
-            mobilenetv3_small_100 from random init at 128 px, batch 32, heads coarse + fine; then
+            mobilenetv3_small_100 from random init at LOUPE_BENCH_SIZE px (default 64), batch 32, heads coarse +
+            fine; then
             review.core.rank_label_issues on the fine head's out-of-fold probabilities - what the product's
             mislabel queue (review.services.mislabel_refresh) ranks. "Top N" is the first N items of that queue.
   baseline  a plain single-head timm loop (bench.train_accuracy's baseline: cross-entropy, AdamW lr 1e-3 constant,
@@ -26,10 +27,13 @@ is shorter than N), of the whole issue set (its size may differ from N), and the
 self-confidence quality score over all photos (flipped = positive, low quality = more suspect), plus out-of-fold
 fine top-1 against the noisy and the true labels.
 
-CPU budget (2 cores, no GPU, ~15 min wall in all): K = LOUPE_BENCH_K (default 4) and LOUPE_BENCH_BUDGET_S
-(default 280) seconds of wall time per arm, split evenly over the folds (max_train_seconds per fold, per-epoch
-evaluation included, for both arms); epochs per fold are sized from the measured ~90 img/s so the cosine schedule
-roughly fits the budget. Evaluation reports/retrieval are off (they do not change the model).
+CPU budget (2 cores, no GPU, ~40 min wall in all): K = LOUPE_BENCH_K (default 4) and LOUPE_BENCH_BUDGET_S
+(default 1200) seconds of wall time per arm, split evenly over the folds (max_train_seconds per fold, per-epoch
+evaluation included, for both arms); epochs per fold are sized from the measured throughput (~210 img/s at 64 px,
+~90 at 128 px) so the cosine schedule ends with the budget instead of being cut at a high learning rate.
+64 px because on two CPU cores a from-scratch model needs many epochs more than it needs pixels: measured in
+2026-11 with the engine arm alone, 128 px / 70 s per fold gave out-of-fold top-1 0.18 and top-N 0.64, 64 px /
+150 s per fold 0.38 and 0.76. Evaluation reports/retrieval are off (they do not change the model).
 If the dataset folder is absent the bench prints "skipped: ..." and exits 0 without writing anything.
 Run: .venv/bin/python -m bench.mislabel  (writes bench/results/mislabel.json)."""
 
@@ -50,9 +54,12 @@ from bench.common import metric, table, write
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "datasets"
 ROOT = DATA / "grocery-store"
 K = int(os.environ.get("LOUPE_BENCH_K", 4))
-BUDGET = float(os.environ.get("LOUPE_BENCH_BUDGET_S", 280))  # seconds of wall time per arm, all folds
+BUDGET = float(os.environ.get("LOUPE_BENCH_BUDGET_S", 1200))  # seconds of wall time per arm, all folds
+SIZE = int(os.environ.get("LOUPE_BENCH_SIZE", 64))
 NOISE, SEED = 0.10, 0
-EST_IMAGES_PER_S = 90  # as bench.train_accuracy: sizes the epochs (and so the cosine schedule) to the budget
+# measured training throughput (per-epoch evaluation included) on this 2-core CPU: sizes the epochs, and so
+# the cosine schedule, to the budget
+EST_IMAGES_PER_S = 210 if SIZE <= 64 else 90
 TARGET = 0.8
 
 
@@ -80,7 +87,7 @@ def fold_epochs(n_fold_train: int) -> int:
 
 # ------------------------------------------------------------------------------------------------- ours
 def ours(ds: dict, out_dir: Path, n_fold_train: int) -> dict:
-    from bench.train_accuracy import BACKBONE, BATCH, SIZE, manifest_of  # noqa: PLC0415
+    from bench.train_accuracy import BACKBONE, BATCH, manifest_of  # noqa: PLC0415
     from training.engine.oof import out_of_fold_predictions  # noqa: PLC0415
 
     config = {
@@ -116,7 +123,7 @@ def baseline(ds: dict, folds: np.ndarray, n_fold_train: int) -> np.ndarray:
     idx = {c: i for i, c in enumerate(classes)}
     paths = [it["path"] for it in ds["items"]]
     labels = np.array([idx[it["labels"]["fine"]] for it in ds["items"]])
-    train_tf, val_tf = baseline_transforms()
+    train_tf, val_tf = baseline_transforms(SIZE)
     workers = resolve_num_workers("auto")
     torch.set_num_threads(resolve_torch_threads("auto", workers))
     epochs, budget = fold_epochs(n_fold_train), BUDGET / K
@@ -270,7 +277,7 @@ def main() -> None:
         f"grocery-store train/: {n} photos, {len(flipped)} fine labels ({NOISE:.0%}) flipped with "
         f"numpy default_rng({SEED}) to another fine class (coarse follows); N = {len(flipped)}. K={K} group-aware "
         f"folds (train K-2, select on 1, predict 1); {BUDGET:.0f} s wall per arm ({BUDGET / K:.0f} s and at most "
-        f"{fold_epochs(n_fold_train)} epochs per fold); mobilenetv3_small_100 random init, 128 px, batch 32, CPU. "
+        f"{fold_epochs(n_fold_train)} epochs per fold); mobilenetv3_small_100 random init, {SIZE} px, batch 32, CPU. "
         f"Ours: engine OOF (coarse + fine, default recipe) {t_ours:.0f} s -> review.core.rank_label_issues, "
         f"queue {s_ours['issues']} items, top {s_ours['n_top']}. Baseline: plain loop {t_base:.0f} s -> cleanlab "
         f"find_label_issues (self_confidence), {s_base['issues']} issues, top {s_base['n_top']}. "

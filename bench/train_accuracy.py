@@ -119,11 +119,11 @@ class Plain(Dataset):
             return self.tf(img.convert("RGB")), self.labels[i]
 
 
-def baseline_transforms() -> tuple[T.Compose, T.Compose]:
+def baseline_transforms(size: int = SIZE) -> tuple[T.Compose, T.Compose]:
     """The plain loop's (train, val) transforms: torchvision RandomResizedCrop + flip / resize + centre crop."""
     train_tf = T.Compose(
         [
-            T.RandomResizedCrop(SIZE, scale=(0.6, 1.0), interpolation=InterpolationMode.BICUBIC),
+            T.RandomResizedCrop(size, scale=(0.6, 1.0), interpolation=InterpolationMode.BICUBIC),
             T.RandomHorizontalFlip(),
             T.ToTensor(),
             T.Normalize(MEAN, STD),
@@ -131,8 +131,8 @@ def baseline_transforms() -> tuple[T.Compose, T.Compose]:
     )
     val_tf = T.Compose(
         [
-            T.Resize(int(SIZE * 1.14), interpolation=InterpolationMode.BICUBIC),
-            T.CenterCrop(SIZE),
+            T.Resize(int(size * 1.14), interpolation=InterpolationMode.BICUBIC),
+            T.CenterCrop(size),
             T.ToTensor(),
             T.Normalize(MEAN, STD),
         ]
