@@ -216,13 +216,21 @@ def item_resolve(
     return item
 
 
+def _ancestors(class_id: int) -> list[tuple[int, int]]:
+    """(class id, head id) of the class's parent, its parent's parent, ... (a model's make), nearest first."""
+    out = []
+    cls = LabelClass.objects.filter(pk=class_id).values("parent_id", "parent__head_id").first()
+    while cls and cls["parent_id"]:
+        out.append((cls["parent_id"], cls["parent__head_id"]))
+        cls = LabelClass.objects.filter(pk=cls["parent_id"]).values("parent_id", "parent__head_id").first()
+    return out
+
+
 def _parents_follow(*, image_id: int, class_id: int, user, action: str) -> list[dict]:
     """Hierarchy: a photo relabeled to a model gets that model's make (and so on up), as the label editor does.
     Returns the undo records of the parent labels it changed."""
     changed = []
-    cls = LabelClass.objects.filter(pk=class_id).values("parent_id", "parent__head_id").first()
-    while cls and cls["parent_id"]:
-        parent_id, head_id = cls["parent_id"], cls["parent__head_id"]
+    for parent_id, head_id in _ancestors(class_id):
         label = Label.objects.select_for_update().filter(image_id=image_id, head_id=head_id).first()
         if label is not None and label.label_class_id != parent_id:
             change = label_set(
@@ -235,7 +243,6 @@ def _parents_follow(*, image_id: int, class_id: int, user, action: str) -> list[
             changed.append(
                 {"label_id": label.id, "old_class_id": label.label_class_id, "new_version": change.label.version}
             )
-        cls = LabelClass.objects.filter(pk=parent_id).values("parent_id", "parent__head_id").first()
     return changed
 
 
@@ -438,14 +445,11 @@ def bulk_rule_apply(*, project: Project, user, accept_above: float = 0.8, exclud
             labels = [lb for lb in labels if (lb.image_id, lb.head_id) in wanted]
             label_changes += _relabel(labels, class_id, "review: bulk accept", user, action)
             # hierarchy: the accepted model's make (and so on up) follows, in the same undoable action
-            cls = LabelClass.objects.select_related("parent").get(pk=class_id)
-            while cls.parent_id:
+            for parent_id, head_id in _ancestors(class_id):
                 parents = Label.objects.select_for_update().filter(
-                    image_id__in=[it.image_id for it in its], head_id=cls.parent.head_id
+                    image_id__in=[it.image_id for it in its], head_id=head_id
                 )
-                stale = [lb for lb in parents if lb.label_class_id != cls.parent_id]
-                label_changes += _relabel(stale, cls.parent_id, "review: bulk accept (parent)", user, action)
-                cls = cls.parent
+                label_changes += _relabel(parents, parent_id, "review: bulk accept (parent)", user, action)
         images = list(Image.objects.select_for_update().filter(pk__in=[it.image_id for it in exclude]))
         status_changes = _set_status(images, Image.Status.EXCLUDED, "review: bulk exclude (unreadable)", user, action)
         for it, resolution in [(it, "accepted") for it in accept] + [(it, "excluded") for it in exclude]:

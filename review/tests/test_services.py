@@ -141,29 +141,36 @@ def test_relabeling_a_model_sets_its_make_and_undo_puts_both_back(reviewer):
     toyota = LabelClass.objects.create(head=make, name="Toyota", normalized_name="toyota")
     civic = LabelClass.objects.create(head=model, name="Civic", normalized_name="civic", parent=honda)
     corolla = LabelClass.objects.create(head=model, name="Corolla", normalized_name="corolla", parent=toyota)
-    image = Image.objects.create(
-        project=project, sha256=hashlib.sha256(b"hier").hexdigest(), file="x.jpg", width=320, height=240
-    )
-    make_label = Label.objects.create(image=image, head=make, label_class=toyota)
-    model_label = Label.objects.create(image=image, head=model, label_class=corolla)
-    item = ReviewItem.objects.create(
-        project=project,
-        queue=ReviewItem.Queue.MISLABEL,
-        image=image,
-        head=model,
-        given_class=corolla,
-        suggested_class=civic,
-        suggested_prob=0.9,
-        score=0.1,
-        rank=0,
-    )
+
+    def corolla_photo(name: bytes, prob: float, rank: int):
+        """A photo labeled Toyota Corolla, queued with the suggestion Civic."""
+        image = Image.objects.create(
+            project=project, sha256=hashlib.sha256(name).hexdigest(), file=f"{name.decode()}.jpg", width=320, height=240
+        )
+        make_label = Label.objects.create(image=image, head=make, label_class=toyota)
+        model_label = Label.objects.create(image=image, head=model, label_class=corolla)
+        item = ReviewItem.objects.create(
+            project=project,
+            queue=ReviewItem.Queue.MISLABEL,
+            image=image,
+            head=model,
+            given_class=corolla,
+            suggested_class=civic,
+            suggested_prob=prob,
+            score=1 - prob,
+            rank=rank,
+        )
+        return image, make_label, model_label, item
+
+    def labels_of(image) -> dict:
+        return dict(Label.objects.filter(image=image).values_list("head__name", "label_class__name"))
+
+    image, make_label, model_label, item = corolla_photo(b"hier", 0.9, 0)
     services.item_resolve(item=item, user=reviewer, action="accept", expected_version=model_label.version)
-    now = dict(Label.objects.filter(image=image).values_list("head__name", "label_class__name"))
-    assert now == {"make": "Honda", "model": "Civic"}  # a Civic is never left under Toyota
+    assert labels_of(image) == {"make": "Honda", "model": "Civic"}  # a Civic is never left under Toyota
     assert LabelEvent.objects.filter(image=image, reason="review:accept (parent)").count() == 1
     services.item_undo(user=reviewer, project=project, queue="mislabel")
-    now = dict(Label.objects.filter(image=image).values_list("head__name", "label_class__name"))
-    assert now == {"make": "Toyota", "model": "Corolla"}
+    assert labels_of(image) == {"make": "Toyota", "model": "Corolla"}
     # the make was changed by someone else meanwhile: undo refuses and changes nothing
     item.refresh_from_db()
     services.item_resolve(item=item, user=reviewer, action="relabel", class_id=civic.id)
@@ -174,29 +181,8 @@ def test_relabeling_a_model_sets_its_make_and_undo_puts_both_back(reviewer):
     # a bulk rule accepts a model above the threshold: its make follows, in the same undoable action
     from labeling.health import action_undo  # noqa: PLC0415
 
-    other = Image.objects.create(
-        project=project, sha256=hashlib.sha256(b"hier2").hexdigest(), file="y.jpg", width=320, height=240
-    )
-    Label.objects.create(image=other, head=make, label_class=toyota)
-    Label.objects.create(image=other, head=model, label_class=corolla)
-    ReviewItem.objects.create(
-        project=project,
-        queue=ReviewItem.Queue.MISLABEL,
-        image=other,
-        head=model,
-        given_class=corolla,
-        suggested_class=civic,
-        suggested_prob=0.95,
-        score=0.05,
-        rank=1,
-    )
+    other = corolla_photo(b"hier2", 0.95, 1)[0]
     action = services.bulk_rule_apply(project=project, user=reviewer, accept_above=0.8, exclude_below=0.0)
-    assert dict(Label.objects.filter(image=other).values_list("head__name", "label_class__name")) == {
-        "make": "Honda",
-        "model": "Civic",
-    }
+    assert labels_of(other) == {"make": "Honda", "model": "Civic"}
     action_undo(action=action, user=reviewer)
-    assert dict(Label.objects.filter(image=other).values_list("head__name", "label_class__name")) == {
-        "make": "Toyota",
-        "model": "Corolla",
-    }
+    assert labels_of(other) == {"make": "Toyota", "model": "Corolla"}
