@@ -547,11 +547,11 @@ def embed_paths(recognizer: Recognizer, paths: Sequence[str], batch_size: int = 
     return emb, ok
 
 
-def split_accuracy(recognizer: Recognizer, items: Sequence[dict]) -> dict:
+def split_accuracy(recognizer: Recognizer, items: Sequence[dict], predicted=None) -> dict:
     """Top-1/top-5 per head of the model on manifest items ({"path", "labels": {head: class or None}}) as
     {"heads": {head: {"top1", "top5", "n"}}, "n", "unreadable"}; unknown labels, or classes the model does not
-    know, are not counted."""
-    probs, _emb, ok = predict_paths(recognizer, [it["path"] for it in items])
+    know, are not counted. `predicted`: predict_paths' answer for these items when the caller already has it."""
+    probs, _emb, ok = predicted if predicted is not None else predict_paths(recognizer, [it["path"] for it in items])
     out: dict[str, dict] = {}
     for h in recognizer.heads:
         index = {c: i for i, c in enumerate(recognizer.label_maps[h])}

@@ -7,11 +7,17 @@ answer on those items, checked by a reviewer, is its accuracy where it is actual
 it was not trained on (they were unlabeled when it was trained). The active arm is what the uncertainty
 strategy picked: the share of those the model got wrong is how informative each active label is; when active
 picks are wrong much more often than random ones, every reviewed active item teaches the model more than a
-random one would, which is the point of the strategy. (An A/B of two models, one trained with the active picks
-and one with as many random picks, would measure the payoff directly; it costs a second training run per
-retrain and is not run.)"""
+random one would, which is the point of the strategy.
+
+The A/B itself, label for label, is `arms_probe` (review.arms): after every retrain the worker measures the
+new model's retrieval top-1 on the test split with the gallery holding the base labels plus the first n active
+picks, or the first n random-arm picks, and stores the curve in the version's metrics["arms"]."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
 
 from labeling.models import Project
 from training.models import ModelVersion
@@ -19,6 +25,54 @@ from training.models import ModelVersion
 from .models import ReviewItem
 
 COUNTED = (ReviewItem.Resolution.ACCEPTED, ReviewItem.Resolution.KEPT, ReviewItem.Resolution.RELABELED)
+
+
+def arms_probe(
+    *,
+    project: Project,
+    frozen_at,
+    manifest: dict,
+    gallery_ids: Sequence[int],
+    gallery_emb: np.ndarray,
+    test_ids: Sequence[int],
+    test_emb: np.ndarray,
+) -> dict:
+    """{"heads": {head: review.arms.arm_curve(...)}} for one trained model: gallery_ids/gallery_emb are its train
+    split embeddings, test_ids/test_emb its test split's, both keyed by image id; the labels are the frozen
+    dataset version's (manifest), the arms the low-confidence items reviewers resolved (accepted, kept or
+    relabelled) before `frozen_at`, in the order they were resolved."""
+    from .arms import arm_curve  # noqa: PLC0415
+
+    by_id = {it["id"]: it for it in manifest["items"]}
+    picks = (
+        ReviewItem.objects.filter(
+            project=project,
+            queue=ReviewItem.Queue.UNCERTAIN,
+            status=ReviewItem.Status.DONE,
+            resolution__in=COUNTED,
+            resolved_at__lte=frozen_at,
+        )
+        .order_by("resolved_at", "id")
+        .values_list("image_id", "head__name", "random_control")
+    )
+    arms: dict[str, dict[int, bool]] = {}
+    for image_id, head, random_control in picks:
+        arms.setdefault(head, {}).setdefault(image_id, random_control)  # the first review decides
+    row_of = {int(i): r for r, i in enumerate(gallery_ids)}
+    out = {}
+    for head in (h["name"] for h in manifest["heads"]):
+        g_labels = [by_id[int(i)]["labels"].get(head) for i in gallery_ids]
+        t_labels = [by_id[int(i)]["labels"].get(head) for i in test_ids]
+        picked = [(row_of[i], r) for i, r in arms.get(head, {}).items() if i in row_of and g_labels[row_of[i]]]
+        out[head] = arm_curve(
+            gallery_emb,
+            g_labels,
+            [row for row, r in picked if not r],
+            [row for row, r in picked if r],
+            test_emb,
+            t_labels,
+        )
+    return {"heads": out}
 
 
 def _test_top1(metrics: dict) -> float | None:
@@ -60,6 +114,7 @@ def learning_curve(*, project: Project) -> dict:
                 "n_train": v.metrics.get("n_train"),
                 "test_top1": _test_top1(v.metrics),
                 "val_primary": v.metrics.get("primary"),
+                "ab": _ab_last(v),
                 "labels_active": sum(1 for it in before if not it["random_control"]),
                 "labels_random": sum(1 for it in before if it["random_control"]),
                 "random_n": len(rand),
@@ -85,16 +140,65 @@ def learning_curve(*, project: Project) -> dict:
         # how many times more often the model is wrong on active picks than on random ones (None when unknown)
         "informativeness": (a / r) if a is not None and r else None,
     }
-    return {"rows": rows, "summary": summary, "chart": _chart(rows)}
-
-
-def _chart(rows: list[dict], width: int = 560, height: int = 240, pad: int = 36) -> dict | None:
-    """SVG polylines (test top-1 and random-arm accuracy against training labels), coordinates precomputed."""
     pts = [r for r in rows if r["n_train"]]
-    if not pts:
+    chart = _chart(
+        {
+            key: [(r["n_train"], r[key], f"v{r['number']}: {r[key]:.3f}") for r in pts if r[key] is not None]
+            for key in ("test_top1", "random_acc")
+        }
+    )
+    return {"rows": rows, "summary": summary, "chart": chart, "ab": _ab(versions)}
+
+
+def _ab_last(version: ModelVersion) -> dict | None:
+    """The A/B's largest equal-n point of the version's first head that has one: {"head", "n", "active", "random"}."""
+    for head, c in (((version.metrics or {}).get("arms") or {}).get("heads") or {}).items():
+        if len(c.get("points") or []) >= 2:
+            return {"head": head, **c["points"][-1]}
+    return None
+
+
+def _ab(versions: list[ModelVersion]) -> dict | None:
+    """The newest version's A/B of the arms (metrics["arms"], written by the worker after training), per head
+    with a curve: {"version", "heads": [{"head", "n_base", "n_test", "points", "gain", "chart"}]}."""
+    for v in reversed(versions):
+        heads = ((v.metrics or {}).get("arms") or {}).get("heads") or {}
+        shown = []
+        for head, c in heads.items():
+            pts = c.get("points") or []
+            if len(pts) < 2:
+                continue
+            last = pts[-1]
+            shown.append(
+                {
+                    "head": head,
+                    "n_base": c["n_base"],
+                    "n_test": c["n_test"],
+                    "n_active": c["n_active"],
+                    "n_random": c["n_random"],
+                    "points": pts,
+                    "last": last,
+                    # test top-1 points gained per 100 labels, active minus random, at the largest equal n
+                    "gain": round((last["active"] - last["random"]) * 100, 1),
+                    "chart": _chart(
+                        {
+                            arm: [(c["n_base"] + p["n"], p[arm], f"{p['n']} {arm} labels: {p[arm]:.3f}") for p in pts]
+                            for arm in ("active", "random")
+                        }
+                    ),
+                }
+            )
+        if shown:
+            return {"version": v.number, "heads": shown}
+    return None
+
+
+def _chart(lines: dict[str, list[tuple[float, float, str]]], width: int = 560, height: int = 240, pad: int = 36):
+    """SVG polylines, one per named line of (x, accuracy in [0, 1], tooltip) points; coordinates precomputed."""
+    xs = sorted({x for pts in lines.values() for x, _, _ in pts})
+    if not xs:
         return None
-    xs = [r["n_train"] for r in pts]
-    lo, hi = min(xs), max(xs)
+    lo, hi = xs[0], xs[-1]
     span = (hi - lo) or 1
 
     def x(n):
@@ -103,19 +207,18 @@ def _chart(rows: list[dict], width: int = 560, height: int = 240, pad: int = 36)
     def y(acc):
         return height - pad - acc * (height - 2 * pad)
 
-    def line(key):
-        coords = [(round(x(r["n_train"]), 1), round(y(r[key]), 1), r) for r in pts if r[key] is not None]
+    def line(pts):
+        coords = [(round(x(px), 1), round(y(py), 1), title) for px, py, title in pts]
         return {
             "points": " ".join(f"{cx},{cy}" for cx, cy, _ in coords),
-            "dots": [{"x": cx, "y": cy, "label": f"v{r['number']}: {r[key]:.3f}"} for cx, cy, r in coords],
+            "dots": [{"x": cx, "y": cy, "label": title} for cx, cy, title in coords],
         }
 
     return {
         "width": width,
         "height": height,
-        "test": line("test_top1"),
-        "random": line("random_acc"),
-        "x_ticks": [{"x": round(x(n), 1), "label": n} for n in sorted(set(xs))],
+        **{name: line(pts) for name, pts in lines.items()},
+        "x_ticks": [{"x": round(x(n), 1), "label": n} for n in xs],
         "y_ticks": [{"y": round(y(v), 1), "label": f"{v:.1f}"} for v in (0.0, 0.25, 0.5, 0.75, 1.0)],
         "x0": pad,
         "x1": width - pad,

@@ -27,6 +27,7 @@ class TrainingError(ValueError):
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 GALLERY_CACHE = "gallery_embeddings.npz"  # train-split embeddings from the calibration, reused by the index build
+TEST_CACHE = "test_embeddings.npz"  # test-split embeddings from the test report, reused by the arms probe
 
 
 def preset_config(preset: str) -> dict:
@@ -198,6 +199,11 @@ def training_run_execute(*, run_id: int, inline: bool = False, fresh: bool = Fal
     except Exception as exc:  # noqa: BLE001 - the model is fine; only the report failed
         log.exception("test-split report for run %s failed", run.id)
         metrics["test"] = {"error": f"{type(exc).__name__}: {exc}"}
+    try:
+        metrics["arms"] = _arms_probe(out_dir, manifest, project, version.created_at)
+    except Exception as exc:  # noqa: BLE001 - the model is fine; only the A/B of the queue's arms failed
+        log.exception("arms probe for run %s failed", run.id)
+        metrics["arms"] = {"error": f"{type(exc).__name__}: {exc}"}
     with transaction.atomic():
         TrainingRun.objects.filter(pk=run.id).update(
             status=TrainingRun.Status.SUCCEEDED, finished_at=timezone.now(), metrics=metrics.get("heads", {})
@@ -249,14 +255,39 @@ def _calibrate(out_dir: Path, manifest: dict) -> dict:
 def _test_split_report(out_dir: Path, manifest: dict) -> dict:
     """Accuracy of the trained model on the frozen test split: reported, never trained on or used to pick an
     epoch (the engine does not read test items)."""
-    from inference.core import Recognizer, split_accuracy
+    from inference.core import Recognizer, predict_paths, split_accuracy
 
     items = [it for it in manifest["items"] if it["split"] == "test"]
     if not items:
         return {}
-    report = split_accuracy(Recognizer.load(out_dir), items)
+    rec = Recognizer.load(out_dir)
+    predicted = predict_paths(rec, [it["path"] for it in items])
+    report = split_accuracy(rec, items, predicted)
     _write_json(out_dir / "test_metrics.json", report)
+    _probs, emb, ok = predicted
+    np.savez(out_dir / TEST_CACHE, ids=np.array([it["id"] for it in items], dtype=np.int64)[ok], emb=emb[ok])
     return report
+
+
+def _arms_probe(out_dir: Path, manifest: dict, project: Project, frozen_at) -> dict:
+    """The low-confidence queue's A/B on this model (review.curve.arms_probe): retrieval top-1 on the test split
+    against the number of active vs random-arm labels in the gallery; written as arms.json."""
+    from review.curve import arms_probe
+
+    if not (out_dir / GALLERY_CACHE).exists() or not (out_dir / TEST_CACHE).exists():
+        return {}  # no validation split (no gallery cache) or no test split: nothing to measure on
+    with np.load(out_dir / GALLERY_CACHE) as g, np.load(out_dir / TEST_CACHE) as t:
+        out = arms_probe(
+            project=project,
+            frozen_at=frozen_at,
+            manifest=manifest,
+            gallery_ids=g["ids"],
+            gallery_emb=g["emb"],
+            test_ids=t["ids"],
+            test_emb=t["emb"],
+        )
+    _write_json(out_dir / "arms.json", out)
+    return out
 
 
 def _write_json(path: Path, data) -> None:
