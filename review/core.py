@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+FILTER_BY = "low_self_confidence"  # cleanlab's filter: see rank_label_issues
+
 
 @dataclass(frozen=True)
 class Issue:
@@ -23,8 +25,15 @@ class Issue:
 
 
 def rank_label_issues(labels, pred_probs, *, min_examples_per_class: int = 1) -> list[Issue]:
-    """The rows cleanlab's confident learning flags as label issues (`find_label_issues`, prune by noise rate),
-    ranked by label quality (self-confidence, worst first).
+    """The rows cleanlab's confident learning flags as label issues, ranked by label quality (self-confidence,
+    worst first).
+
+    `find_label_issues(filter_by="low_self_confidence")`: confident learning estimates how many labels are wrong
+    (the off-diagonal of the confident joint) and flags that many rows with the lowest self-confidence, so the
+    queue's order and its cut agree. The default `prune_by_noise_rate` picks its rows per (given, suggested)
+    pair by margin instead, which leaves some clearly wrong labels out of the set while keeping borderline ones:
+    on the grocery bench (10 % flipped, the same out-of-fold probabilities) the top N of the queue went from
+    0.742 to 0.788 precision = recall (bench/mislabel.py).
 
     labels: (n,) ints in [0, K); pred_probs: (n, K), rows summing to 1. Rows with NaN probabilities (not
     predicted) are left out. Returns [] when fewer than two classes are present. ValueError on shape mismatch
@@ -55,7 +64,7 @@ def rank_label_issues(labels, pred_probs, *, min_examples_per_class: int = 1) ->
     y_sub = remap[y]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # cleanlab warns about tiny classes; the ranking is still defined
-        flagged = find_label_issues(y_sub, p_sub, filter_by="prune_by_noise_rate", min_examples_per_class=0)
+        flagged = find_label_issues(y_sub, p_sub, filter_by=FILTER_BY, min_examples_per_class=0)
         quality = get_label_quality_scores(y_sub, p_sub, method="self_confidence")
     out = []
     for i in np.flatnonzero(flagged):

@@ -48,3 +48,42 @@ def test_out_of_fold_predictions_cover_every_labeled_image_once(tmp_path):
     assert meta["k"] == 3 and meta["epochs_per_fold"] == 1 and len(meta["folds"]) == 3
     with pytest.raises(ValueError, match="mode"):
         out_of_fold_predictions(manifest, TINY_TEST_CONFIG, tmp_path / "x", mode="fast")
+
+
+def test_fold_models_average_the_photo_with_its_mirror_image(tmp_path):
+    """With hflip in the training augmentation a fold model's probabilities are the mean over the photo and its
+    mirror image; with hflip off, the photo's alone."""
+    import shutil
+
+    import torch
+
+    from training.engine.data import eval_transform, normalize_batch
+    from training.engine.model import build_model
+    from training.engine.oof import _predict, tta_flips
+
+    assert tta_flips({"hflip": True, "vflip": True}) == [(), (3,), (2,)]
+    assert tta_flips({"hflip": True, "augment": "none"}) == [()] and tta_flips({"hflip": False}) == [()]
+    manifest = make_shapes_dataset(tmp_path / "imgs", n=24, seed=2)
+    out_of_fold_predictions(manifest, {**TINY_TEST_CONFIG, "epochs": 2}, tmp_path / "oof", k=3, mode="full")
+    items = manifest["items"][:6]
+    fold = tmp_path / "oof" / "fold-0"
+    ckpt = torch.load(fold / "model.pt", map_location="cpu", weights_only=True)
+    assert ckpt["config"]["hflip"] is True
+    model, _ = build_model(ckpt["config"], ckpt["heads"], load_weights=False)
+    model.load_state_dict(ckpt["state_dict"])
+    model.eval()
+    from PIL import Image
+
+    tf = eval_transform(ckpt["config"]["image_size"])
+    x = normalize_batch(
+        torch.stack([tf(Image.open(it["path"]).convert("RGB")) for it in items]), ckpt["mean"], ckpt["std"]
+    )
+    with torch.inference_mode():
+        (one,), (mirrored,) = ([torch.softmax(lg, 1).numpy() for lg in model(v)[0][:1]] for v in (x, x.flip(3)))
+    head = ckpt["heads"][0]["name"]
+    assert np.allclose(_predict(fold, items, 4)[head], (one + mirrored) / 2, atol=1e-5)
+    plain = tmp_path / "plain"
+    shutil.copytree(fold, plain)
+    torch.save({**ckpt, "config": {**ckpt["config"], "hflip": False}}, plain / "model.pt")
+    assert np.allclose(_predict(plain, items, 4)[head], one, atol=1e-5)
+    assert not np.allclose(one, mirrored, atol=1e-5)
