@@ -150,35 +150,31 @@ def learning_curve(*, project: Project) -> dict:
     return {"rows": rows, "summary": summary, "chart": chart, "ab": _ab(versions)}
 
 
+def _curves(version: ModelVersion) -> dict[str, dict]:
+    """The heads of the version's A/B (metrics["arms"], written by the worker after training) that have a curve."""
+    heads = ((version.metrics or {}).get("arms") or {}).get("heads") or {}
+    return {head: c for head, c in heads.items() if len(c.get("points") or []) >= 2}
+
+
 def _ab_last(version: ModelVersion) -> dict | None:
     """The A/B's largest equal-n point of the version's first head that has one: {"head", "n", "active", "random"}."""
-    for head, c in (((version.metrics or {}).get("arms") or {}).get("heads") or {}).items():
-        if len(c.get("points") or []) >= 2:
-            return {"head": head, **c["points"][-1]}
-    return None
+    return next(({"head": head, **c["points"][-1]} for head, c in _curves(version).items()), None)
 
 
 def _ab(versions: list[ModelVersion]) -> dict | None:
-    """The newest version's A/B of the arms (metrics["arms"], written by the worker after training), per head
-    with a curve: {"version", "heads": [{"head", "n_base", "n_test", "points", "gain", "chart"}]}."""
+    """The newest version's A/B of the arms, per head with a curve: {"version", "heads": [{"head", "n_base",
+    "n_test", "n_active", "n_random", "points", "last", "gain", "chart"}]}."""
     for v in reversed(versions):
-        heads = ((v.metrics or {}).get("arms") or {}).get("heads") or {}
         shown = []
-        for head, c in heads.items():
-            pts = c.get("points") or []
-            if len(pts) < 2:
-                continue
+        for head, c in _curves(v).items():
+            pts = c["points"]
             last = pts[-1]
             shown.append(
                 {
+                    **c,
                     "head": head,
-                    "n_base": c["n_base"],
-                    "n_test": c["n_test"],
-                    "n_active": c["n_active"],
-                    "n_random": c["n_random"],
-                    "points": pts,
                     "last": last,
-                    # test top-1 points gained per 100 labels, active minus random, at the largest equal n
+                    # active minus random test top-1 at the largest equal n, in percentage points
                     "gain": round((last["active"] - last["random"]) * 100, 1),
                     "chart": _chart(
                         {
