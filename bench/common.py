@@ -148,3 +148,19 @@ def start_gunicorn(port: int):
             time.sleep(0.3)
     os.killpg(proc.pid, signal.SIGTERM)
     sys.exit("gunicorn did not answer /healthz within 60 s")
+
+
+def recreate_database(url: str, who: str, env_var: str) -> None:
+    """Drop and create the PostgreSQL database of `url` (a bench's own, never the app's); exits with a message
+    naming the bench (`who`) and the variable that points it elsewhere when PostgreSQL cannot be reached."""
+    import sys  # noqa: PLC0415
+
+    import psycopg  # noqa: PLC0415
+
+    base, name = url.rsplit("/", 1)
+    try:
+        with psycopg.connect(base + "/postgres", autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            conn.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.OperationalError as exc:
+        sys.exit(f"{who} needs PostgreSQL at {base} (set {env_var}): {exc}")

@@ -52,19 +52,9 @@ os.environ.pop("CELERY_BROKER_URL", None)
 sys.path.insert(0, str(ROOT))
 
 
-def recreate_database() -> None:
-    import psycopg
+from bench.common import recreate_database  # noqa: E402
 
-    base, name = DB_URL.rsplit("/", 1)
-    try:
-        with psycopg.connect(base + "/postgres", autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            conn.execute(f'CREATE DATABASE "{name}"')
-    except psycopg.OperationalError as exc:
-        sys.exit(f"bench.load needs PostgreSQL at {base} (set LOAD_DATABASE_URL): {exc}")
-
-
-recreate_database()
+recreate_database(DB_URL, "bench.load", "LOAD_DATABASE_URL")
 
 import django  # noqa: E402
 

@@ -58,7 +58,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import CHROMIUM_ARGS, free_port, start_gunicorn
+from bench.common import CHROMIUM_ARGS, free_port, recreate_database, start_gunicorn
 
 ROOT = Path(__file__).resolve().parent.parent
 DB_URL = os.environ.get("REVIEW_UI_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/loupe_bench_review")
@@ -213,18 +213,6 @@ def main() -> None:
 
 
 # ------------------------------------------------------------------------------------------------- child
-def recreate_database(url: str) -> None:
-    import psycopg
-
-    base, name = url.rsplit("/", 1)
-    try:
-        with psycopg.connect(base + "/postgres", autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            conn.execute(f'CREATE DATABASE "{name}"')
-    except psycopg.OperationalError as exc:
-        sys.exit(f"bench.review_ui needs PostgreSQL at {base} (set REVIEW_UI_DATABASE_URL): {exc}")
-
-
 def photo(seed: int, width: int, height: int) -> bytes:
     from PIL import Image as PILImage
 
@@ -577,7 +565,7 @@ def measure_browser(port: int) -> dict:
 
 def child(n: int, out: Path) -> None:
     sys.path.insert(0, str(ROOT))
-    recreate_database(os.environ["DATABASE_URL"])
+    recreate_database(os.environ["DATABASE_URL"], "bench.review_ui", "REVIEW_UI_DATABASE_URL")
     import django
 
     django.setup()

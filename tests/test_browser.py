@@ -163,14 +163,10 @@ def _login_as(page, live_server, username, password):
 
 @pytest.fixture
 def mislabel_queue(shapes_project):
-    from review import services as review_services
-    from review.tests.helpers import plant, trained_version
+    from review.tests.helpers import queue_mislabels
 
     project = shapes_project(6)
-    version = trained_version(project)
-    flipped = plant(project, version)
-    review_services.mislabel_refresh(version=version)
-    return project, flipped
+    return project, queue_mislabels(project)
 
 
 def test_review_mislabels_with_the_keyboard_only(browser, live_server, mislabel_queue, reviewer):

@@ -51,3 +51,14 @@ def plant(project, version, flips: int = 4):
     )
     (out / "oof_meta.json").write_text(json.dumps({"heads": {"class": {"classes": COLORS}}}))
     return flipped
+
+
+def queue_mislabels(project) -> dict:
+    """Train a version, plant its out-of-fold files (see plant) and build the mislabel queue from them; returns
+    the flipped image ids -> true class name."""
+    from review import services  # noqa: PLC0415
+
+    version = trained_version(project)
+    flipped = plant(project, version)
+    services.mislabel_refresh(version=version)
+    return flipped

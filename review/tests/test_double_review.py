@@ -8,7 +8,7 @@ from labeling.models import Label
 from review import services
 from review.models import ReviewItem
 from review.stats import reviewer_stats
-from review.tests.helpers import plant, trained_version
+from review.tests.helpers import queue_mislabels
 
 pytestmark = pytest.mark.django_db
 
@@ -16,9 +16,7 @@ pytestmark = pytest.mark.django_db
 @pytest.fixture
 def queued(shapes_project):
     project = shapes_project(6)
-    version = trained_version(project)
-    flipped = plant(project, version)
-    services.mislabel_refresh(version=version)
+    flipped = queue_mislabels(project)
     project.double_review_share = 1.0  # every decision gets a second look
     project.save(update_fields=["double_review_share"])
     return project, flipped

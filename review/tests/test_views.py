@@ -6,7 +6,7 @@ from django.urls import reverse
 from labeling.models import Label
 from review import services
 from review.models import ReviewItem
-from review.tests.helpers import plant, trained_version
+from review.tests.helpers import queue_mislabels, trained_version
 
 pytestmark = pytest.mark.django_db
 
@@ -16,10 +16,7 @@ HX = {"HTTP_HX_REQUEST": "true"}
 @pytest.fixture
 def queued(shapes_project):
     project = shapes_project(6)
-    version = trained_version(project)
-    flipped = plant(project, version)
-    services.mislabel_refresh(version=version)
-    return project, flipped
+    return project, queue_mislabels(project)
 
 
 def test_review_page_shows_the_item_and_each_decision_answers_the_next(client, reviewer, queued):
