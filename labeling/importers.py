@@ -33,6 +33,7 @@ class ImportRow:
     group: str
     source: str = "real"
     split: str | None = None  # from an export's splits: becomes the group's sticky split
+    root: Path | None = None  # the import folder: the file's real path must stay inside it (no symlink escapes)
 
 
 @dataclass
@@ -106,7 +107,11 @@ def plan_folder(
         if len(rel.parts) != 2:
             report.errors.append((str(rel), "expected <class>/<file>; files must sit in one class folder"))
             continue
-        rows.append(ImportRow(where=str(rel), path=path, labels={head.name: rel.parts[0]}, group=group_from_name(path)))
+        rows.append(
+            ImportRow(
+                where=str(rel), path=path, labels={head.name: rel.parts[0]}, group=group_from_name(path), root=root
+            )
+        )
     if not rows and not report.errors:
         report.errors.append((str(root), "no images found (expected <class>/<ID>_<seq>.jpg)"))
     return rows, report
@@ -147,6 +152,7 @@ def plan_export(
             group=r.group,
             source=r.source,
             split=r.split,
+            root=folder,
         )
         for r in data.rows
     ]
@@ -160,7 +166,7 @@ def plan_placeholder(root: Path, *, allowed_roots: list[Path] | None = None) -> 
     root = check_root(root, allowed_roots)
     report = ImportReport()
     rows = [
-        ImportRow(where=str(p.relative_to(root)), path=p, labels={}, group=group_from_name(p))
+        ImportRow(where=str(p.relative_to(root)), path=p, labels={}, group=group_from_name(p), root=root)
         for p in sorted(root.rglob("*"))
         if p.is_file() and p.suffix.lower() in IMAGE_EXTS
     ]
@@ -232,6 +238,7 @@ def plan_csv(
                         labels={head: rec.get(col) for head, col in head_cols.items()},
                         group=group or group_from_name(path),
                         source=source,
+                        root=images_dir,
                     )
                 )
         except (csv.Error, UnicodeDecodeError) as exc:
@@ -253,11 +260,16 @@ class _ReadFile:
 
 
 def _read(row: ImportRow) -> _ReadFile | str:
+    # The real path is checked and then read (not the link), so a symbolic link (to a file or through a folder)
+    # can never bring a file from outside the import folder in: /etc/passwd renamed car_1.jpg is refused.
+    real = row.path.resolve()
+    if row.root is not None and not inside(row.root, real):
+        return f"{str(row.where)!r} points outside the images folder {row.root} (a symbolic link?); refused"
     try:
-        size = row.path.stat().st_size
+        size = real.stat().st_size
         if size > MAX_FILE_BYTES:
             return f"file is {size / 1e6:.0f} MB, more than the {MAX_FILE_BYTES // 2**20} MiB limit"
-        data = row.path.read_bytes()
+        data = real.read_bytes()
     except OSError as exc:
         return f"cannot read file: {exc.strerror}"
     width = height = None

@@ -224,3 +224,87 @@ def test_import_command_reports_rows_and_fails_cleanly(tmp_path, capsys):
         "--skip-bad-rows",
     )
     assert Image.objects.count() == 1
+
+
+def _secret(tmp_path: Path) -> Path:
+    """A file outside every import folder, as /etc/passwd would be."""
+    secret = tmp_path / "outside" / "passwd"
+    secret.parent.mkdir(parents=True, exist_ok=True)
+    secret.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    return secret
+
+
+@pytest.mark.parametrize("mode", ["folder", "placeholder", "export", "csv"])
+@pytest.mark.parametrize("link", ["file", "folder"])
+def test_symbolic_links_out_of_the_import_folder_are_refused_in_every_mode(tmp_path, settings, mode, link):
+    """A link to a file outside the import root (or a class folder linking outside it) is refused by line, and
+    with it nothing is written: no stored copy of the target can be served back by /full."""
+    project = project_create(name="Shapes", preset="retrieval")
+    root = tmp_path / "import" / "t1"
+    secret = _secret(tmp_path)
+    if mode == "export":
+        cls = root / "imagefolder" / "train" / "cls"
+    else:
+        cls = root / "cls"
+    cls.mkdir(parents=True)
+    (cls / "A_1.jpg").write_bytes(make_photo("red", seed=1))
+    if link == "file":
+        (cls / "G1_1.jpg").symlink_to(secret)
+        bad = "G1_1.jpg"
+    else:
+        elsewhere = secret.parent / "pics"
+        elsewhere.mkdir()
+        (elsewhere / "G1_1.jpg").write_bytes(secret.read_bytes())
+        if mode == "export":
+            (cls / "sub").symlink_to(elsewhere, target_is_directory=True)  # os.walk(followlinks=True) enters it
+        else:
+            (root / "cls2").symlink_to(elsewhere, target_is_directory=True)
+        bad = "G1_1.jpg"
+    head = project.heads.get()
+    if mode == "folder":
+        if link == "folder":  # rglob does not enter linked folders; name the file through the link instead
+            (cls / "G1_1.jpg").symlink_to(root / "cls2" / "G1_1.jpg")
+        rows, report = importers.plan_folder(root, head=head, allowed_roots=settings.IMPORT_ROOTS)
+    elif mode == "placeholder":
+        if link == "folder":
+            (cls / "G1_1.jpg").symlink_to(root / "cls2" / "G1_1.jpg")
+        rows, report = importers.plan_placeholder(root, allowed_roots=settings.IMPORT_ROOTS)
+    elif mode == "export":
+        rows, report = importers.plan_export(root, project=project, allowed_roots=settings.IMPORT_ROOTS)
+    else:
+        target = "cls/G1_1.jpg" if link == "file" else "cls2/G1_1.jpg"
+        csv_path = _write_csv(tmp_path / "import" / "l.csv", "file,label", ["cls/A_1.jpg,red", f"{target},blue"])
+        rows, report = importers.plan_csv(
+            csv_path,
+            images_dir=root,
+            filename_col="file",
+            head_cols={head.name: "label"},
+            project=project,
+            allowed_roots=settings.IMPORT_ROOTS,
+        )
+    report = importers.images_import(project=project, rows=rows, report=report)
+    assert not report.written
+    messages = [msg for _where, msg in report.errors]
+    assert any("points outside the images folder" in m for m in messages), messages
+    assert any(bad in f"{where} {msg}" for where, msg in report.errors)
+    assert Image.objects.count() == 0
+    assert not any(p.read_bytes() == secret.read_bytes() for p in Path(settings.MEDIA_ROOT).rglob("*") if p.is_file())
+    # With --skip-bad-rows the good photo goes in and the link still does not.
+    rows2 = [r for r in rows]
+    report2 = importers.ImportReport(errors=[e for e in report.errors if "points outside" not in e[1]])
+    report2 = importers.images_import(project=project, rows=rows2, report=report2, skip_bad_rows=True)
+    assert report2.written and Image.objects.count() == 1
+    assert Image.objects.get().original_name == "A_1.jpg"
+
+
+def test_links_inside_the_import_folder_still_import(tmp_path, settings):
+    """A link that stays inside the folder (a shared photo linked into two class folders) is fine."""
+    project = project_create(name="Shapes", preset="retrieval")
+    root = tmp_path / "import" / "t2"
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    (root / "a" / "X_1.jpg").write_bytes(make_photo("red", seed=3))
+    (root / "b" / "Y_1.jpg").symlink_to(root / "a" / "X_1.jpg")
+    rows, report = importers.plan_folder(root, head=project.heads.get(), allowed_roots=settings.IMPORT_ROOTS)
+    report = importers.images_import(project=project, rows=rows, report=report)
+    assert report.written and not report.errors
