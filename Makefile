@@ -10,7 +10,7 @@ TEST_BROKER_URL ?= redis://127.0.0.1:6379/0
 # A fresh test database every `make test` (a kept one may hold another checkout's schema); PYTEST_ARGS= to reuse.
 PYTEST_ARGS ?= --create-db
 
-.PHONY: demo test lint fmt worker web migrate bench bench-demo bench-health bench-train bench-accuracy bench-serving bench-faiss bench-load bench-mislabel bench-review-ui services browser clean
+.PHONY: demo test lint fmt worker web migrate bench bench-demo bench-health bench-train bench-accuracy bench-serving bench-faiss bench-load bench-mislabel bench-review-ui services browser nginx clean
 
 .venv/.runtime: requirements.txt
 	test -x $(PY) || python3 -m venv .venv
@@ -32,14 +32,14 @@ demo: .venv/.runtime
 	$(PY) manage.py migrate --noinput; \
 	$(PY) manage.py demo; \
 	mkdir -p var/log; \
-	.venv/bin/celery -A webapp worker -Q default,gpu -c 1 -l info > var/log/worker.log 2>&1 & \
+	.venv/bin/celery -A webapp worker -B -s var/celerybeat-schedule -Q default,gpu -c 1 -l info > var/log/worker.log 2>&1 & \
 	worker=$$!; trap "kill $$worker 2>/dev/null; wait $$worker 2>/dev/null" EXIT INT TERM; \
 	$(PY) manage.py demo --train; \
 	echo; echo "Loupe is at http://$(HOST):$(PORT)/  (login: see above or var/demo-admin.txt; worker log var/log/worker.log)"; \
 	$(PY) manage.py runserver $(HOST):$(PORT) --noreload
 
 worker: .venv/.runtime
-	DEBUG=1 .venv/bin/celery -A webapp worker -Q default,gpu -c 1 -l info
+	DEBUG=1 .venv/bin/celery -A webapp worker -B -s var/celerybeat-schedule -Q default,gpu -c 1 -l info
 
 web: .venv/.runtime
 	DEBUG=1 $(PY) manage.py runserver $(HOST):$(PORT)
@@ -54,7 +54,11 @@ services:
 browser:
 	@test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-dejavu-core >/dev/null)
 
-test: .venv/.dev services browser
+# nginx (Debian package) for tests/test_deployment.py and bench-load: deploy/nginx.conf in front of gunicorn.
+nginx:
+	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null)
+
+test: .venv/.dev services browser nginx
 	DEBUG=1 DATABASE_URL=$(TEST_DATABASE_URL) CELERY_BROKER_URL=$(TEST_BROKER_URL) LOUPE_VAR_DIR=$(CURDIR)/var/test \
 	  $(PY) manage.py makemigrations --check --dry-run
 	$(PY) -m ruff check .
@@ -90,8 +94,9 @@ bench-serving: .venv/.dev
 bench-faiss: .venv/.dev
 	$(PY) -m bench.faiss_index
 
-# gunicorn under 50 concurrent clients, then with a promote every 10 s; needs the local PostgreSQL
-bench-load: .venv/.dev
+# gunicorn under 50 concurrent clients, then with a promote every 10 s; then /healthz behind nginx while 20 slow
+# clients hold connections (vs gunicorn alone); needs the local PostgreSQL. LOAD_PHASES=slow_clients: that one only.
+bench-load: .venv/.dev nginx
 	$(PY) -m bench.load
 
 bench-train: .venv/.dev

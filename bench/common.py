@@ -122,9 +122,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_gunicorn(port: int):
-    """gunicorn as docker-compose.yml runs it (3 sync workers), with this process's environment, in its own
-    process group (os.killpg stops its workers too); returns once /healthz answers, exits the bench otherwise."""
+def start_gunicorn(port: int, env: dict | None = None):
+    """gunicorn as docker-compose.yml runs it (3 sync workers), with `env` (default: this process's environment),
+    in its own process group (os.killpg stops its workers too); returns once /healthz answers, exits the bench
+    otherwise."""
     import http.client  # noqa: PLC0415
     import signal  # noqa: PLC0415
     import subprocess  # noqa: PLC0415
@@ -136,12 +137,12 @@ def start_gunicorn(port: int):
     assert '"--workers", "3"' in compose, "keep the benches' gunicorn command in step with docker-compose.yml"
     cmd = [sys.executable, "-m", "gunicorn", "webapp.wsgi:application", "--bind", f"127.0.0.1:{port}"]
     cmd += ["--workers", "3", "--timeout", "120", "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, cwd=root, env=dict(os.environ), start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=root, env=dict(os.environ if env is None else env), start_new_session=True)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            conn.request("GET", "/healthz")
+            conn.request("GET", "/healthz", headers={"X-Forwarded-Proto": "https"})  # as behind the TLS proxy
             if conn.getresponse().status == 200:
                 return proc
         except OSError:

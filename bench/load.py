@@ -13,6 +13,12 @@ Every answer is checked against what its own version answers alone (computed bef
 each of the 8 photos): an answer that is not exactly one version's answer (labels, confidences to 1e-4)
 counts as an error, like a non-200 or a connection failure.
 Baseline, same run: one client alone (sequential requests), p50.
+  slow_clients  nginx with deploy/nginx.conf (docker-compose.yml's) in front of the same gunicorn; 20 slow
+            clients (bench/slow_clients.py: half trickle their headers, half their body, one piece a second)
+            hold connections to it while GET /healthz is timed 200 times, one after another. Baseline: the same
+            against gunicorn directly (as docker-compose.yml published it before), each request given 2 s.
+LOAD_PHASES (default steady,promote,slow_clients) runs some of them; the metrics of the others are kept from
+the existing bench/results/load.json (the notes say so).
 Run: .venv/bin/python -m bench.load (writes bench/results/load.json)."""
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ DB_URL = os.environ.get("LOAD_DATABASE_URL", "postgres://postgres@127.0.0.1:5432
 CLIENTS = int(os.environ.get("LOAD_CLIENTS", "50"))
 SECONDS = float(os.environ.get("LOAD_SECONDS", "120"))
 PROMOTE_EVERY = 10.0
+PHASES = os.environ.get("LOAD_PHASES", "steady,promote,slow_clients").split(",")
+SLOW_CLIENTS = 20
 ENV = {
     "DEBUG": "0",
     "SECRET_KEY": "bench-load-not-secret-" + "x" * 40,
@@ -64,7 +72,17 @@ import numpy as np  # noqa: E402
 from django.core.management import call_command  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from bench.common import car_project, free_port, metric, start_gunicorn, table, train_one_epoch, write  # noqa: E402
+from bench import slow_clients  # noqa: E402
+from bench.common import (  # noqa: E402
+    RESULTS,
+    car_project,
+    free_port,
+    metric,
+    start_gunicorn,
+    table,
+    train_one_epoch,
+    write,
+)
 
 
 def photo(seed: int, size: int = 224) -> bytes:
@@ -186,22 +204,30 @@ def summary(records, seconds) -> dict:
     }
 
 
-def main() -> None:
+def recognition_phases(port, prepared) -> tuple[dict, str]:
+    """The steady and promote phases (whichever LOAD_PHASES names) against gunicorn on `port`; `prepared`: setup()."""
     from training import services as training_services
 
-    project, v1, v2, token, photos, expected, differs = setup()
-    assert differs > 0, "the two versions answer the same for every photo: the mixing check would be blind"
+    project, v1, v2, token, photos, expected, differs = prepared
     bodies = [
         json.dumps({"images": [{"data": base64.b64encode(p).decode(), "media_type": "image/jpeg"}]}).encode()
         for p in photos
     ]
-    port = free_port()
-    proc = start_gunicorn(port)
-    try:
-        load = Load(port, f"/api/v1/projects/{project.slug}/recognize", token, bodies, expected)
-        load.run(10, CLIENTS)  # warm-up: every worker has loaded v1
-        alone = summary(load.run(20, 1), 20)
+    load = Load(port, f"/api/v1/projects/{project.slug}/recognize", token, bodies, expected)
+    load.run(10, CLIENTS)  # warm-up: every worker has loaded v1
+    alone = summary(load.run(20, 1), 20)
+    metrics, notes = {}, []
+    if "steady" in PHASES:
         steady = summary(load.run(SECONDS, CLIENTS), SECONDS)
+        metrics |= {
+            "steady_p50_ms": metric(steady["p50"], "ms", "one client alone, p50", alone["p50"]),
+            "steady_p99_ms": metric(steady["p99"], "ms", "one client alone, p50", alone["p50"]),
+            "steady_requests_per_s": metric(steady["rps"], "req/s", "one client alone, req/s", alone["rps"]),
+            "steady_errors": metric(steady["errors"], "errors", f"of {steady['requests']} requests", 0, "0", None),
+        }
+        metrics["steady_errors"]["met"] = steady["errors"] == 0
+        notes.append(f"Errors seen: steady {steady['first_errors']}.")
+    if "promote" in PHASES:
         promotes = []
 
         def promote_every(end):
@@ -215,34 +241,97 @@ def main() -> None:
             time.sleep(max(0.0, end - time.monotonic()))
 
         swapping = summary(load.run(SECONDS, CLIENTS, during=promote_every), SECONDS)
+        metrics |= {
+            "promote_every_10s_p50_ms": metric(swapping["p50"], "ms", "one client alone, p50", alone["p50"]),
+            "promote_every_10s_p99_ms": metric(swapping["p99"], "ms", "one client alone, p50", alone["p50"]),
+            "promote_every_10s_errors": metric(
+                swapping["errors"], "errors", f"of {swapping['requests']} requests", 0, "0", None
+            ),
+        }
+        metrics["promote_every_10s_errors"]["met"] = swapping["errors"] == 0
+        notes.append(
+            f"Promote phase: {len(promotes)} promotes ({promotes}); versions seen {swapping['versions']}. "
+            f"Errors seen: promote {swapping['first_errors']}."
+        )
+    head = (
+        f"gunicorn webapp.wsgi, 3 sync workers (as docker-compose.yml), PostgreSQL, on this 2-core machine with the "
+        f"{CLIENTS} client threads in the same machine; {SECONDS:.0f} s per phase; mobilenetv3_small_100 224 px, "
+        f"ONNX Runtime; one 224 px JPEG per request (JSON base64, token auth). The two versions answer differently "
+        f"for {differs} of the {len(photos)} photos; every answer was checked against its version's own answer."
+    )
+    return metrics, " ".join([head, *notes])
+
+
+def slow_clients_phase(port) -> tuple[dict, str]:
+    """GET /healthz through nginx (deploy/nginx.conf) vs straight to gunicorn, 20 slow clients open on each."""
+    nport = free_port()
+    nginx, workdir = slow_clients.start_nginx(port, nport)
+    try:
+        r = slow_clients.measure(
+            nport, port, clients=SLOW_CLIENTS, count=200, settle=2.0, direct_timeout=2.0, direct_budget=12.0
+        )
+    finally:
+        slow_clients.stop_nginx(nginx, workdir)
+    via, direct = r["nginx"], r["gunicorn"]
+    base = f"gunicorn direct, {SLOW_CLIENTS} slow clients open, a request that timed out (2 s) counted as 2 s"
+    metrics = {
+        "slow_clients_healthz_p50_ms": metric(via["p50"] * 1000, "ms", f"{base}, p50", direct["p50"] * 1000),
+        "slow_clients_healthz_p99_ms": metric(
+            via["p99"] * 1000, "ms", f"{base}, p99", direct["p99"] * 1000, "< 1000 ms", via["p99"] < 1.0
+        ),
+        "slow_clients_healthz_failed": metric(
+            via["failed"],
+            "requests",
+            f"gunicorn direct: failed or timed out, of {direct['requests']}",
+            direct["failed"],
+            "0",
+            via["failed"] == 0,
+        ),
+    }
+    notes = (
+        f"Slow clients: nginx {slow_clients.nginx_version()} with deploy/nginx.conf in front of that gunicorn; "
+        f"{SLOW_CLIENTS} slow clients "
+        f"(half trickle GET headers, half a POST body, one piece a second; reopened when dropped) open during "
+        f"{via['requests']} sequential GET /healthz through nginx ({via['failed']} failed; the slow clients held "
+        f"{via['slow_open']} connections, nginx dropped {via['slow_dropped']}); then the same slow clients straight at "
+        f"gunicorn: {direct['failed']} of {direct['requests']} /healthz requests got no answer within 2 s."
+    )
+    return metrics, notes
+
+
+def main() -> None:
+    recognition = [p for p in PHASES if p in ("steady", "promote")]
+    if recognition:
+        prepared = setup()
+        assert prepared[-1] > 0, "the two versions answer the same for every photo: the mixing check would be blind"
+    else:
+        call_command("migrate", verbosity=0)
+    port = free_port()
+    proc = start_gunicorn(port)
+    metrics, notes = {}, []
+    try:
+        if recognition:
+            m, n = recognition_phases(port, prepared)
+            metrics |= m
+            notes.append(n)
+        if "slow_clients" in PHASES:
+            m, n = slow_clients_phase(port)
+            metrics |= m
+            notes.append(n)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
 
-    metrics = {
-        "steady_p50_ms": metric(steady["p50"], "ms", "one client alone, p50", alone["p50"]),
-        "steady_p99_ms": metric(steady["p99"], "ms", "one client alone, p50", alone["p50"]),
-        "steady_requests_per_s": metric(steady["rps"], "req/s", "one client alone, req/s", alone["rps"]),
-        "steady_errors": metric(steady["errors"], "errors", f"of {steady['requests']} requests", 0, "0", None),
-        "promote_every_10s_p50_ms": metric(swapping["p50"], "ms", "one client alone, p50", alone["p50"]),
-        "promote_every_10s_p99_ms": metric(swapping["p99"], "ms", "one client alone, p50", alone["p50"]),
-        "promote_every_10s_errors": metric(
-            swapping["errors"], "errors", f"of {swapping['requests']} requests", 0, "0", None
-        ),
-    }
-    metrics["steady_errors"]["met"] = steady["errors"] == 0
-    metrics["promote_every_10s_errors"]["met"] = swapping["errors"] == 0
-    notes = (
-        f"gunicorn webapp.wsgi, 3 sync workers (as docker-compose.yml), PostgreSQL, on this 2-core machine with the "
-        f"{CLIENTS} client threads in the same machine; {SECONDS:.0f} s per phase; mobilenetv3_small_100 224 px, "
-        f"ONNX Runtime; one 224 px JPEG per request (JSON base64, token auth). The two versions answer differently "
-        f"for {differs} of the {len(photos)} photos; every answer was checked against its version's own answer. "
-        f"Promote phase: {len(promotes)} promotes ({promotes}); versions seen {swapping['versions']}. "
-        f"Errors seen: steady {steady['first_errors']}, promote {swapping['first_errors']}."
-    )
-    path = write("load", metrics, notes=notes)
+    previous = RESULTS / "load.json"
+    if previous.exists() and set(PHASES) != {"steady", "promote", "slow_clients"}:
+        old = json.loads(previous.read_text())
+        kept = {k: v for k, v in old["metrics"].items() if k not in metrics}
+        if kept:
+            metrics = kept | metrics
+            notes.insert(0, f"[{', '.join(kept)} kept from the run of {old['when']}: {old.get('notes', '')}]")
+    path = write("load", metrics, notes=" ".join(notes))
     print(table(metrics))
-    print(notes)
+    print(" ".join(notes))
     print(f"written {path}")
 
 

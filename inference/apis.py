@@ -7,28 +7,92 @@ from django.conf import settings
 from django.urls import reverse
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers, status
-from rest_framework.parsers import JSONParser, MultiPartParser
+from rest_framework.parsers import MultiPartParser
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from labeling.models import Label
-from webapp.errors import ApiError
+from webapp.errors import ApiError, JSONParser
 
 from . import services
-from .core import ImageError, decode_image, sniff_media_type
+from .core import ImageError, ModelUnavailable, decode_image, decoded_size, sniff_media_type
 from .serializers import ErrorSerializer, RecognizeJsonSerializer, RecognizeResponseSerializer
+
+DECODE_SIDE = 512  # the models never need more than ~512 px: photos are decoded / reduced to about this
 
 
 def _decode_all(blobs: list[bytes]) -> list:
-    """Decode every photo (JPEGs at reduced size: the models never need more than ~512 px) or refuse the
-    request naming the bad one."""
+    """Decode every photo (JPEGs at reduced size, PNG/WebP reduced right after decoding) or refuse the request
+    naming the bad one. The pixels to decode, summed over the photos, are read from the headers first and
+    checked against LOUPE_MAX_REQUEST_PIXELS: PNG and WebP cannot be decoded at a reduced size, so ten large
+    ones would otherwise take gigabytes."""
+    limit = settings.LOUPE_MAX_IMAGE_PIXELS
+    sizes = []
+    for i, data in enumerate(blobs, start=1):
+        try:
+            sizes.append(decoded_size(data, max_pixels=limit, max_side_hint=DECODE_SIDE))
+        except ImageError as exc:
+            raise ApiError(f"image {i}: {exc}", code="bad_image") from None
+    _check_request_pixels(sizes)
     images = []
     for i, data in enumerate(blobs, start=1):
         try:
-            images.append(decode_image(data, max_pixels=settings.LOUPE_MAX_IMAGE_PIXELS, max_side_hint=512))
+            images.append(decode_image(data, max_pixels=limit, max_side_hint=DECODE_SIDE))
         except ImageError as exc:
             raise ApiError(f"image {i}: {exc}", code="bad_image") from None
     return images
+
+
+def _check_request_pixels(sizes: list[tuple[int, int]]) -> None:
+    budget = settings.LOUPE_MAX_REQUEST_PIXELS
+    total = sum(w * h for w, h in sizes)
+    if total <= budget:
+        return
+    per_image = ", ".join(f"{w}x{h}" for w, h in sizes)
+    raise ApiError(
+        f"The {len(sizes)} photos add up to {total / 1e6:.1f} megapixels to decode; the limit is "
+        f"{budget / 1e6:g} megapixels per request (LOUPE_MAX_REQUEST_PIXELS). PNG and WebP are decoded at full "
+        "size (JPEG at a reduced scale): send JPEGs, fewer photos, or photos resized to about 1000 px per side.",
+        code="too_many_pixels",
+        details={"pixels": total, "limit": budget, "sizes": per_image},
+        status_code=413,
+    )
+
+
+def _size_text(n: int) -> str:
+    """Bytes in MiB, to the precision that tells a size just over the limit from the limit."""
+    mib = n / 2**20
+    return f"{mib:g} MiB" if mib == round(mib, 1) else f"{mib:.1f} MiB ({n:,} bytes)"
+
+
+def _too_large(i: int, size: int) -> ApiError:
+    limit = settings.LOUPE_MAX_IMAGE_BYTES
+    return ApiError(
+        f"image {i} is {_size_text(size)}; the limit is {_size_text(limit)} per image (LOUPE_MAX_IMAGE_BYTES). "
+        "Send a smaller file (a JPEG of the photo).",
+        code="image_too_large",
+        details={"image": i, "bytes": size, "limit_bytes": limit},
+        status_code=413,
+    )
+
+
+def _b64decode(i: int, text: str) -> bytes:
+    """Standard base64; whitespace and line breaks are ignored (the `base64` tool wraps at 76 columns). The
+    common case (no whitespace) takes one strict C pass."""
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        compact = "".join(text.split())
+        if compact != text:
+            try:
+                return base64.b64decode(compact, validate=True)
+            except (binascii.Error, ValueError):
+                pass
+    raise ApiError(
+        f"image {i}: 'data' is not valid base64: use the standard alphabet (A-Z a-z 0-9 + /) with '=' padding; "
+        "whitespace and line breaks are ignored, a data: URL prefix is accepted.",
+        code="bad_base64",
+    )
 
 
 MEDIA_TYPES = ("image/jpeg", "image/png", "image/webp")
@@ -68,28 +132,19 @@ def _collect_images(request) -> list[bytes]:
             raise ApiError(f"Send at most {max_n} images per request (got {len(files)}).", code="too_many_images")
         for i, f in enumerate(files, start=1):
             if f.size > settings.LOUPE_MAX_IMAGE_BYTES:
-                raise ApiError(
-                    f"image {i} is {f.size / 1e6:.1f} MB; the limit is {settings.LOUPE_MAX_IMAGE_BYTES / 1e6:.0f} MB.",
-                    code="image_too_large",
-                    status_code=413,
-                )
+                raise _too_large(i, f.size)
             blobs.append(f.read())
     else:
         items = _json_images(request.data, max_n)
         for i, item in enumerate(items, start=1):
-            text = item["data"]
+            text = item["data"].strip()
             if text.startswith("data:") and "," in text:
                 text = text.split(",", 1)[1]  # tolerate a data: URL prefix
-            if len(text) * 3 // 4 > settings.LOUPE_MAX_IMAGE_BYTES:
-                raise ApiError(
-                    f"image {i} is larger than {settings.LOUPE_MAX_IMAGE_BYTES / 1e6:.0f} MB.",
-                    code="image_too_large",
-                    status_code=413,
-                )
-            try:
-                data = base64.b64decode(text, validate=True)
-            except (binascii.Error, ValueError):
-                raise ApiError(f"image {i}: 'data' is not valid base64.", code="bad_base64") from None
+            if len(text) * 3 // 4 > 2 * settings.LOUPE_MAX_IMAGE_BYTES:  # far too large: do not even decode
+                raise _too_large(i, len(text) * 3 // 4)
+            data = _b64decode(i, text)
+            if len(data) > settings.LOUPE_MAX_IMAGE_BYTES:
+                raise _too_large(i, len(data))
             actual = sniff_media_type(data)
             if actual is not None and actual != item["media_type"]:
                 raise ApiError(
@@ -103,6 +158,15 @@ def _collect_images(request) -> list[bytes]:
             code="no_images",
         )
     return blobs
+
+
+def _active_model(ctx: services.ServingContext) -> services.Served:
+    try:
+        return services.active_model(project_id=ctx.project_id)
+    except services.NoActiveModel as exc:
+        raise ApiError(str(exc), code="no_active_model", status_code=409) from exc
+    except ModelUnavailable as exc:  # nothing valid to serve (a previous good version would have been kept)
+        raise ApiError(str(exc), code=exc.code, details=exc.problems or None, status_code=503) from None
 
 
 COMBINE_MODES = ("mean", "vote", "geometric")
@@ -127,6 +191,7 @@ class RecognizeView(APIView):
             404: ErrorSerializer,
             409: ErrorSerializer,
             413: ErrorSerializer,
+            503: ErrorSerializer,
         },
         parameters=[
             OpenApiParameter(
@@ -146,7 +211,8 @@ class RecognizeView(APIView):
                 "combine",
                 str,
                 enum=list(COMBINE_MODES),
-                description="how the photos' probabilities combine: mean (default), vote or geometric",
+                description="how the photos' probabilities combine: mean (default), vote or geometric; vote needs "
+                "3 photos or more (with fewer, mean is used: the answer's `combine` says which)",
             ),
         ],
         description="Recognise one object from 1-10 photos. Per head: the label (null when the combined confidence "
@@ -176,10 +242,7 @@ class RecognizeView(APIView):
         n_neighbours = int(raw)
         blobs = _collect_images(request)
         images = _decode_all(blobs)
-        try:
-            served = services.active_model(project_id=ctx.project_id)
-        except services.NoActiveModel as exc:
-            raise ApiError(str(exc), code="no_active_model", status_code=409) from exc
+        served = _active_model(ctx)
         if (mode != "softmax" or n_neighbours) and served.recognizer.gallery_labels is None:
             raise ApiError(
                 f"{'mode ' + repr(mode) if mode != 'softmax' else 'neighbours'} needs the model's gallery; "
@@ -241,6 +304,7 @@ class CarDetectView(APIView):
             200: CarDetectResponseSerializer,
             400: CarDetectResponseSerializer,
             409: CarDetectResponseSerializer,
+            503: CarDetectResponseSerializer,
         },
         description="Recognise a car's make and model from 4-10 photos (JSON base64). A field is null when its "
         "confidence is below LOUPE_CAR_THRESHOLD (0.6); `error` says what went wrong (HTTP 4xx/5xx).",
@@ -264,10 +328,7 @@ class CarDetectView(APIView):
             raise ApiError(f"Send {lo} to {hi} photos of one car in 'images' (got {got}).", code="image_count")
         blobs = _collect_images(request)
         images = _decode_all(blobs)
-        try:
-            served = services.active_model(project_id=ctx.project_id)
-        except services.NoActiveModel as exc:
-            raise ApiError(str(exc), code="no_active_model", status_code=409) from exc
+        served = _active_model(ctx)
         thr = settings.LOUPE_CAR_THRESHOLD
         result = served.recognizer.recognize(
             images, thresholds={"make": thr, "model": thr}, neighbours=0, combine=settings.LOUPE_COMBINE_VIEWS

@@ -5,8 +5,11 @@ Public API::
 
     class ImageError(ValueError)
     decode_image(data: bytes, *, max_pixels=40_000_000, max_side_hint=None) -> PIL.Image.Image
+    decoded_size(data: bytes, *, max_pixels=40_000_000, max_side_hint=None) -> (width, height)  (header only)
+    class ModelUnavailable(ValueError): code ("model_file_missing" | "model_file_corrupt"), problems
     class Recognizer:
-        load(artifact_dir, *, device="cpu", num_threads=None) -> Recognizer   (classmethod; threads default 1)
+        load(artifact_dir, *, device="cpu", num_threads=None) -> Recognizer   (classmethod; threads default 1;
+            model.onnx alone serves when model.pt is missing or corrupt)
         heads: list[str]; label_maps: dict[str, list[str]]; version_dir: Path
         embedding_dim: int; image_size: int; index (faiss index or None); gallery_ids (np.ndarray or None)
         predict(images) -> (probs {head: (N, K) float32}, embeddings (N, D) float32, L2-normalised)
@@ -43,6 +46,7 @@ log = logging.getLogger("inference.core")
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP")
 RECOGNITION_MODES = ("softmax", "retrieval", "fusion")
+VOTE_MIN_VIEWS = 3  # below this, combine="vote" falls back to "mean"
 INDEX_FILE = "index.faiss"
 IDS_FILE = "gallery_ids.npy"
 MODEL_FILE = "model.pt"
@@ -103,14 +107,9 @@ def _sniff_ext(data: bytes) -> str:
     return {"image/jpeg": ".jpg", "image/png": ".png", "image/webp": ".webp"}.get(sniff_media_type(data), ".bin")
 
 
-def decode_image(data: bytes, *, max_pixels: int = 40_000_000, max_side_hint: int | None = None) -> Image.Image:
-    """Validate and decode uploaded bytes into an RGB PIL image (EXIF orientation applied, transparency
-    composited onto white).
-
-    Raises ImageError for: empty data, data that is not a JPEG/PNG/WebP, more than `max_pixels` pixels (checked
-    from the header, before decoding), and truncated/corrupt files (the image is fully loaded; truncated
-    images are never accepted). With `max_side_hint`, JPEGs are decoded at a reduced scale (1/2, 1/4, 1/8)
-    that keeps both sides >= max_side_hint: pass the model's input size for fast, low-memory decoding."""
+def _open_image(data: bytes, *, max_pixels: int, max_side_hint: int | None) -> Image.Image:
+    """Open (header only) and check the bytes; JPEGs get their reduced decoding scale (draft) set, so img.size is
+    the size that load() will decode. The caller closes the image."""
     if data is None or len(data) == 0:
         raise ImageError("image is empty (0 bytes)")
     if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -137,6 +136,41 @@ def decode_image(data: bytes, *, max_pixels: int = 40_000_000, max_side_hint: in
             )
         if max_side_hint and img.format == "JPEG":
             img.draft("RGB", (int(max_side_hint), int(max_side_hint)))
+    except BaseException:
+        img.close()
+        raise
+    return img
+
+
+def decoded_size(data: bytes, *, max_pixels: int = 40_000_000, max_side_hint: int | None = None) -> tuple[int, int]:
+    """(width, height) that decode_image(data, same arguments) decodes, read from the header without decoding:
+    the full size for PNG and WebP (their decoders cannot scale), the draft scale for JPEG. Raises ImageError
+    like decode_image for data that is not a usable image. For a request-wide pixel budget."""
+    img = _open_image(data, max_pixels=max_pixels, max_side_hint=max_side_hint)
+    try:
+        return img.size
+    finally:
+        img.close()
+
+
+def _reduce_factor(size: tuple[int, int], min_side: int) -> int:
+    """The largest integer factor that keeps both sides >= min_side (1: no reduction)."""
+    return max(1, min(size) // max(1, int(min_side)))
+
+
+def decode_image(data: bytes, *, max_pixels: int = 40_000_000, max_side_hint: int | None = None) -> Image.Image:
+    """Validate and decode uploaded bytes into an RGB PIL image (EXIF orientation applied, transparency
+    composited onto white).
+
+    Raises ImageError for: empty data, data that is not a JPEG/PNG/WebP, more than `max_pixels` pixels (checked
+    from the header, before decoding), and truncated/corrupt files (the image is fully loaded; truncated
+    images are never accepted). With `max_side_hint`, JPEGs are decoded at a reduced scale (1/2, 1/4, 1/8)
+    that keeps both sides >= max_side_hint: pass the model's input size for fast, low-memory decoding. PNG and
+    WebP cannot be decoded at a reduced scale; they are box-reduced by the largest integer factor that keeps
+    both sides >= max_side_hint right after decoding, so only one full-size copy exists, briefly."""
+    img = _open_image(data, max_pixels=max_pixels, max_side_hint=max_side_hint)
+    try:
+        w, h = img.size
         try:
             img.load()
         except Exception as exc:  # noqa: BLE001 - truncated data, broken chunks, decoder errors
@@ -144,6 +178,13 @@ def decode_image(data: bytes, *, max_pixels: int = 40_000_000, max_side_hint: in
                 f"image is truncated or corrupt: the {img.format} {w}x{h} data cannot be fully decoded "
                 f"({type(exc).__name__}: {exc}); upload the complete file"
             ) from None
+        factor = _reduce_factor(img.size, max_side_hint) if max_side_hint else 1
+        if factor > 1 and img.format != "JPEG":
+            if img.mode not in ("RGB", "RGBA", "L", "LA"):  # P, 1, I;16...: Pillow cannot box-reduce these
+                return to_rgb(img).reduce(factor)
+            small = img.reduce(factor)
+            small.info = dict(img.info)  # the EXIF orientation, for to_rgb
+            return to_rgb(small)
         return to_rgb(img)
     finally:
         img.close()
@@ -154,6 +195,58 @@ def _resolve_device(device: str | torch.device) -> torch.device:
     if isinstance(device, str) and device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+class ModelUnavailable(ValueError):
+    """No file of a model version can be served. `code` names the problem for the API ("model_file_missing":
+    neither model.pt nor model.onnx exists; "model_file_corrupt": what exists cannot be read), `problems` says
+    what is wrong with each file ({file name: text})."""
+
+    def __init__(self, message: str, *, code: str = "model_unavailable", problems: dict[str, str] | None = None):
+        super().__init__(message)
+        self.code = code
+        self.problems = problems or {}
+
+    @classmethod
+    def from_problems(cls, d: Path, problems: dict[str, _FileProblem]) -> ModelUnavailable:
+        kinds = {p.kind for p in problems.values()}
+        code = "model_file_missing" if kinds == {"missing"} else "model_file_corrupt"
+        text = "; ".join(f"{name} {p}" for name, p in problems.items())
+        return cls(f"{text} (in {d})", code=code, problems={name: str(p) for name, p in problems.items()})
+
+
+class _FileProblem(Exception):
+    """What is wrong with one artifact file: kind "missing" or "corrupt", and the words saying so."""
+
+    def __init__(self, kind: str, text: str):
+        super().__init__(text)
+        self.kind = kind
+
+
+def _short(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _read_torch_model(path: Path):
+    """(checkpoint dict, LoupeNet with its weights) from model.pt; _FileProblem when missing or unusable."""
+    if not path.is_file():
+        raise _FileProblem("missing", "is missing")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - truncated, foreign or pickled-with-code files
+        raise _FileProblem("corrupt", f"cannot be read ({_short(exc)})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != ARTIFACT_FORMAT:
+        got = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise _FileProblem("corrupt", f"is not a Loupe model (format {got!r}, expected {ARTIFACT_FORMAT!r})")
+    try:
+        model, _info = build_model(ckpt["config"], ckpt["heads"], load_weights=False)
+        model.load_state_dict(ckpt["state_dict"], strict=True)
+        for key in ("label_maps", "mean", "std", "embedding_dim"):
+            ckpt[key]  # noqa: B018 - KeyError for an incomplete checkpoint
+    except Exception as exc:  # noqa: BLE001 - incomplete checkpoint, weights that do not fit the backbone
+        raise _FileProblem("corrupt", f"is unusable ({_short(exc)})") from None
+    return ckpt, model
 
 
 class Recognizer:
@@ -174,7 +267,7 @@ class Recognizer:
         index=None,
         gallery_ids: np.ndarray | None = None,
     ):
-        self.model = model
+        self.model = model  # None when serving model.onnx without model.pt
         self.config = config
         self.heads_meta = heads_meta
         self.heads: list[str] = [h["name"] for h in heads_meta]
@@ -207,6 +300,10 @@ class Recognizer:
     ) -> Recognizer:
         """Read artifact_dir/model.pt (and index.faiss + gallery_ids.npy when present).
 
+        When model.pt is missing or unusable but model.onnx is valid (backend "auto" or "onnx"), the version is
+        served from model.onnx alone (logged as an error). When no file can be served, ModelUnavailable says
+        what is wrong with each one.
+
         Torch's intra-op threads (process-wide) are set to num_threads, else $LOUPE_TORCH_THREADS, else 1:
         requests are small batches, and on a small shared CPU (a training worker next to the web server) one
         thread measured 6.5 ms per image against 100-230 ms with two (OpenMP spin-waiting on busy cores).
@@ -216,19 +313,25 @@ class Recognizer:
         the version has one (CUDA provider on a CUDA device when available) and falls back to torch otherwise
         (logged); "onnx" requires it; "torch" always runs the PyTorch model."""
         d = Path(artifact_dir)
-        path = d / MODEL_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"no {MODEL_FILE} in {d}: is this a finished training run folder?")
+        backend = backend or os.environ.get("LOUPE_INFERENCE_BACKEND") or "auto"
+        if backend not in ("auto", "onnx", "torch"):
+            raise ValueError(f"backend must be 'auto', 'onnx' or 'torch', got {backend!r}")
         threads = num_threads if num_threads is not None else int(os.environ.get("LOUPE_TORCH_THREADS") or 1)
         if threads > 0 and torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(ckpt, dict) or ckpt.get("format") != ARTIFACT_FORMAT:
-            got = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-            raise ValueError(f"{path} is not a Loupe model (format {got!r}, expected {ARTIFACT_FORMAT!r})")
         dev = _resolve_device(device)
-        model, info = build_model(ckpt["config"], ckpt["heads"], load_weights=False)
-        model.load_state_dict(ckpt["state_dict"], strict=True)
+        try:
+            ckpt, model = _read_torch_model(d / MODEL_FILE)
+        except _FileProblem as pt_problem:
+            if backend == "torch":
+                raise ModelUnavailable.from_problems(d, {MODEL_FILE: pt_problem}) from None
+            try:  # model.pt is missing or unusable: serve model.onnx alone when it is valid
+                rec = cls._load_onnx_only(d, device=dev, threads=threads)
+            except _FileProblem as onnx_problem:
+                raise ModelUnavailable.from_problems(d, {MODEL_FILE: pt_problem, ONNX_FILE: onnx_problem}) from None
+            log.error("%s: %s %s; serving %s with ONNX Runtime", d, MODEL_FILE, pt_problem, ONNX_FILE)
+            rec._load_index()
+            return rec
         model.eval().to(dev)
         if dev.type == "cuda":
             model.to(memory_format=torch.channels_last)
@@ -243,9 +346,6 @@ class Recognizer:
             version_dir=d,
             device=dev,
         )
-        backend = backend or os.environ.get("LOUPE_INFERENCE_BACKEND") or "auto"
-        if backend not in ("auto", "onnx", "torch"):
-            raise ValueError(f"backend must be 'auto', 'onnx' or 'torch', got {backend!r}")
         if backend != "torch":
             try:
                 rec._load_onnx(threads=threads)
@@ -254,6 +354,41 @@ class Recognizer:
                     raise
                 log.warning("serving %s with torch: %s", d, exc)
         rec._load_index()
+        return rec
+
+    @classmethod
+    def _load_onnx_only(cls, d: Path, *, device: torch.device, threads: int) -> Recognizer:
+        """A Recognizer running d/model.onnx without model.pt: everything it needs (mean, std, image size, heads
+        with their hierarchy, embedding size) is in the metadata the exporter embeds in the ONNX file. Raises
+        _FileProblem saying what is wrong with model.onnx."""
+        path = d / ONNX_FILE
+        if not path.is_file():
+            raise _FileProblem("missing", "is missing")
+        try:
+            import onnx  # noqa: PLC0415
+
+            props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+            meta = json.loads(props["loupe_meta"])
+            classes = {h: list(c) for h, c in meta["heads"].items()}
+            flat = [{"name": h, "classes": c, "parent": None} for h, c in classes.items()]
+            heads_meta = meta.get("head_specs") or flat
+            config = {"image_size": int(meta["image_size"]), "backbone": meta.get("backbone")}
+            rec = cls(
+                None,
+                config=config,
+                heads_meta=heads_meta,
+                label_maps=classes,
+                mean=meta["mean"],
+                std=meta["std"],
+                embedding_dim=int(meta["embedding_dim"]),
+                version_dir=d,
+                device=device,
+            )
+            rec._load_onnx(threads=threads)
+        except Exception as exc:  # noqa: BLE001 - a truncated/foreign file, old metadata, a graph ORT refuses
+            raise _FileProblem("corrupt", f"is unusable ({_short(exc)})") from None
+        if "head_specs" not in meta:
+            log.warning("%s predates head_specs in its metadata: child heads are decided without their parent", path)
         return rec
 
     def _load_onnx(self, *, threads: int) -> None:
@@ -367,7 +502,8 @@ class Recognizer:
         """Recognise one object from N >= 1 views.
 
         Per head the views' probabilities (temperature-scaled when the version is calibrated) are combined by
-        `combine` ("mean" = probability averaging, "vote" = majority vote of the views, "geometric"). `mode`:
+        `combine` ("mean" = probability averaging, "vote" = majority vote of the views, "geometric"; "vote" with
+        fewer than VOTE_MIN_VIEWS (3) photos is "mean": the answer's "combine" says which was used). `mode`:
         "softmax" (the classifier), "retrieval" (inverse-distance vote of the 20 nearest gallery photos of the
         mean embedding) or "fusion" (a convex combination, `fusion_weight` on the classifier). In retrieval and
         fusion modes a head is rejected when the nearest labelled gallery photo is farther than its calibrated
@@ -376,10 +512,12 @@ class Recognizer:
 
         Returns {"heads": {head: {"label": str | None, "confidence", "threshold", "reason": None | "low_confidence"
         | "too_far" | "ambiguous" | "no_neighbours", "top_k": [...]}}, "neighbours": [{"image_id", "score"}],
-        "unclassifiable": bool, "reason": "reshoot" | None, "mode": mode}. "unclassifiable" is true when no head
-        gives a label: the photos should be retaken."""
+        "unclassifiable": bool, "reason": "reshoot" | None, "mode": mode, "combine": the combine mode used}.
+        "unclassifiable" is true when no head gives a label: the photos should be retaken."""
         if mode not in RECOGNITION_MODES:
             raise ValueError(f"mode must be one of {RECOGNITION_MODES}, got {mode!r}")
+        if combine == "vote" and len(images) < VOTE_MIN_VIEWS:
+            combine = "mean"  # one or two votes give a share of 1 (or 0.5): a confidence no threshold can use
         probs, emb = self.predict(images)
         thresholds = thresholds or {}
         temps = self.calibration.get("temperature", {})
@@ -455,6 +593,7 @@ class Recognizer:
             "unclassifiable": unclassifiable,
             "reason": "reshoot" if unclassifiable else None,
             "mode": mode,
+            "combine": combine,
         }
 
 

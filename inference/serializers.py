@@ -17,7 +17,7 @@ class Base64Field(serializers.CharField):
 
 
 class Base64ImageSerializer(serializers.Serializer):
-    data = Base64Field(help_text="The image file, base64-encoded.")
+    data = Base64Field(help_text="The image file, base64-encoded (whitespace and line breaks are ignored).")
     media_type = serializers.ChoiceField(choices=["image/jpeg", "image/png", "image/webp"])
 
 
@@ -57,6 +57,9 @@ class RecognizeResponseSerializer(serializers.Serializer):
     unclassifiable = serializers.BooleanField(help_text="true when no head gives a label")
     reason = serializers.CharField(allow_null=True, help_text='"reshoot" when unclassifiable: take new photos')
     mode = serializers.ChoiceField(choices=["softmax", "retrieval", "fusion"])
+    combine = serializers.ChoiceField(
+        choices=["mean", "vote", "geometric"], help_text="how the photos were combined (vote needs 3 or more)"
+    )
 
 
 class ErrorBodySerializer(serializers.Serializer):

@@ -9,6 +9,7 @@ it with the same TTL (`serving_context`), so a request that hits the cache runs 
 model itself takes ~1-10 ms on this CPU, and three ORM queries cost ~1.5 ms. Saving a project or a head drops
 its entry in this process at once; other server processes see the change within the TTL."""
 
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -17,7 +18,10 @@ from django.conf import settings
 
 from training.models import ModelVersion
 
-from .core import Recognizer
+from .core import ModelUnavailable, Recognizer
+
+log = logging.getLogger("inference.services")
+RETRY_FAILED_LOAD_SECONDS = 30.0  # a version that failed to load is tried again at most this often per process
 
 
 @dataclass
@@ -43,6 +47,7 @@ _served: dict[int, Served] = {}
 _checked_at: dict[int, float] = {}
 _contexts: dict[str, tuple[float, ServingContext]] = {}
 _loading: dict[int, threading.Lock] = {}  # per project: held by the one thread loading a newly promoted version
+_failed: dict[int, tuple[int, float, ModelUnavailable]] = {}  # project -> (version id, when, why) of a failed load
 
 
 class NoActiveModel(LookupError):
@@ -87,7 +92,11 @@ def forget_project(slug: str | None = None) -> None:
 def active_model(*, project_id: int) -> Served:
     """The project's promoted model in this process. After a promote, the first request to notice loads the
     new version fully (one thread per project at a time) while the process's other threads go on answering
-    with the old one; then it is swapped in. A process with nothing loaded yet waits for the load."""
+    with the old one; then it is swapped in. A process with nothing loaded yet waits for the load.
+
+    A version whose files cannot be served (Recognizer.load failed) is logged and retried at most every
+    RETRY_FAILED_LOAD_SECONDS; meanwhile the previously loaded version goes on serving, or, when there is none,
+    ModelUnavailable (code naming the problem: model_file_missing, model_file_corrupt, model_load_failed)."""
     now = time.monotonic()
     current = _served.get(project_id)
     if current is not None and now - _checked_at.get(project_id, 0) < settings.LOUPE_ACTIVE_MODEL_TTL:
@@ -102,6 +111,12 @@ def active_model(*, project_id: int) -> Served:
     if current is not None and current.version_id == row["id"]:
         _checked_at[project_id] = now
         return current
+    failed = _failed.get(project_id)
+    if failed is not None and failed[0] == row["id"] and now - failed[1] < RETRY_FAILED_LOAD_SECONDS:
+        _checked_at[project_id] = now
+        if current is not None:
+            return current
+        raise failed[2]
     with _lock:
         loading = _loading.setdefault(project_id, threading.Lock())
     if not loading.acquire(blocking=current is None):
@@ -110,7 +125,19 @@ def active_model(*, project_id: int) -> Served:
         again = _served.get(project_id)
         if again is not None and again.version_id == row["id"]:
             return again
-        loaded = Served(version_id=row["id"], number=row["number"], recognizer=Recognizer.load(row["artifact_dir"]))
+        try:
+            recognizer = Recognizer.load(row["artifact_dir"])
+        except Exception as exc:  # noqa: BLE001 - a broken version must not take the endpoint down
+            error = _unavailable(row["number"], exc, serving=current)
+            log.error("%s", error, exc_info=not isinstance(exc, ModelUnavailable))
+            with _lock:
+                _failed[project_id] = (row["id"], time.monotonic(), error)
+                _checked_at[project_id] = time.monotonic()
+            if current is not None:
+                return current
+            raise error from exc
+        _failed.pop(project_id, None)
+        loaded = Served(version_id=row["id"], number=row["number"], recognizer=recognizer)
         with _lock:
             _served[project_id] = loaded
             _checked_at[project_id] = time.monotonic()
@@ -119,10 +146,22 @@ def active_model(*, project_id: int) -> Served:
         loading.release()
 
 
+def _unavailable(number: int, exc: Exception, *, serving: Served | None) -> ModelUnavailable:
+    """The error of a promoted version that cannot be loaded, in words for the API and the log."""
+    code = exc.code if isinstance(exc, ModelUnavailable) else "model_load_failed"
+    still = f"; v{serving.number} goes on serving" if serving is not None else ""
+    return ModelUnavailable(
+        f"The promoted model v{number} cannot be served: {exc}{still}. Promote another version or train a new one.",
+        code=code,
+        problems=getattr(exc, "problems", None),
+    )
+
+
 def forget_all() -> None:
     """Drop cached models and project settings (tests)."""
     with _lock:
         _served.clear()
+        _failed.clear()
         _checked_at.clear()
         _contexts.clear()
         _loading.clear()

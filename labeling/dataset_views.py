@@ -82,6 +82,7 @@ def _with_bars(findings: dict) -> dict:
 @staff_required
 def health_page(request, slug):
     project = current_project(request, slug)
+    health.health_reports_reconcile(project=project)  # a scan lost by its worker or the broker shows so, at once
     report = health.latest_report(project)
     context = {"project": project, "report": report, "polling": bool(report and report.is_active)}
     if report and report.status == HealthReport.Status.SUCCEEDED:
@@ -160,8 +161,15 @@ def cluster_resolve(request, slug, cluster_id):
 def classes_merge(request, slug):
     project = current_project(request, slug)
     try:
-        source = LabelClass.objects.get(pk=_int_or_none(request.POST.get("source"), "source"), head__project=project)
-        target = LabelClass.objects.get(pk=_int_or_none(request.POST.get("target"), "target"), head__project=project)
+        source_id = _int_or_none(request.POST.get("source"), "source")
+        target_id = _int_or_none(request.POST.get("target"), "target")
+        if target_id is None and request.POST.get("pair"):
+            # a near-identical pair of the report: `source` picks the direction, the other one is the target
+            pair = [_int_or_none(p, "pair") for p in request.POST["pair"].split(",")]
+            if len(pair) == 2 and source_id in pair and pair[0] != pair[1]:
+                target_id = pair[1] if source_id == pair[0] else pair[0]
+        source = LabelClass.objects.get(pk=source_id, head__project=project)
+        target = LabelClass.objects.get(pk=target_id, head__project=project)
         action = health.classes_merge(source=source, target=target, user=request.user)
     except LabelClass.DoesNotExist:
         messages.error(request, "Choose two classes of this project to merge.")

@@ -5,6 +5,8 @@ changed, writes label/status history rows, and can be undone."""
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 import logging
 import time
 import traceback
@@ -14,6 +16,8 @@ from pathlib import Path
 from django.db import transaction
 from django.db.models import Count, F, Q
 from django.utils import timezone
+
+from webapp import jobs
 
 from . import health_core, storage
 from .models import (
@@ -63,33 +67,36 @@ def health_report_create(
         value = params[key]
         if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
             raise LabelingError(f"{key} must be an integer between {lo} and {hi}, got {value!r}.")
+    health_reports_reconcile(project=project)  # a scan lost by a worker or a restarted broker no longer blocks
     with transaction.atomic():
-        _fail_lost_reports(project)
         if project.health_reports.filter(status__in=[HealthReport.Status.QUEUED, HealthReport.Status.RUNNING]).exists():
             raise LabelingError("A health scan is already queued or running for this project.")
         report = HealthReport.objects.create(project=project, created_by=user, params=params)
         if queue:
             from .tasks import health_scan
 
-            transaction.on_commit(lambda: health_scan.delay(report.id))
+            rid = report.id
+            jobs.send_on_commit(
+                health_scan,
+                rid,
+                kind="health_scan",
+                pk=rid,
+                what=f"health scan {rid}",
+                undo=lambda: HealthReport.objects.filter(pk=rid).delete(),
+            )
     return report
 
 
-LOST_AFTER = dt.timedelta(minutes=15)
+def health_reports_reconcile(*, project: Project | None = None) -> dict:
+    """Scans lost by a killed worker start again; queued scans whose message a restarted broker lost are re-sent
+    (webapp.jobs.rows_reconcile). Returns {"lost": [ids], "failed": [ids], "resent": [ids]}."""
+    from .tasks import health_scan
 
-
-def _fail_lost_reports(project: Project) -> None:
-    """A scan whose worker died stops sending heartbeats; mark it failed so a new scan can start."""
-    cutoff = timezone.now() - LOST_AFTER
-    lost = project.health_reports.filter(
-        Q(status=HealthReport.Status.RUNNING, heartbeat_at__lt=cutoff)
-        | Q(status=HealthReport.Status.QUEUED, created_at__lt=cutoff)
-    )
-    lost.update(
-        status=HealthReport.Status.FAILED,
-        finished_at=timezone.now(),
-        error="No progress for 15 minutes: the worker was lost or no worker consumes queue 'default'. "
-        "Start a worker (make worker) and scan again.",
+    scans = HealthReport.objects.filter(status__in=[HealthReport.Status.QUEUED, HealthReport.Status.RUNNING])
+    if project is not None:
+        scans = scans.filter(project=project)
+    return jobs.rows_reconcile(
+        HealthReport, scans, kind="health_scan", task=health_scan, resume="the scan starts again"
     )
 
 
@@ -112,11 +119,22 @@ def health_report_execute(*, report_id: int, workers: int | None = None) -> Heal
     """Run one scan. Idempotent: a finished report is left alone; one left running by a killed worker starts
     again from the beginning (the scan only reads files and rewrites its own findings)."""
     report = HealthReport.objects.select_related("project").get(pk=report_id)
-    if report.status in (HealthReport.Status.SUCCEEDED, HealthReport.Status.FAILED):
-        return report
-    HealthReport.objects.filter(pk=report.id).update(
-        status=HealthReport.Status.RUNNING, started_at=timezone.now(), heartbeat_at=timezone.now(), error=""
+    # Claim it (queued, or running with a stale heartbeat): a duplicate delivery of a claimed or finished scan
+    # does nothing.
+    stale = timezone.now() - dt.timedelta(seconds=jobs.lost_after_seconds())
+    claimable = Q(status=HealthReport.Status.QUEUED) | Q(
+        Q(heartbeat_at__lt=stale) | Q(heartbeat_at__isnull=True), status=HealthReport.Status.RUNNING
     )
+    if not HealthReport.objects.filter(claimable, pk=report.id).update(
+        status=HealthReport.Status.RUNNING, started_at=timezone.now(), heartbeat_at=timezone.now()
+    ):
+        report.refresh_from_db()
+        return report
+    with jobs.heartbeat(HealthReport, report.id):
+        return _health_report_run(report, workers=workers)
+
+
+def _health_report_run(report: HealthReport, *, workers: int | None) -> HealthReport:
     try:
         summary, findings = _scan(report, _Progress(report.id), workers=workers)
     except Exception as exc:  # noqa: BLE001 - the row must say why
@@ -351,6 +369,13 @@ def latest_report(project: Project) -> HealthReport | None:
 
 
 # ---------------------------------------------------------------------------------------------- actions
+def plan_token(plan) -> str:
+    """The confirmation token of a planned bulk change (any JSON-able description of exactly what it would
+    change): the confirm step posts it back, and the change is refused unless the plan is still the same, so a
+    form replayed after the change (or after the data moved on) cannot apply anything silently."""
+    return hashlib.sha256(json.dumps(plan, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
 def _set_status(images, new_status: str, reason: str, user, action: DatasetAction) -> list[dict]:
     changes = []
     events = []
@@ -643,6 +668,13 @@ def action_undo(*, action: DatasetAction, user=None) -> dict:
             source.save(update_fields=["merged_into"])
         if action.kind == DatasetAction.Kind.TRAINING_OPTIONS:
             Project.objects.filter(pk=action.project_id).update(training_options=ch.get("old", {}))
+        for c in ch.get("thresholds", []):  # serving thresholds set from a model's calibration
+            head = Head.objects.select_for_update().filter(pk=c["head_id"], project_id=action.project_id).first()
+            if head is None or head.threshold != c["new"]:
+                skipped += 1
+                continue
+            head.threshold = c["old"]
+            head.save(update_fields=["threshold"])  # post_save drops the cached serving settings
         if action.kind == DatasetAction.Kind.REVIEW_BULK:  # the items it resolved are open again
             from review.models import ReviewItem  # noqa: PLC0415 - review builds on labeling
 

@@ -253,7 +253,8 @@ class ImageEvent(models.Model):
 
 class DatasetAction(models.Model):
     """One data-fixing action: from the health report (resolve a duplicate cluster, merge classes, exclude rare
-    classes, change training options), a review queue's bulk rule or a bulk relabel on the image grid. `changes`
+    classes, change training options), a review queue's bulk rule, a bulk relabel on the image grid or the serving
+    thresholds set from a model's calibration. `changes`
     records exactly what it changed so it can be undone."""
 
     class Kind(models.TextChoices):
@@ -266,6 +267,7 @@ class DatasetAction(models.Model):
         TRAINING_OPTIONS = "training_options", "training options"
         REVIEW_BULK = "review_bulk", "review queue bulk rule"
         BULK_RELABEL = "bulk_relabel", "bulk relabel"
+        SERVING_THRESHOLDS = "serving_thresholds", "serving thresholds"
         UNDO = "undo", "undo"
 
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="dataset_actions")
@@ -303,6 +305,7 @@ class HealthReport(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
+    attempts = models.PositiveSmallIntegerField(default=0)  # restarts after a lost worker (training.reconcile)
     phase = models.CharField(max_length=40, blank=True)
     done = models.PositiveIntegerField(default=0)
     total = models.PositiveIntegerField(default=0)

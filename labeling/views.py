@@ -6,9 +6,10 @@ from pathlib import Path
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
 from django.core.files.storage import default_storage
 from django.core.paginator import Paginator
-from django.http import FileResponse, Http404, HttpResponseForbidden
+from django.http import FileResponse, Http404
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.utils.http import url_has_allowed_host_and_scheme
@@ -31,7 +32,7 @@ def staff_required(view):
     def wrapper(request, *args, **kwargs):
         role = getattr(request, "project_role", None) if "slug" in kwargs else None
         if not (request.user.is_staff or role == "admin"):
-            return HttpResponseForbidden("Only admins can do this.")
+            raise PermissionDenied("Only admins can do this.")  # the styled templates/403.html
         return view(request, *args, **kwargs)
 
     return wrapper
@@ -46,7 +47,7 @@ def project_list(request):
     form = ProjectForm(request.POST or None)
     if request.method == "POST":
         if not request.user.is_staff:
-            return HttpResponseForbidden("Only admins can create projects.")
+            raise PermissionDenied("Only admins can create projects.")
         if form.is_valid():
             try:
                 project = services.project_create(name=form.cleaned_data["name"], preset=form.cleaned_data["preset"])
@@ -124,7 +125,8 @@ def image_grid(request, slug):
 @login_required
 @require_POST
 def labels_bulk_relabel(request, slug):
-    """Multi-select on the grid: set one head's label of the selected images (one undoable action)."""
+    """Multi-select on the grid: set one head's label of the selected images (one undoable action). The grid's
+    button shows a confirm page naming the images and the new class; only its "confirm" post changes labels."""
     from . import health  # noqa: PLC0415
 
     project = current_project(request, slug)
@@ -138,13 +140,37 @@ def labels_bulk_relabel(request, slug):
     back = request.POST.get("next") or reverse("labeling:image-grid", args=[slug])
     if not url_has_allowed_host_and_scheme(back, allowed_hosts={request.get_host()}):
         back = reverse("labeling:image-grid", args=[slug])
-    if raw_class and not raw_class.isdigit():
+    if not expected:
+        messages.error(request, "Select at least one image.")
+        return redirect(back)
+    if raw_class != "none" and not raw_class.isdigit():  # no default target: clearing the labels is a choice too
+        messages.error(request, "Choose the new class (or “unlabeled” to clear the labels).")
+        return redirect(back)
+    class_id = int(raw_class) if raw_class.isdigit() else None
+    target = head.classes.filter(pk=class_id, merged_into__isnull=True).first() if class_id else None
+    if class_id and target is None:
         messages.error(request, "Pick a class from the list.")
         return redirect(back)
-    try:
-        out = health.labels_bulk_set(
-            head=head, class_id=int(raw_class) if raw_class else None, expected=expected, user=request.user
+    if request.POST.get("confirm") != "1":
+        labels = list(
+            Label.objects.filter(head=head, image_id__in=list(expected))
+            .select_related("image", "label_class")
+            .order_by("image_id")
         )
+        context = {
+            "project": project,
+            "head": head,
+            "target": target,
+            "raw_class": raw_class,
+            "items": request.POST.getlist("item"),
+            "back": back,
+            "labels": labels[:60],
+            "n": len(expected),
+            "n_change": sum(1 for lb in labels if lb.label_class_id != class_id),
+        }
+        return render(request, "labeling/bulk_relabel_confirm.html", context)
+    try:
+        out = health.labels_bulk_set(head=head, class_id=class_id, expected=expected, user=request.user)
     except services.LabelingError as exc:
         messages.error(request, str(exc))
         return redirect(back)
@@ -301,7 +327,8 @@ def import_page(request, slug):
 @staff_required
 @require_POST
 def class_create(request, slug, head_id):
-    """A new class from the label picker (admins only): JSON {"id", "name", "parent"} or {"error"}."""
+    """A new class from the label picker (admins only), once the admin confirmed it (confirm=1): JSON {"id",
+    "name", "parent"} or {"error"}."""
     from django.http import JsonResponse  # noqa: PLC0415
 
     project = current_project(request, slug)
@@ -317,6 +344,8 @@ def class_create(request, slug, head_id):
             return JsonResponse({"error": f"No such {head.parent.name}."}, status=400)
     if not name or len(name) > 200:
         return JsonResponse({"error": "A class name is 1 to 200 characters."}, status=400)
+    if request.POST.get("confirm") != "1":  # the picker asks before it posts; a bare or replayed post creates nothing
+        return JsonResponse({"error": f"Confirm creating the new class {name!r} first."}, status=400)
     try:
         cls, created = services.label_class_get_or_create(head=head, raw_name=name, parent=parent)
     except services.LabelingError as exc:

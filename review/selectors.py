@@ -1,5 +1,7 @@
 """Review-queue facts for other pages (the image grid's flagged / model-disagrees filters and sorts)."""
 
+import math
+
 from django.db.models import Exists, Min, OuterRef, QuerySet
 
 from .models import ReviewItem
@@ -83,3 +85,42 @@ def sort_images(qs: QuerySet, sort: str):
     if sort == "confidence":
         return ScoredFirst(qs, ReviewItem.Queue.UNCERTAIN, "suggested_prob")
     return qs
+
+
+def bulk_rule_defaults(*, project) -> dict:
+    """Default thresholds of the mislabel queue's bulk rules, from what the model's calibration supports, else
+    none. accept_above: the highest of the calibrated thresholds (training/services._calibrate,
+    metrics["calibration"]["softmax_threshold"]: the smallest confidence at which the version's validation
+    answers were >= 95 % right) over the heads of the open items, of the version(s) that built the queue; None
+    when any of them has no calibrated value. exclude_below: always None (the calibration measures how often
+    confident answers are right, not which photos are unreadable). Returns {"accept_above", "exclude_below",
+    "basis": a sentence for the page}."""
+    from training.models import ModelVersion  # noqa: PLC0415 - as in review.services
+
+    pairs = set(
+        ReviewItem.objects.filter(project=project, queue=ReviewItem.Queue.MISLABEL, status=ReviewItem.Status.OPEN)
+        .values_list("model_version", "head__name")
+        .distinct()
+    )
+    numbers = {n for n, _ in pairs if n is not None}
+    suggested = {
+        v.number: v.suggested_thresholds for v in ModelVersion.objects.filter(project=project, number__in=numbers)
+    }
+    values = {(n, h): (suggested.get(n) or {}).get(h) for n, h in pairs}
+    out = {"accept_above": None, "exclude_below": None}
+    if not pairs:
+        return out | {"basis": "The queue is empty."}
+    missing = sorted({f"v{n} {h}" if n else h for (n, h), t in values.items() if t is None})
+    if missing:
+        return out | {
+            "basis": f"No default: the model that built the queue has no calibrated threshold for {', '.join(missing)}."
+        }
+    per_head = ", ".join(f"v{n} {h} {t:.2f}" for (n, h), t in sorted(values.items()))
+    return out | {
+        "accept_above": math.ceil(max(values.values()) * 100) / 100,  # rounded up: never below the calibration
+        "basis": (
+            "Accept default: the highest calibrated threshold of the queue's heads, the confidence at which the "
+            f"model's validation answers were at least 95 % right ({per_head}). Exclude: no default, the "
+            "calibration says nothing about unreadable photos."
+        ),
+    }

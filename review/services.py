@@ -19,6 +19,7 @@ from django.utils import timezone
 
 from labeling.models import Image, ImageEvent, Label, LabelClass, Project
 from labeling.services import LabelConflict, LabelingError, label_set
+from webapp import jobs
 
 from .core import rank_label_issues
 from .models import ReviewItem
@@ -375,14 +376,22 @@ def queue_counts(*, project: Project) -> dict[str, dict[str, int]]:
 
 
 # --------------------------------------------------------------------------------------------- bulk rules
-def bulk_rule_preview(*, project: Project, accept_above: float = 0.8, exclude_below: float = 0.3) -> dict:
+def bulk_rule_preview(
+    *, project: Project, accept_above: float | None = None, exclude_below: float | None = None
+) -> dict:
     """What a bulk rule on the open mislabel items would do, without doing it: accept the model's suggestion
     where its probability is above `accept_above`; exclude the image where the model gives no class more than
-    `exclude_below` (a photo it cannot read: blurred, empty, not the object). Items another reviewer holds are
-    left alone. Returns {"accept": [items], "exclude": [items], "held": n}."""
-    if not (0.0 <= exclude_below <= 1.0 and 0.0 <= accept_above <= 1.0):
-        raise ReviewError("Thresholds are probabilities between 0 and 1.")
-    if exclude_below > accept_above:
+    `exclude_below` (a photo it cannot read: blurred, empty, not the object). A threshold left None does nothing.
+    Items another reviewer holds are left alone. Returns {"accept": [items], "exclude": [items], "held": n,
+    "total": n to change, "token": the confirmation token bulk_rule_apply wants (labeling.health.plan_token)}."""
+    from labeling.health import plan_token  # noqa: PLC0415
+
+    for value in (accept_above, exclude_below):
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise ReviewError("Thresholds are probabilities between 0 and 1.")
+    if accept_above is None and exclude_below is None:
+        raise ReviewError("Set a threshold to accept above, to exclude below, or both.")
+    if accept_above is not None and exclude_below is not None and exclude_below > accept_above:
         raise ReviewError("The exclude threshold must not be above the accept threshold.")
     now = timezone.now()
     items = list(
@@ -396,22 +405,40 @@ def bulk_rule_preview(*, project: Project, accept_above: float = 0.8, exclude_be
             held += 1
             continue
         best = max((t["prob"] for t in it.top_k), default=it.suggested_prob)
-        if it.suggested_class_id is not None and it.suggested_prob > accept_above:
+        if accept_above is not None and it.suggested_class_id is not None and it.suggested_prob > accept_above:
             accept.append(it)
-        elif best < exclude_below:
+        elif exclude_below is not None and best < exclude_below:
             exclude.append(it)
-    return {"accept": accept, "exclude": exclude, "held": held}
+    token = plan_token(
+        {
+            "accept_above": accept_above,
+            "exclude_below": exclude_below,
+            "accept": [(it.pk, it.suggested_class_id) for it in accept],
+            "exclude": [it.pk for it in exclude],
+        }
+    )
+    return {"accept": accept, "exclude": exclude, "held": held, "total": len(accept) + len(exclude), "token": token}
 
 
-def bulk_rule_apply(*, project: Project, user, accept_above: float = 0.8, exclude_below: float = 0.3):
+def bulk_rule_apply(*, project: Project, user, accept_above: float | None, exclude_below: float | None, confirm: str):
     """Apply bulk_rule_preview's decisions as one DatasetAction (undo on the Health page or via action_undo
-    puts the labels, the images and the items back). Returns the action, or None when there was nothing to do."""
+    puts the labels, the images and the items back). `confirm` is the token of the preview the user confirmed:
+    a missing token, or one of another preview (the queue moved on, or the form is replayed after it was
+    applied), is refused with ReviewError and nothing changes. Returns the action, or None when there was
+    nothing to do."""
     from labeling.health import _relabel, _set_status  # noqa: PLC0415 - the same change records as health actions
     from labeling.models import DatasetAction  # noqa: PLC0415
 
     now = timezone.now()
     with transaction.atomic():
         plan = bulk_rule_preview(project=project, accept_above=accept_above, exclude_below=exclude_below)
+        if not confirm:
+            raise ReviewError("Nothing was applied: confirm the preview first.")
+        if confirm != plan["token"]:
+            raise ReviewError(
+                "Nothing was applied: the queue changed since the preview you confirmed (or it was already "
+                "applied). Check the new preview."
+            )
         if not plan["accept"] and not plan["exclude"]:
             return None
         locked = {
@@ -422,10 +449,12 @@ def bulk_rule_apply(*, project: Project, user, accept_above: float = 0.8, exclud
         }
         accept = [it for it in plan["accept"] if it.pk in locked]
         exclude = [it for it in plan["exclude"] if it.pk in locked]
-        summary = (
-            f"mislabel queue: accepted {len(accept)} suggestion(s) above {accept_above:g}, "
-            f"excluded {len(exclude)} photo(s) below {exclude_below:g}"
-        )
+        parts = []
+        if accept_above is not None:
+            parts.append(f"accepted {len(accept)} suggestion(s) above {accept_above:g}")
+        if exclude_below is not None:
+            parts.append(f"excluded {len(exclude)} photo(s) below {exclude_below:g}")
+        summary = "mislabel queue: " + ", ".join(parts)
         action = DatasetAction.objects.create(
             project=project,
             kind=DatasetAction.Kind.REVIEW_BULK,
@@ -484,11 +513,25 @@ def queue_refresh(*, project: Project, queue: str) -> int:
     if version is None:
         raise ReviewError("Train and promote a model first: the queue is built from its predictions.")
     vid, pid = version.id, project.id
+    # An admin asked for it: a broker outage is a 503 (BrokerUnavailable) that changed nothing.
     if queue == ReviewItem.Queue.MISLABEL:
-        transaction.on_commit(lambda: mislabel_refresh.delay(vid))
+        jobs.send_on_commit(
+            mislabel_refresh, vid, kind="mislabel_refresh", pk=vid, what="the mislabel queue rebuild", undo=_nothing
+        )
     else:
-        transaction.on_commit(lambda: uncertain_refresh.delay(pid))
+        jobs.send_on_commit(
+            uncertain_refresh,
+            pid,
+            kind="uncertain_refresh",
+            pk=pid,
+            what="the low-confidence queue rebuild",
+            undo=_nothing,
+        )
     return version.number
+
+
+def _nothing() -> None:
+    """Nothing to undo: the rebuild has no row of its own."""
 
 
 # ------------------------------------------------------------------------------------- low-confidence queue

@@ -1,11 +1,17 @@
 from celery import shared_task
 
 from training.models import ModelVersion
+from webapp.jobs import limits
 
 from . import services
 
 
-@shared_task(name="review.tasks.mislabel_refresh", acks_late=True, reject_on_worker_lost=True, time_limit=48 * 3600)
+@shared_task(
+    name="review.tasks.mislabel_refresh",
+    acks_late=True,
+    reject_on_worker_lost=True,
+    **limits("review.tasks.mislabel_refresh"),
+)
 def mislabel_refresh(version_id: int, k: int = 5, mode: str = "cheap") -> dict:
     """Out-of-fold predictions of the version's frozen dataset (K fresh models: GPU work), then the project's
     mislabel queue from them. Queued after every successful training run (LOUPE_MISLABEL_AFTER_TRAINING)."""
@@ -17,7 +23,12 @@ def mislabel_refresh(version_id: int, k: int = 5, mode: str = "cheap") -> dict:
     return services.mislabel_refresh(version=version)
 
 
-@shared_task(name="review.tasks.uncertain_refresh", acks_late=True, reject_on_worker_lost=True, time_limit=24 * 3600)
+@shared_task(
+    name="review.tasks.uncertain_refresh",
+    acks_late=True,
+    reject_on_worker_lost=True,
+    **limits("review.tasks.uncertain_refresh"),
+)
 def uncertain_refresh(project_id: int) -> dict:
     """The low-confidence queue, ranked by the active model (every unlabeled photo is predicted)."""
     from labeling.models import Project

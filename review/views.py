@@ -4,6 +4,8 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import Http404
 from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
+from django.utils.http import urlencode
 from django.views.decorators.http import require_POST
 
 from labeling.access import current_project
@@ -130,44 +132,87 @@ def item_references(request, slug, queue, item_id):
     return render(request, "review/_references.html", {"project": project, "rows": rows})
 
 
-def _threshold(raw: str | None, default: float) -> float | None:
-    if raw in (None, ""):
-        return default
+def _threshold(raw: str | None) -> tuple[float | None, bool]:
+    """A bulk-rule threshold from the form: (value or None when left empty, whether it was valid)."""
+    if raw is None or not raw.strip():
+        return None, True
     try:
         value = float(raw)
     except ValueError:
-        return None
-    return value if 0.0 <= value <= 1.0 else None
+        return None, False
+    return (value, True) if 0.0 <= value <= 1.0 else (None, False)
 
 
 @staff_required
 def bulk_rules(request, slug):
-    """Admin bulk rules over the open mislabel items, with a preview first: nothing changes until Apply."""
+    """Admin bulk rules over the open mislabel items: a preview (GET), a confirm page that names the counts
+    (GET ?step=confirm), then the apply (POST), which needs the confirm page's token of that very preview."""
+    from .selectors import bulk_rule_defaults  # noqa: PLC0415
+
     project = current_project(request, slug)
     source = request.POST if request.method == "POST" else request.GET
-    accept_above = _threshold(source.get("accept_above"), 0.8)
-    exclude_below = _threshold(source.get("exclude_below"), 0.3)
-    ctx = {"project": project, "queue": "mislabel", "accept_above": accept_above, "exclude_below": exclude_below}
-    if accept_above is None or exclude_below is None:
-        messages.error(request, "Thresholds are numbers between 0 and 1 (e.g. 0.8 and 0.3).")
+    defaults = bulk_rule_defaults(project=project)
+    if "accept_above" in source or "exclude_below" in source:
+        (accept_above, ok_a), (exclude_below, ok_e) = (
+            _threshold(source.get("accept_above")),
+            _threshold(source.get("exclude_below")),
+        )
+    else:  # first visit: what the model's calibration supports, else nothing
+        (accept_above, ok_a), (exclude_below, ok_e) = (
+            (defaults["accept_above"], True),
+            (defaults["exclude_below"], True),
+        )
+    ctx = {
+        "project": project,
+        "queue": "mislabel",
+        "accept_above": accept_above if ok_a else source.get("accept_above"),
+        "exclude_below": exclude_below if ok_e else source.get("exclude_below"),
+        "basis": defaults["basis"],
+    }
+    if not (ok_a and ok_e):
+        messages.error(request, "Thresholds are numbers between 0 and 1 (e.g. 0.9), or empty for no rule.")
         return render(request, "review/rules.html", ctx, status=400)
+    if accept_above is None and exclude_below is None:
+        if request.method == "POST":
+            messages.error(request, "Nothing was applied: set a threshold first.")
+            return render(request, "review/rules.html", ctx, status=400)
+        return render(request, "review/rules.html", ctx)
     try:
         if request.method == "POST":
             action = services.bulk_rule_apply(
-                project=project, user=request.user, accept_above=accept_above, exclude_below=exclude_below
+                project=project,
+                user=request.user,
+                accept_above=accept_above,
+                exclude_below=exclude_below,
+                confirm=request.POST.get("token", ""),
             )
             if action is None:
                 messages.info(request, "Nothing matched the rule; nothing changed.")
             else:
                 messages.success(request, f"Done: {action.summary}. Undo it from the Health page's action list.")
-            return redirect("review:rules", slug=slug)
+            query = urlencode({"accept_above": _form_value(accept_above), "exclude_below": _form_value(exclude_below)})
+            return redirect(f"{reverse('review:rules', args=[slug])}?{query}")
         ctx["plan"] = services.bulk_rule_preview(
             project=project, accept_above=accept_above, exclude_below=exclude_below
         )
+        ctx["confirming"] = request.GET.get("step") == "confirm" and ctx["plan"]["total"] > 0
     except services.ReviewError as exc:
         messages.error(request, str(exc))
-        return render(request, "review/rules.html", ctx, status=400)
+        ctx["plan"] = None
+        if request.method == "POST":  # refused: show the current preview to confirm again
+            try:
+                ctx["plan"] = services.bulk_rule_preview(
+                    project=project, accept_above=accept_above, exclude_below=exclude_below
+                )
+            except services.ReviewError:
+                pass
+        stale = request.method == "POST" and request.POST.get("token") and ctx["plan"] is not None
+        return render(request, "review/rules.html", ctx, status=409 if stale else 400)
     return render(request, "review/rules.html", ctx)
+
+
+def _form_value(value: float | None) -> str:
+    return "" if value is None else f"{value:g}"
 
 
 @staff_required

@@ -295,7 +295,9 @@ def test_picker_is_hierarchy_aware_and_admins_create_classes(browser, live_serve
     admin.fill("input[name=password]", "admin-pass-123")
     admin.click("button[type=submit]")
     admin.goto(f"{live_server.url}/p/{car_project.slug}/images/{image.id}/")
-    _pick(admin, model.id, "Accord")  # no such class: the admin's Enter creates it under Honda
+    _pick(admin, model.id, "Accord")  # no such class: the admin's Enter asks, the second creates it under Honda
+    admin.wait_for_selector(f"#editor-{model.id} .picker-list li.create.confirm:has-text('under Honda')")
+    admin.keyboard.press("Enter")
     admin.wait_for_selector(f"#editor-{model.id} .status:has-text('Saved.')")
     accord = model.classes.get(name="Accord")
     assert accord.parent == make.classes.get(name="Honda")
@@ -403,3 +405,159 @@ def test_label_a_low_confidence_item_with_the_keyboard(browser, live_server, sha
     item = ReviewItem.objects.get(pk=second)
     assert item.resolution == "accepted"
     assert Label.objects.get(image_id=item.image_id).label_class_id == item.suggested_class_id
+
+
+# ------------------------------------------------------------------ the browser never changes data by accident
+def _admin_page(browser, live_server, **kwargs):
+    page = browser.new_context(**kwargs).new_page()
+    _login_as(page, live_server, "admin", "admin-pass-123")
+    return page
+
+
+def test_enter_on_a_focused_link_or_button_never_decides(browser, live_server, mislabel_queue, admin_user):
+    """Issue 14.12: with the focus on "Bulk rules…", Enter follows the link and accepts nothing; letters on a
+    focused link do nothing either; Esc gives the keys back to the page."""
+    from review.models import ReviewItem
+
+    project, _ = mislabel_queue
+    page = _admin_page(browser, live_server)
+    url = f"{live_server.url}/p/{project.slug}/review/mislabel/"
+    page.goto(url)
+    first = int(page.get_attribute("#review-panel", "data-item"))
+    labels = dict(Label.objects.values_list("image_id", "label_class_id"))
+    page.focus("text=Bulk rules…")
+    page.keyboard.press("Enter")
+    page.wait_for_url(f"{live_server.url}/p/{project.slug}/review/mislabel/rules/", timeout=5000)
+    assert ReviewItem.objects.get(pk=first).status == "open"
+    assert dict(Label.objects.values_list("image_id", "label_class_id")) == labels
+    page.goto(url)
+    assert int(page.get_attribute("#review-panel", "data-item")) == first  # still leased to the admin
+    page.focus("text=Reviewer statistics")
+    for key in ("a", "x", "k", "1"):
+        page.keyboard.press(key)
+    page.wait_for_timeout(300)
+    assert ReviewItem.objects.get(pk=first).status == "open" and page.url == url
+    page.keyboard.press("Escape")  # off the link: the page's keys act again
+    page.keyboard.press("k")
+    page.wait_for_function(f"document.querySelector('#review-panel').dataset.item !== '{first}'")
+    assert ReviewItem.objects.get(pk=first).resolution == "kept"
+    assert dict(Label.objects.values_list("image_id", "label_class_id")) == labels
+
+
+def test_picker_never_creates_a_class_from_a_typo_and_asks_once(browser, live_server, project, admin_user):
+    """Issue 14.13: "arch1x4" + Enter picks the existing arch_1x4 (the create row is listed last, never the
+    default), "yelow" finds yellow; a really new name asks once before it is created, and Esc cancels."""
+    from labeling.models import LabelClass
+
+    head = project.heads.get()
+    arch = LabelClass.objects.create(head=head, name="arch_1x4", normalized_name="arch_1x4")
+    image = Image.objects.filter(project=project).order_by("id").first()
+    label = Label.objects.get(image=image, head=head)
+    n_classes = LabelClass.objects.filter(head=head).count()
+    page = _admin_page(browser, live_server)
+    page.goto(f"{live_server.url}/p/{project.slug}/images/{image.id}/")
+    rows = f"#editor-{head.id} .picker-list li"
+    page.click(f"#editor-{head.id} .picker-input")
+    page.keyboard.type("arch1x4")
+    assert page.locator(rows).all_inner_texts() == ["arch_1x4", "+ create “arch1x4”…"]
+    assert page.inner_text(f"{rows}.active") == "arch_1x4"
+    page.keyboard.press("Enter")
+    page.wait_for_selector(f"#editor-{head.id} .status:has-text('Saved.')")
+    assert Label.objects.get(pk=label.pk).label_class == arch
+    page.click(f"#editor-{head.id} .picker-input")
+    page.keyboard.type("yelow")  # one letter missing
+    assert page.inner_text(f"{rows}.active") == "yellow"
+    page.fill(f"#editor-{head.id} .picker-input", "")
+    page.keyboard.type("brick2x2")  # matches nothing: only the create row, and Enter asks
+    page.keyboard.press("Enter")
+    question = page.wait_for_selector(f"{rows}.create.confirm")
+    assert "Create “brick2x2” as a new class class? Enter creates it · Esc cancels" == question.inner_text()
+    page.wait_for_timeout(300)
+    assert LabelClass.objects.filter(head=head).count() == n_classes
+    page.keyboard.press("Escape")  # cancels the question, not the typing
+    assert page.locator(rows).all_inner_texts() == ["+ create “brick2x2”…"]
+    page.keyboard.press("Enter")
+    page.wait_for_selector(f"{rows}.create.confirm")
+    page.keyboard.press("Enter")
+    page.wait_for_selector(f"#class-{head.id} option:has-text('brick2x2')[selected]", state="attached")
+    assert LabelClass.objects.filter(head=head).count() == n_classes + 1
+    assert Label.objects.get(pk=label.pk).label_class.name == "brick2x2"
+
+
+def test_bulk_rules_name_the_count_and_apply_only_when_confirmed(browser, live_server, mislabel_queue, admin_user):
+    """Issue 14.14: the first preview uses the calibrated accept threshold and no exclude rule; the button names
+    the real number of items; applying asks on a page that names it again; the confirmed form posted a second
+    time (back, submit) changes nothing."""
+    from labeling.models import DatasetAction
+    from training.models import ModelVersion
+
+    project, flipped = mislabel_queue
+    version = ModelVersion.objects.get(project=project)
+    version.metrics = {
+        **version.metrics,
+        "calibration": {"temperature": {"class": 1.0}, "softmax_threshold": {"class": 0.5}},
+    }
+    version.save(update_fields=["metrics"])
+    n = len(flipped)
+    page = _admin_page(browser, live_server)
+    page.goto(f"{live_server.url}/p/{project.slug}/review/mislabel/rules/")
+    assert page.input_value("input[name=accept_above]") == "0.5" and page.input_value("input[name=exclude_below]") == ""
+    assert page.inner_text("#apply") == f"Apply to these {n} items…"
+    labels = dict(Label.objects.values_list("image_id", "label_class_id"))
+    page.click("#apply")
+    assert page.inner_text("#confirm h2") == f"Apply the rule to {n} items?"
+    assert dict(Label.objects.values_list("image_id", "label_class_id")) == labels
+    old_tab = page.context.new_page()  # the same confirm page left open in another tab
+    old_tab.goto(page.url)
+    page.click("#confirm-apply")
+    page.wait_for_selector(f".messages li:has-text('accepted {n} suggestion(s) above 0.5')")
+    assert all(Label.objects.get(image_id=i).label_class.name == c for i, c in flipped.items())
+    old_tab.click("#confirm-apply")  # the confirmed form, posted again
+    old_tab.wait_for_selector(".messages li:has-text('changed since the preview you confirmed')")
+    assert DatasetAction.objects.filter(kind="review_bulk").count() == 1
+
+
+def test_thresholds_and_bulk_relabel_ask_before_changing(browser, live_server, shapes_project, admin_user):
+    """Issue 14.15: "Use suggested thresholds" shows the change and waits for a confirm; the change is undone
+    from the Health page's action list. Bulk relabel on the grid has no default class and asks first."""
+    from labeling.models import Head
+    from review.tests.helpers import trained_version
+
+    project = shapes_project(3)
+    version = trained_version(project)
+    suggested = round(version.suggested_thresholds["class"], 4)
+    start = 0.01 if suggested != 0.01 else 0.02
+    Head.objects.filter(project=project).update(threshold=start)
+    page = _admin_page(browser, live_server, viewport={"width": 1400, "height": 900})
+    page.goto(f"{live_server.url}/p/{project.slug}/models/")
+    page.click("text=Use suggested thresholds")
+    page.wait_for_selector("#threshold-plan", timeout=5000)  # a confirm page, nothing changed yet
+    assert f"{start:.2f}" in page.inner_text("#threshold-plan") and Head.objects.get(project=project).threshold == start
+    page.click("#confirm-thresholds")
+    page.wait_for_selector(".messages li:has-text('Undo it from the Health page')")
+    assert Head.objects.get(project=project).threshold == suggested
+    page.goto(f"{live_server.url}/p/{project.slug}/health/")
+    assert "serving thresholds from v1" in page.inner_text("#actions")
+    page.locator("#actions button.undo").first.click()
+    page.wait_for_selector(".messages li:has-text('Undone')")
+    assert Head.objects.get(project=project).threshold == start
+
+    head = project.heads.get()
+    page.goto(f"{live_server.url}/p/{project.slug}/?head={head.id}")
+    boxes = page.locator("#grid input[name=item]")
+    chosen = [int(boxes.nth(i).get_attribute("value").split(":")[0]) for i in range(2)]
+    before = dict(Label.objects.filter(image_id__in=chosen).values_list("image_id", "label_class_id"))
+    boxes.nth(0).check()
+    boxes.nth(1).check()
+    assert page.input_value("select[name=label_class]") == ""  # no default target
+    page.click("#bulk-apply")  # nothing chosen: the browser asks for a class, nothing is posted
+    page.wait_for_timeout(300)
+    assert "/images/bulk-relabel/" not in page.url
+    page.select_option("select[name=label_class]", label="red")
+    page.click("#bulk-apply")
+    page.wait_for_selector("#confirm-relabel")
+    assert "Set class of 2 images to “red”?" in page.inner_text("h1")
+    assert dict(Label.objects.filter(image_id__in=chosen).values_list("image_id", "label_class_id")) == before
+    page.click("#confirm-relabel")
+    page.wait_for_selector(".messages li:has-text('2 image(s) -> red')")
+    assert {Label.objects.get(image_id=i).label_class.name for i in chosen} == {"red"}

@@ -98,3 +98,14 @@ def test_training_goes_to_the_gpu_queue_and_index_builds_to_default():
     router = app.amqp.router
     assert router.route({}, "training.tasks.train_run")["queue"].name == "gpu"
     assert router.route({}, "training.tasks.index_build")["queue"].name == "default"
+
+
+def test_check_deploy_clean_with_docker_compose_defaults(tmp_path):
+    """`docker compose up` with only SECRET_KEY set: HTTPS redirect and Secure cookies are on by default."""
+    from tests.compose import app_environment
+
+    env = app_environment(SECRET_KEY="k" * 20 + "-Zx9_qP3rT7uV1wY5aB8cD2eF6gH0jK4lM")
+    result = _manage("check", "--deploy", **env, LOUPE_VAR_DIR=str(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    issues = re.findall(r"\((\w+\.[WE]\d+)\)", result.stdout + result.stderr)
+    assert set(issues) <= {"security.W021"}, result.stdout + result.stderr  # HSTS preload: the operator's opt-in

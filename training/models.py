@@ -25,6 +25,8 @@ class TrainingRun(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
+    # Times a worker was lost mid-run and the run was resumed from its checkpoint (training.reconcile).
+    attempts = models.PositiveSmallIntegerField(default=0)
     epoch = models.PositiveIntegerField(default=0)
     epochs = models.PositiveIntegerField(default=0)
     step = models.PositiveIntegerField(default=0)
@@ -67,6 +69,8 @@ class ModelVersion(models.Model):
     promote_requested = models.BooleanField(default=False, help_text="Make active once the index is built.")
     index_status = models.CharField(max_length=20, choices=IndexStatus.choices, default=IndexStatus.NONE)
     index_error = models.TextField(blank=True)
+    # Set when the build is queued and kept fresh while it runs; stale + no message waiting = lost (reconcile).
+    index_heartbeat_at = models.DateTimeField(null=True, blank=True)
     index_size = models.PositiveIntegerField(default=0)
     created_at = models.DateTimeField(auto_now_add=True)
     promoted_at = models.DateTimeField(null=True, blank=True)

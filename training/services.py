@@ -1,5 +1,6 @@
 """Writes for training: create and execute runs, register model versions, build the index, promote."""
 
+import datetime as dt
 import json
 import logging
 import os
@@ -9,12 +10,14 @@ from pathlib import Path
 import numpy as np
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Max
+from django.db.models import F, Max, Q
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from labeling.models import DatasetVersion, Head, Project
 from labeling.services import LabelingError
 from labeling.versions import dataset_version_create, version_manifest
+from webapp import jobs
 
 from .models import ModelVersion, TrainingRun
 
@@ -80,9 +83,14 @@ def training_run_create(
     _resolve(project, config or {})
     if dataset_version is not None and dataset_version.project_id != project.id:
         raise TrainingError("That dataset version belongs to another project.")
+    from .reconcile import jobs_reconcile
+
+    jobs_reconcile(project=project)  # a run lost by a killed worker or a restarted broker no longer blocks
     with transaction.atomic():
-        if project.training_runs.filter(status__in=[TrainingRun.Status.QUEUED, TrainingRun.Status.RUNNING]).exists():
-            raise TrainingError("A training run is already queued or running for this project.")
+        active = project.training_runs.filter(status__in=[TrainingRun.Status.QUEUED, TrainingRun.Status.RUNNING])
+        if active.exists():
+            note = " (resumed after its worker was lost)" if active.filter(attempts__gt=0).exists() else ""
+            raise TrainingError(f"A training run is already queued or running for this project{note}.")
         if dataset_version is None:
             try:
                 dataset_version, _created = dataset_version_create(project=project, user=user, note="for a retrain")
@@ -98,7 +106,15 @@ def training_run_create(
         if queue:
             from .tasks import train_run
 
-            transaction.on_commit(lambda: train_run.delay(run.id))
+            rid = run.id
+            jobs.send_on_commit(
+                train_run,
+                rid,
+                kind="train_run",
+                pk=rid,
+                what=f"training run {rid}",
+                undo=lambda: TrainingRun.objects.filter(pk=rid).delete(),
+            )
     return run
 
 
@@ -140,21 +156,35 @@ def training_run_execute(*, run_id: int, inline: bool = False, fresh: bool = Fal
     """Train for one TrainingRun row (from the Celery task or `manage.py train`). Idempotent: a finished run
     is left alone; a run left 'running' by a killed worker starts again. `inline` builds the index of an
     auto-promoted first model in this process instead of queueing it."""
-    from training.engine import train_model
-
     run = TrainingRun.objects.select_related("project", "dataset_version").get(pk=run_id)
-    if run.status in (TrainingRun.Status.SUCCEEDED, TrainingRun.Status.FAILED):
-        return run
     project = run.project
     out_dir = Path(settings.ARTIFACT_ROOT) / project.slug / f"run-{run.id}"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    TrainingRun.objects.filter(pk=run.id).update(
+    # Claim the run: queued, or running with a stale heartbeat (its worker is gone). A second delivery of the
+    # same message (a re-send, or the broker's redelivery after its visibility timeout) finds it claimed and
+    # leaves it alone, so one run never trains twice at once.
+    stale = timezone.now() - dt.timedelta(seconds=jobs.lost_after_seconds())
+    claimable = Q(status=TrainingRun.Status.QUEUED) | Q(
+        Q(heartbeat_at__lt=stale) | Q(heartbeat_at__isnull=True), status=TrainingRun.Status.RUNNING
+    )
+    claimed = TrainingRun.objects.filter(claimable, pk=run.id).update(
         status=TrainingRun.Status.RUNNING,
-        started_at=timezone.now(),
+        started_at=Coalesce(F("started_at"), timezone.now()),
         heartbeat_at=timezone.now(),
         artifact_dir=str(out_dir),
-        error="",
+        finished_at=None,
     )
+    if not claimed:
+        run.refresh_from_db()
+        return run
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with jobs.heartbeat(TrainingRun, run.id):
+        return _training_run_train(run, out_dir, inline=inline, fresh=fresh)
+
+
+def _training_run_train(run: TrainingRun, out_dir: Path, *, inline: bool, fresh: bool) -> TrainingRun:
+    from training.engine import train_model
+
+    project = run.project
     try:
         config = _resolve(project, run.config)
         if run.dataset_version_id is None:  # a run queued before dataset versions existed
@@ -184,8 +214,9 @@ def training_run_execute(*, run_id: int, inline: bool = False, fresh: bool = Fal
     try:
         from training.engine.onnx_export import export_onnx
 
-        onnx = export_onnx(out_dir)  # every head + the embedding, dynamic batch, checked against torch (1e-4)
-        metrics["onnx"] = {k: onnx[k] for k in ("exporter", "opset", "max_abs_diff", "seconds")}
+        onnx = export_onnx(out_dir)  # every head + the embedding, dynamic batch, checked against torch (parity)
+        parity = ("max_abs_diff", "max_rel_diff", "top1_agreement", "atol", "rtol")
+        metrics["onnx"] = {k: onnx[k] for k in ("exporter", "opset", *parity, "seconds")}
     except Exception as exc:  # noqa: BLE001 - serving falls back to torch; the reason is kept
         log.exception("ONNX export for run %s failed", run.id)
         metrics["onnx"] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
@@ -217,7 +248,7 @@ def training_run_execute(*, run_id: int, inline: bool = False, fresh: bool = Fal
         from review.tasks import mislabel_refresh
 
         vid = version.id
-        transaction.on_commit(lambda: mislabel_refresh.delay(vid))
+        jobs.send_on_commit(mislabel_refresh, vid, kind="mislabel_refresh", pk=vid, what="the mislabel queue")
     run.refresh_from_db()
     return run
 
@@ -313,6 +344,7 @@ def model_version_promote(*, version: ModelVersion, user=None, inline: bool = Fa
     is one transaction. Promoting a version whose index is ready switches at once (rollback)."""
     with transaction.atomic():
         version = ModelVersion.objects.select_for_update().get(pk=version.pk)
+        before = {f: getattr(version, f) for f in ("promote_requested", "promoted_by", "index_status", "index_error")}
         version.promote_requested = True
         version.promoted_by = user
         if version.index_status == ModelVersion.IndexStatus.READY:
@@ -320,12 +352,22 @@ def model_version_promote(*, version: ModelVersion, user=None, inline: bool = Fa
             return model_version_activate(version=version)
         version.index_status = ModelVersion.IndexStatus.BUILDING
         version.index_error = ""
-        version.save(update_fields=["promote_requested", "promoted_by", "index_status", "index_error"])
+        version.index_heartbeat_at = timezone.now()  # queued: the reconciler measures a lost build from here
+        version.save(
+            update_fields=["promote_requested", "promoted_by", "index_status", "index_error", "index_heartbeat_at"]
+        )
         from .tasks import index_build
 
         vid = version.id
         if not inline:
-            transaction.on_commit(lambda: index_build.delay(vid))
+            jobs.send_on_commit(
+                index_build,
+                vid,
+                kind="index_build",
+                pk=vid,
+                what=f"the promote of v{version.number} (its index build)",
+                undo=lambda: ModelVersion.objects.filter(pk=vid).update(**before),
+            )
     if inline:
         return model_version_index_build(version_id=vid)
     return version
@@ -356,24 +398,46 @@ def model_versions_compare(*, a: ModelVersion, b: ModelVersion) -> dict:
     return out
 
 
-def head_thresholds_apply(*, version: ModelVersion, heads: list[str] | None = None) -> dict[str, tuple[float, float]]:
+def head_thresholds_apply(
+    *, version: ModelVersion, user=None, confirm: str, heads: list[str] | None = None
+) -> dict[str, tuple[float, float]]:
     """Set the project's head thresholds to the version's calibrated suggestions (95 % precision on its
-    validation split). Only heads that have a suggestion (and are in `heads`, when given) change. Returns
-    {head: (old, new)} for the heads changed. ValueError when the version was not calibrated."""
-    suggested = version.suggested_thresholds
-    if not suggested:
+    validation split), as one undoable DatasetAction (the Health page's action list). `confirm` is the token of
+    the change the admin confirmed (labeling.health.plan_token of training.selectors.head_thresholds_plan): the
+    change is refused unless it is still exactly that one. Returns {head: (old, new)} for the heads changed.
+    ValueError when the version was not calibrated or the confirmation is missing or stale."""
+    from labeling.health import plan_token
+    from labeling.models import DatasetAction
+
+    from .selectors import head_thresholds_plan
+
+    if not version.suggested_thresholds:
         raise ValueError(f"v{version.number} has no calibrated thresholds (its validation split was empty).")
-    changed: dict[str, tuple[float, float]] = {}
     with transaction.atomic():
-        for head in Head.objects.select_for_update().filter(project_id=version.project_id, name__in=list(suggested)):
-            if heads is not None and head.name not in heads:
-                continue
-            new = round(min(1.0, max(0.0, suggested[head.name])), 4)
-            if new != head.threshold:
-                changed[head.name] = (head.threshold, new)
-                head.threshold = new
-                head.save(update_fields=["threshold"])  # post_save drops the cached serving settings
-    return changed
+        locked = {h.id: h for h in Head.objects.select_for_update().filter(project_id=version.project_id)}
+        plan = head_thresholds_plan(version=version, heads=heads)
+        if not confirm or confirm != plan_token(plan):
+            raise ValueError(
+                "Nothing changed: confirm the new thresholds first."
+                if not confirm
+                else "Nothing changed: the thresholds changed since you confirmed; check the new list."
+            )
+        if not plan:
+            return {}
+        text = ", ".join(f"{r['head']} {r['old']:g} → {r['new']:g}" for r in plan)
+        DatasetAction.objects.create(
+            project_id=version.project_id,
+            kind=DatasetAction.Kind.SERVING_THRESHOLDS,
+            user=user,
+            summary=f"serving thresholds from v{version.number}'s calibration: {text}"[:500],
+            params={"version": version.number},
+            changes={"thresholds": plan},
+        )
+        for r in plan:
+            head = locked[r["head_id"]]
+            head.threshold = r["new"]
+            head.save(update_fields=["threshold"])  # post_save drops the cached serving settings
+    return {r["head"]: (r["old"], r["new"]) for r in plan}
 
 
 def model_version_activate(*, version: ModelVersion) -> ModelVersion:
@@ -389,7 +453,9 @@ def model_version_activate(*, version: ModelVersion) -> ModelVersion:
             from review.tasks import uncertain_refresh
 
             pid = version.project_id
-            transaction.on_commit(lambda: uncertain_refresh.delay(pid))
+            jobs.send_on_commit(
+                uncertain_refresh, pid, kind="uncertain_refresh", pk=pid, what="the low-confidence queue"
+            )
     version.refresh_from_db()
     return version
 
@@ -397,10 +463,16 @@ def model_version_activate(*, version: ModelVersion) -> ModelVersion:
 def model_version_index_build(*, version_id: int) -> ModelVersion:
     """Embed the run's train split and write the Faiss index into the artifact folder (atomically), then
     activate the version if a promote was requested. Idempotent."""
+    version = ModelVersion.objects.get(pk=version_id)
+    with jobs.heartbeat(ModelVersion, version_id, field="index_heartbeat_at"):
+        return _index_build(version)
+
+
+def _index_build(version: ModelVersion) -> ModelVersion:
     from inference.calibration import write_gallery_labels
     from inference.core import Recognizer, build_index, embed_paths
 
-    version = ModelVersion.objects.get(pk=version_id)
+    version_id = version.id
     try:
         art = Path(version.artifact_dir)
         manifest = json.loads((art / "manifest.json").read_text())

@@ -11,6 +11,7 @@ from labeling.views import _partial, staff_required
 
 from . import services
 from .models import ModelVersion
+from .reconcile import jobs_reconcile
 
 # Retrain form fields: name -> type. Any engine config key can be set from `manage.py train --set`.
 RETRAIN_FIELDS = {"epochs": int, "backbone": str, "image_size": int, "batch_size": int, "lr": float}
@@ -39,6 +40,7 @@ def parse_more_options(text: str) -> dict:
 @staff_required
 def run_list(request, slug):
     project = current_project(request, slug)
+    jobs_reconcile(project=project)  # a run whose worker was lost shows so (and is resumed) without waiting for beat
     runs = list(project.training_runs.select_related("created_by", "model_version")[:50])
     context = {
         "project": project,
@@ -134,21 +136,38 @@ def version_compare(request, slug):
 
 
 @staff_required
-@require_POST
 def version_thresholds_apply(request, slug, number):
+    """ "Use suggested thresholds": GET shows what would change (head: now -> suggested) with a confirm button;
+    the POST applies it only with that page's confirmation token, as an undoable action."""
+    from labeling.health import plan_token  # noqa: PLC0415
+
+    from .selectors import head_thresholds_plan  # noqa: PLC0415
+
     project = current_project(request, slug)
     version = get_object_or_404(ModelVersion, project=project, number=number)
-    try:
-        changed = services.head_thresholds_apply(version=version)
-    except ValueError as exc:
-        messages.error(request, str(exc))
-    else:
-        if changed:
-            text = ", ".join(f"{h} {old:g} → {new:g}" for h, (old, new) in changed.items())
-            messages.success(request, f"Thresholds set from v{version.number}'s calibration: {text}.")
+    status = 200
+    if request.method == "POST":
+        try:
+            changed = services.head_thresholds_apply(
+                version=version, user=request.user, confirm=request.POST.get("confirm", "")
+            )
+        except ValueError as exc:
+            messages.error(request, str(exc))
+            status = 400
         else:
-            messages.info(request, f"The thresholds already are v{version.number}'s calibrated ones.")
-    return redirect("training:version-list", slug=slug)
+            if changed:
+                text = ", ".join(f"{h} {old:g} → {new:g}" for h, (old, new) in changed.items())
+                messages.success(
+                    request,
+                    f"Thresholds set from v{version.number}'s calibration: {text}. "
+                    "Undo it from the Health page's action list.",
+                )
+            else:
+                messages.info(request, f"The thresholds already are v{version.number}'s calibrated ones.")
+            return redirect("training:version-list", slug=slug)
+    plan = head_thresholds_plan(version=version)
+    context = {"project": project, "version": version, "plan": plan, "token": plan_token(plan)}
+    return render(request, "training/thresholds_confirm.html", context, status=status)
 
 
 @staff_required

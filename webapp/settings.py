@@ -33,6 +33,7 @@ INSTALLED_APPS = [
     "rest_framework",
     "rest_framework.authtoken",
     "drf_spectacular",
+    "drf_spectacular_sidecar",
     "labeling",
     "training",
     "inference",
@@ -49,6 +50,7 @@ MIDDLEWARE = [
     "labeling.access.ProjectAccessMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "webapp.middleware.BrokerUnavailableMiddleware",
 ]
 
 ROOT_URLCONF = "webapp.urls"
@@ -134,6 +136,9 @@ LOUPE_CAR_MIN_IMAGES = env.int("LOUPE_CAR_MIN_IMAGES", default=4)
 LOUPE_CAR_THRESHOLD = env.float("LOUPE_CAR_THRESHOLD", default=0.6)
 LOUPE_MAX_IMAGE_BYTES = env.int("LOUPE_MAX_IMAGE_BYTES", default=15 * 1024 * 1024)
 LOUPE_MAX_IMAGE_PIXELS = env.int("LOUPE_MAX_IMAGE_PIXELS", default=40_000_000)
+# Pixels decoded per recognition request, summed over its photos and read from their headers before decoding
+# (JPEGs count at the reduced size they are decoded at): bounds a worker's memory and CPU per request.
+LOUPE_MAX_REQUEST_PIXELS = env.int("LOUPE_MAX_REQUEST_PIXELS", default=120_000_000)
 DATA_UPLOAD_MAX_MEMORY_SIZE = env.int("DATA_UPLOAD_MAX_MEMORY_SIZE", default=200 * 1024 * 1024)
 FILE_UPLOAD_MAX_MEMORY_SIZE = 20 * 1024 * 1024
 DATA_UPLOAD_MAX_NUMBER_FILES = 50
@@ -151,6 +156,29 @@ LOUPE_TOKEN_CACHE_TTL = env.float("LOUPE_TOKEN_CACHE_TTL", default=5.0)
 # Training config overrides applied to every run (JSON), e.g. '{"epochs": 2}' for a quick demo.
 LOUPE_TRAIN_OVERRIDES = env.json("LOUPE_TRAIN_OVERRIDES", default={})
 
+# Background jobs. Hard time limits per task (seconds; the soft limit, one minute earlier, lets the task record
+# why it stopped); the broker's visibility timeout is derived from the longest.
+LOUPE_TASK_TIME_LIMITS = {
+    "training.tasks.train_run": env.int("LOUPE_TRAIN_TIME_LIMIT", default=12 * 3600),
+    "training.tasks.oof_predict": env.int("LOUPE_OOF_TIME_LIMIT", default=12 * 3600),
+    "review.tasks.mislabel_refresh": env.int("LOUPE_OOF_TIME_LIMIT", default=12 * 3600),
+    "review.tasks.uncertain_refresh": 2 * 3600,
+    "training.tasks.index_build": 2 * 3600,
+    "labeling.tasks.health_scan": 4 * 3600,
+    "training.tasks.jobs_reconcile": 300,
+}
+LOUPE_VISIBILITY_TIMEOUT = max(LOUPE_TASK_TIME_LIMITS.values()) + 3600
+# A running job whose heartbeat (written every LOUPE_HEARTBEAT_SECONDS by a side thread) is older than this lost
+# its worker: it is requeued (training resumes from its checkpoint), and failed after LOUPE_JOB_MAX_ATTEMPTS.
+LOUPE_HEARTBEAT_SECONDS = env.float("LOUPE_HEARTBEAT_SECONDS", default=30.0)
+LOUPE_JOB_LOST_AFTER_SECONDS = env.float("LOUPE_JOB_LOST_AFTER_SECONDS", default=300.0)
+LOUPE_JOB_MAX_ATTEMPTS = env.int("LOUPE_JOB_MAX_ATTEMPTS", default=3)
+# How often Celery beat runs the reconciler (re-sends jobs a restarted broker lost, requeues lost ones).
+LOUPE_RECONCILE_EVERY_SECONDS = env.float("LOUPE_RECONCILE_EVERY_SECONDS", default=60.0)
+CELERY_BEAT_SCHEDULE = {
+    "reconcile-jobs": {"task": "training.tasks.jobs_reconcile", "schedule": LOUPE_RECONCILE_EVERY_SECONDS},
+}
+
 # Celery. The embedded default is kombu's filesystem transport: no broker server needed.
 BROKER_DIR = VAR_DIR / "broker"
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="filesystem://")
@@ -165,8 +193,9 @@ if CELERY_BROKER_URL.startswith("filesystem"):
         "store_processed": False,
     }
 else:
-    # Longer than the longest training run, so an unacked long task is not redelivered mid-run.
-    CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 12 * 3600}
+    # Longer than every task's time limit, so an unacked long task is never redelivered mid-run (a lost one is
+    # found by its heartbeat instead: training.reconcile).
+    CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": LOUPE_VISIBILITY_TIMEOUT}
 CELERY_TASK_IGNORE_RESULT = True  # job state lives in the database rows, not the result backend
 CELERY_TASK_DEFAULT_QUEUE = "default"
 CELERY_TASK_ROUTES = {
@@ -175,6 +204,7 @@ CELERY_TASK_ROUTES = {
     "review.tasks.mislabel_refresh": {"queue": "gpu"},
     "review.tasks.uncertain_refresh": {"queue": "gpu"},
     "labeling.tasks.*": {"queue": "default"},
+    "training.tasks.jobs_reconcile": {"queue": "default"},
 }
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
@@ -190,6 +220,11 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "webapp.errors.exception_handler",
+    "DEFAULT_PARSER_CLASSES": [  # webapp.errors.JSONParser: too deeply nested JSON is a 400, not a 500
+        "webapp.errors.JSONParser",
+        "rest_framework.parsers.FormParser",
+        "rest_framework.parsers.MultiPartParser",
+    ],
     "DEFAULT_THROTTLE_CLASSES": ["webapp.throttling.TokenRateThrottle"],
     "DEFAULT_THROTTLE_RATES": {"token": env.str("LOUPE_API_RATE", default="600/min")},
 }
@@ -198,6 +233,10 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Fine-grained image recognition: send 1..10 photos of one object, get labels per head.",
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
+    # Swagger UI / Redoc from drf-spectacular-sidecar's static files, not a CDN (self-hosted, maybe offline).
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
 }
 CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 if env.str("CACHE_URL", default=""):

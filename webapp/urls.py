@@ -26,3 +26,8 @@ urlpatterns = [
     path("", include("training.urls")),
     path("", include("labeling.urls")),
 ]
+
+# JSON in the API's error shape under /api/, the styled templates/403.html, 404.html, 500.html elsewhere.
+handler403 = "webapp.errors.permission_denied"
+handler404 = "webapp.errors.page_not_found"
+handler500 = "webapp.errors.server_error"

@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from inference.core import ImageError, Recognizer, build_index, decode_image, embed_paths
+from inference.core import (
+    ImageError,
+    ModelUnavailable,
+    Recognizer,
+    build_index,
+    decode_image,
+    decoded_size,
+    embed_paths,
+)
 from training.engine import train_model
 from training.engine.synthetic import TINY_TEST_CONFIG, draw_shape, make_shapes_dataset
 
@@ -59,6 +67,36 @@ def test_decode_jpeg_draft_reduces_size():
     assert decode_image(data).size == (800, 800)
     small = decode_image(data, max_side_hint=150)
     assert small.size == (200, 200)  # 1/4 scale: the smallest libjpeg scale keeping both sides >= 150
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP"])
+def test_decode_png_and_webp_are_reduced_right_after_decoding(fmt):
+    """Issue 14 item 5: PNG/WebP cannot be drafted; they are box-reduced by the largest integer factor keeping
+    both sides >= max_side_hint, so a request's photos do not stay in memory at full size."""
+    img = Image.new("RGB", (2000, 1500), (0, 128, 0))
+    data = encode(img, fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+    assert decode_image(data).size == (2000, 1500)
+    small = decode_image(data, max_side_hint=512)
+    assert small.size == (1000, 750) and small.mode == "RGB" and small.getpixel((10, 10)) == (0, 128, 0)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° on display: applied after the reduction
+    assert decode_image(encode(img, fmt, exif=exif.tobytes()), max_side_hint=512).size == (750, 1000)
+    rgba = Image.new("RGBA", (1200, 1200), (255, 0, 0, 0))
+    out = decode_image(encode(rgba, fmt), max_side_hint=300)
+    assert out.size == (300, 300) and out.getpixel((0, 0)) == (255, 255, 255)
+    palette = decode_image(encode(img.convert("P"), "PNG"), max_side_hint=512)
+    assert palette.size == (1000, 750) and palette.mode == "RGB"
+
+
+def test_decoded_size_reads_the_header_only():
+    """What decode_image will decode, from the header: full size for PNG/WebP, the draft scale for JPEG."""
+    assert decoded_size(png_header_only(6000, 6000)) == (6000, 6000)  # no pixel data needed
+    jpeg = encode(draw_shape("square", "red", 800), "JPEG")
+    assert decoded_size(jpeg) == (800, 800) and decoded_size(jpeg, max_side_hint=150) == (200, 200)
+    with pytest.raises(ImageError, match="too large"):
+        decoded_size(png_header_only(10_000, 5_000))
+    with pytest.raises(ImageError, match="not a JPEG/PNG/WebP"):
+        decoded_size(b"hello")
 
 
 def test_decode_empty():
@@ -150,7 +188,8 @@ def test_recognize_output_and_thresholds(artifact):
     rec = Recognizer.load(artifact["dir"])
     imgs = [draw_shape("square", "red", 40), draw_shape("square", "red", 40)]
     out = rec.recognize(imgs, top_k=2)
-    assert set(out) == {"heads", "neighbours", "unclassifiable", "reason", "mode"} and out["neighbours"] == []
+    assert set(out) == {"heads", "neighbours", "unclassifiable", "reason", "mode", "combine"}
+    assert out["neighbours"] == []
     for name in ("shape", "color"):
         h = out["heads"][name]
         assert set(h) >= {"label", "confidence", "top_k"}
@@ -222,8 +261,82 @@ def test_index_dimension_mismatch_is_reported(artifact, tmp_path):
 
 
 def test_load_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no model.pt"):
+    with pytest.raises(ModelUnavailable, match="model.pt is missing; model.onnx is missing") as info:
         Recognizer.load(tmp_path)
+    assert info.value.code == "model_file_missing"
+
+
+def _hierarchy_manifest(root, seed=3):
+    """colour is the parent ("make"), shape+colour the child ("model"): each model belongs to one make."""
+    manifest = make_shapes_dataset(root, n=48, seed=seed)
+    for it in manifest["items"]:
+        it["labels"] = {"make": it["labels"]["color"], "model": f"{it['labels']['shape']}-{it['labels']['color']}"}
+    manifest["items"] = [it for it in manifest["items"] if it["labels"]["make"]]
+    models = sorted({it["labels"]["model"] for it in manifest["items"]})
+    makes = sorted({it["labels"]["make"] for it in manifest["items"]})
+    manifest["heads"] = [
+        {"name": "make", "classes": makes, "parent": None},
+        {"name": "model", "classes": models, "parent": "make", "class_parents": {m: m.split("-")[1] for m in models}},
+    ]
+    return manifest
+
+
+def test_model_onnx_serves_when_model_pt_is_missing_or_corrupt(tmp_path):
+    """Issue 14 item 9: a lost or damaged model.pt does not stop a version whose model.onnx is valid; the
+    hierarchy (a model never contradicts its make) comes along in the ONNX metadata."""
+    from training.engine.onnx_export import export_onnx
+
+    run = tmp_path / "run"
+    train_model(_hierarchy_manifest(tmp_path / "imgs"), {**TINY_TEST_CONFIG, "epochs": 1}, run)
+    export_onnx(run)
+    images = [draw_shape("circle", "red", 48), draw_shape("square", "blue", 60)]
+    full = Recognizer.load(run)
+    expected, _ = full.predict(images)
+    (run / "model.pt").rename(tmp_path / "model.pt.bak")
+    for _ in range(2):
+        rec = Recognizer.load(run)
+        assert rec.backend == "onnx" and rec.model is None
+        assert rec.heads == full.heads and rec.label_maps == full.label_maps and rec.image_size == full.image_size
+        assert rec.heads_meta[1]["class_parents"] == full.heads_meta[1]["class_parents"]
+        probs, emb = rec.predict(images)
+        for head in rec.heads:
+            np.testing.assert_allclose(probs[head], expected[head], atol=1e-5)
+        out = rec.recognize(images, default_threshold=0.0)["heads"]
+        assert out["model"]["label"].split("-")[1] == out["make"]["label"]
+        (run / "model.pt").write_bytes(b"\x00garbage")  # second round: a corrupt file instead of a missing one
+    with pytest.raises(ModelUnavailable, match="model.pt cannot be read") as info:
+        Recognizer.load(run, backend="torch")
+    assert info.value.code == "model_file_corrupt"
+
+
+def test_nothing_valid_raises_model_unavailable_naming_each_file(artifact, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(artifact["dir"], run)
+    (run / "model.pt").write_bytes(b"truncated")
+    (run / "model.onnx").write_bytes(b"not onnx either")
+    with pytest.raises(ModelUnavailable) as info:
+        Recognizer.load(run)
+    assert info.value.code == "model_file_corrupt"
+    assert set(info.value.problems) == {"model.pt", "model.onnx"}
+    assert "model.pt cannot be read" in str(info.value) and "model.onnx is unusable" in str(info.value)
+    (run / "model.onnx").unlink()
+    with pytest.raises(ModelUnavailable, match="model.onnx is missing") as info:
+        Recognizer.load(run)
+    assert info.value.code == "model_file_corrupt"  # model.pt exists but is broken
+
+
+def test_vote_with_fewer_than_three_views_is_the_mean(artifact):
+    """Issue 14 item 11: one or two votes give a vote share of 1 (or 0.5), which no head threshold can use."""
+    rec = Recognizer.load(artifact["dir"])
+    images = [draw_shape("circle", "red", 48), draw_shape("square", "blue", 60), draw_shape("circle", "red", 40)]
+    for n in (1, 2):
+        vote = rec.recognize(images[:n], combine="vote", default_threshold=0.0)
+        mean = rec.recognize(images[:n], combine="mean", default_threshold=0.0)
+        assert vote["combine"] == "mean"
+        assert vote["heads"]["shape"]["confidence"] == pytest.approx(mean["heads"]["shape"]["confidence"])
+    assert rec.recognize(images, combine="vote")["combine"] == "vote"
 
 
 def test_recognize_keeps_child_head_consistent_with_parent(tmp_path):

@@ -89,6 +89,41 @@ def test_report_page_actions_and_undo(client, admin_user, project):
     assert b"must be a whole number" in response.content
 
 
+def test_suggested_merge_button_merges_the_pair_it_names(client, admin_user, project):
+    """The health report's "merge arch1x4 into arch_1x4" form (a near-identical pair) posts the pair and the
+    chosen direction, not a target: the merge happens as named, as one undoable action."""
+    import re
+
+    from labeling.models import Label
+
+    head = project.heads.get()
+    good = LabelClass.objects.create(head=head, name="arch_1x4", normalized_name="arch_1x4")
+    typo = LabelClass.objects.create(head=head, name="arch1x4", normalized_name="arch1x4")
+    labels = list(Label.objects.filter(head=head).order_by("image_id"))
+    Label.objects.filter(pk__in=[lb.pk for lb in labels[:3]]).update(label_class=good)
+    Label.objects.filter(pk=labels[3].pk).update(label_class=typo)
+    _scan(project)
+    client.force_login(admin_user)
+    page = client.get(reverse("labeling:health", args=[project.slug])).content.decode()
+    form = next(f for f in re.findall(r"<form[^>]*merge-form.*?</form>", page, re.S) if "arch1x4" in f)
+    source = re.search(r'<option value="(\d+)">merge arch1x4 into arch_1x4</option>', form).group(1)
+    pair = re.search(r'name="pair" value="([\d,]+)"', form).group(1)
+    response = client.post(
+        reverse("labeling:classes-merge", args=[project.slug]), {"source": source, "pair": pair}, follow=True
+    )
+    text = response.content.decode()
+    assert "Choose two classes" not in text and "merged class &#x27;arch1x4&#x27; into &#x27;arch_1x4&#x27;" in text
+    typo.refresh_from_db()
+    assert typo.merged_into == good and Label.objects.get(pk=labels[3].pk).label_class == good
+    assert DatasetAction.objects.get().kind == "merge_classes"
+    # a pair that is not this project's pair, or a source outside the pair, changes nothing
+    red = LabelClass.objects.get(name="red")
+    bad = client.post(
+        reverse("labeling:classes-merge", args=[project.slug]), {"source": red.id, "pair": pair}, follow=True
+    )
+    assert "Choose two classes" in bad.content.decode() and DatasetAction.objects.count() == 1
+
+
 def test_cluster_resolution_from_the_page(client, admin_user, project):
     # Detection is tested in test_health; here a cluster row drives the page flow.
     a, b = Image.objects.filter(project=project).order_by("id")[:2]

@@ -241,22 +241,48 @@ def test_check_dataset_command_and_bad_parameters(planted, capsys):
         call_command("check_dataset", "nope")
 
 
-def test_a_scan_lost_with_its_worker_does_not_block_the_next(planted):
+def test_a_scan_lost_with_its_worker_is_requeued_and_fails_after_three_losses(planted, settings):
+    """A running scan whose heartbeat went stale lost its worker: the next request for a scan (or the periodic
+    reconciler) requeues it and says so; the third loss fails it so a new scan can start."""
     import datetime as dt
 
     from django.utils import timezone
 
     project = planted["project"]
     lost = health.health_report_create(project=project, queue=False)
-    HealthReport.objects.filter(pk=lost.pk).update(
-        status="running", heartbeat_at=timezone.now() - dt.timedelta(minutes=20)
-    )
-    fresh = health.health_report_create(project=project, queue=False)
-    lost.refresh_from_db()
-    assert lost.status == "failed" and "worker was lost" in lost.error
-    assert fresh.status == "queued"
+
+    def lose():
+        HealthReport.objects.filter(pk=lost.pk).update(
+            status="running",
+            heartbeat_at=timezone.now() - dt.timedelta(seconds=settings.LOUPE_JOB_LOST_AFTER_SECONDS + 5),
+        )
+
+    lose()
     with pytest.raises(LabelingError, match="already queued or running"):
         health.health_report_create(project=project, queue=False)
+    lost.refresh_from_db()
+    assert lost.status == "queued" and lost.attempts == 1
+    assert "Worker lost" in lost.error and "the scan starts again" in lost.error
+    # A fresh heartbeat is a live worker, however long the scan takes: nothing changes.
+    HealthReport.objects.filter(pk=lost.pk).update(status="running", heartbeat_at=timezone.now())
+    assert health.health_reports_reconcile(project=project)["lost"] == []
+    lose()
+    assert health.health_reports_reconcile(project=project)["lost"] == [lost.pk]
+    lose()
+    fresh = health.health_report_create(project=project, queue=False)
+    lost.refresh_from_db()
+    assert lost.status == "failed" and "lost 3 times" in lost.error
+    assert fresh.status == "queued"
+
+
+def test_a_duplicate_delivery_of_a_claimed_scan_does_nothing(planted):
+    from django.utils import timezone
+
+    project = planted["project"]
+    report = health.health_report_create(project=project, queue=False)
+    HealthReport.objects.filter(pk=report.pk).update(status="running", heartbeat_at=timezone.now(), phase="hashing")
+    again = health.health_report_execute(report_id=report.pk)
+    assert again.status == "running" and again.phase == "hashing"  # left to the worker that holds it
 
 
 def test_scan_finds_exactly_what_the_demo_generator_planted(tmp_path):

@@ -90,12 +90,71 @@ def test_class_create_is_for_admins_and_keeps_the_hierarchy(client, reviewer, ad
     client.force_login(reviewer)
     assert client.post(url, {"name": "Accord", "parent": honda.id}).status_code == 403
     client.force_login(admin_user)
-    assert "Choose the make first" in client.post(url, {"name": "Accord"}).json()["error"]
-    assert client.post(url, {"name": "", "parent": honda.id}).status_code == 400
-    body = client.post(url, {"name": "Accord", "parent": honda.id}).json()
+    assert "Choose the make first" in client.post(url, {"name": "Accord", "confirm": "1"}).json()["error"]
+    assert client.post(url, {"name": "", "parent": honda.id, "confirm": "1"}).status_code == 400
+    body = client.post(url, {"name": "Accord", "parent": honda.id, "confirm": "1"}).json()
     assert body["name"] == "Accord" and body["parent"] == honda.id and body["created"] is True
-    assert client.post(url, {"name": "accord", "parent": honda.id}).json()["created"] is False  # same class
+    same = client.post(url, {"name": "accord", "parent": honda.id, "confirm": "1"}).json()
+    assert same["created"] is False  # same class
     toyota, _ = label_class_get_or_create(head=make, raw_name="Toyota")
-    clash = client.post(url, {"name": "Accord", "parent": toyota.id})
+    clash = client.post(url, {"name": "Accord", "parent": toyota.id, "confirm": "1"})
     assert clash.status_code == 400 and "belongs to make 'Honda'" in clash.json()["error"]
     assert LabelClass.objects.filter(head=model).count() == 1
+
+
+def test_bulk_relabel_has_no_default_target_and_asks_first(client, reviewer, project):
+    """The grid's bulk relabel starts with no class chosen (clearing labels is an explicit "unlabeled" choice),
+    and its button opens a confirm page naming the images and the class; only the confirmed post changes labels,
+    as one undoable action, and that post replayed changes nothing (the label versions moved on)."""
+    from labeling.models import DatasetAction
+
+    head = project.heads.get()
+    red = head.classes.get(name="red")
+    client.force_login(reviewer)
+    grid = reverse("labeling:image-grid", args=[project.slug])
+    page = client.get(grid, {"head": head.id}).content.decode()
+    assert 'required><option value="">— choose the new class —</option>' in page
+    assert '<option value="none">unlabeled (clear the label)</option>' in page
+    labels = list(Label.objects.filter(head=head).exclude(label_class=red).order_by("image_id")[:3])
+    before = {lb.image_id: lb.label_class_id for lb in labels}
+    form = {"head": head.id, "item": [f"{lb.image_id}:{lb.version}" for lb in labels], "next": grid}
+    url = reverse("labeling:bulk-relabel", args=[project.slug])
+    blank = client.post(url, {**form, "label_class": ""}, follow=True).content.decode()
+    assert "Choose the new class" in blank
+    ask = client.post(url, {**form, "label_class": red.id})
+    text = ask.content.decode()
+    assert ask.status_code == 200 and "Set class of 3 images to “red”?" in text and "Yes, relabel 3 images" in text
+    assert "3 of the 3 selected labels change" in text and text.count('name="item"') == 3
+    assert (
+        dict(Label.objects.filter(image_id__in=before, head=head).values_list("image_id", "label_class_id")) == before
+    )
+    assert not DatasetAction.objects.exists()
+    done = client.post(url, {**form, "label_class": red.id, "confirm": "1"}, follow=True).content.decode()
+    assert "class: 3 image(s) -&gt; red" in done
+    assert set(Label.objects.filter(image_id__in=before, head=head).values_list("label_class_id", flat=True)) == {
+        red.id
+    }
+    replay = client.post(url, {**form, "label_class": red.id, "confirm": "1"}, follow=True).content.decode()
+    assert "changed by someone else" in replay and DatasetAction.objects.count() == 1
+    # clearing is a choice of its own, confirmed the same way
+    fresh = Label.objects.filter(image_id__in=before, head=head).order_by("image_id")
+    form["item"] = [f"{lb.image_id}:{lb.version}" for lb in fresh]
+    assert "to unlabeled?" in client.post(url, {**form, "label_class": "none"}).content.decode()
+    client.post(url, {**form, "label_class": "none", "confirm": "1"})
+    assert set(Label.objects.filter(image_id__in=before, head=head).values_list("label_class_id", flat=True)) == {None}
+
+
+def test_class_create_refuses_a_post_the_admin_did_not_confirm(client, admin_user):
+    """The picker asks before it creates a class; the endpoint refuses a post without that confirmation (a typo
+    sent by a bare Enter, or a replayed request), and creates nothing."""
+    from labeling.models import LabelClass
+    from labeling.services import project_create
+
+    project = project_create(name="Bricks", preset="retrieval", slug="bricks")
+    head = project.heads.get()
+    url = reverse("labeling:class-create", args=[project.slug, head.id])
+    client.force_login(admin_user)
+    bare = client.post(url, {"name": "arch1x4"})
+    assert bare.status_code == 400 and "Confirm creating the new class 'arch1x4'" in bare.json()["error"]
+    assert not LabelClass.objects.filter(head=head).exists()
+    assert client.post(url, {"name": "arch1x4", "confirm": "1"}).json()["created"] is True

@@ -182,7 +182,9 @@ def test_relabeling_a_model_sets_its_make_and_undo_puts_both_back(reviewer):
     from labeling.health import action_undo  # noqa: PLC0415
 
     other = corolla_photo(b"hier2", 0.95, 1)[0]
-    action = services.bulk_rule_apply(project=project, user=reviewer, accept_above=0.8, exclude_below=0.0)
+    rule = {"accept_above": 0.8, "exclude_below": None}
+    token = services.bulk_rule_preview(project=project, **rule)["token"]
+    action = services.bulk_rule_apply(project=project, user=reviewer, **rule, confirm=token)
     assert labels_of(other) == {"make": "Honda", "model": "Civic"}
     action_undo(action=action, user=reviewer)
     assert labels_of(other) == {"make": "Toyota", "model": "Corolla"}

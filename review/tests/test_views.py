@@ -116,7 +116,9 @@ def test_bulk_rules_preview_then_apply_then_undo_as_one_action(client, admin_use
     before = dict(Label.objects.values_list("image_id", "label_class__name"))
     assert dict(Label.objects.values_list("image_id", "label_class__name")) == before  # a preview changes nothing
     assert client.get(url, {"accept_above": "2"}).status_code == 400
-    response = client.post(url, {"accept_above": "0.8", "exclude_below": "0.3"}, follow=True)
+    rule = {"accept_above": "0.8", "exclude_below": "0.3"}
+    token = client.get(url, {**rule, "step": "confirm"}).context["plan"]["token"]
+    response = client.post(url, {**rule, "token": token}, follow=True)
     assert "accepted 3 suggestion(s) above 0.8, excluded 1 photo(s) below 0.3" in response.content.decode()
     for it in items[:-1]:
         assert Label.objects.get(image_id=it.image_id).label_class.name == flipped[it.image_id]
@@ -128,6 +130,59 @@ def test_bulk_rules_preview_then_apply_then_undo_as_one_action(client, admin_use
     assert dict(Label.objects.values_list("image_id", "label_class__name")) == before
     assert Image.objects.get(pk=unsure.image_id).status == "ok"
     assert ReviewItem.objects.filter(project=project, status="open").count() == len(items)
+
+
+def test_bulk_rules_default_to_the_calibration_show_the_true_count_and_apply_only_when_confirmed(
+    client, admin_user, queued
+):
+    """The first preview uses the accept threshold the model's calibration supports (no exclude rule: the
+    calibration says nothing about unreadable photos), or no rule at all without calibration; the button and the
+    confirm page name the real number of items; a post without the confirm page's token, or the same confirmed
+    form posted again, changes nothing."""
+    from labeling.models import DatasetAction
+    from training.models import ModelVersion
+
+    project, flipped = queued
+    version = ModelVersion.objects.get(project=project)
+    version.metrics = {
+        **version.metrics,
+        "calibration": {"temperature": {"class": 1.2}, "softmax_threshold": {"class": 0.5}},
+    }
+    version.save(update_fields=["metrics"])
+    url = reverse("review:rules", args=[project.slug])
+    client.force_login(admin_user)
+    page = client.get(url).content.decode()
+    assert 'name="accept_above" value="0.5"' in page and 'name="exclude_below" value=""' in page
+    assert "v1 class 0.50" in page  # the basis of the default is on the page
+    n = len(flipped)
+    assert f"Preview: {n} to accept, 0 to exclude" in page and f"Apply to these {n} items…" in page
+    before = dict(Label.objects.values_list("image_id", "label_class__name"))
+    rule = {"accept_above": "0.5", "exclude_below": ""}
+    bare = client.post(url, rule)
+    assert bare.status_code == 400 and "confirm the preview first" in bare.content.decode()
+    assert dict(Label.objects.values_list("image_id", "label_class__name")) == before
+    confirm = client.get(url, {**rule, "step": "confirm"})
+    text = confirm.content.decode()
+    assert f"Apply the rule to {n} items?" in text and f"{n} labels become the model's suggestion" in text
+    assert (
+        f"Yes, apply to {n} items" in text
+        and dict(Label.objects.values_list("image_id", "label_class__name")) == before
+    )
+    form = {**rule, "token": confirm.context["plan"]["token"]}
+    done = client.post(url, form, follow=True).content.decode()
+    assert f"accepted {n} suggestion(s) above 0.5" in done and "excluded" not in done.split("Done:")[1].split(".")[0]
+    assert all(Label.objects.get(image_id=i).label_class.name == c for i, c in flipped.items())
+    replay = client.post(url, form)
+    assert replay.status_code == 409 and "changed since the preview you confirmed" in replay.content.decode()
+    assert DatasetAction.objects.filter(kind="review_bulk").count() == 1
+    # no calibration: no default rule, nothing previewed
+    from labeling.health import action_undo
+
+    action_undo(action=DatasetAction.objects.get(kind="review_bulk"), user=admin_user)
+    version.metrics = {**version.metrics, "calibration": {}}
+    version.save(update_fields=["metrics"])
+    page = client.get(url).content.decode()
+    assert 'name="accept_above" value=""' in page and "No default" in page and 'id="apply"' not in page
 
 
 def test_refresh_needs_a_promoted_model_and_queues_the_task(
@@ -189,7 +244,13 @@ def test_grid_filters_sorts_and_bulk_relabel_with_stale_protection(
     red = head.classes.get(name="red")
     response = client.post(
         reverse("labeling:bulk-relabel", args=[project.slug]),
-        {"head": head.id, "label_class": red.id, "item": [f"{i}:{versions[i]}" for i in ids], "next": url},
+        {
+            "head": head.id,
+            "label_class": red.id,
+            "item": [f"{i}:{versions[i]}" for i in ids],
+            "next": url,
+            "confirm": "1",
+        },
         follow=True,
     )
     text = response.content.decode()

@@ -73,11 +73,24 @@
     if (event.target.closest("#btn-help")) document.getElementById("shortcuts").showModal();
   });
 
+  // Closing the help gives the focus back to its button: take it off, so the page keys work again.
+  document.getElementById("shortcuts")?.addEventListener("close", function () {
+    if (document.activeElement && document.activeElement.id === "btn-help") document.activeElement.blur();
+  });
+
+  // Page keys act only when the focus is on the page itself: on a link, a button or a field, Enter and the
+  // letters do what they do there (follow the link, press that button, type), never decide for the reviewer.
+  const OWN_KEYS = "a[href], button, input, textarea, select, summary, [contenteditable], [role=button], [role=link]";
+
   document.addEventListener("keydown", function (event) {
     const dialog = document.getElementById("shortcuts");
     if (dialog && dialog.open) return; // Esc closes it natively
     const target = event.target;
-    if (target && (target.tagName === "INPUT" || target.tagName === "TEXTAREA" || target.tagName === "SELECT")) return;
+    if (target && target.closest && target.closest(OWN_KEYS)) {
+      // Esc on a link or button hands the keys back to the page (fields handle their own Esc)
+      if (event.key === "Escape" && !target.closest("input, textarea, select, [contenteditable]")) target.blur();
+      return;
+    }
     if (event.altKey || event.metaKey) return;
     if (event.ctrlKey) {
       if (event.key === "z") {

@@ -94,12 +94,12 @@ def test_models_page_shows_calibration_and_applies_the_suggested_thresholds(clie
     assert "Calibration" in page and f"suggested {suggested['class']:.2f}" in page and "(now 0.60)" in page
     assert "Use suggested thresholds" in page and "flat" in page
     url = reverse("training:version-thresholds-apply", args=[project.slug, v1.number])
-    response = client.post(url, follow=True)
+    response = client.post(url, {"confirm": client.get(url).context["token"]}, follow=True)
     head = Head.objects.get(project=project, name="class")
     assert head.threshold == pytest.approx(round(suggested["class"], 4))
     if head.threshold != 0.6:
         assert "Thresholds set from v1" in response.content.decode()
-    again = client.post(url, follow=True).content.decode()
+    again = client.post(url, {"confirm": client.get(url).context["token"]}, follow=True).content.decode()
     assert "already are v1" in again
     # an uncalibrated version is refused with a clear message, nothing changes
     v1.metrics = {**v1.metrics, "calibration": {}}
@@ -134,3 +134,56 @@ def test_model_registry_api_list_compare_promote(project, admin_user, reviewer):
     assert api.post(f"/api/v1/projects/{project.slug}/models/2/promote/").json()["is_active"] is True
     assert api.post(f"/api/v1/projects/{project.slug}/models/1/promote/").status_code == 200  # rollback
     assert ModelVersion.objects.get(is_active=True).number == 1
+
+
+def test_suggested_thresholds_ask_first_refuse_a_bare_post_and_undo_from_the_action_log(client, admin_user, project):
+    """ "Use suggested thresholds" shows head: now -> new and changes nothing until confirmed; a post without the
+    page's token (or a replayed one, after the thresholds moved) is refused; the change is one DatasetAction the
+    Health page's Undo reverts, and undo leaves a threshold someone changed since as it is."""
+    from labeling.health import action_undo
+    from labeling.models import DatasetAction, Head
+
+    v1 = services.training_run_execute(
+        run_id=services.training_run_create(project=project, config=TINY_TRAIN, queue=False).id, inline=True
+    ).model_version
+    suggested = round(v1.suggested_thresholds["class"], 4)
+    start = 0.01 if suggested != 0.01 else 0.02
+    Head.objects.filter(project=project).update(threshold=start)
+    client.force_login(admin_user)
+    url = reverse("training:version-thresholds-apply", args=[project.slug, v1.number])
+    listing = client.get(reverse("training:version-list", args=[project.slug])).content.decode()
+    assert f'<form method="get" action="{url}">' in listing  # the button opens the confirm page, it posts nothing
+    page = client.get(url)
+    text = page.content.decode()
+    assert page.status_code == 200 and f"<td>class</td><td>{start:.2f}</td><td><strong>{suggested:.2f}</strong>" in text
+    assert "Change 1 serving threshold" in text and Head.objects.get(project=project).threshold == start
+    bare = client.post(url)
+    assert bare.status_code == 400 and "confirm the new thresholds first" in bare.content.decode()
+    assert Head.objects.get(project=project).threshold == start and not DatasetAction.objects.exists()
+    token = page.context["token"]
+    done = client.post(url, {"confirm": token}, follow=True).content.decode()
+    assert "Undo it from the Health page" in done and Head.objects.get(project=project).threshold == suggested
+    action = DatasetAction.objects.get(kind="serving_thresholds")
+    assert action.changes["thresholds"] == [
+        {"head_id": Head.objects.get(project=project).id, "head": "class", "old": start, "new": suggested}
+    ]
+    health = client.get(reverse("labeling:health", args=[project.slug])).content.decode()
+    assert (
+        "serving thresholds from v1" in health
+        and reverse("labeling:action-undo", args=[project.slug, action.id]) in health
+    )
+    undone = client.post(reverse("labeling:action-undo", args=[project.slug, action.id]), follow=True)
+    assert "Undone" in undone.content.decode() and Head.objects.get(project=project).threshold == start
+    # the confirmed form replayed after the thresholds moved (here: back by the undo, then edited) is refused
+    Head.objects.filter(project=project).update(threshold=0.33)
+    replay = client.post(url, {"confirm": token})
+    assert replay.status_code == 400 and "changed since you confirmed" in replay.content.decode()
+    assert Head.objects.get(project=project).threshold == 0.33
+    # undo never overwrites a later edit
+    client.post(url, {"confirm": client.get(url).context["token"]})
+    second = DatasetAction.objects.filter(kind="serving_thresholds", undone_at__isnull=True).get()
+    head = Head.objects.get(project=project)
+    head.threshold = 0.77
+    head.save(update_fields=["threshold"])
+    assert action_undo(action=second, user=admin_user) == {"skipped": 1}
+    assert Head.objects.get(project=project).threshold == 0.77

@@ -7,7 +7,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from inference import services
-from inference.core import ImageError, decode_image
+from inference.core import ImageError, ModelUnavailable, decode_image
 from labeling.models import Project
 
 
@@ -38,7 +38,7 @@ class Command(BaseCommand):
                 raise CommandError(f"{path}: {exc}") from exc
         try:
             served = services.active_model(project_id=project.id)
-        except services.NoActiveModel as exc:
+        except (services.NoActiveModel, ModelUnavailable) as exc:
             raise CommandError(str(exc)) from exc
         thresholds = dict(project.heads.values_list("name", "threshold"))
         result = served.recognizer.recognize(images, thresholds=thresholds, top_k=opts["top_k"])
