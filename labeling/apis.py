@@ -58,18 +58,28 @@ class DatasetVersionListView(APIView):
         return Response(DatasetVersionSerializer(qs, many=True).data)
 
     @extend_schema(
-        request=inline_serializer("DatasetVersionCreate", {"note": serializers.CharField(required=False)}),
+        request=inline_serializer(
+            "DatasetVersionCreate",
+            {
+                "note": serializers.CharField(required=False),
+                "allow_empty_eval": serializers.BooleanField(required=False, default=False),
+            },
+        ),
         responses={201: DatasetVersionSerializer, 200: DatasetVersionSerializer},
         summary="Freeze a new dataset version (200 with the latest one when nothing changed)",
     )
     def post(self, request, slug):
-        note = request.data.get("note", "") if isinstance(request.data, dict) else ""
+        data = request.data if isinstance(request.data, dict) else {}
+        allow = data.get("allow_empty_eval", False)
+        if not isinstance(allow, bool):
+            raise ApiError("allow_empty_eval must be true or false.", code="invalid")
         try:
             version, created = versions.dataset_version_create(
-                project=_project(slug), user=request.user, note=str(note)
+                project=_project(slug), user=request.user, note=str(data.get("note", "")), allow_empty_eval=allow
             )
         except LabelingError as exc:
-            raise ApiError(str(exc), code="no_usable_images") from exc
+            code = "empty_eval_split" if str(exc).startswith("Not frozen") else "no_usable_images"
+            raise ApiError(str(exc), code=code) from exc
         return Response(
             DatasetVersionSerializer(version).data, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK
         )

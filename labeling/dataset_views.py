@@ -246,7 +246,10 @@ def version_create(request, slug):
     project = current_project(request, slug)
     try:
         version, created = versions.dataset_version_create(
-            project=project, user=request.user, note=request.POST.get("note", "")
+            project=project,
+            user=request.user,
+            note=request.POST.get("note", ""),
+            allow_empty_eval=request.POST.get("allow_empty_eval") == "1",
         )
     except LabelingError as exc:
         messages.error(request, str(exc))

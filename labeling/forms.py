@@ -32,6 +32,18 @@ class ImportForm(forms.Form):
         help_text="CSV mode: head=column pairs, comma-separated, e.g. make=make, model=model",
     )
     group_col = forms.CharField(max_length=100, required=False)
+    group_by = forms.ChoiceField(
+        choices=[
+            ("auto", "auto: file names, unless they would swallow a class"),
+            ("name", "file names (<ID>_<seq>.jpg: photos sharing an ID)"),
+            ("image", "one group per photo"),
+            ("column", "the CSV's group column"),
+        ],
+        initial="auto",
+        required=False,
+        label="Group by",
+        help_text="Photos of one group never cross train/val/test splits.",
+    )
     source_col = forms.CharField(max_length=100, required=False)
     skip_bad_rows = forms.BooleanField(required=False, help_text="Import the good rows and report the bad ones.")
 

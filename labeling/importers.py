@@ -8,6 +8,7 @@ import csv
 import hashlib
 import io
 import re
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,7 @@ class ImportRow:
     source: str = "real"
     split: str | None = None  # from an export's splits: becomes the group's sticky split
     root: Path | None = None  # the import folder: the file's real path must stay inside it (no symlink escapes)
+    group_from: str = "name"  # "name" (<ID>_<seq> file name), "column" (the CSV's group column) or "export"
 
 
 @dataclass
@@ -153,6 +155,7 @@ def plan_export(
             source=r.source,
             split=r.split,
             root=folder,
+            group_from="export",
         )
         for r in data.rows
     ]
@@ -239,6 +242,7 @@ def plan_csv(
                         group=group or group_from_name(path),
                         source=source,
                         root=images_dir,
+                        group_from="column" if group else "name",
                     )
                 )
         except (csv.Error, UnicodeDecodeError) as exc:
@@ -246,6 +250,80 @@ def plan_csv(
     if not rows and not report.errors:
         report.errors.append(("csv", "the CSV has no data rows"))
     return rows, report
+
+
+GROUP_BY = ("auto", "name", "image", "column")
+# A name-derived group holding more than this share of the import is no group (`car_000001.jpg` → "car").
+_MOST_OF_THE_PROJECT = 0.5
+
+
+def swallowing_groups(rows: list[ImportRow]) -> list[str]:
+    """What is wrong with the groups that `<ID>_<seq>` file names give these rows, one sentence each: a class
+    (any head; at least 2 photos) whose photos all fall in one name group, so no split could ever test it
+    (grocery's `Granny-Smith_001.jpg`), or one name group holding most of the import (`car_000001.jpg`).
+    Groups given explicitly (a CSV group column, an export) are not judged."""
+    named = [r for r in rows if r.group_from == "name"]
+    if len(named) < 4:
+        return []
+    problems: list[str] = []
+    biggest, size = Counter(r.group for r in named).most_common(1)[0]
+    if size > _MOST_OF_THE_PROJECT * len(named):
+        problems.append(f"group {biggest!r} would hold {size} of the {len(named)} photos")
+    groups_of: dict[tuple[str, str], set[str]] = defaultdict(set)
+    count: Counter = Counter()
+    for r in named:
+        for head, raw in r.labels.items():
+            value = clean_label(raw)
+            if value is not None:
+                groups_of[(head, value)].add(r.group)
+                count[(head, value)] += 1
+    swallowed = sorted(k for k, groups in groups_of.items() if len(groups) == 1 and count[k] >= 2)
+    if swallowed:
+        head, value = swallowed[0]
+        more = f" (and {len(swallowed) - 1} more class(es))" if len(swallowed) > 1 else ""
+        problems.append(
+            f"every photo of {head} {value!r} ({count[swallowed[0]]}) would be in the one group "
+            f"{next(iter(groups_of[swallowed[0]]))!r}{more}, so no split could test it"
+        )
+    return problems
+
+
+def groups_apply(rows: list[ImportRow], report: ImportReport, *, group_by: str = "auto") -> list[ImportRow]:
+    """Choose the rows' groups (photos of one group never cross train/val/test splits):
+    - "name": `<ID>_<seq>` file names (or the CSV's group column where it has a value), as they are;
+    - "image": one group per photo (its path under the import folder);
+    - "column": the CSV's group column; a row without a value is an error;
+    - "auto" (default): "name", unless the name groups would swallow a class or most of the import
+      (`swallowing_groups`); then one group per photo, and the report says why and how to keep the names."""
+    if group_by not in GROUP_BY:
+        raise LabelingError(f"group_by must be one of {', '.join(GROUP_BY)}, got {group_by!r}.")
+    if group_by == "column":
+        for r in rows:
+            if r.group_from == "name":
+                report.errors.append((r.where, "no group value (group by column needs the CSV's group column)"))
+        return rows
+    if group_by == "name":
+        return rows
+    problems = swallowing_groups(rows) if group_by == "auto" else []
+    if group_by == "auto" and not problems:
+        return rows
+    if problems:
+        report.warnings.append(
+            (
+                "groups",
+                "file names would give groups that swallow a class: "
+                + "; ".join(problems)
+                + ". Each photo is its own group instead (group by: image). If photos that share a name prefix "
+                "really are one object or one shoot, import with group by: name (--group-by name), or give a "
+                "group column (--group-col, --group-by column).",
+            )
+        )
+    for r in rows:
+        if r.group_from == "name":
+            rel = r.path.relative_to(r.root) if r.root is not None and r.path.is_relative_to(r.root) else r.path
+            r.group = f"img:{rel.as_posix()}"[:200]
+            r.group_from = "image"
+    return rows
 
 
 @dataclass
@@ -294,10 +372,18 @@ def _read(row: ImportRow) -> _ReadFile | str:
 
 
 def images_import(
-    *, project: Project, rows: list[ImportRow], report: ImportReport, user=None, skip_bad_rows: bool = False
+    *,
+    project: Project,
+    rows: list[ImportRow],
+    report: ImportReport,
+    user=None,
+    skip_bad_rows: bool = False,
+    group_by: str = "auto",
 ) -> ImportReport:
-    """Write the planned rows. With errors in the plan nothing is written unless `skip_bad_rows`."""
+    """Write the planned rows, their groups chosen by `group_by` (see groups_apply). With errors in the plan
+    nothing is written unless `skip_bad_rows`."""
     report.rows = len(rows) + len(report.errors)
+    rows = groups_apply(rows, report, group_by=group_by)
     heads = {h.name: h for h in project.heads.select_related("parent")}
     read: list[_ReadFile] = []
     for row in rows:

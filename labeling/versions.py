@@ -88,10 +88,17 @@ def content_hash(rows: list[_Row]) -> str:
 
 
 def dataset_version_create(
-    *, project: Project, user=None, note: str = "", ratios: tuple[float, float, float] = DEFAULT_RATIOS
+    *,
+    project: Project,
+    user=None,
+    note: str = "",
+    ratios: tuple[float, float, float] = DEFAULT_RATIOS,
+    allow_empty_eval: bool = False,
 ) -> tuple[DatasetVersion, bool]:
     """Freeze the current usable data. Returns (version, created): when nothing changed since the latest
-    version (same content hash), that version is returned and nothing is written."""
+    version (same content hash), that version is returned and nothing is written. A freeze that would leave a
+    head without labeled photos in val or test (a split with a ratio > 0) is refused with LabelingError, unless
+    `allow_empty_eval`: its model could only be measured on photos it trained on."""
     try:
         assign_splits([], ratios=ratios)  # validates the ratios before anything else
     except ValueError as exc:
@@ -163,6 +170,8 @@ def dataset_version_create(
             for head, cls in r.labels.items():
                 if cls is not None:
                     per_class[head][cls][split] += 1
+        if not allow_empty_eval:
+            _check_eval_splits(per_class, per_split, ratios, n_groups=len(by_group), n_rows=len(rows))
         DatasetVersionItem.objects.bulk_create(items, batch_size=5000)
         version.counts = {
             "images": len(items),
@@ -176,6 +185,25 @@ def dataset_version_create(
         }
         version.save(update_fields=["counts"])
     return version, True
+
+
+def _check_eval_splits(per_class: dict, per_split: Counter, ratios, *, n_groups: int, n_rows: int) -> None:
+    """Refuse (LabelingError, inside the freeze's transaction: nothing is kept) a split layout where a labeled head
+    has no labeled photo in val or test."""
+    wanted = [s for s, r in zip(SPLITS, ratios, strict=True) if s != "train" and r > 0]
+    for head, classes in per_class.items():
+        n = {s: sum(c[s] for c in classes.values()) for s in SPLITS}
+        empty = [s for s in wanted if n[s] == 0]
+        if not classes or not empty:
+            continue
+        raise LabelingError(
+            f"Not frozen: head {head!r} would have no labeled photos in {' or '.join(empty)} (train {n['train']}, "
+            f"val {n['val']}, test {n['test']}), so its model could only be measured on photos it trained on. "
+            f"Groups never cross splits, and these {n_rows} photos form {n_groups} group(s). If file-name groups "
+            "are not really one object each, re-import with one group per photo (Group by: image, "
+            "--group-by image); otherwise label more groups, or freeze anyway (--allow-empty-eval, the "
+            "'freeze anyway' box): its figures are then 'train (optimistic)'."
+        )
 
 
 def dataset_version_diff(*, old: DatasetVersion, new: DatasetVersion) -> dict:

@@ -307,7 +307,12 @@ def import_page(request, slug):
                     allowed_roots=roots,
                 )
             report = importers.images_import(
-                project=project, rows=rows, report=report, user=request.user, skip_bad_rows=data["skip_bad_rows"]
+                project=project,
+                rows=rows,
+                report=report,
+                user=request.user,
+                skip_bad_rows=data["skip_bad_rows"],
+                group_by=data["group_by"] or "auto",
             )
         except services.LabelingError as exc:
             form.add_error(None, str(exc))

@@ -12,14 +12,22 @@ from labeling.models import Project
 from webapp.errors import ApiError
 
 from . import services
-from .models import ModelVersion
+from .models import ModelVersion, PretrainedSource
 
 
 class ModelVersionSerializer(serializers.ModelSerializer):
     heads = serializers.SerializerMethodField()
     test = serializers.SerializerMethodField()
     primary = serializers.SerializerMethodField()
+    evaluated_on = serializers.SerializerMethodField(help_text="val, or 'train (optimistic)' without validation photos")
     dataset_version = serializers.SerializerMethodField()
+    pretrained_source = serializers.ChoiceField(
+        choices=PretrainedSource.choices,
+        allow_null=True,
+        read_only=True,
+        help_text="Where the backbone's starting weights came from (none = random init); null when not recorded.",
+    )
+    pretrained_detail = serializers.SerializerMethodField()
 
     class Meta:
         model = ModelVersion
@@ -30,11 +38,17 @@ class ModelVersionSerializer(serializers.ModelSerializer):
             "promoted_at",
             "index_status",
             "index_size",
+            "evaluated_on",
             "primary",
             "heads",
             "test",
             "dataset_version",
+            "pretrained_source",
+            "pretrained_detail",
         ]
+
+    def get_evaluated_on(self, obj) -> str:
+        return obj.evaluated_on
 
     def get_primary(self, obj) -> float | None:
         return obj.metrics.get("primary")
@@ -46,6 +60,10 @@ class ModelVersionSerializer(serializers.ModelSerializer):
 
     def get_test(self, obj) -> dict:
         return obj.metrics.get("test") or {}
+
+    def get_pretrained_detail(self, obj) -> str:
+        """The package, hub id or file the weights came from, or why there were none."""
+        return obj.metrics.get("pretrained_detail") or ""
 
     def get_dataset_version(self, obj) -> int | None:
         return obj.run.dataset_version.number if obj.run_id and obj.run.dataset_version_id else None

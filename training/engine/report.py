@@ -440,10 +440,11 @@ def _series(history: list[dict], getter) -> list[float]:
     return vals
 
 
-def plot_curves(history: list[dict], path) -> None:
+def plot_curves(history: list[dict], path, *, evaluated_on: str = "val") -> None:
     """PNG with two panels over epochs: train/val loss (lr on a secondary axis) and per-head val top-1 (plus the
     mean over heads, "primary"). Uses the training loop's history records (epoch, train_loss, val_loss,
-    heads: {name: {top1, ...}}, primary, lr); missing/None values leave gaps."""
+    heads: {name: {top1, ...}}, primary, lr); missing/None values leave gaps. `evaluated_on` names where the
+    "val" figures come from ("train (optimistic)" for a run without validation photos)."""
     history = [h for h in (history or []) if isinstance(h, dict)]
     fig = _new_figure(10.0, 4.2)
     ax_loss = fig.add_subplot(1, 2, 1)
@@ -455,7 +456,7 @@ def plot_curves(history: list[dict], path) -> None:
         epochs = [rec.get("epoch", i + 1) for i, rec in enumerate(history)]
         marker = "o" if len(history) <= 30 else None
         ax_loss.plot(epochs, _series(history, lambda r: r["train_loss"]), marker=marker, label="train loss")
-        ax_loss.plot(epochs, _series(history, lambda r: r["val_loss"]), marker=marker, label="val loss")
+        ax_loss.plot(epochs, _series(history, lambda r: r["val_loss"]), marker=marker, label=f"{evaluated_on} loss")
         lrs = _series(history, lambda r: r["lr"])
         handles, labels = ax_loss.get_legend_handles_labels()
         if any(math.isfinite(v) for v in lrs):
@@ -484,8 +485,8 @@ def plot_curves(history: list[dict], path) -> None:
     ax_loss.set_ylabel("loss")
     ax_loss.set_title("loss", fontsize=10)
     ax_acc.set_xlabel("epoch")
-    ax_acc.set_ylabel("val top-1")
-    ax_acc.set_title("validation top-1 per head", fontsize=10)
+    ax_acc.set_ylabel(f"{evaluated_on} top-1")
+    ax_acc.set_title(f"{'validation' if evaluated_on == 'val' else evaluated_on} top-1 per head", fontsize=10)
     for ax in (ax_loss, ax_acc):
         ax.grid(True, alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
@@ -560,11 +561,16 @@ def write_report_md(
     epochs_run = metrics.get("epochs_run", len(metrics.get("history") or []) or None)
     epochs_cfg = (config or {}).get("epochs")
     epochs = f"{epochs_run} of {epochs_cfg}" if epochs_run is not None and epochs_cfg is not None else epochs_run
+    # Never "val" for figures computed on the training photos (a dataset version without validation photos).
+    on = "train (optimistic)" if metrics.get("metrics_on") == "train" else "val"
     summary = [
         ["backbone", metrics.get("backbone", (config or {}).get("backbone"))],
         ["epochs", epochs],
         ["best epoch", metrics.get("best_epoch")],
-        ["mean val top-1 (best epoch)", _pct(metrics.get("primary")) if metrics.get("primary") is not None else None],
+        [
+            f"mean {on} top-1 (best epoch)",
+            _pct(metrics.get("primary")) if metrics.get("primary") is not None else None,
+        ],
         ["device", metrics.get("device")],
         ["time", _fmt_seconds(metrics.get("seconds"))],
         ["n_train", metrics.get("n_train")],
@@ -597,7 +603,8 @@ def write_report_md(
                     _pct((rep.get("macro") or {}).get("f1")) if name in heads else "n/a",
                 ]
             )
-        lines += _table(["head", "classes", "n_val", "top-1", "top-5", "macro F1"], rows) + [""]
+        n_col = "n_train (optimistic)" if on != "val" else "n_val"
+        lines += _table(["head", "classes", n_col, "top-1", "top-5", "macro F1"], rows) + [""]
 
     used_images: set[str] = set()
     for name in head_names:

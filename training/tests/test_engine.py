@@ -252,6 +252,9 @@ def test_no_val_items_metrics_on_train_and_time_limit(tmp_path):
     assert m["heads"]["color"]["n_val"] == 16  # evaluated on the train items, flagged above
     assert m["stopped_early"] == "time_limit" and m["epochs_run"] == 1
     assert (tmp_path / "out" / "model.pt").is_file()
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "mean train (optimistic) top-1" in report and "n_train (optimistic)" in report
+    assert "val top-1" not in report and "| n_val | 0 |" in report
 
 
 def test_all_train_files_unreadable(tmp_path):
@@ -270,7 +273,7 @@ def test_pretrained_local_file_is_loaded(tmp_path):
     torch.save(src.state_dict(), path)
     cfg = resolve_config(tiny(pretrained_path=str(path)))
     model, info = build_model(cfg, [{"name": "h", "classes": ["a", "b"]}])
-    assert info["pretrained_source"] == "file"
+    assert info["pretrained_source"] == "file" and info["pretrained_detail"] == str(path)
     expected = {k: v for k, v in src.state_dict().items() if not k.startswith("fc.")}
     got = model.backbone.state_dict()
     assert set(got) == set(expected)
@@ -280,8 +283,8 @@ def test_pretrained_local_file_is_loaded(tmp_path):
 
 def test_pretrained_from_loupe_artifact_and_bad_files(run, tmp_path):
     cfg = resolve_config(tiny(pretrained_path=str(run["out"] / "model.pt")))
-    backbone, source = create_backbone(cfg["backbone"], image_size=32, pretrained_path=cfg["pretrained_path"])
-    assert source == "loupe"
+    backbone, weights = create_backbone(cfg["backbone"], image_size=32, pretrained_path=cfg["pretrained_path"])
+    assert weights == {"source": "file", "detail": f"backbone of Loupe model {run['out'] / 'model.pt'}"}
     sd = torch.load(run["out"] / "model.pt", weights_only=True)["state_dict"]
     for k, v in backbone.state_dict().items():
         assert torch.equal(v, sd["backbone." + k])
@@ -305,10 +308,10 @@ def test_pretrained_hub_unavailable_falls_back(monkeypatch, caplog):
 
     monkeypatch.setattr(timm, "create_model", fake)
     with caplog.at_level(logging.WARNING, logger="training.engine"):
-        backbone, source = create_backbone("test_resnet", image_size=32, pretrained=True)
-    assert source is None and backbone is not None
+        backbone, weights = create_backbone("test_resnet", image_size=32, pretrained=True)
+    assert weights["source"] == "none" and backbone is not None
     msgs = [r.getMessage() for r in caplog.records]
-    assert any("pretrained weights for test_resnet not available" in m and "random init" in m for m in msgs)
+    assert any("no pretrained weights for test_resnet" in m and "random init" in m for m in msgs)
 
 
 def test_engine_imports_no_django():

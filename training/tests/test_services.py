@@ -193,3 +193,33 @@ def test_interrupted_run_resumes_from_its_checkpoint(project, monkeypatch, capsy
         call_command("train", project.slug, "--run", str(run.id))
     with pytest.raises(CommandError, match="only applies with --run"):
         call_command("train", project.slug, "--fresh")
+
+
+def test_a_model_without_validation_photos_says_train_optimistic_and_is_not_auto_promoted(project, client, admin_user):
+    """A dataset version frozen with no validation photos (asked for explicitly): the first model is measured on
+    its training photos, so it is labelled "train (optimistic)" everywhere and waits for an admin."""
+    from rest_framework.authtoken.models import Token
+    from rest_framework.test import APIClient
+
+    from labeling import versions
+    from labeling.models import GroupSplit
+
+    GroupSplit.objects.filter(project=project).delete()
+    version, _ = versions.dataset_version_create(project=project, ratios=(1.0, 0.0, 0.0), allow_empty_eval=True)
+    assert version.counts["splits"]["val"] == 0
+    run = services.training_run_create(project=project, config=TINY_TRAIN, queue=False, dataset_version=version)
+    run = services.training_run_execute(run_id=run.id, inline=True)
+    assert run.status == TrainingRun.Status.SUCCEEDED, run.error
+    v = run.model_version
+    assert not v.is_active and v.evaluated_on == "train (optimistic)" and run.evaluated_on == "train (optimistic)"
+    assert "Not promoted automatically" in run.error
+
+    client.force_login(admin_user)
+    for url in (f"/p/{project.slug}/models/", f"/p/{project.slug}/runs/"):
+        page = client.get(url).content.decode()
+        assert "train (optimistic)" in page and ">val<" not in page
+    api = APIClient()
+    api.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=admin_user).key}")
+    body = api.get(f"/api/v1/projects/{project.slug}/models/").json()
+    assert body[0]["evaluated_on"] == "train (optimistic)"
+    assert "train (optimistic)" in (Path(v.artifact_dir) / "report.md").read_text()

@@ -27,6 +27,11 @@ class Command(BaseCommand):
             default="0.7,0.15,0.15",
             help="train,val,test shares for groups that have no split yet (sticky groups keep theirs)",
         )
+        create.add_argument(
+            "--allow-empty-eval",
+            action="store_true",
+            help="freeze even if a head would have no labeled photos in val or test (figures become optimistic)",
+        )
         sub.add_parser("list")
         diff = sub.add_parser("diff")
         diff.add_argument("old", type=int)
@@ -50,7 +55,9 @@ class Command(BaseCommand):
             ratios = tuple(float(x) for x in opts["ratios"].split(","))
         except ValueError:
             raise CommandError(f"--ratios {opts['ratios']!r}: expected three numbers like 0.7,0.15,0.15") from None
-        version, created = versions.dataset_version_create(project=project, note=opts["note"], ratios=ratios)
+        version, created = versions.dataset_version_create(
+            project=project, note=opts["note"], ratios=ratios, allow_empty_eval=opts["allow_empty_eval"]
+        )
         c = version.counts
         verb = "Created" if created else "Nothing changed; the latest is"
         self.stdout.write(

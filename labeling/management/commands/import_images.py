@@ -39,6 +39,14 @@ class Command(BaseCommand):
             help="map a CSV column to a head (repeat per head)",
         )
         parser.add_argument("--group-col", help="CSV column with the group/ID (default: from <ID>_<seq> file names)")
+        parser.add_argument(
+            "--group-by",
+            choices=("auto", "name", "image", "column"),
+            default="auto",
+            help="groups (never split across train/val/test): <ID>_<seq> file names (name), one per photo (image), "
+            "the --group-col column (column); auto (default) = name, unless those groups would swallow a class or "
+            "most of the import, then image",
+        )
         parser.add_argument("--source-col", help="CSV column with the source (real/synthetic/legacy)")
         parser.add_argument("--class-head", help="folder mode: the head the folder names label (default: first head)")
         parser.add_argument(
@@ -92,7 +100,11 @@ class Command(BaseCommand):
                     raise CommandError(f"Project {project.slug!r} has no head {opts['class_head']!r}.")
                 rows, report = importers.plan_folder(folder, head=head)
             report = importers.images_import(
-                project=project, rows=rows, report=report, skip_bad_rows=opts["skip_bad_rows"]
+                project=project,
+                rows=rows,
+                report=report,
+                skip_bad_rows=opts["skip_bad_rows"],
+                group_by=opts["group_by"],
             )
         except LabelingError as exc:
             raise CommandError(str(exc)) from exc

@@ -59,5 +59,12 @@ class Command(BaseCommand):
         if run.status != run.Status.SUCCEEDED:
             raise CommandError(f"Training run {run.id} failed: {run.error}")
         version = run.model_version
-        state = "active" if version.is_active else "not promoted (an active model exists; promote it in the UI)"
-        self.stdout.write(f"Model v{version.number}: mean val top-1 {version.metrics.get('primary')} — {state}")
+        if version.is_active:
+            state = "active"
+        elif version.evaluated_on != "val":
+            state = "not promoted (no validation photos: its figures are optimistic; promote it in the UI)"
+        else:
+            state = "not promoted (an active model exists; promote it in the UI)"
+        self.stdout.write(
+            f"Model v{version.number}: mean top-1 on {version.evaluated_on} {version.metrics.get('primary')} — {state}"
+        )
