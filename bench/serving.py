@@ -1,6 +1,6 @@
 """Serving latency on this CPU (make bench-serving).
 
-Two models (efficientnet_b0, the presets' backbone, and mobilenetv3_small_100, the engine default; 224 px, trained
+Two models (efficientnet_b0, a B0-sized CNN, and mobilenetv3_small_100, the engine default; 224 px, trained
 for one epoch on generated photos — latency does not depend on the weights),
 exported to ONNX. Measured in one process, one intra-op thread (the serving default):
   floor   onnxruntime session.run on an already preprocessed 1x3x224x224 tensor
@@ -123,7 +123,7 @@ class Wsgi:
 
 
 BACKBONES = (
-    ("efficientnet_b0", "the car/sku/lego/retrieval presets' backbone"),
+    ("efficientnet_b0", "a B0-sized CNN (the presets' backbone when first measured)"),
     ("mobilenetv3_small_100", "the engine default and the demo's; ~1 ms, so fixed per-request costs dominate"),
 )
 

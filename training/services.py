@@ -4,6 +4,7 @@ import datetime as dt
 import json
 import logging
 import os
+import sys
 import traceback
 from pathlib import Path
 
@@ -33,8 +34,10 @@ GALLERY_CACHE = "gallery_embeddings.npz"  # train-split embeddings from the cali
 TEST_CACHE = "test_embeddings.npz"  # test-split embeddings from the test report, reused by the arms probe
 
 
-def preset_config(preset: str) -> dict:
-    """The YAML training preset of a project preset (training/presets/<preset>.yaml); {} when there is none."""
+def preset_config(preset: str, *, cuda: bool | None = None) -> dict:
+    """The YAML training preset of a project preset (training/presets/<preset>.yaml); {} when there is none. Its
+    `cuda:` mapping (a larger backbone for a GPU worker) applies when `cuda` (default: this process has torch
+    loaded and a CUDA device, as a training worker does; a web process that never loaded torch says no)."""
     import yaml
 
     path = PRESETS_DIR / f"{preset}.yaml"
@@ -43,7 +46,13 @@ def preset_config(preset: str) -> dict:
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise TrainingError(f"{path} must hold a mapping of engine config keys, got {type(data).__name__}")
-    return data
+    on_cuda = data.pop("cuda", None) or {}
+    if not isinstance(on_cuda, dict):
+        raise TrainingError(f"{path}: 'cuda' must be a mapping of engine config keys for CUDA workers")
+    if cuda is None:
+        torch = sys.modules.get("torch")
+        cuda = bool(torch is not None and torch.cuda.is_available())
+    return {**data, **on_cuda} if cuda else data
 
 
 def _resolve(project: Project, overrides: dict) -> dict:
@@ -300,6 +309,7 @@ def _calibrate(out_dir: Path, manifest: dict) -> dict:
         val_emb=v_emb[v_ok],
         gallery_emb=g_emb[g_ok],
         gallery_labels={h: [it["labels"].get(h) for it in train] for h in rec.heads},
+        val_ids=[it["id"] for it in val],  # the model page's example photos of confused pairs
     )
     write_calibration(out_dir, cal)
     return {"temperature": cal["temperature"], "softmax_threshold": cal["softmax_threshold"]}

@@ -181,6 +181,28 @@ def test_real_timm_backbone_mobilenetv3(tmp_path):
     assert meta["embedding_dim"] == 1024
 
 
+def test_the_presets_pretrained_backbone_exports_with_parity(tmp_path):
+    """tf_efficientnet_lite0 (every preset's default, TF "same" padding) from its bundled ImageNet weights,
+    through the presets' two phases, exports and matches torch."""
+    manifest = make_shapes_dataset(tmp_path / "data", n=8, size=72)
+    cfg = {
+        **TINY_TEST_CONFIG,
+        "backbone": "tf_efficientnet_lite0",
+        "pretrained": True,
+        "image_size": 64,
+        "epochs": 2,
+        "freeze_backbone_epochs": 1,
+        "unfreeze_lr_mult": 0.1,
+        "batch_size": 4,
+        "num_workers": 0,
+    }
+    metrics = train_model(manifest, cfg, tmp_path / "run")
+    assert metrics["pretrained_source"] == "bundled"
+    result = export_onnx(tmp_path / "run")
+    assert result["top1_agreement"] == 1.0
+    assert assert_parity(tmp_path / "run", result["path"], 64) <= ATOL
+
+
 # ----------------------------------------------------------------------------------------------------- errors
 def test_missing_or_foreign_model(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "model.pt")):

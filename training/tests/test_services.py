@@ -137,15 +137,22 @@ def test_oof_predictions_command_on_the_active_model(project, capsys):
 def test_yaml_preset_under_settings_project_options_and_run_overrides(project, settings, tmp_path, monkeypatch):
     from labeling import health
 
-    preset = services.preset_config("retrieval")
-    assert preset["backbone"] == "efficientnet_b0" and preset["pretrained"] is True
+    preset = services.preset_config("retrieval", cuda=False)
+    assert preset["backbone"] == "tf_efficientnet_lite0" and preset["pretrained"] is True and "cuda" not in preset
+    assert preset["freeze_backbone_epochs"] > 0 and preset["early_stopping"]["patience"]  # the seeds' two phases
+    assert services.preset_config("retrieval", cuda=True)["backbone"] == "tf_efficientnet_lite2"
+    from training.engine import pretrained as pretrained_lib
+
+    for name in ("car", "lego", "sku", "retrieval"):  # every preset's backbone has weights that resolve offline
+        for cuda in (False, True):
+            assert pretrained_lib.bundled_for(services.preset_config(name, cuda=cuda)["backbone"]) is not None
     for name in ("car", "lego", "sku", "retrieval"):  # every preset is a valid engine config
         project.preset = name
         assert services._resolve(project, {})["backbone"] == services.preset_config(name)["backbone"]
     project.preset = "retrieval"
     assert services.preset_config("lego")["hflip"] is False  # mirrored LEGO parts can be different parts
     cfg = services._resolve(project, {"epochs": 2})
-    assert cfg["backbone"] == "efficientnet_b0" and cfg["epochs"] == 2 and cfg["pretrained"] is False  # conftest
+    assert cfg["backbone"] == "tf_efficientnet_lite0" and cfg["epochs"] == 2 and cfg["pretrained"] is False  # conftest
     settings.LOUPE_TRAIN_OVERRIDES = {"epochs": 7, "pretrained": False}
     assert services._resolve(project, {})["epochs"] == 7
     assert services._resolve(project, {"epochs": 3})["epochs"] == 3
