@@ -26,16 +26,20 @@ migrate: .venv/.runtime
 	DEBUG=1 $(PY) manage.py migrate --noinput
 
 # One machine, no services: SQLite + kombu's filesystem broker under var/. Generates and imports the demo
-# project, starts a Celery worker, trains and promotes a first model through it, then serves on $(PORT).
+# project, starts two Celery workers as docker-compose does (queue default: index builds, scans, the reconciler's
+# beat; queue gpu: training and out-of-fold jobs), so a promote's index build never waits behind a long job;
+# trains and promotes a first model through them, then serves on $(PORT).
 demo: .venv/.runtime
 	@export DEBUG=1; set -e; \
 	$(PY) manage.py migrate --noinput; \
 	$(PY) manage.py demo; \
 	mkdir -p var/log; \
-	.venv/bin/celery -A webapp worker -B -s var/celerybeat-schedule -Q default,gpu -c 1 -l info > var/log/worker.log 2>&1 & \
-	worker=$$!; trap "kill $$worker 2>/dev/null; wait $$worker 2>/dev/null" EXIT INT TERM; \
+	.venv/bin/celery -A webapp worker -B -s var/celerybeat-schedule -Q default -c 1 -n default@%h -l info > var/log/worker.log 2>&1 & \
+	worker=$$!; \
+	.venv/bin/celery -A webapp worker -Q gpu -c 1 -n gpu@%h -l info > var/log/gpu-worker.log 2>&1 & \
+	gpuworker=$$!; trap "kill $$worker $$gpuworker 2>/dev/null; wait $$worker $$gpuworker 2>/dev/null" EXIT INT TERM; \
 	$(PY) manage.py demo --train; \
-	echo; echo "Loupe is at http://$(HOST):$(PORT)/  (login: see above or var/demo-admin.txt; worker log var/log/worker.log)"; \
+	echo; echo "Loupe is at http://$(HOST):$(PORT)/  (login: see above or var/demo-admin.txt; worker logs var/log/worker.log, var/log/gpu-worker.log)"; \
 	$(PY) manage.py runserver $(HOST):$(PORT) --noreload
 
 worker: .venv/.runtime

@@ -25,6 +25,8 @@ from .decision import calibrate_retrieval, calibrate_thresholds, fit_temperature
 CALIBRATION_FILE = "calibration.json"
 GALLERY_LABELS_FILE = "gallery_labels.json"
 K_NEIGHBOURS = 20
+RELIABILITY_BINS = 10
+MISTAKES_KEPT = 200  # wrong validation answers kept per head (most confident first) for the model page
 
 
 def _write_json(path: Path, data) -> None:
@@ -58,6 +60,32 @@ def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
     return (p / p.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
+def reliability_bins(conf: np.ndarray, right: np.ndarray, n_bins: int = RELIABILITY_BINS) -> dict:
+    """Equal-width confidence bins for a reliability diagram: conf (N,) top-1 confidences 0-1, right (N,) bool.
+    {"edges": n_bins + 1 floats, "count", "confidence" (mean), "accuracy" per bin (None when empty), "ece"}."""
+    conf = np.asarray(conf, dtype=np.float64)
+    right = np.asarray(right, dtype=bool)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    which = np.clip(np.searchsorted(edges, conf, side="right") - 1, 0, n_bins - 1)
+    count, mean_conf, acc = [], [], []
+    ece = 0.0
+    for b in range(n_bins):
+        sel = which == b
+        n = int(sel.sum())
+        count.append(n)
+        mean_conf.append(round(float(conf[sel].mean()), 4) if n else None)
+        acc.append(round(float(right[sel].mean()), 4) if n else None)
+        if n:
+            ece += n * abs(float(conf[sel].mean()) - float(right[sel].mean()))
+    return {
+        "edges": [round(float(e), 4) for e in edges],
+        "count": count,
+        "confidence": mean_conf,
+        "accuracy": acc,
+        "ece": round(ece / len(conf), 4) if len(conf) else None,
+    }
+
+
 def calibrate(
     *,
     heads: list[str],
@@ -68,9 +96,19 @@ def calibrate(
     gallery_emb: np.ndarray,
     gallery_labels: dict[str, Sequence[str | None]],
     target_precision: float = 0.95,
+    val_ids: Sequence[int] | None = None,
 ) -> dict:
-    """The calibration dict (see the module docstring) from validation predictions and a train gallery."""
-    out: dict = {"target_precision": target_precision, "temperature": {}, "softmax_threshold": {}, "retrieval": {}}
+    """The calibration dict (see the module docstring) from validation predictions and a train gallery, plus
+    per head the reliability bins before/after temperature scaling and, when `val_ids` (one per validation row)
+    are given, the wrong validation answers as [id, true class, predicted class, confidence] rows."""
+    out: dict = {
+        "target_precision": target_precision,
+        "temperature": {},
+        "softmax_threshold": {},
+        "retrieval": {},
+        "reliability": {},
+        "mistakes": {},
+    }
     index = None
     if len(gallery_emb) and len(val_emb):
         g = np.ascontiguousarray(gallery_emb, dtype=np.float32)
@@ -91,6 +129,18 @@ def calibrate(
         scaled = apply_temperature(probs, t)
         conf = scaled.max(axis=1)
         right = scaled.argmax(axis=1) == y
+        if known.any():
+            out["reliability"][head] = {
+                "before": reliability_bins(probs.max(axis=1)[known], (probs.argmax(axis=1) == y)[known]),
+                "after": reliability_bins(conf[known], right[known]),
+            }
+        if val_ids is not None:
+            wrong = np.flatnonzero(known & ~right)
+            wrong = wrong[np.argsort(-conf[wrong], kind="stable")][:MISTAKES_KEPT]
+            pred = scaled.argmax(axis=1)
+            out["mistakes"][head] = [
+                [int(val_ids[r]), classes[y[r]], classes[pred[r]], round(float(conf[r]), 4)] for r in wrong
+            ]
         out["softmax_threshold"][head] = (
             round(
                 float(

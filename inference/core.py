@@ -680,6 +680,36 @@ def predict_paths(
     return probs, out, ok
 
 
+def predict_items_cached(
+    recognizer: Recognizer, items: Sequence[dict], cache_dir
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """predict_paths for items ({"path"[, "sha256"]}) through the feature cache (training.engine.features) keyed by
+    this model's own backbone weights: only photos not seen by this backbone go through it; the heads run on the
+    cached features. Same outputs as predict_paths with the torch backend; falls back to predict_paths when the
+    version is served from model.onnx alone."""
+    from training.engine.features import cached_features  # noqa: PLC0415
+
+    if recognizer.model is None:
+        return predict_paths(recognizer, [it["path"] for it in items])
+    n = len(items)
+    probs = {h: np.zeros((n, len(recognizer.label_maps[h])), dtype=np.float32) for h in recognizer.heads}
+    out = np.zeros((n, recognizer.embedding_dim), dtype=np.float32)
+    if n == 0:
+        return probs, out, np.zeros(0, dtype=bool)
+    model = recognizer.model
+    config = {**recognizer.config, "device": str(recognizer.device)}
+    feats = cached_features(items, config, cache_dir, backbone=model.backbone, mean=recognizer.mean, std=recognizer.std)
+    rows = np.flatnonzero(feats.ok)
+    with torch.inference_mode():
+        for start in range(0, len(rows), 4096):
+            chunk = rows[start : start + 4096]
+            logits, emb = model.heads_forward(torch.from_numpy(feats.X[chunk]).to(recognizer.device))
+            for h, lg in zip(recognizer.heads, logits, strict=True):
+                probs[h][chunk] = F.softmax(lg.float(), dim=1).cpu().numpy()
+            out[chunk] = F.normalize(emb.float(), dim=1).cpu().numpy()
+    return probs, out, feats.ok
+
+
 def embed_paths(recognizer: Recognizer, paths: Sequence[str], batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """Embed image files: (embeddings (N, D) float32, ok (N,) bool); see predict_paths."""
     _probs, emb, ok = predict_paths(recognizer, paths, batch_size)

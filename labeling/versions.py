@@ -296,8 +296,9 @@ def version_manifest(*, version: DatasetVersion, per_class_cap: int | None = Non
             "group": group,
             "source": source,
             "split": split,
+            "sha256": sha,  # content hash: the key of the feature cache (training/engine/features.py)
         }
-        for image_id, split, group, labels, file, source, _sha in rows
+        for image_id, split, group, labels, file, source, sha in rows
     ]
     out_heads = []
     for h in heads:

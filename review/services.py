@@ -543,7 +543,7 @@ def uncertain_refresh(*, project: Project, size: int | None = None, seed: int = 
     gallery), and `random_control_share` of the batch is drawn at random and marked as the control arm. Random
     items are interleaved evenly, so both arms are labeled at the same pace. Returns {"candidates", "queued",
     "random", "strategy", "model_version"}."""
-    from inference.core import Recognizer, predict_paths  # noqa: PLC0415
+    from inference.core import Recognizer, predict_items_cached  # noqa: PLC0415
     from labeling import storage  # noqa: PLC0415
     from training.models import ModelVersion  # noqa: PLC0415
     from training.services import GALLERY_CACHE  # noqa: PLC0415
@@ -563,10 +563,15 @@ def uncertain_refresh(*, project: Project, size: int | None = None, seed: int = 
     ):
         unlabeled.setdefault(image_id, []).append(head_id)
     image_ids = sorted(unlabeled)
-    files = dict(Image.objects.filter(pk__in=image_ids).values_list("id", "file"))
+    files = {i: (f, sha) for i, f, sha in Image.objects.filter(pk__in=image_ids).values_list("id", "file", "sha256")}
     rec = Recognizer.load(version.artifact_dir)
-    paths = [storage.local_path(files[i]) for i in image_ids]
-    probs, emb, ok = predict_paths(rec, paths) if paths else ({}, np.zeros((0, rec.embedding_dim)), np.zeros(0, bool))
+    # Through the feature cache keyed by this version's backbone: a re-rank only runs the backbone on new photos.
+    cached = [{"path": storage.local_path(files[i][0]), "sha256": files[i][1]} for i in image_ids]
+    probs, emb, ok = (
+        predict_items_cached(rec, cached, settings.LOUPE_FEATURE_CACHE)
+        if cached
+        else ({}, np.zeros((0, rec.embedding_dim)), np.zeros(0, bool))
+    )
     keep = np.flatnonzero(ok)
     image_ids = [image_ids[i] for i in keep]
     emb = emb[keep] if len(keep) else np.zeros((0, rec.embedding_dim), np.float32)

@@ -12,9 +12,10 @@ from . import services
     reject_on_worker_lost=True,
     **limits("review.tasks.mislabel_refresh"),
 )
-def mislabel_refresh(version_id: int, k: int = 5, mode: str = "cheap") -> dict:
-    """Out-of-fold predictions of the version's frozen dataset (K fresh models: GPU work), then the project's
-    mislabel queue from them. Queued after every successful training run (LOUPE_MISLABEL_AFTER_TRAINING)."""
+def mislabel_refresh(version_id: int, k: int = 5, mode: str = "auto") -> dict:
+    """Out-of-fold predictions of the version's frozen dataset (heads on cached frozen features when the backbone
+    is pretrained, else K fresh models: GPU work), then the project's mislabel queue from them. Queued after every
+    successful training run (LOUPE_MISLABEL_AFTER_TRAINING)."""
     from training import services as training_services
 
     version = ModelVersion.objects.get(pk=version_id)

@@ -248,7 +248,14 @@ def _worker(tmp_path: Path, broker_url: str, name: str, settings) -> subprocess.
 def test_a_worker_killed_mid_training_is_found_lost_and_the_run_resumes(broker, project, settings, tmp_path):
     settings.LOUPE_HEARTBEAT_SECONDS = 0.5
     settings.LOUPE_JOB_LOST_AFTER_SECONDS = 3
-    run = services.training_run_create(project=project, config={**TINY_TRAIN, "epochs": 40, "image_size": 64})
+    config = {
+        **TINY_TRAIN,
+        "epochs": 40,
+        "image_size": 64,
+        "freeze_backbone_epochs": 0,
+        "early_stopping": {"metric": "primary", "patience": None},  # all 40 epochs: the preset stops early
+    }
+    run = services.training_run_create(project=project, config=config)
     first = _worker(tmp_path, broker.url, "first", settings)
     try:
         _wait(

@@ -7,6 +7,11 @@ urlpatterns = [
     path("projects/<slug:slug>/models/", apis.ModelVersionListView.as_view(), name="model-list"),
     path("projects/<slug:slug>/models/compare/", apis.ModelVersionCompareView.as_view(), name="model-compare"),
     path(
+        "projects/<slug:slug>/models/<int:number>/files/<str:name>",
+        apis.ModelVersionFileView.as_view(),
+        name="model-file",
+    ),
+    path(
         "projects/<slug:slug>/models/<int:number>/promote/",
         apis.ModelVersionPromoteView.as_view(),
         name="model-promote",

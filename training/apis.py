@@ -1,9 +1,12 @@
 """Model registry API: list versions with their metrics, compare two on the same test split, promote or roll
 back (admins). Errors use the one error shape."""
 
+from django.http import FileResponse
 from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import serializers
+from rest_framework.exceptions import NotFound
+from rest_framework.negotiation import BaseContentNegotiation
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
@@ -11,7 +14,7 @@ from labeling.access import IsProjectAdmin
 from labeling.models import Project
 from webapp.errors import ApiError
 
-from . import services
+from . import selectors, services
 from .models import ModelVersion, PretrainedSource
 
 
@@ -116,3 +119,44 @@ class ModelVersionCompareView(APIView):
         except ValueError as exc:
             raise ApiError(str(exc), code="no_test_split") from None
         return Response(out)
+
+
+class _IgnoreAccept(BaseContentNegotiation):
+    """A file is a file whatever the client's Accept header says (errors still use the JSON error shape)."""
+
+    def select_parser(self, request, parsers):
+        return parsers[0]
+
+    def select_renderer(self, request, renderers, format_suffix=None):
+        return renderers[0], renderers[0].media_type
+
+
+class ModelVersionFileView(APIView):
+    permission_classes = [IsProjectAdmin]
+    content_negotiation_class = _IgnoreAccept
+
+    @extend_schema(
+        parameters=[
+            OpenApiParameter(
+                "name",
+                str,
+                OpenApiParameter.PATH,
+                description="model.onnx, label_maps.json, report.md, curves.png, confusion_<head>.png or "
+                "reliability_<head>.png (no other name is served)",
+            )
+        ],
+        responses={
+            (200, "application/octet-stream"): OpenApiResponse(description="The file (downloads as an attachment)"),
+            404: OpenApiResponse(description="Not one of the allowed names, or this version has no such file"),
+        },
+        summary="Download a model version's file: the ONNX model, its label maps, the evaluation report or a plot",
+    )
+    def get(self, request, slug, number, name):
+        found = selectors.model_version_file(version=_version(slug, number), name=name)
+        if found is None:
+            raise NotFound(
+                f"v{number} has no file {name!r}; allowed: model.onnx, label_maps.json, report.md, "
+                "curves.png, confusion_<head>.png, reliability_<head>.png."
+            )
+        path, content_type, attachment = found
+        return FileResponse(path.open("rb"), content_type=content_type, as_attachment=attachment, filename=name)

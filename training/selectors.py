@@ -1,6 +1,9 @@
-"""Reads for training pages: what a change would do, before it is made."""
+"""Reads for training pages: what a change would do, before it is made; what a model version is (model page)."""
 
-from labeling.models import Head
+import json
+from pathlib import Path
+
+from labeling.models import Head, Project
 
 from .models import ModelVersion
 
@@ -18,3 +21,222 @@ def head_thresholds_plan(*, version: ModelVersion, heads: list[str] | None = Non
         if new != head.threshold:
             rows.append({"head_id": head.id, "head": head.name, "old": head.threshold, "new": new})
     return rows
+
+
+# ------------------------------------------------------------------------------------------- model page
+_MEDIA = {
+    ".onnx": "application/octet-stream",
+    ".json": "application/json",
+    ".md": "text/markdown; charset=utf-8",
+    ".png": "image/png",
+}
+DOWNLOADS = ("model.onnx", "label_maps.json", "report.md")  # sent as attachments
+RECIPE_KEYS = (
+    "backbone",
+    "image_size",
+    "epochs",
+    "batch_size",
+    "lr",
+    "optimizer",
+    "scheduler",
+    "weight_decay",
+    "label_smoothing",
+    "freeze_backbone_epochs",
+    "freeze_fraction",
+    "unfreeze_lr_mult",
+    "early_stopping",
+    "head_type",
+    "class_weighting",
+    "sampler",
+    "augment",
+    "hflip",
+    "vflip",
+    "rotation_degrees",
+    "color_jitter",
+    "crop_scale_min",
+)
+
+
+def _heads(version: ModelVersion) -> list[str]:
+    return list(((version.metrics or {}).get("heads") or {}).keys())
+
+
+def model_version_file_names(*, version: ModelVersion) -> list[str]:
+    """The artifact files the model page and API may serve (a fixed allow-list; no name from a URL ever reaches
+    the filesystem unless it is one of these): the downloads, curves.png and per known head its confusion and
+    reliability pictures."""
+    names = [*DOWNLOADS, "curves.png"]
+    for head in _heads(version):
+        names += [f"confusion_{head}.png", f"reliability_{head}.png"]
+    return [n for n in names if "/" not in n and "\\" not in n and not n.startswith(".")]
+
+
+def model_version_file(*, version: ModelVersion, name: str) -> tuple[Path, str, bool] | None:
+    """(path, content type, as attachment) of an allowed artifact file that exists, else None. A reliability
+    diagram is drawn on first request from the bins that the calibration stored in calibration.json."""
+    if not version.artifact_dir or name not in model_version_file_names(version=version):
+        return None
+    path = Path(version.artifact_dir) / name
+    if name.startswith("reliability_") and not path.is_file():
+        _reliability_plot(version, name.removeprefix("reliability_").removesuffix(".png"), path)
+    if not path.is_file():
+        return None
+    return path, _MEDIA[path.suffix], name in DOWNLOADS
+
+
+def _reliability_plot(version: ModelVersion, head: str, path: Path) -> None:
+    """A derived picture of stored data, written whole (temp name + os.replace) so concurrent views are safe."""
+    from inference.calibration import read_calibration  # noqa: PLC0415
+
+    bins = ((read_calibration(version.artifact_dir) or {}).get("reliability") or {}).get(head)
+    if bins:
+        from training.engine.report import plot_reliability  # noqa: PLC0415 - matplotlib only when drawn
+
+        plot_reliability(bins, path, title=head)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _retrieval_row(rep: dict | None) -> dict | None:
+    """Recall@1/5 and mAP under template-friendly keys ("recall@1" is not a template attribute)."""
+    if not rep:
+        return None
+    return {
+        "recall1": rep.get("recall@1"),
+        "recall5": rep.get("recall@5"),
+        "map": rep.get("map"),
+        "map_at": rep.get("map_at"),
+        "n_queries": rep.get("n_queries"),
+        "n_gallery": rep.get("n_gallery"),
+    }
+
+
+def _class_photos(art: Path, head: str) -> dict[str, list[int]]:
+    """Image ids per class of `head` in the version's manifest, validation photos first."""
+    items = (_read_json(art / "manifest.json") or {}).get("items") or []
+    out: dict[str, list[int]] = {}
+    for it in sorted(items, key=lambda it: it.get("split") != "val"):
+        cls = (it.get("labels") or {}).get(head)
+        if cls is not None:
+            out.setdefault(cls, []).append(it["id"])
+    return out
+
+
+def model_version_evaluation(*, version: ModelVersion) -> dict:
+    """Everything the model page shows, from the version's metrics and artifact folder: per head top-1/top-5 on
+    val and test, per-class P/R/F1 rows, most-confused pairs with up to 4 example validation image ids (true
+    class predicted as the other, from the calibration's predictions), Recall@1/5 + mAP, whether a confusion /
+    reliability picture exists (or why not), the run's resolved config and the files to download."""
+    metrics = version.metrics or {}
+    art = Path(version.artifact_dir) if version.artifact_dir else None
+    calibration = (_read_json(art / "calibration.json") if art else {}) or {}
+    config = (_read_json(art / "config.json") if art else {}) or (version.run.config if version.run else {})
+    mistakes = calibration.get("mistakes") or {}
+    test_heads = (metrics.get("test") or {}).get("heads") or {}
+    retrieval = metrics.get("retrieval") or {}
+    heads = []
+    for name, m in (metrics.get("heads") or {}).items():
+        examples: dict[tuple[str, str], list[int]] = {}
+        for image_id, true, predicted, _conf in mistakes.get(name) or []:
+            examples.setdefault((true, predicted), []).append(image_id)
+        pairs = [
+            {**p, "examples": examples.get((p["true"], p["predicted"]), [])[:4]} for p in m.get("most_confused") or []
+        ]
+        if pairs and name not in mistakes:  # calibrated before wrong answers were kept: photos of each class
+            by_class = _class_photos(art, name) if art else {}
+            for p in pairs:
+                p["true_photos"] = by_class.get(p["true"], [])[:2]
+                p["predicted_photos"] = by_class.get(p["predicted"], [])[:2]
+        if not calibration:
+            reliability_note = "No calibration: the dataset version has no validation split."
+            if (metrics.get("calibration") or {}).get("error"):
+                reliability_note = f"The calibration failed: {metrics['calibration']['error'][:200]}"
+        elif name not in (calibration.get("reliability") or {}):
+            reliability_note = (
+                "No reliability diagram: this version was calibrated before reliability bins were recorded, "
+                "or the head has no validation photo with a known label."
+            )
+        else:
+            reliability_note = ""
+        heads.append(
+            {
+                "name": name,
+                "val": {"top1": m.get("top1"), "top5": m.get("top5"), "n": m.get("n_val")},
+                "test": test_heads.get(name),
+                "macro": m.get("macro") or {},
+                "per_class": [{"name": c, **row} for c, row in (m.get("per_class") or {}).items()],
+                "pairs": pairs,
+                "pairs_have_examples": name in mistakes,
+                "retrieval": _retrieval_row(retrieval.get(name)),
+                "confusion": bool(art and (art / f"confusion_{name}.png").is_file()),
+                "reliability_note": reliability_note,
+                "temperature": (calibration.get("temperature") or {}).get(name),
+            }
+        )
+    run = version.run
+    return {
+        "heads": heads,
+        "config": config,
+        "recipe": [(k, config[k]) for k in RECIPE_KEYS if k in config],
+        "dataset_version": run.dataset_version.number if run and run.dataset_version_id else None,
+        "curves": bool(art and (art / "curves.png").is_file()),
+        "downloads": [n for n in DOWNLOADS if art and (art / n).is_file()],
+        "metrics_on": metrics.get("metrics_on") or "val",
+        "has_val": bool(metrics.get("n_val")),
+    }
+
+
+def training_recipe(*, project: Project) -> dict:
+    """What the next Retrain (with an empty form) would run: the resolved config's main keys and where
+    `pretrained: true` would find weights on this machine ({"error": ...} when the config does not resolve)."""
+    from . import services  # noqa: PLC0415
+
+    try:
+        config = services._resolve(project, {})  # noqa: SLF001 - the same resolution a run uses
+    except services.TrainingError as exc:
+        return {"error": str(exc)}
+    from django.conf import settings  # noqa: PLC0415
+
+    overridden = {**settings.LOUPE_TRAIN_OVERRIDES, **(project.training_options or {})}
+    try:  # a preset's `cuda:` mapping (larger settings for a GPU worker), when the preset has one
+        on_cuda = services.preset_config(project.preset, cuda=True)
+        plain = services.preset_config(project.preset, cuda=False)
+    except TypeError:  # presets without CUDA settings
+        on_cuda = plain = {}
+    cuda = [(k, v) for k, v in on_cuda.items() if plain.get(k, object()) != v and k not in overridden]
+    return {
+        "rows": [(k, config[k]) for k in RECIPE_KEYS if k in config],
+        "pretrained": pretrained_plan(config),
+        "cuda": cuda,
+    }
+
+
+def pretrained_plan(config: dict) -> str:
+    """Where the backbone's starting weights would come from, read from disk only (no network probe)."""
+    if config.get("pretrained_path"):
+        return f"file ({config['pretrained_path']})"
+    if not config.get("pretrained"):
+        return "none — random init (pretrained: false)"
+    from training.engine import pretrained  # noqa: PLC0415 - torch/timm only when asked
+
+    name = config["backbone"]
+    try:
+        cached = pretrained.hub_cached_file(name)
+    except Exception:  # noqa: BLE001 - an unknown backbone name is reported by the run itself
+        cached = None
+    if cached:
+        return f"hub, from the local cache ({cached[1]})"
+    bundled = pretrained.bundled_for(name)
+    fallback = (
+        f"else bundled ({bundled.distribution})"
+        if bundled and pretrained.bundled_file(name)
+        else "else none — random init"
+    )
+    if pretrained.hub_offline():
+        return f"not in the hub cache and HF_HUB_OFFLINE is set: {fallback.removeprefix('else ')}"
+    return f"timm's hub if it answers, {fallback}"

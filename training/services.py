@@ -88,8 +88,14 @@ def training_run_create(
     dataset_version: DatasetVersion | None = None,
 ) -> TrainingRun:
     """Check the config, freeze the data (a new dataset version, or the latest when nothing changed) unless
-    `dataset_version` is given, then queue the run (after commit)."""
-    _resolve(project, config or {})
+    `dataset_version` is given, then queue the run (after commit). A quick run (config "quick": heads only, on
+    cached frozen features) needs pretrained weights; whether they resolve is checked when it runs."""
+    resolved = _resolve(project, config or {})
+    if resolved["quick"] and not (resolved["pretrained"] or resolved["pretrained_path"]):
+        raise TrainingError(
+            "quick retrain needs a pretrained backbone (its heads train on frozen features): set pretrained = true "
+            "or pretrained_path, or run a full fine-tune."
+        )
     if dataset_version is not None and dataset_version.project_id != project.id:
         raise TrainingError("That dataset version belongs to another project.")
     from .reconcile import jobs_reconcile
@@ -203,6 +209,7 @@ def training_run_execute(*, run_id: int, inline: bool = False, fresh: bool = Fal
 
 def _training_run_train(run: TrainingRun, out_dir: Path, *, inline: bool, fresh: bool) -> TrainingRun:
     from training.engine import train_model
+    from training.engine.quick import train_quick
 
     project = run.project
     try:
@@ -218,9 +225,14 @@ def _training_run_train(run: TrainingRun, out_dir: Path, *, inline: bool, fresh:
         _write_json(out_dir / "manifest.json", manifest)
         n_train = sum(1 for it in manifest["items"] if it["split"] == "train")
         n_val = sum(1 for it in manifest["items"] if it["split"] == "val")
-        TrainingRun.objects.filter(pk=run.id).update(n_train=n_train, n_val=n_val, epochs=config["epochs"])
-        # Resumes from out_dir/checkpoints/latest.pt when a worker was killed mid-run (same data and config).
-        metrics = train_model(manifest, config, out_dir, progress=_progress_writer(run.id), fresh=fresh)
+        epochs = config["quick_epochs"] if config["quick"] else config["epochs"]
+        TrainingRun.objects.filter(pk=run.id).update(n_train=n_train, n_val=n_val, epochs=epochs)
+        if config["quick"]:  # heads only, on cached frozen features: seconds once the cache is warm
+            cache = settings.LOUPE_FEATURE_CACHE
+            metrics = train_quick(manifest, config, out_dir, cache_dir=cache, progress=_progress_writer(run.id))
+        else:
+            # Resumes from out_dir/checkpoints/latest.pt when a worker was killed mid-run (same data and config).
+            metrics = train_model(manifest, config, out_dir, progress=_progress_writer(run.id), fresh=fresh)
     except Exception as exc:  # noqa: BLE001 - the row must say why, whatever went wrong
         log.exception("training run %s failed", run.id)
         message = (
@@ -535,17 +547,28 @@ def _index_build(version: ModelVersion) -> ModelVersion:
     return version
 
 
-def model_version_oof(*, version: ModelVersion, k: int = 5, mode: str = "cheap") -> dict:
+def oof_mode_for(version: ModelVersion) -> str:
+    """ "quick" (heads on cached frozen features: seconds) when the version's backbone started from pretrained
+    weights that resolved, else "cheap" (K short full trainings: random-init features are no use to heads)."""
+    source = (version.metrics or {}).get("pretrained_source")
+    return "quick" if source in ("file", "hub", "bundled") else "cheap"
+
+
+def model_version_oof(*, version: ModelVersion, k: int = 5, mode: str = "auto") -> dict:
     """Out-of-fold predicted probabilities for every labeled train/val image of the version's frozen dataset
     (group-aware K-fold, never the test split), written to <artifact>/oof/ for the mislabel queue; the summary
-    is kept in the version's metrics["oof"]."""
+    is kept in the version's metrics["oof"]. mode "auto": oof_mode_for(version)."""
     from training.engine.oof import out_of_fold_predictions
 
     art = Path(version.artifact_dir)
     manifest = json.loads((art / "manifest.json").read_text())
     config = json.loads((art / "config.json").read_text())
+    if mode == "auto":
+        mode = oof_mode_for(version)
     try:
-        summary = out_of_fold_predictions(manifest, config, art / "oof", k=k, mode=mode)
+        summary = out_of_fold_predictions(
+            manifest, config, art / "oof", k=k, mode=mode, cache_dir=settings.LOUPE_FEATURE_CACHE
+        )
     except ValueError as exc:
         raise TrainingError(str(exc)) from exc
     ModelVersion.objects.filter(pk=version.pk).update(metrics={**version.metrics, "oof": summary})

@@ -8,6 +8,8 @@ urlpatterns = [
     path("p/<slug:slug>/runs/new", views.run_create, name="run-create"),
     path("p/<slug:slug>/models/", views.version_list, name="version-list"),
     path("p/<slug:slug>/models/compare/", views.version_compare, name="version-compare"),
+    path("p/<slug:slug>/models/<int:number>/", views.version_detail, name="version-detail"),
+    path("p/<slug:slug>/models/<int:number>/files/<str:name>", views.version_file, name="version-file"),
     path("p/<slug:slug>/models/<int:number>/promote", views.version_promote, name="version-promote"),
     path(
         "p/<slug:slug>/models/<int:number>/apply-thresholds",

@@ -3,13 +3,14 @@
 import json
 
 from django.contrib import messages
+from django.http import FileResponse, Http404
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
 from labeling.access import current_project
 from labeling.views import _partial, staff_required
 
-from . import services
+from . import selectors, services
 from .models import ModelVersion
 from .reconcile import jobs_reconcile
 
@@ -49,6 +50,8 @@ def run_list(request, slug):
         "fields": RETRAIN_FIELDS,
         "preset": services.preset_config(project.preset),
     }
+    if not _partial(request):  # the recipe the Retrain button would run (reads the disk: not on every poll)
+        context["recipe"] = selectors.training_recipe(project=project)
     template = "training/_runs.html" if _partial(request) else "training/runs.html"
     return render(request, template, context)
 
@@ -67,6 +70,8 @@ def run_create(request, slug):
                 expected = {int: "an integer", float: "a number"}.get(kind, "text")
                 messages.error(request, f"{name} must be {expected} (got {raw!r}).")
                 return redirect("training:run-list", slug=slug)
+    if request.POST.get("quick"):
+        config["quick"] = True
     try:
         config.update(parse_more_options(request.POST.get("more", "")))
     except ValueError as exc:
@@ -97,6 +102,31 @@ def version_list(request, slug):
     context = {"project": project, "versions": versions, "polling": polling, "heads": heads}
     template = "training/_versions.html" if _partial(request) else "training/versions.html"
     return render(request, template, context)
+
+
+@staff_required
+def version_detail(request, slug, number):
+    """The model page: what a version scores on val and test, per class, where it errs, how well it is
+    calibrated, how it was trained, and its files."""
+    project = current_project(request, slug)
+    version = get_object_or_404(
+        ModelVersion.objects.select_related("run__dataset_version", "promoted_by"), project=project, number=number
+    )
+    context = {"project": project, "version": version, **selectors.model_version_evaluation(version=version)}
+    return render(request, "training/version_detail.html", context)
+
+
+@staff_required
+def version_file(request, slug, number, name):
+    """One of a version's artifact files, by allow-listed name only (selectors.model_version_file_names)."""
+    project = current_project(request, slug)
+    version = get_object_or_404(ModelVersion, project=project, number=number)
+    found = selectors.model_version_file(version=version, name=name)
+    if found is None:
+        raise Http404("No such file.")
+    path, content_type, attachment = found
+    filename = f"{project.slug}-v{version.number}-{name}" if attachment else name
+    return FileResponse(path.open("rb"), content_type=content_type, as_attachment=attachment, filename=filename)
 
 
 @staff_required

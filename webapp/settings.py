@@ -116,6 +116,8 @@ STATIC_ROOT.mkdir(parents=True, exist_ok=True)
 MEDIA_ROOT = Path(env.str("MEDIA_ROOT", default=str(VAR_DIR / "media")))
 MEDIA_URL = "/media/"
 ARTIFACT_ROOT = Path(env.str("ARTIFACT_ROOT", default=str(VAR_DIR / "artifacts")))
+# Frozen-backbone features per (image sha256, backbone weights, preprocessing): quick retrains, quick out-of-fold
+LOUPE_FEATURE_CACHE = Path(env.str("LOUPE_FEATURE_CACHE", default=str(VAR_DIR / "feature-cache")))
 # Folders the admin import page may read from (the CLI takes any folder it is given).
 IMPORT_ROOTS = [Path(p) for p in env.list("IMPORT_ROOTS", default=[str(VAR_DIR / "import")])]
 LOUPE_EXPORT_ROOT = Path(env.str("LOUPE_EXPORT_ROOT", default=str(VAR_DIR / "exports")))

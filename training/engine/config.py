@@ -108,6 +108,11 @@ DEFAULT_CONFIG: dict[str, Any] = {
     # embeddings against a Faiss gallery of the train split (one extra pass over the train images).
     "eval_report": True,
     "eval_retrieval": True,
+    # Quick retrain (training/engine/quick.py): true = train only the heads, for `quick_epochs` epochs, on cached
+    # features of the frozen pretrained backbone (seconds once the feature cache is warm); needs pretrained
+    # weights that resolve. lr, weight_decay, label_smoothing, class weighting and early stopping apply.
+    "quick": False,
+    "quick_epochs": 60,
 }
 
 # Keys that only change how/where training runs, not what it computes: a checkpoint written with other values
@@ -141,6 +146,7 @@ INT_KEYS = (
     "accumulate_steps",
     "freeze_backbone_epochs",
     "checkpoint_every",
+    "quick_epochs",
 )
 FLOAT_KEYS = (
     "arcface_margin",
@@ -195,6 +201,13 @@ def _validate(cfg: dict[str, Any]) -> None:
         "an integer between 16 and 1024",
     )
     _check(_is_int(cfg["epochs"]) and 1 <= cfg["epochs"] <= 10_000, "epochs", cfg["epochs"], "an integer >= 1")
+    _check(isinstance(cfg["quick"], bool), "quick", cfg["quick"], "true or false")
+    _check(
+        _is_int(cfg["quick_epochs"]) and 1 <= cfg["quick_epochs"] <= 10_000,
+        "quick_epochs",
+        cfg["quick_epochs"],
+        "an integer >= 1",
+    )
     _check(
         _is_int(cfg["batch_size"]) and 1 <= cfg["batch_size"] <= 4096,
         "batch_size",

@@ -56,6 +56,10 @@ class LoupeNet(nn.Module):
         feats = self.backbone(x)
         if feats.ndim > 2:  # defensive: some backbones may return unpooled maps
             feats = feats.flatten(2).mean(-1)
+        return self.heads_forward(feats)
+
+    def heads_forward(self, feats: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """forward() after the backbone: pooled features (N, D) -> (logits per head, embedding features)."""
         if self.arcface_head is None:
             return [head(feats) for head in self.heads], feats
         emb = self.neck(feats)

@@ -4,7 +4,10 @@ probabilities): group-aware K-fold cross-validation over the train + val items �
 Each fold trains a fresh model on the other folds (with k >= 3 one further fold is held out of training for
 best-epoch selection; the predicted fold is never seen, not even for model selection) and predicts the held-out fold.
 Mode "full" uses the given config; mode "cheap" trains each fold for `cheap_epoch_fraction` of the epochs
-(default 0.3, at least 1) — about 3x cheaper, with somewhat noisier probabilities.
+(default 0.3, at least 1) — about 3x cheaper, with somewhat noisier probabilities. Mode "quick" trains only the
+heads of each fold (quick.train_heads) on cached features of the frozen pretrained backbone (features.py): the
+features are computed once (or read from the cache), then K head fits take seconds; it needs pretrained weights
+that resolve (quick.NoPretrainedBackbone otherwise).
 
 Output in out_dir: oof_predictions.npz (ids, fold, probs_<head>, targets_<head>) and oof_meta.json."""
 
@@ -25,7 +28,7 @@ from .manifest import IGNORE_INDEX, parse_manifest
 
 log = logging.getLogger("training.engine")
 
-MODES = ("full", "cheap")
+MODES = ("full", "cheap", "quick")
 
 
 def group_folds(items: list[dict], k: int, *, seed: int = 0) -> list[int]:
@@ -111,10 +114,12 @@ def out_of_fold_predictions(
     mode: str = "full",
     cheap_epoch_fraction: float = 0.3,
     progress: Callable[[dict], None] | None = None,
+    cache_dir: str | Path | None = None,
 ) -> dict:
     """Train k fold models and return {"k", "mode", "n", "heads": {head: {"top1", "n"}}, "path"}; files in out_dir.
 
-    Unreadable images get NaN rows. Items of split "test" are left out entirely."""
+    Unreadable images get NaN rows. Items of split "test" are left out entirely. cache_dir: the feature cache of
+    mode "quick" (default out_dir/feature-cache)."""
     from . import resolve_config, train_model  # noqa: PLC0415
 
     if mode not in MODES:
@@ -135,7 +140,13 @@ def out_of_fold_predictions(
     probs = {h["name"]: np.full((len(items), len(h["classes"])), np.nan, dtype=np.float32) for h in heads}
     t0 = time.monotonic()
     fold_metrics = []
-    for f in range(k):
+    cache_stats = None
+    if mode == "quick":
+        Y = np.array([targets[(it.get("id"), it["path"])] for it in items], dtype=np.int64).reshape(len(items), -1)
+        cache_stats = _quick_folds(
+            items, Y, folds, heads, cfg, k, probs, fold_metrics, cache_dir or out_dir / "feature-cache", progress, t0
+        )
+    for f in range(k if mode != "quick" else 0):
         sel = (f + 1) % k if k >= 3 else -1  # held out of training, used only to pick the best epoch
         fold_manifest = {
             "heads": manifest["heads"],
@@ -178,7 +189,8 @@ def out_of_fold_predictions(
     meta = {
         "k": k,
         "mode": mode,
-        "epochs_per_fold": cfg["epochs"],
+        "epochs_per_fold": cfg["quick_epochs"] if mode == "quick" else cfg["epochs"],
+        **({"cache": cache_stats} if cache_stats else {}),
         "n": len(items),
         "heads": {h["name"]: {"classes": h["classes"], **summary_heads[h["name"]]} for h in heads},
         "folds": fold_metrics,
@@ -188,3 +200,34 @@ def out_of_fold_predictions(
     tmp_meta.write_text(json.dumps(meta, indent=1))
     os.replace(tmp_meta, out_dir / "oof_meta.json")
     return {"k": k, "mode": mode, "n": len(items), "heads": summary_heads, "path": str(out_dir / "oof_predictions.npz")}
+
+
+def _quick_folds(items, Y, folds, heads, cfg, k, probs, fold_metrics, cache_dir, progress, t0) -> dict:
+    """Mode "quick": one feature pass (cached), then per fold the heads trained on the other folds (best epoch on
+    the selection fold) predict the held-out fold. Fills probs and fold_metrics; returns the cache stats."""
+    from .features import cached_features  # noqa: PLC0415
+    from .model import backbone_stats  # noqa: PLC0415
+    from .quick import heads_predict, resolve_pretrained_backbone, train_heads  # noqa: PLC0415
+
+    backbone, _weights = resolve_pretrained_backbone(cfg)
+    _dim, mean, std = backbone_stats(backbone, cfg["image_size"])
+    feats = cached_features(items, cfg, cache_dir, backbone=backbone, mean=mean, std=std)
+    X, ok = feats.X, feats.ok
+    for f in range(k):
+        sel = (f + 1) % k if k >= 3 else -1
+        tr = ok & (folds != f) & (folds != sel)
+        va = ok & (folds == sel)
+        held = np.flatnonzero(ok & (folds == f))
+        fit = train_heads(X[tr], Y[tr], X[va], Y[va], heads, cfg)
+        if held.size:
+            p, _emb = heads_predict(fit["model"], X[held])
+            for j, h in enumerate(heads):
+                probs[h["name"]][held] = p[j]
+        fold_metrics.append(
+            {"fold": f, "n_heldout": int((folds == f).sum()), "val_primary": fit["best"]["result"]["primary"]}
+        )
+        if progress is not None:
+            progress(
+                {"phase": "oof", "fold": f + 1, "folds": k, "eta_s": (time.monotonic() - t0) / (f + 1) * (k - f - 1)}
+            )
+    return feats.stats

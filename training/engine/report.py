@@ -5,6 +5,7 @@ no Django, no torch).
     retrieval_report(gallery_emb, gallery_labels, query_emb, query_labels) -> dict   Recall@k and mAP (faiss)
     plot_confusion(confusion, classes, path)                    PNG (row-normalised)
     plot_curves(history, path)                                  PNG (losses, per-head val top-1, lr)
+    plot_reliability(reliability, path)                         PNG (accuracy per confidence bin, before/after T)
     write_report_md(path, metrics=..., heads=..., retrieval=..., images=..., config=...)   report.md
 
 Every returned dict holds only Python ints/floats/str/None/lists/dicts (json.dumps(..., allow_nan=False) works);
@@ -425,6 +426,36 @@ def plot_confusion(confusion, classes: list[str], path, *, max_classes: int = 40
                     )
     full_title = " - ".join(s for s in (title, subtitle) if s) or "confusion matrix (row-normalised)"
     ax.set_title(full_title, fontsize=10)
+    fig.tight_layout()
+    _save_png(fig, path)
+
+
+def plot_reliability(reliability: dict, path, *, title: str = "") -> None:
+    """PNG reliability diagram of one head: accuracy per confidence bin against the diagonal, before and after
+    temperature scaling. `reliability`: {"before"/"after": {"edges", "count", "confidence", "accuracy", "ece"}}
+    (inference.calibration.reliability_bins)."""
+    fig = _new_figure(5.0, 5.0)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot([0, 1], [0, 1], color="0.6", linestyle="--", linewidth=1, label="perfectly calibrated")
+    for key, colour, label in (("before", "tab:orange", "raw softmax"), ("after", "tab:blue", "temperature-scaled")):
+        bins = reliability.get(key)
+        if not bins:
+            continue
+        edges = np.asarray(bins["edges"], dtype=np.float64)
+        acc = [a if a is not None else np.nan for a in bins["accuracy"]]
+        width = float(edges[1] - edges[0])
+        if key == "after":
+            ax.bar(edges[:-1], acc, width=width, align="edge", color=colour, alpha=0.35, edgecolor=colour)
+        conf = [c if c is not None else np.nan for c in bins["confidence"]]
+        ece = bins.get("ece")
+        ece_text = f", ECE {ece:.3f}" if ece is not None else ""
+        ax.plot(conf, acc, marker="o", color=colour, linewidth=1.5, label=f"{label}{ece_text}")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (top-1)")
+    ax.set_ylabel("accuracy")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title(" - ".join(s for s in (title, "reliability on val") if s), fontsize=10)
     fig.tight_layout()
     _save_png(fig, path)
 

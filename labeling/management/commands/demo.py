@@ -26,6 +26,12 @@ DEMO_TRAIN_CONFIG = {
     "epochs": 30,
     "image_size": 96,
     "lr": 3e-3,
+    # The preset's fine-tuning phases are for pretrained backbones; from random init the whole network trains
+    # from the first epoch, every epoch (measured: with them, part top-1 fell from 0.47 to 0.18).
+    "freeze_backbone_epochs": 0,
+    "unfreeze_lr_mult": 1.0,
+    "warmup_epochs": 1.0,
+    "early_stopping": {"metric": "primary", "patience": None},
 }
 
 

@@ -11,14 +11,19 @@ class Command(BaseCommand):
         "Group-aware K-fold cross-validation on the frozen dataset of a model version (default: the active one): "
         "every labeled train/val image gets predicted probabilities from a model that never saw it (the test split "
         "is left out). Writes <artifact>/oof/oof_predictions.npz and oof_meta.json. --mode cheap trains each fold "
-        "for 30 percent of the epochs."
+        "for 30 percent of the epochs; --mode quick trains only heads on cached frozen-backbone features."
     )
 
     def add_arguments(self, parser):
         parser.add_argument("project", help="project slug")
         parser.add_argument("--model-version", type=int, help="model version number (default: the active one)")
         parser.add_argument("--k", type=int, default=5, help="folds (default 5)")
-        parser.add_argument("--mode", choices=["full", "cheap"], default="cheap")
+        parser.add_argument(
+            "--mode",
+            choices=["auto", "quick", "full", "cheap"],
+            default="auto",
+            help="auto (default): quick (heads on cached frozen features) when the backbone is pretrained, else cheap",
+        )
 
     def handle(self, *args, **opts):
         project = Project.objects.filter(slug=opts["project"]).first()

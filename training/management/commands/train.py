@@ -40,18 +40,29 @@ class Command(BaseCommand):
             help="continue an interrupted or failed run from its latest checkpoint instead of starting a new one",
         )
         parser.add_argument("--fresh", action="store_true", help="with --run: ignore its checkpoints, start over")
+        parser.add_argument(
+            "--quick",
+            action="store_true",
+            help="quick retrain: only the heads, on cached features of the frozen pretrained backbone (seconds once "
+            "the feature cache is warm); same as --set quick=true",
+        )
 
     def handle(self, *args, **opts):
         project = Project.objects.filter(slug=opts["project"]).first()
         if project is None:
             raise CommandError(f"No project {opts['project']!r}.")
+        if opts["quick"] and opts["run"]:
+            raise CommandError("--quick starts a new run; --run ID continues one with its own config.")
         if opts["fresh"] and not opts["run"]:
             raise CommandError("--fresh only applies with --run ID (a new run always starts fresh).")
         try:
             if opts["run"]:
                 run = services.training_run_reopen(project=project, run_id=opts["run"])
             else:
-                run = services.training_run_create(project=project, config=parse_set(opts["set"]), queue=False)
+                config = parse_set(opts["set"])
+                if opts["quick"]:
+                    config["quick"] = True
+                run = services.training_run_create(project=project, config=config, queue=False)
         except services.TrainingError as exc:
             raise CommandError(str(exc)) from exc
         self.stdout.write(f"Training run {run.id} for {project.slug}…")
