@@ -36,18 +36,24 @@ def main() -> None:
     run("migrate", "migrate", "--noinput")
     run("generate_and_import", "demo")
     (var / "log").mkdir(exist_ok=True)
-    worker = subprocess.Popen(
-        [py, "-m", "celery", "-A", "webapp", "worker", "-Q", "default,gpu", "-c", "1", "-l", "warning"],
-        cwd=ROOT,
-        env=env,
-        stdout=open(var / "log" / "worker.log", "w"),
-        stderr=subprocess.STDOUT,
-    )
+    workers = [  # as `make demo`: queue default (with beat) and queue gpu
+        subprocess.Popen(
+            [py, "-m", "celery", "-A", "webapp", "worker", "-Q", queue, "-c", "1", "-n", f"{queue}@%h", "-l", "warning"]
+            + (["-B", "-s", str(var / "celerybeat-schedule")] if queue == "default" else []),
+            cwd=ROOT,
+            env=env,
+            stdout=open(var / "log" / f"{queue}-worker.log", "w"),
+            stderr=subprocess.STDOUT,
+        )
+        for queue in ("default", "gpu")
+    ]
     try:
         run("train_index_promote", "demo", "--train")
     finally:
-        worker.terminate()
-        worker.wait(30)
+        for worker in workers:
+            worker.terminate()
+        for worker in workers:
+            worker.wait(30)
     t = time.monotonic()
     code = (
         "import django, base64, json, sys; django.setup();"
@@ -75,9 +81,14 @@ def main() -> None:
     manifest = json.loads((run_dir / "manifest.json").read_text())
     config = json.loads((run_dir / "config.json").read_text())
     from training.engine import train_model
+    from training.engine.quick import train_quick
 
     t = time.monotonic()
-    metrics = train_model(manifest, config, Path(tempfile.mkdtemp(prefix="loupe-bench-engine-")))
+    out = Path(tempfile.mkdtemp(prefix="loupe-bench-engine-"))
+    if config.get("quick"):  # from a cold feature cache, as the demo's first run
+        metrics = train_quick(manifest, config, out, cache_dir=out / "feature-cache")
+    else:
+        metrics = train_model(manifest, config, out)
     engine_s = time.monotonic() - t
     demo_metrics = json.loads((run_dir / "metrics.json").read_text())
 
@@ -85,14 +96,14 @@ def main() -> None:
         "demo_to_served_model_s": metric(
             total,
             "s",
-            "engine-only train_model on the same manifest",
+            "the engine alone (train_quick from a cold cache, or train_model) on the same manifest and config",
             engine_s,
-            target="a few minutes on CPU",
-            met=total < 600,
+            target="<= 240 s (issue 15)",
+            met=total <= 240,
         ),
     }
     for name, seconds in steps.items():
-        results[f"step_{name}_s"] = metric(seconds, "s", "engine-only train_model", engine_s)
+        results[f"step_{name}_s"] = metric(seconds, "s", "the engine alone, same manifest and config", engine_s)
     per_head = ", ".join(f"{h} {m['top1']:.3f}" for h, m in demo_metrics["heads"].items())
     notes = (
         f"venv install excluded (cached). Demo model v{answer['model_version']}: mean val top-1 "
