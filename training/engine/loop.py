@@ -115,6 +115,42 @@ def _atomic_write_bytes_via(path: Path, writer: Callable[[Path], None]) -> None:
             tmp.unlink()
 
 
+def write_head_reports(
+    metrics: dict, heads: list[dict], logits: list[np.ndarray], targets: np.ndarray, out_dir: Path
+) -> tuple[dict[str, str], dict[str, dict]]:
+    """Per head (logits[h]: (N, K_h) on the evaluated split, targets: (N, H) with IGNORE_INDEX for unknown): the
+    classification report into metrics["heads"][name] (per class, macro, most confused), confusion_<head>.png and
+    .json; then curves.png. Returns ({caption: picture file}, {head: classification report}) for report.md.
+    Shared by the full training loop and the quick (heads-only) retrain."""
+    from . import report  # noqa: PLC0415 - matplotlib only when a report is written
+
+    images: dict[str, str] = {}
+    head_reports: dict[str, dict] = {}
+    for h, head in enumerate(heads):
+        name = head["name"]
+        rep = report.classification_report(logits[h], targets[:, h], head["classes"])
+        head_reports[name] = rep
+        m = metrics["heads"][name]
+        m["per_class"] = {
+            c: {k: v[k] for k in ("n", "correct", "accuracy", "precision", "recall", "f1")}
+            for c, v in rep["per_class"].items()
+            if v["n"]
+        }
+        m["macro"] = rep.get("macro")
+        m["most_confused"] = rep["most_confused"]
+        png = f"confusion_{name}.png"
+        report.plot_confusion(rep["confusion"], head["classes"], out_dir / png, title=name)
+        images[f"{name} confusion"] = png
+        write_json_atomic(out_dir / f"confusion_{name}.json", {"classes": head["classes"], "matrix": rep["confusion"]})
+    report.plot_curves(
+        metrics["history"],
+        out_dir / "curves.png",
+        evaluated_on="train (optimistic)" if metrics.get("metrics_on") == "train" else "val",
+    )
+    images["curves"] = "curves.png"
+    return images, head_reports
+
+
 def write_json_atomic(path: Path, data) -> None:
     text = json.dumps(_clean(data), indent=1, allow_nan=False)
     _atomic_write_bytes_via(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
@@ -1080,30 +1116,7 @@ def _final_report(model, parsed, cfg, out_dir, metrics, eval_loader, eval_items,
 
     heads = parsed.heads
     logits, targets, emb = _predict_all(model, eval_loader, device, autocast_ctx, mean, std, len(eval_items), heads)
-    images = {}
-    head_reports = {}
-    for h, head in enumerate(heads):
-        name = head["name"]
-        rep = report.classification_report(logits[h], targets[:, h], head["classes"])
-        head_reports[name] = rep
-        m = metrics["heads"][name]
-        m["per_class"] = {
-            c: {k: v[k] for k in ("n", "correct", "accuracy", "precision", "recall", "f1")}
-            for c, v in rep["per_class"].items()
-            if v["n"]
-        }
-        m["macro"] = rep.get("macro")
-        m["most_confused"] = rep["most_confused"]
-        png = f"confusion_{name}.png"
-        report.plot_confusion(rep["confusion"], head["classes"], out_dir / png, title=name)
-        images[f"{name} confusion"] = png
-        write_json_atomic(out_dir / f"confusion_{name}.json", {"classes": head["classes"], "matrix": rep["confusion"]})
-    report.plot_curves(
-        metrics["history"],
-        out_dir / "curves.png",
-        evaluated_on="train (optimistic)" if metrics.get("metrics_on") == "train" else "val",
-    )
-    images["curves"] = "curves.png"
+    images, head_reports = write_head_reports(metrics, heads, logits, targets, out_dir)
     retrieval = None
     if cfg["eval_retrieval"] and parsed.val and emb is not None:
         gallery_ds = ManifestDataset(parsed.train, eval_transform(cfg["image_size"]), draft_size(cfg["image_size"]))

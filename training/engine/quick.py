@@ -41,6 +41,7 @@ from .loop import (
     _with_per_class,
     class_weights,
     seed_everything,
+    write_head_reports,
     write_json_atomic,
 )
 from .manifest import IGNORE_INDEX, parse_manifest
@@ -414,29 +415,9 @@ def _report(heads_model, parsed, cfg, out_dir: Path, metrics: dict, X, Y, tr, va
         logits, emb = heads_model(torch.from_numpy(X[ev]))
     emb = F.normalize(emb.float(), dim=1).numpy()
     targets = Y[ev]
-    images, head_reports = {}, {}
-    for h, head in enumerate(parsed.heads):
-        name = head["name"]
-        rep = report.classification_report(logits[h].float().numpy(), targets[:, h], head["classes"])
-        head_reports[name] = rep
-        m = metrics["heads"][name]
-        m["per_class"] = {
-            c: {k: v[k] for k in ("n", "correct", "accuracy", "precision", "recall", "f1")}
-            for c, v in rep["per_class"].items()
-            if v["n"]
-        }
-        m["macro"] = rep.get("macro")
-        m["most_confused"] = rep["most_confused"]
-        png = f"confusion_{name}.png"
-        report.plot_confusion(rep["confusion"], head["classes"], out_dir / png, title=name)
-        images[f"{name} confusion"] = png
-        write_json_atomic(out_dir / f"confusion_{name}.json", {"classes": head["classes"], "matrix": rep["confusion"]})
-    report.plot_curves(
-        metrics["history"],
-        out_dir / "curves.png",
-        evaluated_on="train (optimistic)" if metrics.get("metrics_on") == "train" else "val",
+    images, head_reports = write_head_reports(
+        metrics, parsed.heads, [lg.float().numpy() for lg in logits], targets, out_dir
     )
-    images["curves"] = "curves.png"
     retrieval = None
     if cfg["eval_retrieval"] and va.any():
         with torch.inference_mode():
