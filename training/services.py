@@ -296,19 +296,30 @@ def _training_run_train(run: TrainingRun, out_dir: Path, *, inline: bool, fresh:
     return run
 
 
+def _predict_items(rec, items: list[dict]):
+    """predict_paths for a version's items; for a quick retrain (its backbone is the pretrained one, frozen) through
+    the feature cache its training filled, so calibration, the test report and the index do not run every photo
+    through the backbone again."""
+    from inference.core import predict_items_cached, predict_paths
+
+    if rec.model is not None and (rec.config or {}).get("quick"):
+        return predict_items_cached(rec, items, settings.LOUPE_FEATURE_CACHE)
+    return predict_paths(rec, [it["path"] for it in items])
+
+
 def _calibrate(out_dir: Path, manifest: dict) -> dict:
     """Temperature, suggested thresholds and retrieval rejection per head, fitted on the validation split with
     the train split as gallery (inference.calibration); written as calibration.json."""
     from inference.calibration import calibrate, write_calibration
-    from inference.core import Recognizer, predict_paths
+    from inference.core import Recognizer
 
     val = [it for it in manifest["items"] if it["split"] == "val"]
     train = [it for it in manifest["items"] if it["split"] == "train"]
     if not val:
         return {}
     rec = Recognizer.load(out_dir)
-    v_probs, v_emb, v_ok = predict_paths(rec, [it["path"] for it in val])
-    _g_probs, g_emb, g_ok = predict_paths(rec, [it["path"] for it in train])
+    v_probs, v_emb, v_ok = _predict_items(rec, val)
+    _g_probs, g_emb, g_ok = _predict_items(rec, train)
     val = [it for it, ok in zip(val, v_ok, strict=True) if ok]
     train = [it for it, ok in zip(train, g_ok, strict=True) if ok]
     # The index build at promote embeds the same train images with the same model: keep them for it.
@@ -330,13 +341,13 @@ def _calibrate(out_dir: Path, manifest: dict) -> dict:
 def _test_split_report(out_dir: Path, manifest: dict) -> dict:
     """Accuracy of the trained model on the frozen test split: reported, never trained on or used to pick an
     epoch (the engine does not read test items)."""
-    from inference.core import Recognizer, predict_paths, split_accuracy
+    from inference.core import Recognizer, split_accuracy
 
     items = [it for it in manifest["items"] if it["split"] == "test"]
     if not items:
         return {}
     rec = Recognizer.load(out_dir)
-    predicted = predict_paths(rec, [it["path"] for it in items])
+    predicted = _predict_items(rec, items)
     report = split_accuracy(rec, items, predicted)
     _write_json(out_dir / "test_metrics.json", report)
     _probs, emb, ok = predicted

@@ -193,6 +193,17 @@ def test_train_command_quick_end_to_end(shapes_project, tmp_path, settings, caps
     version = run.model_version
     assert version.metrics["quick"] is True and version.metrics["cache"]["misses"] > 0
     assert version.is_active and version.index_status == "ready"
+    # Calibration and the test report of a quick version read the cache its training filled: they agree with
+    # a full pass of every photo through the model.
+    from inference.core import Recognizer, predict_paths
+
+    assert "temperature" in version.metrics["calibration"] and version.metrics["test"]["heads"]
+    rec = Recognizer.load(run.artifact_dir)
+    items = [it for it in json.loads((Path(run.artifact_dir) / "manifest.json").read_text())["items"]]
+    cached = services._predict_items(rec, items)
+    direct = predict_paths(rec, [it["path"] for it in items])
+    for head in rec.heads:
+        np.testing.assert_allclose(cached[0][head], direct[0][head], atol=1e-4)
     manifest = json.loads((Path(run.artifact_dir) / "manifest.json").read_text())
     assert all(len(it["sha256"]) == 64 for it in manifest["items"])
     # The mislabel queue's out-of-fold predictions of a pretrained version are quick (warm cache).
