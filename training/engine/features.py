@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -108,14 +107,10 @@ def model_key(backbone_name: str, fingerprint: str, prep: dict) -> tuple[str, di
 
 
 def _write_atomic(path: Path, writer: Callable[[Path], None]) -> None:
+    from .loop import _atomic_write_bytes_via  # noqa: PLC0415 - the engine's one temp-name + os.replace writer
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        writer(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    _atomic_write_bytes_via(path, writer)
 
 
 def _save_npy(path: Path, vec: np.ndarray) -> None:

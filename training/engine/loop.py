@@ -115,6 +115,26 @@ def _atomic_write_bytes_via(path: Path, writer: Callable[[Path], None]) -> None:
             tmp.unlink()
 
 
+def epoch_progress(
+    *, epoch: int, epochs: int, steps_per_epoch: int, train_loss, result: dict, metrics_on: str, eta_s: float
+) -> dict:
+    """The progress record of a finished epoch (what the TrainingRun row and the UI show), shared by the full loop
+    and the quick retrain."""
+    return {
+        "phase": "epoch",
+        "epoch": epoch,
+        "epochs": epochs,
+        "step": steps_per_epoch,
+        "steps_per_epoch": steps_per_epoch,
+        "loss": train_loss if train_loss is not None else 0.0,
+        "val_loss": result["loss"],
+        "metrics": {n: {"top1": m["top1"], "top5": m["top5"], "n_val": m["n_val"]} for n, m in result["heads"].items()},
+        "primary": result["primary"],
+        "metrics_on": metrics_on,
+        "eta_s": eta_s,
+    }
+
+
 def write_head_reports(
     metrics: dict, heads: list[dict], logits: list[np.ndarray], targets: np.ndarray, out_dir: Path
 ) -> tuple[dict[str, str], dict[str, dict]]:
@@ -990,20 +1010,15 @@ def _train(
         if progress is not None:
             progress(
                 {
-                    "phase": "epoch",
-                    "epoch": epoch,
-                    "epochs": epochs,
-                    "step": steps_per_epoch,
-                    "steps_per_epoch": steps_per_epoch,
-                    "loss": train_loss if train_loss is not None else 0.0,
-                    "val_loss": result["loss"],
-                    "metrics": {
-                        n: {"top1": m["top1"], "top5": m["top5"], "n_val": m["n_val"]}
-                        for n, m in result["heads"].items()
-                    },
-                    "primary": result["primary"],
-                    "metrics_on": metrics_on,
-                    "eta_s": 0.0 if stopped_early else eta(epoch, steps_per_epoch),
+                    **epoch_progress(
+                        epoch=epoch,
+                        epochs=epochs,
+                        steps_per_epoch=steps_per_epoch,
+                        train_loss=train_loss,
+                        result=result,
+                        metrics_on=metrics_on,
+                        eta_s=0.0 if stopped_early else eta(epoch, steps_per_epoch),
+                    ),
                     "pretrained": weights,
                 }
             )

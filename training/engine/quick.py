@@ -40,6 +40,7 @@ from .loop import (
     _metric_value,
     _with_per_class,
     class_weights,
+    epoch_progress,
     seed_everything,
     write_head_reports,
     write_json_atomic,
@@ -216,22 +217,15 @@ def train_heads(
         now = time.monotonic()
         if progress is not None and (stopped_early or epoch == epochs or now - last_progress >= PROGRESS_INTERVAL_S):
             progress(
-                {
-                    "phase": "epoch",
-                    "epoch": epoch,
-                    "epochs": epochs,
-                    "step": steps_per_epoch,
-                    "steps_per_epoch": steps_per_epoch,
-                    "loss": train_loss if train_loss is not None else 0.0,
-                    "val_loss": result["loss"],
-                    "metrics": {
-                        k: {"top1": m["top1"], "top5": m["top5"], "n_val": m["n_val"]}
-                        for k, m in result["heads"].items()
-                    },
-                    "primary": result["primary"],
-                    "metrics_on": metrics_on,
-                    "eta_s": 0.0 if stopped_early else (now - t0) / epoch * (epochs - epoch),
-                }
+                epoch_progress(
+                    epoch=epoch,
+                    epochs=epochs,
+                    steps_per_epoch=steps_per_epoch,
+                    train_loss=train_loss,
+                    result=result,
+                    metrics_on=metrics_on,
+                    eta_s=0.0 if stopped_early else (now - t0) / epoch * (epochs - epoch),
+                )
             )
             last_progress = now
         if stopped_early:
