@@ -87,7 +87,9 @@ bench-health: .venv/.dev
 	$(PY) -m bench.health
 
 # Training throughput (engine vs a bare timm loop) on a seeded subset of the grocery-store photos (read in place).
-# Real-data accuracy: plain single-head loop vs our multi-head softmax vs ArcFace + Faiss, same CPU budget per arm.
+# Real-data accuracy (grocery-store fine + coarse, clothing-small; read in place), same CPU budget per arm
+# (LOUPE_BENCH_BUDGET_S, default 600; ~50 min in all): from scratch vs linear probe on frozen pretrained features vs
+# quick retrain vs full fine-tune (sku preset). LOUPE_BENCH_LIMIT=N: a smoke run on N items per split, writes nothing.
 bench-accuracy: .venv/.dev
 	$(PY) -m bench.train_accuracy
 

@@ -12,6 +12,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
@@ -533,6 +534,7 @@ def train_model(
     progress: Callable[[dict], None] | None = None,
     resume: bool = True,
     fresh: bool = False,
+    cache_dir=None,
 ) -> dict:
     """Train on the manifest's "train" items, select the best epoch on "val", write the artifacts into
     out_dir (model.pt, label_maps.json, metrics.json, config.json, each atomically) and return the metrics.
@@ -545,7 +547,13 @@ def train_model(
     resume (default): continue from out_dir/checkpoints/latest.pt when it was written for the same manifest
     and config (runtime-only keys such as num_workers or device may differ); a mismatching checkpoint is
     ignored with a warning. The resumed run ends in the same state as an uninterrupted one. fresh=True deletes
-    existing checkpoints and starts from scratch; resume=False starts from scratch without reading them."""
+    existing checkpoints and starts from scratch; resume=False starts from scratch without reading them.
+
+    cache_dir (a feature cache folder, features.py): when phase 1 freezes the whole pretrained backbone
+    (freeze_backbone_epochs > 0, freeze_fraction 1.0, weights not "none"), phase 1 is the quick retrain's
+    train_heads on cached features of the train split (best epoch on val) instead of freeze_backbone_epochs
+    epochs of backbone passes over augmented photos; training then goes on with phase 2 at epoch
+    freeze_backbone_epochs + 1 (metrics["phase1"] says so). Without it, phase 1 trains on the photos."""
     t_start = time.monotonic()
     cfg = resolve_config(config)
     parsed = parse_manifest(manifest)
@@ -570,8 +578,23 @@ def train_model(
         torch.backends.cudnn.benchmark = True
     try:
         sources = manifest_train_sources(manifest)
+        feature_items = None
+        if cache_dir is not None:  # manifest dicts keep their "sha256" (the cache key without re-hashing the file)
+            by_key = {(it.get("id"), it["path"]): it for it in manifest["items"]}
+            feature_items = [by_key.get((it.id, it.path), {"path": it.path}) for it in parsed.train + parsed.val]
         return _train(
-            parsed, cfg, out_dir, device, num_workers, progress, t_start, resume=resume, fresh=fresh, sources=sources
+            parsed,
+            cfg,
+            out_dir,
+            device,
+            num_workers,
+            progress,
+            t_start,
+            resume=resume,
+            fresh=fresh,
+            sources=sources,
+            cache_dir=cache_dir,
+            feature_items=feature_items,
         )
     finally:
         torch.set_num_threads(prev_threads)
@@ -595,6 +618,8 @@ def _train(
     resume,
     fresh,
     sources: list[str] | None = None,
+    cache_dir=None,
+    feature_items: list[dict] | None = None,
 ) -> dict:
     head_names = parsed.head_names
     head_sizes = [len(h["classes"]) for h in parsed.heads]
@@ -711,6 +736,7 @@ def _train(
     trained_samples_total = 0
     start_epoch = 1
     resumed_from = None
+    phase1 = None  # {"on": "feature-cache", ...} when phase 1 trained the heads on cached features
     rng_snapshot = None  # RNG states to restore at the next epoch's start
     ckpt_dir = out_dir / CHECKPOINT_DIR
     fingerprint = checkpoint_fingerprint(parsed, cfg)
@@ -748,6 +774,7 @@ def _train(
         skipped.update(ckpt["skipped"])
         t_start -= ckpt["elapsed_s"]
         rng_snapshot = ckpt["rng"]
+        phase1 = ckpt.get("phase1")
         resumed_from = ckpt["epoch"]
         start_epoch = resumed_from + 1
         if stopped_early == "time_limit" and (
@@ -809,6 +836,7 @@ def _train(
             "skipped": dict(skipped),
             "elapsed_s": time.monotonic() - t_start,
             "rng": rng_snapshot,
+            "phase1": phase1,
         }
         latest = ckpt_dir / "latest.pt"
         _atomic_write_bytes_via(latest, lambda tmp: torch.save(state, tmp))
@@ -854,6 +882,139 @@ def _train(
         amp_name,
         device,
     )
+    whole_backbone = len(freezable) == sum(1 for _ in model.backbone.parameters())
+    if (
+        cache_dir is not None
+        and freeze_epochs > 0
+        and whole_backbone
+        and info["pretrained_source"] != "none"
+        and start_epoch == 1
+        and not stopped_early
+    ):
+        # Phase 1 on cached features: the frozen backbone's features do not change during phase 1, so the heads
+        # train on them (seconds once the cache is warm) instead of freeze_epochs epochs of backbone passes.
+        from .features import cached_features  # noqa: PLC0415 - quick/features import this module
+        from .quick import train_heads  # noqa: PLC0415
+
+        t_p1 = time.monotonic()
+
+        def feature_progress(p: dict) -> None:
+            if progress is not None:
+                progress(
+                    {
+                        "phase": "features",
+                        "epoch": 0,
+                        "epochs": epochs,
+                        "step": p["done"],
+                        "steps_per_epoch": p["total"],
+                        "loss": None,
+                        "eta_s": p["eta_s"],
+                        "pretrained": weights,
+                    }
+                )
+
+        feats = cached_features(feature_items, cfg, cache_dir, progress=feature_progress)
+        p1_items = parsed.train + parsed.val
+        Y = np.array([it.targets for it in p1_items], dtype=np.int64).reshape(len(p1_items), len(head_names))
+        is_train = np.arange(len(p1_items)) < n_train
+        tr, va = feats.ok & is_train, feats.ok & ~is_train
+        for it, ok in zip(p1_items, feats.ok, strict=True):
+            if not ok and it.path not in skipped:
+                skipped[it.path] = "cannot be read (feature cache)"
+                log.warning("skipping unreadable image %s", it.path)
+        if not tr.any():
+            first = next(iter(skipped.items()), None)
+            raise ValueError(
+                f"none of the {n_train} train images could be read"
+                + (f" (e.g. {first[0]}: {first[1]})" if first else "")
+            )
+        # The ArcFace margin stays at its warm-up value for all of phase 1, as on the photos.
+        fit = train_heads(
+            feats.X[tr],
+            Y[tr],
+            feats.X[va],
+            Y[va],
+            parsed.heads,
+            {**cfg, "arcface_margin": cfg["arcface_warmup_margin"]},
+        )
+        missing, unexpected = model.load_state_dict(fit["state_dict"], strict=False)
+        if unexpected or any(not k.startswith("backbone.") for k in missing):
+            raise RuntimeError(f"phase-1 heads do not fit the model: missing {missing}, unexpected {unexpected}")
+        trained_samples_total += int(tr.sum()) * len(fit["history"])
+        result = fit["best"]["result"]
+        value = _metric_value(result, metric)
+        phase1 = {
+            "on": "feature-cache",
+            "seconds": round(time.monotonic() - t_p1, 3),
+            "epochs": len(fit["history"]),
+            "best_epoch": fit["best"]["epoch"],
+            "replaces_epochs": freeze_epochs,
+            "cache": {k: feats.stats[k] for k in ("hits", "misses", "failed", "seconds")},
+        }
+        best_fit = fit["history"][fit["best"]["epoch"] - 1]
+        history.append(
+            {
+                "epoch": freeze_epochs,
+                "train_loss": best_fit["train_loss"],
+                "val_loss": result["loss"],
+                "heads": {
+                    n: {k: v for k, v in m.items() if k != "per_class_counts"} for n, m in result["heads"].items()
+                },
+                "primary": result["primary"],
+                "lr": cfg["lr"],
+                "lrs": {"heads": cfg["lr"]},
+                "backbone_frozen": True,
+                "arcface_margin": best_fit["arcface_margin"],
+                "seconds": phase1["seconds"],
+                "steps": sum(h["steps"] for h in fit["history"]),
+                "phase1": "feature-cache",
+            }
+        )
+        best = {"epoch": freeze_epochs, "value": value, "loss": result["loss"], "result": result}
+        best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        # Phase 2 starts where it would after phase 1 on the photos: the lr schedule moves past phase 1's steps.
+        if sched_when == "step":
+            with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": no step was due
+                warnings.simplefilter("ignore", UserWarning)
+                for _ in range(freeze_epochs * opt_steps_per_epoch):
+                    scheduler.step()
+            optimizer_steps += freeze_epochs * opt_steps_per_epoch
+        elif sched_when == "epoch":
+            scheduler.step(value if value is not None else (math.inf if mode == "min" else -math.inf))
+        if max_s is not None and time.monotonic() - t_start > max_s:
+            stopped_early = "time_limit"
+            log.warning("max_train_seconds=%s reached during phase 1: stopping", max_s)
+        rng_snapshot = _rng_state(gen)
+        save_checkpoints(freeze_epochs, True)  # a resumed run starts with phase 2
+        start_epoch = freeze_epochs + 1
+        log.info(
+            "phase 1 on cached features: heads trained %d epochs (best %d, %s %s) in %.1fs, cache %d hits / %d "
+            "computed; continuing at epoch %d with the whole network",
+            phase1["epochs"],
+            phase1["best_epoch"],
+            metric,
+            _fmt(value),
+            phase1["seconds"],
+            feats.stats["hits"],
+            feats.stats["misses"],
+            start_epoch,
+        )
+        if progress is not None:
+            progress(
+                {
+                    **epoch_progress(
+                        epoch=freeze_epochs,
+                        epochs=epochs,
+                        steps_per_epoch=steps_per_epoch,
+                        train_loss=best_fit["train_loss"],
+                        result=result,
+                        metrics_on=metrics_on,
+                        eta_s=0.0 if stopped_early else eta(start_epoch, 0),
+                    ),
+                    "pretrained": weights,
+                }
+            )
+            last_progress = time.monotonic()
     epoch_range = range(start_epoch, epochs + 1) if not stopped_early else range(0)
     for epoch in epoch_range:
         if rng_snapshot is not None:
@@ -1054,6 +1215,8 @@ def _train(
     }
     if resumed_from is not None:
         metrics["resumed_from_epoch"] = resumed_from
+    if phase1 is not None:
+        metrics["phase1"] = phase1
     if cfg["eval_report"]:
         try:
             model.load_state_dict(best_state)
