@@ -22,6 +22,9 @@ def _isolated_files(settings, tmp_path):
     settings.LOUPE_TRAIN_OVERRIDES = {"pretrained": False}  # no hub downloads in tests (no network in CI)
     settings.LOUPE_MISLABEL_AFTER_TRAINING = False  # K fold trainings after every run: only where a test asks
     settings.LOUPE_UNCERTAIN_AFTER_PROMOTE = False  # re-ranking every unlabeled photo after each promote: likewise
+    # The health scan's similarity pass embeds every photo with a pretrained backbone: only where a test asks.
+    settings.LOUPE_SCAN_SIMILARITY = False
+    settings.LOUPE_FEATURE_CACHE = tmp_path / "feature-cache"
     (tmp_path / "import").mkdir()
     from django.core.cache import cache
 

@@ -19,9 +19,10 @@ from django.utils import timezone
 
 from webapp import jobs
 
-from . import health_core, storage
+from . import health_core, similarity, storage
 from .models import (
     DatasetAction,
+    DatasetVersionItem,
     DuplicateCluster,
     Head,
     HealthReport,
@@ -31,6 +32,7 @@ from .models import (
     LabelClass,
     LabelEvent,
     Project,
+    SimilarPair,
 )
 from .services import LabelingError
 
@@ -253,6 +255,11 @@ def _scan(report: HealthReport, progress: _Progress, *, workers: int | None) -> 
     DuplicateCluster.objects.bulk_create(rows[:MAX_CLUSTERS_STORED], batch_size=2000)
     progress("duplicates", len(ok), len(ok), force=True)
 
+    # 3b. Similar photos of one class (labeling/similarity.py): pairs the next freeze keeps in one split; pairs and
+    # near-duplicates that cross the splits of the latest version ("leaky splits").
+    sim_findings = _similar_pairs(report, project, ok, labels_of, progress)
+    leaky = _leaky_splits(report, project, rows)
+
     # 4. Classes: distribution per head, rare, dominant, imbalance, unknown-like and near-identical names.
     progress("classes", 0, 1, force=True)
     class_findings = _class_findings(project, params["min_samples"])
@@ -272,6 +279,8 @@ def _scan(report: HealthReport, progress: _Progress, *, workers: int | None) -> 
         "rare_classes": sum(len(h["rare"]) for h in class_findings.values()),
         "similar_names": sum(len(h["similar_names"]) for h in class_findings.values()),
         "unknown_like": sum(len(h["unknown_like"]) for h in class_findings.values()),
+        "similar_pairs": sim_findings.get("pairs", 0),
+        "leaky_pairs": leaky["pairs"] if leaky else None,
     }
     findings = {
         "files": file_issues,
@@ -279,8 +288,124 @@ def _scan(report: HealthReport, progress: _Progress, *, workers: int | None) -> 
         "classes": class_findings,
         "accuracy": accuracy,
         "clusters_truncated": max(0, len(rows) - MAX_CLUSTERS_STORED),
+        "similarity": sim_findings,
+        "leaky_splits": leaky,
     }
     return summary, findings
+
+
+def _similar_pairs(report: HealthReport, project: Project, ok: list[Image], labels_of, progress) -> dict:
+    """Embed the readable photos with the pretrained similarity backbone (through the feature cache), find the
+    leak pairs by the label of the project's folder head, and store them as SimilarPair rows of this report."""
+    from django.conf import settings  # noqa: PLC0415
+
+    from .versions import folder_head  # noqa: PLC0415 - versions reads these rows at freeze time
+
+    if not settings.LOUPE_SCAN_SIMILARITY:
+        return {"status": "off", "reason": "LOUPE_SCAN_SIMILARITY is off: freezes merge near-duplicates only"}
+    heads = list(project.heads.order_by("order", "id"))
+    if not heads or len(ok) < 2:
+        return {"status": "skipped", "reason": "fewer than two readable photos"}
+    t0 = time.monotonic()
+    # The engine's pure core (torch/timm only here): the same cached features the quick retrain reads.
+    from training.engine.config import resolve_config  # noqa: PLC0415
+    from training.engine.features import cached_features  # noqa: PLC0415
+    from training.engine.model import backbone_stats, create_backbone  # noqa: PLC0415
+
+    size = settings.LOUPE_SIMILARITY_IMAGE_SIZE
+    cfg = resolve_config({"backbone": settings.LOUPE_SIMILARITY_BACKBONE, "pretrained": True, "image_size": size})
+    backbone, weights = create_backbone(cfg["backbone"], image_size=size, pretrained=True)
+    base = {"backbone": cfg["backbone"], "image_size": size, "pretrained_source": weights["source"]}
+    if weights["source"] == "none":
+        return {
+            **base,
+            "status": "skipped",
+            "reason": f"no pretrained weights for {cfg['backbone']} ({weights['detail']}): freezes merge "
+            "near-duplicates only",
+        }
+    _dim, mean, std = backbone_stats(backbone, size)
+    items = [{"path": storage.local_path(im.file), "sha256": im.sha256} for im in ok]
+    progress("similarity", 0, len(items), force=True)
+    feats = cached_features(
+        items,
+        cfg,
+        settings.LOUPE_FEATURE_CACHE,
+        backbone=backbone,
+        mean=mean,
+        std=std,
+        progress=lambda p: progress("similarity", p["done"], p["total"]),
+    )
+    strat = folder_head(heads)
+    rows = [i for i in range(len(ok)) if feats.ok[i]]
+    found = similarity.leak_pairs(feats.X[rows], [labels_of.get(ok[i].id, {}).get(strat.id) for i in rows])
+    SimilarPair.objects.filter(report=report).delete()
+    SimilarPair.objects.bulk_create(
+        [
+            SimilarPair(report=report, image_a_id=ok[rows[a]].id, image_b_id=ok[rows[b]].id, similarity=float(s))
+            for (a, b), s in zip(found.pairs.tolist(), found.similarity.tolist(), strict=True)
+        ],
+        batch_size=5000,
+    )
+    progress("similarity", len(items), len(items), force=True)
+    return {
+        **base,
+        **found.stats,
+        "status": "done",
+        "head": strat.name,
+        "cache": {k: feats.stats[k] for k in ("hits", "misses", "failed")},
+        "seconds": round(time.monotonic() - t0, 1),
+    }
+
+
+LEAKY_EXAMPLES = 12
+
+
+def _leaky_splits(report: HealthReport, project: Project, clusters: list[DuplicateCluster]) -> dict | None:
+    """Pairs of this scan (similar photos of one class; near-duplicate clusters) whose photos sit in different
+    splits of the project's latest dataset version: counts per pair of splits, the val/test photos affected and the
+    most similar examples (what FiftyOne calls leaky splits). None without a dataset version."""
+    version = project.dataset_versions.order_by("-number").first()
+    if version is None:
+        return None
+    split_of = dict(DatasetVersionItem.objects.filter(version=version).values_list("image_id", "split"))
+    crossing = [
+        (a, b, sim, "similar")
+        for a, b, sim in SimilarPair.objects.filter(report=report).values_list("image_a_id", "image_b_id", "similarity")
+        if a in split_of and b in split_of and split_of[a] != split_of[b]
+    ]
+    for c in clusters:
+        by_split: dict[str, int] = {}
+        for i in c.image_ids:
+            if i in split_of:
+                by_split.setdefault(split_of[i], i)
+        firsts = sorted(by_split.values())
+        crossing += [(a, b, None, f"{c.kind} duplicate") for k, a in enumerate(firsts) for b in firsts[k + 1 :]]
+    order = {"train": 0, "val": 1, "test": 2}
+    by_splits: Counter = Counter()
+    affected: dict[str, set] = {"val": set(), "test": set()}
+    examples = []
+    for a, b, sim, kind in crossing:
+        sa, sb = sorted((split_of[a], split_of[b]), key=order.get)
+        by_splits[f"{sa}/{sb}"] += 1
+        for i in (a, b):
+            if split_of[i] in affected:
+                affected[split_of[i]].add(i)
+        examples.append(
+            {"a": a, "b": b, "split_a": split_of[a], "split_b": split_of[b], "similarity": sim, "kind": kind}
+        )
+    # Duplicates first, then the most similar pairs; pairs touching test before val.
+    examples.sort(
+        key=lambda e: (e["similarity"] is not None, -(e["similarity"] or 0), "test" not in (e["split_a"], e["split_b"]))
+    )
+    eval_n = {s: sum(1 for v in split_of.values() if v == s) for s in ("val", "test")}
+    return {
+        "version": version.number,
+        "pairs": len(crossing),
+        "by_splits": dict(sorted(by_splits.items())),
+        "affected": {s: len(ids) for s, ids in affected.items()},
+        "eval_photos": eval_n,
+        "examples": examples[:LEAKY_EXAMPLES],
+    }
 
 
 def _labels_by_image(project: Project) -> dict[int, dict[int, int]]:

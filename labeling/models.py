@@ -342,6 +342,22 @@ class DuplicateCluster(models.Model):
         return f"{self.kind} cluster {self.pk}: {self.image_ids}"
 
 
+class SimilarPair(models.Model):
+    """Two photos of one class that one health scan found too alike to cross splits (labeling/similarity.py):
+    the next freeze keeps them in one split, and the Health page lists pairs that cross an existing version's."""
+
+    report = models.ForeignKey(HealthReport, on_delete=models.CASCADE, related_name="similar_pairs")
+    image_a = models.ForeignKey(Image, on_delete=models.CASCADE, related_name="+")
+    image_b = models.ForeignKey(Image, on_delete=models.CASCADE, related_name="+")
+    similarity = models.FloatField()
+
+    class Meta:
+        ordering = ["-similarity", "id"]
+
+    def __str__(self) -> str:
+        return f"similar {self.image_a_id} ~ {self.image_b_id} ({self.similarity:.3f})"
+
+
 class GroupSplit(models.Model):
     """The sticky split of one group: assigned once, kept by every later dataset version."""
 

@@ -13,8 +13,21 @@ from django.db import transaction
 from django.db.models import Max
 
 from . import storage
-from .models import DatasetVersion, DatasetVersionItem, GroupSplit, Head, Image, Label, LabelClass, Project
+from .models import (
+    DatasetVersion,
+    DatasetVersionItem,
+    DuplicateCluster,
+    GroupSplit,
+    Head,
+    HealthReport,
+    Image,
+    Label,
+    LabelClass,
+    Project,
+    SimilarPair,
+)
 from .services import LabelingError
+from .similarity import merge_groups
 from .splits import DEFAULT_RATIOS, SPLITS, GroupInfo, assign_splits
 
 
@@ -123,20 +136,46 @@ def dataset_version_create(
         by_group: dict[str, list[_Row]] = defaultdict(list)
         for r in rows:
             by_group[r.group].append(r)
-        real_only_eval = project.preset == "lego"
-        groups = []
-        for key, members in by_group.items():
-            votes = Counter(r.labels[strat_head] for r in members if r.labels[strat_head] is not None)
-            label = min(votes, key=lambda c: (-votes[c], c)) if votes else None
-            eval_ok = not real_only_eval or any(r.source == Image.Source.REAL for r in members)
-            groups.append(GroupInfo(key=key, n_images=len(members), label=label, eval_ok=eval_ok))
         previous = dict(
             GroupSplit.objects.filter(project=project, group_key__in=list(by_group)).values_list("group_key", "split")
         )
+        # Groups holding photos too alike to cross splits (the latest health scan's similar pairs and near-duplicate
+        # clusters) are placed as one: a component of linked groups gets one split.
+        links, sim_info = _similarity_links(project, {r.image_id: r.group for r in rows})
+        root_of = merge_groups(by_group, links)
+        components: dict[str, list[str]] = defaultdict(list)
+        for key in by_group:
+            components[root_of[key]].append(key)
+        real_only_eval = project.preset == "lego"
+        groups = []
+        comp_previous = {}
+        sticky_conflicts = 0
+        for root, keys in components.items():
+            members = [r for k in keys for r in by_group[k]]
+            votes = Counter(r.labels[strat_head] for r in members if r.labels[strat_head] is not None)
+            label = min(votes, key=lambda c: (-votes[c], c)) if votes else None
+            eval_ok = not real_only_eval or any(r.source == Image.Source.REAL for r in members)
+            groups.append(GroupInfo(key=root, n_images=len(members), label=label, eval_ok=eval_ok))
+            old = Counter()
+            for k in keys:
+                if k in previous:
+                    old[previous[k]] += len(by_group[k])
+            if old:  # new groups join the split their linked old groups have (most photos); old groups keep theirs
+                comp_previous[root] = min(old, key=lambda sp: (-old[sp], SPLITS.index(sp)))
+                sticky_conflicts += len(old) > 1
         try:
-            splits = assign_splits(groups, previous=previous, ratios=ratios, seed=project.slug)
+            comp_splits = assign_splits(groups, previous=comp_previous, ratios=ratios, seed=project.slug)
         except ValueError as exc:
             raise LabelingError(str(exc)) from exc
+        splits = {k: previous.get(k, comp_splits[root_of[k]]) for k in by_group}
+        sim_info.update(
+            {
+                "groups": len(by_group),
+                "components": len(components),
+                "groups_merged": len(by_group) - len(components),
+                "sticky_conflicts": sticky_conflicts,
+            }
+        )
         GroupSplit.objects.bulk_create(
             [GroupSplit(project=project, group_key=k, split=s) for k, s in splits.items() if k not in previous],
             batch_size=5000,
@@ -150,7 +189,12 @@ def dataset_version_create(
             content_hash=digest,
             note=note[:300],
             created_by=user,
-            params={"ratios": list(ratios), "min_image_side": project.min_image_side, "real_only_eval": real_only_eval},
+            params={
+                "ratios": list(ratios),
+                "min_image_side": project.min_image_side,
+                "real_only_eval": real_only_eval,
+                "similarity": sim_info,
+            },
         )
         items = []
         per_split = Counter()
@@ -171,7 +215,7 @@ def dataset_version_create(
                 if cls is not None:
                     per_class[head][cls][split] += 1
         if not allow_empty_eval:
-            _check_eval_splits(per_class, per_split, ratios, n_groups=len(by_group), n_rows=len(rows))
+            _check_eval_splits(per_class, per_split, ratios, n_groups=len(components), n_rows=len(rows))
         DatasetVersionItem.objects.bulk_create(items, batch_size=5000)
         version.counts = {
             "images": len(items),
@@ -185,6 +229,35 @@ def dataset_version_create(
         }
         version.save(update_fields=["counts"])
     return version, True
+
+
+def _similarity_links(project: Project, group_of: dict[int, str]) -> tuple[list[tuple[str, str]], dict]:
+    """(links between group keys, info) from the latest finished health scan: its similar pairs
+    (labeling/similarity.py) and near-duplicate clusters whose photos are in different groups. Photos added after
+    that scan are not linked (info["not_scanned"] counts them: run a scan before freezing)."""
+    report = (
+        HealthReport.objects.filter(project=project, status=HealthReport.Status.SUCCEEDED)
+        .order_by("-finished_at", "-id")
+        .first()
+    )
+    if report is None:
+        return [], {"report": None, "links": 0, "not_scanned": len(group_of)}
+    pairs = list(SimilarPair.objects.filter(report=report).values_list("image_a_id", "image_b_id"))
+    for ids in DuplicateCluster.objects.filter(report=report).values_list("image_ids", flat=True):
+        present = [i for i in ids if i in group_of]
+        pairs += [(present[0], i) for i in present[1:]]
+    links = {
+        (group_of[a], group_of[b]) for a, b in pairs if a in group_of and b in group_of and group_of[a] != group_of[b]
+    }
+    started = report.started_at or report.created_at
+    not_scanned = Image.objects.filter(id__in=list(group_of), created_at__gt=started).count()
+    sim = (report.findings or {}).get("similarity") or {}
+    return sorted(links), {
+        "report": report.id,
+        "similarity": sim.get("status", "off"),
+        "links": len(links),
+        "not_scanned": not_scanned,
+    }
 
 
 def _check_eval_splits(per_class: dict, per_split: Counter, ratios, *, n_groups: int, n_rows: int) -> None:

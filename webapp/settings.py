@@ -118,6 +118,11 @@ MEDIA_URL = "/media/"
 ARTIFACT_ROOT = Path(env.str("ARTIFACT_ROOT", default=str(VAR_DIR / "artifacts")))
 # Frozen-backbone features per (image sha256, backbone weights, preprocessing): quick retrains, quick out-of-fold
 LOUPE_FEATURE_CACHE = Path(env.str("LOUPE_FEATURE_CACHE", default=str(VAR_DIR / "feature-cache")))
+# The health scan's similarity pass (labeling/similarity.py: photos of one class too alike to cross splits) embeds
+# the photos with this pretrained backbone through the feature cache (the presets' default: the caches are shared).
+LOUPE_SCAN_SIMILARITY = env.bool("LOUPE_SCAN_SIMILARITY", default=True)
+LOUPE_SIMILARITY_BACKBONE = env.str("LOUPE_SIMILARITY_BACKBONE", default="tf_efficientnet_lite0")
+LOUPE_SIMILARITY_IMAGE_SIZE = env.int("LOUPE_SIMILARITY_IMAGE_SIZE", default=224)
 # Folders the admin import page may read from (the CLI takes any folder it is given).
 IMPORT_ROOTS = [Path(p) for p in env.list("IMPORT_ROOTS", default=[str(VAR_DIR / "import")])]
 LOUPE_EXPORT_ROOT = Path(env.str("LOUPE_EXPORT_ROOT", default=str(VAR_DIR / "exports")))

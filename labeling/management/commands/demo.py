@@ -95,14 +95,19 @@ class Command(BaseCommand):
             )
         )
 
-    def _train(self, project: Project, timeout: int) -> None:
+    def _scan(self, project: Project) -> None:
+        """Queue the first health scan once a model is served: its similarity pass then reads the features the
+        quick retrain cached instead of computing them beside the training run (make demo's time to a model)."""
         if not project.health_reports.exists():
             from labeling import health
 
             report = health.health_report_create(project=project)
             self.stdout.write(f"Health scan {report.id} queued on the worker: see the project's Health page.")
+
+    def _train(self, project: Project, timeout: int) -> None:
         if project.model_versions.filter(is_active=True).exists():
             self.stdout.write("A model is already active.")
+            self._scan(project)
             return
         run = project.training_runs.filter(status__in=[TrainingRun.Status.QUEUED, TrainingRun.Status.RUNNING]).first()
         if run is None:
@@ -131,6 +136,7 @@ class Command(BaseCommand):
                         f"Model v{active.number} trained and promoted (index: {active.index_size} images)."
                     )
                 )
+                self._scan(project)
                 return
             failed = project.model_versions.filter(index_status=ModelVersion.IndexStatus.FAILED).first()
             if failed:
