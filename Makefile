@@ -77,8 +77,10 @@ fmt: .venv/.dev
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
-bench: bench-demo bench-accuracy bench-health bench-serving bench-faiss bench-load bench-train bench-mislabel bench-review-ui
+bench: bench-demo bench-accuracy bench-leakage bench-health bench-serving bench-faiss bench-load bench-train bench-mislabel bench-review-ui
 
+# Seconds from a fresh var/ to a served demo model (vs the engine alone), then to a filled mislabel queue, and that
+# queue's precision at N / recall against the demo's planted part-label flips (var/demo/planted.json).
 bench-demo: .venv/.dev
 	$(PY) bench/demo_time.py
 
@@ -92,6 +94,11 @@ bench-health: .venv/.dev
 # quick retrain vs full fine-tune (sku preset). LOUPE_BENCH_LIMIT=N: a smoke run on N items per split, writes nothing.
 bench-accuracy: .venv/.dev
 	$(PY) -m bench.train_accuracy
+
+# Leakage by similarity: grocery train frozen by photo vs with the health scan's similar pairs merged; Loupe's test
+# figure against grocery val (other sessions). Reads the photos in place; ~3 min with a cold feature cache.
+bench-leakage: .venv/.dev
+	$(PY) -m bench.leakage
 
 # Serving latency: the recognise endpoint vs raw onnxruntime and torch eager; the car endpoint with 10 photos.
 bench-serving: .venv/.dev
@@ -107,6 +114,9 @@ bench-load: .venv/.dev nginx
 
 bench-train: .venv/.dev
 	$(PY) -m bench.train_throughput
+# Mislabel queue on grocery train with 10 % of fine labels flipped: out-of-fold heads on cached frozen features
+# (sku recipe) -> review.core.rank_label_issues vs cleanlab on a logistic-regression probe of the same features.
+# LOUPE_BENCH_LIMIT=n: a smoke run on n photos (nothing written).
 bench-mislabel: .venv/.dev
 	$(PY) -m bench.mislabel
 bench-review-ui: .venv/.dev browser

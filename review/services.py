@@ -37,10 +37,11 @@ def _lease_seconds() -> int:
 
 # ----------------------------------------------------------------------------------------------- refresh
 def mislabel_refresh(*, version) -> dict:
-    """Rebuild the project's mislabel queue from the version's out-of-fold probabilities (<artifact>/oof/):
-    per head, cleanlab's label issues ranked worst first. Open items of earlier refreshes become stale;
-    an (image, head, class) a reviewer already confirmed ("kept") is never queued again, and neither is an image
-    whose label changed since the version's dataset was frozen. Returns {head: n_queued}."""
+    """Rebuild the project's mislabel queue from the version's out-of-fold probabilities (<artifact>/oof/: every
+    labeled photo of the frozen version, test split included): per head, cleanlab's label issues ranked worst
+    first. Open items of earlier refreshes become stale; an (image, head, class) a reviewer already confirmed
+    ("kept") is never queued again, and neither is an image whose label changed since the version's dataset was
+    frozen. Returns {head: n_queued}."""
     art = Path(version.artifact_dir) / "oof"
     try:
         meta = json.loads((art / "oof_meta.json").read_text())

@@ -232,7 +232,15 @@ def _training_run_train(run: TrainingRun, out_dir: Path, *, inline: bool, fresh:
             metrics = train_quick(manifest, config, out_dir, cache_dir=cache, progress=_progress_writer(run.id))
         else:
             # Resumes from out_dir/checkpoints/latest.pt when a worker was killed mid-run (same data and config).
-            metrics = train_model(manifest, config, out_dir, progress=_progress_writer(run.id), fresh=fresh)
+            # With a pretrained backbone fully frozen in phase 1, phase 1 trains the heads on cached features.
+            metrics = train_model(
+                manifest,
+                config,
+                out_dir,
+                progress=_progress_writer(run.id),
+                fresh=fresh,
+                cache_dir=settings.LOUPE_FEATURE_CACHE,
+            )
     except Exception as exc:  # noqa: BLE001 - the row must say why, whatever went wrong
         log.exception("training run %s failed", run.id)
         message = (
@@ -566,9 +574,10 @@ def oof_mode_for(version: ModelVersion) -> str:
 
 
 def model_version_oof(*, version: ModelVersion, k: int = 5, mode: str = "auto") -> dict:
-    """Out-of-fold predicted probabilities for every labeled train/val image of the version's frozen dataset
-    (group-aware K-fold, never the test split), written to <artifact>/oof/ for the mislabel queue; the summary
-    is kept in the version's metrics["oof"]. mode "auto": oof_mode_for(version)."""
+    """Out-of-fold predicted probabilities for every labeled image of the version's frozen dataset, test split
+    included (group-aware K-fold over all of them: the fold models are throwaway, and a wrong test label is what a
+    reviewer must find), written to <artifact>/oof/ for the mislabel queue; the summary is kept in the version's
+    metrics["oof"]. mode "auto": oof_mode_for(version)."""
     from training.engine.oof import out_of_fold_predictions
 
     art = Path(version.artifact_dir)

@@ -151,24 +151,49 @@ def test_quick_out_of_fold_covers_every_labeled_image_in_a_fraction_of_a_trainin
     manifest, cfg, tmp = data
     for i, it in enumerate(manifest["items"]):
         it["group"] = f"g{i // 2}"
-    manifest["items"][0]["split"] = "test"
+    manifest["items"][0]["split"] = "test"  # predicted too: a wrong test label is a reviewer's business
     t0 = time.monotonic()
     result = out_of_fold_predictions(manifest, cfg, tmp / "oof", k=3, mode="quick", cache_dir=tmp / "cache")
     quick_s = time.monotonic() - t0
-    assert result["n"] == 31 and result["mode"] == "quick"
+    assert result["n"] == 32 and result["mode"] == "quick"
     arrays = np.load(tmp / "oof" / "oof_predictions.npz")
+    assert str(manifest["items"][0]["id"]) in arrays["ids"].tolist()
     for head in ("shape", "color"):
         p = arrays[f"probs_{head}"]
-        assert p.shape[0] == 31 and np.allclose(p.sum(axis=1), 1, atol=1e-5)
+        assert p.shape[0] == 32 and np.allclose(p.sum(axis=1), 1, atol=1e-5)
     meta = json.loads((tmp / "oof" / "oof_meta.json").read_text())
-    assert meta["cache"]["misses"] == 31 and len(meta["folds"]) == 3
+    assert meta["cache"]["misses"] == 32 and len(meta["folds"]) == 3
     out_of_fold_predictions(manifest, cfg, tmp / "oof2", k=3, mode="quick", cache_dir=tmp / "cache")
-    assert json.loads((tmp / "oof2" / "oof_meta.json").read_text())["cache"]["hits"] == 31
+    assert json.loads((tmp / "oof2" / "oof_meta.json").read_text())["cache"]["hits"] == 32
     assert np.array_equal(np.load(tmp / "oof2" / "oof_predictions.npz")["probs_shape"], arrays["probs_shape"])
     # One full training (a tenth of the epochs of a real run) costs more than all K quick folds.
     t0 = time.monotonic()
     train_model(manifest, {**cfg, "epochs": 4, "eval_report": False}, tmp / "full")
     assert quick_s < time.monotonic() - t0
+
+
+def test_quick_fold_heads_train_on_every_other_fold_without_label_smoothing(data, monkeypatch):
+    """Quick folds hold no fold out for selection (a fixed schedule on frozen features) and train without label
+    smoothing, whatever the recipe: their probabilities feed confident learning, not a served model."""
+    from training.engine import quick
+
+    manifest, cfg, tmp = data
+    calls = []
+    real = quick.train_heads
+
+    def spy(X_train, Y_train, X_val, Y_val, heads, config, **kw):
+        calls.append((len(X_train), len(X_val), config["label_smoothing"], config["lr"]))
+        return real(X_train, Y_train, X_val, Y_val, heads, config, **kw)
+
+    monkeypatch.setattr(quick, "train_heads", spy)
+    result = out_of_fold_predictions(
+        manifest, {**cfg, "label_smoothing": 0.1}, tmp / "oof", k=4, mode="quick", cache_dir=tmp / "cache"
+    )
+    folds = np.load(tmp / "oof" / "oof_predictions.npz")["fold"]
+    assert [c[0] for c in calls] == [result["n"] - int((folds == f).sum()) for f in range(4)]
+    assert all(c[1] == 0 and c[2] == 0.0 and c[3] == cfg["lr"] for c in calls)
+    meta = json.loads((tmp / "oof" / "oof_meta.json").read_text())
+    assert meta["fold_training"]["folds"] == "the other k-1" and len(meta["folds"]) == 4
 
 
 @pytest.mark.django_db

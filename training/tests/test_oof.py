@@ -1,5 +1,5 @@
-"""Out-of-fold predictions: group-aware folds, every labeled train/val image predicted by a model that never
-saw it, test items left out."""
+"""Out-of-fold predictions: group-aware folds, every labeled image (test split included) predicted by a model that
+never saw it."""
 
 import json
 
@@ -26,15 +26,20 @@ def test_group_folds_keep_groups_together_and_balance():
 
 
 def test_out_of_fold_predictions_cover_every_labeled_image_once(tmp_path):
+    """Test-split items are predicted too (a wrong test label is a reviewer's business); unlabeled items are not."""
     manifest = make_shapes_dataset(tmp_path / "imgs", n=36, seed=1)
     for i, it in enumerate(manifest["items"]):
         it["group"] = f"g{i // 2}"
     manifest["items"][0]["split"] = "test"
-    test_id = manifest["items"][0]["id"]
+    manifest["items"][1]["labels"] = {}  # no known label on any head: nothing to judge
+    test_id, unlabeled_id = manifest["items"][0]["id"], manifest["items"][1]["id"]
     result = out_of_fold_predictions(manifest, {**TINY_TEST_CONFIG, "epochs": 3}, tmp_path / "oof", k=3, mode="cheap")
     assert result["n"] == 35 and result["mode"] == "cheap"
     data = np.load(tmp_path / "oof" / "oof_predictions.npz")
-    assert str(test_id) not in set(data["ids"].tolist())
+    ids = set(data["ids"].tolist())
+    assert str(test_id) in ids and str(unlabeled_id) not in ids
+    row = data["ids"].tolist().index(str(test_id))
+    assert data["targets_shape"][row] == manifest["heads"][0]["classes"].index(manifest["items"][0]["labels"]["shape"])
     for head in ("shape", "color"):
         p = data[f"probs_{head}"]
         assert p.shape[0] == 35 and np.allclose(p.sum(axis=1), 1, atol=1e-5)

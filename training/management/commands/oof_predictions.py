@@ -9,8 +9,8 @@ from training import services
 class Command(BaseCommand):
     help = (
         "Group-aware K-fold cross-validation on the frozen dataset of a model version (default: the active one): "
-        "every labeled train/val image gets predicted probabilities from a model that never saw it (the test split "
-        "is left out). Writes <artifact>/oof/oof_predictions.npz and oof_meta.json. --mode cheap trains each fold "
+        "every labeled image, test split included, gets predicted probabilities from a model that never saw it. "
+        "Writes <artifact>/oof/oof_predictions.npz and oof_meta.json. --mode cheap trains each fold "
         "for 30 percent of the epochs; --mode quick trains only heads on cached frozen-backbone features."
     )
 
