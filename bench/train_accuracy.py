@@ -234,8 +234,8 @@ def arm_finetune(ds: dict, config: dict, cache: Path, out: Path) -> dict:
         "seconds": seconds,
         "source": check_source("full fine-tune", m["pretrained_source"]),
         "phase1": p1,
-        "detail": f"{m['epochs_run']} epochs recorded of {min(config['epochs'], epochs)} (best {m['best_epoch']}), {p1_text}, "
-        f"stopped: {m['stopped_early'] or 'no'}",
+        "detail": f"{m['epochs_run']} epochs recorded of {min(config['epochs'], epochs)} (best {m['best_epoch']}), "
+        f"{p1_text}, stopped: {m['stopped_early'] or 'no'}",
     }
 
 
