@@ -77,7 +77,7 @@ fmt: .venv/.dev
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
-bench: bench-demo bench-accuracy bench-leakage bench-health bench-serving bench-faiss bench-load bench-train bench-mislabel bench-review-ui
+bench: bench-demo bench-accuracy bench-quick bench-leakage bench-health bench-serving bench-faiss bench-load bench-train bench-mislabel bench-review-ui
 
 # Seconds from a fresh var/ to a served demo model (vs the engine alone), then to a filled mislabel queue, and that
 # queue's precision at N / recall against the demo's planted part-label flips (var/demo/planted.json).
@@ -94,6 +94,10 @@ bench-health: .venv/.dev
 # quick retrain vs full fine-tune (sku preset). LOUPE_BENCH_LIMIT=N: a smoke run on N items per split, writes nothing.
 bench-accuracy: .venv/.dev
 	$(PY) -m bench.train_accuracy
+
+# Quick retrain (heads on cached features) on grocery train with a warm feature cache; run on an idle machine.
+bench-quick: .venv/.dev
+	$(PY) -m bench.quick_retrain
 
 # Leakage by similarity: grocery train frozen by photo vs with the health scan's similar pairs merged; Loupe's test
 # figure against grocery val (other sessions). Reads the photos in place; ~3 min with a cold feature cache.

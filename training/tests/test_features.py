@@ -235,3 +235,12 @@ def test_train_command_quick_end_to_end(shapes_project, tmp_path, settings, caps
     assert services.oof_mode_for(version) == "quick"
     summary = services.model_version_oof(version=version, k=2)
     assert summary["mode"] == "quick" and summary["n"] > 0
+
+
+def test_the_feature_pass_uses_every_core_not_taken_by_a_loader_worker():
+    from training.engine.features import feature_threads
+
+    assert feature_threads("auto", 0, cpus=2) == 2  # training keeps one free (resolve_torch_threads): 1
+    assert feature_threads("auto", 1, cpus=2) == 1
+    assert feature_threads("auto", 3, cpus=2) == 1
+    assert feature_threads(3, 0, cpus=2) == 3  # an explicit torch_threads wins
