@@ -116,6 +116,27 @@ def _atomic_write_bytes_via(path: Path, writer: Callable[[Path], None]) -> None:
             tmp.unlink()
 
 
+def features_progress(progress: Callable[[dict], None] | None, *, epochs: int, weights: dict | None):
+    """cached_features' progress callback that reports the feature pass as the run's "features" phase (epoch 0)."""
+
+    def report(p: dict) -> None:
+        if progress is not None:
+            progress(
+                {
+                    "phase": "features",
+                    "epoch": 0,
+                    "epochs": epochs,
+                    "step": p["done"],
+                    "steps_per_epoch": p["total"],
+                    "loss": None,
+                    "eta_s": p["eta_s"],
+                    "pretrained": weights,
+                }
+            )
+
+    return report
+
+
 def epoch_progress(
     *, epoch: int, epochs: int, steps_per_epoch: int, train_loss, result: dict, metrics_on: str, eta_s: float
 ) -> dict:
@@ -898,20 +919,7 @@ def _train(
 
         t_p1 = time.monotonic()
 
-        def feature_progress(p: dict) -> None:
-            if progress is not None:
-                progress(
-                    {
-                        "phase": "features",
-                        "epoch": 0,
-                        "epochs": epochs,
-                        "step": p["done"],
-                        "steps_per_epoch": p["total"],
-                        "loss": None,
-                        "eta_s": p["eta_s"],
-                        "pretrained": weights,
-                    }
-                )
+        feature_progress = features_progress(progress, epochs=epochs, weights=weights)
 
         feats = cached_features(feature_items, cfg, cache_dir, progress=feature_progress)
         p1_items = parsed.train + parsed.val

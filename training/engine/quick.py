@@ -41,6 +41,7 @@ from .loop import (
     _with_per_class,
     class_weights,
     epoch_progress,
+    features_progress,
     seed_everything,
     write_head_reports,
     write_json_atomic,
@@ -294,20 +295,7 @@ def train_quick(
     feature_dim, mean, std = backbone_stats(backbone, cfg["image_size"])
     epochs = int(cfg["quick_epochs"])
 
-    def feature_progress(p: dict) -> None:
-        if progress is not None:
-            progress(
-                {
-                    "phase": "features",
-                    "epoch": 0,
-                    "epochs": epochs,
-                    "step": p["done"],
-                    "steps_per_epoch": p["total"],
-                    "loss": None,
-                    "eta_s": p["eta_s"],
-                    "pretrained": weights,
-                }
-            )
+    feature_progress = features_progress(progress, epochs=epochs, weights=weights)
 
     feats = manifest_features(
         manifest, parsed, cfg, cache_dir, backbone=backbone, mean=mean, std=std, progress=feature_progress
