@@ -56,8 +56,16 @@ def without_time(metrics):
 def test_phase1_on_cached_features_is_train_heads(data, tmp_path, head_type):
     manifest, weights = data
     config = cfg_of(weights, head_type=head_type, arcface_dim=16)
-    m = train_model(copy.deepcopy(manifest), config, tmp_path / "run", cache_dir=tmp_path / "cache")
+    seen = []
+    m = train_model(
+        copy.deepcopy(manifest), config, tmp_path / "run", cache_dir=tmp_path / "cache", progress=seen.append
+    )
     assert m["pretrained_source"] == "file"
+    # The run's progress shows the feature pass (epoch 0, photos done of all), then phase 1 as epoch 2.
+    feature_ticks = [p for p in seen if p.get("phase") == "features"]
+    assert feature_ticks and feature_ticks[-1]["step"] == feature_ticks[-1]["steps_per_epoch"] == 32
+    assert all(p["epoch"] == 0 and p["pretrained"]["source"] == "file" for p in feature_ticks)
+    assert any(p.get("epoch") == 2 and p.get("phase") != "features" for p in seen)
     p1 = m["phase1"]
     assert p1["on"] == "feature-cache" and p1["replaces_epochs"] == 2 and 1 <= p1["epochs"] <= 8
     assert p1["cache"]["misses"] == 32 and p1["cache"]["hits"] == 0
