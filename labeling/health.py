@@ -257,7 +257,12 @@ def _scan(report: HealthReport, progress: _Progress, *, workers: int | None) -> 
 
     # 3b. Similar photos of one class (labeling/similarity.py): pairs the next freeze keeps in one split; pairs and
     # near-duplicates that cross the splits of the latest version ("leaky splits").
-    sim_findings = _similar_pairs(report, project, ok, labels_of, progress)
+    try:
+        sim_findings = _similar_pairs(report, project, ok, labels_of, progress)
+    except Exception as exc:  # noqa: BLE001 - the rest of the report stands; the page says why this part is missing
+        log.exception("health scan %s: similarity pass failed", report.id)
+        SimilarPair.objects.filter(report=report).delete()
+        sim_findings = {"status": "failed", "reason": f"the similarity pass failed: {type(exc).__name__}: {exc}"[:500]}
     leaky = _leaky_splits(report, project, rows)
 
     # 4. Classes: distribution per head, rare, dominant, imbalance, unknown-like and near-identical names.

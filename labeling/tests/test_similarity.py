@@ -157,3 +157,22 @@ def test_scan_embeds_with_the_pretrained_backbone_finds_the_pairs_and_reports_le
     # The next freeze keeps new photos with their linked ones; the scan's cache served the features.
     v2_report = health.health_report_execute(report_id=health.health_report_create(project=project, queue=False).id)
     assert v2_report.findings["similarity"]["cache"]["misses"] == 0
+
+
+@pytest.mark.django_db
+def test_a_failed_similarity_pass_leaves_the_rest_of_the_scan_and_says_why(shapes_project, settings, monkeypatch):
+    settings.LOUPE_SCAN_SIMILARITY = True
+    project = shapes_project(2)
+
+    def broken(*args, **kwargs):
+        raise MemoryError("no room for the features")
+
+    monkeypatch.setattr("training.engine.features.cached_features", broken)
+    report = health.health_report_execute(report_id=health.health_report_create(project=project, queue=False).id)
+    assert report.status == HealthReport.Status.SUCCEEDED
+    assert report.findings["similarity"]["status"] == "failed"
+    assert "MemoryError: no room for the features" in report.findings["similarity"]["reason"]
+    assert report.summary["images"] == 16 and not SimilarPair.objects.filter(report=report).exists()
+    # The freeze still works and records which scan it used.
+    v, _ = versions.dataset_version_create(project=project, allow_empty_eval=True)
+    assert v.params["similarity"]["report"] == report.id and v.params["similarity"]["similarity"] == "failed"
