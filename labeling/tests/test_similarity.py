@@ -176,3 +176,16 @@ def test_a_failed_similarity_pass_leaves_the_rest_of_the_scan_and_says_why(shape
     # The freeze still works and records which scan it used.
     v, _ = versions.dataset_version_create(project=project, allow_empty_eval=True)
     assert v.params["similarity"]["report"] == report.id and v.params["similarity"]["similarity"] == "failed"
+
+
+def test_large_projects_search_with_hnsw_and_find_the_same_pairs():
+    rng = np.random.default_rng(3)
+    centres = rng.standard_normal((40, 32)) * 3
+    X = _sessions(rng, centres, per=6, spread=0.2)
+    labels = [f"c{i // 12}" for i in range(len(X))]  # two sessions per label
+    exact = similarity.leak_pairs(X, labels)
+    approx = similarity.leak_pairs(X, labels, exact_max=10)
+    assert exact.stats["search"] == "exact" and approx.stats["search"] == "hnsw"
+    assert len(exact.pairs) > 0 and {tuple(p) for p in approx.pairs.tolist()} == {
+        tuple(p) for p in exact.pairs.tolist()
+    }
