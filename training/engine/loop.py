@@ -538,6 +538,11 @@ def evaluate(
         }
         if n:
             losses.append(float(ce_sum[h]) / n)
+    return _evaluation(heads, losses)
+
+
+def _evaluation(heads: dict, losses: list[float]) -> dict:
+    """An evaluation result: per-head metrics, primary = mean top-1 over heads with one, loss = summed head losses."""
     top1s = [m["top1"] for m in heads.values() if m["top1"] is not None]
     return {
         "heads": heads,

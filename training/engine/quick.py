@@ -33,6 +33,7 @@ from .loop import (
     _atomic_write_bytes_via,
     _check_metric,
     _clean,
+    _evaluation,
     _fmt,
     _head_loss_weights,
     _heads_loss,
@@ -98,12 +99,7 @@ def _evaluate(model: LoupeNet, X: torch.Tensor, Y: torch.Tensor, head_names: lis
             )
             losses.append(float(F.cross_entropy(lg, yk, reduction="mean")))
         heads[name] = entry
-    top1s = [m["top1"] for m in heads.values() if m["top1"] is not None]
-    return {
-        "heads": heads,
-        "primary": sum(top1s) / len(top1s) if top1s else None,
-        "loss": sum(losses) if losses else None,
-    }
+    return _evaluation(heads, losses)
 
 
 def train_heads(
