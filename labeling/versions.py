@@ -250,7 +250,9 @@ def _similarity_links(project: Project, group_of: dict[int, str]) -> tuple[list[
         (group_of[a], group_of[b]) for a, b in pairs if a in group_of and b in group_of and group_of[a] != group_of[b]
     }
     started = report.started_at or report.created_at
-    not_scanned = Image.objects.filter(id__in=list(group_of), created_at__gt=started).count()
+    # usable photos imported after the scan started (no IN clause of every photo id: a project may hold 50,000)
+    later = Image.objects.filter(project=project, created_at__gt=started).values_list("id", flat=True)
+    not_scanned = sum(1 for i in later.iterator() if i in group_of)
     sim = (report.findings or {}).get("similarity") or {}
     return sorted(links), {
         "report": report.id,
