@@ -218,6 +218,19 @@ def training_options(request, slug):
 
 @staff_required
 @require_POST
+def splits_unleak(request, slug):
+    project = current_project(request, slug)
+    try:
+        action = versions.splits_unleak(project=project, user=request.user)
+    except LabelingError as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.success(request, f"Done: {action.summary}.")
+    return redirect(reverse("labeling:health", kwargs={"slug": slug}) + "#leaky-splits")
+
+
+@staff_required
+@require_POST
 def action_undo(request, slug, action_id):
     project = current_project(request, slug)
     action = get_object_or_404(DatasetAction, pk=action_id, project=project)

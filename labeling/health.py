@@ -24,6 +24,7 @@ from .models import (
     DatasetAction,
     DatasetVersionItem,
     DuplicateCluster,
+    GroupSplit,
     Head,
     HealthReport,
     Image,
@@ -786,6 +787,10 @@ def action_undo(*, action: DatasetAction, user=None) -> dict:
                 image=im, old_status=im.status, new_status=c["old"], user=user, reason=reason, action=action
             )
             Image.objects.filter(pk=im.pk).update(status=c["old"], status_reason=c.get("old_reason", ""))
+        for c in reversed(ch.get("group_splits", [])):  # sticky splits moved by versions.splits_unleak
+            moved = GroupSplit.objects.filter(project_id=action.project_id, group_key=c["group"], split=c["new"])
+            if not moved.update(split=c["old"]):
+                skipped += 1
         for c in ch.get("classes", []):
             LabelClass.objects.filter(pk=c["id"]).update(excluded_from_training=c["old"])
         if action.kind == DatasetAction.Kind.MERGE_CLASSES:

@@ -268,6 +268,7 @@ class DatasetAction(models.Model):
         REVIEW_BULK = "review_bulk", "review queue bulk rule"
         BULK_RELABEL = "bulk_relabel", "bulk relabel"
         SERVING_THRESHOLDS = "serving_thresholds", "serving thresholds"
+        SPLITS_UNLEAK = "splits_unleak", "move linked photos into one split"
         UNDO = "undo", "undo"
 
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="dataset_actions")

@@ -21,6 +21,7 @@ urlpatterns = [
     path("p/<slug:slug>/health/merge/", dv.classes_merge, name="classes-merge"),
     path("p/<slug:slug>/health/exclude/", dv.classes_exclude, name="classes-exclude"),
     path("p/<slug:slug>/health/training-options/", dv.training_options, name="training-options"),
+    path("p/<slug:slug>/health/unleak/", dv.splits_unleak, name="splits-unleak"),
     path("p/<slug:slug>/health/actions/<int:action_id>/undo/", dv.action_undo, name="action-undo"),
     path("p/<slug:slug>/versions/", dv.version_list, name="version-list"),
     path("p/<slug:slug>/versions/new/", dv.version_create, name="version-create"),

@@ -14,6 +14,7 @@ from django.db.models import Max
 
 from . import storage
 from .models import (
+    DatasetAction,
     DatasetVersion,
     DatasetVersionItem,
     DuplicateCluster,
@@ -128,7 +129,7 @@ def dataset_version_create(
             )
         digest = content_hash(rows)
         latest = project.dataset_versions.order_by("-number").first()
-        if latest is not None and latest.content_hash == digest:
+        if latest is not None and latest.content_hash == digest and not _splits_moved_since(project, latest):
             return latest, False
 
         heads = list(project.heads.order_by("order", "id"))
@@ -229,6 +230,73 @@ def dataset_version_create(
         }
         version.save(update_fields=["counts"])
     return version, True
+
+
+def _splits_moved_since(project: Project, version: DatasetVersion) -> bool:
+    """Whether sticky splits were moved (or such a move undone) after `version` was frozen: the same photos and
+    labels then still make a new version, with the new splits."""
+    moves = DatasetAction.objects.filter(project=project, kind=DatasetAction.Kind.SPLITS_UNLEAK)
+    return (
+        moves.filter(created_at__gt=version.created_at).exists()
+        or moves.filter(undone_at__gt=version.created_at).exists()
+    )
+
+
+def splits_unleak(*, project: Project, user=None) -> DatasetAction:
+    """Move frozen groups so that photos linked by the latest finished health scan (similar pairs of one class,
+    near-duplicate clusters) share one split: each linked component whose groups were frozen into different splits
+    goes to the split that holds most of its photos (ties: train, then val; moving a twin out of val/test never
+    flatters a figure). Sticky splits are otherwise never changed, so this is how a version frozen before a scan, or
+    before new links were found, stops leaking. Undoable; the next freeze makes a version with the new splits."""
+    with transaction.atomic():
+        Project.objects.select_for_update().get(pk=project.pk)  # not while a freeze reads the splits
+        rows, _info = _usable_rows(project)
+        group_of = {r.image_id: r.group for r in rows}
+        links, sim = _similarity_links(project, group_of)
+        if sim["report"] is None:
+            raise LabelingError("No finished health scan yet: run a scan (Health page), then move linked photos.")
+        photos = Counter(group_of.values())
+        previous = dict(
+            GroupSplit.objects.filter(project=project, group_key__in=list(photos)).values_list("group_key", "split")
+        )
+        root_of = merge_groups(photos, links)
+        components: dict[str, list[str]] = defaultdict(list)
+        for key in photos:
+            components[root_of[key]].append(key)
+        moves = []
+        for keys in components.values():
+            old = Counter()
+            for k in keys:
+                if k in previous:
+                    old[previous[k]] += photos[k]
+            if len(old) < 2:
+                continue
+            target = min(old, key=lambda sp: (-old[sp], SPLITS.index(sp)))
+            moves += [
+                {"group": k, "old": previous[k], "new": target, "photos": photos[k]}
+                for k in sorted(keys)
+                if k in previous and previous[k] != target
+            ]
+        if not moves:
+            raise LabelingError(
+                f"Nothing to move: no photos linked by health scan {sim['report']} sit in different frozen splits."
+            )
+        for target in SPLITS:
+            keys = [m["group"] for m in moves if m["new"] == target]
+            GroupSplit.objects.filter(project=project, group_key__in=keys).update(split=target)
+        by_move = Counter(f"{m['old']}→{m['new']}" for m in moves for _ in range(m["photos"]))
+        return DatasetAction.objects.create(
+            project=project,
+            kind=DatasetAction.Kind.SPLITS_UNLEAK,
+            user=user,
+            summary=(
+                f"moved {sum(m['photos'] for m in moves)} photo(s) of {len(moves)} group(s) so that linked photos "
+                f"share a split ({', '.join(f'{k} {n}' for k, n in sorted(by_move.items()))}); freeze a new "
+                "version to use it"
+            )[:500],
+            params={"report": sim["report"]},
+            changes={"group_splits": moves},
+        )
 
 
 def _similarity_links(project: Project, group_of: dict[int, str]) -> tuple[list[tuple[str, str]], dict]:

@@ -112,6 +112,66 @@ def test_a_new_group_linked_to_a_frozen_one_joins_its_sticky_split(shapes_projec
     assert dict(v1.items.values_list("image_id", "split")).items() <= split.items()
 
 
+@pytest.mark.django_db
+def test_moving_linked_photos_into_one_split_fixes_a_version_frozen_before_the_scan(
+    shapes_project, client, admin_user, reviewer
+):
+    project = shapes_project(10)
+    v1, _ = versions.dataset_version_create(project=project)  # no scan yet: nothing linked
+    split1 = dict(v1.items.values_list("image_id", "split"))
+    by_split = {
+        s: list(v1.items.filter(split=s).order_by("image_id").values_list("image_id", flat=True))
+        for s in ("train", "val", "test")
+    }
+    url = reverse("labeling:splits-unleak", args=[project.slug])
+    client.force_login(admin_user)
+    client.post(url)  # no finished scan: refused, nothing changes
+    assert not project.dataset_actions.exists()
+    report = _finished_report(project)
+    # One test photo is the twin of two train photos (of three groups); one val photo of one test photo (a tie).
+    photo = {i.id: i for i in Image.objects.filter(project=project)}
+    t, tr1 = photo[by_split["test"][0]], photo[by_split["train"][0]]
+    tr2 = next(photo[i] for i in by_split["train"] if photo[i].group_key != tr1.group_key)
+    for img in (tr1, tr2):
+        SimilarPair.objects.create(report=report, image_a=t, image_b=img, similarity=0.9)
+    v, te = photo[by_split["val"][0]], photo[by_split["test"][-1]]
+    DuplicateCluster.objects.create(report=report, kind="near", image_ids=[v.id, te.id])
+
+    client.force_login(reviewer)
+    assert client.post(url).status_code == 403
+    assert not project.dataset_actions.exists()
+    client.force_login(admin_user)
+    page = client.get(reverse("labeling:health", args=[project.slug]))
+    assert page.status_code == 200
+    resp = client.post(url, follow=True)
+    assert resp.status_code == 200
+    action = project.dataset_actions.get()
+    # test 2 / train 4 -> train; val 2 / test 2 -> val (a tie: the test split keeps no twin)
+    assert "moved 4 photo(s) of 2 group(s)" in action.summary and "test→train 2" in action.summary
+    assert "test→val 2" in action.summary
+    assert f"Done: {action.summary}" in resp.content.decode()
+    assert GroupSplit.objects.get(project=project, group_key=t.group_key).split == "train"
+    assert GroupSplit.objects.get(project=project, group_key=te.group_key).split == "val"
+
+    # The same photos and labels freeze into a new version with the new splits; nothing else moved.
+    v2, created = versions.dataset_version_create(project=project)
+    assert created and v2.content_hash == v1.content_hash
+    split2 = dict(v2.items.values_list("image_id", "split"))
+    moved = {i for i in split1 if split1[i] != split2[i]}
+    keys = [t.group_key, te.group_key]
+    assert moved == set(Image.objects.filter(project=project, group_key__in=keys).values_list("id", flat=True))
+    assert len({split2[i] for i in (t.id, tr1.id, tr2.id)}) == 1 and split2[v.id] == split2[te.id]
+    assert versions.dataset_version_create(project=project) == (v2, False)  # nothing changed since
+    with pytest.raises(versions.LabelingError, match="Nothing to move"):
+        versions.splits_unleak(project=project)
+
+    # Undo puts the groups back; the next freeze follows.
+    assert health.action_undo(action=action) == {"skipped": 0}
+    assert GroupSplit.objects.get(project=project, group_key=t.group_key).split == "test"
+    v3, created = versions.dataset_version_create(project=project)
+    assert created and dict(v3.items.values_list("image_id", "split")) == split1
+
+
 # ---------------------------------------------------------------------------------------------- scan
 @pytest.mark.django_db
 def test_scan_embeds_with_the_pretrained_backbone_finds_the_pairs_and_reports_leaky_splits(
