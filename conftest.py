@@ -19,7 +19,8 @@ def _isolated_files(settings, tmp_path):
     settings.ARTIFACT_ROOT = tmp_path / "artifacts"
     settings.IMPORT_ROOTS = [tmp_path / "import"]
     settings.LOUPE_EXPORT_ROOT = tmp_path / "exports"
-    settings.LOUPE_TRAIN_OVERRIDES = {"pretrained": False}  # no hub downloads in tests (no network in CI)
+    # No hub downloads in tests (no network in CI); so no tail fine-tune (it needs pretrained weights) either.
+    settings.LOUPE_TRAIN_OVERRIDES = {"pretrained": False, "tail_from_block": None}
     settings.LOUPE_MISLABEL_AFTER_TRAINING = False  # K fold trainings after every run: only where a test asks
     settings.LOUPE_UNCERTAIN_AFTER_PROMOTE = False  # re-ranking every unlabeled photo after each promote: likewise
     # The health scan's similarity pass embeds every photo with a pretrained backbone: only where a test asks.

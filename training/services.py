@@ -96,6 +96,11 @@ def training_run_create(
             "quick retrain needs a pretrained backbone (its heads train on frozen features): set pretrained = true "
             "or pretrained_path, or run a full fine-tune."
         )
+    if resolved["tail_from_block"] is not None and not (resolved["pretrained"] or resolved["pretrained_path"]):
+        raise TrainingError(
+            "the tail fine-tune (tail_from_block) needs a pretrained backbone (its first blocks stay frozen): set "
+            "pretrained = true or pretrained_path, or tail_from_block = null for a whole-network fine-tune."
+        )
     if dataset_version is not None and dataset_version.project_id != project.id:
         raise TrainingError("That dataset version belongs to another project.")
     from .reconcile import jobs_reconcile

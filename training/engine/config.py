@@ -113,6 +113,13 @@ DEFAULT_CONFIG: dict[str, Any] = {
     # weights that resolve. lr, weight_decay, label_smoothing, class weighting and early stopping apply.
     "quick": False,
     "quick_epochs": 60,
+    # Tail fine-tune (training/engine/tail.py): an integer k = freeze the backbone's blocks before block k for the
+    # whole run, compute their output maps once per photo and view (the centre crop + tail_views - 1 draws of the
+    # training augmentation), and fine-tune blocks[k:] + conv_head + the heads on them (phase 1: heads on cached
+    # pooled features). Much faster than a whole-network fine-tune on a CPU; EfficientNet/MobileNet-style
+    # backbones only; runs on the CPU (`device` is not used). null = train_model's whole-network recipe.
+    "tail_from_block": None,
+    "tail_views": 2,
 }
 
 # Keys that only change how/where training runs, not what it computes: a checkpoint written with other values
@@ -147,6 +154,7 @@ INT_KEYS = (
     "freeze_backbone_epochs",
     "checkpoint_every",
     "quick_epochs",
+    "tail_views",
 )
 FLOAT_KEYS = (
     "arcface_margin",
@@ -188,6 +196,14 @@ def _validate(cfg: dict[str, Any]) -> None:
         "a timm model name such as 'mobilenetv3_small_100'",
     )
     _check(isinstance(cfg["pretrained"], bool), "pretrained", cfg["pretrained"], "true or false")
+    tfb = cfg["tail_from_block"]
+    _check(tfb is None or (_is_int(tfb) and 1 <= tfb <= 64), "tail_from_block", tfb, "null or an integer >= 1")
+    _check(
+        _is_int(cfg["tail_views"]) and 1 <= cfg["tail_views"] <= 8,
+        "tail_views",
+        cfg["tail_views"],
+        "an integer from 1 to 8 (the centre crop + augmented views per photo)",
+    )
     _check(
         cfg["pretrained_path"] is None or (isinstance(cfg["pretrained_path"], str) and cfg["pretrained_path"]),
         "pretrained_path",

@@ -582,6 +582,10 @@ def train_model(
     freeze_backbone_epochs + 1 (metrics["phase1"] says so). Without it, phase 1 trains on the photos."""
     t_start = time.monotonic()
     cfg = resolve_config(config)
+    if cfg["tail_from_block"] is not None:  # the CPU recipe (presets set it to null on CUDA workers)
+        from .tail import train_tail  # noqa: PLC0415 - tail imports this module
+
+        return train_tail(manifest, config, out_dir, cache_dir=cache_dir, progress=progress, fresh=fresh)
     parsed = parse_manifest(manifest)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -79,6 +79,12 @@ def _evaluate(model: LoupeNet, X: torch.Tensor, Y: torch.Tensor, head_names: lis
     """loop.evaluate on feature arrays: per head top-1/top-5, n_val and per-class counts; mean CE summed over heads."""
     model.eval()
     logits, _ = model(X)
+    return evaluate_logits(logits, Y, head_names, head_sizes)
+
+
+def evaluate_logits(logits: list[torch.Tensor], Y: torch.Tensor, head_names: list[str], head_sizes: list[int]) -> dict:
+    """Per head top-1/top-5, n_val and per-class counts of logits against targets Y (IGNORE_INDEX = unknown); mean CE
+    summed over heads."""
     heads, losses = {}, []
     for h, name in enumerate(head_names):
         yh = Y[:, h]
@@ -239,7 +245,7 @@ def train_heads(
     }
 
 
-def resolve_pretrained_backbone(cfg: dict):
+def resolve_pretrained_backbone(cfg: dict, what: str = "quick retrain", instead: str = "run a full fine-tune"):
     """(backbone, weights) of the config's starting weights; NoPretrainedBackbone when none resolve."""
     backbone, weights = create_backbone(
         cfg["backbone"],
@@ -249,9 +255,9 @@ def resolve_pretrained_backbone(cfg: dict):
     )
     if weights["source"] == "none":
         raise NoPretrainedBackbone(
-            "quick retrain needs a pretrained backbone: its heads train on the frozen backbone's features, which "
-            "are meaningless from random init. Set pretrained: true (with weights that resolve offline: the hub "
-            "cache or the bundled tf_efficientnet_lite0/1/2) or pretrained_path, or run a full fine-tune. "
+            f"{what} needs a pretrained backbone: it trains on the frozen backbone's features, which are "
+            "meaningless from random init. Set pretrained: true (with weights that resolve offline: the hub "
+            f"cache or the bundled tf_efficientnet_lite0/1/2) or pretrained_path, or {instead}. "
             f"({weights['detail']})"
         )
     return backbone, weights

@@ -142,6 +142,9 @@ def test_yaml_preset_under_settings_project_options_and_run_overrides(project, s
     assert preset["backbone"] == "tf_efficientnet_lite0" and preset["pretrained"] is True and "cuda" not in preset
     assert preset["freeze_backbone_epochs"] > 0 and preset["early_stopping"]["patience"]  # the seeds' two phases
     assert services.preset_config("retrieval", cuda=True)["backbone"] == "tf_efficientnet_lite2"
+    for name in ("car", "lego", "sku", "retrieval"):  # CPU: phase 2 is the tail fine-tune; CUDA: the whole network
+        assert services.preset_config(name, cuda=False)["tail_from_block"] == 5
+        assert services.preset_config(name, cuda=True)["tail_from_block"] is None
     from training.engine import pretrained as pretrained_lib
 
     for name in ("car", "lego", "sku", "retrieval"):  # every preset's backbone has weights that resolve offline
