@@ -21,8 +21,9 @@ def _isolated_files(settings, tmp_path):
     settings.LOUPE_EXPORT_ROOT = tmp_path / "exports"
     # No hub downloads in tests (no network in CI); so no tail fine-tune (it needs pretrained weights) either.
     settings.LOUPE_TRAIN_OVERRIDES = {"pretrained": False, "tail_from_block": None}
-    settings.LOUPE_MISLABEL_AFTER_TRAINING = False  # K fold trainings after every run: only where a test asks
+    settings.LOUPE_MISLABEL_AFTER_PROMOTE = False  # K fold trainings after every promote: only where a test asks
     settings.LOUPE_UNCERTAIN_AFTER_PROMOTE = False  # re-ranking every unlabeled photo after each promote: likewise
+    settings.LOUPE_AUTO_PROMOTE = "first"  # the promote gate auto-promotes later models only where a test asks
     # The health scan's similarity pass embeds every photo with a pretrained backbone: only where a test asks.
     settings.LOUPE_SCAN_SIMILARITY = False
     settings.LOUPE_FEATURE_CACHE = tmp_path / "feature-cache"

@@ -52,7 +52,7 @@ ENV = {
     "DJANGO_SETTINGS_MODULE": "webapp.settings",
     "LOUPE_API_RATE": "10000000/min",  # one token for all 50 clients: the throttle runs but never refuses
     "LOUPE_UNCERTAIN_AFTER_PROMOTE": "0",  # no worker here: the promotes measure the switch alone
-    "LOUPE_MISLABEL_AFTER_TRAINING": "0",
+    "LOUPE_MISLABEL_AFTER_PROMOTE": "0",
     "SECURE_SSL_REDIRECT": "0",  # plain HTTP on loopback (production sits behind a TLS proxy)
 }
 os.environ.update(ENV)

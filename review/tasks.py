@@ -14,13 +14,19 @@ from . import services
 )
 def mislabel_refresh(version_id: int, k: int = 5, mode: str = "auto") -> dict:
     """Out-of-fold predictions of the version's frozen dataset (heads on cached frozen features when the backbone
-    is pretrained, else K fresh models: GPU work), then the project's mislabel queue from them. Queued after every
-    successful training run (LOUPE_MISLABEL_AFTER_TRAINING)."""
+    is pretrained, else K fresh models: GPU work; reused when the version already has them, e.g. a rollback), then
+    the project's mislabel queue from them. Queued when a version becomes active (LOUPE_MISLABEL_AFTER_PROMOTE) or
+    by an admin; a version that is no longer the active one when the task runs leaves the queue alone."""
     from training import services as training_services
 
     version = ModelVersion.objects.get(pk=version_id)
-    training_services.model_version_oof(version=version, k=k, mode=mode)
+    if not version.is_active:
+        return {"skipped": f"v{version.number} is not the active version"}
+    if not training_services.model_version_has_oof(version=version, k=k):
+        training_services.model_version_oof(version=version, k=k, mode=mode)
     version.refresh_from_db()
+    if not version.is_active:  # promoted away while the fold models trained
+        return {"skipped": f"v{version.number} is not the active version"}
     return services.mislabel_refresh(version=version)
 
 

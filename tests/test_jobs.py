@@ -212,7 +212,7 @@ def _worker(tmp_path: Path, broker_url: str, name: str, settings) -> subprocess.
         "MEDIA_ROOT": str(settings.MEDIA_ROOT),
         "ARTIFACT_ROOT": str(settings.ARTIFACT_ROOT),
         "LOUPE_HEARTBEAT_SECONDS": "0.5",
-        "LOUPE_MISLABEL_AFTER_TRAINING": "0",
+        "LOUPE_MISLABEL_AFTER_PROMOTE": "0",
         "LOUPE_UNCERTAIN_AFTER_PROMOTE": "0",
     }
     log = open(tmp_path / f"{name}.log", "wb")  # noqa: SIM115 - the process keeps it

@@ -31,7 +31,7 @@ def _wait(predicate, timeout=240, what="condition"):
 
 def test_import_train_promote_recognise_through_worker(worker, photo_folder, admin_user, settings):
     assert app.conf.broker_url.startswith("redis://"), "make test runs the worker on Redis"
-    settings.LOUPE_MISLABEL_AFTER_TRAINING = True  # as in production: OOF + mislabel queue after each run
+    settings.LOUPE_MISLABEL_AFTER_PROMOTE = True  # as in production: OOF + mislabel queue after each promote
     call_command("import_images", "shapes", str(photo_folder(groups=8)), "--create", "retrieval")
     project = Project.objects.get(slug="shapes")
     Project.objects.filter(pk=project.pk).update(min_image_side=32)  # the test photos are 64 px
@@ -54,7 +54,7 @@ def test_import_train_promote_recognise_through_worker(worker, photo_folder, adm
     }
     body = client.post(url, payload, format="json").json()
     assert body["model_version"] == 1 and "class" in body["heads"]
-    # After the run the worker computed out-of-fold predictions and rebuilt the mislabel queue from them.
+    # Once v1 was active the worker computed out-of-fold predictions and rebuilt the mislabel queue from them.
     queued = _wait(lambda: ModelVersion.objects.get(pk=v1.pk).metrics.get("mislabel_queue"), what="mislabel queue")
     assert set(queued) == {"class"}
     assert ModelVersion.objects.get(pk=v1.pk).metrics["oof"]["k"] == 5
@@ -64,8 +64,12 @@ def test_import_train_promote_recognise_through_worker(worker, photo_folder, adm
     _wait(lambda: TrainingRun.objects.filter(pk=run2.pk, status="succeeded").exists(), what="second training")
     v2 = ModelVersion.objects.get(run=run2)
     assert not v2.is_active
-    services.model_version_promote(version=v2, user=admin_user)
+    # The review queues follow the active model: a run nobody promoted does not rebuild them.
+    time.sleep(2)
+    assert "oof" not in ModelVersion.objects.get(pk=v2.pk).metrics
+    services.model_version_promote(version=v2, user=admin_user, confirm_drop=True)  # one epoch: maybe worse
     _wait(lambda: ModelVersion.objects.filter(pk=v2.pk, is_active=True).exists(), what="promote v2")
+    _wait(lambda: ModelVersion.objects.get(pk=v2.pk).metrics.get("mislabel_queue"), what="v2's mislabel queue")
     from django.test import override_settings
 
     with override_settings(LOUPE_ACTIVE_MODEL_TTL=0):

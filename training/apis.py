@@ -31,6 +31,10 @@ class ModelVersionSerializer(serializers.ModelSerializer):
         help_text="Where the backbone's starting weights came from (none = random init); null when not recorded.",
     )
     pretrained_detail = serializers.SerializerMethodField()
+    gate = serializers.SerializerMethodField(
+        help_text="The promote gate's verdict when the version was trained beside an active one: passed, new and "
+        "active mean top-1 on the same frozen test split, drop, reason; null for a project's first model"
+    )
 
     class Meta:
         model = ModelVersion
@@ -48,6 +52,7 @@ class ModelVersionSerializer(serializers.ModelSerializer):
             "dataset_version",
             "pretrained_source",
             "pretrained_detail",
+            "gate",
         ]
 
     def get_evaluated_on(self, obj) -> str:
@@ -67,6 +72,9 @@ class ModelVersionSerializer(serializers.ModelSerializer):
     def get_pretrained_detail(self, obj) -> str:
         """The package, hub id or file the weights came from, or why there were none."""
         return obj.metrics.get("pretrained_detail") or ""
+
+    def get_gate(self, obj) -> dict | None:
+        return obj.metrics.get("gate")
 
     def get_dataset_version(self, obj) -> int | None:
         return obj.run.dataset_version.number if obj.run_id and obj.run.dataset_version_id else None
@@ -93,11 +101,36 @@ class ModelVersionPromoteView(APIView):
 
     @extend_schema(
         request=None,
-        responses={200: ModelVersionSerializer, 202: ModelVersionSerializer},
+        parameters=[
+            OpenApiParameter(
+                "confirm_drop",
+                bool,
+                description="Promote even when the version is worse than the active one on the same test split",
+            )
+        ],
+        responses={
+            200: ModelVersionSerializer,
+            202: ModelVersionSerializer,
+            409: OpenApiResponse(description="worse than the active version on the same test split (promote_worse)"),
+        },
         summary="Promote (or roll back to) a version: 200 when active now, 202 while its index builds",
     )
     def post(self, request, slug, number):
-        version = services.model_version_promote(version=_version(slug, number), user=request.user)
+        raw = request.query_params.get("confirm_drop") or (
+            request.data.get("confirm_drop") if hasattr(request.data, "get") else None
+        )
+        confirm = str(raw).lower() in ("1", "true", "yes")
+        try:
+            version = services.model_version_promote(
+                version=_version(slug, number), user=request.user, confirm_drop=confirm
+            )
+        except services.PromoteNeedsConfirmation as exc:
+            raise ApiError(
+                f"{exc} Send confirm_drop=true to promote it anyway.",
+                code="promote_worse",
+                details=exc.gate,
+                status_code=409,
+            ) from None
         return Response(ModelVersionSerializer(version).data, status=200 if version.is_active else 202)
 
 

@@ -296,15 +296,18 @@ def _training_run_train(run: TrainingRun, out_dir: Path, *, inline: bool, fresh:
             error="Not promoted automatically: the dataset version has no validation photos, so this model was "
             "evaluated on its training photos (train, optimistic). Promote it on the Models page if you accept that."
         )
-    elif not project.model_versions.filter(is_active=True).exists():
-        # The first model of a project is promoted automatically; later ones wait for an admin.
-        model_version_promote(version=version, user=None, inline=inline)
-    if settings.LOUPE_MISLABEL_AFTER_TRAINING and not inline:
-        # The mislabel queue is rebuilt from this version's out-of-fold predictions (K fold models: gpu queue).
-        from review.tasks import mislabel_refresh
-
-        vid = version.id
-        jobs.send_on_commit(mislabel_refresh, vid, kind="mislabel_refresh", pk=vid, what="the mislabel queue")
+    else:
+        active = project.model_versions.filter(is_active=True).exclude(pk=version.pk).first()
+        if active is None:  # the first model of a project is promoted automatically
+            model_version_promote(version=version, user=None, inline=inline)
+        else:  # the promote gate: a later one only when it is no worse on the same frozen test split
+            gate = promote_gate(version=version, active=active)
+            version.refresh_from_db()
+            ModelVersion.objects.filter(pk=version.pk).update(metrics={**version.metrics, "gate": gate})
+            if gate["passed"] and settings.LOUPE_AUTO_PROMOTE == "gate":
+                model_version_promote(version=version, user=None, inline=inline, confirm_drop=True)
+    # The review queues follow the active model: they are rebuilt when a version becomes active
+    # (model_version_activate), never by a run that is not promoted.
     run.refresh_from_db()
     return run
 
@@ -407,9 +410,63 @@ def model_version_register(
         )
 
 
-def model_version_promote(*, version: ModelVersion, user=None, inline: bool = False) -> ModelVersion:
+class PromoteNeedsConfirmation(TrainingError):
+    """Promoting this version would serve a model that is worse than the active one on the same test split."""
+
+    def __init__(self, gate: dict):
+        self.gate = gate
+        super().__init__(f"{gate['reason']}. Promote it anyway only if you accept that drop (confirm it).")
+
+
+def _mean_top1(heads: dict) -> float | None:
+    values = [m["top1"] for m in heads.values() if m and m.get("top1") is not None]
+    return sum(values) / len(values) if values else None
+
+
+def promote_gate(*, version: ModelVersion, active: ModelVersion) -> dict:
+    """DESIGN step 4: is `version` no worse than the `active` one on the primary metric (mean top-1 over the
+    heads) of the same frozen test split (the newer version's; model_versions_compare)? Returns {"against",
+    "passed", "new", "active", "drop", "n_test", "split_of", "reason"}; "passed" is False when they cannot be
+    compared (no test split), with the reason. Tolerance: LOUPE_PROMOTE_TOLERANCE (top-1, default 0)."""
+    out = {"against": active.number, "passed": False, "new": None, "active": None, "drop": None}
+    try:
+        cmp = model_versions_compare(a=active, b=version)
+    except (ValueError, OSError) as exc:
+        out["reason"] = f"v{version.number} could not be compared with active v{active.number}: {exc}"
+        return out
+    new = _mean_top1(cmp["versions"][str(version.number)])
+    old = _mean_top1(cmp["versions"][str(active.number)])
+    out.update(split_of=cmp["test_split_of"], n_test=cmp["n_test"], new=new, active=old)
+    where = f"v{cmp['test_split_of']}'s frozen test split ({cmp['n_test']} photos)"
+    if new is None or old is None:
+        out["reason"] = (
+            f"v{version.number} could not be compared with active v{active.number}: no labeled photo in {where}"
+        )
+        return out
+    out["drop"] = round(old - new, 4)
+    out["passed"] = new >= old - float(settings.LOUPE_PROMOTE_TOLERANCE)
+    verdict = "no worse" if new >= old else f"{(old - new) * 100:.1f} points of mean top-1 worse"
+    out["reason"] = (
+        f"v{version.number} scores {new:.3f} mean top-1 on {where} against {old:.3f} for active v{active.number}: "
+        f"{verdict}"
+    )
+    return out
+
+
+def model_version_promote(
+    *, version: ModelVersion, user=None, inline: bool = False, confirm_drop: bool = False
+) -> ModelVersion:
     """Ask for `version` to become active: the index is built first (Celery, queue default), then the switch
-    is one transaction. Promoting a version whose index is ready switches at once (rollback)."""
+    is one transaction. Promoting a version whose index is ready switches at once (rollback). A version that is
+    worse than the active one on the same frozen test split (promote_gate) is refused with
+    PromoteNeedsConfirmation, naming the drop, unless `confirm_drop`."""
+    if not confirm_drop and not version.is_active:
+        active = ModelVersion.objects.filter(project_id=version.project_id, is_active=True).exclude(pk=version.pk)
+        active = active.first()
+        if active is not None:
+            gate = promote_gate(version=version, active=active)
+            if not gate["passed"] and gate["drop"] is not None:
+                raise PromoteNeedsConfirmation(gate)
     with transaction.atomic():
         version = ModelVersion.objects.select_for_update().get(pk=version.pk)
         before = {f: getattr(version, f) for f in ("promote_requested", "promoted_by", "index_status", "index_error")}
@@ -517,6 +574,13 @@ def model_version_activate(*, version: ModelVersion) -> ModelVersion:
         ModelVersion.objects.filter(pk=version.pk).update(
             is_active=True, promote_requested=False, promoted_at=timezone.now()
         )
+        # The review queues follow the active model: rebuilt on every promote and rollback, never by a run that was
+        # not promoted. Each task checks that its version is still the active one when it runs.
+        if settings.LOUPE_MISLABEL_AFTER_PROMOTE:  # out-of-fold predictions of its dataset (reused if computed)
+            from review.tasks import mislabel_refresh
+
+            vid = version.id
+            jobs.send_on_commit(mislabel_refresh, vid, kind="mislabel_refresh", pk=vid, what="the mislabel queue")
         if settings.LOUPE_UNCERTAIN_AFTER_PROMOTE:  # the new model re-ranks the low-confidence queue
             from review.tasks import uncertain_refresh
 
@@ -598,6 +662,14 @@ def model_version_oof(*, version: ModelVersion, k: int = 5, mode: str = "auto") 
         raise TrainingError(str(exc)) from exc
     ModelVersion.objects.filter(pk=version.pk).update(metrics={**version.metrics, "oof": summary})
     return summary
+
+
+def model_version_has_oof(*, version: ModelVersion, k: int = 5) -> bool:
+    """Whether the version's out-of-fold predictions (K folds) are on disk: they never change (the version's
+    dataset is frozen), so a rollback or a second refresh reuses them."""
+    summary = (version.metrics or {}).get("oof") or {}
+    art = Path(version.artifact_dir) / "oof"
+    return summary.get("k") == k and (art / "oof_meta.json").is_file() and (art / "oof_predictions.npz").is_file()
 
 
 def model_version_for(project: Project, number: int | None) -> ModelVersion:

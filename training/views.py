@@ -205,7 +205,13 @@ def version_thresholds_apply(request, slug, number):
 def version_promote(request, slug, number):
     project = current_project(request, slug)
     version = get_object_or_404(ModelVersion, project=project, number=number)
-    version = services.model_version_promote(version=version, user=request.user)
+    try:
+        version = services.model_version_promote(
+            version=version, user=request.user, confirm_drop=request.POST.get("confirm_drop") == "1"
+        )
+    except services.PromoteNeedsConfirmation as exc:  # worse than the active one on the same test split: ask
+        context = {"project": project, "version": version, "gate": exc.gate}
+        return render(request, "training/promote_confirm.html", context, status=409)
     if version.is_active:
         messages.success(request, f"Model v{version.number} is now active.")
     else:

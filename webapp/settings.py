@@ -152,7 +152,18 @@ DATA_UPLOAD_MAX_NUMBER_FILES = 50
 # How often a server process re-reads which model version is active (seconds).
 LOUPE_ACTIVE_MODEL_TTL = env.float("LOUPE_ACTIVE_MODEL_TTL", default=2.0)
 # After every training run on a worker, queue out-of-fold predictions + the mislabel queue refresh (gpu queue).
-LOUPE_MISLABEL_AFTER_TRAINING = env.bool("LOUPE_MISLABEL_AFTER_TRAINING", default=True)
+# The mislabel queue is rebuilt from the active model on every promote and rollback (LOUPE_MISLABEL_AFTER_TRAINING
+# is its former name, still read).
+LOUPE_MISLABEL_AFTER_PROMOTE = env.bool(
+    "LOUPE_MISLABEL_AFTER_PROMOTE", default=env.bool("LOUPE_MISLABEL_AFTER_TRAINING", default=True)
+)
+# Promote gate (DESIGN step 4): "gate" = a new version becomes active by itself when it is no worse than the active
+# one (mean top-1 on the same frozen test split, within LOUPE_PROMOTE_TOLERANCE); "first" = only a project's first
+# model does, later ones wait for an admin.
+LOUPE_AUTO_PROMOTE = env.str("LOUPE_AUTO_PROMOTE", default="gate")
+if LOUPE_AUTO_PROMOTE not in ("gate", "first"):
+    raise environ.ImproperlyConfigured(f"LOUPE_AUTO_PROMOTE must be 'gate' or 'first', not {LOUPE_AUTO_PROMOTE!r}.")
+LOUPE_PROMOTE_TOLERANCE = env.float("LOUPE_PROMOTE_TOLERANCE", default=0.0)
 # After every promote, re-rank the low-confidence queue with the new model (gpu queue); its batch size.
 LOUPE_UNCERTAIN_AFTER_PROMOTE = env.bool("LOUPE_UNCERTAIN_AFTER_PROMOTE", default=True)
 LOUPE_UNCERTAIN_BATCH = env.int("LOUPE_UNCERTAIN_BATCH", default=500)

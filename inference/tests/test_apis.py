@@ -86,8 +86,8 @@ def test_recognize_json_and_multipart_then_hot_swap(api, project):
 
     # Promote a second model: the running server serves it without a restart.
     v2 = _train(project, epochs=1)
-    assert not v2.is_active  # later models wait for an admin
-    training_services.model_version_promote(version=v2, inline=True)
+    assert not v2.is_active  # later models wait for an admin (conftest: LOUPE_AUTO_PROMOTE "first")
+    training_services.model_version_promote(version=v2, inline=True, confirm_drop=True)  # one epoch: maybe worse
     from django.test import override_settings
 
     with override_settings(LOUPE_ACTIVE_MODEL_TTL=0):

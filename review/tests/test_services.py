@@ -188,3 +188,20 @@ def test_relabeling_a_model_sets_its_make_and_undo_puts_both_back(reviewer):
     assert labels_of(other) == {"make": "Honda", "model": "Civic"}
     action_undo(action=action, user=reviewer)
     assert labels_of(other) == {"make": "Toyota", "model": "Corolla"}
+
+
+@pytest.mark.django_db
+def test_the_refresh_task_reuses_a_versions_oof_and_leaves_the_queue_alone_for_a_version_not_active(shapes_project):
+    from review import tasks
+    from training.models import ModelVersion
+
+    project = shapes_project(6)
+    version = trained_version(project)
+    assert version.is_active  # a project's first model
+    flipped = plant(project, version)  # out-of-fold files on disk, as a finished OOF job leaves them
+    ModelVersion.objects.filter(pk=version.pk).update(metrics={**version.metrics, "oof": {"k": 5}})
+    assert tasks.mislabel_refresh(version.id) == {"class": len(flipped)}  # reused: the planted flips, no refit
+    ModelVersion.objects.filter(pk=version.pk).update(is_active=False)  # e.g. another version was promoted
+    ReviewItem.objects.all().delete()
+    assert tasks.mislabel_refresh(version.id) == {"skipped": f"v{version.number} is not the active version"}
+    assert not ReviewItem.objects.exists()

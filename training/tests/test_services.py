@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 from django.core.management import CommandError, call_command
+from django.urls import reverse
 
 from conftest import TINY_TRAIN
 from labeling.services import project_create
@@ -234,3 +235,51 @@ def test_a_model_without_validation_photos_says_train_optimistic_and_is_not_auto
     body = api.get(f"/api/v1/projects/{project.slug}/models/").json()
     assert body[0]["evaluated_on"] == "train (optimistic)"
     assert "train (optimistic)" in (Path(v.artifact_dir) / "report.md").read_text()
+
+
+def test_promote_gate_promotes_a_model_no_worse_on_the_same_test_split_and_holds_a_worse_one(
+    project, settings, client, admin_user
+):
+    settings.LOUPE_AUTO_PROMOTE = "gate"
+
+    def train(**over):
+        run = services.training_run_create(project=project, config={**TINY_TRAIN, **over}, queue=False)
+        run = services.training_run_execute(run_id=run.id, inline=True)
+        assert run.status == TrainingRun.Status.SUCCEEDED, run.error
+        return ModelVersion.objects.get(run=run)
+
+    good = {"epochs": 8}
+    v1 = train(**good)
+    assert v1.is_active and "gate" not in v1.metrics  # the first model: nothing to compare with
+    v2 = train(epochs=1, lr=1e-7)  # learns nothing: worse than v1 on v2's test split
+    gate = v2.metrics["gate"]
+    assert not v2.is_active and gate["passed"] is False and gate["against"] == 1 and gate["split_of"] == 2
+    assert gate["new"] < gate["active"] and gate["drop"] == round(gate["active"] - gate["new"], 4)
+    assert "points of mean top-1 worse" in gate["reason"] and f"({gate['n_test']} photos)" in gate["reason"]
+    client.force_login(admin_user)
+    page = client.get(reverse("training:version-list", args=[project.slug])).content.decode()
+    assert "waits for an admin" in page and "points of mean top-1 worse" in page
+
+    # A manual promote of the worse model asks for confirmation, naming the drop (page and API), then goes ahead.
+    url = reverse("training:version-promote", args=[project.slug, 2])
+    response = client.post(url)
+    assert response.status_code == 409 and "points of mean top-1 worse" in response.content.decode()
+    assert not ModelVersion.objects.get(pk=v2.pk).promote_requested
+    api = f"/api/v1/projects/{project.slug}/models/2/promote/"
+    body = client.post(api).json()
+    assert body["error"]["code"] == "promote_worse" and body["error"]["details"]["drop"] == gate["drop"]
+    with pytest.raises(services.PromoteNeedsConfirmation, match="worse"):
+        services.model_version_promote(version=v2, inline=True)
+    services.model_version_promote(version=v2, inline=True, confirm_drop=True)
+    assert ModelVersion.objects.get(is_active=True) == v2
+
+    # The same recipe as v1 again: no worse than the active v2, so it is promoted by itself.
+    v3 = train(**good)
+    assert v3.metrics["gate"]["passed"] is True and v3.metrics["gate"]["against"] == 2
+    assert ModelVersion.objects.get(is_active=True) == v3
+
+    # "first": later models always wait for an admin, gate or not.
+    settings.LOUPE_AUTO_PROMOTE = "first"
+    v4 = train(**good)
+    assert v4.metrics["gate"]["passed"] is True and not v4.is_active
+    assert "passed the gate" in client.get(reverse("training:version-list", args=[project.slug])).content.decode()
