@@ -66,12 +66,15 @@ test: .venv/.dev services browser nginx
 	DEBUG=1 DATABASE_URL=$(TEST_DATABASE_URL) CELERY_BROKER_URL=$(TEST_BROKER_URL) LOUPE_VAR_DIR=$(CURDIR)/var/test \
 	  $(PY) manage.py makemigrations --check --dry-run
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	.venv/bin/lint-imports
 	DEBUG=1 HF_HUB_OFFLINE=1 DATABASE_URL=$(TEST_DATABASE_URL) CELERY_BROKER_URL=$(TEST_BROKER_URL) LOUPE_VAR_DIR=$(CURDIR)/var/test \
 	  $(PY) -m pytest $(PYTEST_ARGS)
 
 lint: .venv/.dev
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	.venv/bin/lint-imports
 
 fmt: .venv/.dev
 	$(PY) -m ruff format .

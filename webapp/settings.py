@@ -38,6 +38,7 @@ INSTALLED_APPS = [
     "training",
     "inference",
     "review",
+    "pipeline",
 ]
 
 MIDDLEWARE = [
