@@ -13,7 +13,7 @@ import traceback
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.db.models import Count, F, Q
 from django.utils import timezone
 
@@ -74,7 +74,11 @@ def health_report_create(
     with transaction.atomic():
         if project.health_reports.filter(status__in=[HealthReport.Status.QUEUED, HealthReport.Status.RUNNING]).exists():
             raise LabelingError("A health scan is already queued or running for this project.")
-        report = HealthReport.objects.create(project=project, created_by=user, params=params)
+        try:
+            with transaction.atomic():  # a savepoint: the constraint settles a race the check above lost
+                report = HealthReport.objects.create(project=project, created_by=user, params=params)
+        except IntegrityError:
+            raise LabelingError("A health scan is already queued or running for this project.") from None
         if queue:
             from .tasks import health_scan
 

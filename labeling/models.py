@@ -317,6 +317,13 @@ class HealthReport(models.Model):
 
     class Meta:
         ordering = ["-created_at", "-id"]
+        constraints = [  # one queued or running scan per project, whatever races the web processes run
+            models.UniqueConstraint(
+                fields=["project"],
+                condition=models.Q(status__in=["queued", "running"]),
+                name="health_report_one_active_per_project",
+            )
+        ]
 
     def __str__(self) -> str:
         return f"health report {self.pk} ({self.status})"

@@ -59,6 +59,13 @@ class TrainingRun(models.Model):
 
     class Meta:
         ordering = ["-created_at", "-id"]
+        constraints = [  # one queued or running training run per project, whatever races the web processes run
+            models.UniqueConstraint(
+                fields=["project"],
+                condition=models.Q(status__in=["queued", "running"]),
+                name="training_run_one_active_per_project",
+            )
+        ]
 
     def __str__(self) -> str:
         return f"run {self.pk} ({self.status})"

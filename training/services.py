@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 from django.conf import settings
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.db.models import F, Max, Q
 from django.db.models.functions import Coalesce
 from django.utils import timezone
@@ -120,9 +120,13 @@ def training_run_create(
             raise TrainingError(
                 f"Dataset version {dataset_version.number} has no train images; label more groups first."
             )
-        run = TrainingRun.objects.create(
-            project=project, created_by=user, config=config or {}, dataset_version=dataset_version
-        )
+        try:
+            with transaction.atomic():  # a savepoint: the constraint settles a race the check above lost
+                run = TrainingRun.objects.create(
+                    project=project, created_by=user, config=config or {}, dataset_version=dataset_version
+                )
+        except IntegrityError:
+            raise TrainingError("A training run is already queued or running for this project.") from None
         if queue:
             from .tasks import train_run
 

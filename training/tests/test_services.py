@@ -283,3 +283,53 @@ def test_promote_gate_promotes_a_model_no_worse_on_the_same_test_split_and_holds
     v4 = train(**good)
     assert v4.metrics["gate"]["passed"] is True and not v4.is_active
     assert "passed the gate" in client.get(reverse("training:version-list", args=[project.slug])).content.decode()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_one_active_run_and_one_active_scan_per_project_even_when_two_requests_race(shapes_project):
+    import threading
+
+    from django.db import IntegrityError, connection, transaction
+
+    from labeling import health
+    from labeling.models import HealthReport
+    from labeling.services import LabelingError
+
+    project = shapes_project(6)
+    version = services.dataset_version_create(project=project)[0]
+
+    def race(start, errors):
+        barrier = threading.Barrier(2)
+        results = []
+
+        def one():
+            try:
+                barrier.wait()
+                results.append(start())
+            except errors as exc:
+                results.append(exc)
+            finally:
+                connection.close()
+
+        threads = [threading.Thread(target=one) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return results
+
+    runs = race(
+        lambda: services.training_run_create(project=project, queue=False, dataset_version=version),
+        services.TrainingError,
+    )
+    assert sum(isinstance(r, TrainingRun) for r in runs) == 1 and TrainingRun.objects.count() == 1
+    assert any("already queued or running" in str(r) for r in runs)
+    scans = race(lambda: health.health_report_create(project=project, queue=False), LabelingError)
+    assert sum(isinstance(r, HealthReport) for r in scans) == 1 and HealthReport.objects.count() == 1
+    # The database itself refuses a second active row, whatever code writes it.
+    with pytest.raises(IntegrityError), transaction.atomic():
+        TrainingRun.objects.create(project=project, dataset_version=version)
+    with pytest.raises(IntegrityError), transaction.atomic():
+        HealthReport.objects.create(project=project)
+    TrainingRun.objects.update(status=TrainingRun.Status.SUCCEEDED)  # a finished run does not block the next
+    assert services.training_run_create(project=project, queue=False, dataset_version=version).status == "queued"
