@@ -13,12 +13,13 @@ Gallery labels (gallery_labels.json: {"ids": [...], "labels": {head: [...]}}) le
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import faiss
 import numpy as np
+
+from training.engine.atomic import write_json_atomic
 
 from .decision import calibrate_retrieval, calibrate_thresholds, fit_temperature, retrieval_evidence
 
@@ -30,9 +31,7 @@ MISTAKES_KEPT = 200  # wrong validation answers kept per head (most confident fi
 
 
 def _write_json(path: Path, data) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    write_json_atomic(path, data)
 
 
 def write_gallery_labels(artifact_dir, ids: Sequence[int], labels: dict[str, Sequence[str | None]]) -> Path:

@@ -24,7 +24,6 @@ import io
 import json
 import logging
 import os
-import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +37,7 @@ from PIL import Image, UnidentifiedImageError
 
 from inference.calibration import K_NEIGHBOURS, apply_temperature, read_calibration, read_gallery_labels
 from inference.decision import combine_views, fuse, retrieval_evidence
+from training.engine.atomic import write_atomic, write_json_atomic
 from training.engine.data import draft_size, eval_transform, load_image_file, normalize_batch, to_rgb
 from training.engine.hierarchy import consistent, decode, parent_index
 from training.engine.model import ARTIFACT_FORMAT, build_model
@@ -741,16 +741,6 @@ def split_accuracy(recognizer: Recognizer, items: Sequence[dict], predicted=None
     return {"heads": out, "n": len(items), "unreadable": int((~ok).sum())}
 
 
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 FLAT_MAX = 50_000  # exact search below this gallery size; approximate (IVF, tuned nprobe) above
 INDEX_KINDS = ("auto", "flat", "hnsw", "ivf")
 RECALL_TARGET = 0.95  # approximate indexes are tuned to find >= 95 % of the exact 20 nearest neighbours
@@ -866,9 +856,9 @@ def build_index(
         with open(tmp, "wb") as fh:
             np.save(fh, ids)
 
-    _atomic(d / IDS_FILE, write_ids)
-    _atomic(index_path, lambda tmp: faiss.write_index(index, str(tmp)))
-    _atomic(d / INDEX_META_FILE, lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
+    write_atomic(d / IDS_FILE, write_ids)
+    write_atomic(index_path, lambda tmp: faiss.write_index(index, str(tmp)))
+    write_json_atomic(d / INDEX_META_FILE, meta, indent=2)
     return index_path
 
 

@@ -59,7 +59,7 @@ JUNK_FILES = {"thumbs.db", "desktop.ini"}
 MAX_SHOWN = 20
 MAX_NAME_BYTES = 255
 
-_GROUP_RE = re.compile(r"^(?P<group>.+?)_(?P<seq>\d+)$")  # same rule as labeling.importers.group_from_name
+_GROUP_RE = re.compile(r"^(?P<group>.+?)_(?P<seq>\d+)$")  # the group rule of every import (group_from_name)
 _HEAD_RE = re.compile(r"^[-a-zA-Z0-9_]+$")  # Head.name is a slug
 _FOLDER_UNSAFE = set('/\\<>:"|?*%')
 _LAYOUTS = (
@@ -142,7 +142,7 @@ def group_from_name(filename: str) -> str:
 def folder_head(heads: Sequence[Mapping]) -> str:
     """The head whose classes name the ImageFolder folders: the first head no other head names as parent."""
     parents = {h.get("parent") for h in heads}
-    return next(h["name"] for h in heads if h["name"] not in parents)
+    return next((h["name"] for h in heads if h["name"] not in parents), heads[0]["name"])
 
 
 def folder_name_for_class(name: str) -> str:

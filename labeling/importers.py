@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,13 +15,12 @@ from django.db import transaction
 from PIL import Image as PILImage
 from PIL import UnidentifiedImageError
 
-from . import storage
+from . import formats, storage
 from .models import Head, Image, Label, LabelEvent, Project
 from .normalize import clean_label
 from .services import LabelingError, label_class_get_or_create
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
-_GROUP_RE = re.compile(r"^(?P<group>.+?)_(?P<seq>\d+)$")
 MAX_FILE_BYTES = 50 * 1024 * 1024
 
 
@@ -69,9 +67,8 @@ class ImportReport:
 
 
 def group_from_name(path: Path) -> str:
-    """`<ID>_<seq>.jpg` → ID (images sharing an ID are one group); otherwise the file stem."""
-    m = _GROUP_RE.match(path.stem)
-    return m.group("group") if m else path.stem
+    """`<ID>_<seq>.jpg` → ID (images sharing an ID are one group); otherwise the file stem (formats' rule)."""
+    return formats.group_from_name(path.name)
 
 
 def inside(root: Path, path: Path) -> bool:

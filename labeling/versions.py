@@ -12,7 +12,7 @@ from pathlib import Path
 from django.db import transaction
 from django.db.models import Max
 
-from . import storage
+from . import formats, storage
 from .models import (
     DatasetAction,
     DatasetVersion,
@@ -35,8 +35,8 @@ from .splits import DEFAULT_RATIOS, SPLITS, GroupInfo, assign_splits
 def folder_head(heads: list[Head]) -> Head:
     """The head the classes of an ImageFolder tree come from: the first head that is no other head's parent
     (car → model, lego → part). Also the stratification label of the splits."""
-    parents = {h.parent_id for h in heads if h.parent_id}
-    return next((h for h in heads if h.id not in parents), heads[0])
+    name = formats.folder_head([{"name": h.name, "parent": h.parent.name if h.parent_id else None} for h in heads])
+    return next(h for h in heads if h.name == name)
 
 
 LEFT_TOO_SMALL = "too small, or in a group with a too-small image"

@@ -3,7 +3,6 @@
 import datetime as dt
 import json
 import logging
-import os
 import sys
 import traceback
 from pathlib import Path
@@ -18,6 +17,7 @@ from django.utils import timezone
 from labeling.models import DatasetVersion, Head, Project
 from labeling.services import LabelingError
 from labeling.versions import dataset_version_create, version_manifest
+from training.engine.atomic import write_json_atomic
 from webapp import jobs
 
 from .models import ModelVersion, TrainingRun, normalise_pretrained_source
@@ -397,9 +397,7 @@ def _arms_probe(out_dir: Path, manifest: dict, project: Project, frozen_at) -> d
 
 
 def _write_json(path: Path, data) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    write_json_atomic(path, data)
 
 
 def model_version_register(

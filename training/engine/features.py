@@ -107,10 +107,9 @@ def model_key(backbone_name: str, fingerprint: str, prep: dict) -> tuple[str, di
 
 
 def _write_atomic(path: Path, writer: Callable[[Path], None]) -> None:
-    from .loop import _atomic_write_bytes_via  # noqa: PLC0415 - the engine's one temp-name + os.replace writer
+    from .atomic import write_atomic  # noqa: PLC0415
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes_via(path, writer)
+    write_atomic(path, writer)
 
 
 def _save_npy(path: Path, vec: np.ndarray) -> None:

@@ -63,3 +63,10 @@ def decode(q_parent: np.ndarray, q_child: np.ndarray, child_parent: np.ndarray) 
     if members.size == 0:
         return parent, -1
     return parent, int(members[np.argmax(q_child[members])])
+
+
+def leaf_head(heads) -> str:
+    """The name of the most specific head: the first that is no other head's parent (car: model, lego: part,
+    grocery: fine); the first head when every head is someone's parent. `heads` are manifest dicts (name, parent)."""
+    parents = {h.get("parent") for h in heads}
+    return next((h["name"] for h in heads if h["name"] not in parents), heads[0]["name"])

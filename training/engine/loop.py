@@ -24,8 +24,11 @@ import torch.nn.functional as F
 from torch.optim.lr_scheduler import CosineAnnealingWarmRestarts, LambdaLR, ReduceLROnPlateau
 from torch.utils.data import DataLoader
 
+from . import atomic
+from .atomic import write_atomic
 from .config import RUNTIME_KEYS, resolve_config
 from .data import ManifestDataset, collate_skip, draft_size, eval_transform, normalize_batch, train_transform
+from .hierarchy import leaf_head
 from .manifest import IGNORE_INDEX, ParsedManifest, parse_manifest
 from .model import ARTIFACT_FORMAT, build_model, freezable_backbone_params
 from .sampling import build_train_sampler, manifest_train_sources
@@ -106,14 +109,7 @@ def _clean(obj):
     return _finite(obj)
 
 
-def _atomic_write_bytes_via(path: Path, writer: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        writer(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+_atomic_write_bytes_via = write_atomic  # the engine's name for atomic.write_atomic
 
 
 def features_progress(progress: Callable[[dict], None] | None, *, epochs: int, weights: dict | None):
@@ -194,8 +190,8 @@ def write_head_reports(
 
 
 def write_json_atomic(path: Path, data) -> None:
-    text = json.dumps(_clean(data), indent=1, allow_nan=False)
-    _atomic_write_bytes_via(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    """JSON of data with NaN/inf as null (_clean), written whole."""
+    atomic.write_json_atomic(path, _clean(data))
 
 
 # ------------------------------------------------------------------------------------------ optimisation
@@ -1330,8 +1326,7 @@ def _final_report(model, parsed, cfg, out_dir, metrics, eval_loader, eval_items,
             )
         metrics["retrieval"] = retrieval
     metrics["report_images"] = images
-    parents = {h.get("parent") for h in heads}
-    leaf = next((h["name"] for h in heads if h["name"] not in parents), heads[0]["name"])  # model, part, sku
+    leaf = leaf_head(heads)  # model, part, sku
     report.write_report_md(
         out_dir / "report.md",
         metrics=metrics,

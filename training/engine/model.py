@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import pretrained as pretrained_lib
+from .hierarchy import leaf_head
 
 log = logging.getLogger("training.engine")
 
@@ -251,8 +252,7 @@ def arcface_spec(config: dict, heads: list[dict]) -> dict | None:
     names = [h["name"] for h in heads]
     wanted = config.get("arcface_head")
     if wanted is None:
-        parents = {h.get("parent") for h in heads}
-        wanted = next((n for n in names if n not in parents), names[0])
+        wanted = leaf_head(heads)
     if wanted not in names:
         raise ValueError(f"config 'arcface_head': {wanted!r} is not a head; heads are {', '.join(names)}")
     return {

@@ -63,6 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .atomic import write_json_atomic
 from .data import EVAL_RESIZE_RATIO, draft_size
 from .model import ARTIFACT_FORMAT, LoupeNet, build_model
 
@@ -292,13 +293,7 @@ def _tmp_path(directory: Path, name: str) -> Path:
 
 
 def _write_json_atomic(path: Path, data) -> None:
-    tmp = _tmp_path(path.parent, path.name)
-    try:
-        tmp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+    write_json_atomic(path, data, indent=2)
 
 
 def meta_name(out_name: str) -> str:

@@ -18,9 +18,7 @@ Output in out_dir: oof_predictions.npz (ids, fold, probs_<head>, targets_<head>)
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -28,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import write_atomic, write_json_atomic
 from .manifest import IGNORE_INDEX, parse_manifest
 
 log = logging.getLogger("training.engine")
@@ -191,9 +190,12 @@ def out_of_fold_predictions(
     arrays = {"ids": np.array([str(it.get("id")) for it in items]), "fold": folds}
     arrays.update({f"probs_{n}": p for n, p in probs.items()})
     arrays.update({f"targets_{n}": y for n, y in target_arrays.items()})
-    tmp = out_dir / "oof_predictions.tmp.npz"
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, out_dir / "oof_predictions.npz")
+
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to a name
+            np.savez_compressed(f, **arrays)
+
+    write_atomic(out_dir / "oof_predictions.npz", save)
     meta = {
         "k": k,
         "mode": mode,
@@ -209,9 +211,7 @@ def out_of_fold_predictions(
         "folds": fold_metrics,
         "seconds": round(time.monotonic() - t0, 1),
     }
-    tmp_meta = out_dir / "oof_meta.json.tmp"
-    tmp_meta.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp_meta, out_dir / "oof_meta.json")
+    write_json_atomic(out_dir / "oof_meta.json", meta)
     return {"k": k, "mode": mode, "n": len(items), "heads": summary_heads, "path": str(out_dir / "oof_predictions.npz")}
 
 

@@ -28,6 +28,7 @@ from torch import nn
 
 from .config import resolve_config
 from .features import cached_features
+from .hierarchy import leaf_head
 from .loop import (
     MIN_LR_RATIO,
     _atomic_write_bytes_via,
@@ -413,8 +414,7 @@ def _report(heads_model, parsed, cfg, out_dir: Path, metrics: dict, X, Y, tr, va
         }
         metrics["retrieval"] = retrieval
     metrics["report_images"] = images
-    parents = {h.get("parent") for h in parsed.heads}
-    leaf = next((h["name"] for h in parsed.heads if h["name"] not in parents), parsed.heads[0]["name"])
+    leaf = leaf_head(parsed.heads)
     report.write_report_md(
         out_dir / "report.md",
         metrics=metrics,

@@ -18,12 +18,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import write_atomic, write_text_atomic
 from .manifest import IGNORE_INDEX
 
 MAP_CAP = 1000  # mAP is computed over at most this many neighbours per query ("map_at" says when it bites)
@@ -54,26 +54,12 @@ def _ratio(num, den) -> float | None:
     return float(num) / float(den) if den else None
 
 
-def _atomic_write(path, writer: Callable[[str], None], suffix: str = ".tmp") -> None:
-    """Call writer(tmp_path) on a temp file next to `path`, then os.replace it onto `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        writer(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def _atomic_write(path, writer: Callable[[str], None]) -> None:
+    """atomic.write_atomic with the temp file's name as a str (matplotlib and csv take either)."""
+    write_atomic(path, lambda tmp: writer(str(tmp)))
 
 
-def _write_text_atomic(path, text: str) -> None:
-    def w(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    _atomic_write(path, w)
+_write_text_atomic = write_text_atomic
 
 
 # ------------------------------------------------------------------------------------------ classification
@@ -367,7 +353,7 @@ def _new_figure(width: float, height: float):
 
 
 def _save_png(fig, path) -> None:
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"), suffix=".png")
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 def _short(name: str, n: int = 24) -> str:
