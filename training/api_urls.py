@@ -11,6 +11,7 @@ urlpatterns = [
         apis.ModelVersionFileView.as_view(),
         name="model-file",
     ),
+    path("projects/<slug:slug>/runs/<int:run_id>/cancel/", apis.TrainingRunCancelView.as_view(), name="run-cancel"),
     path(
         "projects/<slug:slug>/models/<int:number>/promote/",
         apis.ModelVersionPromoteView.as_view(),

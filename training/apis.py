@@ -15,7 +15,7 @@ from labeling.models import Project
 from webapp.errors import ApiError
 
 from . import selectors, services
-from .models import ModelVersion, PretrainedSource
+from .models import ModelVersion, PretrainedSource, TrainingRun
 
 
 class ModelVersionSerializer(serializers.ModelSerializer):
@@ -132,6 +132,23 @@ class ModelVersionPromoteView(APIView):
                 status_code=409,
             ) from None
         return Response(ModelVersionSerializer(version).data, status=200 if version.is_active else 202)
+
+
+class TrainingRunCancelView(APIView):
+    permission_classes = [IsProjectAdmin]
+
+    @extend_schema(
+        request=None,
+        responses={200: OpenApiResponse(description="{id, status, cancel_requested}: cancelled, or stopping")},
+        summary="Cancel a training run: a queued one at once, a running one at its next progress report",
+    )
+    def post(self, request, slug, run_id):
+        run = get_object_or_404(TrainingRun, project__slug=slug, pk=run_id)
+        try:
+            run = services.training_run_cancel(run=run, user=request.user)
+        except services.TrainingError as exc:
+            raise ApiError(str(exc), code="not_active", status_code=409) from None
+        return Response({"id": run.id, "status": run.status, "cancel_requested": run.cancel_requested_at is not None})
 
 
 class ModelVersionCompareView(APIView):

@@ -26,6 +26,7 @@ class TrainingRun(models.Model):
         RUNNING = "running"
         SUCCEEDED = "succeeded"
         FAILED = "failed"
+        CANCELLED = "cancelled"
 
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="training_runs")
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.QUEUED)
@@ -38,6 +39,11 @@ class TrainingRun(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
+    # A cancel asked for while the run was running: the worker stops at its next progress report.
+    cancel_requested_at = models.DateTimeField(null=True, blank=True)
+    cancel_requested_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
     # Times a worker was lost mid-run and the run was resumed from its checkpoint (training.reconcile).
     attempts = models.PositiveSmallIntegerField(default=0)
     epoch = models.PositiveIntegerField(default=0)

@@ -32,12 +32,22 @@ def jobs_reconcile(*, project: Project | None = None) -> dict:
     {"train_run": {"lost": [ids], "failed": [ids], "resent": [ids]}, "health_scan": {...}, "index_build": {...}}."""
     from labeling.health import health_reports_reconcile
 
+    from .services import _mark_cancelled
     from .tasks import index_build, train_run
 
     runs = TrainingRun.objects.filter(status__in=[TrainingRun.Status.QUEUED, TrainingRun.Status.RUNNING])
     builds = ModelVersion.objects.filter(index_status=ModelVersion.IndexStatus.BUILDING, promote_requested=True)
     if project is not None:
         runs, builds = runs.filter(project=project), builds.filter(project=project)
+    # A run cancelled while its worker was lost is not resumed: it is cancelled now.
+    stale = timezone.now() - dt.timedelta(seconds=jobs.lost_after_seconds())
+    lost_cancelled = runs.filter(
+        Q(heartbeat_at__lt=stale) | Q(heartbeat_at__isnull=True),
+        status=TrainingRun.Status.RUNNING,
+        cancel_requested_at__isnull=False,
+    )
+    for run_id in list(lost_cancelled.values_list("pk", flat=True)):
+        _mark_cancelled(run_id)
     out = {
         "train_run": jobs.rows_reconcile(
             TrainingRun, runs, kind="train_run", task=train_run, resume="it resumes from its last checkpoint"

@@ -25,6 +25,10 @@ from .models import ModelVersion, TrainingRun, normalise_pretrained_source
 log = logging.getLogger(__name__)
 
 
+class TrainingCancelled(Exception):
+    """Raised by a run's progress callback when an admin cancelled the run: the engine stops where it is."""
+
+
 class TrainingError(ValueError):
     """Bad request for training: the message says what to fix."""
 
@@ -142,6 +146,43 @@ def training_run_create(
     return run
 
 
+def _canceller(run: TrainingRun) -> str:
+    who = run.cancel_requested_by.get_username() if run.cancel_requested_by_id else "the command line"
+    return f"Cancelled by {who}"
+
+
+def training_run_cancel(*, run: TrainingRun, user=None) -> TrainingRun:
+    """Cancel a queued run at once, or ask a running one to stop: its worker stops at its next progress report
+    (at most a few seconds of training; the finished epochs' checkpoints stay, so `manage.py train PROJECT --run
+    ID` resumes it). TrainingError for a run that already finished."""
+    now = timezone.now()
+    with transaction.atomic():
+        run = TrainingRun.objects.select_for_update().get(pk=run.pk)
+        if run.status == TrainingRun.Status.QUEUED:
+            run.status, run.finished_at = TrainingRun.Status.CANCELLED, now
+            run.cancel_requested_at, run.cancel_requested_by = now, user
+            run.error = f"{_canceller(run)} before it started."
+            run.save(update_fields=["status", "finished_at", "cancel_requested_at", "cancel_requested_by", "error"])
+        elif run.status == TrainingRun.Status.RUNNING:
+            if run.cancel_requested_at is None:
+                run.cancel_requested_at, run.cancel_requested_by = now, user
+                run.save(update_fields=["cancel_requested_at", "cancel_requested_by"])
+        else:
+            raise TrainingError(f"Training run {run.id} already {run.status}; there is nothing to cancel.")
+    return run
+
+
+def _mark_cancelled(run_id: int) -> None:
+    run = TrainingRun.objects.select_related("cancel_requested_by").get(pk=run_id)
+    where = f" at epoch {run.epoch}/{run.epochs}" if run.epochs else ""
+    TrainingRun.objects.filter(pk=run_id).update(
+        status=TrainingRun.Status.CANCELLED,
+        finished_at=timezone.now(),
+        error=f"{_canceller(run)}{where}. Its checkpoints are kept: manage.py train {run.project.slug} --run "
+        f"{run.id} resumes it.",
+    )
+
+
 def _progress_writer(run_id: int):
     def write(p: dict) -> None:
         fields = {
@@ -156,7 +197,8 @@ def _progress_writer(run_id: int):
         if p.get("metrics"):
             fields["metrics"] = p["metrics"]
         fields.update(_pretrained_fields(p.get("pretrained")))
-        TrainingRun.objects.filter(pk=run_id).update(**fields)
+        if not TrainingRun.objects.filter(pk=run_id, cancel_requested_at__isnull=True).update(**fields):
+            raise TrainingCancelled(run_id)  # an admin cancelled the run: stop here
         if p.get("metrics") and p.get("step") == p.get("steps_per_epoch"):
             run = TrainingRun.objects.only("history").get(pk=run_id)
             run.history = [*run.history, {"epoch": p.get("epoch"), "loss": p.get("loss"), "metrics": p["metrics"]}]
@@ -182,7 +224,13 @@ def training_run_reopen(*, project: Project, run_id: int) -> TrainingRun:
         raise TrainingError(f"Project {project.slug!r} has no training run {run_id}.")
     if run.status == TrainingRun.Status.SUCCEEDED:
         raise TrainingError(f"Run {run_id} already succeeded (model v{run.model_version.number}); start a new run.")
-    TrainingRun.objects.filter(pk=run.pk).update(status=TrainingRun.Status.QUEUED, error="", finished_at=None)
+    try:
+        with transaction.atomic():
+            TrainingRun.objects.filter(pk=run.pk).update(
+                status=TrainingRun.Status.QUEUED, error="", finished_at=None, cancel_requested_at=None
+            )
+    except IntegrityError:
+        raise TrainingError("Another training run is queued or running for this project; wait for it.") from None
     run.refresh_from_db()
     return run
 
@@ -198,9 +246,10 @@ def training_run_execute(*, run_id: int, inline: bool = False, fresh: bool = Fal
     # same message (a re-send, or the broker's redelivery after its visibility timeout) finds it claimed and
     # leaves it alone, so one run never trains twice at once.
     stale = timezone.now() - dt.timedelta(seconds=jobs.lost_after_seconds())
-    claimable = Q(status=TrainingRun.Status.QUEUED) | Q(
-        Q(heartbeat_at__lt=stale) | Q(heartbeat_at__isnull=True), status=TrainingRun.Status.RUNNING
-    )
+    lost = Q(Q(heartbeat_at__lt=stale) | Q(heartbeat_at__isnull=True), status=TrainingRun.Status.RUNNING)
+    if TrainingRun.objects.filter(lost, pk=run.id, cancel_requested_at__isnull=False).exists():
+        _mark_cancelled(run.id)  # cancelled while its worker was gone: not resumed
+    claimable = Q(status=TrainingRun.Status.QUEUED) | Q(lost, cancel_requested_at__isnull=True)
     claimed = TrainingRun.objects.filter(claimable, pk=run.id).update(
         status=TrainingRun.Status.RUNNING,
         started_at=Coalesce(F("started_at"), timezone.now()),
@@ -250,6 +299,11 @@ def _training_run_train(run: TrainingRun, out_dir: Path, *, inline: bool, fresh:
                 fresh=fresh,
                 cache_dir=settings.LOUPE_FEATURE_CACHE,
             )
+    except TrainingCancelled:
+        log.info("training run %s cancelled", run.id)
+        _mark_cancelled(run.id)
+        run.refresh_from_db()
+        return run
     except Exception as exc:  # noqa: BLE001 - the row must say why, whatever went wrong
         log.exception("training run %s failed", run.id)
         message = (
@@ -284,6 +338,10 @@ def _training_run_train(run: TrainingRun, out_dir: Path, *, inline: bool, fresh:
     except Exception as exc:  # noqa: BLE001 - the model is fine; only the A/B of the queue's arms failed
         log.exception("arms probe for run %s failed", run.id)
         metrics["arms"] = {"error": f"{type(exc).__name__}: {exc}"}
+    if TrainingRun.objects.filter(pk=run.id, cancel_requested_at__isnull=False).exists():
+        _mark_cancelled(run.id)  # cancelled after the last epoch: no model is registered
+        run.refresh_from_db()
+        return run
     with transaction.atomic():
         TrainingRun.objects.filter(pk=run.id).update(
             status=TrainingRun.Status.SUCCEEDED,

@@ -6,6 +6,7 @@ app_name = "training"
 urlpatterns = [
     path("p/<slug:slug>/runs/", views.run_list, name="run-list"),
     path("p/<slug:slug>/runs/new", views.run_create, name="run-create"),
+    path("p/<slug:slug>/runs/<int:run_id>/cancel", views.run_cancel, name="run-cancel"),
     path("p/<slug:slug>/models/", views.version_list, name="version-list"),
     path("p/<slug:slug>/models/compare/", views.version_compare, name="version-compare"),
     path("p/<slug:slug>/models/<int:number>/", views.version_detail, name="version-detail"),

@@ -217,3 +217,20 @@ def version_promote(request, slug, number):
     else:
         messages.success(request, f"Building the index for v{version.number}; it becomes active when done.")
     return redirect("training:version-list", slug=slug)
+
+
+@staff_required
+@require_POST
+def run_cancel(request, slug, run_id):
+    project = current_project(request, slug)
+    run = get_object_or_404(project.training_runs, pk=run_id)
+    try:
+        run = services.training_run_cancel(run=run, user=request.user)
+    except services.TrainingError as exc:
+        messages.error(request, str(exc))
+    else:
+        if run.status == run.Status.CANCELLED:
+            messages.success(request, f"Training run {run.id} cancelled.")
+        else:
+            messages.success(request, f"Training run {run.id} stops at its next progress report.")
+    return redirect("training:run-list", slug=slug)

@@ -22,7 +22,10 @@ def parse_set(items: list[str]) -> dict:
 
 
 class Command(BaseCommand):
-    help = "Train a model for PROJECT in the foreground; the first model of a project is promoted."
+    help = (
+        "Train a model for PROJECT in the foreground (the first model of a project is promoted, a later one when it "
+        "passes the promote gate); --cancel ID stops a queued or running run."
+    )
 
     def add_arguments(self, parser):
         parser.add_argument("project", help="project slug")
@@ -41,6 +44,12 @@ class Command(BaseCommand):
         )
         parser.add_argument("--fresh", action="store_true", help="with --run: ignore its checkpoints, start over")
         parser.add_argument(
+            "--cancel",
+            type=int,
+            metavar="ID",
+            help="cancel run ID: a queued run at once, a running one at its next progress report (then exit)",
+        )
+        parser.add_argument(
             "--quick",
             action="store_true",
             help="quick retrain: only the heads, on cached features of the frozen pretrained backbone (seconds once "
@@ -51,6 +60,17 @@ class Command(BaseCommand):
         project = Project.objects.filter(slug=opts["project"]).first()
         if project is None:
             raise CommandError(f"No project {opts['project']!r}.")
+        if opts["cancel"]:
+            run = project.training_runs.filter(pk=opts["cancel"]).first()
+            if run is None:
+                raise CommandError(f"Project {project.slug!r} has no training run {opts['cancel']}.")
+            try:
+                run = services.training_run_cancel(run=run)
+            except services.TrainingError as exc:
+                raise CommandError(str(exc)) from exc
+            done = run.status == run.Status.CANCELLED
+            self.stdout.write(f"Training run {run.id} {'cancelled' if done else 'stops at its next progress report'}.")
+            return
         if opts["quick"] and opts["run"]:
             raise CommandError("--quick starts a new run; --run ID continues one with its own config.")
         if opts["fresh"] and not opts["run"]:
@@ -68,14 +88,15 @@ class Command(BaseCommand):
         self.stdout.write(f"Training run {run.id} for {project.slug}…")
         run = services.training_run_execute(run_id=run.id, inline=True, fresh=opts["fresh"])
         if run.status != run.Status.SUCCEEDED:
-            raise CommandError(f"Training run {run.id} failed: {run.error}")
+            raise CommandError(f"Training run {run.id} {run.status}: {run.error}")
         version = run.model_version
         if version.is_active:
             state = "active"
         elif version.evaluated_on != "val":
             state = "not promoted (no validation photos: its figures are optimistic; promote it in the UI)"
         else:
-            state = "not promoted (an active model exists; promote it in the UI)"
+            gate = (version.metrics or {}).get("gate") or {}
+            state = f"not promoted ({gate.get('reason') or 'an active model exists'}; promote it in the UI)"
         self.stdout.write(
             f"Model v{version.number}: mean top-1 on {version.evaluated_on} {version.metrics.get('primary')} — {state}"
         )
