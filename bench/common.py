@@ -92,11 +92,12 @@ def car_project(root: Path, slug: str, photo):
 
 def train_one_epoch(project, backbone: str, *, seed: int = 0):
     """A 224 px, one-epoch, from-scratch run trained inline (latency does not depend on the weights); returns it."""
+    from pipeline import chain  # noqa: PLC0415
     from training import services  # noqa: PLC0415
 
     config = {"backbone": backbone, "pretrained": False, "image_size": 224, "epochs": 1, "batch_size": 16}
     config |= {"seed": seed, "eval_report": False}
-    run = services.training_run_execute(
+    run = chain.training_run_execute(
         run_id=services.training_run_create(project=project, config=config, queue=False).id, inline=True
     )
     assert run.status == "succeeded", run.error

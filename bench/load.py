@@ -83,6 +83,7 @@ from bench.common import (  # noqa: E402
     train_one_epoch,
     write,
 )
+from pipeline import chain  # noqa: E402
 
 
 def photo(seed: int, size: int = 224) -> bytes:
@@ -99,14 +100,13 @@ def setup():
     from rest_framework.authtoken.models import Token
 
     from inference.core import Recognizer
-    from training import services as training_services
 
     call_command("migrate", verbosity=0)
     project = car_project(VAR, "cars", photo)
     versions = [train_one_epoch(project, "mobilenetv3_small_100", seed=seed).model_version for seed in (1, 2)]
     v1, v2 = versions
-    training_services.model_version_promote(version=v2, inline=True)  # builds v2's index
-    training_services.model_version_promote(version=v1, inline=True)  # builds v1's index; v1 active
+    chain.model_version_promote(version=v2, inline=True)  # builds v2's index
+    chain.model_version_promote(version=v1, inline=True)  # builds v1's index; v1 active
     user = get_user_model().objects.create_user("bench", is_staff=True)
     token = Token.objects.create(user=user).key
     photos = [photo(1000 + i) for i in range(8)]
@@ -206,7 +206,6 @@ def summary(records, seconds) -> dict:
 
 def recognition_phases(port, prepared) -> tuple[dict, str]:
     """The steady and promote phases (whichever LOAD_PHASES names) against gunicorn on `port`; `prepared`: setup()."""
-    from training import services as training_services
 
     project, v1, v2, token, photos, expected, differs = prepared
     bodies = [
@@ -235,7 +234,7 @@ def recognition_phases(port, prepared) -> tuple[dict, str]:
             k = 0
             while time.monotonic() + PROMOTE_EVERY <= end:
                 time.sleep(PROMOTE_EVERY)
-                training_services.model_version_promote(version=versions[k % 2])
+                chain.model_version_promote(version=versions[k % 2])
                 promotes.append(versions[k % 2].number)
                 k += 1
             time.sleep(max(0.0, end - time.monotonic()))

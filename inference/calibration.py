@@ -19,11 +19,11 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from training.engine.artifact import CALIBRATION_FILE, read_artifact_json
 from training.engine.atomic import write_json_atomic
 
 from .decision import calibrate_retrieval, calibrate_thresholds, fit_temperature, retrieval_evidence
 
-CALIBRATION_FILE = "calibration.json"
 GALLERY_LABELS_FILE = "gallery_labels.json"
 K_NEIGHBOURS = 20
 RELIABILITY_BINS = 10
@@ -182,5 +182,4 @@ def write_calibration(artifact_dir, calibration: dict) -> Path:
 
 
 def read_calibration(artifact_dir) -> dict | None:
-    path = Path(artifact_dir) / CALIBRATION_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_artifact_json(artifact_dir, CALIBRATION_FILE)

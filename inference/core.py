@@ -37,6 +37,7 @@ from PIL import Image, UnidentifiedImageError
 
 from inference.calibration import K_NEIGHBOURS, apply_temperature, read_calibration, read_gallery_labels
 from inference.decision import combine_views, fuse, retrieval_evidence
+from training.engine.artifact import IDS_FILE, INDEX_FILE, INDEX_META_FILE, read_artifact_json
 from training.engine.atomic import write_atomic, write_json_atomic
 from training.engine.data import draft_size, eval_transform, load_image_file, normalize_batch, to_rgb
 from training.engine.hierarchy import consistent, decode, parent_index
@@ -47,8 +48,6 @@ log = logging.getLogger("inference.core")
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP")
 RECOGNITION_MODES = ("softmax", "retrieval", "fusion")
 VOTE_MIN_VIEWS = 3  # below this, combine="vote" falls back to "mean"
-INDEX_FILE = "index.faiss"
-IDS_FILE = "gallery_ids.npy"
 MODEL_FILE = "model.pt"
 ONNX_FILE = "model.onnx"
 
@@ -744,7 +743,6 @@ def split_accuracy(recognizer: Recognizer, items: Sequence[dict], predicted=None
 FLAT_MAX = 50_000  # exact search below this gallery size; approximate (IVF, tuned nprobe) above
 INDEX_KINDS = ("auto", "flat", "hnsw", "ivf")
 RECALL_TARGET = 0.95  # approximate indexes are tuned to find >= 95 % of the exact 20 nearest neighbours
-INDEX_META_FILE = "index.json"
 
 
 def choose_index_kind(n: int, kind: str = "auto", *, flat_max: int = FLAT_MAX) -> str:
@@ -864,8 +862,4 @@ def build_index(
 
 def read_index_meta(artifact_dir) -> dict | None:
     """index.json written by build_index: kind, size, dim, build_seconds (+ nlist, nprobe, recall_at_20 for IVF)."""
-    path = Path(artifact_dir) / INDEX_META_FILE
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+    return read_artifact_json(artifact_dir, INDEX_META_FILE)

@@ -1,3 +1,3 @@
 """The loop's top layer: it imports labeling, training, inference and review, and nothing imports it
-(docs/architecture.md; the import contracts in pyproject.toml). Issue 16 moves the retrain chain here step by step;
-so far it holds the demo command."""
+(docs/architecture.md; the import contracts in pyproject.toml). chain.py declares the retrain chain, tasks.py holds
+every Celery task, and the Runs and Models pages, the registry API and the train/demo commands live here."""

@@ -89,7 +89,7 @@ def sort_images(qs: QuerySet, sort: str):
 
 def bulk_rule_defaults(*, project) -> dict:
     """Default thresholds of the mislabel queue's bulk rules, from what the model's calibration supports, else
-    none. accept_above: the highest of the calibrated thresholds (training/services._calibrate,
+    none. accept_above: the highest of the calibrated thresholds (inference.evaluation.calibrate_version,
     metrics["calibration"]["softmax_threshold"]: the smallest confidence at which the version's validation
     answers were >= 95 % right) over the heads of the open items, of the version(s) that built the queue; None
     when any of them has no calibrated value. exclude_below: always None (the calibration measures how often

@@ -19,9 +19,12 @@ from django.utils import timezone
 
 from labeling.models import Image, ImageEvent, Label, LabelClass, Project
 from labeling.services import LabelConflict, LabelingError, label_set
+from training.engine.artifact import GALLERY_CACHE, TEST_CACHE
+from training.engine.atomic import write_json_atomic
 from webapp import jobs
 
 from .core import rank_label_issues
+from .curve import arms_probe
 from .models import ReviewItem
 
 log = logging.getLogger("review")
@@ -508,20 +511,23 @@ def queue_refresh(*, project: Project, queue: str) -> int:
     queue. Returns the version number. ReviewError when nothing is promoted yet."""
     from training.models import ModelVersion  # noqa: PLC0415
 
-    from .tasks import mislabel_refresh, uncertain_refresh  # noqa: PLC0415
-
     version = ModelVersion.objects.filter(project=project, is_active=True).first()
     if version is None:
         raise ReviewError("Train and promote a model first: the queue is built from its predictions.")
     vid, pid = version.id, project.id
     # An admin asked for it: a broker outage is a 503 (BrokerUnavailable) that changed nothing.
     if queue == ReviewItem.Queue.MISLABEL:
-        jobs.send_on_commit(
-            mislabel_refresh, vid, kind="mislabel_refresh", pk=vid, what="the mislabel queue rebuild", undo=_nothing
+        jobs.send_on_commit(  # the pipeline's step (pipeline/tasks.py), queued by name
+            "review.tasks.mislabel_refresh",
+            vid,
+            kind="mislabel_refresh",
+            pk=vid,
+            what="the mislabel queue rebuild",
+            undo=_nothing,
         )
     else:
         jobs.send_on_commit(
-            uncertain_refresh,
+            "review.tasks.uncertain_refresh",
             pid,
             kind="uncertain_refresh",
             pk=pid,
@@ -547,7 +553,6 @@ def uncertain_refresh(*, project: Project, size: int | None = None, seed: int = 
     from inference.core import Recognizer, predict_items_cached  # noqa: PLC0415
     from labeling import storage  # noqa: PLC0415
     from training.models import ModelVersion  # noqa: PLC0415
-    from training.services import GALLERY_CACHE  # noqa: PLC0415
 
     from . import active  # noqa: PLC0415
 
@@ -655,3 +660,22 @@ def uncertain_refresh(*, project: Project, size: int | None = None, seed: int = 
         "strategy": project.uncertainty_strategy,
         "model_version": version.number,
     }
+
+
+def arms_probe_report(*, out_dir: Path, manifest: dict, project: Project, frozen_at) -> dict:
+    """The low-confidence queue's A/B on this model (review.curve.arms_probe): retrieval top-1 on the test split
+    against the number of active vs random-arm labels in the gallery; written as arms.json."""
+    if not (out_dir / GALLERY_CACHE).exists() or not (out_dir / TEST_CACHE).exists():
+        return {}  # no validation split (no gallery cache) or no test split: nothing to measure on
+    with np.load(out_dir / GALLERY_CACHE) as g, np.load(out_dir / TEST_CACHE) as t:
+        out = arms_probe(
+            project=project,
+            frozen_at=frozen_at,
+            manifest=manifest,
+            gallery_ids=g["ids"],
+            gallery_emb=g["emb"],
+            test_ids=t["ids"],
+            test_emb=t["emb"],
+        )
+    write_json_atomic(out_dir / "arms.json", out)
+    return out

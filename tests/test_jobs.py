@@ -27,6 +27,7 @@ from rest_framework.test import APIClient
 
 from conftest import TINY_TRAIN
 from labeling.models import HealthReport
+from pipeline import chain
 from training import services
 from training.models import ModelVersion, TrainingRun
 from training.reconcile import jobs_reconcile
@@ -109,11 +110,11 @@ def project(shapes_project):
 
 
 def test_admin_actions_while_the_broker_is_down_answer_503_and_leave_nothing(broker, project, admin_user, client):
-    v1 = services.training_run_execute(
+    v1 = chain.training_run_execute(
         run_id=services.training_run_create(project=project, config=TINY_TRAIN, queue=False).id, inline=True
     ).model_version
     run2 = services.training_run_create(project=project, config={**TINY_TRAIN, "epochs": 1}, queue=False)
-    v2 = services.training_run_execute(run_id=run2.id).model_version
+    v2 = chain.training_run_execute(run_id=run2.id).model_version
     assert v1.is_active and not v2.is_active and v2.index_status == "none"
     broker.kill()
     client.force_login(admin_user)
@@ -297,7 +298,7 @@ def test_a_worker_killed_mid_training_is_found_lost_and_the_run_resumes(broker, 
 def test_a_second_delivery_of_a_running_run_does_nothing(project):
     run = services.training_run_create(project=project, config=TINY_TRAIN, queue=False)
     TrainingRun.objects.filter(pk=run.pk).update(status="running", heartbeat_at=timezone.now(), epoch=3)
-    again = services.training_run_execute(run_id=run.pk)
+    again = chain.training_run_execute(run_id=run.pk)
     assert again.status == "running" and again.epoch == 3 and not ModelVersion.objects.exists()
 
 

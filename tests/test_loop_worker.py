@@ -12,6 +12,7 @@ from rest_framework.test import APIClient
 
 from conftest import TINY_TRAIN, make_photo
 from labeling.models import Project
+from pipeline import chain
 from training import services
 from training.models import ModelVersion, TrainingRun
 from webapp.celery import app
@@ -67,7 +68,7 @@ def test_import_train_promote_recognise_through_worker(worker, photo_folder, adm
     # The review queues follow the active model: a run nobody promoted does not rebuild them.
     time.sleep(2)
     assert "oof" not in ModelVersion.objects.get(pk=v2.pk).metrics
-    services.model_version_promote(version=v2, user=admin_user, confirm_drop=True)  # one epoch: maybe worse
+    chain.model_version_promote(version=v2, user=admin_user, confirm_drop=True)  # one epoch: maybe worse
     _wait(lambda: ModelVersion.objects.filter(pk=v2.pk, is_active=True).exists(), what="promote v2")
     _wait(lambda: ModelVersion.objects.get(pk=v2.pk).metrics.get("mislabel_queue"), what="v2's mislabel queue")
     from django.test import override_settings

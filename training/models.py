@@ -5,6 +5,7 @@ from django.conf import settings
 from django.db import models
 
 from labeling.models import Project
+from training.engine.artifact import INDEX_META_FILE, read_artifact_json
 
 
 class PretrainedSource(models.TextChoices):
@@ -148,9 +149,7 @@ class ModelVersion(models.Model):
     @property
     def index_meta(self) -> dict | None:
         """index.json of the version's Faiss index (kind, size, nprobe and measured recall for IVF), if built."""
-        from inference.core import read_index_meta  # noqa: PLC0415 - inference imports this module
-
-        return read_index_meta(self.artifact_dir) if self.artifact_dir else None
+        return read_artifact_json(self.artifact_dir, INDEX_META_FILE) if self.artifact_dir else None
 
     @property
     def suggested_thresholds(self) -> dict[str, float]:

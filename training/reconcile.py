@@ -8,7 +8,8 @@
 
 Re-sending is safe because every execution claims its row first (queued, or running with a stale heartbeat) and
 a duplicate delivery of a claimed or finished row does nothing. Runs from the periodic task
-`training.tasks.jobs_reconcile` (Celery beat), and for one project before a new job of that project starts.
+`training.tasks.jobs_reconcile` (Celery beat; defined in pipeline/tasks.py, like every task it re-sends, by name),
+and for one project before a new job of that project starts.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ def jobs_reconcile(*, project: Project | None = None) -> dict:
     from labeling.health import health_reports_reconcile
 
     from .services import _mark_cancelled
-    from .tasks import index_build, train_run
 
     runs = TrainingRun.objects.filter(status__in=[TrainingRun.Status.QUEUED, TrainingRun.Status.RUNNING])
     builds = ModelVersion.objects.filter(index_status=ModelVersion.IndexStatus.BUILDING, promote_requested=True)
@@ -50,7 +50,11 @@ def jobs_reconcile(*, project: Project | None = None) -> dict:
         _mark_cancelled(run_id)
     out = {
         "train_run": jobs.rows_reconcile(
-            TrainingRun, runs, kind="train_run", task=train_run, resume="it resumes from its last checkpoint"
+            TrainingRun,
+            runs,
+            kind="train_run",
+            task="training.tasks.train_run",
+            resume="it resumes from its last checkpoint",
         ),
         "health_scan": health_reports_reconcile(project=project),
         "index_build": {"resent": []},
@@ -59,7 +63,9 @@ def jobs_reconcile(*, project: Project | None = None) -> dict:
     # while it runs) + no message waiting = lost.
     stale = timezone.now() - dt.timedelta(seconds=jobs.lost_after_seconds())
     for version in builds.filter(Q(index_heartbeat_at__lt=stale) | Q(index_heartbeat_at__isnull=True)):
-        if not jobs.message_waiting("index_build", version.pk) and jobs.resend(index_build, version.pk, "index_build"):
+        if not jobs.message_waiting("index_build", version.pk) and jobs.resend(
+            "training.tasks.index_build", version.pk, "index_build"
+        ):
             ModelVersion.objects.filter(pk=version.pk).update(index_heartbeat_at=timezone.now())
             out["index_build"]["resent"].append(version.pk)
     return out

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from labeling.models import Head, Project
 
+from .engine.artifact import CALIBRATION_FILE, read_artifact_json
 from .models import ModelVersion
 
 
@@ -86,9 +87,8 @@ def model_version_file(*, version: ModelVersion, name: str) -> tuple[Path, str, 
 
 def _reliability_plot(version: ModelVersion, head: str, path: Path) -> None:
     """A derived picture of stored data, written whole (temp name + os.replace) so concurrent views are safe."""
-    from inference.calibration import read_calibration  # noqa: PLC0415
-
-    bins = ((read_calibration(version.artifact_dir) or {}).get("reliability") or {}).get(head)
+    calibration = read_artifact_json(version.artifact_dir, CALIBRATION_FILE) or {}
+    bins = (calibration.get("reliability") or {}).get(head)
     if bins:
         from training.engine.report import plot_reliability  # noqa: PLC0415 - matplotlib only when drawn
 

@@ -1,4 +1,6 @@
-"""Writes for training: create and execute runs, register model versions, build the index, promote."""
+"""Writes for training: create, claim, train, cancel and complete runs, register and activate model versions,
+out-of-fold predictions. The chain around them (calibration, test report, promote gate, index, queues) is the
+pipeline's (pipeline/chain.py); its steps are queued here by task name, never imported."""
 
 import datetime as dt
 import json
@@ -7,7 +9,6 @@ import sys
 import traceback
 from pathlib import Path
 
-import numpy as np
 from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models import F, Max, Q
@@ -34,8 +35,6 @@ class TrainingError(ValueError):
 
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
-GALLERY_CACHE = "gallery_embeddings.npz"  # train-split embeddings from the calibration, reused by the index build
-TEST_CACHE = "test_embeddings.npz"  # test-split embeddings from the test report, reused by the arms probe
 
 
 def preset_config(preset: str, *, cuda: bool | None = None) -> dict:
@@ -132,11 +131,9 @@ def training_run_create(
         except IntegrityError:
             raise TrainingError("A training run is already queued or running for this project.") from None
         if queue:
-            from .tasks import train_run
-
             rid = run.id
             jobs.send_on_commit(
-                train_run,
+                "training.tasks.train_run",  # pipeline/tasks.py, by name
                 rid,
                 kind="train_run",
                 pk=rid,
@@ -235,16 +232,12 @@ def training_run_reopen(*, project: Project, run_id: int) -> TrainingRun:
     return run
 
 
-def training_run_execute(*, run_id: int, inline: bool = False, fresh: bool = False) -> TrainingRun:
-    """Train for one TrainingRun row (from the Celery task or `manage.py train`). Idempotent: a finished run
-    is left alone; a run left 'running' by a killed worker starts again. `inline` builds the index of an
-    auto-promoted first model in this process instead of queueing it."""
+def training_run_claim(*, run_id: int) -> TrainingRun | None:
+    """Claim the run for this process: queued, or running with a stale heartbeat (its worker is gone). A second
+    delivery of the same message (a re-send, or the broker's redelivery after its visibility timeout) finds it
+    claimed and gets None, so one run never trains twice at once. A lost run with a cancel request is cancelled."""
     run = TrainingRun.objects.select_related("project", "dataset_version").get(pk=run_id)
-    project = run.project
-    out_dir = Path(settings.ARTIFACT_ROOT) / project.slug / f"run-{run.id}"
-    # Claim the run: queued, or running with a stale heartbeat (its worker is gone). A second delivery of the
-    # same message (a re-send, or the broker's redelivery after its visibility timeout) finds it claimed and
-    # leaves it alone, so one run never trains twice at once.
+    out_dir = Path(settings.ARTIFACT_ROOT) / run.project.slug / f"run-{run.id}"
     stale = timezone.now() - dt.timedelta(seconds=jobs.lost_after_seconds())
     lost = Q(Q(heartbeat_at__lt=stale) | Q(heartbeat_at__isnull=True), status=TrainingRun.Status.RUNNING)
     if TrainingRun.objects.filter(lost, pk=run.id, cancel_requested_at__isnull=False).exists():
@@ -257,19 +250,30 @@ def training_run_execute(*, run_id: int, inline: bool = False, fresh: bool = Fal
         artifact_dir=str(out_dir),
         finished_at=None,
     )
+    run.refresh_from_db()
     if not claimed:
-        run.refresh_from_db()
-        return run
+        return None
     out_dir.mkdir(parents=True, exist_ok=True)
-    with jobs.heartbeat(TrainingRun, run.id):
-        return _training_run_train(run, out_dir, inline=inline, fresh=fresh)
+    return run
 
 
-def _training_run_train(run: TrainingRun, out_dir: Path, *, inline: bool, fresh: bool) -> TrainingRun:
+def _failed(run: TrainingRun, exc: Exception) -> None:
+    message = (
+        str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"
+    )
+    TrainingRun.objects.filter(pk=run.id).update(
+        status=TrainingRun.Status.FAILED, finished_at=timezone.now(), error=message[:5000]
+    )
+
+
+def training_run_train(*, run: TrainingRun, fresh: bool = False) -> tuple[dict, dict] | None:
+    """Train a claimed run (the engine: full fine-tune, tail fine-tune or quick retrain) into its artifact folder and
+    export ONNX. Returns (manifest, metrics); None when it failed or was cancelled (the row says so)."""
     from training.engine import train_model
     from training.engine.quick import train_quick
 
     project = run.project
+    out_dir = Path(run.artifact_dir)
     try:
         config = _resolve(project, run.config)
         if run.dataset_version_id is None:  # a run queued before dataset versions existed
@@ -302,18 +306,11 @@ def _training_run_train(run: TrainingRun, out_dir: Path, *, inline: bool, fresh:
     except TrainingCancelled:
         log.info("training run %s cancelled", run.id)
         _mark_cancelled(run.id)
-        run.refresh_from_db()
-        return run
+        return None
     except Exception as exc:  # noqa: BLE001 - the row must say why, whatever went wrong
         log.exception("training run %s failed", run.id)
-        message = (
-            str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"
-        )
-        TrainingRun.objects.filter(pk=run.id).update(
-            status=TrainingRun.Status.FAILED, finished_at=timezone.now(), error=message[:5000]
-        )
-        run.refresh_from_db()
-        return run
+        _failed(run, exc)
+        return None
     try:
         from training.engine.onnx_export import export_onnx
 
@@ -323,25 +320,16 @@ def _training_run_train(run: TrainingRun, out_dir: Path, *, inline: bool, fresh:
     except Exception as exc:  # noqa: BLE001 - serving falls back to torch; the reason is kept
         log.exception("ONNX export for run %s failed", run.id)
         metrics["onnx"] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
-    try:
-        metrics["calibration"] = _calibrate(out_dir, manifest)
-    except Exception as exc:  # noqa: BLE001 - recognition works uncalibrated; the reason is kept
-        log.exception("calibration for run %s failed", run.id)
-        metrics["calibration"] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
-    try:
-        metrics["test"] = _test_split_report(out_dir, manifest)
-    except Exception as exc:  # noqa: BLE001 - the model is fine; only the report failed
-        log.exception("test-split report for run %s failed", run.id)
-        metrics["test"] = {"error": f"{type(exc).__name__}: {exc}"}
-    try:
-        metrics["arms"] = _arms_probe(out_dir, manifest, project, version.created_at)
-    except Exception as exc:  # noqa: BLE001 - the model is fine; only the A/B of the queue's arms failed
-        log.exception("arms probe for run %s failed", run.id)
-        metrics["arms"] = {"error": f"{type(exc).__name__}: {exc}"}
+    return manifest, metrics
+
+
+def training_run_complete(*, run: TrainingRun, metrics: dict) -> ModelVersion | None:
+    """Mark the run succeeded and register its model version (one transaction); None when a cancel was asked for
+    meanwhile (the run is cancelled, nothing is registered). A model evaluated on its training photos (no
+    validation split) gets a note: it is never promoted without an admin."""
     if TrainingRun.objects.filter(pk=run.id, cancel_requested_at__isnull=False).exists():
         _mark_cancelled(run.id)  # cancelled after the last epoch: no model is registered
-        run.refresh_from_db()
-        return run
+        return None
     with transaction.atomic():
         TrainingRun.objects.filter(pk=run.id).update(
             status=TrainingRun.Status.SUCCEEDED,
@@ -351,107 +339,15 @@ def _training_run_train(run: TrainingRun, out_dir: Path, *, inline: bool, fresh:
                 {"source": metrics.get("pretrained_source"), "detail": metrics.get("pretrained_detail")}
             ),
         )
-        version = model_version_register(project=project, run=run, artifact_dir=out_dir, metrics=metrics)
+        version = model_version_register(
+            project=run.project, run=run, artifact_dir=Path(run.artifact_dir), metrics=metrics
+        )
     if metrics.get("metrics_on") == "train":
-        # Its figures are on photos it trained on: never promoted without an admin who has seen that.
         TrainingRun.objects.filter(pk=run.id).update(
             error="Not promoted automatically: the dataset version has no validation photos, so this model was "
             "evaluated on its training photos (train, optimistic). Promote it on the Models page if you accept that."
         )
-    else:
-        active = project.model_versions.filter(is_active=True).exclude(pk=version.pk).first()
-        if active is None:  # the first model of a project is promoted automatically
-            model_version_promote(version=version, user=None, inline=inline)
-        else:  # the promote gate: a later one only when it is no worse on the same frozen test split
-            gate = promote_gate(version=version, active=active)
-            version.refresh_from_db()
-            ModelVersion.objects.filter(pk=version.pk).update(metrics={**version.metrics, "gate": gate})
-            if gate["passed"] and settings.LOUPE_AUTO_PROMOTE == "gate":
-                model_version_promote(version=version, user=None, inline=inline, confirm_drop=True)
-    # The review queues follow the active model: they are rebuilt when a version becomes active
-    # (model_version_activate), never by a run that is not promoted.
-    run.refresh_from_db()
-    return run
-
-
-def _predict_items(rec, items: list[dict]):
-    """predict_paths for a version's items; for a quick retrain (its backbone is the pretrained one, frozen) through
-    the feature cache its training filled, so calibration, the test report and the index do not run every photo
-    through the backbone again."""
-    from inference.core import predict_items_cached, predict_paths
-
-    if rec.model is not None and (rec.config or {}).get("quick"):
-        return predict_items_cached(rec, items, settings.LOUPE_FEATURE_CACHE)
-    return predict_paths(rec, [it["path"] for it in items])
-
-
-def _calibrate(out_dir: Path, manifest: dict) -> dict:
-    """Temperature, suggested thresholds and retrieval rejection per head, fitted on the validation split with
-    the train split as gallery (inference.calibration); written as calibration.json."""
-    from inference.calibration import calibrate, write_calibration
-    from inference.core import Recognizer
-
-    val = [it for it in manifest["items"] if it["split"] == "val"]
-    train = [it for it in manifest["items"] if it["split"] == "train"]
-    if not val:
-        return {}
-    rec = Recognizer.load(out_dir)
-    v_probs, v_emb, v_ok = _predict_items(rec, val)
-    _g_probs, g_emb, g_ok = _predict_items(rec, train)
-    val = [it for it, ok in zip(val, v_ok, strict=True) if ok]
-    train = [it for it, ok in zip(train, g_ok, strict=True) if ok]
-    # The index build at promote embeds the same train images with the same model: keep them for it.
-    np.savez(out_dir / GALLERY_CACHE, ids=np.array([it["id"] for it in train], dtype=np.int64), emb=g_emb[g_ok])
-    cal = calibrate(
-        heads=rec.heads,
-        label_maps=rec.label_maps,
-        val_probs={h: p[v_ok] for h, p in v_probs.items()},
-        val_labels={h: [it["labels"].get(h) for it in val] for h in rec.heads},
-        val_emb=v_emb[v_ok],
-        gallery_emb=g_emb[g_ok],
-        gallery_labels={h: [it["labels"].get(h) for it in train] for h in rec.heads},
-        val_ids=[it["id"] for it in val],  # the model page's example photos of confused pairs
-    )
-    write_calibration(out_dir, cal)
-    return {"temperature": cal["temperature"], "softmax_threshold": cal["softmax_threshold"]}
-
-
-def _test_split_report(out_dir: Path, manifest: dict) -> dict:
-    """Accuracy of the trained model on the frozen test split: reported, never trained on or used to pick an
-    epoch (the engine does not read test items)."""
-    from inference.core import Recognizer, split_accuracy
-
-    items = [it for it in manifest["items"] if it["split"] == "test"]
-    if not items:
-        return {}
-    rec = Recognizer.load(out_dir)
-    predicted = _predict_items(rec, items)
-    report = split_accuracy(rec, items, predicted)
-    _write_json(out_dir / "test_metrics.json", report)
-    _probs, emb, ok = predicted
-    np.savez(out_dir / TEST_CACHE, ids=np.array([it["id"] for it in items], dtype=np.int64)[ok], emb=emb[ok])
-    return report
-
-
-def _arms_probe(out_dir: Path, manifest: dict, project: Project, frozen_at) -> dict:
-    """The low-confidence queue's A/B on this model (review.curve.arms_probe): retrieval top-1 on the test split
-    against the number of active vs random-arm labels in the gallery; written as arms.json."""
-    from review.curve import arms_probe
-
-    if not (out_dir / GALLERY_CACHE).exists() or not (out_dir / TEST_CACHE).exists():
-        return {}  # no validation split (no gallery cache) or no test split: nothing to measure on
-    with np.load(out_dir / GALLERY_CACHE) as g, np.load(out_dir / TEST_CACHE) as t:
-        out = arms_probe(
-            project=project,
-            frozen_at=frozen_at,
-            manifest=manifest,
-            gallery_ids=g["ids"],
-            gallery_emb=g["emb"],
-            test_ids=t["ids"],
-            test_emb=t["emb"],
-        )
-    _write_json(out_dir / "arms.json", out)
-    return out
+    return version
 
 
 def _write_json(path: Path, data) -> None:
@@ -468,119 +364,6 @@ def model_version_register(
         return ModelVersion.objects.create(
             project=project, run=run, number=number, artifact_dir=str(artifact_dir), metrics=metrics
         )
-
-
-class PromoteNeedsConfirmation(TrainingError):
-    """Promoting this version would serve a model that is worse than the active one on the same test split."""
-
-    def __init__(self, gate: dict):
-        self.gate = gate
-        super().__init__(f"{gate['reason']}. Promote it anyway only if you accept that drop (confirm it).")
-
-
-def _mean_top1(heads: dict) -> float | None:
-    values = [m["top1"] for m in heads.values() if m and m.get("top1") is not None]
-    return sum(values) / len(values) if values else None
-
-
-def promote_gate(*, version: ModelVersion, active: ModelVersion) -> dict:
-    """DESIGN step 4: is `version` no worse than the `active` one on the primary metric (mean top-1 over the
-    heads) of the same frozen test split (the newer version's; model_versions_compare)? Returns {"against",
-    "passed", "new", "active", "drop", "n_test", "split_of", "reason"}; "passed" is False when they cannot be
-    compared (no test split), with the reason. Tolerance: LOUPE_PROMOTE_TOLERANCE (top-1, default 0)."""
-    out = {"against": active.number, "passed": False, "new": None, "active": None, "drop": None}
-    try:
-        cmp = model_versions_compare(a=active, b=version)
-    except (ValueError, OSError) as exc:
-        out["reason"] = f"v{version.number} could not be compared with active v{active.number}: {exc}"
-        return out
-    new = _mean_top1(cmp["versions"][str(version.number)])
-    old = _mean_top1(cmp["versions"][str(active.number)])
-    out.update(split_of=cmp["test_split_of"], n_test=cmp["n_test"], new=new, active=old)
-    where = f"v{cmp['test_split_of']}'s frozen test split ({cmp['n_test']} photos)"
-    if new is None or old is None:
-        out["reason"] = (
-            f"v{version.number} could not be compared with active v{active.number}: no labeled photo in {where}"
-        )
-        return out
-    out["drop"] = round(old - new, 4)
-    out["passed"] = new >= old - float(settings.LOUPE_PROMOTE_TOLERANCE)
-    verdict = "no worse" if new >= old else f"{(old - new) * 100:.1f} points of mean top-1 worse"
-    out["reason"] = (
-        f"v{version.number} scores {new:.3f} mean top-1 on {where} against {old:.3f} for active v{active.number}: "
-        f"{verdict}"
-    )
-    return out
-
-
-def model_version_promote(
-    *, version: ModelVersion, user=None, inline: bool = False, confirm_drop: bool = False
-) -> ModelVersion:
-    """Ask for `version` to become active: the index is built first (Celery, queue default), then the switch
-    is one transaction. Promoting a version whose index is ready switches at once (rollback). A version that is
-    worse than the active one on the same frozen test split (promote_gate) is refused with
-    PromoteNeedsConfirmation, naming the drop, unless `confirm_drop`."""
-    if not confirm_drop and not version.is_active:
-        active = ModelVersion.objects.filter(project_id=version.project_id, is_active=True).exclude(pk=version.pk)
-        active = active.first()
-        if active is not None:
-            gate = promote_gate(version=version, active=active)
-            if not gate["passed"] and gate["drop"] is not None:
-                raise PromoteNeedsConfirmation(gate)
-    with transaction.atomic():
-        version = ModelVersion.objects.select_for_update().get(pk=version.pk)
-        before = {f: getattr(version, f) for f in ("promote_requested", "promoted_by", "index_status", "index_error")}
-        version.promote_requested = True
-        version.promoted_by = user
-        if version.index_status == ModelVersion.IndexStatus.READY:
-            version.save(update_fields=["promote_requested", "promoted_by"])
-            return model_version_activate(version=version)
-        version.index_status = ModelVersion.IndexStatus.BUILDING
-        version.index_error = ""
-        version.index_heartbeat_at = timezone.now()  # queued: the reconciler measures a lost build from here
-        version.save(
-            update_fields=["promote_requested", "promoted_by", "index_status", "index_error", "index_heartbeat_at"]
-        )
-        from .tasks import index_build
-
-        vid = version.id
-        if not inline:
-            jobs.send_on_commit(
-                index_build,
-                vid,
-                kind="index_build",
-                pk=vid,
-                what=f"the promote of v{version.number} (its index build)",
-                undo=lambda: ModelVersion.objects.filter(pk=vid).update(**before),
-            )
-    if inline:
-        return model_version_index_build(version_id=vid)
-    return version
-
-
-def model_versions_compare(*, a: ModelVersion, b: ModelVersion) -> dict:
-    """Top-1/top-5 per head of two versions on the same images: the newer version's frozen test split.
-    Returns {"test_split_of", "n_test", "versions": {"<n>": {head: {"top1", "top5", "n"}}}}; the result is kept
-    in the newer version's folder (versions never change). ValueError when that split is empty."""
-    from inference.core import Recognizer, split_accuracy
-
-    if a.project_id != b.project_id:
-        raise ValueError("Compare two versions of the same project.")
-    newer = a if a.number >= b.number else b
-    cache = Path(newer.artifact_dir) / f"compare-{min(a.number, b.number)}-{max(a.number, b.number)}.json"
-    try:
-        return json.loads(cache.read_text())
-    except (OSError, ValueError):
-        pass
-    manifest = json.loads((Path(newer.artifact_dir) / "manifest.json").read_text())
-    items = [it for it in manifest["items"] if it["split"] == "test"]
-    if not items:
-        raise ValueError(f"Version {newer.number}'s dataset has no test split to compare on.")
-    out = {"test_split_of": newer.number, "n_test": len(items), "versions": {}}
-    for v in (a, b):
-        out["versions"][str(v.number)] = split_accuracy(Recognizer.load(v.artifact_dir), items)["heads"]
-    _write_json(cache, out)
-    return out
 
 
 def head_thresholds_apply(
@@ -636,62 +419,18 @@ def model_version_activate(*, version: ModelVersion) -> ModelVersion:
         )
         # The review queues follow the active model: rebuilt on every promote and rollback, never by a run that was
         # not promoted. Each task checks that its version is still the active one when it runs.
+        # The pipeline's steps, queued by name (pipeline/tasks.py): this layer does not import the pipeline.
         if settings.LOUPE_MISLABEL_AFTER_PROMOTE:  # out-of-fold predictions of its dataset (reused if computed)
-            from review.tasks import mislabel_refresh
-
             vid = version.id
-            jobs.send_on_commit(mislabel_refresh, vid, kind="mislabel_refresh", pk=vid, what="the mislabel queue")
+            jobs.send_on_commit(
+                "review.tasks.mislabel_refresh", vid, kind="mislabel_refresh", pk=vid, what="the mislabel queue"
+            )
         if settings.LOUPE_UNCERTAIN_AFTER_PROMOTE:  # the new model re-ranks the low-confidence queue
-            from review.tasks import uncertain_refresh
-
             pid = version.project_id
             jobs.send_on_commit(
-                uncertain_refresh, pid, kind="uncertain_refresh", pk=pid, what="the low-confidence queue"
+                "review.tasks.uncertain_refresh", pid, kind="uncertain_refresh", pk=pid, what="the low-confidence queue"
             )
     version.refresh_from_db()
-    return version
-
-
-def model_version_index_build(*, version_id: int) -> ModelVersion:
-    """Embed the run's train split and write the Faiss index into the artifact folder (atomically), then
-    activate the version if a promote was requested. Idempotent."""
-    version = ModelVersion.objects.get(pk=version_id)
-    with jobs.heartbeat(ModelVersion, version_id, field="index_heartbeat_at"):
-        return _index_build(version)
-
-
-def _index_build(version: ModelVersion) -> ModelVersion:
-    from inference.calibration import write_gallery_labels
-    from inference.core import Recognizer, build_index, embed_paths
-
-    version_id = version.id
-    try:
-        art = Path(version.artifact_dir)
-        manifest = json.loads((art / "manifest.json").read_text())
-        gallery = [it for it in manifest["items"] if it["split"] == "train"]
-        recognizer = Recognizer.load(art)
-        by_id = {it["id"]: it for it in gallery}
-        cache = art / GALLERY_CACHE
-        if cache.is_file():  # written by the calibration after training: same model, same images
-            with np.load(cache) as cached:
-                ids, embeddings = cached["ids"], cached["emb"]
-        else:
-            embeddings, ok = embed_paths(recognizer, [it["path"] for it in gallery])
-            ids, embeddings = np.array([it["id"] for it in gallery], dtype=np.int64)[ok], embeddings[ok]
-        kept = [by_id[int(i)] for i in ids]
-        write_gallery_labels(art, ids, {h: [it["labels"].get(h) for it in kept] for h in recognizer.heads})
-        build_index(art, embeddings, ids, kind=settings.LOUPE_INDEX_KIND, flat_max=settings.LOUPE_INDEX_FLAT_MAX)
-    except Exception as exc:  # noqa: BLE001
-        log.exception("index build for model version %s failed", version_id)
-        ModelVersion.objects.filter(pk=version_id).update(
-            index_status=ModelVersion.IndexStatus.FAILED, index_error=f"{type(exc).__name__}: {exc}"[:5000]
-        )
-        version.refresh_from_db()
-        return version
-    ModelVersion.objects.filter(pk=version_id).update(index_status=ModelVersion.IndexStatus.READY, index_size=len(ids))
-    version.refresh_from_db()
-    if version.promote_requested:
-        version = model_version_activate(version=version)
     return version
 
 

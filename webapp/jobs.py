@@ -57,13 +57,19 @@ def task_id(kind: str, pk: int) -> str:
 
 
 def send(task, *args, kind: str, pk: int, what: str) -> None:
-    """Publish `task(*args)` under `task_id(kind, pk)`; BrokerUnavailable when the broker cannot take it."""
+    """Publish `task(*args)` under `task_id(kind, pk)`; BrokerUnavailable when the broker cannot take it. `task` is a
+    task or a task's registered name: the lower apps queue the pipeline's steps by name without importing it."""
     from kombu.exceptions import OperationalError
 
+    if isinstance(task, str):
+        from webapp.celery import app
+
+        task = app.signature(task)
+    name = getattr(task, "name", None) or getattr(task, "task", "?")
     try:
         task.apply_async(args=args, task_id=task_id(kind, pk), retry=True, retry_policy=_RETRY_POLICY)
     except (OperationalError, OSError) as exc:
-        log.warning("cannot publish %s for %s %s: %s", task.name, kind, pk, exc)
+        log.warning("cannot publish %s for %s %s: %s", name, kind, pk, exc)
         raise BrokerUnavailable(what, exc) from exc
 
 

@@ -18,12 +18,12 @@ urlpatterns = [
     path("api/ai/detect-car-vision", CarDetectView.as_view(), name="car-detect"),  # the car seed's contract
     path("api/v1/", include("inference.urls")),
     path("api/v1/", include("labeling.api_urls")),
-    path("api/v1/", include("training.api_urls")),
+    path("api/v1/", include("pipeline.api_urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
     path("healthz", health, name="health"),
     path("", include("review.urls")),
-    path("", include("training.urls")),
+    path("", include("pipeline.urls")),
     path("", include("labeling.urls")),
 ]
 

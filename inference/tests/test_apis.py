@@ -10,6 +10,7 @@ from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from conftest import TINY_TRAIN, make_photo
+from pipeline import chain
 from training import services as training_services
 from training.models import ModelVersion
 
@@ -31,7 +32,7 @@ def project(shapes_project):
 
 def _train(project, **overrides) -> ModelVersion:
     run = training_services.training_run_create(project=project, config={**TINY_TRAIN, **overrides}, queue=False)
-    run = training_services.training_run_execute(run_id=run.id, inline=True)
+    run = chain.training_run_execute(run_id=run.id, inline=True)
     assert run.status == "succeeded", run.error
     return run.model_version
 
@@ -87,14 +88,14 @@ def test_recognize_json_and_multipart_then_hot_swap(api, project):
     # Promote a second model: the running server serves it without a restart.
     v2 = _train(project, epochs=1)
     assert not v2.is_active  # later models wait for an admin (conftest: LOUPE_AUTO_PROMOTE "first")
-    training_services.model_version_promote(version=v2, inline=True, confirm_drop=True)  # one epoch: maybe worse
+    chain.model_version_promote(version=v2, inline=True, confirm_drop=True)  # one epoch: maybe worse
     from django.test import override_settings
 
     with override_settings(LOUPE_ACTIVE_MODEL_TTL=0):
         body = api.post(_url(project), {"images": [_b64(photos[0])]}, format="json").json()
     assert body["model_version"] == v2.number
     # Roll back: v1's index is ready, so the switch is immediate.
-    training_services.model_version_promote(version=v1)
+    chain.model_version_promote(version=v1)
     assert ModelVersion.objects.get(pk=v1.pk).is_active and not ModelVersion.objects.get(pk=v2.pk).is_active
 
 

@@ -13,6 +13,7 @@ from conftest import TINY_TRAIN, make_photo
 from labeling import importers
 from labeling.models import LabelClass
 from labeling.services import project_create
+from pipeline import chain
 from training import services as training_services
 
 pytestmark = pytest.mark.django_db
@@ -63,7 +64,7 @@ def cars(tmp_path, settings):
 
 def _train(project):
     run = training_services.training_run_create(project=project, config={**TINY_TRAIN, "epochs": 3}, queue=False)
-    run = training_services.training_run_execute(run_id=run.id, inline=True)
+    run = chain.training_run_execute(run_id=run.id, inline=True)
     assert run.status == "succeeded", run.error
     return run.model_version
 

@@ -17,6 +17,7 @@ from rest_framework.test import APIClient
 
 from conftest import TINY_TRAIN, make_photo
 from inference import services
+from pipeline import chain
 from training import services as training_services
 from training.models import ModelVersion
 
@@ -38,7 +39,7 @@ def project(shapes_project):
 
 def _train(project, **overrides) -> ModelVersion:
     run = training_services.training_run_create(project=project, config={**TINY_TRAIN, **overrides}, queue=False)
-    run = training_services.training_run_execute(run_id=run.id, inline=True)
+    run = chain.training_run_execute(run_id=run.id, inline=True)
     assert run.status == "succeeded", run.error
     return run.model_version
 

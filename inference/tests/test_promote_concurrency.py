@@ -12,6 +12,7 @@ from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from conftest import TINY_TRAIN, make_photo
+from pipeline import chain
 from training import services as training_services
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 def _train(project, **overrides):
     run = training_services.training_run_create(project=project, config={**TINY_TRAIN, **overrides}, queue=False)
-    run = training_services.training_run_execute(run_id=run.id, inline=True)
+    run = chain.training_run_execute(run_id=run.id, inline=True)
     assert run.status == "succeeded", run.error
     return run.model_version
 
@@ -64,7 +65,7 @@ def test_promote_under_concurrent_requests(shapes_project, admin_user, settings,
     for t in threads:
         t.start()
     time.sleep(0.5)
-    training_services.model_version_promote(version=v2, user=admin_user, inline=True)  # index build + switch
+    chain.model_version_promote(version=v2, user=admin_user, inline=True)  # index build + switch
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and not any(b["model_version"] == 2 for _, b in results[-8:]):
         time.sleep(0.1)

@@ -7,6 +7,7 @@ import numpy as np
 
 from conftest import TINY_TRAIN
 from labeling.models import Label, LabelClass
+from pipeline import chain
 from training import services as training_services
 
 COLORS = ["red", "blue", "green", "yellow"]
@@ -14,7 +15,7 @@ COLORS = ["red", "blue", "green", "yellow"]
 
 def trained_version(project):
     run = training_services.training_run_create(project=project, config=TINY_TRAIN, queue=False)
-    run = training_services.training_run_execute(run_id=run.id, inline=True)
+    run = chain.training_run_execute(run_id=run.id, inline=True)
     assert run.status == "succeeded", run.error
     return run.model_version
 

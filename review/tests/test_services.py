@@ -192,7 +192,7 @@ def test_relabeling_a_model_sets_its_make_and_undo_puts_both_back(reviewer):
 
 @pytest.mark.django_db
 def test_the_refresh_task_reuses_a_versions_oof_and_leaves_the_queue_alone_for_a_version_not_active(shapes_project):
-    from review import tasks
+    from pipeline import tasks
     from training.models import ModelVersion
 
     project = shapes_project(6)

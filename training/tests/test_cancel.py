@@ -11,6 +11,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from conftest import TINY_TRAIN
+from pipeline import chain
 from training import services
 from training.models import ModelVersion, TrainingRun
 from training.reconcile import jobs_reconcile
@@ -44,7 +45,7 @@ def test_a_queued_run_is_cancelled_at_once_and_never_trains(project, client, adm
     run.refresh_from_db()
     assert run.status == "cancelled" and run.error == "Cancelled by admin before it started." and run.finished_at
     # Its message may still be delivered: the worker finds nothing to claim.
-    assert services.training_run_execute(run_id=run.id, inline=True).status == "cancelled"
+    assert chain.training_run_execute(run_id=run.id, inline=True).status == "cancelled"
     assert not ModelVersion.objects.exists()
     with pytest.raises(services.TrainingError, match="already cancelled"):
         services.training_run_cancel(run=run)

@@ -10,6 +10,7 @@ import pytest
 import timm
 import torch
 
+from inference import evaluation
 from training.engine import resolve_config, train_model
 from training.engine.data import draft_size, eval_transform, load_image_file, normalize_batch
 from training.engine.features import cached_features, item_sha256
@@ -225,7 +226,7 @@ def test_train_command_quick_end_to_end(shapes_project, tmp_path, settings, caps
     assert "temperature" in version.metrics["calibration"] and version.metrics["test"]["heads"]
     rec = Recognizer.load(run.artifact_dir)
     items = [it for it in json.loads((Path(run.artifact_dir) / "manifest.json").read_text())["items"]]
-    cached = services._predict_items(rec, items)
+    cached = evaluation.predict_items(rec, items)
     direct = predict_paths(rec, [it["path"] for it in items])
     for head in rec.heads:
         np.testing.assert_allclose(cached[0][head], direct[0][head], atol=1e-4)

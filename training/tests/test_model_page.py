@@ -9,6 +9,7 @@ from rest_framework.test import APIClient
 
 from conftest import TINY_TRAIN
 from labeling.models import Project
+from pipeline import chain
 from training import services
 
 pytestmark = pytest.mark.django_db
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.django_db
 def version(shapes_project):
     project = shapes_project(4)
     run = services.training_run_create(project=project, config=TINY_TRAIN, queue=False)
-    return services.training_run_execute(run_id=run.id, inline=True).model_version
+    return chain.training_run_execute(run_id=run.id, inline=True).model_version
 
 
 def _file(version, name):

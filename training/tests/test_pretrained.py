@@ -15,6 +15,7 @@ from django.urls import reverse
 from PIL import Image
 
 from conftest import TINY_TRAIN
+from pipeline import chain
 from training import services
 from training.engine import pretrained as pretrained_lib
 from training.engine import train_model
@@ -234,7 +235,7 @@ def test_runs_and_models_pages_and_api_show_the_source(client, admin_user, shape
 
     project = shapes_project(4)
     run = services.training_run_create(project=project, config={**TINY_TRAIN, "pretrained": True}, queue=False)
-    run = services.training_run_execute(run_id=run.id, inline=True)
+    run = chain.training_run_execute(run_id=run.id, inline=True)
     assert run.status == TrainingRun.Status.SUCCEEDED, run.error
     assert run.pretrained_source == "none" and "no pretrained weights for test_resnet" in run.pretrained_detail
     v1 = run.model_version

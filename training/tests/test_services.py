@@ -7,6 +7,7 @@ from django.urls import reverse
 
 from conftest import TINY_TRAIN
 from labeling.services import project_create
+from pipeline import chain
 from training import services
 from training.models import ModelVersion, TrainingRun
 
@@ -31,7 +32,7 @@ def test_run_create_refuses_bad_config_empty_project_and_second_run(project):
 
 def test_execute_records_progress_artifacts_and_promotes_first_model(project):
     run = services.training_run_create(project=project, config=TINY_TRAIN, queue=False)
-    run = services.training_run_execute(run_id=run.id, inline=True)
+    run = chain.training_run_execute(run_id=run.id, inline=True)
     assert run.status == TrainingRun.Status.SUCCEEDED, run.error
     assert run.epoch == run.epochs == 2 and len(run.history) == 2 and run.loss is not None
     assert set(run.metrics) == {"class"} and 0 <= run.metrics["class"]["top1"] <= 1
@@ -46,7 +47,7 @@ def test_execute_records_progress_artifacts_and_promotes_first_model(project):
     version = run.model_version
     assert version.is_active and version.number == 1 and version.index_status == "ready"
     # Running the same run again is a no-op (idempotent task).
-    again = services.training_run_execute(run_id=run.id)
+    again = chain.training_run_execute(run_id=run.id)
     assert again.status == run.status and ModelVersion.objects.count() == 1
 
 
@@ -56,7 +57,7 @@ def test_failed_training_records_the_error(project):
     run = services.training_run_create(project=project, config=TINY_TRAIN, queue=False)
     # A config that became invalid after queueing (e.g. an older Loupe) fails the run with the reason.
     TrainingRun.objects.filter(pk=run.pk).update(config={**TINY_TRAIN, "backbone": "no_such_backbone_x"})
-    run = services.training_run_execute(run_id=run.id)
+    run = chain.training_run_execute(run_id=run.id)
     assert run.status == TrainingRun.Status.FAILED and "no_such_backbone_x" in run.error
     assert run.finished_at is not None and not ModelVersion.objects.exists()
 
@@ -78,7 +79,7 @@ def test_run_trains_on_a_frozen_dataset_version_with_project_options(project):
     run = services.training_run_create(project=project, config=TINY_TRAIN, queue=False)
     version = run.dataset_version
     assert version is not None and version.number == 1
-    run = services.training_run_execute(run_id=run.id, inline=True)
+    run = chain.training_run_execute(run_id=run.id, inline=True)
     assert run.status == TrainingRun.Status.SUCCEEDED, run.error
     art = Path(run.artifact_dir)
     manifest = json.loads((art / "manifest.json").read_text())
@@ -120,7 +121,7 @@ def test_run_trains_on_a_frozen_dataset_version_with_project_options(project):
 def test_oof_predictions_command_on_the_active_model(project, capsys):
     import numpy as np
 
-    run = services.training_run_execute(
+    run = chain.training_run_execute(
         run_id=services.training_run_create(project=project, config=TINY_TRAIN, queue=False).id, inline=True
     )
     version = run.model_version
@@ -191,7 +192,7 @@ def test_interrupted_run_resumes_from_its_checkpoint(project, monkeypatch, capsy
 
     run = services.training_run_create(project=project, config={**TINY_TRAIN, "epochs": 3}, queue=False)
     monkeypatch.setattr(services, "_progress_writer", dying_writer)
-    run = services.training_run_execute(run_id=run.id, inline=True)
+    run = chain.training_run_execute(run_id=run.id, inline=True)
     assert run.status == TrainingRun.Status.FAILED and "WorkerLost" in run.error
     assert (Path(run.artifact_dir) / "checkpoints" / "latest.pt").exists()
     monkeypatch.setattr(services, "_progress_writer", real_writer)
@@ -220,7 +221,7 @@ def test_a_model_without_validation_photos_says_train_optimistic_and_is_not_auto
     version, _ = versions.dataset_version_create(project=project, ratios=(1.0, 0.0, 0.0), allow_empty_eval=True)
     assert version.counts["splits"]["val"] == 0
     run = services.training_run_create(project=project, config=TINY_TRAIN, queue=False, dataset_version=version)
-    run = services.training_run_execute(run_id=run.id, inline=True)
+    run = chain.training_run_execute(run_id=run.id, inline=True)
     assert run.status == TrainingRun.Status.SUCCEEDED, run.error
     v = run.model_version
     assert not v.is_active and v.evaluated_on == "train (optimistic)" and run.evaluated_on == "train (optimistic)"
@@ -244,7 +245,7 @@ def test_promote_gate_promotes_a_model_no_worse_on_the_same_test_split_and_holds
 
     def train(**over):
         run = services.training_run_create(project=project, config={**TINY_TRAIN, **over}, queue=False)
-        run = services.training_run_execute(run_id=run.id, inline=True)
+        run = chain.training_run_execute(run_id=run.id, inline=True)
         assert run.status == TrainingRun.Status.SUCCEEDED, run.error
         return ModelVersion.objects.get(run=run)
 
@@ -268,9 +269,9 @@ def test_promote_gate_promotes_a_model_no_worse_on_the_same_test_split_and_holds
     api = f"/api/v1/projects/{project.slug}/models/2/promote/"
     body = client.post(api).json()
     assert body["error"]["code"] == "promote_worse" and body["error"]["details"]["drop"] == gate["drop"]
-    with pytest.raises(services.PromoteNeedsConfirmation, match="worse"):
-        services.model_version_promote(version=v2, inline=True)
-    services.model_version_promote(version=v2, inline=True, confirm_drop=True)
+    with pytest.raises(chain.PromoteNeedsConfirmation, match="worse"):
+        chain.model_version_promote(version=v2, inline=True)
+    chain.model_version_promote(version=v2, inline=True, confirm_drop=True)
     assert ModelVersion.objects.get(is_active=True) == v2
 
     # The same recipe as v1 again: no worse than the active v2, so it is promoted by itself.

@@ -2,6 +2,8 @@ import pytest
 from django.urls import reverse
 
 from conftest import TINY_TRAIN
+from inference import evaluation
+from pipeline import chain
 from training import services
 from training.models import ModelVersion, TrainingRun
 
@@ -51,18 +53,18 @@ def test_retrain_button_queues_a_run_and_page_polls(client, admin_user, project,
 
 
 def test_models_page_shows_metrics_and_promote_switches(client, admin_user, project):
-    v1 = services.training_run_execute(
+    v1 = chain.training_run_execute(
         run_id=services.training_run_create(project=project, config=TINY_TRAIN, queue=False).id, inline=True
     ).model_version
     run2 = services.training_run_create(project=project, config=TINY_TRAIN, queue=False)
-    v2 = services.training_run_execute(run_id=run2.id, inline=True).model_version
+    v2 = chain.training_run_execute(run_id=run2.id, inline=True).model_version
     v2.refresh_from_db()
     assert v1.is_active is True and not v2.is_active
     client.force_login(admin_user)
     page = client.get(reverse("training:version-list", args=[project.slug]))
     assert b"v2" in page.content and b"Promote" in page.content and b"class" in page.content
     # v2 has no index yet: promote builds it (inline here via the service), then v1 is a one-click rollback.
-    services.model_version_promote(version=v2, user=admin_user, inline=True)
+    chain.model_version_promote(version=v2, user=admin_user, inline=True)
     assert ModelVersion.objects.get(is_active=True) == v2
     response = client.post(reverse("training:version-promote", args=[project.slug, v1.number]), follow=True)
     assert b"Model v1 is now active" in response.content
@@ -71,7 +73,7 @@ def test_models_page_shows_metrics_and_promote_switches(client, admin_user, proj
     url = reverse("training:version-compare", args=[project.slug])
     assert "on the same test split" in client.get(reverse("training:version-list", args=[project.slug])).text
     page = client.get(url, {"a": 1, "b": 2}).content.decode()
-    result = services.model_versions_compare(a=v1, b=v2)
+    result = evaluation.model_versions_compare(a=v1, b=v2)
     assert result["test_split_of"] == 2 and f"{result['n_test']} images" in page
     row = result["versions"]["2"]["class"]
     assert f"{row['top1']:.3f} / {row['top5']:.3f}" in page
@@ -82,7 +84,7 @@ def test_models_page_shows_metrics_and_promote_switches(client, admin_user, proj
 def test_models_page_shows_calibration_and_applies_the_suggested_thresholds(client, admin_user, project):
     from labeling.models import Head
 
-    v1 = services.training_run_execute(
+    v1 = chain.training_run_execute(
         run_id=services.training_run_create(project=project, config=TINY_TRAIN, queue=False).id, inline=True
     ).model_version
     v1.refresh_from_db()
@@ -111,11 +113,11 @@ def test_models_page_shows_calibration_and_applies_the_suggested_thresholds(clie
 def test_model_registry_api_list_compare_promote(project, admin_user, reviewer):
     from rest_framework.test import APIClient
 
-    services.training_run_execute(
+    chain.training_run_execute(
         run_id=services.training_run_create(project=project, config=TINY_TRAIN, queue=False).id, inline=True
     )
     run2 = services.training_run_create(project=project, config={**TINY_TRAIN, "epochs": 1}, queue=False)
-    services.training_run_execute(run_id=run2.id, inline=True)
+    chain.training_run_execute(run_id=run2.id, inline=True)
     api = APIClient()
     api.force_authenticate(reviewer)
     assert api.get(f"/api/v1/projects/{project.slug}/models/").status_code == 403
@@ -143,7 +145,7 @@ def test_suggested_thresholds_ask_first_refuse_a_bare_post_and_undo_from_the_act
     from labeling.health import action_undo
     from labeling.models import DatasetAction, Head
 
-    v1 = services.training_run_execute(
+    v1 = chain.training_run_execute(
         run_id=services.training_run_create(project=project, config=TINY_TRAIN, queue=False).id, inline=True
     ).model_version
     suggested = round(v1.suggested_thresholds["class"], 4)

@@ -5,6 +5,7 @@ import json
 from django.core.management.base import BaseCommand, CommandError
 
 from labeling.models import Project
+from pipeline import chain
 from training import services
 
 
@@ -86,7 +87,7 @@ class Command(BaseCommand):
         except services.TrainingError as exc:
             raise CommandError(str(exc)) from exc
         self.stdout.write(f"Training run {run.id} for {project.slug}…")
-        run = services.training_run_execute(run_id=run.id, inline=True, fresh=opts["fresh"])
+        run = chain.training_run_execute(run_id=run.id, inline=True, fresh=opts["fresh"])
         if run.status != run.Status.SUCCEEDED:
             raise CommandError(f"Training run {run.id} {run.status}: {run.error}")
         version = run.model_version

@@ -10,12 +10,14 @@ from rest_framework.negotiation import BaseContentNegotiation
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from inference import evaluation
 from labeling.access import IsProjectAdmin
 from labeling.models import Project
+from training import selectors, services
+from training.models import ModelVersion, PretrainedSource, TrainingRun
 from webapp.errors import ApiError
 
-from . import selectors, services
-from .models import ModelVersion, PretrainedSource, TrainingRun
+from . import chain
 
 
 class ModelVersionSerializer(serializers.ModelSerializer):
@@ -121,10 +123,10 @@ class ModelVersionPromoteView(APIView):
         )
         confirm = str(raw).lower() in ("1", "true", "yes")
         try:
-            version = services.model_version_promote(
+            version = chain.model_version_promote(
                 version=_version(slug, number), user=request.user, confirm_drop=confirm
             )
-        except services.PromoteNeedsConfirmation as exc:
+        except chain.PromoteNeedsConfirmation as exc:
             raise ApiError(
                 f"{exc} Send confirm_drop=true to promote it anyway.",
                 code="promote_worse",
@@ -165,7 +167,7 @@ class ModelVersionCompareView(APIView):
         except (KeyError, ValueError):
             raise ApiError("Pass two version numbers: ?a=1&b=2.", code="bad_request") from None
         try:
-            out = services.model_versions_compare(a=_version(slug, a_num), b=_version(slug, b_num))
+            out = evaluation.model_versions_compare(a=_version(slug, a_num), b=_version(slug, b_num))
         except ValueError as exc:
             raise ApiError(str(exc), code="no_test_split") from None
         return Response(out)

@@ -9,10 +9,11 @@ from django.views.decorators.http import require_POST
 
 from labeling.access import current_project
 from labeling.views import _partial, staff_required
+from training import selectors, services
+from training.models import ModelVersion
+from training.reconcile import jobs_reconcile
 
-from . import selectors, services
-from .models import ModelVersion
-from .reconcile import jobs_reconcile
+from . import chain
 
 # Retrain form fields: name -> type. Any engine config key can be set from `manage.py train --set`.
 RETRAIN_FIELDS = {"epochs": int, "backbone": str, "image_size": int, "batch_size": int, "lr": float}
@@ -145,7 +146,7 @@ def version_compare(request, slug):
             messages.error(request, "Pick two different versions.")
         else:
             try:
-                result = services.model_versions_compare(a=a, b=b)
+                result = chain.evaluation.model_versions_compare(a=a, b=b)
             except ValueError as exc:
                 messages.error(request, str(exc))
             else:
@@ -170,8 +171,7 @@ def version_thresholds_apply(request, slug, number):
     """ "Use suggested thresholds": GET shows what would change (head: now -> suggested) with a confirm button;
     the POST applies it only with that page's confirmation token, as an undoable action."""
     from labeling.health import plan_token  # noqa: PLC0415
-
-    from .selectors import head_thresholds_plan  # noqa: PLC0415
+    from training.selectors import head_thresholds_plan  # noqa: PLC0415
 
     project = current_project(request, slug)
     version = get_object_or_404(ModelVersion, project=project, number=number)
@@ -206,10 +206,10 @@ def version_promote(request, slug, number):
     project = current_project(request, slug)
     version = get_object_or_404(ModelVersion, project=project, number=number)
     try:
-        version = services.model_version_promote(
+        version = chain.model_version_promote(
             version=version, user=request.user, confirm_drop=request.POST.get("confirm_drop") == "1"
         )
-    except services.PromoteNeedsConfirmation as exc:  # worse than the active one on the same test split: ask
+    except chain.PromoteNeedsConfirmation as exc:  # worse than the active one on the same test split: ask
         context = {"project": project, "version": version, "gate": exc.gate}
         return render(request, "training/promote_confirm.html", context, status=409)
     if version.is_active:

@@ -1,0 +1,210 @@
+"""The loop's chain, in one place: each step is a function of a row id that calls one service of the app that owns
+the data, and the order is declared here.
+
+    training run:  claim -> train (+ ONNX)           training.services
+                   -> calibrate -> test report        inference.evaluation
+                   -> arms probe                      review.services
+                   -> complete + register             training.services
+                   -> promote gate -> promote         here (first model: always; later: when no worse)
+    promote:       -> index build (queue default)     inference.evaluation, then activate
+    activate:      -> switch (one transaction)        training.services.model_version_activate, which queues
+                   -> out-of-fold + mislabel queue,   review.tasks.mislabel_refresh (queue gpu), and
+                      low-confidence queue            review.tasks.uncertain_refresh (queue gpu)
+
+Tasks (pipeline/tasks.py) keep their registered names (training.tasks.*, review.tasks.*) so messages queued by
+an earlier release still run; their queues and time limits are in settings (CELERY_TASK_ROUTES,
+LOUPE_TASK_TIME_LIMITS). The lower apps queue these steps by name (webapp.jobs.send), never by import."""
+
+from __future__ import annotations
+
+import logging
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from inference import evaluation
+from review import services as review_services
+from training import services as training_services
+from training.models import ModelVersion, TrainingRun
+from training.services import TrainingError, model_version_activate
+from webapp import jobs
+
+log = logging.getLogger(__name__)
+
+
+def training_run_execute(*, run_id: int, inline: bool = False, fresh: bool = False) -> TrainingRun:
+    """One training run from the Celery task or `manage.py train`. Idempotent: a finished run is left alone; a
+    run left 'running' by a killed worker resumes from its checkpoint. `inline` builds the index of an
+    auto-promoted model in this process instead of queueing it."""
+    run = training_services.training_run_claim(run_id=run_id)
+    if run is None:  # claimed by another delivery, finished or cancelled
+        return TrainingRun.objects.get(pk=run_id)
+    with jobs.heartbeat(TrainingRun, run.id):
+        trained = training_services.training_run_train(run=run, fresh=fresh)
+        if trained is None:  # failed or cancelled: the row says why
+            run.refresh_from_db()
+            return run
+        manifest, metrics = trained
+        version = _evaluate_and_register(run, manifest, metrics)
+    if version is not None:
+        _promote_if_due(version, inline=inline)
+    run.refresh_from_db()
+    return run
+
+
+def _step(metrics: dict, key: str, what: str, run_id: int, fn) -> None:
+    """metrics[key] = fn(); a failure is kept as {"error"}: the model is fine, only this report failed."""
+    try:
+        metrics[key] = fn()
+    except Exception as exc:  # noqa: BLE001
+        log.exception("%s for run %s failed", what, run_id)
+        metrics[key] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+
+
+def _evaluate_and_register(run: TrainingRun, manifest: dict, metrics: dict) -> ModelVersion | None:
+    from pathlib import Path  # noqa: PLC0415
+
+    out_dir = Path(run.artifact_dir)
+    _step(metrics, "calibration", "calibration", run.id, lambda: evaluation.calibrate_version(out_dir, manifest))
+    _step(metrics, "test", "test-split report", run.id, lambda: evaluation.test_split_report(out_dir, manifest))
+    frozen_at = run.dataset_version.created_at
+    _step(
+        metrics,
+        "arms",
+        "arms probe",
+        run.id,
+        lambda: review_services.arms_probe_report(
+            out_dir=out_dir, manifest=manifest, project=run.project, frozen_at=frozen_at
+        ),
+    )
+    return training_services.training_run_complete(run=run, metrics=metrics)
+
+
+def _promote_if_due(version: ModelVersion, *, inline: bool) -> None:
+    """The first model of a project is promoted; a later one when it passes the promote gate (and
+    LOUPE_AUTO_PROMOTE is "gate"); a model evaluated on its training photos never."""
+    if version.metrics.get("metrics_on") == "train":
+        return  # its figures are on photos it trained on: an admin decides
+    active = ModelVersion.objects.filter(project_id=version.project_id, is_active=True).exclude(pk=version.pk).first()
+    if active is None:
+        model_version_promote(version=version, user=None, inline=inline)
+        return
+    gate = promote_gate(version=version, active=active)
+    version.refresh_from_db()
+    ModelVersion.objects.filter(pk=version.pk).update(metrics={**version.metrics, "gate": gate})
+    if gate["passed"] and settings.LOUPE_AUTO_PROMOTE == "gate":
+        model_version_promote(version=version, user=None, inline=inline, confirm_drop=True)
+
+
+class PromoteNeedsConfirmation(TrainingError):
+    """Promoting this version would serve a model that is worse than the active one on the same test split."""
+
+    def __init__(self, gate: dict):
+        self.gate = gate
+        super().__init__(f"{gate['reason']}. Promote it anyway only if you accept that drop (confirm it).")
+
+
+def _mean_top1(heads: dict) -> float | None:
+    values = [m["top1"] for m in heads.values() if m and m.get("top1") is not None]
+    return sum(values) / len(values) if values else None
+
+
+def promote_gate(*, version: ModelVersion, active: ModelVersion) -> dict:
+    """DESIGN step 4: is `version` no worse than the `active` one on the primary metric (mean top-1 over the
+    heads) of the same frozen test split (the newer version's; model_versions_compare)? Returns {"against",
+    "passed", "new", "active", "drop", "n_test", "split_of", "reason"}; "passed" is False when they cannot be
+    compared (no test split), with the reason. Tolerance: LOUPE_PROMOTE_TOLERANCE (top-1, default 0)."""
+    out = {"against": active.number, "passed": False, "new": None, "active": None, "drop": None}
+    try:
+        cmp = evaluation.model_versions_compare(a=active, b=version)
+    except (ValueError, OSError) as exc:
+        out["reason"] = f"v{version.number} could not be compared with active v{active.number}: {exc}"
+        return out
+    new = _mean_top1(cmp["versions"][str(version.number)])
+    old = _mean_top1(cmp["versions"][str(active.number)])
+    out.update(split_of=cmp["test_split_of"], n_test=cmp["n_test"], new=new, active=old)
+    where = f"v{cmp['test_split_of']}'s frozen test split ({cmp['n_test']} photos)"
+    if new is None or old is None:
+        out["reason"] = (
+            f"v{version.number} could not be compared with active v{active.number}: no labeled photo in {where}"
+        )
+        return out
+    out["drop"] = round(old - new, 4)
+    out["passed"] = new >= old - float(settings.LOUPE_PROMOTE_TOLERANCE)
+    verdict = "no worse" if new >= old else f"{(old - new) * 100:.1f} points of mean top-1 worse"
+    out["reason"] = (
+        f"v{version.number} scores {new:.3f} mean top-1 on {where} against {old:.3f} for active v{active.number}: "
+        f"{verdict}"
+    )
+    return out
+
+
+def model_version_promote(
+    *, version: ModelVersion, user=None, inline: bool = False, confirm_drop: bool = False
+) -> ModelVersion:
+    """Ask for `version` to become active: the index is built first (Celery, queue default), then the switch
+    is one transaction. Promoting a version whose index is ready switches at once (rollback). A version that is
+    worse than the active one on the same frozen test split (promote_gate) is refused with
+    PromoteNeedsConfirmation, naming the drop, unless `confirm_drop`."""
+    if not confirm_drop and not version.is_active:
+        active = ModelVersion.objects.filter(project_id=version.project_id, is_active=True).exclude(pk=version.pk)
+        active = active.first()
+        if active is not None:
+            gate = promote_gate(version=version, active=active)
+            if not gate["passed"] and gate["drop"] is not None:
+                raise PromoteNeedsConfirmation(gate)
+    with transaction.atomic():
+        version = ModelVersion.objects.select_for_update().get(pk=version.pk)
+        before = {f: getattr(version, f) for f in ("promote_requested", "promoted_by", "index_status", "index_error")}
+        version.promote_requested = True
+        version.promoted_by = user
+        if version.index_status == ModelVersion.IndexStatus.READY:
+            version.save(update_fields=["promote_requested", "promoted_by"])
+            return model_version_activate(version=version)
+        version.index_status = ModelVersion.IndexStatus.BUILDING
+        version.index_error = ""
+        version.index_heartbeat_at = timezone.now()  # queued: the reconciler measures a lost build from here
+        version.save(
+            update_fields=["promote_requested", "promoted_by", "index_status", "index_error", "index_heartbeat_at"]
+        )
+        vid = version.id
+        if not inline:
+            jobs.send_on_commit(
+                "training.tasks.index_build",  # pipeline/tasks.py
+                vid,
+                kind="index_build",
+                pk=vid,
+                what=f"the promote of v{version.number} (its index build)",
+                undo=lambda: ModelVersion.objects.filter(pk=vid).update(**before),
+            )
+    if inline:
+        return model_version_index_build(version_id=vid)
+    return version
+
+
+def model_version_index_build(*, version_id: int) -> ModelVersion:
+    """Embed the run's train split and write the Faiss index into the artifact folder (atomically), then
+    activate the version if a promote was requested. Idempotent."""
+    version = ModelVersion.objects.get(pk=version_id)
+    with jobs.heartbeat(ModelVersion, version_id, field="index_heartbeat_at"):
+        version = evaluation.index_build(version)
+    if version.index_status == ModelVersion.IndexStatus.READY and version.promote_requested:
+        version = model_version_activate(version=version)
+    return version
+
+
+def mislabel_refresh(*, version_id: int, k: int = 5, mode: str = "auto") -> dict:
+    """Out-of-fold predictions of the version's frozen dataset (heads on cached frozen features when the backbone
+    is pretrained, else K fresh models: GPU work; reused when the version already has them, e.g. a rollback), then
+    the project's mislabel queue from them. Queued when a version becomes active (LOUPE_MISLABEL_AFTER_PROMOTE) or
+    by an admin; a version that is no longer the active one when the step runs leaves the queue alone."""
+    version = ModelVersion.objects.get(pk=version_id)
+    if not version.is_active:
+        return {"skipped": f"v{version.number} is not the active version"}
+    if not training_services.model_version_has_oof(version=version, k=k):
+        training_services.model_version_oof(version=version, k=k, mode=mode)
+    version.refresh_from_db()
+    if not version.is_active:  # promoted away while the fold models trained
+        return {"skipped": f"v{version.number} is not the active version"}
+    return review_services.mislabel_refresh(version=version)
