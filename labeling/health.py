@@ -11,6 +11,7 @@ import logging
 import time
 import traceback
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 from django.db import IntegrityError, transaction
@@ -308,6 +309,7 @@ def _similar_pairs(report: HealthReport, project: Project, ok: list[Image], labe
     """Embed the readable photos with the pretrained similarity backbone (through the feature cache), find the
     leak pairs by the label of the project's folder head, and store them as SimilarPair rows of this report."""
     from django.conf import settings  # noqa: PLC0415
+    from django.utils.module_loading import import_string  # noqa: PLC0415
 
     from .versions import folder_head  # noqa: PLC0415 - versions reads these rows at freeze time
 
@@ -317,37 +319,17 @@ def _similar_pairs(report: HealthReport, project: Project, ok: list[Image], labe
     if not heads or len(ok) < 2:
         return {"status": "skipped", "reason": "fewer than two readable photos"}
     t0 = time.monotonic()
-    # The engine's pure core (torch/timm only here): the same cached features the quick retrain reads.
-    from training.engine.config import resolve_config  # noqa: PLC0415
-    from training.engine.features import cached_features  # noqa: PLC0415
-    from training.engine.model import backbone_stats, create_backbone  # noqa: PLC0415
-
-    size = settings.LOUPE_SIMILARITY_IMAGE_SIZE
-    cfg = resolve_config({"backbone": settings.LOUPE_SIMILARITY_BACKBONE, "pretrained": True, "image_size": size})
-    backbone, weights = create_backbone(cfg["backbone"], image_size=size, pretrained=True)
-    base = {"backbone": cfg["backbone"], "image_size": size, "pretrained_source": weights["source"]}
-    if weights["source"] == "none":
-        return {
-            **base,
-            "status": "skipped",
-            "reason": f"no pretrained weights for {cfg['backbone']} ({weights['detail']}): freezes merge "
-            "near-duplicates only",
-        }
-    _dim, mean, std = backbone_stats(backbone, size)
+    # The features come from the engine, a layer above: reached through the setting (pipeline.similarity.embed).
+    embed = import_string(settings.LOUPE_SIMILARITY_EMBEDDER)
     items = [{"path": storage.local_path(im.file), "sha256": im.sha256} for im in ok]
     progress("similarity", 0, len(items), force=True)
-    feats = cached_features(
-        items,
-        cfg,
-        settings.LOUPE_FEATURE_CACHE,
-        backbone=backbone,
-        mean=mean,
-        std=std,
-        progress=lambda p: progress("similarity", p["done"], p["total"]),
-    )
+    emb = embed(items, lambda done, total: progress("similarity", done, total))
+    base = emb["base"]
+    if emb["X"] is None:
+        return {**base, "status": "skipped", "reason": emb["reason"]}
     strat = folder_head(heads)
-    rows = [i for i in range(len(ok)) if feats.ok[i]]
-    found = similarity.leak_pairs(feats.X[rows], [labels_of.get(ok[i].id, {}).get(strat.id) for i in rows])
+    rows = [i for i in range(len(ok)) if emb["ok"][i]]
+    found = similarity.leak_pairs(emb["X"][rows], [labels_of.get(ok[i].id, {}).get(strat.id) for i in rows])
     SimilarPair.objects.filter(report=report).delete()
     SimilarPair.objects.bulk_create(
         [
@@ -362,7 +344,7 @@ def _similar_pairs(report: HealthReport, project: Project, ok: list[Image], labe
         **found.stats,
         "status": "done",
         "head": strat.name,
-        "cache": {k: feats.stats[k] for k in ("hits", "misses", "failed")},
+        "cache": emb["cache"],
         "seconds": round(time.monotonic() - t0, 1),
     }
 
@@ -764,6 +746,11 @@ def labels_bulk_set(*, head: Head, class_id: int | None, expected: dict[int, int
     return {"action": action, "changed": len(changes), "stale": stale}
 
 
+# kind -> fn(action): what an app above labeling undoes of an action of that kind (review: the review queue items a
+# bulk rule resolved open again), registered in that app's AppConfig.ready; labeling never imports it.
+UNDO_HOOKS: dict[str, Callable[[DatasetAction], None]] = {}
+
+
 def action_undo(*, action: DatasetAction, user=None) -> dict:
     """Revert what `action` changed. A label or status someone changed since is left as it is now (reported
     as skipped): undo never overwrites a later edit."""
@@ -814,12 +801,9 @@ def action_undo(*, action: DatasetAction, user=None) -> dict:
                 continue
             head.threshold = c["old"]
             head.save(update_fields=["threshold"])  # post_save drops the cached serving settings
-        if action.kind == DatasetAction.Kind.REVIEW_BULK:  # the items it resolved are open again
-            from review.models import ReviewItem  # noqa: PLC0415 - review builds on labeling
-
-            ReviewItem.objects.filter(pk__in=ch.get("items", []), resolved_by=action.user).update(
-                status=ReviewItem.Status.OPEN, resolution="", resolved_by=None, resolved_at=None, undo={}
-            )
+        hook = UNDO_HOOKS.get(action.kind)  # the part of an action that an app above labeling owns
+        if hook is not None:
+            hook(action)
         action.undone_at = timezone.now()
         action.undone_by = user
         action.save(update_fields=["undone_at", "undone_by"])

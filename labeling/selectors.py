@@ -52,3 +52,22 @@ def labels_by_image(image_ids: list[int]) -> dict[int, dict[int, Label]]:
 
 def image_labels(*, image: Image) -> list[Label]:
     return list(image.labels.select_related("head", "label_class").order_by("head__order", "head_id"))
+
+
+class GridHooks:
+    """The image grid's filters and sorts that need data of an app above labeling (review: open queue items, the
+    model's disagreement, label quality and confidence sorts). Labeling's own: no extra filter, id order; review
+    installs its own in ReviewConfig.ready, so labeling never imports it."""
+
+    SORTS: dict[str, str] = {"id": "image id"}
+
+    @staticmethod
+    def filter_images(qs, *, flagged: bool = False, disagrees: bool = False):
+        return qs
+
+    @staticmethod
+    def sort_images(qs, sort: str):
+        return qs.order_by("id")
+
+
+grid_hooks = GridHooks()

@@ -64,8 +64,7 @@ GRID_FILTERS = ("head", "class", "unlabeled", "split", "source", "status", "flag
 
 @login_required
 def image_grid(request, slug):
-    from review import selectors as review_selectors  # noqa: PLC0415 - review builds on labeling
-
+    review_selectors = selectors.grid_hooks  # review's filters and sorts (installed by ReviewConfig.ready)
     project = current_project(request, slug)
     heads = list(project.heads.prefetch_related("classes"))
     get = request.GET

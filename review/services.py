@@ -679,3 +679,11 @@ def arms_probe_report(*, out_dir: Path, manifest: dict, project: Project, frozen
         )
     write_json_atomic(out_dir / "arms.json", out)
     return out
+
+
+def reopen_bulk_rule_items(action) -> None:
+    """Undo of a review queue bulk rule (labeling.health.action_undo's hook): the items it resolved are open
+    again (the labels it changed are put back by labeling)."""
+    ReviewItem.objects.filter(pk__in=(action.changes or {}).get("items", []), resolved_by=action.user).update(
+        status=ReviewItem.Status.OPEN, resolution="", resolved_by=None, resolved_at=None, undo={}
+    )

@@ -122,6 +122,8 @@ LOUPE_FEATURE_CACHE = Path(env.str("LOUPE_FEATURE_CACHE", default=str(VAR_DIR / 
 # The health scan's similarity pass (labeling/similarity.py: photos of one class too alike to cross splits) embeds
 # the photos with this pretrained backbone through the feature cache (the presets' default: the caches are shared).
 LOUPE_SCAN_SIMILARITY = env.bool("LOUPE_SCAN_SIMILARITY", default=True)
+# The function that embeds photos for the similarity pass (the engine's, reached by name: labeling sits below it).
+LOUPE_SIMILARITY_EMBEDDER = env.str("LOUPE_SIMILARITY_EMBEDDER", default="pipeline.similarity.embed")
 LOUPE_SIMILARITY_BACKBONE = env.str("LOUPE_SIMILARITY_BACKBONE", default="tf_efficientnet_lite0")
 LOUPE_SIMILARITY_IMAGE_SIZE = env.int("LOUPE_SIMILARITY_IMAGE_SIZE", default=224)
 # Folders the admin import page may read from (the CLI takes any folder it is given).

@@ -227,7 +227,7 @@ def test_a_failed_similarity_pass_leaves_the_rest_of_the_scan_and_says_why(shape
     def broken(*args, **kwargs):
         raise MemoryError("no room for the features")
 
-    monkeypatch.setattr("training.engine.features.cached_features", broken)
+    monkeypatch.setattr("pipeline.similarity.cached_features", broken)
     report = health.health_report_execute(report_id=health.health_report_create(project=project, queue=False).id)
     assert report.status == HealthReport.Status.SUCCEEDED
     assert report.findings["similarity"]["status"] == "failed"
