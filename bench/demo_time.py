@@ -6,11 +6,12 @@ manifest and config, in one process with no web app, database or Celery. The rat
 (generate + import + queue + worker + index + promote + first request) costs on top of training itself.
 
 Mislabel queue (issue 15 item 7): the workers stay up after the model is served, as under `make demo`; the
-training run queued the out-of-fold predictions + mislabel queue rebuild (review.tasks.mislabel_refresh, queue
-gpu). Measured: seconds from the served model (the demo command returned, then the first recognise request) to
-the queue being filled (the version's metrics["mislabel_queue"] written), its size per head, and against the
-ground truth of var/demo/planted.json ("flipped_labels": the part labels written wrong on purpose) the
-precision of the part head's first N items (N = the planted count) and the recall of the whole part queue.
+model's activation (the promote) queued the out-of-fold predictions + mislabel queue rebuild
+(review.tasks.mislabel_refresh, queue gpu: the queues follow the active model). Measured: seconds from the served
+model (the demo command returned, then the first recognise request) to the queue being filled (the version's
+metrics["mislabel_queue"] written), its size per head, and against the ground truth of var/demo/planted.json
+("flipped_labels": the part labels written wrong on purpose) the precision of the part head's first N items
+(N = the planted count) and the recall of the whole part queue.
 Targets: filled within 60 s of the served model, size within 2x the planted count, precision at N >= 0.8.
 The near-duplicate copies planted with a conflicting part label are wrong labels too: counted apart (not in N).
 Run: `make bench-demo` (writes bench/results/demo.json)."""
