@@ -26,6 +26,7 @@ Targets (issue 15): grocery (d) fine top-1 ≥ 0.87 and coarse ≥ 0.92; (c) ≥
 (here: at least +0.15 top-1). Ratios are against (a) per head, and against (b) for (c).
 
 Run: .venv/bin/python -m bench.train_accuracy (writes bench/results/train_accuracy.json; about 90 min on 2 idle cores).
+One dataset: LOUPE_BENCH_DATASETS=grocery (writes train_accuracy_grocery.json; about 45 min).
 Smoke: LOUPE_BENCH_LIMIT=N (N items per split per dataset, budget 20 s unless LOUPE_BENCH_BUDGET_S is set) trains
 every arm on a seeded subset and writes nothing."""
 
@@ -48,6 +49,8 @@ from bench.common import metric, table, write  # noqa: E402
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "datasets"
 LIMIT = int(os.environ.get("LOUPE_BENCH_LIMIT") or 0)
 BUDGET = float(os.environ.get("LOUPE_BENCH_BUDGET_S") or (20 if LIMIT else 1200))
+# A subset (e.g. LOUPE_BENCH_DATASETS=grocery) writes bench/results/train_accuracy_<names>.json instead.
+DATASETS = tuple((os.environ.get("LOUPE_BENCH_DATASETS") or "grocery,clothing").replace(" ", "").split(","))
 SCRATCH_BACKBONE, SCRATCH_SIZE, SCRATCH_BATCH = "mobilenetv3_small_100", 128, 32
 EST_IMAGES_PER_S = 90  # bench-train measured ~100 img/s for the scratch model at 128 px on this CPU: sizes its cosine
 EST_FINETUNE_IMAGES_PER_S = 6  # tf_efficientnet_lite0 at 224 px, whole network, 2 idle cores (measured ~2-8 img/s)
@@ -269,7 +272,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="loupe-bench-acc-") as tmp_root:
         tmp = Path(tmp_root)
         cache = tmp / "feature-cache"  # one cache per bench run, shared by (b), (c) and (d)'s phase 1
-        for ds in (grocery(), clothing()):
+        for ds in (d() for name, d in (("grocery", grocery), ("clothing", clothing)) if name in DATASETS):
             ds = limited(ds, LIMIT)
             name = ds["name"]
             print(f"[{name}] (a) from scratch …", flush=True)
@@ -336,7 +339,8 @@ def main() -> None:
     if LIMIT:
         print("smoke run (LOUPE_BENCH_LIMIT set): results not written")
         return
-    path = write("train_accuracy", metrics, notes=" ".join(notes))
+    name = "train_accuracy" if set(DATASETS) == {"grocery", "clothing"} else "train_accuracy_" + "_".join(DATASETS)
+    path = write(name, metrics, notes=" ".join(notes))
     print(f"written {path}")
 
 
