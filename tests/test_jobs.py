@@ -215,6 +215,7 @@ def _worker(tmp_path: Path, broker_url: str, name: str, settings) -> subprocess.
         "LOUPE_HEARTBEAT_SECONDS": "0.5",
         "LOUPE_MISLABEL_AFTER_PROMOTE": "0",
         "LOUPE_UNCERTAIN_AFTER_PROMOTE": "0",
+        "LOUPE_TRAIN_OVERRIDES": json.dumps(settings.LOUPE_TRAIN_OVERRIDES),  # as conftest: no pretrained weights
     }
     log = open(tmp_path / f"{name}.log", "wb")  # noqa: SIM115 - the process keeps it
     return subprocess.Popen(
