@@ -246,6 +246,31 @@ def train_heads(
     }
 
 
+def write_artifact(out_dir: Path, cfg: dict, parsed, model, mean, std, best_epoch: int, metrics: dict, t_start: float):
+    """train_model's artifact files for a model trained outside its loop (quick retrain, tail fine-tune): model.pt
+    (the whole LoupeNet), label_maps.json, config.json and metrics.json (seconds filled in), each written whole.
+    Returns the cleaned metrics."""
+    artifact = {
+        "format": ARTIFACT_FORMAT,
+        "config": cfg,
+        "heads": parsed.heads,
+        "label_maps": parsed.label_maps,
+        "state_dict": model.state_dict(),
+        "embedding_dim": model.embedding_dim,
+        "mean": mean,
+        "std": std,
+        "best_epoch": best_epoch,
+        "versions": {"torch": str(torch.__version__), "timm": str(timm.__version__)},
+    }
+    _atomic_write_bytes_via(out_dir / "model.pt", lambda tmp: torch.save(artifact, tmp))
+    write_json_atomic(out_dir / "label_maps.json", parsed.label_maps)
+    write_json_atomic(out_dir / "config.json", cfg)
+    metrics["seconds"] = round(time.monotonic() - t_start, 3)
+    metrics = _clean(metrics)
+    write_json_atomic(out_dir / "metrics.json", metrics)
+    return metrics
+
+
 def resolve_pretrained_backbone(cfg: dict, what: str = "quick retrain", instead: str = "run a full fine-tune"):
     """(backbone, weights) of the config's starting weights; NoPretrainedBackbone when none resolve."""
     backbone, weights = create_backbone(
@@ -359,24 +384,7 @@ def train_quick(
         except Exception as exc:  # noqa: BLE001 - a failed report must not lose the trained model
             log.exception("evaluation report failed")
             metrics["report_error"] = f"{type(exc).__name__}: {exc}"[:1000]
-    artifact = {
-        "format": ARTIFACT_FORMAT,
-        "config": cfg,
-        "heads": parsed.heads,
-        "label_maps": parsed.label_maps,
-        "state_dict": model.state_dict(),
-        "embedding_dim": model.embedding_dim,
-        "mean": mean,
-        "std": std,
-        "best_epoch": best["epoch"],
-        "versions": {"torch": str(torch.__version__), "timm": str(timm.__version__)},
-    }
-    _atomic_write_bytes_via(out_dir / "model.pt", lambda tmp: torch.save(artifact, tmp))
-    write_json_atomic(out_dir / "label_maps.json", parsed.label_maps)
-    write_json_atomic(out_dir / "config.json", cfg)
-    metrics["seconds"] = round(time.monotonic() - t_start, 3)
-    metrics = _clean(metrics)
-    write_json_atomic(out_dir / "metrics.json", metrics)
+    metrics = write_artifact(out_dir, cfg, parsed, model, mean, std, best["epoch"], metrics, t_start)
     log.info(
         "quick retrain: best epoch %d, %s %s, cache %d hits / %d computed, %.1fs, written to %s",
         best["epoch"],

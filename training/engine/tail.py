@@ -31,7 +31,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import timm
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -41,9 +40,7 @@ from .data import ManifestDataset, collate_skip, draft_size, eval_transform, nor
 from .features import weights_fingerprint
 from .loop import (
     MIN_LR_RATIO,
-    _atomic_write_bytes_via,
     _check_metric,
-    _clean,
     _head_loss_weights,
     _heads_loss,
     _judge,
@@ -55,11 +52,18 @@ from .loop import (
     resolve_num_workers,
     resolve_torch_threads,
     seed_everything,
-    write_json_atomic,
 )
 from .manifest import IGNORE_INDEX, parse_manifest
-from .model import ARTIFACT_FORMAT, LoupeNet, arcface_spec, backbone_stats
-from .quick import _report, evaluate_logits, heads_module, manifest_features, resolve_pretrained_backbone, train_heads
+from .model import LoupeNet, arcface_spec, backbone_stats
+from .quick import (
+    _report,
+    evaluate_logits,
+    heads_module,
+    manifest_features,
+    resolve_pretrained_backbone,
+    train_heads,
+    write_artifact,
+)
 
 log = logging.getLogger("training.engine")
 
@@ -456,24 +460,7 @@ def train_tail(
             except Exception as exc:  # noqa: BLE001 - a failed report must not lose the trained model
                 log.exception("evaluation report failed")
                 metrics["report_error"] = f"{type(exc).__name__}: {exc}"[:1000]
-        artifact = {
-            "format": ARTIFACT_FORMAT,
-            "config": cfg,
-            "heads": parsed.heads,
-            "label_maps": parsed.label_maps,
-            "state_dict": model.state_dict(),
-            "embedding_dim": model.embedding_dim,
-            "mean": mean,
-            "std": std,
-            "best_epoch": best["epoch"],
-            "versions": {"torch": str(torch.__version__), "timm": str(timm.__version__)},
-        }
-        _atomic_write_bytes_via(out_dir / "model.pt", lambda tmp: torch.save(artifact, tmp))
-        write_json_atomic(out_dir / "label_maps.json", parsed.label_maps)
-        write_json_atomic(out_dir / "config.json", cfg)
-        metrics["seconds"] = round(time.monotonic() - t_start, 3)
-        metrics = _clean(metrics)
-        write_json_atomic(out_dir / "metrics.json", metrics)
+        metrics = write_artifact(out_dir, cfg, parsed, model, mean, std, best["epoch"], metrics, t_start)
         shutil.rmtree(maps_dir, ignore_errors=True)
         log.info(
             "tail fine-tune from block %d: best epoch %d of %d, %s %s, maps %.0fs, %.1fs, written to %s",
