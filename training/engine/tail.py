@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader
 
 from .config import resolve_config
 from .data import ManifestDataset, collate_skip, draft_size, eval_transform, normalize_batch, train_transform
-from .features import weights_fingerprint
+from .features import feature_threads, weights_fingerprint
 from .loop import (
     MIN_LR_RATIO,
     _check_metric,
@@ -331,6 +331,8 @@ def train_tail(
         result, _ = evaluate()
         best = {"epoch": 0, "value": _metric_value(result, metric), "loss": result["loss"], "result": result}
         best_state = {k_: v.detach().clone() for k_, v in model.state_dict().items()}
+        # No data loader in phase 2 (the maps are in memory): every core computes, as in the feature pass.
+        torch.set_num_threads(feature_threads(cfg["torch_threads"], 0))
         t2 = time.monotonic()
         for epoch in range(1, epochs + 1):
             t_epoch = time.monotonic()
@@ -394,8 +396,8 @@ def train_tail(
                 best_state = {k_: v.detach().clone() for k_, v in model.state_dict().items()}
             if es["patience"] is not None and bad_epochs >= es["patience"] and epoch < epochs:
                 stopped = "early_stopping"
-            elif max_s is not None and time.monotonic() - t_start >= max_s and epoch < epochs:
-                stopped = "time_limit"
+            elif max_s is not None and epoch < epochs and time.monotonic() - t_start + history[-1]["seconds"] > max_s:
+                stopped = "time_limit"  # the next epoch would end past max_train_seconds
             if progress is not None:
                 el = time.monotonic() - t2
                 progress(
