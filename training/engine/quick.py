@@ -109,6 +109,24 @@ def evaluate_logits(logits: list[torch.Tensor], Y: torch.Tensor, head_names: lis
     return _evaluation(heads, losses)
 
 
+def history_entry(
+    epoch: int, train_loss, result: dict, *, lr: float, backbone_frozen: bool, seconds: float, steps: int, **extra
+) -> dict:
+    """One epoch of metrics["history"] for the trainers outside the loop (quick retrain, tail fine-tune)."""
+    return {
+        "epoch": epoch,
+        "train_loss": train_loss,
+        "val_loss": result["loss"],
+        "heads": {k: {a: b for a, b in m.items() if a != "per_class_counts"} for k, m in result["heads"].items()},
+        "primary": result["primary"],
+        "lr": lr,
+        "backbone_frozen": backbone_frozen,
+        **extra,
+        "seconds": round(seconds, 4),
+        "steps": steps,
+    }
+
+
 def train_heads(
     X_train: np.ndarray,
     Y_train: np.ndarray,
@@ -193,20 +211,16 @@ def train_heads(
         value = _metric_value(result, metric)
         train_loss = loss_sum / loss_n if loss_n else None
         history.append(
-            {
-                "epoch": epoch,
-                "train_loss": train_loss,
-                "val_loss": result["loss"],
-                "heads": {
-                    k: {a: b for a, b in m.items() if a != "per_class_counts"} for k, m in result["heads"].items()
-                },
-                "primary": result["primary"],
-                "lr": optimizer.param_groups[0]["lr"],
-                "backbone_frozen": True,
-                "arcface_margin": round(math.degrees(model.arcface.margin), 4) if arc else None,
-                "seconds": round(time.monotonic() - t_epoch, 4),
-                "steps": steps_per_epoch,
-            }
+            history_entry(
+                epoch,
+                train_loss,
+                result,
+                lr=optimizer.param_groups[0]["lr"],
+                backbone_frozen=True,
+                seconds=time.monotonic() - t_epoch,
+                steps=steps_per_epoch,
+                arcface_margin=round(math.degrees(model.arcface.margin), 4) if arc else None,
+            )
         )
         improved, selected = _judge(value, result["loss"], best, mode, es["min_delta"])
         if improved:

@@ -59,6 +59,7 @@ from .quick import (
     _report,
     evaluate_logits,
     heads_module,
+    history_entry,
     manifest_features,
     resolve_pretrained_backbone,
     train_heads,
@@ -375,19 +376,15 @@ def train_tail(
             value = _metric_value(result, metric)
             train_loss = loss_sum / loss_n if loss_n else None
             history.append(
-                {
-                    "epoch": epoch,
-                    "train_loss": train_loss,
-                    "val_loss": result["loss"],
-                    "heads": {
-                        n: {a: b for a, b in m.items() if a != "per_class_counts"} for n, m in result["heads"].items()
-                    },
-                    "primary": result["primary"],
-                    "lr": optimizer.param_groups[2]["lr"],
-                    "backbone_frozen": False,
-                    "seconds": round(time.monotonic() - t_epoch, 3),
-                    "steps": steps_per_epoch,
-                }
+                history_entry(
+                    epoch,
+                    train_loss,
+                    result,
+                    lr=optimizer.param_groups[2]["lr"],  # the heads' lr
+                    backbone_frozen=False,
+                    seconds=time.monotonic() - t_epoch,
+                    steps=steps_per_epoch,
+                )
             )
             improved, selected = _judge(value, result["loss"], best, mode, es["min_delta"])
             bad_epochs = 0 if improved else bad_epochs + (value is not None)
