@@ -99,6 +99,66 @@ def shapes_project(photo_folder):
     return build
 
 
+CARS = (  # make, model, the colour and shape of its photos
+    ("Toyota", "Corolla", "red", "square"),
+    ("Toyota", "Yaris", "blue", "square"),
+    ("Honda", "Civic", "green", "circle"),
+)
+
+
+@pytest.fixture
+def car_project():
+    """A `car` project (make -> model: Toyota (Corolla, Yaris), Honda (Civic)); call it with the number of groups
+    per model and photos per group. Photo `s` of group `g` of a model is `<model><g>_<s>.jpg` in group
+    `<model><g>`, labeled with its make and model, one colour and shape per model (CARS). Its classes exist
+    even with no photos (groups=0)."""
+    from labeling.tests.factories import ImageFactory, LabelClassFactory, ProjectFactory
+
+    def build(groups: int = 6, per_group: int = 2, *, name: str = "Cars", slug: str | None = "cars"):
+        project = ProjectFactory(name=name, slug=slug, preset="car", min_image_side=32)  # the photos are 64 px
+        make, model = project.heads.get(name="make"), project.heads.get(name="model")
+        makes, models = {}, {}
+        for make_name, model_name, _, _ in CARS:
+            if make_name not in makes:
+                makes[make_name] = LabelClassFactory(head=make, name=make_name)
+            models[model_name] = LabelClassFactory(head=model, name=model_name, parent=makes[make_name])
+        n = 0
+        for make_name, model_name, color, shape in CARS:
+            for g in range(groups):
+                for s in range(per_group):
+                    ImageFactory(
+                        project=project,
+                        color=color,
+                        shape=shape,
+                        seed=n,
+                        original_name=f"{model_name}{g}_{s}.jpg",
+                        group_key=f"{model_name}{g}",
+                        labels={"make": makes[make_name], "model": models[model_name]},
+                    )
+                    n += 1
+        return project
+
+    return build
+
+
+@pytest.fixture
+def trained_version():
+    """Train a model on a project and return its ModelVersion: call it with the project and any config keys over
+    TINY_TRAIN. The run is executed inline (as the worker does: index, first model promoted) and must succeed."""
+
+    def train(project, **config):
+        from pipeline import chain
+        from training import services
+        from training.models import ModelVersion
+
+        run = services.training_run_create(project=project, config={**TINY_TRAIN, **config}, queue=False)
+        run = chain.training_run_execute(run_id=run.id, inline=True)
+        assert run.status == "succeeded", run.error
+        return ModelVersion.objects.get(run=run)  # as the database has it now (promoted or not)
+
+    return train
+
+
 @pytest.fixture
 def admin_user(django_user_model):
     return django_user_model.objects.create_user("admin", password="admin-pass-123", is_staff=True, is_superuser=True)

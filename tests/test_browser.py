@@ -162,11 +162,11 @@ def _login_as(page, live_server, username, password):
 
 
 @pytest.fixture
-def mislabel_queue(shapes_project):
+def mislabel_queue(shapes_project, trained_version):
     from review.tests.helpers import queue_mislabels
 
     project = shapes_project(6)
-    return project, queue_mislabels(project)
+    return project, queue_mislabels(project, trained_version(project))
 
 
 def test_review_mislabels_with_the_keyboard_only(browser, live_server, mislabel_queue, reviewer):
@@ -239,42 +239,13 @@ def test_two_reviewers_on_one_queue_never_get_the_same_item(browser, live_server
     assert sorted(held.values_list("id", flat=True)) == sorted([a2, b])
 
 
-@pytest.fixture
-def car_project(tmp_path, reviewer, admin_user):
-    """make -> model: Toyota (Corolla, Yaris), Honda (Civic)."""
-    from django.core.management import call_command
-
-    from conftest import make_photo
-
-    folder = tmp_path / "import" / "cars"
-    folder.mkdir(parents=True)
-    rows = ["image_filename,make,model"]
-    for i, (make, model) in enumerate([("Toyota", "Corolla"), ("Toyota", "Yaris"), ("Honda", "Civic")] * 2):
-        (folder / f"c{i}.jpg").write_bytes(make_photo(["red", "blue", "green"][i % 3], seed=i, size=64))
-        rows.append(f"c{i}.jpg,{make},{model}")
-    (folder / "cars.csv").write_text("\n".join(rows) + "\n")
-    project = project_create(name="Cars", preset="car", slug="cars")
-    call_command(
-        "import_images",
-        "cars",
-        str(folder),
-        "--csv",
-        str(folder / "cars.csv"),
-        "--head",
-        "make=make",
-        "--head",
-        "model=model",
-        verbosity=0,
-    )
-    return project
-
-
-def test_picker_is_hierarchy_aware_and_admins_create_classes(browser, live_server, car_project):
-    make, model = car_project.heads.get(name="make"), car_project.heads.get(name="model")
-    image = Image.objects.get(project=car_project, original_name="c0.jpg")  # Toyota Corolla
+def test_picker_is_hierarchy_aware_and_admins_create_classes(browser, live_server, car_project, reviewer, admin_user):
+    project = car_project(groups=2, per_group=1)  # make -> model: Toyota (Corolla, Yaris), Honda (Civic)
+    make, model = project.heads.get(name="make"), project.heads.get(name="model")
+    image = Image.objects.get(project=project, original_name="Corolla0_0.jpg")  # Toyota Corolla
     page = browser.new_page(viewport={"width": 1280, "height": 800})
     _login(page, live_server)
-    page.goto(f"{live_server.url}/p/{car_project.slug}/images/{image.id}/")
+    page.goto(f"{live_server.url}/p/{project.slug}/images/{image.id}/")
     page.click(f"#editor-{model.id} .picker-input")
     listed = page.locator(f"#editor-{model.id} .picker-list li").all_inner_texts()
     assert listed == ["Corolla", "Yaris"]  # the chosen make's models
@@ -294,7 +265,7 @@ def test_picker_is_hierarchy_aware_and_admins_create_classes(browser, live_serve
     admin.fill("input[name=username]", "admin")
     admin.fill("input[name=password]", "admin-pass-123")
     admin.click("button[type=submit]")
-    admin.goto(f"{live_server.url}/p/{car_project.slug}/images/{image.id}/")
+    admin.goto(f"{live_server.url}/p/{project.slug}/images/{image.id}/")
     _pick(admin, model.id, "Accord")  # no such class: the admin's Enter asks, the second creates it under Honda
     admin.wait_for_selector(f"#editor-{model.id} .picker-list li.create.confirm:has-text('under Honda')")
     admin.keyboard.press("Enter")
@@ -377,12 +348,11 @@ def test_reviewer_gets_403_on_admin_actions_until_made_project_admin(browser, li
     assert page.goto(f"{live_server.url}/team/").status == 403  # accounts stay the site admins'
 
 
-def test_label_a_low_confidence_item_with_the_keyboard(browser, live_server, shapes_project, reviewer):
+def test_label_a_low_confidence_item_with_the_keyboard(browser, live_server, shapes_project, reviewer, trained_version):
     """The low-confidence queue: an unlabeled photo ranked by the active model; the reviewer labels it with a
     digit (one of the model's top 5) and accepts the next one's suggestion with Enter."""
     from review import services as review_services
     from review.models import ReviewItem
-    from review.tests.helpers import trained_version
 
     project = shapes_project(6)
     trained_version(project)
@@ -517,11 +487,12 @@ def test_bulk_rules_name_the_count_and_apply_only_when_confirmed(browser, live_s
     assert DatasetAction.objects.filter(kind="review_bulk").count() == 1
 
 
-def test_thresholds_and_bulk_relabel_ask_before_changing(browser, live_server, shapes_project, admin_user):
+def test_thresholds_and_bulk_relabel_ask_before_changing(
+    browser, live_server, shapes_project, admin_user, trained_version
+):
     """Issue 14.15: "Use suggested thresholds" shows the change and waits for a confirm; the change is undone
     from the Health page's action list. Bulk relabel on the grid has no default class and asks first."""
     from labeling.models import Head
-    from review.tests.helpers import trained_version
 
     project = shapes_project(3)
     version = trained_version(project)

@@ -109,10 +109,10 @@ def project(shapes_project):
     return shapes_project(6)
 
 
-def test_admin_actions_while_the_broker_is_down_answer_503_and_leave_nothing(broker, project, admin_user, client):
-    v1 = chain.training_run_execute(
-        run_id=services.training_run_create(project=project, config=TINY_TRAIN, queue=False).id, inline=True
-    ).model_version
+def test_admin_actions_while_the_broker_is_down_answer_503_and_leave_nothing(
+    broker, project, admin_user, client, trained_version
+):
+    v1 = trained_version(project)
     run2 = services.training_run_create(project=project, config={**TINY_TRAIN, "epochs": 1}, queue=False)
     v2 = chain.training_run_execute(run_id=run2.id).model_version
     assert v1.is_active and not v2.is_active and v2.index_status == "none"

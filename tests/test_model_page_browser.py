@@ -5,18 +5,14 @@ from pathlib import Path
 
 from django.urls import reverse
 
-from conftest import TINY_TRAIN
-from pipeline import chain
 from tests.test_browser import SCREENSHOT, browser, pytestmark  # noqa: F401 - the shared fixture and marks
-from training import services
 
 MODEL_SCREENSHOT = SCREENSHOT.parent / "model.png"
 
 
-def test_model_page_pictures_sorting_and_downloads(browser, live_server, shapes_project, admin_user):  # noqa: F811
+def test_model_page_pictures_sorting_and_downloads(browser, live_server, shapes_project, admin_user, trained_version):  # noqa: F811
     project = shapes_project(4)
-    run = services.training_run_create(project=project, config=TINY_TRAIN, queue=False)
-    version = chain.training_run_execute(run_id=run.id, inline=True).model_version
+    version = trained_version(project)
     art = Path(version.artifact_dir)
     page = browser.new_page(viewport={"width": 1280, "height": 1000}, accept_downloads=True)
     page.goto(f"{live_server.url}/accounts/login/")

@@ -9,9 +9,8 @@ from PIL import Image as PILImage
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
-from conftest import TINY_TRAIN, make_photo
+from conftest import make_photo
 from pipeline import chain
-from training import services as training_services
 from training.models import ModelVersion
 
 pytestmark = pytest.mark.django_db
@@ -30,13 +29,6 @@ def project(shapes_project):
     return shapes_project(8)
 
 
-def _train(project, **overrides) -> ModelVersion:
-    run = training_services.training_run_create(project=project, config={**TINY_TRAIN, **overrides}, queue=False)
-    run = chain.training_run_execute(run_id=run.id, inline=True)
-    assert run.status == "succeeded", run.error
-    return run.model_version
-
-
 def _b64(data: bytes, media_type="image/jpeg") -> dict:
     return {"data": base64.b64encode(data).decode(), "media_type": media_type}
 
@@ -51,8 +43,8 @@ def _url(project):
     return reverse("inference:recognize", args=[project.slug])
 
 
-def test_recognize_json_and_multipart_then_hot_swap(api, project):
-    v1 = _train(project)
+def test_recognize_json_and_multipart_then_hot_swap(api, project, trained_version):
+    v1 = trained_version(project)
     v1.refresh_from_db()
     assert v1.is_active and v1.index_status == "ready" and v1.index_size > 0
     photos = [make_photo("red", seed=900 + i) for i in range(3)]
@@ -86,7 +78,7 @@ def test_recognize_json_and_multipart_then_hot_swap(api, project):
     _err(api.post(_url(project) + "?neighbours=x", {"images": [_b64(photos[0])]}, format="json"), 400, "bad_neighbours")
 
     # Promote a second model: the running server serves it without a restart.
-    v2 = _train(project, epochs=1)
+    v2 = trained_version(project, epochs=1)
     assert not v2.is_active  # later models wait for an admin (conftest: LOUPE_AUTO_PROMOTE "first")
     chain.model_version_promote(version=v2, inline=True, confirm_drop=True)  # one epoch: maybe worse
     from django.test import override_settings
@@ -201,12 +193,12 @@ def test_openapi_schema_is_valid_without_warnings(tmp_path):
         assert path in text
 
 
-def test_recognize_and_export_onnx_commands(project, tmp_path, capsys):
+def test_recognize_and_export_onnx_commands(project, tmp_path, capsys, trained_version):
     import json
 
     from django.core.management import CommandError, call_command
 
-    version = _train(project)
+    version = trained_version(project)
     photo = tmp_path / "p.jpg"
     photo.write_bytes(make_photo("green", seed=3))
     call_command("recognize", project.slug, str(photo), str(photo))
@@ -222,8 +214,8 @@ def test_recognize_and_export_onnx_commands(project, tmp_path, capsys):
         call_command("export_onnx", project.slug, "--model-version", "42")
 
 
-def test_combine_modes(api, project):
-    _train(project)
+def test_combine_modes(api, project, trained_version):
+    trained_version(project)
     url = reverse("inference:recognize", args=[project.slug])
     payload = {"images": [_b64(make_photo(c, seed=i)) for i, c in enumerate(["red", "red", "blue"])]}
     for mode in ("mean", "vote", "geometric"):
@@ -235,13 +227,13 @@ def test_combine_modes(api, project):
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "bad_combine"
 
 
-def test_retrieval_and_fusion_modes_with_calibrated_rejection(api, project):
+def test_retrieval_and_fusion_modes_with_calibrated_rejection(api, project, trained_version):
     import json
     from pathlib import Path
 
     from inference import services as inference_services
 
-    version = _train(project)
+    version = trained_version(project)
     art = Path(version.artifact_dir)
     cal = json.loads((art / "calibration.json").read_text())
     assert cal["temperature"]["class"] > 0 and "class" in cal["retrieval"]
@@ -266,7 +258,7 @@ def test_retrieval_and_fusion_modes_with_calibrated_rejection(api, project):
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "bad_mode"
 
 
-def test_low_confidence_recognitions_keep_their_photos_when_the_project_opts_in(api, project):
+def test_low_confidence_recognitions_keep_their_photos_when_the_project_opts_in(api, project, trained_version):
     import datetime as dt
 
     from django.core.management import call_command
@@ -275,7 +267,7 @@ def test_low_confidence_recognitions_keep_their_photos_when_the_project_opts_in(
     from inference.models import Recognition
     from labeling.models import Image, Label
 
-    _train(project)
+    trained_version(project)
     url = reverse("inference:recognize", args=[project.slug])
     photos = [make_photo("yellow", seed=971), make_photo("yellow", seed=972)]  # not among the training photos
     payload = {"images": [_b64(p) for p in photos]}

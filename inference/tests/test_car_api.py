@@ -9,20 +9,11 @@ from PIL import Image as PILImage
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
-from conftest import TINY_TRAIN, make_photo
-from labeling import importers
+from conftest import make_photo
 from labeling.models import LabelClass
-from labeling.services import project_create
-from pipeline import chain
-from training import services as training_services
 
 pytestmark = pytest.mark.django_db
 URL = "/api/ai/detect-car-vision"
-CARS = [
-    ("Toyota", "Corolla", "red", "square"),
-    ("Toyota", "Yaris", "blue", "square"),
-    ("Honda", "Civic", "green", "circle"),
-]
 
 
 @pytest.fixture
@@ -33,40 +24,10 @@ def api(admin_user):
 
 
 @pytest.fixture
-def cars(tmp_path, settings):
+def cars(car_project, settings):
+    """The configured car project: 3 models x 6 groups x 2 photos, each model its own colour and shape."""
     settings.LOUPE_CAR_PROJECT = "cars"
-    project = project_create(name="Cars", preset="car", slug="cars")
-    project.min_image_side = 32
-    project.save()
-    root = tmp_path / "import" / "cars"
-    root.mkdir(parents=True)
-    lines = ["image_filename,make,model,group"]
-    n = 0
-    for make, model, color, shape in CARS:
-        for g in range(6):
-            for s in range(2):
-                name = f"{model}{g}_{s}.jpg"
-                (root / name).write_bytes(make_photo(color, shape, seed=n))
-                lines.append(f"{name},{make},{model},{model}{g}")
-                n += 1
-    (root / "cars.csv").write_text("\n".join(lines) + "\n")
-    rows, report = importers.plan_csv(
-        root / "cars.csv",
-        images_dir=root,
-        filename_col="image_filename",
-        head_cols={"make": "make", "model": "model"},
-        group_col="group",
-        project=project,
-    )
-    assert importers.images_import(project=project, rows=rows, report=report).written
-    return project
-
-
-def _train(project):
-    run = training_services.training_run_create(project=project, config={**TINY_TRAIN, "epochs": 3}, queue=False)
-    run = chain.training_run_execute(run_id=run.id, inline=True)
-    assert run.status == "succeeded", run.error
-    return run.model_version
+    return car_project(groups=6, per_group=2)
 
 
 def _photos(n, color="red", shape="square", fmt="JPEG", media_type="image/jpeg"):
@@ -86,9 +47,9 @@ def _contract_error(response, status):
     return body["error"]
 
 
-def test_contract_field_by_field(api, cars, settings):
+def test_contract_field_by_field(api, cars, settings, trained_version):
     _contract_error(api.post(URL, _photos(4), format="json"), 409)  # no promoted model yet
-    _train(cars)
+    trained_version(cars, epochs=3)
     for n in (4, 10):
         response = api.post(URL, _photos(n), format="json")
         body = response.json()
@@ -104,8 +65,8 @@ def test_contract_field_by_field(api, cars, settings):
     assert body["error"] is None
 
 
-def test_bad_requests_keep_the_contract_shape(api, cars, client):
-    _train(cars)
+def test_bad_requests_keep_the_contract_shape(api, cars, client, trained_version):
+    trained_version(cars, epochs=3)
     assert "4 to 10" in _contract_error(api.post(URL, _photos(3), format="json"), 400)
     assert "4 to 10" in _contract_error(api.post(URL, _photos(11), format="json"), 400)
     assert "4 to 10" in _contract_error(api.post(URL, {"pictures": []}, format="json"), 400)

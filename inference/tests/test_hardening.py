@@ -15,10 +15,8 @@ from django.urls import reverse
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
-from conftest import TINY_TRAIN, make_photo
+from conftest import make_photo
 from inference import services
-from pipeline import chain
-from training import services as training_services
 from training.models import ModelVersion
 
 pytestmark = pytest.mark.django_db
@@ -35,13 +33,6 @@ def api(admin_user):
 @pytest.fixture
 def project(shapes_project):
     return shapes_project(8)
-
-
-def _train(project, **overrides) -> ModelVersion:
-    run = training_services.training_run_create(project=project, config={**TINY_TRAIN, **overrides}, queue=False)
-    run = chain.training_run_execute(run_id=run.id, inline=True)
-    assert run.status == "succeeded", run.error
-    return run.model_version
 
 
 def _url(project):
@@ -124,8 +115,8 @@ def _corrupt(path: Path) -> None:
     path.write_bytes(b"this is not a model")
 
 
-def test_missing_or_corrupt_model_pt_is_served_from_model_onnx(api, project):
-    version = _train(project)
+def test_missing_or_corrupt_model_pt_is_served_from_model_onnx(api, project, trained_version):
+    version = trained_version(project)
     art = Path(version.artifact_dir)
     assert (art / "model.onnx").is_file()
     photo = [_b64(make_photo("red", seed=901))]
@@ -140,8 +131,8 @@ def test_missing_or_corrupt_model_pt_is_served_from_model_onnx(api, project):
     assert api.post(_url(project), {"images": photo}, format="json").status_code == 200
 
 
-def test_nothing_valid_is_a_503_naming_the_problem(api, project):
-    version = _train(project)
+def test_nothing_valid_is_a_503_naming_the_problem(api, project, trained_version):
+    version = trained_version(project)
     art = Path(version.artifact_dir)
     services.forget_all()
     _corrupt(art / "model.pt")
@@ -155,11 +146,11 @@ def test_nothing_valid_is_a_503_naming_the_problem(api, project):
     _err(api.post(_url(project), {"images": photo}, format="json"), 503, "model_file_missing")
 
 
-def test_a_broken_new_version_keeps_the_previous_one_serving(api, project, caplog):
-    v1 = _train(project)
+def test_a_broken_new_version_keeps_the_previous_one_serving(api, project, caplog, trained_version):
+    v1 = trained_version(project)
     photo = [_b64(make_photo("red", seed=903))]
     assert api.post(_url(project), {"images": photo}, format="json").json()["model_version"] == v1.number
-    v2 = _train(project, epochs=1)
+    v2 = trained_version(project, epochs=1)
     art2 = Path(v2.artifact_dir)
     _corrupt(art2 / "model.pt")
     shutil.copy(art2 / "model.pt", art2 / "model.onnx")
@@ -173,8 +164,10 @@ def test_a_broken_new_version_keeps_the_previous_one_serving(api, project, caplo
 
 
 # ------------------------------------------------------------------------------------------------ 11: small ones
-def test_vote_with_fewer_than_three_photos_falls_back_to_mean_and_wrapped_base64_is_accepted(api, project):
-    _train(project)
+def test_vote_with_fewer_than_three_photos_falls_back_to_mean_and_wrapped_base64_is_accepted(
+    api, project, trained_version
+):
+    trained_version(project)
     url = _url(project)
     for n in (1, 2):
         payload = {"images": [_b64(make_photo("red", seed=910 + i)) for i in range(n)]}
@@ -211,8 +204,8 @@ def test_bad_base64_says_what_is_accepted(api, project):
 
 
 # ----------------------------------------------------------------------- 10: ONNX parity figures on the model page
-def test_model_page_shows_the_onnx_parity_figures(project, client, admin_user):
-    version = _train(project)
+def test_model_page_shows_the_onnx_parity_figures(project, client, admin_user, trained_version):
+    version = trained_version(project)
     onnx = version.metrics["onnx"]
     assert onnx["exporter"] and onnx["top1_agreement"] == 1.0
     assert onnx["max_rel_diff"] is not None and onnx["atol"] and onnx["rtol"]

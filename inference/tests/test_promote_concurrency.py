@@ -11,28 +11,20 @@ from django.urls import reverse
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
-from conftest import TINY_TRAIN, make_photo
+from conftest import make_photo
 from pipeline import chain
-from training import services as training_services
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-def _train(project, **overrides):
-    run = training_services.training_run_create(project=project, config={**TINY_TRAIN, **overrides}, queue=False)
-    run = chain.training_run_execute(run_id=run.id, inline=True)
-    assert run.status == "succeeded", run.error
-    return run.model_version
-
-
-def test_promote_under_concurrent_requests(shapes_project, admin_user, settings, monkeypatch):
+def test_promote_under_concurrent_requests(shapes_project, admin_user, settings, monkeypatch, trained_version):
     from webapp.throttling import TokenRateThrottle
 
     monkeypatch.setattr(TokenRateThrottle, "THROTTLE_RATES", {"token": "1000000/min"})  # not what this tests
     settings.LOUPE_ACTIVE_MODEL_TTL = 0  # every request asks which version is active
     project = shapes_project(6)
-    v1 = _train(project)
-    v2 = _train(project, epochs=3, seed=7)
+    v1 = trained_version(project)
+    v2 = trained_version(project, epochs=3, seed=7)
     token = Token.objects.create(user=admin_user).key
     url = reverse("inference:recognize", args=[project.slug])
     payload = {"images": [{"data": base64.b64encode(make_photo("green", seed=5)).decode(), "media_type": "image/jpeg"}]}

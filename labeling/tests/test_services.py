@@ -1,8 +1,9 @@
 import pytest
 
-from labeling.models import Head, Image, Label, LabelEvent
+from labeling.models import Head, LabelEvent
 from labeling.presets import PRESETS
 from labeling.services import LabelConflict, LabelingError, label_class_get_or_create, label_set, project_create
+from labeling.tests.factories import ImageFactory, LabelFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -27,10 +28,8 @@ def test_unknown_preset_and_duplicate_slug_refused():
 
 
 def _image_with_label(project):
-    image = Image.objects.create(project=project, sha256="a" * 64, file="x.jpg", original_name="x.jpg", group_key="g")
     head = project.heads.get(name="sku")
-    label = Label.objects.create(image=image, head=head)
-    return head, label
+    return head, LabelFactory(image=ImageFactory(project=project), head=head)
 
 
 def test_label_set_versions_history_and_conflict(admin_user, reviewer):
@@ -53,9 +52,8 @@ def test_label_set_versions_history_and_conflict(admin_user, reviewer):
 
 def test_label_set_rejects_class_of_another_head():
     project = project_create(name="Lego", preset="lego")
-    image = Image.objects.create(project=project, sha256="b" * 64, file="y.jpg", original_name="y.jpg", group_key="g")
     part, color = project.heads.get(name="part"), project.heads.get(name="color")
-    label = Label.objects.create(image=image, head=part)
+    label = LabelFactory(image=ImageFactory(project=project), head=part)
     red, _ = label_class_get_or_create(head=color, raw_name="red")
     with pytest.raises(LabelingError, match="does not belong"):
         label_set(label_id=label.id, class_id=red.id, expected_version=1)

@@ -144,37 +144,8 @@ def test_version_manifest_has_frozen_splits_and_cap(shapes_project):
     ]
 
 
-def _car_project(tmp_path, name="Cars"):
-    project = project_create(name=name, preset="car")
-    project.min_image_side = 32
-    project.save()
-    root = tmp_path / "import" / f"src-{name}"
-    root.mkdir(parents=True)
-    lines = ["image_filename,make,model,group"]
-    cars = [("Toyota", "Corolla", "red"), ("Toyota", "Yaris", "blue"), ("Honda", "Civic", "green")]
-    n = 0
-    for make, model, color in cars:
-        for g in range(8):
-            for s in range(2):
-                fname = f"{model}{g}_{s}.jpg"
-                (root / fname).write_bytes(make_photo(color, seed=n))
-                lines.append(f"{fname},{make},{model},{model}{g}")
-                n += 1
-    (root / "cars.csv").write_text("\n".join(lines) + "\n")
-    rows, report = importers.plan_csv(
-        root / "cars.csv",
-        images_dir=root,
-        filename_col="image_filename",
-        head_cols={"make": "make", "model": "model"},
-        group_col="group",
-        project=project,
-    )
-    assert importers.images_import(project=project, rows=rows, report=report).written
-    return project
-
-
-def test_export_in_seed_formats_and_round_trip(tmp_path):
-    project = _car_project(tmp_path)
+def test_export_in_seed_formats_and_round_trip(tmp_path, car_project):
+    project = car_project(groups=8, per_group=2)
     v, _ = versions.dataset_version_create(project=project)
     out = tmp_path / "import" / "export-v1"
     call_command("dataset_version", project.slug, "export", str(v.number), str(out))
@@ -200,8 +171,8 @@ def test_export_in_seed_formats_and_round_trip(tmp_path):
     assert mine == theirs
 
 
-def test_malformed_export_is_refused_and_nothing_is_written(tmp_path):
-    project = _car_project(tmp_path)
+def test_malformed_export_is_refused_and_nothing_is_written(tmp_path, car_project):
+    project = car_project(groups=8, per_group=2)
     v, _ = versions.dataset_version_create(project=project)
     out = tmp_path / "import" / "broken"
     versions.dataset_version_export(version=v, out_dir=out)
@@ -231,11 +202,11 @@ def test_malformed_export_is_refused_and_nothing_is_written(tmp_path):
         importers.plan_export(out2, project=shop)
 
 
-def test_version_command_and_no_usable_images(tmp_path, capsys):
+def test_version_command_and_no_usable_images(car_project, capsys):
     empty = project_create(name="Empty", preset="sku")
     with pytest.raises(CommandError, match="no usable labeled images"):
         call_command("dataset_version", empty.slug, "create")
-    project = _car_project(tmp_path)
+    project = car_project(groups=8, per_group=2)
     call_command("dataset_version", project.slug, "create", "--note", "first")
     call_command("dataset_version", project.slug, "create")
     out = capsys.readouterr().out

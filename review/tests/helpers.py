@@ -1,23 +1,14 @@
-"""Shared by the review tests and the browser tests: a trained version with planted out-of-fold files."""
+"""Shared by the review tests and the browser tests: planted out-of-fold files on a trained version (conftest's
+`trained_version` fixture trains it) and the mislabel queue built from them."""
 
 import json
 from pathlib import Path
 
 import numpy as np
 
-from conftest import TINY_TRAIN
 from labeling.models import Label, LabelClass
-from pipeline import chain
-from training import services as training_services
 
 COLORS = ["red", "blue", "green", "yellow"]
-
-
-def trained_version(project):
-    run = training_services.training_run_create(project=project, config=TINY_TRAIN, queue=False)
-    run = chain.training_run_execute(run_id=run.id, inline=True)
-    assert run.status == "succeeded", run.error
-    return run.model_version
 
 
 def plant(project, version, flips: int = 4):
@@ -54,12 +45,11 @@ def plant(project, version, flips: int = 4):
     return flipped
 
 
-def queue_mislabels(project) -> dict:
-    """Train a version, plant its out-of-fold files (see plant) and build the mislabel queue from them; returns
+def queue_mislabels(project, version) -> dict:
+    """Plant a trained version's out-of-fold files (see plant) and build the mislabel queue from them; returns
     the flipped image ids -> true class name."""
     from review import services  # noqa: PLC0415
 
-    version = trained_version(project)
     flipped = plant(project, version)
     services.mislabel_refresh(version=version)
     return flipped

@@ -9,7 +9,9 @@ from django.utils import timezone
 from labeling.models import Image, Label
 from review.curve import learning_curve
 from review.models import ReviewItem
+from review.tests.factories import ReviewItemFactory
 from training.models import ModelVersion
+from training.tests.factories import ModelVersionFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -22,16 +24,13 @@ def history(shapes_project):
     head = project.heads.get()
     red, blue = head.classes.get(name="red"), head.classes.get(name="blue")
     now = timezone.now()
-    v1 = ModelVersion.objects.create(
-        project=project, number=1, artifact_dir="", metrics={"n_train": 16, "test": {"heads": {"color": {"top1": 0.5}}}}
-    )
+    v1 = ModelVersionFactory(project=project, metrics={"n_train": 16, "test": {"heads": {"color": {"top1": 0.5}}}})
     ModelVersion.objects.filter(pk=v1.pk).update(created_at=now - timedelta(days=2))
     images = list(Image.objects.filter(project=project)[:10])
     for i, image in enumerate(images):
         random_arm = i >= 6
         wrong = (i < 5) if not random_arm else (i == 6)
-        ReviewItem.objects.create(
-            project=project,
+        ReviewItemFactory(
             queue="uncertain",
             image=image,
             head=head,
@@ -45,12 +44,8 @@ def history(shapes_project):
             random_control=random_arm,
             resolved_at=now - timedelta(days=1),
         )
-    v2 = ModelVersion.objects.create(
-        project=project,
-        number=2,
-        artifact_dir="",
-        is_active=True,
-        metrics={"n_train": 26, "test": {"heads": {"color": {"top1": 0.75}}}},
+    v2 = ModelVersionFactory(
+        project=project, is_active=True, metrics={"n_train": 26, "test": {"heads": {"color": {"top1": 0.75}}}}
     )
     return project, v1, v2
 
@@ -82,13 +77,13 @@ def test_learning_curve_page(client, reviewer, history):
     assert "<td>v2</td><td>26</td><td>6 / 4</td>" in page
 
 
-def test_every_retrain_measures_the_arms_in_its_gallery_and_the_page_shows_the_curve(client, reviewer, shapes_project):
+def test_every_retrain_measures_the_arms_in_its_gallery_and_the_page_shows_the_curve(
+    client, reviewer, shapes_project, trained_version
+):
     """Reviewed low-confidence items (some from the random arm) resolved before a retrain: the worker's retrain
     stores the A/B of the two arms (retrieval top-1 on the test split, gallery = base + n of each arm)."""
     import json
     from pathlib import Path
-
-    from review.tests.helpers import trained_version
 
     project = shapes_project(6)
     head = project.heads.get()
@@ -98,8 +93,7 @@ def test_every_retrain_measures_the_arms_in_its_gallery_and_the_page_shows_the_c
     trained_version(project)
     for i, image in enumerate(picks):  # the low-confidence queue's items, labeled by a reviewer
         Label.objects.filter(image=image, head=head).update(label_class=labels[image.id])
-        ReviewItem.objects.create(
-            project=project,
+        ReviewItemFactory(
             queue="uncertain",
             image=image,
             head=head,

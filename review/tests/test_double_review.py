@@ -14,9 +14,9 @@ pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
-def queued(shapes_project):
+def queued(shapes_project, trained_version):
     project = shapes_project(6)
-    flipped = queue_mislabels(project)
+    flipped = queue_mislabels(project, trained_version(project))
     project.double_review_share = 1.0  # every decision gets a second look
     project.save(update_fields=["double_review_share"])
     return project, flipped

@@ -7,11 +7,14 @@ from labeling.models import Image, Label, LabelClass, LabelEvent
 from labeling.services import LabelConflict
 from review import services
 from review.models import ReviewItem
-from review.tests.helpers import plant, trained_version
+from review.tests.factories import ReviewItemFactory
+from review.tests.helpers import plant
 
 
 @pytest.mark.django_db
-def test_refresh_queues_the_planted_flips_and_never_requeues_a_confirmed_label(shapes_project, admin_user):
+def test_refresh_queues_the_planted_flips_and_never_requeues_a_confirmed_label(
+    shapes_project, trained_version, admin_user
+):
     project = shapes_project(6)
     version = trained_version(project)
     flipped = plant(project, version)
@@ -36,7 +39,9 @@ def test_refresh_queues_the_planted_flips_and_never_requeues_a_confirmed_label(s
 
 
 @pytest.mark.django_db
-def test_resolutions_change_labels_with_history_and_undo_puts_them_back(shapes_project, admin_user, reviewer):
+def test_resolutions_change_labels_with_history_and_undo_puts_them_back(
+    shapes_project, trained_version, admin_user, reviewer
+):
     project = shapes_project(6)
     version = trained_version(project)
     flipped = plant(project, version)
@@ -70,7 +75,9 @@ def test_resolutions_change_labels_with_history_and_undo_puts_them_back(shapes_p
 
 
 @pytest.mark.django_db
-def test_leases_two_reviewers_never_share_an_item_and_abandoned_items_come_back(shapes_project, admin_user, reviewer):
+def test_leases_two_reviewers_never_share_an_item_and_abandoned_items_come_back(
+    shapes_project, trained_version, admin_user, reviewer
+):
     import datetime as dt
 
     from django.utils import timezone
@@ -94,7 +101,7 @@ def test_leases_two_reviewers_never_share_an_item_and_abandoned_items_come_back(
 
 
 @pytest.mark.django_db(transaction=True)
-def test_concurrent_handouts_skip_locked_rows(shapes_project, admin_user, reviewer):
+def test_concurrent_handouts_skip_locked_rows(shapes_project, trained_version, admin_user, reviewer):
     """Two reviewers asking at the same moment, each in their own transaction and database connection."""
     project = shapes_project(6)
     version = trained_version(project)
@@ -130,28 +137,19 @@ def test_concurrent_handouts_skip_locked_rows(shapes_project, admin_user, review
 
 
 @pytest.mark.django_db
-def test_relabeling_a_model_sets_its_make_and_undo_puts_both_back(reviewer):
-    import hashlib  # noqa: PLC0415
+def test_relabeling_a_model_sets_its_make_and_undo_puts_both_back(reviewer, car_project):
+    from labeling.tests.factories import ImageFactory  # noqa: PLC0415
 
-    from labeling.services import project_create  # noqa: PLC0415
-
-    project = project_create(name="cars-hier", preset="car", slug="cars-hier")
+    project = car_project(groups=0)
     make, model = project.heads.order_by("order")
-    honda = LabelClass.objects.create(head=make, name="Honda", normalized_name="honda")
-    toyota = LabelClass.objects.create(head=make, name="Toyota", normalized_name="toyota")
-    civic = LabelClass.objects.create(head=model, name="Civic", normalized_name="civic", parent=honda)
-    corolla = LabelClass.objects.create(head=model, name="Corolla", normalized_name="corolla", parent=toyota)
+    toyota = make.classes.get(name="Toyota")
+    civic, corolla = model.classes.get(name="Civic"), model.classes.get(name="Corolla")
 
-    def corolla_photo(name: bytes, prob: float, rank: int):
+    def corolla_photo(prob: float, rank: int):
         """A photo labeled Toyota Corolla, queued with the suggestion Civic."""
-        image = Image.objects.create(
-            project=project, sha256=hashlib.sha256(name).hexdigest(), file=f"{name.decode()}.jpg", width=320, height=240
-        )
-        make_label = Label.objects.create(image=image, head=make, label_class=toyota)
-        model_label = Label.objects.create(image=image, head=model, label_class=corolla)
-        item = ReviewItem.objects.create(
-            project=project,
-            queue=ReviewItem.Queue.MISLABEL,
+        image = ImageFactory(project=project, labels={"make": toyota, "model": corolla})
+        make_label, model_label = Label.objects.get(image=image, head=make), Label.objects.get(image=image, head=model)
+        item = ReviewItemFactory(
             image=image,
             head=model,
             given_class=corolla,
@@ -165,7 +163,7 @@ def test_relabeling_a_model_sets_its_make_and_undo_puts_both_back(reviewer):
     def labels_of(image) -> dict:
         return dict(Label.objects.filter(image=image).values_list("head__name", "label_class__name"))
 
-    image, make_label, model_label, item = corolla_photo(b"hier", 0.9, 0)
+    image, make_label, model_label, item = corolla_photo(0.9, 0)
     services.item_resolve(item=item, user=reviewer, action="accept", expected_version=model_label.version)
     assert labels_of(image) == {"make": "Honda", "model": "Civic"}  # a Civic is never left under Toyota
     assert LabelEvent.objects.filter(image=image, reason="review:accept (parent)").count() == 1
@@ -181,7 +179,7 @@ def test_relabeling_a_model_sets_its_make_and_undo_puts_both_back(reviewer):
     # a bulk rule accepts a model above the threshold: its make follows, in the same undoable action
     from labeling.health import action_undo  # noqa: PLC0415
 
-    other = corolla_photo(b"hier2", 0.95, 1)[0]
+    other = corolla_photo(0.95, 1)[0]
     rule = {"accept_above": 0.8, "exclude_below": None}
     token = services.bulk_rule_preview(project=project, **rule)["token"]
     action = services.bulk_rule_apply(project=project, user=reviewer, **rule, confirm=token)
@@ -191,7 +189,9 @@ def test_relabeling_a_model_sets_its_make_and_undo_puts_both_back(reviewer):
 
 
 @pytest.mark.django_db
-def test_the_refresh_task_reuses_a_versions_oof_and_leaves_the_queue_alone_for_a_version_not_active(shapes_project):
+def test_the_refresh_task_reuses_a_versions_oof_and_leaves_the_queue_alone_for_a_version_not_active(
+    shapes_project, trained_version
+):
     from pipeline import tasks
     from training.models import ModelVersion
 

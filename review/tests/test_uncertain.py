@@ -4,13 +4,12 @@ from django.urls import reverse
 from labeling.models import Image, Label
 from review import services
 from review.models import ReviewItem
-from review.tests.helpers import trained_version
 
 pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
-def unlabeled(shapes_project):
+def unlabeled(shapes_project, trained_version):
     """A trained project whose later photos lost their labels (as if imported unlabeled), plus one production
     photo kept by the recognition endpoint."""
     project = shapes_project(6)

@@ -6,7 +6,7 @@ from django.urls import reverse
 from labeling.models import Label
 from review import services
 from review.models import ReviewItem
-from review.tests.helpers import queue_mislabels, trained_version
+from review.tests.helpers import queue_mislabels
 
 pytestmark = pytest.mark.django_db
 
@@ -14,9 +14,9 @@ HX = {"HTTP_HX_REQUEST": "true"}
 
 
 @pytest.fixture
-def queued(shapes_project):
+def queued(shapes_project, trained_version):
     project = shapes_project(6)
-    return project, queue_mislabels(project)
+    return project, queue_mislabels(project, trained_version(project))
 
 
 def test_review_page_shows_the_item_and_each_decision_answers_the_next(client, reviewer, queued):
@@ -186,7 +186,7 @@ def test_bulk_rules_default_to_the_calibration_show_the_true_count_and_apply_onl
 
 
 def test_refresh_needs_a_promoted_model_and_queues_the_task(
-    client, admin_user, shapes_project, django_capture_on_commit_callbacks
+    client, admin_user, shapes_project, trained_version, django_capture_on_commit_callbacks
 ):
     from training.models import ModelVersion
     from webapp.celery import app

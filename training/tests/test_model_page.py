@@ -7,19 +7,15 @@ import pytest
 from django.urls import reverse
 from rest_framework.test import APIClient
 
-from conftest import TINY_TRAIN
 from labeling.models import Project
-from pipeline import chain
 from training import services
 
 pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
-def version(shapes_project):
-    project = shapes_project(4)
-    run = services.training_run_create(project=project, config=TINY_TRAIN, queue=False)
-    return chain.training_run_execute(run_id=run.id, inline=True).model_version
+def version(shapes_project, trained_version):
+    return trained_version(shapes_project(4))
 
 
 def _file(version, name):

