@@ -83,8 +83,12 @@ def _with_bars(findings: dict) -> dict:
 def health_page(request, slug):
     project = current_project(request, slug)
     health.health_reports_reconcile(project=project)  # a scan lost by its worker or the broker shows so, at once
-    report = health.latest_report(project)
-    context = {"project": project, "report": report, "polling": bool(report and report.is_active)}
+    current = health.latest_report(project)
+    # The last finished scan's findings stay on the page while a newer scan waits or runs.
+    report = (
+        current if current and current.status == HealthReport.Status.SUCCEEDED else health.last_good_report(project)
+    )
+    context = {"project": project, "current": current, "report": report, "polling": bool(current and current.is_active)}
     if report and report.status == HealthReport.Status.SUCCEEDED:
         clusters = report.clusters.select_related("action").order_by("-conflicting", "id")
         page = Paginator(clusters, CLUSTERS_PER_PAGE).get_page(request.GET.get("page"))

@@ -104,7 +104,39 @@ def health_reports_reconcile(*, project: Project | None = None) -> dict:
     if project is not None:
         scans = scans.filter(project=project)
     return jobs.rows_reconcile(
-        HealthReport, scans, kind="health_scan", task=health_scan, resume="the scan starts again"
+        HealthReport,
+        scans,
+        kind="health_scan",
+        task=health_scan,
+        resume="the scan starts again",
+        cancel=_mark_cancelled,
+    )
+
+
+def health_report_cancel(*, report: HealthReport, user=None) -> HealthReport:
+    """Cancel a queued scan at once, or ask a running one to stop at its next progress write (about a second).
+    The previous scan's findings stay on the Health page. LabelingError for a scan that already ended."""
+    with transaction.atomic():
+        report = HealthReport.objects.select_for_update().get(pk=report.pk)
+        if not report.is_active:
+            raise LabelingError(f"Health scan {report.id} already {report.status}; there is nothing to cancel.")
+        if report.cancel_requested_at is None:
+            report.cancel_requested_at, report.cancel_requested_by = timezone.now(), user
+            report.save(update_fields=["cancel_requested_at", "cancel_requested_by"])
+        queued = report.status == HealthReport.Status.QUEUED
+    if queued:
+        _mark_cancelled(report.id)
+        report.refresh_from_db()
+    return report
+
+
+def _mark_cancelled(report_id: int) -> None:
+    report = HealthReport.objects.select_related("cancel_requested_by").get(pk=report_id)
+    who = report.cancel_requested_by.get_username() if report.cancel_requested_by_id else "the command line"
+    HealthReport.objects.filter(pk=report_id, status__in=jobs.ACTIVE_STATUSES).update(
+        status=HealthReport.Status.CANCELLED,
+        finished_at=timezone.now(),
+        error=f"Cancelled by {who}{f' during {report.phase}' if report.phase else ''}.",
     )
 
 
@@ -118,9 +150,10 @@ class _Progress:
         now = time.monotonic()
         if force or now - self.last >= self.every:
             self.last = now
-            HealthReport.objects.filter(pk=self.report_id).update(
+            if not HealthReport.objects.filter(pk=self.report_id, cancel_requested_at__isnull=True).update(
                 phase=phase, done=done, total=total, heartbeat_at=timezone.now()
-            )
+            ):
+                raise jobs.JobCancelled(self.report_id)
 
 
 def health_report_execute(*, report_id: int, workers: int | None = None) -> HealthReport:
@@ -145,6 +178,10 @@ def health_report_execute(*, report_id: int, workers: int | None = None) -> Heal
 def _health_report_run(report: HealthReport, *, workers: int | None) -> HealthReport:
     try:
         summary, findings = _scan(report, _Progress(report.id), workers=workers)
+    except jobs.JobCancelled:
+        _mark_cancelled(report.id)
+        report.refresh_from_db()
+        return report
     except Exception as exc:  # noqa: BLE001 - the row must say why
         log.exception("health scan %s failed", report.id)
         HealthReport.objects.filter(pk=report.id).update(
@@ -154,7 +191,7 @@ def _health_report_run(report: HealthReport, *, workers: int | None) -> HealthRe
         )
         report.refresh_from_db()
         return report
-    HealthReport.objects.filter(pk=report.id).update(
+    HealthReport.objects.filter(pk=report.id, status=HealthReport.Status.RUNNING).update(
         status=HealthReport.Status.SUCCEEDED,
         finished_at=timezone.now(),
         summary=summary,
@@ -265,6 +302,8 @@ def _scan(report: HealthReport, progress: _Progress, *, workers: int | None) -> 
     # near-duplicates that cross the splits of the latest version ("leaky splits").
     try:
         sim_findings = _similar_pairs(report, project, ok, labels_of, progress)
+    except jobs.JobCancelled:
+        raise
     except Exception as exc:  # noqa: BLE001 - the rest of the report stands; the page says why this part is missing
         log.exception("health scan %s: similarity pass failed", report.id)
         SimilarPair.objects.filter(report=report).delete()
@@ -483,6 +522,11 @@ def _per_class_accuracy(project: Project) -> dict | None:
 
 def latest_report(project: Project) -> HealthReport | None:
     return project.health_reports.order_by("-created_at", "-id").first()
+
+
+def last_good_report(project: Project) -> HealthReport | None:
+    """The newest scan that finished: its findings stay on the page while a newer scan waits or runs."""
+    return project.health_reports.filter(status=HealthReport.Status.SUCCEEDED).order_by("-created_at", "-id").first()
 
 
 # ---------------------------------------------------------------------------------------------- actions

@@ -4,6 +4,8 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import models
 
+from webapp.jobs import JobRow, one_active_per
+
 from .presets import PRESET_CHOICES
 
 
@@ -290,47 +292,31 @@ class DatasetAction(models.Model):
         return f"{self.get_kind_display()}: {self.summary}"
 
 
-class HealthReport(models.Model):
+class HealthReport(JobRow):
     """One health scan of a project's images; the row owns the job state and the findings."""
 
-    class Status(models.TextChoices):
-        QUEUED = "queued"
-        RUNNING = "running"
-        SUCCEEDED = "succeeded"
-        FAILED = "failed"
-
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="health_reports")
-    status = models.CharField(max_length=20, choices=Status.choices, default=Status.QUEUED)
-    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
-    created_at = models.DateTimeField(auto_now_add=True)
-    started_at = models.DateTimeField(null=True, blank=True)
-    finished_at = models.DateTimeField(null=True, blank=True)
-    heartbeat_at = models.DateTimeField(null=True, blank=True)
-    attempts = models.PositiveSmallIntegerField(default=0)  # restarts after a lost worker (training.reconcile)
     phase = models.CharField(max_length=40, blank=True)
     done = models.PositiveIntegerField(default=0)
     total = models.PositiveIntegerField(default=0)
     params = models.JSONField(default=dict, blank=True)
     summary = models.JSONField(default=dict, blank=True)
     findings = models.JSONField(default=dict, blank=True)
-    error = models.TextField(blank=True)
 
     class Meta:
         ordering = ["-created_at", "-id"]
-        constraints = [  # one queued or running scan per project, whatever races the web processes run
-            models.UniqueConstraint(
-                fields=["project"],
-                condition=models.Q(status__in=["queued", "running"]),
-                name="health_report_one_active_per_project",
-            )
-        ]
+        # one queued or running scan per project, whatever races the web processes run
+        constraints = [one_active_per(["project"], "health_report_one_active_per_project")]
+
+    task_name = "labeling.tasks.health_scan"
+    what = "health scan"
 
     def __str__(self) -> str:
         return f"health report {self.pk} ({self.status})"
 
     @property
-    def is_active(self) -> bool:
-        return self.status in (self.Status.QUEUED, self.Status.RUNNING)
+    def progress(self) -> float | None:
+        return self.done / self.total if self.total else None
 
 
 class DuplicateCluster(models.Model):

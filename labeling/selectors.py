@@ -69,5 +69,9 @@ class GridHooks:
     def sort_images(qs, sort: str):
         return qs.order_by("id")
 
+    @staticmethod
+    def sort_note(project, sort: str) -> dict | None:
+        return None
+
 
 grid_hooks = GridHooks()

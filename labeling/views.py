@@ -111,6 +111,7 @@ def image_grid(request, slug):
         "unlabeled": f["unlabeled"],
         "f": f,
         "sorts": review_selectors.SORTS,
+        "sort_note": review_selectors.sort_note(project, f["sort"]),
         "sources": Image.Source.values,
         "statuses": Image.Status.values,
         "page": page,

@@ -11,6 +11,8 @@ urlpatterns = [
         apis.ModelVersionFileView.as_view(),
         name="model-file",
     ),
+    path("projects/<slug:slug>/jobs/", apis.JobListView.as_view(), name="job-list"),
+    path("projects/<slug:slug>/jobs/<str:type_>/<int:pk>/cancel/", apis.JobCancelView.as_view(), name="job-cancel"),
     path("projects/<slug:slug>/runs/<int:run_id>/cancel/", apis.TrainingRunCancelView.as_view(), name="run-cancel"),
     path(
         "projects/<slug:slug>/models/<int:number>/promote/",

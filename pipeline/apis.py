@@ -14,10 +14,13 @@ from inference import evaluation
 from labeling.access import IsProjectAdmin
 from labeling.models import Project
 from training import selectors, services
+from training.jobs import JobError
 from training.models import ModelVersion, PretrainedSource, TrainingRun
 from webapp.errors import ApiError
+from webapp.jobs import JobStatus, describe
 
 from . import chain
+from . import jobs as pipeline_jobs
 
 
 class ModelVersionSerializer(serializers.ModelSerializer):
@@ -212,3 +215,52 @@ class ModelVersionFileView(APIView):
             )
         path, content_type, attachment = found
         return FileResponse(path.open("rb"), content_type=content_type, as_attachment=attachment, filename=name)
+
+
+class JobSerializer(serializers.Serializer):
+    type = serializers.ChoiceField(choices=list(pipeline_jobs.TYPES), help_text="trainingrun, healthreport or job")
+    id = serializers.IntegerField()
+    what = serializers.CharField(help_text="training run, health scan, index build, mislabel queue refresh, ...")
+    status = serializers.ChoiceField(choices=JobStatus.choices)
+    step = serializers.CharField(allow_blank=True)
+    progress = serializers.FloatField(allow_null=True, help_text="0..1 while running, when the job can tell")
+    eta_s = serializers.FloatField(allow_null=True, help_text="seconds left (running jobs)")
+    queue = serializers.CharField(help_text="the Celery queue: gpu (long jobs) or default (short ones)")
+    ahead = serializers.IntegerField(allow_null=True, help_text="jobs of any project that run before a queued one")
+    wait_s = serializers.FloatField(allow_null=True, help_text="for a queued job: the longest ETA of those running")
+    error = serializers.CharField(allow_blank=True)
+    created_at = serializers.DateTimeField()
+    started_at = serializers.DateTimeField(allow_null=True)
+    finished_at = serializers.DateTimeField(allow_null=True)
+    cancel_requested = serializers.BooleanField()
+
+
+class JobListView(APIView):
+    permission_classes = [IsProjectAdmin]
+
+    @extend_schema(
+        responses=JobSerializer(many=True),
+        summary="Background jobs of a project: every queued and running one, then the latest ended ones",
+    )
+    def get(self, request, slug):
+        project = get_object_or_404(Project, slug=slug)
+        return Response(JobSerializer(pipeline_jobs.project_jobs(project=project), many=True).data)
+
+
+class JobCancelView(APIView):
+    permission_classes = [IsProjectAdmin]
+
+    @extend_schema(
+        request=None,
+        responses={200: JobSerializer},
+        summary="Cancel any background job: a queued one at once, a running one at its next progress report",
+    )
+    def post(self, request, slug, type_, pk):
+        project = get_object_or_404(Project, slug=slug)
+        try:
+            row = pipeline_jobs.job_cancel_any(project=project, type_=type_, pk=pk, user=request.user)
+        except pipeline_jobs.JobNotFound as exc:
+            raise NotFound(str(exc)) from None
+        except JobError as exc:
+            raise ApiError(str(exc), code="not_active", status_code=409) from None
+        return Response(JobSerializer(describe(row)).data)

@@ -21,12 +21,13 @@ import logging
 
 from django.conf import settings
 from django.db import transaction
-from django.utils import timezone
 
 from inference import evaluation
 from review import services as review_services
+from training import jobs as job_services
 from training import services as training_services
-from training.models import ModelVersion, TrainingRun
+from training.jobs import job_enqueue
+from training.models import Job, ModelVersion, TrainingRun
 from training.services import TrainingError, model_version_activate
 from webapp import jobs
 
@@ -164,17 +165,14 @@ def model_version_promote(
             return model_version_activate(version=version)
         version.index_status = ModelVersion.IndexStatus.BUILDING
         version.index_error = ""
-        version.index_heartbeat_at = timezone.now()  # queued: the reconciler measures a lost build from here
-        version.save(
-            update_fields=["promote_requested", "promoted_by", "index_status", "index_error", "index_heartbeat_at"]
-        )
+        version.save(update_fields=["promote_requested", "promoted_by", "index_status", "index_error"])
         vid = version.id
         if not inline:
-            jobs.send_on_commit(
-                "training.tasks.index_build",  # pipeline/tasks.py
-                vid,
-                kind="index_build",
-                pk=vid,
+            job_enqueue(
+                project=version.project,
+                kind=Job.Kind.INDEX_BUILD,
+                version=version,
+                user=user,
                 what=f"the promote of v{version.number} (its index build)",
                 undo=lambda: ModelVersion.objects.filter(pk=vid).update(**before),
             )
@@ -186,15 +184,13 @@ def model_version_promote(
 def model_version_index_build(*, version_id: int) -> ModelVersion:
     """Embed the run's train split and write the Faiss index into the artifact folder (atomically), then
     activate the version if a promote was requested. Idempotent."""
-    version = ModelVersion.objects.get(pk=version_id)
-    with jobs.heartbeat(ModelVersion, version_id, field="index_heartbeat_at"):
-        version = evaluation.index_build(version)
+    version = evaluation.index_build(ModelVersion.objects.get(pk=version_id))
     if version.index_status == ModelVersion.IndexStatus.READY and version.promote_requested:
         version = model_version_activate(version=version)
     return version
 
 
-def mislabel_refresh(*, version_id: int, k: int = 5, mode: str = "auto") -> dict:
+def mislabel_refresh(*, version_id: int, k: int = 5, mode: str = "auto", report=None) -> dict:
     """Out-of-fold predictions of the version's frozen dataset (heads on cached frozen features when the backbone
     is pretrained, else K fresh models: GPU work; reused when the version already has them, e.g. a rollback), then
     the project's mislabel queue from them. Queued when a version becomes active (LOUPE_MISLABEL_AFTER_PROMOTE) or
@@ -202,9 +198,96 @@ def mislabel_refresh(*, version_id: int, k: int = 5, mode: str = "auto") -> dict
     version = ModelVersion.objects.get(pk=version_id)
     if not version.is_active:
         return {"skipped": f"v{version.number} is not the active version"}
+    report = report or (lambda **_: None)
     if not training_services.model_version_has_oof(version=version, k=k):
-        training_services.model_version_oof(version=version, k=k, mode=mode)
+        report(step="out-of-fold predictions", done=0, total=k)
+        training_services.model_version_oof(
+            version=version, k=k, mode=mode, progress=lambda p: report(done=p.get("fold"), total=p.get("folds"))
+        )
+    report(step="ranking label issues (cleanlab)")
     version.refresh_from_db()
     if not version.is_active:  # promoted away while the fold models trained
         return {"skipped": f"v{version.number} is not the active version"}
     return review_services.mislabel_refresh(version=version)
+
+
+# ------------------------------------------------------------------------------------------------- job rows
+def _index_build_step(job: Job, report) -> dict:
+    report(step="embedding the gallery and building the index")
+    version = model_version_index_build(version_id=job.version_id)
+    if version.index_status == ModelVersion.IndexStatus.FAILED:
+        raise training_services.TrainingError(version.index_error or "the index build failed")
+    return {"index_size": version.index_size, "activated": version.is_active}
+
+
+def _oof_step(job: Job, report) -> dict:
+    k = int(job.params.get("k", 5))
+    report(step="out-of-fold predictions", done=0, total=k)
+    return training_services.model_version_oof(
+        version=job.version,
+        k=k,
+        mode=job.params.get("mode", "auto"),
+        progress=lambda p: report(done=p.get("fold"), total=p.get("folds")),
+    )
+
+
+def _mislabel_step(job: Job, report) -> dict:
+    active = ModelVersion.objects.filter(project_id=job.project_id, is_active=True).first()
+    version_id = job.version_id or (active.id if active else None)
+    if version_id is None:
+        return {"skipped": "no active model"}
+    params = job.params
+    return mislabel_refresh(
+        version_id=version_id, k=int(params.get("k", 5)), mode=params.get("mode", "auto"), report=report
+    )
+
+
+def _uncertain_step(job: Job, report) -> dict:
+    return review_services.uncertain_refresh(project=job.project, report=report)
+
+
+JOB_STEPS = {
+    Job.Kind.INDEX_BUILD: _index_build_step,
+    Job.Kind.OOF: _oof_step,
+    Job.Kind.MISLABEL_REFRESH: _mislabel_step,
+    Job.Kind.UNCERTAIN_REFRESH: _uncertain_step,
+}
+
+
+def job_execute(*, job_id: int) -> Job:
+    """Run one job row (the Celery task of its kind, or the command line). Idempotent: a job another delivery
+    holds, an ended or cancelled one is left alone; one left running by a lost worker starts its step again (each
+    step is idempotent: an index is rewritten atomically, out-of-fold predictions already on disk are reused, a
+    queue refresh replaces the queue). Asked for again while it ran, it queues one more when it ends."""
+    job = job_services.job_claim(job_id=job_id)
+    if job is None:
+        return Job.objects.get(pk=job_id)
+    report = job_services.job_report(job.id)
+    try:
+        with jobs.heartbeat(Job, job.id):
+            result = JOB_STEPS[job.kind](job, report)
+    except jobs.JobCancelled:
+        job = job_services.job_mark_cancelled(job_id=job.id)
+    except Exception as exc:  # noqa: BLE001 - the row says why; the worker goes on with the next job
+        log.exception("%s failed", job)
+        if job.kind == Job.Kind.INDEX_BUILD:
+            ModelVersion.objects.filter(pk=job.version_id, index_status=ModelVersion.IndexStatus.BUILDING).update(
+                index_status=ModelVersion.IndexStatus.FAILED, index_error=f"{type(exc).__name__}: {exc}"[:5000]
+            )
+        job = job_services.job_fail(job_id=job.id, error=f"{type(exc).__name__}: {exc}")
+    else:
+        job = job_services.job_finish(job_id=job.id, result=result or {})
+    if job.rerun_requested and job.kind != Job.Kind.INDEX_BUILD:
+        Job.objects.filter(pk=job.id).update(rerun_requested=False)
+        with transaction.atomic():
+            job_services.job_enqueue(
+                project=job.project,
+                kind=job.kind,
+                version=ModelVersion.objects.filter(project_id=job.project_id, is_active=True).first()
+                if job.version_id
+                else None,
+                params=job.params,
+                what=f"the next {job.get_kind_display()}",
+                undo_on_broker_error=False,
+            )
+    return job

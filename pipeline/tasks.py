@@ -1,13 +1,14 @@
-"""Celery tasks: thin wrappers that take ids and call one step of pipeline/chain.py (or one service). Their names
-are the ones earlier releases registered (training.tasks.*, review.tasks.*), so queued messages and the settings'
-routes and time limits keep working."""
+"""Celery tasks: thin wrappers that take ids and call one step of pipeline/chain.py (or one service). Job rows
+(training.models.Job) run through pipeline.job.<kind>; the tasks under the names earlier releases registered
+(training.tasks.*, review.tasks.*) stay so that messages those releases queued still run."""
 
 from celery import shared_task
 
 from labeling.models import Project
 from review import services as review_services
 from training import services as training_services
-from training.models import ModelVersion
+from training.jobs import TASKS
+from training.models import Job, ModelVersion
 from webapp.jobs import limits
 
 from . import chain
@@ -63,3 +64,22 @@ def mislabel_refresh(version_id: int, k: int = 5, mode: str = "auto") -> dict:
 def uncertain_refresh(project_id: int) -> dict:
     """The low-confidence queue, ranked by the active model (every unlabeled photo is predicted)."""
     return review_services.uncertain_refresh(project=Project.objects.get(pk=project_id))
+
+
+# -------------------------------------------------------------------- job rows (training.models.Job), one per kind
+# One task per kind so that each has its queue and time limit (settings: CELERY_TASK_ROUTES,
+# LOUPE_TASK_TIME_LIMITS); all of them run pipeline.chain.job_execute on the row.
+def _job_task(kind: str):
+    name = TASKS[kind]
+
+    @shared_task(name=name, acks_late=True, reject_on_worker_lost=True, **limits(name))
+    def run(job_id: int) -> str:
+        return chain.job_execute(job_id=job_id).status
+
+    return run
+
+
+job_index_build = _job_task(Job.Kind.INDEX_BUILD)
+job_oof = _job_task(Job.Kind.OOF)
+job_mislabel_refresh = _job_task(Job.Kind.MISLABEL_REFRESH)
+job_uncertain_refresh = _job_task(Job.Kind.UNCERTAIN_REFRESH)

@@ -10,10 +10,12 @@ from django.views.decorators.http import require_POST
 from labeling.access import current_project
 from labeling.views import _partial, staff_required
 from training import selectors, services
-from training.models import ModelVersion
+from training.jobs import JobError
+from training.models import Job, ModelVersion
 from training.reconcile import jobs_reconcile
 
 from . import chain
+from . import jobs as pipeline_jobs
 
 # Retrain form fields: name -> type. Any engine config key can be set from `manage.py train --set`.
 RETRAIN_FIELDS = {"epochs": int, "backbone": str, "image_size": int, "batch_size": int, "lr": float}
@@ -92,6 +94,9 @@ def version_list(request, slug):
     project = current_project(request, slug)
     versions = list(project.model_versions.select_related("run", "promoted_by"))
     polling = any(v.index_status == ModelVersion.IndexStatus.BUILDING for v in versions)
+    builds = {j.version_id: j for j in Job.objects.filter(project=project, kind=Job.Kind.INDEX_BUILD).order_by("id")}
+    for v in versions:  # "promoting…" says which job, where it stands, and why it failed
+        v.index_job = builds.get(v.id) if v.promote_requested or v.index_status == "failed" else None
     heads = list(project.heads.all())
     current = {h.name: h.threshold for h in heads}
     for v in versions:
@@ -234,3 +239,31 @@ def run_cancel(request, slug, run_id):
         else:
             messages.success(request, f"Training run {run.id} stops at its next progress report.")
     return redirect("training:run-list", slug=slug)
+
+
+@staff_required
+def job_list(request, slug):
+    """Every background job of the project: what waits, what runs (step, progress, ETA, jobs ahead on its queue),
+    what ended and why; cancel buttons."""
+    project = current_project(request, slug)
+    jobs_reconcile(project=project)
+    rows = pipeline_jobs.project_jobs(project=project)
+    context = {"project": project, "rows": rows, "polling": any(r["status"] in ("queued", "running") for r in rows)}
+    return render(request, "training/_jobs.html" if _partial(request) else "training/jobs.html", context)
+
+
+@staff_required
+@require_POST
+def job_cancel(request, slug, type_, pk):
+    project = current_project(request, slug)
+    try:
+        row = pipeline_jobs.job_cancel_any(project=project, type_=type_, pk=pk, user=request.user)
+    except pipeline_jobs.JobNotFound as exc:
+        raise Http404(str(exc)) from None
+    except JobError as exc:
+        messages.error(request, str(exc))
+    else:
+        done = row.status == "cancelled"
+        messages.success(request, f"{row.what.capitalize()} {row.pk} {'cancelled' if done else 'is stopping'}.")
+    back = request.POST.get("next", "")
+    return redirect(back if back.startswith(f"/p/{project.slug}/") else "training:job-list", slug=slug)

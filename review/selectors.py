@@ -4,7 +4,41 @@ import math
 
 from django.db.models import Exists, Min, OuterRef, QuerySet
 
+from training.models import Job
+
 from .models import ReviewItem
+
+QUEUE_JOB = {
+    ReviewItem.Queue.MISLABEL: Job.Kind.MISLABEL_REFRESH,
+    ReviewItem.Queue.UNCERTAIN: Job.Kind.UNCERTAIN_REFRESH,
+}
+SORT_QUEUE = {"quality": ReviewItem.Queue.MISLABEL, "confidence": ReviewItem.Queue.UNCERTAIN}
+
+
+def refresh_job(project, queue: str) -> Job | None:
+    """The job that rebuilds `queue`, for the pages that show it: the queued or running one, else the latest one
+    when it failed or was cancelled (the page says why the queue is older than the active model), else None."""
+    latest = Job.objects.filter(project=project, kind=QUEUE_JOB[queue]).order_by("-created_at", "-id").first()
+    if latest is None or latest.status == Job.Status.SUCCEEDED:
+        return None
+    return latest
+
+
+def sort_note(project, sort: str) -> dict | None:
+    """Why a model-based grid sort cannot order by the model yet: {"text", "job"} when `sort` needs a queue that
+    has no open item (no model promoted, or its job still waits or runs); None when the sort works."""
+    queue = SORT_QUEUE.get(sort)
+    if queue is None or ReviewItem.objects.filter(project=project, queue=queue, status=ReviewItem.Status.OPEN).exists():
+        return None
+    job = refresh_job(project, queue)
+    if job is not None and job.is_active:
+        text = "The model's scores for this sort are being computed; until they are, the grid is in id order."
+    else:
+        text = (
+            "No photo has a score for this sort yet (it needs a promoted model and its queue, or every photo is "
+            "reviewed); the grid is in id order."
+        )
+    return {"text": text, "job": job}
 
 
 def _open(queue: str | None = None):

@@ -21,7 +21,8 @@ from labeling.models import Image, ImageEvent, Label, LabelClass, Project
 from labeling.services import LabelConflict, LabelingError, label_set
 from training.engine.artifact import GALLERY_CACHE, TEST_CACHE
 from training.engine.atomic import write_json_atomic
-from webapp import jobs
+from training.jobs import job_enqueue
+from training.models import Job, ModelVersion
 
 from .core import rank_label_issues
 from .curve import arms_probe
@@ -505,44 +506,27 @@ def bulk_rule_apply(*, project: Project, user, accept_above: float | None, exclu
     return action
 
 
-def queue_refresh(*, project: Project, queue: str) -> int:
+def queue_refresh(*, project: Project, queue: str, user=None) -> int:
     """Queue the rebuild of a review queue with the active version (a Celery task on the gpu queue): out-of-fold
     predictions + cleanlab for the mislabel queue, predictions of every unlabeled photo for the low-confidence
     queue. Returns the version number. ReviewError when nothing is promoted yet."""
-    from training.models import ModelVersion  # noqa: PLC0415
-
     version = ModelVersion.objects.filter(project=project, is_active=True).first()
     if version is None:
         raise ReviewError("Train and promote a model first: the queue is built from its predictions.")
-    vid, pid = version.id, project.id
     # An admin asked for it: a broker outage is a 503 (BrokerUnavailable) that changed nothing.
-    if queue == ReviewItem.Queue.MISLABEL:
-        jobs.send_on_commit(  # the pipeline's step (pipeline/tasks.py), queued by name
-            "review.tasks.mislabel_refresh",
-            vid,
-            kind="mislabel_refresh",
-            pk=vid,
-            what="the mislabel queue rebuild",
-            undo=_nothing,
-        )
-    else:
-        jobs.send_on_commit(
-            "review.tasks.uncertain_refresh",
-            pid,
-            kind="uncertain_refresh",
-            pk=pid,
-            what="the low-confidence queue rebuild",
-            undo=_nothing,
-        )
+    mislabel = queue == ReviewItem.Queue.MISLABEL
+    job_enqueue(
+        project=project,
+        kind=Job.Kind.MISLABEL_REFRESH if mislabel else Job.Kind.UNCERTAIN_REFRESH,
+        version=version if mislabel else None,
+        user=user,
+        what=f"the {'mislabel' if mislabel else 'low-confidence'} queue rebuild",
+    )
     return version.number
 
 
-def _nothing() -> None:
-    """Nothing to undo: the rebuild has no row of its own."""
-
-
 # ------------------------------------------------------------------------------------- low-confidence queue
-def uncertain_refresh(*, project: Project, size: int | None = None, seed: int = 0) -> dict:
+def uncertain_refresh(*, project: Project, size: int | None = None, seed: int = 0, report=None) -> dict:
     """Rebuild the project's low-confidence queue with the active model: every usable image with an unlabeled
     head (imported photos and production photos kept by the recognition endpoint) is predicted; its most
     uncertain unlabeled head (the project's strategy: least confidence, margin or entropy) is its score; the
@@ -552,7 +536,6 @@ def uncertain_refresh(*, project: Project, size: int | None = None, seed: int = 
     "random", "strategy", "model_version"}."""
     from inference.core import Recognizer, predict_items_cached  # noqa: PLC0415
     from labeling import storage  # noqa: PLC0415
-    from training.models import ModelVersion  # noqa: PLC0415
 
     from . import active  # noqa: PLC0415
 
@@ -570,6 +553,8 @@ def uncertain_refresh(*, project: Project, size: int | None = None, seed: int = 
         unlabeled.setdefault(image_id, []).append(head_id)
     image_ids = sorted(unlabeled)
     files = {i: (f, sha) for i, f, sha in Image.objects.filter(pk__in=image_ids).values_list("id", "file", "sha256")}
+    report = report or (lambda **_: None)
+    report(step=f"predicting {len(image_ids)} unlabeled photos with v{version.number}")
     rec = Recognizer.load(version.artifact_dir)
     # Through the feature cache keyed by this version's backbone: a re-rank only runs the backbone on new photos.
     cached = [{"path": storage.local_path(files[i][0]), "sha256": files[i][1]} for i in image_ids]

@@ -13,7 +13,7 @@ from labeling.models import Image, Label, LabelClass, Project
 from labeling.services import LabelConflict
 from labeling.views import staff_required
 
-from . import references, services
+from . import references, selectors, services
 from .models import ReviewItem
 
 QUEUES = {q.value: q.label for q in ReviewItem.Queue}
@@ -52,7 +52,9 @@ def _render(request, ctx: dict, status: int = 200):
 @login_required
 def queue_page(request, slug, queue):
     project = current_project(request, slug)
-    return _render(request, _panel_context(request, project, _queue(queue)))
+    ctx = _panel_context(request, project, _queue(queue))
+    ctx["refresh_job"] = selectors.refresh_job(project, queue)
+    return _render(request, ctx)
 
 
 @login_required
@@ -221,9 +223,11 @@ def refresh(request, slug, queue):
     project = current_project(request, slug)
     queue = _queue(queue)
     try:
-        number = services.queue_refresh(project=project, queue=queue)
+        number = services.queue_refresh(project=project, queue=queue, user=request.user)
         how = (
-            "K fold models train on the worker" if queue == "mislabel" else "the worker predicts every unlabeled photo"
+            "out-of-fold predictions on the worker"
+            if queue == "mislabel"
+            else "the worker predicts every unlabeled photo"
         )
         messages.success(request, f"Rebuilding the queue from v{number}: {how}, then it refills.")
     except services.ReviewError as exc:

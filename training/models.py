@@ -6,6 +6,7 @@ from django.db import models
 
 from labeling.models import Project
 from training.engine.artifact import INDEX_META_FILE, read_artifact_json
+from webapp.jobs import JobRow, one_active_per
 
 
 class PretrainedSource(models.TextChoices):
@@ -21,32 +22,12 @@ class PretrainedSource(models.TextChoices):
 EVALUATED_ON_TRAIN = "train (optimistic)"  # never "val": the figures are on photos the model trained on
 
 
-class TrainingRun(models.Model):
-    class Status(models.TextChoices):
-        QUEUED = "queued"
-        RUNNING = "running"
-        SUCCEEDED = "succeeded"
-        FAILED = "failed"
-        CANCELLED = "cancelled"
-
+class TrainingRun(JobRow):
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="training_runs")
-    status = models.CharField(max_length=20, choices=Status.choices, default=Status.QUEUED)
     config = models.JSONField(default=dict, blank=True, help_text="Overrides of the engine's defaults.")
     dataset_version = models.ForeignKey(
         "labeling.DatasetVersion", null=True, blank=True, on_delete=models.PROTECT, related_name="training_runs"
     )
-    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
-    created_at = models.DateTimeField(auto_now_add=True)
-    started_at = models.DateTimeField(null=True, blank=True)
-    finished_at = models.DateTimeField(null=True, blank=True)
-    heartbeat_at = models.DateTimeField(null=True, blank=True)
-    # A cancel asked for while the run was running: the worker stops at its next progress report.
-    cancel_requested_at = models.DateTimeField(null=True, blank=True)
-    cancel_requested_by = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
-    )
-    # Times a worker was lost mid-run and the run was resumed from its checkpoint (training.reconcile).
-    attempts = models.PositiveSmallIntegerField(default=0)
     epoch = models.PositiveIntegerField(default=0)
     epochs = models.PositiveIntegerField(default=0)
     step = models.PositiveIntegerField(default=0)
@@ -57,7 +38,6 @@ class TrainingRun(models.Model):
     eta_s = models.FloatField(null=True, blank=True)
     n_train = models.PositiveIntegerField(default=0)
     n_val = models.PositiveIntegerField(default=0)
-    error = models.TextField(blank=True)
     artifact_dir = models.CharField(max_length=500, blank=True)
     # Where the backbone's starting weights came from, set as soon as training starts (blank before): a run
     # that asked for pretrained weights and got none says so here instead of silently training from scratch.
@@ -66,20 +46,22 @@ class TrainingRun(models.Model):
 
     class Meta:
         ordering = ["-created_at", "-id"]
-        constraints = [  # one queued or running training run per project, whatever races the web processes run
-            models.UniqueConstraint(
-                fields=["project"],
-                condition=models.Q(status__in=["queued", "running"]),
-                name="training_run_one_active_per_project",
-            )
-        ]
+        # one queued or running training run per project, whatever races the web processes run
+        constraints = [one_active_per(["project"], "training_run_one_active_per_project")]
+
+    task_name = "training.tasks.train_run"
+    what = "training run"
 
     def __str__(self) -> str:
         return f"run {self.pk} ({self.status})"
 
     @property
-    def is_active(self) -> bool:
-        return self.status in (self.Status.QUEUED, self.Status.RUNNING)
+    def progress(self) -> float | None:
+        if not self.epochs or not self.steps_per_epoch:
+            return None
+        return min(
+            1.0, ((max(self.epoch, 1) - 1) * self.steps_per_epoch + self.step) / (self.epochs * self.steps_per_epoch)
+        )
 
     @property
     def evaluated_on(self) -> str:
@@ -110,8 +92,6 @@ class ModelVersion(models.Model):
     promote_requested = models.BooleanField(default=False, help_text="Make active once the index is built.")
     index_status = models.CharField(max_length=20, choices=IndexStatus.choices, default=IndexStatus.NONE)
     index_error = models.TextField(blank=True)
-    # Set when the build is queued and kept fresh while it runs; stale + no message waiting = lost (reconcile).
-    index_heartbeat_at = models.DateTimeField(null=True, blank=True)
     index_size = models.PositiveIntegerField(default=0)
     created_at = models.DateTimeField(auto_now_add=True)
     promoted_at = models.DateTimeField(null=True, blank=True)
@@ -173,3 +153,50 @@ def pretrained_label(source: str | None, detail: str) -> str:
     if source == PretrainedSource.NONE:
         return "none — random init"
     return f"{source} ({detail})" if detail else source
+
+
+class Job(JobRow):
+    """A step of the loop that is neither a training run nor a health scan: an index build (promote), out-of-fold
+    predictions, the mislabel and low-confidence queue refreshes. Its own row, so a failure is visible, a lost worker
+    is noticed (heartbeat) and the step resumed, and an admin can cancel it; pipeline.chain runs it."""
+
+    class Kind(models.TextChoices):
+        INDEX_BUILD = "index_build", "index build"
+        OOF = "oof", "out-of-fold predictions"
+        MISLABEL_REFRESH = "mislabel_refresh", "mislabel queue refresh"
+        UNCERTAIN_REFRESH = "uncertain_refresh", "low-confidence queue refresh"
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="jobs")
+    kind = models.CharField(max_length=30, choices=Kind.choices)
+    version = models.ForeignKey(ModelVersion, null=True, blank=True, on_delete=models.CASCADE, related_name="jobs")
+    params = models.JSONField(default=dict, blank=True)
+    step = models.CharField(max_length=80, blank=True)
+    done = models.PositiveIntegerField(default=0)
+    total = models.PositiveIntegerField(default=0)
+    result = models.JSONField(default=dict, blank=True)
+    # Asked for again while it ran: the finished job queues one more (the newest active model's turn).
+    rerun_requested = models.BooleanField(default=False)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            # one waiting or running refresh of a kind per project; index builds: one per version
+            one_active_per(["project", "kind"], "job_one_active_per_project_kind", ~models.Q(kind="index_build")),
+            one_active_per(["version"], "job_one_active_index_build_per_version", models.Q(kind="index_build")),
+        ]
+        indexes = [models.Index(fields=["status", "created_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.kind} job {self.pk} ({self.status})"
+
+    @property
+    def task_name(self) -> str:
+        return f"pipeline.job.{self.kind}"
+
+    @property
+    def what(self) -> str:
+        return self.get_kind_display()
+
+    @property
+    def progress(self) -> float | None:
+        return self.done / self.total if self.total else None

@@ -14,40 +14,29 @@ and for one project before a new job of that project starts.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
-
-from django.db.models import Q
-from django.utils import timezone
 
 from labeling.models import Project
 from webapp import jobs
 
-from .models import ModelVersion, TrainingRun
+from .models import Job, ModelVersion, TrainingRun
 
 log = logging.getLogger(__name__)
 
 
 def jobs_reconcile(*, project: Project | None = None) -> dict:
-    """Reconcile the job rows of one project (or all). Returns what was done, per kind of job:
-    {"train_run": {"lost": [ids], "failed": [ids], "resent": [ids]}, "health_scan": {...}, "index_build": {...}}."""
+    """Reconcile the job rows of one project (or all): training runs, health scans and the pipeline's job rows, one
+    mechanism (webapp.jobs.rows_reconcile). Returns what was done, per kind of job:
+    {"train_run": {"lost": [ids], "failed": [ids], "resent": [ids]}, "health_scan": {...}, "job": {...}}."""
     from labeling.health import health_reports_reconcile
 
+    from .jobs import MESSAGE_KIND, TASKS, job_mark_cancelled
     from .services import _mark_cancelled
 
-    runs = TrainingRun.objects.filter(status__in=[TrainingRun.Status.QUEUED, TrainingRun.Status.RUNNING])
-    builds = ModelVersion.objects.filter(index_status=ModelVersion.IndexStatus.BUILDING, promote_requested=True)
+    runs = TrainingRun.objects.filter(status__in=jobs.ACTIVE_STATUSES)
+    rows = Job.objects.filter(status__in=jobs.ACTIVE_STATUSES)
     if project is not None:
-        runs, builds = runs.filter(project=project), builds.filter(project=project)
-    # A run cancelled while its worker was lost is not resumed: it is cancelled now.
-    stale = timezone.now() - dt.timedelta(seconds=jobs.lost_after_seconds())
-    lost_cancelled = runs.filter(
-        Q(heartbeat_at__lt=stale) | Q(heartbeat_at__isnull=True),
-        status=TrainingRun.Status.RUNNING,
-        cancel_requested_at__isnull=False,
-    )
-    for run_id in list(lost_cancelled.values_list("pk", flat=True)):
-        _mark_cancelled(run_id)
+        runs, rows = runs.filter(project=project), rows.filter(project=project)
     out = {
         "train_run": jobs.rows_reconcile(
             TrainingRun,
@@ -55,17 +44,29 @@ def jobs_reconcile(*, project: Project | None = None) -> dict:
             kind="train_run",
             task="training.tasks.train_run",
             resume="it resumes from its last checkpoint",
+            cancel=_mark_cancelled,
         ),
         "health_scan": health_reports_reconcile(project=project),
-        "index_build": {"resent": []},
+        "job": {"lost": [], "failed": [], "resent": []},
     }
-    # An index build has no queued state of its own: building + a stale heartbeat (set when queued, kept fresh
-    # while it runs) + no message waiting = lost.
-    stale = timezone.now() - dt.timedelta(seconds=jobs.lost_after_seconds())
-    for version in builds.filter(Q(index_heartbeat_at__lt=stale) | Q(index_heartbeat_at__isnull=True)):
-        if not jobs.message_waiting("index_build", version.pk) and jobs.resend(
-            "training.tasks.index_build", version.pk, "index_build"
-        ):
-            ModelVersion.objects.filter(pk=version.pk).update(index_heartbeat_at=timezone.now())
-            out["index_build"]["resent"].append(version.pk)
+    for kind, task in TASKS.items():
+        done = jobs.rows_reconcile(
+            Job,
+            rows.filter(kind=kind),
+            kind=MESSAGE_KIND,
+            task=task,
+            resume="its step starts again",
+            cancel=lambda pk: job_mark_cancelled(job_id=pk),
+            on_failed=_index_build_failed if kind == Job.Kind.INDEX_BUILD else None,
+        )
+        for key, ids in done.items():
+            out["job"][key] += ids
     return out
+
+
+def _index_build_failed(job_id: int) -> None:
+    """An index build lost too often: its version's promote fails with the job's reason."""
+    job = Job.objects.get(pk=job_id)
+    ModelVersion.objects.filter(pk=job.version_id, index_status=ModelVersion.IndexStatus.BUILDING).update(
+        index_status=ModelVersion.IndexStatus.FAILED, index_error=job.error, promote_requested=False
+    )

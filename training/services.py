@@ -21,7 +21,8 @@ from labeling.versions import dataset_version_create, version_manifest
 from training.engine.atomic import write_json_atomic
 from webapp import jobs
 
-from .models import ModelVersion, TrainingRun, normalise_pretrained_source
+from .jobs import job_enqueue
+from .models import Job, ModelVersion, TrainingRun, normalise_pretrained_source
 
 log = logging.getLogger(__name__)
 
@@ -418,17 +419,21 @@ def model_version_activate(*, version: ModelVersion) -> ModelVersion:
             is_active=True, promote_requested=False, promoted_at=timezone.now()
         )
         # The review queues follow the active model: rebuilt on every promote and rollback, never by a run that was
-        # not promoted. Each task checks that its version is still the active one when it runs.
-        # The pipeline's steps, queued by name (pipeline/tasks.py): this layer does not import the pipeline.
+        # not promoted. Each job checks that its version is still the active one when it runs (training.jobs).
         if settings.LOUPE_MISLABEL_AFTER_PROMOTE:  # out-of-fold predictions of its dataset (reused if computed)
-            vid = version.id
-            jobs.send_on_commit(
-                "review.tasks.mislabel_refresh", vid, kind="mislabel_refresh", pk=vid, what="the mislabel queue"
+            job_enqueue(
+                project=version.project,
+                kind=Job.Kind.MISLABEL_REFRESH,
+                version=version,
+                what="the mislabel queue",
+                undo_on_broker_error=False,
             )
         if settings.LOUPE_UNCERTAIN_AFTER_PROMOTE:  # the new model re-ranks the low-confidence queue
-            pid = version.project_id
-            jobs.send_on_commit(
-                "review.tasks.uncertain_refresh", pid, kind="uncertain_refresh", pk=pid, what="the low-confidence queue"
+            job_enqueue(
+                project=version.project,
+                kind=Job.Kind.UNCERTAIN_REFRESH,
+                what="the low-confidence queue",
+                undo_on_broker_error=False,
             )
     version.refresh_from_db()
     return version
@@ -441,7 +446,7 @@ def oof_mode_for(version: ModelVersion) -> str:
     return "quick" if source in ("file", "hub", "bundled") else "cheap"
 
 
-def model_version_oof(*, version: ModelVersion, k: int = 5, mode: str = "auto") -> dict:
+def model_version_oof(*, version: ModelVersion, k: int = 5, mode: str = "auto", progress=None) -> dict:
     """Out-of-fold predicted probabilities for every labeled image of the version's frozen dataset, test split
     included (group-aware K-fold over all of them: the fold models are throwaway, and a wrong test label is what a
     reviewer must find), written to <artifact>/oof/ for the mislabel queue; the summary is kept in the version's
@@ -455,7 +460,7 @@ def model_version_oof(*, version: ModelVersion, k: int = 5, mode: str = "auto") 
         mode = oof_mode_for(version)
     try:
         summary = out_of_fold_predictions(
-            manifest, config, art / "oof", k=k, mode=mode, cache_dir=settings.LOUPE_FEATURE_CACHE
+            manifest, config, art / "oof", k=k, mode=mode, cache_dir=settings.LOUPE_FEATURE_CACHE, progress=progress
         )
     except ValueError as exc:
         raise TrainingError(str(exc)) from exc

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from django.conf import settings
-from django.db import close_old_connections, connection, transaction
+from django.db import close_old_connections, connection, models, transaction
 from django.db.models import Q
 from django.utils import timezone
 from rest_framework import status
@@ -30,6 +30,64 @@ log = logging.getLogger(__name__)
 
 # Publishing gives up after this: an admin's click must not hang on a dead broker.
 _RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.5, "interval_max": 0.5}
+
+
+class JobStatus(models.TextChoices):
+    """The states of every job row (training runs, health scans, pipeline jobs), defined once."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+ACTIVE_STATUSES = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
+
+
+class JobRow(models.Model):
+    """What every job row has, whatever its kind: state, who asked, when, a heartbeat the reconciler reads, how
+    often a lost worker restarted it, why it failed, and a cancel request the worker honours at its next progress
+    report. Subclasses: training.TrainingRun, labeling.HealthReport, training.Job."""
+
+    Status = JobStatus
+
+    status = models.CharField(max_length=20, choices=JobStatus.choices, default=JobStatus.QUEUED)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    # Times a worker was lost mid-job and the job was resumed or restarted (the reconciler).
+    attempts = models.PositiveSmallIntegerField(default=0)
+    error = models.TextField(blank=True)
+    # A cancel asked for while the job was running: the worker stops at its next progress report.
+    cancel_requested_at = models.DateTimeField(null=True, blank=True)
+    cancel_requested_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+
+    class Meta:
+        abstract = True
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in ACTIVE_STATUSES
+
+
+class JobCancelled(Exception):
+    """Raised inside a job at a progress report after an admin asked to cancel it."""
+
+
+def cancel_requested(model, pk: int) -> bool:
+    return model.objects.filter(pk=pk, cancel_requested_at__isnull=False).exists()
+
+
+def one_active_per(fields: list[str], name: str, also: models.Q | None = None) -> models.UniqueConstraint:
+    """'One queued or running job of a kind per project' as a partial unique constraint (no race can break it);
+    `also` narrows the rows it covers."""
+    condition = models.Q(status__in=list(ACTIVE_STATUSES))
+    return models.UniqueConstraint(fields=fields, condition=condition & also if also else condition, name=name)
 
 
 class BrokerUnavailable(ApiError):
@@ -184,13 +242,25 @@ def _lost_note(row, now) -> str:
     return f"Worker lost (no heartbeat since {seen})"
 
 
-def rows_reconcile(model, qs, *, kind: str, task, resume: str) -> dict:
-    """Requeue the lost `running` rows of `qs` and re-send the `queued` ones whose message is gone."""
+def rows_reconcile(
+    model,
+    qs,
+    *,
+    kind: str,
+    task,
+    resume: str,
+    cancel: Callable[[int], None],
+    on_failed: Callable[[int], None] | None = None,
+) -> dict:
+    """Requeue the lost `running` rows of `qs` and re-send the `queued` ones whose message is gone; a row lost too
+    often fails (then `on_failed(pk)`). A lost row whose cancel was asked for is cancelled by `cancel(pk)`."""
     now = timezone.now()
     stale = now - dt.timedelta(seconds=lost_after_seconds())
     out = {"lost": [], "failed": [], "resent": []}
     running_lost = qs.filter(Q(heartbeat_at__lt=stale) | Q(heartbeat_at__isnull=True), status=model.Status.RUNNING)
-    for row in running_lost:
+    for pk in running_lost.filter(cancel_requested_at__isnull=False).values_list("pk", flat=True):
+        cancel(pk)  # cancelled while its worker was lost: not resumed
+    for row in running_lost.filter(cancel_requested_at__isnull=True):
         if row.attempts + 1 >= _max_attempts():
             failed = model.objects.filter(pk=row.pk, status=model.Status.RUNNING, heartbeat_at=row.heartbeat_at).update(
                 status=model.Status.FAILED,
@@ -200,6 +270,8 @@ def rows_reconcile(model, qs, *, kind: str, task, resume: str) -> dict:
             )
             if failed:
                 out["failed"].append(row.pk)
+                if on_failed is not None:
+                    on_failed(row.pk)
             continue
         # Conditional on the heartbeat read: a worker that beat meanwhile keeps its row.
         requeued = model.objects.filter(pk=row.pk, status=model.Status.RUNNING, heartbeat_at=row.heartbeat_at).update(
@@ -216,4 +288,81 @@ def rows_reconcile(model, qs, *, kind: str, task, resume: str) -> dict:
         if not message_waiting(kind, row.pk) and resend(task, row.pk, kind):
             log.warning("%s %s was queued but its message was gone; re-sent", kind, row.pk)
             out["resent"].append(row.pk)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- visibility
+# Every kind of job row, by app label: the pages ask where a job stands without importing the apps above theirs.
+JOB_MODELS = ("training.TrainingRun", "labeling.HealthReport", "training.Job")
+
+
+def queue_of(task_name: str) -> str:
+    """The Celery queue a task goes to (settings.CELERY_TASK_ROUTES, glob patterns included)."""
+    from fnmatch import fnmatchcase
+
+    for pattern, route in settings.CELERY_TASK_ROUTES.items():
+        if fnmatchcase(task_name, pattern):
+            return route.get("queue", settings.CELERY_TASK_DEFAULT_QUEUE)
+    return settings.CELERY_TASK_DEFAULT_QUEUE
+
+
+def _ahead_on(queue: str, before) -> tuple[int, list]:
+    """How many active job rows of every kind, on `queue`, run before a row created at `before`: every running
+    one and every queued one created earlier. Also returns the running rows (their ETAs bound the wait)."""
+    from django.apps import apps
+
+    n, running = 0, []
+    for label in JOB_MODELS:
+        model = apps.get_model(label)
+        rows = model.objects.filter(Q(status=JobStatus.RUNNING) | Q(status=JobStatus.QUEUED, created_at__lt=before))
+        for row in rows:
+            if queue_of(row.task_name) != queue:
+                continue
+            n += 1
+            if row.status == JobStatus.RUNNING:
+                running.append(row)
+    return n, running
+
+
+def eta_seconds(row) -> float | None:
+    """Seconds left for a running row: the engine's own estimate for training runs, else the pace so far."""
+    if row.status != JobStatus.RUNNING:
+        return None
+    if getattr(row, "eta_s", None) is not None:
+        return float(row.eta_s)
+    progress = getattr(row, "progress", None)
+    if not progress or not row.started_at:
+        return None
+    elapsed = (timezone.now() - row.started_at).total_seconds()
+    return max(0.0, elapsed / progress - elapsed)
+
+
+def describe(row) -> dict:
+    """Where a job stands, for pages and the API: {"type", "id", "what", "status", "step", "progress", "eta_s",
+    "queue", "ahead", "wait_s", "error", "created_at", "started_at", "finished_at", "cancel_requested"}. "ahead" counts
+    the jobs of any project that run before a queued one on its queue; "wait_s" is the longest ETA among those
+    running (None when unknown)."""
+    queue = queue_of(row.task_name)
+    out = {
+        "type": row._meta.label_lower.split(".")[1],
+        "id": row.pk,
+        "what": row.what,
+        "status": row.status,
+        "step": getattr(row, "step", "") or getattr(row, "phase", "") or "",
+        "progress": row.progress,
+        "eta_s": eta_seconds(row),
+        "queue": queue,
+        "ahead": None,
+        "wait_s": None,
+        "error": row.error,
+        "created_at": row.created_at,
+        "started_at": row.started_at,
+        "finished_at": row.finished_at,
+        "cancel_requested": row.cancel_requested_at is not None,
+    }
+    if row.status == JobStatus.QUEUED:
+        ahead, running = _ahead_on(queue, row.created_at)
+        etas = [eta_seconds(r) for r in running]
+        out["ahead"] = ahead
+        out["wait_s"] = max(etas) if etas and None not in etas else None
     return out

@@ -187,6 +187,10 @@ LOUPE_TASK_TIME_LIMITS = {
     "training.tasks.index_build": 2 * 3600,
     "labeling.tasks.health_scan": 4 * 3600,
     "training.tasks.jobs_reconcile": 300,
+    "pipeline.job.index_build": 2 * 3600,
+    "pipeline.job.oof": env.int("LOUPE_OOF_TIME_LIMIT", default=12 * 3600),
+    "pipeline.job.mislabel_refresh": env.int("LOUPE_OOF_TIME_LIMIT", default=12 * 3600),
+    "pipeline.job.uncertain_refresh": 2 * 3600,
 }
 LOUPE_VISIBILITY_TIMEOUT = max(LOUPE_TASK_TIME_LIMITS.values()) + 3600
 # A running job whose heartbeat (written every LOUPE_HEARTBEAT_SECONDS by a side thread) is older than this lost
@@ -223,7 +227,13 @@ CELERY_TASK_ROUTES = {
     "training.tasks.train_run": {"queue": "gpu"},
     "training.tasks.oof_predict": {"queue": "gpu"},
     "review.tasks.mislabel_refresh": {"queue": "gpu"},
-    "review.tasks.uncertain_refresh": {"queue": "gpu"},
+    "review.tasks.uncertain_refresh": {"queue": "default"},
+    # Long steps (training, out-of-fold predictions) on "gpu"; short ones (index builds, scans, the low-confidence
+    # re-rank, the reconciler) on "default", which has its own worker: a long job never holds up a short one.
+    "pipeline.job.oof": {"queue": "gpu"},
+    "pipeline.job.mislabel_refresh": {"queue": "gpu"},
+    "pipeline.job.index_build": {"queue": "default"},
+    "pipeline.job.uncertain_refresh": {"queue": "default"},
     "labeling.tasks.*": {"queue": "default"},
     "training.tasks.jobs_reconcile": {"queue": "default"},
 }

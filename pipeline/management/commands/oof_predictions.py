@@ -1,9 +1,12 @@
 """Out-of-fold predicted probabilities for the mislabel queue, from the command line."""
 
 from django.core.management.base import BaseCommand, CommandError
+from django.db import transaction
 
 from labeling.models import Project
 from training import services
+from training.jobs import job_enqueue
+from training.models import Job
 
 
 class Command(BaseCommand):
@@ -24,6 +27,9 @@ class Command(BaseCommand):
             default="auto",
             help="auto (default): quick (heads on cached frozen features) when the backbone is pretrained, else cheap",
         )
+        parser.add_argument(
+            "--queue", action="store_true", help="run it on the worker as a job (queue gpu; see the Jobs page)"
+        )
 
     def handle(self, *args, **opts):
         project = Project.objects.filter(slug=opts["project"]).first()
@@ -33,6 +39,19 @@ class Command(BaseCommand):
             version = services.model_version_for(project, opts["model_version"])
         except services.TrainingError as exc:
             raise CommandError(str(exc)) from exc
+        if opts["queue"]:
+            with transaction.atomic():
+                job = job_enqueue(
+                    project=project,
+                    kind=Job.Kind.OOF,
+                    version=version,
+                    params={"k": opts["k"], "mode": opts["mode"]},
+                    what="out-of-fold predictions",
+                )
+            self.stdout.write(
+                f"Out-of-fold predictions of v{version.number}: job {job.id} {job.status} (manage.py jobs)."
+            )
+            return
         try:
             summary = services.model_version_oof(version=version, k=opts["k"], mode=opts["mode"])
         except services.TrainingError as exc:
