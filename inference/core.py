@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from inference.calibration import K_NEIGHBOURS, apply_temperature, read_calibration, read_gallery_labels
-from inference.decision import combine_views, fuse, retrieval_evidence
+from inference.decision import RetrievalEvidence, combine_views, fuse, rejection_reason, retrieval_evidence
 from training.engine.artifact import IDS_FILE, INDEX_FILE, INDEX_META_FILE, read_artifact_json
 from training.engine.atomic import write_atomic, write_json_atomic
 from training.engine.data import draft_size, eval_transform, load_image_file, normalize_batch, to_rgb
@@ -526,7 +526,7 @@ class Recognizer:
         }
         k = neighbours if mode == "softmax" else max(neighbours, K_NEIGHBOURS)  # the classifier needs no search
         found = self.search(emb.mean(axis=0), k) if k > 0 else []
-        rejected: dict[str, str] = {}
+        evidence: dict[str, RetrievalEvidence] = {}  # retrieval and fusion modes: what the rejection rule reads
         if mode != "softmax":
             if self.gallery_labels is None:
                 raise ValueError("this model version has no labelled gallery (index + gallery_labels.json)")
@@ -544,13 +544,7 @@ class Recognizer:
                         dict(zip(classes, map(float, mean_probs[name]), strict=True)), ev.scores, weight=fusion_weight
                     )
                     mean_probs[name] = np.array([fused.get(c, 0.0) for c in classes])
-                cal = self.calibration.get("retrieval", {}).get(name)
-                if not ev.scores:
-                    rejected[name] = "no_neighbours"
-                elif cal and ev.top1_distance > cal["max_distance"]:
-                    rejected[name] = "too_far"
-                elif cal and ev.margin < cal["min_margin"]:
-                    rejected[name] = "ambiguous"
+                evidence[name] = ev
         choice = {name: int(np.argmax(p)) for name, p in mean_probs.items()}
         parent_of_head: dict[str, str] = {}
         for meta in self.heads_meta:  # child heads (model under make): consistent, top-down decisions
@@ -572,9 +566,14 @@ class Recognizer:
             best = choice[name]
             conf = float(p[best]) if best >= 0 else 0.0
             thr = float(thresholds.get(name, default_threshold))
-            reason = rejected.get(name)
-            if reason is None and (best < 0 or conf < thr):
-                reason = "low_confidence"
+            cal = self.calibration.get("retrieval", {}).get(name) or {}
+            reason = rejection_reason(
+                evidence.get(name),
+                confidence=conf if best >= 0 else -1.0,
+                threshold=thr,
+                max_distance=cal.get("max_distance"),
+                min_margin=cal.get("min_margin"),
+            )
             parent = parent_of_head.get(name)
             if reason is None and parent and heads_out.get(parent, {}).get("label") is None:
                 reason = heads_out[parent]["reason"]  # a model is never given without its make

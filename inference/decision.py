@@ -253,15 +253,37 @@ def retrieval_decision(
     ev = retrieval_evidence(neighbour_labels, similarities, k=k, eps=eps)
     if not ev.scores:
         return Decision(None, 0.0, "no_neighbours", {})
-    best, top, margin = _best_and_margin(ev.scores)
+    best, top, _ = _best_and_margin(ev.scores)
     confidence = _clip01(top)
-    if ev.top1_distance > max_distance:
-        return Decision(None, confidence, "too_far", ev.scores)
-    if margin < min_margin:
-        return Decision(None, confidence, "ambiguous", ev.scores)
-    if top < min_confidence:
-        return Decision(None, confidence, "low_confidence", ev.scores)
-    return Decision(best, confidence, None, ev.scores)
+    reason = rejection_reason(
+        ev, confidence=top, threshold=min_confidence, max_distance=max_distance, min_margin=min_margin
+    )
+    return Decision(best if reason is None else None, confidence, reason, ev.scores)
+
+
+def rejection_reason(
+    evidence: RetrievalEvidence | None,
+    *,
+    confidence: float,
+    threshold: float,
+    max_distance: float | None = None,
+    min_margin: float | None = None,
+) -> str | None:
+    """The one per-head rejection rule, used by retrieval_decision and by the Recognizer for every mode: None (give
+    the label) or the first reason that applies, in this order — with retrieval evidence (retrieval and fusion
+    modes): "no_neighbours" (no labelled neighbour), "too_far" (nearest labelled neighbour farther than
+    max_distance), "ambiguous" (vote margin below min_margin); then, in every mode, "low_confidence" (the answer's
+    confidence below threshold). A calibration that has no max_distance / min_margin (None) skips that check."""
+    if evidence is not None:
+        if not evidence.scores:
+            return "no_neighbours"
+        if max_distance is not None and evidence.top1_distance > max_distance:
+            return "too_far"
+        if min_margin is not None and evidence.margin < min_margin:
+            return "ambiguous"
+    if confidence < threshold:
+        return "low_confidence"
+    return None
 
 
 # --------------------------------------------------------------------------------------------------- classifier

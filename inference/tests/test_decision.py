@@ -504,3 +504,29 @@ def test_calibrated_retrieval_thresholds_feed_retrieval_decision():
         if d.accepted:
             assert d.label == truth
     assert cal["coverage"] == pytest.approx(2 / 4)
+
+
+def test_the_one_rejection_rule_checks_evidence_before_confidence_and_skips_uncalibrated_checks():
+    from inference.decision import RetrievalEvidence, rejection_reason
+
+    near_clear = RetrievalEvidence({"a": 0.9, "b": 0.1}, 0.2, 0.8)
+    far_ambiguous = RetrievalEvidence({"a": 0.5, "b": 0.5}, 0.9, 0.0)
+    kw = {"max_distance": 0.5, "min_margin": 0.1}
+    assert rejection_reason(near_clear, confidence=0.9, threshold=0.5, **kw) is None
+    assert rejection_reason(RetrievalEvidence({}, float("inf"), 0.0), confidence=0.0, threshold=0.5) == "no_neighbours"
+    assert rejection_reason(far_ambiguous, confidence=0.1, threshold=0.5, **kw) == "too_far"  # first that applies
+    assert rejection_reason(far_ambiguous, confidence=0.1, threshold=0.5, max_distance=1.0, min_margin=0.1) == (
+        "ambiguous"
+    )
+    assert rejection_reason(far_ambiguous, confidence=0.1, threshold=0.5) == "low_confidence"  # not calibrated
+    assert rejection_reason(None, confidence=0.4, threshold=0.5) == "low_confidence"  # softmax mode: no evidence
+    assert rejection_reason(None, confidence=0.5, threshold=0.5) is None
+    # retrieval_decision is the same rule on the same evidence.
+    labels, sims = ["a", "a", "b"], [0.9, 0.8, 0.3]
+    ev = retrieval_evidence(labels, sims, k=20)
+    for max_d, margin, conf in [(0.05, 0.0, 0.0), (1.0, 0.9, 0.0), (1.0, 0.0, 0.99), (1.0, 0.0, 0.0)]:
+        got = retrieval_decision(labels, sims, max_distance=max_d, min_margin=margin, min_confidence=conf).reason
+        want = rejection_reason(
+            ev, confidence=max(ev.scores.values()), threshold=conf, max_distance=max_d, min_margin=margin
+        )
+        assert got == want
