@@ -532,3 +532,37 @@ def test_thresholds_and_bulk_relabel_ask_before_changing(
     page.click("#confirm-relabel")
     page.wait_for_selector(".messages li:has-text('2 image(s) -> red')")
     assert {Label.objects.get(image_id=i).label_class.name for i in chosen} == {"red"}
+
+
+def test_a_promote_shows_its_index_build_job_and_the_admin_cancels_it(
+    browser, live_server, shapes_project, admin_user, trained_version
+):
+    """Issue 16.3: the Models page names the job a promote waits for (queue, place, cancel); the Jobs page lists
+    every kind; a cancel from the page withdraws the promote."""
+    from training.models import Job, ModelVersion
+
+    project = shapes_project(4)
+    trained_version(project)
+    second = trained_version(project)  # not promoted (LOUPE_AUTO_PROMOTE=first)
+    page = _admin_page(browser, live_server)
+    page.goto(f"{live_server.url}/p/{project.slug}/models/")
+    page.on("dialog", lambda d: d.accept())
+    page.click(f"#versions tr:has-text('v{second.number}') button:has-text('Promote')")
+    page.wait_for_load_state()
+    if page.locator("#confirm-promote").count():  # the gate asks when v2 scores lower on the test split
+        page.click("#confirm-promote")
+    build = Job.objects.get(kind="index_build", version=second)  # nobody consumes the queue in this test
+    box = page.wait_for_selector(f'.job-status[data-job="job/{build.pk}"]')
+    assert "waiting on the default queue" in box.inner_text() and "promoting" in page.inner_text("#versions")
+    page.goto(f"{live_server.url}/p/{project.slug}/jobs/")
+    row = page.locator(f'#jobs tr[data-job="job/{build.pk}"]')
+    assert "Index build" in row.inner_text() and "queued" in row.inner_text()
+    assert page.locator(f'#jobs tr[data-job="trainingrun/{second.run_id}"]').count() == 1
+    row.locator("button:has-text('Cancel')").click()
+    page.wait_for_selector(".messages")
+    assert f"Index build {build.pk} cancelled" in page.inner_text(".messages")
+    assert "cancelled" in page.locator(f'#jobs tr[data-job="job/{build.pk}"]').inner_text()
+    second.refresh_from_db()
+    assert (
+        second.index_status == ModelVersion.IndexStatus.NONE and not second.promote_requested and not second.is_active
+    )
