@@ -51,15 +51,11 @@ from training.engine.data import (  # noqa: E402
     normalize_batch,
     train_transform,
 )
-from training.engine.loop import (  # noqa: E402
-    _heads_loss,
-    _make_optimizer,
-    _param_groups,
-    resolve_num_workers,
-    resolve_torch_threads,
-)
+from training.engine.losses import _heads_loss  # noqa: E402
 from training.engine.manifest import parse_manifest  # noqa: E402
 from training.engine.model import build_model  # noqa: E402
+from training.engine.optim import _make_optimizer, _param_groups  # noqa: E402
+from training.engine.runtime import resolve_num_workers, resolve_torch_threads  # noqa: E402
 
 DATA = Path(os.environ.get("LOUPE_GROCERY_DIR", ROOT.parent / "shared" / "datasets" / "grocery-store"))
 SEED = 7

@@ -132,10 +132,10 @@ def _load_npy(path: Path, dim: int | None) -> np.ndarray | None:
 
 def feature_threads(value, num_workers: int, cpus: int | None = None) -> int:
     """Torch threads of the feature pass. "auto": every core not taken by a loader worker. Unlike training
-    (loop.resolve_torch_threads keeps a core free), the pass is short, inference only and usually alone on its
+    (runtime.resolve_torch_threads keeps a core free), the pass is short, inference only and usually alone on its
     worker: measured on 2 cores (lite0, 224 px, grocery photos), 2 threads took 16.5 s for 400 photos against 26.9 s
     with 1 on an idle machine, and 15.2 s against 12.2 s for 200 photos beside a process spinning on one core."""
-    from .loop import cpu_count  # noqa: PLC0415 - the loop imports this module
+    from .runtime import cpu_count  # noqa: PLC0415 - torch only when needed
 
     if value != "auto":
         return int(value)
@@ -162,9 +162,9 @@ def cached_features(
     from torch.utils.data import DataLoader  # noqa: PLC0415
 
     from .data import ManifestDataset, collate_skip, draft_size, eval_transform, normalize_batch  # noqa: PLC0415
-    from .loop import resolve_device, resolve_num_workers  # noqa: PLC0415
     from .manifest import Item  # noqa: PLC0415
     from .model import backbone_stats, create_backbone  # noqa: PLC0415
+    from .runtime import resolve_device, resolve_num_workers  # noqa: PLC0415
 
     t0 = time.monotonic()
     size = int(config["image_size"])

@@ -26,30 +26,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .atomic import write_atomic
 from .config import resolve_config
+from .epoch import _check_metric, _evaluation, _judge, _metric_value
 from .features import cached_features
 from .hierarchy import leaf_head
-from .loop import (
-    MIN_LR_RATIO,
-    _atomic_write_bytes_via,
-    _check_metric,
-    _clean,
-    _evaluation,
-    _fmt,
-    _head_loss_weights,
-    _heads_loss,
-    _judge,
-    _metric_value,
-    _with_per_class,
-    class_weights,
-    epoch_progress,
-    features_progress,
-    seed_everything,
-    write_head_reports,
-    write_json_atomic,
-)
+from .losses import _head_loss_weights, _heads_loss, class_weights
 from .manifest import IGNORE_INDEX, parse_manifest
 from .model import ARTIFACT_FORMAT, LoupeNet, arcface_spec, create_backbone
+from .optim import MIN_LR_RATIO
+from .progress import epoch_progress, features_progress
+from .results import _clean, _fmt, _with_per_class, write_head_reports, write_json_atomic
+from .runtime import seed_everything
 
 log = logging.getLogger("training.engine")
 
@@ -77,7 +65,7 @@ def heads_predict(model: LoupeNet, X: np.ndarray) -> tuple[list[np.ndarray], np.
 
 @torch.inference_mode()
 def _evaluate(model: LoupeNet, X: torch.Tensor, Y: torch.Tensor, head_names: list[str], head_sizes: list[int]) -> dict:
-    """loop.evaluate on feature arrays: per head top-1/top-5, n_val and per-class counts; mean CE summed over heads."""
+    """epoch.evaluate on feature arrays: per head top-1/top-5, n_val and per-class counts; mean CE summed over heads."""
     model.eval()
     logits, _ = model(X)
     return evaluate_logits(logits, Y, head_names, head_sizes)
@@ -276,7 +264,7 @@ def write_artifact(out_dir: Path, cfg: dict, parsed, model, mean, std, best_epoc
         "best_epoch": best_epoch,
         "versions": {"torch": str(torch.__version__), "timm": str(timm.__version__)},
     }
-    _atomic_write_bytes_via(out_dir / "model.pt", lambda tmp: torch.save(artifact, tmp))
+    write_atomic(out_dir / "model.pt", lambda tmp: torch.save(artifact, tmp))
     write_json_atomic(out_dir / "label_maps.json", parsed.label_maps)
     write_json_atomic(out_dir / "config.json", cfg)
     metrics["seconds"] = round(time.monotonic() - t_start, 3)
@@ -413,7 +401,7 @@ def train_quick(
 
 
 def _report(heads_model, parsed, cfg, out_dir: Path, metrics: dict, X, Y, tr, va) -> None:
-    """loop._final_report from feature arrays: per-class report, confusion pictures, curves, retrieval, report.md."""
+    """results._final_report from feature arrays: per-class report, confusion pictures, curves, retrieval, report.md."""
     from . import report  # noqa: PLC0415
 
     ev = va if va.any() else tr

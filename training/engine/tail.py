@@ -37,24 +37,13 @@ from torch.utils.data import DataLoader
 
 from .config import resolve_config
 from .data import ManifestDataset, collate_skip, draft_size, eval_transform, normalize_batch, train_transform
+from .epoch import _check_metric, _judge, _metric_value
 from .features import feature_threads, weights_fingerprint
-from .loop import (
-    MIN_LR_RATIO,
-    _check_metric,
-    _head_loss_weights,
-    _heads_loss,
-    _judge,
-    _metric_value,
-    _with_per_class,
-    class_weights,
-    epoch_progress,
-    features_progress,
-    resolve_num_workers,
-    resolve_torch_threads,
-    seed_everything,
-)
+from .losses import _head_loss_weights, _heads_loss, class_weights
 from .manifest import IGNORE_INDEX, parse_manifest
 from .model import LoupeNet, arcface_spec, backbone_stats
+from .optim import MIN_LR_RATIO
+from .progress import epoch_progress, features_progress
 from .quick import (
     _report,
     evaluate_logits,
@@ -65,6 +54,8 @@ from .quick import (
     train_heads,
     write_artifact,
 )
+from .results import _with_per_class
+from .runtime import resolve_num_workers, resolve_torch_threads, seed_everything
 
 log = logging.getLogger("training.engine")
 

@@ -11,8 +11,10 @@ import torch
 from PIL import Image
 
 from training.engine import parse_manifest, resolve_config, train_model
-from training.engine.loop import MIN_LR_RATIO, _heads_loss, _lr_lambda, seed_everything
+from training.engine.losses import _heads_loss
 from training.engine.model import build_model, freezable_backbone_params
+from training.engine.optim import MIN_LR_RATIO, _lr_lambda
+from training.engine.runtime import seed_everything
 from training.engine.synthetic import TINY_TEST_CONFIG, make_shapes_dataset
 
 
@@ -398,3 +400,24 @@ def test_arcface_config_errors(manifest, tmp_path):
         resolve_config({"head_type": "arcface", "arcface_margin": 120})
     with pytest.raises(ValueError, match="arcface_head"):
         train(manifest, tmp_path / "x", head_type="arcface", arcface_head="wheels")
+
+
+def test_learns_trivially_separable_colour(tmp_path):
+    # red vs blue squares on light backgrounds: the model must get (nearly) every val image right
+    manifest = make_shapes_dataset(tmp_path / "img", n=48, size=32, shapes=("square",))
+    m = train_model(manifest, tiny(epochs=3), tmp_path / "out")
+    assert m["n_val"] == 12
+    assert m["heads"]["color"]["top1"] >= 0.9
+    assert m["history"][-1]["train_loss"] < m["history"][0]["train_loss"]
+
+
+def test_no_val_items_metrics_on_train_and_time_limit(tmp_path):
+    manifest = make_shapes_dataset(tmp_path / "img", n=16, size=32, val_every=0)
+    m = train_model(manifest, tiny(epochs=5, max_train_seconds=0.01), tmp_path / "out")
+    assert m["metrics_on"] == "train" and m["n_val"] == 0
+    assert m["heads"]["color"]["n_val"] == 16  # evaluated on the train items, flagged above
+    assert m["stopped_early"] == "time_limit" and m["epochs_run"] == 1
+    assert (tmp_path / "out" / "model.pt").is_file()
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "mean train (optimistic) top-1" in report and "n_train (optimistic)" in report
+    assert "val top-1" not in report and "| n_val | 0 |" in report

@@ -12,7 +12,7 @@ import torch
 from training.engine import parse_manifest, resolve_config, train_model
 from training.engine import quick as quick_mod
 from training.engine.features import cached_features
-from training.engine.loop import resolve_torch_threads
+from training.engine.runtime import resolve_torch_threads
 from training.engine.synthetic import TINY_TEST_CONFIG, make_shapes_dataset
 
 
