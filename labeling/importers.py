@@ -66,11 +66,6 @@ class ImportReport:
         return out
 
 
-def group_from_name(path: Path) -> str:
-    """`<ID>_<seq>.jpg` → ID (images sharing an ID are one group); otherwise the file stem (formats' rule)."""
-    return formats.group_from_name(path.name)
-
-
 def inside(root: Path, path: Path) -> bool:
     try:
         path.resolve().relative_to(root.resolve())
@@ -108,7 +103,11 @@ def plan_folder(
             continue
         rows.append(
             ImportRow(
-                where=str(rel), path=path, labels={head.name: rel.parts[0]}, group=group_from_name(path), root=root
+                where=str(rel),
+                path=path,
+                labels={head.name: rel.parts[0]},
+                group=formats.group_from_name(path.name),
+                root=root,
             )
         )
     if not rows and not report.errors:
@@ -166,7 +165,7 @@ def plan_placeholder(root: Path, *, allowed_roots: list[Path] | None = None) -> 
     root = check_root(root, allowed_roots)
     report = ImportReport()
     rows = [
-        ImportRow(where=str(p.relative_to(root)), path=p, labels={}, group=group_from_name(p), root=root)
+        ImportRow(where=str(p.relative_to(root)), path=p, labels={}, group=formats.group_from_name(p.name), root=root)
         for p in sorted(root.rglob("*"))
         if p.is_file() and p.suffix.lower() in IMAGE_EXTS
     ]
@@ -236,7 +235,7 @@ def plan_csv(
                         where=where,
                         path=path,
                         labels={head: rec.get(col) for head, col in head_cols.items()},
-                        group=group or group_from_name(path),
+                        group=group or formats.group_from_name(path.name),
                         source=source,
                         root=images_dir,
                         group_from="column" if group else "name",
