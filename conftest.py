@@ -8,9 +8,11 @@ import pytest
 from PIL import Image as PILImage
 from PIL import ImageDraw
 
+from training.engine.synthetic import TINY_TEST_CONFIG
+
 COLORS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 170, 60), "yellow": (235, 210, 40)}
-# Tiny, fast engine settings for tests that train.
-TINY_TRAIN = {"backbone": "test_resnet", "image_size": 32, "epochs": 2, "batch_size": 16, "num_workers": 0, "lr": 3e-3}
+# The one tiny training config (training.engine.synthetic): the tests that train through the services use batches of 16.
+TINY_TRAIN = {**TINY_TEST_CONFIG, "batch_size": 16}
 
 
 @pytest.fixture(autouse=True)
