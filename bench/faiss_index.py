@@ -6,7 +6,7 @@ two difficulties (VARIANTS; the mean cosine of two vectors of one class is measu
 1,000 fresh vectors drawn the same way (not in the gallery).
 
   baseline  exact search (faiss IndexFlatIP, what the index uses below LOUPE_INDEX_FLAT_MAX), one query at a time
-  ours      inference.core.build_index(kind="auto") -> IVF with nprobe tuned at build time to recall@20 >= 0.95,
+  ours      inference.index.build_index(kind="auto") -> IVF with nprobe tuned at build time to recall@20 >= 0.95,
             written to disk and read back memory-mapped as the server does; one query at a time
 Recall@20 of ours against exact search on the 1,000 queries. Build times (IVF vs HNSW) on a 100,000 subset.
 Run: .venv/bin/python -m bench.faiss_index (writes bench/results/faiss_index.json)."""
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import metric, table, write  # noqa: E402
-from inference.core import build_index, read_index_meta  # noqa: E402
+from inference.index import build_index, read_index_meta  # noqa: E402
 
 N, D, CLASSES, N_QUERIES, K = 1_000_000, 512, 10_000, 1_000, 20
 # (name, per-dimension noise, seed): "typical" is tight classes like a well-trained model's (two photos of one

@@ -66,7 +66,8 @@ def split_version(items: list[dict], groups: list[str], fine: list[str], seed: s
 
 
 def run_arm(name: str, ds: dict, train_items: list[dict], splits: list[str], config: dict, val_items: list[dict]):
-    from inference.core import Recognizer, predict_items_cached  # noqa: PLC0415
+    from inference.batch import predict_items_cached  # noqa: PLC0415
+    from inference.recognizer import Recognizer  # noqa: PLC0415
     from training.engine.quick import train_quick  # noqa: PLC0415
 
     manifest_items = [
@@ -106,7 +107,7 @@ def main() -> None:
     from bench.train_accuracy import grocery  # noqa: PLC0415
     from labeling.similarity import LEAK_MARGIN, leak_pairs, merge_groups  # noqa: PLC0415
     from training.engine.features import cached_features  # noqa: PLC0415
-    from training.services import preset_config  # noqa: PLC0415
+    from training.selectors import preset_config  # noqa: PLC0415
 
     config = preset_config("sku", cuda=False)
     ds = grocery()

@@ -99,7 +99,7 @@ def setup():
     from django.contrib.auth import get_user_model
     from rest_framework.authtoken.models import Token
 
-    from inference.core import Recognizer
+    from inference.recognizer import Recognizer
 
     call_command("migrate", verbosity=0)
     project = car_project(VAR, "cars", photo)

@@ -11,7 +11,7 @@ class has another parent, and on the fine head only when it is a sibling (e.g. a
 The flipped items are the ground truth; the result file records them under "flipped" (0-based rows of
 train.txt and the fine class each was given).
 
-Features: the `sku` preset's recipe (training/presets/sku.yaml through training.services.preset_config, its CPU
+Features: the `sku` preset's recipe (training/presets/sku.yaml through training.selectors.preset_config, its CPU
 variant: tf_efficientnet_lite0 with the bundled ImageNet weights, 224 px, no hflip), pooled frozen-backbone
 features from training.engine.features.cached_features, computed once into a fresh cache (the cold warm-up,
 timed) and read back by both arms.
@@ -94,7 +94,7 @@ def recipe() -> dict:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "webapp.settings")
     os.environ.setdefault("DEBUG", "1")
     django.setup()
-    from training.services import preset_config  # noqa: PLC0415
+    from training.selectors import preset_config  # noqa: PLC0415
 
     return {**preset_config("sku", cuda=False), "seed": SEED}
 

@@ -47,7 +47,7 @@ def main() -> None:
     from bench.train_accuracy import grocery, manifest_of  # noqa: PLC0415
     from training.engine.features import cached_features  # noqa: PLC0415
     from training.engine.quick import train_quick  # noqa: PLC0415
-    from training.services import preset_config  # noqa: PLC0415
+    from training.selectors import preset_config  # noqa: PLC0415
 
     config = preset_config("sku", cuda=False)
     ds = grocery()

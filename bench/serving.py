@@ -131,7 +131,7 @@ BACKBONES = (
 def measure(backbone: str, client) -> dict:
     """Train one epoch of `backbone`, promote it, and time floor / torch eager / endpoint / car endpoint."""
     from inference import services as inference_services
-    from inference.core import Recognizer
+    from inference.recognizer import Recognizer
     from training.engine.data import normalize_batch
 
     project = car_project(VAR, "cars-" + backbone.split("_")[0], photo)

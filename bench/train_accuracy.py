@@ -17,7 +17,7 @@ Arms:
                 recipe: the tail fine-tune (blocks 5-6 + conv_head on cached maps of blocks 0-4, centre + one
                 augmented view; training/engine/tail.py), its maps pass inside the budget. Phase 2's epochs are
                 sized to the budget (at most the preset's) so its cosine schedule decays in time.
-The recipe of (b), (c), (d) is the sku preset as training.services.preset_config resolves it (CPU variant). One
+The recipe of (b), (c), (d) is the sku preset as training.selectors.preset_config resolves it (CPU variant). One
 temporary feature cache per run is shared by (b), (c) and (d): (b) computes it (cold; its cost is reported as
 <dataset>_feature_warmup_s), (c) and (d)'s phase 1 find it warm. The quick retrain's wall time on a warm cache is
 <dataset>_quick_retrain_warm_s (target for grocery: at most 30 s).
@@ -128,7 +128,7 @@ def recipe() -> dict:
 
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "webapp.settings")
     django.setup()
-    from training.services import preset_config  # noqa: PLC0415
+    from training.selectors import preset_config  # noqa: PLC0415
 
     return {**preset_config("sku", cuda=False), "seed": SEED}
 

@@ -15,7 +15,8 @@ from labeling.models import Label
 from webapp.errors import ApiError, JSONParser
 
 from . import services
-from .core import ImageError, ModelUnavailable, decode_image, decoded_size, sniff_media_type
+from .decode import ImageError, decode_image, decoded_size, sniff_media_type
+from .recognizer import ModelUnavailable
 from .serializers import ErrorSerializer, RecognizeJsonSerializer, RecognizeResponseSerializer
 
 DECODE_SIDE = 512  # the models never need more than ~512 px: photos are decoded / reduced to about this

@@ -17,8 +17,10 @@ from training.engine.artifact import GALLERY_CACHE, TEST_CACHE
 from training.engine.atomic import write_json_atomic
 from training.models import ModelVersion
 
+from .batch import embed_paths, predict_items_cached, predict_paths, split_accuracy
 from .calibration import calibrate, write_calibration, write_gallery_labels
-from .core import Recognizer, build_index, embed_paths, predict_items_cached, predict_paths, split_accuracy
+from .index import build_index
+from .recognizer import Recognizer
 
 log = logging.getLogger(__name__)
 

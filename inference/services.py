@@ -18,7 +18,7 @@ from django.conf import settings
 
 from training.models import ModelVersion
 
-from .core import ModelUnavailable, Recognizer
+from .recognizer import ModelUnavailable, Recognizer
 
 log = logging.getLogger("inference.services")
 RETRY_FAILED_LOAD_SECONDS = 30.0  # a version that failed to load is tried again at most this often per process
@@ -179,7 +179,7 @@ def recognition_keep(*, project, served, blobs: list[bytes], result: dict, mode:
     from labeling import storage
     from labeling.models import Image, Label
 
-    from .core import _sniff_ext
+    from .decode import _sniff_ext
     from .models import Recognition
 
     if not project.keep_low_confidence_photos or all(h["label"] is not None for h in result["heads"].values()):

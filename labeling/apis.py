@@ -8,7 +8,7 @@ from rest_framework.views import APIView
 
 from webapp.errors import ApiError
 
-from . import health, versions
+from . import health, selectors, versions
 from .access import IsProjectAdmin
 from .models import DatasetVersion, HealthReport, Project
 from .services import LabelingError
@@ -54,7 +54,7 @@ class DatasetVersionListView(APIView):
 
     @extend_schema(responses=DatasetVersionSerializer(many=True), summary="List the dataset versions of a project")
     def get(self, request, slug):
-        qs = versions.version_list(_project(slug))
+        qs = selectors.dataset_version_list(_project(slug))
         return Response(DatasetVersionSerializer(qs, many=True).data)
 
     @extend_schema(
@@ -112,7 +112,7 @@ class HealthScanView(APIView):
 
     @extend_schema(responses=HealthReportSerializer, summary="The latest health report of a project")
     def get(self, request, slug):
-        report = health.latest_report(_project(slug))
+        report = selectors.health_report_latest(_project(slug))
         if report is None:
             raise ApiError(
                 "This project has no health report yet; POST here to start a scan.", code="no_report", status_code=404

@@ -15,7 +15,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_POST
 
-from . import health, versions
+from . import health, selectors, versions
 from .access import current_project
 from .models import DatasetAction, DuplicateCluster, HealthReport, Image, LabelClass, Project
 from .services import LabelingError
@@ -83,10 +83,12 @@ def _with_bars(findings: dict) -> dict:
 def health_page(request, slug):
     project = current_project(request, slug)
     health.health_reports_reconcile(project=project)  # a scan lost by its worker or the broker shows so, at once
-    current = health.latest_report(project)
+    current = selectors.health_report_latest(project)
     # The last finished scan's findings stay on the page while a newer scan waits or runs.
     report = (
-        current if current and current.status == HealthReport.Status.SUCCEEDED else health.last_good_report(project)
+        current
+        if current and current.status == HealthReport.Status.SUCCEEDED
+        else selectors.health_report_last_good(project)
     )
     context = {"project": project, "current": current, "report": report, "polling": bool(current and current.is_active)}
     if report and report.status == HealthReport.Status.SUCCEEDED:
@@ -253,7 +255,9 @@ def action_undo(request, slug, action_id):
 def version_list(request, slug):
     project = current_project(request, slug)
     return render(
-        request, "labeling/versions.html", {"project": project, "versions": list(versions.version_list(project)[:100])}
+        request,
+        "labeling/versions.html",
+        {"project": project, "versions": list(selectors.dataset_version_list(project)[:100])},
     )
 
 

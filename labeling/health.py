@@ -520,15 +520,6 @@ def _per_class_accuracy(project: Project) -> dict | None:
     return {"model_version": version.number, "heads": heads, "note": note}
 
 
-def latest_report(project: Project) -> HealthReport | None:
-    return project.health_reports.order_by("-created_at", "-id").first()
-
-
-def last_good_report(project: Project) -> HealthReport | None:
-    """The newest scan that finished: its findings stay on the page while a newer scan waits or runs."""
-    return project.health_reports.filter(status=HealthReport.Status.SUCCEEDED).order_by("-created_at", "-id").first()
-
-
 # ---------------------------------------------------------------------------------------------- actions
 def plan_token(plan) -> str:
     """The confirmation token of a planned bulk change (any JSON-able description of exactly what it would

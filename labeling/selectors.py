@@ -2,7 +2,8 @@
 
 from django.db.models import Count, Exists, OuterRef, QuerySet
 
-from .models import GroupSplit, Head, Image, Label, Project
+from .models import DatasetVersion, GroupSplit, Head, HealthReport, Image, Label, Project
+from .services import LabelingError
 
 
 def project_list_with_counts(user=None) -> QuerySet[Project]:
@@ -75,3 +76,23 @@ class GridHooks:
 
 
 grid_hooks = GridHooks()
+
+
+def dataset_version_list(project: Project):
+    return project.dataset_versions.select_related("parent", "created_by").order_by("-number")
+
+
+def dataset_version_get(project: Project, number: int) -> DatasetVersion:
+    version = project.dataset_versions.filter(number=number).first()
+    if version is None:
+        raise LabelingError(f"Project {project.slug!r} has no dataset version {number}.")
+    return version
+
+
+def health_report_latest(project: Project) -> HealthReport | None:
+    return project.health_reports.order_by("-created_at", "-id").first()
+
+
+def health_report_last_good(project: Project) -> HealthReport | None:
+    """The newest scan that finished: its findings stay on the page while a newer scan waits or runs."""
+    return project.health_reports.filter(status=HealthReport.Status.SUCCEEDED).order_by("-created_at", "-id").first()

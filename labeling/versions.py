@@ -499,22 +499,3 @@ def dataset_version_export(*, version: DatasetVersion, out_dir: Path, link: str 
         return export_dataset(Path(out_dir), heads=heads, records=records, link=link)
     except FormatError as exc:
         raise LabelingError(str(exc)) from exc
-
-
-def version_list(project: Project):
-    return project.dataset_versions.select_related("parent", "created_by").order_by("-number")
-
-
-def version_get(project: Project, number: int) -> DatasetVersion:
-    version = project.dataset_versions.filter(number=number).first()
-    if version is None:
-        raise LabelingError(f"Project {project.slug!r} has no dataset version {number}.")
-    return version
-
-
-def class_counts_for_training(version: DatasetVersion) -> dict[str, dict[str, int]]:
-    """Train-split images per class per head (for class weights)."""
-    return {
-        head: {cls: c["train"] for cls, c in classes.items() if c["train"]}
-        for head, classes in version.counts.get("classes", {}).items()
-    }

@@ -25,6 +25,7 @@ from django.db import transaction
 from inference import evaluation
 from review import services as review_services
 from training import jobs as job_services
+from training import selectors as training_selectors
 from training import services as training_services
 from training.jobs import job_enqueue
 from training.models import Job, ModelVersion, TrainingRun
@@ -199,7 +200,7 @@ def mislabel_refresh(*, version_id: int, k: int = 5, mode: str = "auto", report=
     if not version.is_active:
         return {"skipped": f"v{version.number} is not the active version"}
     report = report or (lambda **_: None)
-    if not training_services.model_version_has_oof(version=version, k=k):
+    if not training_selectors.model_version_has_oof(version=version, k=k):
         report(step="out-of-fold predictions", done=0, total=k)
         training_services.model_version_oof(
             version=version, k=k, mode=mode, progress=lambda p: report(done=p.get("fold"), total=p.get("folds"))

@@ -51,7 +51,7 @@ def run_list(request, slug):
         "runs": runs,
         "polling": any(r.is_active for r in runs),
         "fields": RETRAIN_FIELDS,
-        "preset": services.preset_config(project.preset),
+        "preset": selectors.preset_config(project.preset),
     }
     if not _partial(request):  # the recipe the Retrain button would run (reads the disk: not on every poll)
         context["recipe"] = selectors.training_recipe(project=project)

@@ -23,7 +23,7 @@ def nearest_of_classes(
         from django.core.files.storage import default_storage  # noqa: PLC0415
 
         from inference import services as serving  # noqa: PLC0415
-        from inference.core import decode_image  # noqa: PLC0415
+        from inference.decode import decode_image  # noqa: PLC0415
 
         served = serving.active_model(project_id=project.id)
         rec = served.recognizer

@@ -1,9 +1,11 @@
-"""Review-queue facts for other pages (the image grid's flagged / model-disagrees filters and sorts)."""
+"""Reads of the review app: the image grid's flagged / model-disagrees filters and sorts (and why a model sort
+cannot sort yet), the job that rebuilds a queue, queue counts and double-review disagreements."""
 
 import math
 
-from django.db.models import Exists, Min, OuterRef, QuerySet
+from django.db.models import Count, Exists, Min, OuterRef, QuerySet
 
+from labeling.models import Project
 from training.models import Job
 
 from .models import ReviewItem
@@ -158,3 +160,31 @@ def bulk_rule_defaults(*, project) -> dict:
             "calibration says nothing about unreadable photos."
         ),
     }
+
+
+def double_review_disagreements(*, project: Project, limit: int = 50) -> tuple[int, list[dict]]:
+    """(count, the latest `limit`) of blind second looks whose decision differs from the first reviewer's."""
+    pairs = (
+        ReviewItem.objects.filter(project=project, status=ReviewItem.Status.DONE, second_look_of__isnull=False)
+        .filter(second_look_of__status=ReviewItem.Status.DONE)
+        .select_related("second_look_of__resolved_by", "second_look_of__resolved_class", "resolved_by")
+        .select_related("resolved_class", "head", "image")
+        .order_by("-resolved_at")
+    )
+    out = []
+    for second in pairs:
+        first = second.second_look_of
+        a = (first.resolution == "excluded", first.resolved_class_id)
+        b = (second.resolution == "excluded", second.resolved_class_id)
+        if a != b:
+            out.append({"first": first, "second": second})
+    return len(out), out[:limit]
+
+
+def queue_counts(*, project: Project) -> dict[str, dict[str, int]]:
+    """{queue: {status: n}} of the project's review items."""
+    out: dict[str, dict[str, int]] = {}
+    rows = ReviewItem.objects.filter(project=project).values_list("queue", "status").order_by().annotate(n=Count("id"))
+    for queue, status, n in rows:
+        out.setdefault(queue, {})[status] = n
+    return out

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Count, Q
+from django.db.models import Q
 from django.utils import timezone
 
 from labeling.models import Image, ImageEvent, Label, LabelClass, Project
@@ -304,25 +304,6 @@ def _second_look_resolve(*, item: ReviewItem, user, action: str, class_id: int |
     return item
 
 
-def double_review_disagreements(*, project: Project, limit: int = 50) -> tuple[int, list[dict]]:
-    """(count, the latest `limit`) of blind second looks whose decision differs from the first reviewer's."""
-    pairs = (
-        ReviewItem.objects.filter(project=project, status=ReviewItem.Status.DONE, second_look_of__isnull=False)
-        .filter(second_look_of__status=ReviewItem.Status.DONE)
-        .select_related("second_look_of__resolved_by", "second_look_of__resolved_class", "resolved_by")
-        .select_related("resolved_class", "head", "image")
-        .order_by("-resolved_at")
-    )
-    out = []
-    for second in pairs:
-        first = second.second_look_of
-        a = (first.resolution == "excluded", first.resolved_class_id)
-        b = (second.resolution == "excluded", second.resolved_class_id)
-        if a != b:
-            out.append({"first": first, "second": second})
-    return len(out), out[:limit]
-
-
 def item_undo(*, user, project: Project, queue: str) -> ReviewItem | None:
     """Undo the user's last resolution in this queue: the label goes back (only if nobody changed it since:
     LabelConflict otherwise), an excluded image comes back, and the item is open and leased to the user again."""
@@ -369,15 +350,6 @@ def item_undo(*, user, project: Project, queue: str) -> ReviewItem | None:
         item.leased_by, item.lease_until = user, now + dt.timedelta(seconds=_lease_seconds())
         item.save()
         return item
-
-
-def queue_counts(*, project: Project) -> dict[str, dict[str, int]]:
-    """{queue: {status: n}} of the project's review items."""
-    out: dict[str, dict[str, int]] = {}
-    rows = ReviewItem.objects.filter(project=project).values_list("queue", "status").order_by().annotate(n=Count("id"))
-    for queue, status, n in rows:
-        out.setdefault(queue, {})[status] = n
-    return out
 
 
 # --------------------------------------------------------------------------------------------- bulk rules
@@ -534,7 +506,8 @@ def uncertain_refresh(*, project: Project, size: int | None = None, seed: int = 
     gallery), and `random_control_share` of the batch is drawn at random and marked as the control arm. Random
     items are interleaved evenly, so both arms are labeled at the same pace. Returns {"candidates", "queued",
     "random", "strategy", "model_version"}."""
-    from inference.core import Recognizer, predict_items_cached  # noqa: PLC0415
+    from inference.batch import predict_items_cached  # noqa: PLC0415
+    from inference.recognizer import Recognizer  # noqa: PLC0415
     from labeling import storage  # noqa: PLC0415
 
     from . import active  # noqa: PLC0415

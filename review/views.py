@@ -249,14 +249,14 @@ def stats(request, slug):
             messages.success(request, "Review settings saved.")
             return redirect("review:stats", slug=slug)
         project.refresh_from_db()
-    n_disagree, disagreements = services.double_review_disagreements(project=project)
+    n_disagree, disagreements = selectors.double_review_disagreements(project=project)
     return render(
         request,
         "review/stats.html",
         {
             "project": project,
             "rows": reviewer_stats(project=project),
-            "counts": services.queue_counts(project=project),
+            "counts": selectors.queue_counts(project=project),
             "n_disagree": n_disagree,
             "disagreements": disagreements,
             "form": form,

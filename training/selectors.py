@@ -1,11 +1,16 @@
-"""Reads for training pages: what a change would do, before it is made; what a model version is (model page)."""
+"""Reads of the training app: the presets and the config a run would resolve, what a change would do before it is
+made, what a model version is (model page), which version a command means, whether its out-of-fold predictions exist."""
 
 import json
+import sys
 from pathlib import Path
+
+from django.conf import settings
 
 from labeling.models import Head, Project
 
 from .engine.artifact import CALIBRATION_FILE, read_artifact_json
+from .errors import TrainingError
 from .models import ModelVersion
 
 
@@ -194,18 +199,16 @@ def model_version_evaluation(*, version: ModelVersion) -> dict:
 def training_recipe(*, project: Project) -> dict:
     """What the next Retrain (with an empty form) would run: the resolved config's main keys and where
     `pretrained: true` would find weights on this machine ({"error": ...} when the config does not resolve)."""
-    from . import services  # noqa: PLC0415
-
     try:
-        config = services._resolve(project, {})  # noqa: SLF001 - the same resolution a run uses
-    except services.TrainingError as exc:
+        config = run_config(project, {})  # the same resolution a run uses
+    except TrainingError as exc:
         return {"error": str(exc)}
     from django.conf import settings  # noqa: PLC0415
 
     overridden = {**settings.LOUPE_TRAIN_OVERRIDES, **(project.training_options or {})}
     try:  # a preset's `cuda:` mapping (larger settings for a GPU worker), when the preset has one
-        on_cuda = services.preset_config(project.preset, cuda=True)
-        plain = services.preset_config(project.preset, cuda=False)
+        on_cuda = preset_config(project.preset, cuda=True)
+        plain = preset_config(project.preset, cuda=False)
     except TypeError:  # presets without CUDA settings
         on_cuda = plain = {}
     cuda = [(k, v) for k, v in on_cuda.items() if plain.get(k, object()) != v and k not in overridden]
@@ -240,3 +243,75 @@ def pretrained_plan(config: dict) -> str:
     if pretrained.hub_offline():
         return f"not in the hub cache and HF_HUB_OFFLINE is set: {fallback.removeprefix('else ')}"
     return f"timm's hub if it answers, {fallback}"
+
+
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+
+
+def preset_config(preset: str, *, cuda: bool | None = None) -> dict:
+    """The YAML training preset of a project preset (training/presets/<preset>.yaml); {} when there is none. Its
+    `cuda:` mapping (a larger backbone for a GPU worker) applies when `cuda` (default: this process has torch
+    loaded and a CUDA device, as a training worker does; a web process that never loaded torch says no)."""
+    import yaml
+
+    path = PRESETS_DIR / f"{preset}.yaml"
+    if not path.is_file():
+        return {}
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise TrainingError(f"{path} must hold a mapping of engine config keys, got {type(data).__name__}")
+    on_cuda = data.pop("cuda", None) or {}
+    if not isinstance(on_cuda, dict):
+        raise TrainingError(f"{path}: 'cuda' must be a mapping of engine config keys for CUDA workers")
+    if cuda is None:
+        torch = sys.modules.get("torch")
+        cuda = bool(torch is not None and torch.cuda.is_available())
+    return {**data, **on_cuda} if cuda else data
+
+
+def oof_mode_for(version: ModelVersion) -> str:
+    """ "quick" (heads on cached frozen features: seconds) when the version's backbone started from pretrained
+    weights that resolved, else "cheap" (K short full trainings: random-init features are no use to heads)."""
+    source = (version.metrics or {}).get("pretrained_source")
+    return "quick" if source in ("file", "hub", "bundled") else "cheap"
+
+
+def model_version_has_oof(*, version: ModelVersion, k: int = 5) -> bool:
+    """Whether the version's out-of-fold predictions (K folds) are on disk: they never change (the version's
+    dataset is frozen), so a rollback or a second refresh reuses them."""
+    summary = (version.metrics or {}).get("oof") or {}
+    art = Path(version.artifact_dir) / "oof"
+    return summary.get("k") == k and (art / "oof_meta.json").is_file() and (art / "oof_predictions.npz").is_file()
+
+
+def model_version_for(project: Project, number: int | None) -> ModelVersion:
+    """Version `number` of the project, or the active one when number is None (for the command line)."""
+    versions = project.model_versions
+    version = versions.filter(number=number).first() if number else versions.filter(is_active=True).first()
+    if version is None:
+        raise TrainingError("No such model version (train and promote one first, or pass --model-version N).")
+    return version
+
+
+def run_config(project: Project, overrides: dict) -> dict:
+    """The full engine config of a run: engine defaults < the project preset's YAML < LOUPE_TRAIN_OVERRIDES <
+    the project's training options (health page) < the run's own overrides (Retrain form, manage.py train)."""
+    from training.engine import resolve_config
+
+    merged = {
+        **preset_config(project.preset),
+        **settings.LOUPE_TRAIN_OVERRIDES,
+        **_with_project_options(project, overrides or {}),
+    }
+    try:
+        return resolve_config(merged)
+    except ValueError as exc:
+        raise TrainingError(str(exc)) from exc
+
+
+def _with_project_options(project: Project, config: dict) -> dict:
+    """The project's training options (health page: class weighting) under the run's own overrides."""
+    weighting = (project.training_options or {}).get("class_weighting")
+    if weighting and weighting != "none" and "class_weighting" not in config:
+        return {**config, "class_weighting": weighting}
+    return config

@@ -5,7 +5,6 @@ pipeline's (pipeline/chain.py); its steps are queued here by task name, never im
 import datetime as dt
 import json
 import logging
-import sys
 import traceback
 from pathlib import Path
 
@@ -21,66 +20,16 @@ from labeling.versions import dataset_version_create, version_manifest
 from training.engine.atomic import write_json_atomic
 from webapp import jobs
 
+from .errors import TrainingError
 from .jobs import job_enqueue
 from .models import Job, ModelVersion, TrainingRun, normalise_pretrained_source
+from .selectors import oof_mode_for, run_config
 
 log = logging.getLogger(__name__)
 
 
 class TrainingCancelled(Exception):
     """Raised by a run's progress callback when an admin cancelled the run: the engine stops where it is."""
-
-
-class TrainingError(ValueError):
-    """Bad request for training: the message says what to fix."""
-
-
-PRESETS_DIR = Path(__file__).resolve().parent / "presets"
-
-
-def preset_config(preset: str, *, cuda: bool | None = None) -> dict:
-    """The YAML training preset of a project preset (training/presets/<preset>.yaml); {} when there is none. Its
-    `cuda:` mapping (a larger backbone for a GPU worker) applies when `cuda` (default: this process has torch
-    loaded and a CUDA device, as a training worker does; a web process that never loaded torch says no)."""
-    import yaml
-
-    path = PRESETS_DIR / f"{preset}.yaml"
-    if not path.is_file():
-        return {}
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise TrainingError(f"{path} must hold a mapping of engine config keys, got {type(data).__name__}")
-    on_cuda = data.pop("cuda", None) or {}
-    if not isinstance(on_cuda, dict):
-        raise TrainingError(f"{path}: 'cuda' must be a mapping of engine config keys for CUDA workers")
-    if cuda is None:
-        torch = sys.modules.get("torch")
-        cuda = bool(torch is not None and torch.cuda.is_available())
-    return {**data, **on_cuda} if cuda else data
-
-
-def _resolve(project: Project, overrides: dict) -> dict:
-    """The full engine config of a run: engine defaults < the project preset's YAML < LOUPE_TRAIN_OVERRIDES <
-    the project's training options (health page) < the run's own overrides (Retrain form, manage.py train)."""
-    from training.engine import resolve_config
-
-    merged = {
-        **preset_config(project.preset),
-        **settings.LOUPE_TRAIN_OVERRIDES,
-        **_with_project_options(project, overrides or {}),
-    }
-    try:
-        return resolve_config(merged)
-    except ValueError as exc:
-        raise TrainingError(str(exc)) from exc
-
-
-def _with_project_options(project: Project, config: dict) -> dict:
-    """The project's training options (health page: class weighting) under the run's own overrides."""
-    weighting = (project.training_options or {}).get("class_weighting")
-    if weighting and weighting != "none" and "class_weighting" not in config:
-        return {**config, "class_weighting": weighting}
-    return config
 
 
 def training_run_create(
@@ -94,7 +43,7 @@ def training_run_create(
     """Check the config, freeze the data (a new dataset version, or the latest when nothing changed) unless
     `dataset_version` is given, then queue the run (after commit). A quick run (config "quick": heads only, on
     cached frozen features) needs pretrained weights; whether they resolve is checked when it runs."""
-    resolved = _resolve(project, config or {})
+    resolved = run_config(project, config or {})
     if resolved["quick"] and not (resolved["pretrained"] or resolved["pretrained_path"]):
         raise TrainingError(
             "quick retrain needs a pretrained backbone (its heads train on frozen features): set pretrained = true "
@@ -276,7 +225,7 @@ def training_run_train(*, run: TrainingRun, fresh: bool = False) -> tuple[dict, 
     project = run.project
     out_dir = Path(run.artifact_dir)
     try:
-        config = _resolve(project, run.config)
+        config = run_config(project, run.config)
         if run.dataset_version_id is None:  # a run queued before dataset versions existed
             version, _ = dataset_version_create(project=project, note="for a retrain")
             TrainingRun.objects.filter(pk=run.id).update(dataset_version=version)
@@ -439,13 +388,6 @@ def model_version_activate(*, version: ModelVersion) -> ModelVersion:
     return version
 
 
-def oof_mode_for(version: ModelVersion) -> str:
-    """ "quick" (heads on cached frozen features: seconds) when the version's backbone started from pretrained
-    weights that resolved, else "cheap" (K short full trainings: random-init features are no use to heads)."""
-    source = (version.metrics or {}).get("pretrained_source")
-    return "quick" if source in ("file", "hub", "bundled") else "cheap"
-
-
 def model_version_oof(*, version: ModelVersion, k: int = 5, mode: str = "auto", progress=None) -> dict:
     """Out-of-fold predicted probabilities for every labeled image of the version's frozen dataset, test split
     included (group-aware K-fold over all of them: the fold models are throwaway, and a wrong test label is what a
@@ -466,20 +408,3 @@ def model_version_oof(*, version: ModelVersion, k: int = 5, mode: str = "auto", 
         raise TrainingError(str(exc)) from exc
     ModelVersion.objects.filter(pk=version.pk).update(metrics={**version.metrics, "oof": summary})
     return summary
-
-
-def model_version_has_oof(*, version: ModelVersion, k: int = 5) -> bool:
-    """Whether the version's out-of-fold predictions (K folds) are on disk: they never change (the version's
-    dataset is frozen), so a rollback or a second refresh reuses them."""
-    summary = (version.metrics or {}).get("oof") or {}
-    art = Path(version.artifact_dir) / "oof"
-    return summary.get("k") == k and (art / "oof_meta.json").is_file() and (art / "oof_predictions.npz").is_file()
-
-
-def model_version_for(project: Project, number: int | None) -> ModelVersion:
-    """Version `number` of the project, or the active one when number is None (for the command line)."""
-    versions = project.model_versions
-    version = versions.filter(number=number).first() if number else versions.filter(is_active=True).first()
-    if version is None:
-        raise TrainingError("No such model version (train and promote one first, or pass --model-version N).")
-    return version

@@ -8,15 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from inference.core import (
-    ImageError,
-    ModelUnavailable,
-    Recognizer,
-    build_index,
-    decode_image,
-    decoded_size,
-    embed_paths,
-)
+from inference.batch import embed_paths
+from inference.decode import ImageError, decode_image, decoded_size
+from inference.index import build_index
+from inference.recognizer import ModelUnavailable, Recognizer
 from training.engine import train_model
 from training.engine.synthetic import TINY_TEST_CONFIG, draw_shape, make_shapes_dataset
 
@@ -412,7 +407,7 @@ def test_onnx_runtime_is_the_default_backend_and_matches_torch(tmp_path):
 def test_index_kinds_find_the_exact_neighbours_and_load_memory_mapped(artifact, tmp_path, kind):
     import shutil
 
-    from inference.core import choose_index_kind
+    from inference.index import choose_index_kind
 
     art = tmp_path / "art"
     shutil.copytree(artifact["dir"], art)
@@ -442,7 +437,7 @@ def test_ivf_nprobe_is_tuned_to_the_recall_target_and_kept_in_the_file(artifact,
 
     import faiss
 
-    from inference.core import RECALL_TARGET, read_index_meta, tune_nprobe
+    from inference.index import RECALL_TARGET, read_index_meta, tune_nprobe
 
     art = tmp_path / "art"
     shutil.copytree(artifact["dir"], art)

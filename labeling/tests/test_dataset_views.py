@@ -5,7 +5,7 @@ import pytest
 from django.urls import reverse
 from rest_framework.test import APIClient
 
-from labeling import health, versions
+from labeling import health, selectors
 from labeling.models import DatasetAction, HealthReport, Image, LabelClass
 
 pytestmark = pytest.mark.django_db
@@ -176,4 +176,4 @@ def test_versions_pages_diff_export_and_api(client, admin_user, project):
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "no_report"
     bad = api.post(f"/api/v1/projects/{project.slug}/health/", {"max_distance": 999}, format="json")
     assert bad.status_code == 400 and "max_distance" in bad.json()["error"]["message"]
-    assert versions.version_list(project).count() == 2
+    assert selectors.dataset_version_list(project).count() == 2

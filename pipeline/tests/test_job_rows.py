@@ -9,7 +9,7 @@ import pytest
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from labeling import health
+from labeling import health, selectors
 from labeling.models import HealthReport
 from pipeline import chain
 from training import jobs as job_services
@@ -193,12 +193,12 @@ def test_a_health_scan_can_be_cancelled_and_the_last_good_report_stays(shapes_pr
     first = health.health_report_create(project=project)
     health.health_report_execute(report_id=first.pk)
     second = health.health_report_create(project=project)
-    assert health.last_good_report(project) == HealthReport.objects.get(pk=first.pk)
+    assert selectors.health_report_last_good(project) == HealthReport.objects.get(pk=first.pk)
     # Cancelled while running: the next progress write stops it.
     HealthReport.objects.filter(pk=second.pk).update(cancel_requested_at=timezone.now())
     done = health.health_report_execute(report_id=second.pk)
     assert done.status == "cancelled", done.error
-    assert health.last_good_report(project).pk == first.pk
+    assert selectors.health_report_last_good(project).pk == first.pk
     third = health.health_report_create(project=project)
     assert health.health_report_cancel(report=third).status == "cancelled"  # queued: at once
     with pytest.raises(health.LabelingError, match="already cancelled"):

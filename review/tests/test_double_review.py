@@ -5,7 +5,7 @@ import pytest
 from django.urls import reverse
 
 from labeling.models import Label
-from review import services
+from review import selectors, services
 from review.models import ReviewItem
 from review.stats import reviewer_stats
 from review.tests.helpers import queue_mislabels
@@ -47,7 +47,7 @@ def test_second_look_is_blind_changes_no_label_and_counts_for_agreement(client, 
     assert not ReviewItem.objects.filter(second_look_of=second).exists()  # no third look
     rows = {r["user"]: r for r in reviewer_stats(project=project)}
     assert rows["reviewer"]["agreement"] == 0.0 and rows["reviewer"]["shared"] == 1
-    n, listed = services.double_review_disagreements(project=project)
+    n, listed = selectors.double_review_disagreements(project=project)
     assert n == 1 and listed[0]["first"].pk == first.pk
     stats = client.get(reverse("review:stats", args=[project.slug])).content.decode()
     assert 'id="disagreements"' in stats and "1 disagreement:" in stats

@@ -69,7 +69,7 @@ def test_references_show_photos_of_the_suggested_and_the_given_class(client, rev
     client.force_login(reviewer)
     client.get(reverse("review:queue", args=[project.slug, "mislabel"]))
     item = ReviewItem.objects.get(leased_by=reviewer)
-    from inference.core import Recognizer  # noqa: PLC0415
+    from inference.recognizer import Recognizer  # noqa: PLC0415
 
     with mock.patch.object(Recognizer, "predict", autospec=True, side_effect=Recognizer.predict) as predict:
         html = client.get(reverse("review:references", args=[project.slug, "mislabel", item.id])).content.decode()

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 CALIBRATION_FILE = "calibration.json"  # inference.calibration: temperatures, thresholds, reliability bins
-INDEX_FILE = "index.faiss"  # inference.core.build_index: the Faiss index of the train split
+INDEX_FILE = "index.faiss"  # inference.index.build_index: the Faiss index of the train split
 IDS_FILE = "gallery_ids.npy"  # the index's row -> image id
 INDEX_META_FILE = "index.json"  # the index's kind, size, nprobe and measured recall
 GALLERY_CACHE = "gallery_embeddings.npz"  # train-split embeddings from the calibration, reused by the index build

@@ -371,7 +371,7 @@ def test_sampler_and_augmentation_keys_are_validated():
 def test_arcface_two_phases_embedding_and_export(manifest, tmp_path):
     """ArcFace head (pytorch-metric-learning): warm-up with the backbone frozen and margin 0, then the whole
     network with the target margin; the embedding is the ArcFace embedding; ONNX matches torch."""
-    from inference.core import Recognizer
+    from inference.recognizer import Recognizer
     from training.engine.onnx_export import export_onnx
 
     out = tmp_path / "arc"

@@ -107,7 +107,8 @@ def test_quick_retrain_is_heads_trained_on_the_same_features(data, head_type):
     assert ckpt["config"]["quick"] is True
 
     # A Recognizer on the artifact predicts what the heads predict on the features.
-    from inference.core import Recognizer, predict_paths
+    from inference.batch import predict_paths
+    from inference.recognizer import Recognizer
 
     rec = Recognizer.load(tmp / "q", backend="torch", num_threads=0)
     probs, emb, ok = predict_paths(rec, [it.path for it in items])
@@ -118,7 +119,7 @@ def test_quick_retrain_is_heads_trained_on_the_same_features(data, head_type):
     np.testing.assert_allclose(emb, want_emb, atol=1e-4)
 
     # The low-confidence queue's path: the same predictions through the cache keyed by the model's own backbone.
-    from inference.core import predict_items_cached
+    from inference.batch import predict_items_cached
 
     paths = [{"path": it.path} for it in items]
     for _ in range(2):
@@ -202,7 +203,7 @@ def test_train_command_quick_end_to_end(shapes_project, tmp_path, settings, caps
     from django.core.management import CommandError, call_command
 
     from conftest import TINY_TRAIN
-    from training import services
+    from training import selectors, services
     from training.models import TrainingRun
 
     settings.LOUPE_FEATURE_CACHE = tmp_path / "cache"
@@ -221,7 +222,8 @@ def test_train_command_quick_end_to_end(shapes_project, tmp_path, settings, caps
     assert version.is_active and version.index_status == "ready"
     # Calibration and the test report of a quick version read the cache its training filled: they agree with
     # a full pass of every photo through the model.
-    from inference.core import Recognizer, predict_paths
+    from inference.batch import predict_paths
+    from inference.recognizer import Recognizer
 
     assert "temperature" in version.metrics["calibration"] and version.metrics["test"]["heads"]
     rec = Recognizer.load(run.artifact_dir)
@@ -233,7 +235,7 @@ def test_train_command_quick_end_to_end(shapes_project, tmp_path, settings, caps
     manifest = json.loads((Path(run.artifact_dir) / "manifest.json").read_text())
     assert all(len(it["sha256"]) == 64 for it in manifest["items"])
     # The mislabel queue's out-of-fold predictions of a pretrained version are quick (warm cache).
-    assert services.oof_mode_for(version) == "quick"
+    assert selectors.oof_mode_for(version) == "quick"
     summary = services.model_version_oof(version=version, k=2)
     assert summary["mode"] == "quick" and summary["n"] > 0
 

@@ -8,7 +8,7 @@ from django.urls import reverse
 from rest_framework.test import APIClient
 
 from labeling.models import Project
-from training import services
+from training import selectors
 
 pytestmark = pytest.mark.django_db
 
@@ -136,7 +136,7 @@ def test_runs_page_shows_the_recipe_it_will_run(client, admin_user, shapes_proje
     client.force_login(admin_user)
     page = client.get(reverse("training:run-list", args=[project.slug])).text
     assert "The recipe a Retrain with an empty form runs" in page
-    config = services._resolve(project, {})  # noqa: SLF001
+    config = selectors.run_config(project, {})
     for key in ("backbone", "image_size", "epochs", "lr", "freeze_backbone_epochs", "early_stopping", "augment"):
         assert f"{key} = <code>" in page, key
     assert str(config["backbone"]) in page and "pretrained weights:" in page

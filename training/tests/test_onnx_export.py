@@ -37,7 +37,7 @@ def session(path):
 
 
 def torch_reference(run_dir, x):
-    """What inference computes, rebuilt here from model.pt like inference.core.Recognizer.load (not through
+    """What inference computes, rebuilt here from model.pt like inference.recognizer.Recognizer.load (not through
     the exporter's wrapper): {output name: array}."""
     ckpt = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
     model, _ = build_model(ckpt["config"], ckpt["heads"], load_weights=False)
@@ -137,7 +137,7 @@ def _preprocess_per_contract(img, meta):
 
 
 def test_input_contract_matches_recognizer(tiny_run):
-    from inference.core import Recognizer  # noqa: PLC0415
+    from inference.recognizer import Recognizer  # noqa: PLC0415
 
     if not (tiny_run / "model.onnx").is_file():
         export_onnx(tiny_run)

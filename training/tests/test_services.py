@@ -8,7 +8,7 @@ from django.urls import reverse
 from conftest import TINY_TRAIN
 from labeling.services import project_create
 from pipeline import chain
-from training import services
+from training import selectors, services
 from training.models import ModelVersion, TrainingRun
 
 pytestmark = pytest.mark.django_db
@@ -137,38 +137,38 @@ def test_oof_predictions_command_on_the_active_model(project, capsys, trained_ve
 def test_yaml_preset_under_settings_project_options_and_run_overrides(project, settings, tmp_path, monkeypatch):
     from labeling import health
 
-    preset = services.preset_config("retrieval", cuda=False)
+    preset = selectors.preset_config("retrieval", cuda=False)
     assert preset["backbone"] == "tf_efficientnet_lite0" and preset["pretrained"] is True and "cuda" not in preset
     assert preset["freeze_backbone_epochs"] > 0 and preset["early_stopping"]["patience"]  # the seeds' two phases
-    assert services.preset_config("retrieval", cuda=True)["backbone"] == "tf_efficientnet_lite2"
+    assert selectors.preset_config("retrieval", cuda=True)["backbone"] == "tf_efficientnet_lite2"
     for name in ("car", "lego", "sku", "retrieval"):  # CPU: phase 2 is the tail fine-tune; CUDA: the whole network
-        assert services.preset_config(name, cuda=False)["tail_from_block"] == 5
-        assert services.preset_config(name, cuda=True)["tail_from_block"] is None
+        assert selectors.preset_config(name, cuda=False)["tail_from_block"] == 5
+        assert selectors.preset_config(name, cuda=True)["tail_from_block"] is None
     from training.engine import pretrained as pretrained_lib
 
     for name in ("car", "lego", "sku", "retrieval"):  # every preset's backbone has weights that resolve offline
         for cuda in (False, True):
-            assert pretrained_lib.bundled_for(services.preset_config(name, cuda=cuda)["backbone"]) is not None
+            assert pretrained_lib.bundled_for(selectors.preset_config(name, cuda=cuda)["backbone"]) is not None
     for name in ("car", "lego", "sku", "retrieval"):  # every preset is a valid engine config
         project.preset = name
-        assert services._resolve(project, {})["backbone"] == services.preset_config(name)["backbone"]
+        assert selectors.run_config(project, {})["backbone"] == selectors.preset_config(name)["backbone"]
     project.preset = "retrieval"
-    assert services.preset_config("lego")["hflip"] is False  # mirrored LEGO parts can be different parts
-    cfg = services._resolve(project, {"epochs": 2})
+    assert selectors.preset_config("lego")["hflip"] is False  # mirrored LEGO parts can be different parts
+    cfg = selectors.run_config(project, {"epochs": 2})
     assert cfg["backbone"] == "tf_efficientnet_lite0" and cfg["epochs"] == 2 and cfg["pretrained"] is False  # conftest
     settings.LOUPE_TRAIN_OVERRIDES = {"epochs": 7, "pretrained": False}
-    assert services._resolve(project, {})["epochs"] == 7
-    assert services._resolve(project, {"epochs": 3})["epochs"] == 3
+    assert selectors.run_config(project, {})["epochs"] == 7
+    assert selectors.run_config(project, {"epochs": 3})["epochs"] == 3
     health.training_options_set(project=project, class_weighting="inverse")
     project.refresh_from_db()
-    assert services._resolve(project, {})["class_weighting"] == "inverse"
-    assert services._resolve(project, {"class_weighting": "none"})["class_weighting"] == "none"
+    assert selectors.run_config(project, {})["class_weighting"] == "inverse"
+    assert selectors.run_config(project, {"class_weighting": "none"})["class_weighting"] == "none"
     bad = tmp_path / "presets"
     bad.mkdir()
     (bad / "retrieval.yaml").write_text("- just\n- a list\n")
-    monkeypatch.setattr(services, "PRESETS_DIR", bad)
+    monkeypatch.setattr(selectors, "PRESETS_DIR", bad)
     with pytest.raises(services.TrainingError, match="mapping"):
-        services._resolve(project, {})
+        selectors.run_config(project, {})
 
 
 def test_interrupted_run_resumes_from_its_checkpoint(project, monkeypatch, capsys):

@@ -7,7 +7,8 @@ import pytest
 import timm
 import torch
 
-from inference.core import Recognizer, predict_paths
+from inference.batch import predict_paths
+from inference.recognizer import Recognizer
 from training.engine import resolve_config, train_model
 from training.engine.synthetic import TINY_TEST_CONFIG, make_shapes_dataset
 from training.engine.tail import MAPS_DIR, split_backbone
@@ -97,3 +98,31 @@ def test_bad_tail_settings_fail_before_work(data, tmp_path):
     torch.save(timm.create_model("test_resnet", num_classes=0).state_dict(), tmp_path / "r.pth")
     with pytest.raises(ValueError, match="EfficientNet/MobileNet-style"):
         train_model(manifest, config(str(tmp_path / "r.pth"), backbone="test_resnet"), tmp_path / "b")
+
+
+@pytest.mark.parametrize(
+    ("over", "stop"),
+    [
+        ({"max_train_seconds": 0.001}, "time_limit"),  # the next epoch would end past the budget
+        ({"early_stopping": {"metric": "primary", "patience": 1, "min_delta": 10.0}}, "early_stopping"),
+    ],
+)
+def test_tail_stops_after_the_first_epoch(data, tmp_path, over, stop):
+    manifest, weights = data
+    seen = []
+    out = tmp_path / "run"
+    m = train_model(manifest, config(weights, eval_report=False, **over), out, progress=seen.append)
+    assert m["stopped_early"] == stop and m["epochs_run"] == 1 and len(m["history"]) == 1
+    assert m["best_epoch"] in (0, 1)  # epoch 0: phase 1's heads on the untouched tail
+    epochs = [p for p in seen if p.get("phase") == "epoch"]
+    assert [p["epoch"] for p in epochs] == [1] and epochs[0]["eta_s"] == 0.0
+    assert (out / "model.pt").is_file() and not (out / MAPS_DIR).exists()
+
+
+def test_tail_without_val_photos_selects_on_train(data, tmp_path):
+    manifest, weights = data
+    items = [{**it, "split": "train"} for it in manifest["items"]]
+    m = train_model({**manifest, "items": items}, config(weights, epochs=2, eval_report=False), tmp_path / "run")
+    assert m["metrics_on"] == "train" and m["n_val"] == 0 and m["n_train"] == len(items)
+    assert m["tail"]["maps"] == 2 * len(items)  # the centre view + one augmented view of every (train) photo
+    assert all(h["heads"]["shape"]["n_val"] == len(items) for h in m["history"])  # measured on the train photos

@@ -5,7 +5,7 @@ from pathlib import Path
 from django.core.management.base import BaseCommand, CommandError
 
 from labeling.models import Project
-from training import services
+from training import selectors, services
 from training.engine.onnx_export import ATOL, RTOL, export_onnx
 from training.models import ModelVersion
 
@@ -29,7 +29,7 @@ class Command(BaseCommand):
         if project is None:
             raise CommandError(f"No project {opts['project']!r}.")
         try:
-            version = services.model_version_for(project, opts["model_version"])
+            version = selectors.model_version_for(project, opts["model_version"])
         except services.TrainingError as exc:
             raise CommandError(str(exc)) from exc
         try:

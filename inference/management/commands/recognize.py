@@ -7,7 +7,8 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from inference import services
-from inference.core import ImageError, ModelUnavailable, decode_image
+from inference.decode import ImageError, decode_image
+from inference.recognizer import ModelUnavailable
 from labeling.models import Project
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
-from labeling import versions
+from labeling import selectors, versions
 from labeling.models import Project
 from labeling.services import LabelingError
 
@@ -69,7 +69,7 @@ class Command(BaseCommand):
             self.stdout.write("  left out: " + ", ".join(f"{k} {n}" for k, n in c["left_out"].items()))
 
     def _list(self, project, opts):
-        for v in versions.version_list(project):
+        for v in selectors.dataset_version_list(project):
             s = v.counts.get("splits", {})
             self.stdout.write(
                 f"v{v.number}  {v.counts.get('images', 0):>7} images  "
@@ -79,12 +79,15 @@ class Command(BaseCommand):
 
     def _diff(self, project, opts):
         diff = versions.dataset_version_diff(
-            old=versions.version_get(project, opts["old"]), new=versions.version_get(project, opts["new"])
+            old=selectors.dataset_version_get(project, opts["old"]),
+            new=selectors.dataset_version_get(project, opts["new"]),
         )
         self.stdout.write(json.dumps(diff, indent=1))
 
     def _export(self, project, opts):
         summary = versions.dataset_version_export(
-            version=versions.version_get(project, opts["number"]), out_dir=Path(opts["folder"]), link=opts["link"]
+            version=selectors.dataset_version_get(project, opts["number"]),
+            out_dir=Path(opts["folder"]),
+            link=opts["link"],
         )
         self.stdout.write(f"Exported {summary['images']} images to {opts['folder']}.")

@@ -4,7 +4,7 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 
 from labeling.models import Project
-from training import services
+from training import selectors, services
 from training.jobs import job_enqueue
 from training.models import Job
 
@@ -36,7 +36,7 @@ class Command(BaseCommand):
         if project is None:
             raise CommandError(f"No project {opts['project']!r}.")
         try:
-            version = services.model_version_for(project, opts["model_version"])
+            version = selectors.model_version_for(project, opts["model_version"])
         except services.TrainingError as exc:
             raise CommandError(str(exc)) from exc
         if opts["queue"]:

@@ -1,11 +1,9 @@
-"""Loupe inference core (pure Python, no Django): safe image decoding, the Recognizer (classification heads +
-embedding), gallery embedding and the Faiss index.
+"""The Recognizer (pure Python, no Django): a trained model version loaded for inference (model.pt with torch, or
+model.onnx with ONNX Runtime, plus its Faiss gallery index and calibration), its batched forward pass, gallery
+search and the multi-view recognition with its per-head decisions (inference.decision.rejection_reason).
 
 Public API::
 
-    class ImageError(ValueError)
-    decode_image(data: bytes, *, max_pixels=40_000_000, max_side_hint=None) -> PIL.Image.Image
-    decoded_size(data: bytes, *, max_pixels=40_000_000, max_side_hint=None) -> (width, height)  (header only)
     class ModelUnavailable(ValueError): code ("model_file_missing" | "model_file_corrupt"), problems
     class Recognizer:
         load(artifact_dir, *, device="cpu", num_threads=None) -> Recognizer   (classmethod; threads default 1;
@@ -13,183 +11,40 @@ Public API::
         heads: list[str]; label_maps: dict[str, list[str]]; version_dir: Path
         embedding_dim: int; image_size: int; index (faiss index or None); gallery_ids (np.ndarray or None)
         predict(images) -> (probs {head: (N, K) float32}, embeddings (N, D) float32, L2-normalised)
+        search(embedding, k=5) -> [{"image_id", "score"}]
         recognize(images, *, thresholds=None, default_threshold=0.6, top_k=5, neighbours=5) -> dict
-    embed_paths(recognizer, paths, batch_size=64) -> (embeddings (N, D) float32, ok (N,) bool)
-    build_index(artifact_dir, embeddings, ids) -> Path   (index.faiss + gallery_ids.npy, atomically)
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
-import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from inference.calibration import K_NEIGHBOURS, apply_temperature, read_calibration, read_gallery_labels
 from inference.decision import RetrievalEvidence, combine_views, fuse, rejection_reason, retrieval_evidence
-from training.engine.artifact import IDS_FILE, INDEX_FILE, INDEX_META_FILE, read_artifact_json
-from training.engine.atomic import write_atomic, write_json_atomic
-from training.engine.data import draft_size, eval_transform, load_image_file, normalize_batch, to_rgb
+from training.engine.artifact import IDS_FILE, INDEX_FILE
+from training.engine.data import eval_transform, normalize_batch
 from training.engine.hierarchy import consistent, decode, parent_index
 from training.engine.model import ARTIFACT_FORMAT, build_model
 
-log = logging.getLogger("inference.core")
+log = logging.getLogger(__name__)
 
-ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP")
 RECOGNITION_MODES = ("softmax", "retrieval", "fusion")
 VOTE_MIN_VIEWS = 3  # below this, combine="vote" falls back to "mean"
 MODEL_FILE = "model.pt"
 ONNX_FILE = "model.onnx"
+PIXEL_INPUT = "pixels"
 
 
-class ImageError(ValueError):
-    """The uploaded bytes are not a usable image; the message says why in words a person can act on."""
-
-
-# ------------------------------------------------------------------------------------------ decoding
-def _sniff(data: bytes) -> str:
-    head = bytes(data[:32])
-    if head.startswith(b"GIF8"):
-        return "GIF"
-    if head.startswith(b"BM"):
-        return "BMP"
-    if head.startswith((b"II*\x00", b"MM\x00*")):
-        return "TIFF"
-    if head[4:8] == b"ftyp":
-        brand = head[8:12]
-        if brand in (b"heic", b"heix", b"hevc", b"hevx", b"mif1", b"msf1", b"heim", b"heis"):
-            return "HEIC/HEIF (e.g. an iPhone photo: export or share it as JPEG)"
-        if brand in (b"avif", b"avis"):
-            return "AVIF"
-        return f"an ISO media file ({brand.decode('latin-1')!r})"
-    if head.startswith(b"%PDF"):
-        return "PDF"
-    if head.startswith(b"\x00\x00\x01\x00"):
-        return "ICO"
-    if head.startswith(b"\xff\xd8"):
-        return "a damaged JPEG"
-    if head.startswith(b"\x89PNG"):
-        return "a damaged PNG"
-    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
-        return "a damaged WebP"
-    stripped = head.lstrip()
-    if stripped[:1] in (b"<", b"{", b"["):
-        return "text (HTML/XML/SVG/JSON), not a picture"
-    if head and all(32 <= b < 127 or b in (9, 10, 13) for b in head):
-        return f"text starting with {head[:16].decode('ascii')!r}"
-    return f"unrecognised data starting with 0x{head[:8].hex()}"
-
-
-def sniff_media_type(data: bytes) -> str | None:
-    """image/jpeg, image/png or image/webp from the file's magic bytes; None for anything else."""
-    if data[:3] == b"\xff\xd8\xff":
-        return "image/jpeg"
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return "image/png"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp"
-    return None
-
-
-def _sniff_ext(data: bytes) -> str:
-    """The file extension for stored photo bytes (.jpg, .png, .webp; .bin when unknown)."""
-    return {"image/jpeg": ".jpg", "image/png": ".png", "image/webp": ".webp"}.get(sniff_media_type(data), ".bin")
-
-
-def _open_image(data: bytes, *, max_pixels: int, max_side_hint: int | None) -> Image.Image:
-    """Open (header only) and check the bytes; JPEGs get their reduced decoding scale (draft) set, so img.size is
-    the size that load() will decode. The caller closes the image."""
-    if data is None or len(data) == 0:
-        raise ImageError("image is empty (0 bytes)")
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise TypeError(f"decode_image expects bytes, got {type(data).__name__}")
-    data = bytes(data)
-    try:
-        img = Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS))
-    except UnidentifiedImageError:
-        raise ImageError(f"image is not a JPEG/PNG/WebP (got {_sniff(data)})") from None
-    except Image.DecompressionBombError as exc:
-        raise ImageError(f"image has too many pixels to process safely ({exc})") from None
-    except Exception as exc:  # noqa: BLE001 - any parser error is a bad upload
-        raise ImageError(
-            f"image is truncated or corrupt and cannot be read ({type(exc).__name__}: {exc}); upload the complete file"
-        ) from None
-    try:
-        w, h = img.size
-        if w <= 0 or h <= 0:
-            raise ImageError(f"image has an invalid size {w}x{h}")
-        if w * h > max_pixels:
-            raise ImageError(
-                f"image is too large: {w}x{h} = {w * h / 1e6:.1f} megapixels, the limit is "
-                f"{max_pixels / 1e6:g} megapixels; resize it and try again"
-            )
-        if max_side_hint and img.format == "JPEG":
-            img.draft("RGB", (int(max_side_hint), int(max_side_hint)))
-    except BaseException:
-        img.close()
-        raise
-    return img
-
-
-def decoded_size(data: bytes, *, max_pixels: int = 40_000_000, max_side_hint: int | None = None) -> tuple[int, int]:
-    """(width, height) that decode_image(data, same arguments) decodes, read from the header without decoding:
-    the full size for PNG and WebP (their decoders cannot scale), the draft scale for JPEG. Raises ImageError
-    like decode_image for data that is not a usable image. For a request-wide pixel budget."""
-    img = _open_image(data, max_pixels=max_pixels, max_side_hint=max_side_hint)
-    try:
-        return img.size
-    finally:
-        img.close()
-
-
-def _reduce_factor(size: tuple[int, int], min_side: int) -> int:
-    """The largest integer factor that keeps both sides >= min_side (1: no reduction)."""
-    return max(1, min(size) // max(1, int(min_side)))
-
-
-def decode_image(data: bytes, *, max_pixels: int = 40_000_000, max_side_hint: int | None = None) -> Image.Image:
-    """Validate and decode uploaded bytes into an RGB PIL image (EXIF orientation applied, transparency
-    composited onto white).
-
-    Raises ImageError for: empty data, data that is not a JPEG/PNG/WebP, more than `max_pixels` pixels (checked
-    from the header, before decoding), and truncated/corrupt files (the image is fully loaded; truncated
-    images are never accepted). With `max_side_hint`, JPEGs are decoded at a reduced scale (1/2, 1/4, 1/8)
-    that keeps both sides >= max_side_hint: pass the model's input size for fast, low-memory decoding. PNG and
-    WebP cannot be decoded at a reduced scale; they are box-reduced by the largest integer factor that keeps
-    both sides >= max_side_hint right after decoding, so only one full-size copy exists, briefly."""
-    img = _open_image(data, max_pixels=max_pixels, max_side_hint=max_side_hint)
-    try:
-        w, h = img.size
-        try:
-            img.load()
-        except Exception as exc:  # noqa: BLE001 - truncated data, broken chunks, decoder errors
-            raise ImageError(
-                f"image is truncated or corrupt: the {img.format} {w}x{h} data cannot be fully decoded "
-                f"({type(exc).__name__}: {exc}); upload the complete file"
-            ) from None
-        factor = _reduce_factor(img.size, max_side_hint) if max_side_hint else 1
-        if factor > 1 and img.format != "JPEG":
-            if img.mode not in ("RGB", "RGBA", "L", "LA"):  # P, 1, I;16...: Pillow cannot box-reduce these
-                return to_rgb(img).reduce(factor)
-            small = img.reduce(factor)
-            small.info = dict(img.info)  # the EXIF orientation, for to_rgb
-            return to_rgb(small)
-        return to_rgb(img)
-    finally:
-        img.close()
-
-
-# ---------------------------------------------------------------------------------------- recognizer
 def _resolve_device(device: str | torch.device) -> torch.device:
     if isinstance(device, str) and device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -595,9 +450,6 @@ class Recognizer:
         }
 
 
-PIXEL_INPUT = "pixels"
-
-
 def _with_pixel_input(path: Path, mean: Sequence[float], std: Sequence[float]) -> bytes:
     """model.onnx (float32 NCHW normalised `images` in, the exported contract) with a prefix that takes the
     decoded, resized photos as they are — uint8 NHWC `pixels` — and does normalize_batch's arithmetic inside the
@@ -634,231 +486,3 @@ def _with_pixel_input(path: Path, mean: Sequence[float], std: Sequence[float]) -
     pre_model = helper.make_model(pre, opset_imports=list(model.opset_import), ir_version=model.ir_version)
     merged = compose.merge_models(pre_model, model, io_map=[("pre_images", "images")])
     return merged.SerializeToString()
-
-
-# ------------------------------------------------------------------------------------ gallery / index
-
-
-def predict_paths(
-    recognizer: Recognizer, paths: Sequence[str], batch_size: int = 64
-) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-    """Run image files through the model (reduced-size JPEG decode, validation transform).
-
-    Returns ({head: (N, K) float32 probabilities}, embeddings (N, D) float32, ok (N,) bool). A file that cannot
-    be read does not raise: its rows are all zeros, ok[i] is False and a warning naming the file is logged."""
-    n = len(paths)
-    out = np.zeros((n, recognizer.embedding_dim), dtype=np.float32)
-    probs = {h: np.zeros((n, len(recognizer.label_maps[h])), dtype=np.float32) for h in recognizer.heads}
-    ok = np.zeros(n, dtype=bool)
-    if n == 0:
-        return probs, out, ok
-    tf = recognizer._transform
-    min_side = draft_size(recognizer.image_size)
-
-    def load(path: str):
-        try:
-            return tf(load_image_file(path, min_side))
-        except Exception as exc:  # noqa: BLE001 - one bad file must not stop the batch
-            log.warning("cannot read %s: %s: %s", path, type(exc).__name__, exc)
-            return None
-
-    workers = max(1, min(4, (os.cpu_count() or 1)))
-    with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL decodes/resizes without holding the GIL
-        for start in range(0, n, batch_size):
-            chunk = list(pool.map(load, paths[start : start + batch_size]))
-            good = [i for i, t in enumerate(chunk) if t is not None]
-            if not good:
-                continue
-            p, emb = recognizer._forward(torch.stack([chunk[i] for i in good]))
-            rows = np.asarray(good) + start
-            out[rows] = emb
-            for h in recognizer.heads:
-                probs[h][rows] = p[h]
-            ok[rows] = True
-    return probs, out, ok
-
-
-def predict_items_cached(
-    recognizer: Recognizer, items: Sequence[dict], cache_dir
-) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-    """predict_paths for items ({"path"[, "sha256"]}) through the feature cache (training.engine.features) keyed by
-    this model's own backbone weights: only photos not seen by this backbone go through it; the heads run on the
-    cached features. Same outputs as predict_paths with the torch backend; falls back to predict_paths when the
-    version is served from model.onnx alone."""
-    from training.engine.features import cached_features  # noqa: PLC0415
-
-    if recognizer.model is None:
-        return predict_paths(recognizer, [it["path"] for it in items])
-    n = len(items)
-    probs = {h: np.zeros((n, len(recognizer.label_maps[h])), dtype=np.float32) for h in recognizer.heads}
-    out = np.zeros((n, recognizer.embedding_dim), dtype=np.float32)
-    if n == 0:
-        return probs, out, np.zeros(0, dtype=bool)
-    model = recognizer.model
-    config = {**recognizer.config, "device": str(recognizer.device)}
-    feats = cached_features(items, config, cache_dir, backbone=model.backbone, mean=recognizer.mean, std=recognizer.std)
-    rows = np.flatnonzero(feats.ok)
-    with torch.inference_mode():
-        for start in range(0, len(rows), 4096):
-            chunk = rows[start : start + 4096]
-            logits, emb = model.heads_forward(torch.from_numpy(feats.X[chunk]).to(recognizer.device))
-            for h, lg in zip(recognizer.heads, logits, strict=True):
-                probs[h][chunk] = F.softmax(lg.float(), dim=1).cpu().numpy()
-            out[chunk] = F.normalize(emb.float(), dim=1).cpu().numpy()
-    return probs, out, feats.ok
-
-
-def embed_paths(recognizer: Recognizer, paths: Sequence[str], batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Embed image files: (embeddings (N, D) float32, ok (N,) bool); see predict_paths."""
-    _probs, emb, ok = predict_paths(recognizer, paths, batch_size)
-    return emb, ok
-
-
-def split_accuracy(recognizer: Recognizer, items: Sequence[dict], predicted=None) -> dict:
-    """Top-1/top-5 per head of the model on manifest items ({"path", "labels": {head: class or None}}) as
-    {"heads": {head: {"top1", "top5", "n"}}, "n", "unreadable"}; unknown labels, or classes the model does not
-    know, are not counted. `predicted`: predict_paths' answer for these items when the caller already has it."""
-    probs, _emb, ok = predicted if predicted is not None else predict_paths(recognizer, [it["path"] for it in items])
-    out: dict[str, dict] = {}
-    for h in recognizer.heads:
-        index = {c: i for i, c in enumerate(recognizer.label_maps[h])}
-        rows = [(r, index[it["labels"].get(h)]) for r, it in enumerate(items) if ok[r] and it["labels"].get(h) in index]
-        if not rows:
-            out[h] = {"top1": None, "top5": None, "n": 0}
-            continue
-        r_idx = np.array([r for r, _ in rows])
-        y = np.array([c for _, c in rows])
-        p = probs[h][r_idx]
-        k = min(5, p.shape[1])
-        topk = np.argsort(-p, axis=1)[:, :k]
-        out[h] = {
-            "top1": float((topk[:, 0] == y).mean()),
-            "top5": float((topk == y[:, None]).any(axis=1).mean()),
-            "n": len(rows),
-        }
-    return {"heads": out, "n": len(items), "unreadable": int((~ok).sum())}
-
-
-FLAT_MAX = 50_000  # exact search below this gallery size; approximate (IVF, tuned nprobe) above
-INDEX_KINDS = ("auto", "flat", "hnsw", "ivf")
-RECALL_TARGET = 0.95  # approximate indexes are tuned to find >= 95 % of the exact 20 nearest neighbours
-
-
-def choose_index_kind(n: int, kind: str = "auto", *, flat_max: int = FLAT_MAX) -> str:
-    """ "flat" (exact) for galleries below flat_max vectors, "ivf" above: inverted lists whose nprobe is tuned
-    at build time to the recall target; it builds 1M x 512-d in about a minute on 2 cores where HNSW takes
-    ~10x longer (bench/faiss_index.py). An explicit kind is kept ("hnsw": no training, on request)."""
-    if kind not in INDEX_KINDS:
-        raise ValueError(f"index kind must be one of {INDEX_KINDS}, got {kind!r}")
-    if kind != "auto":
-        return kind
-    return "flat" if n < flat_max else "ivf"
-
-
-def _make_index(emb: np.ndarray, kind: str):
-    d = emb.shape[1]
-    if kind == "flat":
-        return faiss.IndexFlatIP(d)
-    if kind == "hnsw":
-        inner = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
-        inner.hnsw.efConstruction = 200
-        inner.hnsw.efSearch = 128
-        return inner
-    nlist = max(1, min(int(4 * np.sqrt(len(emb))), len(emb) // 39 or 1))  # faiss wants >= 39 points per list
-    quantizer = faiss.IndexFlatIP(d)
-    inner = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-    rng = np.random.default_rng(0)
-    sample = emb[rng.choice(len(emb), size=min(len(emb), nlist * 64), replace=False)]
-    inner.train(sample)
-    inner.nprobe = min(nlist, 8)
-    return inner
-
-
-def tune_nprobe(
-    index,
-    emb: np.ndarray,
-    ids: np.ndarray | None = None,
-    *,
-    k: int = 20,
-    target: float = RECALL_TARGET,
-    n_queries: int = 256,
-    seed: int = 0,
-) -> tuple[int, float]:
-    """Set the smallest nprobe (1, 2, 4, ... nlist) of an IVF index (or an IndexIDMap2 over one) whose recall@k
-    on gallery vectors used as queries, each query's own vector left out, reaches `target` against exact
-    search. `emb` are the indexed vectors and `ids` their ids in the index (default 0..n-1). Returns
-    (nprobe, recall at that nprobe)."""
-    ivf = faiss.extract_index_ivf(index)
-    n = len(emb)
-    ids = np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
-    rng = np.random.default_rng(seed)
-    qi = rng.choice(n, size=min(n, n_queries), replace=False)
-    q = np.ascontiguousarray(emb[qi])
-    kk = min(k + 1, n)
-    _, exact = faiss.knn(q, emb, kk, metric=faiss.METRIC_INNER_PRODUCT)
-    own = ids[qi]
-    truth = []  # per query: its k exact nearest neighbours besides its own vector
-    for row, o in zip(exact, own, strict=True):
-        ranked = [int(j) for j in ids[row[row >= 0]] if j != o]
-        truth.append(set(ranked[:k]))
-    nprobe = 1
-    while True:
-        ivf.nprobe = nprobe
-        _, found = index.search(q, kk)
-        hits = [len(t & set(row.tolist())) / len(t) for t, row in zip(truth, found, strict=True) if t]
-        recall = float(np.mean(hits)) if hits else 1.0
-        if recall >= target or nprobe >= ivf.nlist:
-            return nprobe, recall
-        nprobe = min(ivf.nlist, nprobe * 2)
-
-
-def build_index(
-    artifact_dir, embeddings: np.ndarray, ids: np.ndarray, *, kind: str = "auto", flat_max: int = FLAT_MAX
-) -> Path:
-    """Write artifact_dir/index.faiss (an IndexIDMap2 — vector ids are database ids — over an inner-product
-    index on L2-normalised vectors, i.e. cosine similarity; vectors are renormalised here) and gallery_ids.npy,
-    each via a temp file + os.replace, so a loaded index is never half-written. The inner index is exact (flat)
-    below `flat_max` vectors and HNSW above (`kind` overrides: "flat", "hnsw", "ivf"). Returns the index path.
-    An empty gallery gives an empty (valid) index."""
-    d = Path(artifact_dir)
-    if not d.is_dir():
-        raise FileNotFoundError(f"artifact folder {d} does not exist")
-    emb = np.asarray(embeddings, dtype=np.float32)
-    ids = np.asarray(ids)
-    if emb.ndim != 2:
-        raise ValueError(f"embeddings must be a 2-D array (N, D), got shape {emb.shape}")
-    if ids.ndim != 1 or len(ids) != emb.shape[0]:
-        raise ValueError(f"ids must be a 1-D array with one id per embedding ({emb.shape[0]}), got {ids.shape}")
-    if ids.size and not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"ids must be integers, got dtype {ids.dtype}")
-    if not np.isfinite(emb).all():
-        raise ValueError("embeddings contain NaN or infinite values")
-    emb = np.ascontiguousarray(emb.copy())
-    ids = np.ascontiguousarray(ids.astype(np.int64))
-    if len(emb):
-        faiss.normalize_L2(emb)
-    chosen = choose_index_kind(len(emb), kind, flat_max=flat_max) if len(emb) else "flat"
-    started = time.perf_counter()
-    index = faiss.IndexIDMap2(_make_index(emb, chosen))
-    meta: dict = {"kind": chosen, "size": len(emb), "dim": int(emb.shape[1])}
-    if len(emb):
-        index.add_with_ids(emb, ids)
-    if chosen == "ivf" and len(emb):
-        nprobe, recall = tune_nprobe(index, emb, ids)
-        meta |= {"nlist": int(faiss.extract_index_ivf(index).nlist), "nprobe": nprobe, "recall_at_20": recall}
-    meta["build_seconds"] = round(time.perf_counter() - started, 2)
-    index_path = d / INDEX_FILE
-
-    def write_ids(tmp: Path) -> None:
-        with open(tmp, "wb") as fh:
-            np.save(fh, ids)
-
-    write_atomic(d / IDS_FILE, write_ids)
-    write_atomic(index_path, lambda tmp: faiss.write_index(index, str(tmp)))
-    write_json_atomic(d / INDEX_META_FILE, meta, indent=2)
-    return index_path
-
-
-def read_index_meta(artifact_dir) -> dict | None:
-    """index.json written by build_index: kind, size, dim, build_seconds (+ nlist, nprobe, recall_at_20 for IVF)."""
-    return read_artifact_json(artifact_dir, INDEX_META_FILE)
