@@ -189,6 +189,17 @@ def _check(cond: bool, key: str, value: Any, expected: str) -> None:
 
 
 def _validate(cfg: dict[str, Any]) -> None:
+    """ValueError naming the first key with a bad value (the checks in this order)."""
+    _validate_backbone(cfg)
+    _validate_basics(cfg)
+    _validate_heads(cfg)
+    _validate_eval_and_augmentation(cfg)
+    _validate_runtime(cfg)
+    _validate_training_options(cfg)
+
+
+def _validate_backbone(cfg: dict[str, Any]) -> None:
+    """Backbone, pretrained weights, tail fine-tune and image size keys."""
     _check(
         isinstance(cfg["backbone"], str) and cfg["backbone"].strip() != "",
         "backbone",
@@ -216,6 +227,10 @@ def _validate(cfg: dict[str, Any]) -> None:
         cfg["image_size"],
         "an integer between 16 and 1024",
     )
+
+
+def _validate_basics(cfg: dict[str, Any]) -> None:
+    """Epochs, batch size, lr, weight decay, warm-up, label smoothing and class weighting keys."""
     _check(_is_int(cfg["epochs"]) and 1 <= cfg["epochs"] <= 10_000, "epochs", cfg["epochs"], "an integer >= 1")
     _check(isinstance(cfg["quick"], bool), "quick", cfg["quick"], "true or false")
     _check(
@@ -255,6 +270,10 @@ def _validate(cfg: dict[str, Any]) -> None:
         cfg["class_weighting"],
         " or ".join(map(repr, CLASS_WEIGHTINGS)),
     )
+
+
+def _validate_heads(cfg: dict[str, Any]) -> None:
+    """Head type and ArcFace keys."""
     _check(cfg["head_type"] in ("softmax", "arcface"), "head_type", cfg["head_type"], "'softmax' or 'arcface'")
     _check(
         cfg["arcface_head"] is None or (isinstance(cfg["arcface_head"], str) and cfg["arcface_head"]),
@@ -276,6 +295,10 @@ def _validate(cfg: dict[str, Any]) -> None:
         cfg["arcface_scale"],
         "a number > 0 (e.g. 30 or 64)",
     )
+
+
+def _validate_eval_and_augmentation(cfg: dict[str, Any]) -> None:
+    """Evaluation report and augmentation keys."""
     for key in ("eval_report", "eval_retrieval"):
         _check(isinstance(cfg[key], bool), key, cfg[key], "true or false")
     _check(isinstance(cfg["hflip"], bool), "hflip", cfg["hflip"], "true or false")
@@ -297,6 +320,10 @@ def _validate(cfg: dict[str, Any]) -> None:
         cfg["crop_scale_min"],
         "a number in (0, 1]",
     )
+
+
+def _validate_runtime(cfg: dict[str, Any]) -> None:
+    """Workers, threads, seed, device, time budget and progress keys."""
     nw = cfg["num_workers"]
     _check(nw == "auto" or (_is_int(nw) and 0 <= nw <= 64), "num_workers", nw, '"auto" or an integer >= 0')
     tt = cfg["torch_threads"]
@@ -317,7 +344,6 @@ def _validate(cfg: dict[str, Any]) -> None:
         cfg["progress_every"],
         "an integer >= 1",
     )
-    _validate_training_options(cfg)
 
 
 def _validate_training_options(cfg: dict[str, Any]) -> None:

@@ -158,13 +158,7 @@ def cached_features(
     The backbone is config's starting backbone (create_backbone: pretrained_path / hub / bundled / none), or the
     given module (e.g. a trained model's backbone; then mean/std must be given). progress gets {"phase":
     "features", "done", "total", "hits", "misses", "eta_s"} while misses are computed."""
-    import torch  # noqa: PLC0415
-    from torch.utils.data import DataLoader  # noqa: PLC0415
-
-    from .data import ManifestDataset, collate_skip, draft_size, eval_transform, normalize_batch  # noqa: PLC0415
-    from .manifest import Item  # noqa: PLC0415
     from .model import backbone_stats, create_backbone  # noqa: PLC0415
-    from .runtime import resolve_device, resolve_num_workers  # noqa: PLC0415
 
     t0 = time.monotonic()
     size = int(config["image_size"])
@@ -185,89 +179,13 @@ def cached_features(
     if not (root / "key.json").exists():
         _write_atomic(root / "key.json", lambda tmp: tmp.write_text(json.dumps(desc, indent=1)))
 
-    n = len(items)
-    shas: list[str | None] = []
-    for it in items:
-        try:
-            shas.append(item_sha256(it))
-        except OSError:
-            shas.append(None)  # unreadable file: computed (and failed) below
-    vecs: list[np.ndarray | None] = [None] * n
-    dim = None
-    for i, sha in enumerate(shas):
-        if sha is None:
-            continue
-        vec = _load_npy(root / sha[:2] / f"{sha}.npy", dim)
-        if vec is not None:
-            vecs[i] = vec
-            dim = vec.shape[0]
-    misses = [i for i in range(n) if vecs[i] is None]
-    hits = n - len(misses)
+    shas, vecs = _cached_vectors(items, root)
+    misses = [i for i in range(len(items)) if vecs[i] is None]
+    hits = len(items) - len(misses)
     failed = 0
     if misses:
-        device = resolve_device(config.get("device", "auto"))
-        workers = resolve_num_workers(config.get("num_workers", "auto"))
-        prev_threads = torch.get_num_threads()
-        if device.type == "cpu":
-            torch.set_num_threads(feature_threads(config.get("torch_threads", "auto"), workers))
-        backbone.to(device)
-        ds = ManifestDataset(
-            [Item(id=i, path=items[i]["path"], targets=(0,)) for i in misses], eval_transform(size), draft_size(size)
-        )
-        loader = DataLoader(
-            ds,
-            batch_size=max(32, 2 * int(config.get("batch_size", 32))),
-            shuffle=False,
-            num_workers=workers,
-            collate_fn=collate_skip,
-            pin_memory=device.type == "cuda",
-        )
-        done, t_miss = 0, time.monotonic()
-        try:
-            with torch.inference_mode():
-                for x, _y, idx, bad in loader:
-                    for j, err in bad:
-                        log.warning("feature cache: cannot read %s: %s", items[misses[j]]["path"], err)
-                    failed += len(bad)
-                    done += len(bad)
-                    if x is None:
-                        continue
-                    x = normalize_batch(x.to(device, non_blocking=True), mean, std)
-                    feats = backbone(x)
-                    if feats.ndim > 2:  # as LoupeNet.forward
-                        feats = feats.flatten(2).mean(-1)
-                    feats = feats.float().cpu().numpy()
-                    for row, j in zip(feats, idx, strict=True):
-                        i = misses[j]
-                        vec = np.ascontiguousarray(row, dtype=np.float32)
-                        vecs[i] = vec
-                        if shas[i] is not None:
-                            _save_npy(root / shas[i][:2] / f"{shas[i]}.npy", vec)
-                    done += len(idx)
-                    if progress is not None:
-                        rate = (time.monotonic() - t_miss) / max(1, done)
-                        progress(
-                            {
-                                "phase": "features",
-                                "done": done,
-                                "total": len(misses),
-                                "hits": hits,
-                                "misses": len(misses),
-                                "eta_s": rate * (len(misses) - done),
-                            }
-                        )
-        finally:
-            torch.set_num_threads(prev_threads)
-    dims = {v.shape[0] for v in vecs if v is not None}
-    if len(dims) > 1:
-        raise ValueError(f"feature cache {root}: vectors of different sizes {sorted(dims)}; delete the folder")
-    d = dims.pop() if dims else 0
-    X = np.zeros((n, d), dtype=np.float32)
-    ok = np.zeros(n, dtype=bool)
-    for i, v in enumerate(vecs):
-        if v is not None:
-            X[i] = v
-            ok[i] = True
+        failed = _compute_misses(items, misses, shas, vecs, root, config, backbone, mean, std, hits, progress)
+    X, ok = _stack_vectors(vecs, root)
     stats = {
         "hits": hits,
         "misses": len(misses),
@@ -284,3 +202,108 @@ def cached_features(
         stats["seconds"],
     )
     return Features(X=X, ok=ok, stats=stats, weights=weights, mean=list(mean), std=list(std))
+
+
+def _cached_vectors(items: Sequence[dict], root: Path) -> tuple[list[str | None], list[np.ndarray | None]]:
+    """(sha256 per item, None for an unreadable file; the cached vector per item, None for a miss)."""
+    n = len(items)
+    shas: list[str | None] = []
+    for it in items:
+        try:
+            shas.append(item_sha256(it))
+        except OSError:
+            shas.append(None)  # unreadable file: computed (and failed) below
+    vecs: list[np.ndarray | None] = [None] * n
+    dim = None
+    for i, sha in enumerate(shas):
+        if sha is None:
+            continue
+        vec = _load_npy(root / sha[:2] / f"{sha}.npy", dim)
+        if vec is not None:
+            vecs[i] = vec
+            dim = vec.shape[0]
+    return shas, vecs
+
+
+def _compute_misses(items, misses, shas, vecs, root: Path, config: dict, backbone, mean, std, hits: int, progress):
+    """The backbone's pooled features of the items at indexes `misses` (eval mode, torch.inference_mode, batches,
+    reduced-size decode) into vecs and the cache (items with a sha256). Returns how many files were unreadable."""
+    import torch  # noqa: PLC0415
+    from torch.utils.data import DataLoader  # noqa: PLC0415
+
+    from .data import ManifestDataset, collate_skip, draft_size, eval_transform, normalize_batch  # noqa: PLC0415
+    from .manifest import Item  # noqa: PLC0415
+    from .runtime import resolve_device, resolve_num_workers  # noqa: PLC0415
+
+    size = int(config["image_size"])
+    failed = 0
+    device = resolve_device(config.get("device", "auto"))
+    workers = resolve_num_workers(config.get("num_workers", "auto"))
+    prev_threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(feature_threads(config.get("torch_threads", "auto"), workers))
+    backbone.to(device)
+    ds = ManifestDataset(
+        [Item(id=i, path=items[i]["path"], targets=(0,)) for i in misses], eval_transform(size), draft_size(size)
+    )
+    loader = DataLoader(
+        ds,
+        batch_size=max(32, 2 * int(config.get("batch_size", 32))),
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate_skip,
+        pin_memory=device.type == "cuda",
+    )
+    done, t_miss = 0, time.monotonic()
+    try:
+        with torch.inference_mode():
+            for x, _y, idx, bad in loader:
+                for j, err in bad:
+                    log.warning("feature cache: cannot read %s: %s", items[misses[j]]["path"], err)
+                failed += len(bad)
+                done += len(bad)
+                if x is None:
+                    continue
+                x = normalize_batch(x.to(device, non_blocking=True), mean, std)
+                feats = backbone(x)
+                if feats.ndim > 2:  # as LoupeNet.forward
+                    feats = feats.flatten(2).mean(-1)
+                feats = feats.float().cpu().numpy()
+                for row, j in zip(feats, idx, strict=True):
+                    i = misses[j]
+                    vec = np.ascontiguousarray(row, dtype=np.float32)
+                    vecs[i] = vec
+                    if shas[i] is not None:
+                        _save_npy(root / shas[i][:2] / f"{shas[i]}.npy", vec)
+                done += len(idx)
+                if progress is not None:
+                    rate = (time.monotonic() - t_miss) / max(1, done)
+                    progress(
+                        {
+                            "phase": "features",
+                            "done": done,
+                            "total": len(misses),
+                            "hits": hits,
+                            "misses": len(misses),
+                            "eta_s": rate * (len(misses) - done),
+                        }
+                    )
+    finally:
+        torch.set_num_threads(prev_threads)
+    return failed
+
+
+def _stack_vectors(vecs: list, root: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(X (N, D) float32, zeros where missing; ok (N,) bool). ValueError when the vectors differ in size."""
+    n = len(vecs)
+    dims = {v.shape[0] for v in vecs if v is not None}
+    if len(dims) > 1:
+        raise ValueError(f"feature cache {root}: vectors of different sizes {sorted(dims)}; delete the folder")
+    d = dims.pop() if dims else 0
+    X = np.zeros((n, d), dtype=np.float32)
+    ok = np.zeros(n, dtype=bool)
+    for i, v in enumerate(vecs):
+        if v is not None:
+            X[i] = v
+            ok[i] = True
+    return X, ok

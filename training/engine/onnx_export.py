@@ -32,7 +32,7 @@ normalize_batch):
 
 Outputs (all with the dynamic batch axis first), in this order: ``logits_<head>`` (batch, K_head) for every head
 in manifest order, then ``probs_<head>`` (softmax of the logits), then ``embedding`` (batch, D): the
-L2-normalised pooled backbone features, i.e. exactly what inference.core.Recognizer.predict returns (probs and
+L2-normalised pooled backbone features, i.e. exactly what inference.recognizer.Recognizer.predict returns (probs and
 embeddings) and what the Faiss gallery index holds. Class names of head h: onnx_meta.json["heads"][h] (index i of
 probs_h is class heads[h][i]).
 
@@ -86,7 +86,7 @@ RTOL = 1e-3
 # ------------------------------------------------------------------------------------------------- loading
 def load_artifact(artifact_dir: str | Path) -> tuple[LoupeNet, dict]:
     """Read artifact_dir/model.pt (weights_only) and rebuild the LoupeNet exactly like
-    inference.core.Recognizer.load does (build_model(config, heads, load_weights=False) + strict
+    inference.recognizer.Recognizer.load does (build_model(config, heads, load_weights=False) + strict
     load_state_dict), on the CPU, in eval mode. Returns (model, checkpoint dict).
 
     Raises FileNotFoundError (missing model.pt) or ValueError (not a Loupe model / does not match its config).
@@ -327,53 +327,17 @@ def export_onnx(
     missing model.pt, ValueError for a bad artifact, a failed export (the exporter's message, shortened) or a
     failed parity check."""
     t0 = time.monotonic()
-    if exporter not in EXPORTERS:
-        raise ValueError(f"exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
-    if isinstance(opset, bool) or not isinstance(opset, int) or opset < 9:
-        raise ValueError(f"opset must be an integer >= 9, got {opset!r}")
-    if not out_name or Path(out_name).name != out_name or not out_name.endswith(".onnx") or out_name == ".onnx":
-        raise ValueError(f"out_name must be a plain file name ending in .onnx, got {out_name!r}")
-    if not atol >= 0:
-        raise ValueError(f"atol must be >= 0, got {atol!r}")
-    if not rtol >= 0:
-        raise ValueError(f"rtol must be >= 0, got {rtol!r}")
+    _check_export_args(exporter, opset, out_name, atol, rtol)
     d = Path(artifact_dir)
     model, ckpt = load_artifact(d)
-    cfg = ckpt["config"]
-    size = int(cfg["image_size"])
+    size = int(ckpt["config"]["image_size"])
     head_names = [h["name"] for h in ckpt["heads"]]
     names = output_names(head_names)
     if len(set(names)) != len(names):
         raise ValueError(f"head names {head_names} give duplicate ONNX output names")
-    label_maps = ckpt["label_maps"]
     wrapper = OnnxLoupe(model).eval()
     example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        out_shapes = {n: [None, *list(t.shape[1:])] for n, t in zip(names, wrapper(example), strict=True)}
-    meta = {
-        "format": "loupe-onnx-v1",
-        "source": MODEL_FILE,
-        "file": out_name,
-        "backbone": cfg.get("backbone"),
-        "image_size": size,
-        "input": INPUT_NAME,
-        "input_shape": [None, 3, size, size],
-        "input_dtype": "float32",
-        "dynamic_axes": {INPUT_NAME: {"0": BATCH_AXIS}, **{n: {"0": BATCH_AXIS} for n in names}},
-        "mean": [float(v) for v in ckpt["mean"]],
-        "std": [float(v) for v in ckpt["std"]],
-        "preprocess": preprocess_contract(size, ckpt["mean"], ckpt["std"]),
-        "outputs": names,
-        "output_shapes": out_shapes,
-        "heads": {h: list(label_maps.get(h) or ckpt["heads"][i]["classes"]) for i, h in enumerate(head_names)},
-        "head_specs": [
-            {k: h[k] for k in ("name", "classes", "parent", "class_parents") if k in h} for h in ckpt["heads"]
-        ],
-        "embedding_dim": int(ckpt.get("embedding_dim") or out_shapes["embedding"][1]),
-        "embedding": "L2-normalised pooled backbone features (cosine similarity = dot product)",
-        "opset_requested": opset,
-        "torch_version": str(torch.__version__),
-    }
+    meta = _export_meta(ckpt, wrapper, example, names, out_name, opset)
     if exporter == "auto":
         order = ["dynamo", "torchscript"] if opset >= DYNAMO_MIN_OPSET else ["torchscript", "dynamo"]
     else:
@@ -382,37 +346,15 @@ def export_onnx(
     target = d / out_name
     errors: list[str] = []
     for name in order:
-        tmp = _tmp_path(d, out_name)
         try:
-            t_exp = time.monotonic()
-            try:
-                _EXPORT_FUNCS[name](wrapper, example, tmp, opset, names)
-            except Exception as exc:  # noqa: BLE001 - unsupported ops, tracing/export errors
-                raise ValueError(f"export failed: {_shorten(exc)}") from exc
-            export_seconds = time.monotonic() - t_exp
-            try:
-                written_opset = _finish_onnx(tmp, names, {**meta, "exporter": name})
-            except ValueError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - onnx checker / protobuf (e.g. > 2 GB) errors
-                raise ValueError(f"invalid ONNX graph: {_shorten(exc)}") from exc
-            parity = _parity(tmp, wrapper, names, size, atol, rtol) if check else None
-            os.replace(tmp, target)
+            written_opset, parity, export_seconds = _export_checked(
+                name, wrapper, example, names, d, out_name, {**meta, "exporter": name}, opset, atol, rtol, check
+            )
         except ValueError as exc:
             errors.append(f"{name}: {exc}")
             log.warning("ONNX export of %s with the %s exporter failed: %s", d, name, exc)
             continue
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-        figures = {"max_abs_diff": None, "max_rel_diff": None, "top1_agreement": None}
-        if parity is not None:
-            top1 = parity["top1"]
-            figures = {
-                "max_abs_diff": max(parity["abs"].values()),
-                "max_rel_diff": max(parity["rel"].values()),
-                "top1_agreement": top1["agree"] / top1["rows"] if top1["rows"] else None,
-            }
+        figures = _parity_figures(parity)
         max_diff = figures["max_abs_diff"]
         meta.update(
             exporter=name,
@@ -447,3 +389,93 @@ def export_onnx(
             "seconds": seconds,
         }
     raise ValueError(f"ONNX export of {d / MODEL_FILE} failed: " + "; ".join(errors))
+
+
+def _check_export_args(exporter: str, opset, out_name: str, atol, rtol) -> None:
+    """ValueError for an unknown exporter, an opset below 9, an out_name that is not a plain *.onnx file name or a
+    negative tolerance."""
+    if exporter not in EXPORTERS:
+        raise ValueError(f"exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < 9:
+        raise ValueError(f"opset must be an integer >= 9, got {opset!r}")
+    if not out_name or Path(out_name).name != out_name or not out_name.endswith(".onnx") or out_name == ".onnx":
+        raise ValueError(f"out_name must be a plain file name ending in .onnx, got {out_name!r}")
+    if not atol >= 0:
+        raise ValueError(f"atol must be >= 0, got {atol!r}")
+    if not rtol >= 0:
+        raise ValueError(f"rtol must be >= 0, got {rtol!r}")
+
+
+def _export_meta(ckpt: dict, wrapper, example, names: list[str], out_name: str, opset: int) -> dict:
+    """onnx_meta.json's contents known before the export (input contract, outputs and their shapes, heads)."""
+    cfg = ckpt["config"]
+    size = int(cfg["image_size"])
+    head_names = [h["name"] for h in ckpt["heads"]]
+    label_maps = ckpt["label_maps"]
+    with torch.no_grad():
+        out_shapes = {n: [None, *list(t.shape[1:])] for n, t in zip(names, wrapper(example), strict=True)}
+    meta = {
+        "format": "loupe-onnx-v1",
+        "source": MODEL_FILE,
+        "file": out_name,
+        "backbone": cfg.get("backbone"),
+        "image_size": size,
+        "input": INPUT_NAME,
+        "input_shape": [None, 3, size, size],
+        "input_dtype": "float32",
+        "dynamic_axes": {INPUT_NAME: {"0": BATCH_AXIS}, **{n: {"0": BATCH_AXIS} for n in names}},
+        "mean": [float(v) for v in ckpt["mean"]],
+        "std": [float(v) for v in ckpt["std"]],
+        "preprocess": preprocess_contract(size, ckpt["mean"], ckpt["std"]),
+        "outputs": names,
+        "output_shapes": out_shapes,
+        "heads": {h: list(label_maps.get(h) or ckpt["heads"][i]["classes"]) for i, h in enumerate(head_names)},
+        "head_specs": [
+            {k: h[k] for k in ("name", "classes", "parent", "class_parents") if k in h} for h in ckpt["heads"]
+        ],
+        "embedding_dim": int(ckpt.get("embedding_dim") or out_shapes["embedding"][1]),
+        "embedding": "L2-normalised pooled backbone features (cosine similarity = dot product)",
+        "opset_requested": opset,
+        "torch_version": str(torch.__version__),
+    }
+    return meta
+
+
+def _export_checked(
+    name: str, wrapper, example, names: list[str], d: Path, out_name: str, meta: dict, opset: int, atol, rtol, check
+) -> tuple[int, dict | None, float]:
+    """One exporter's attempt: export to a temp file, finish it (_finish_onnx: names, metadata), check parity
+    (with `check`), then put it in place as d/out_name. Returns (the opset written, _parity's figures or None,
+    the export's seconds); ValueError when a step fails. The temp file never stays behind."""
+    tmp = _tmp_path(d, out_name)
+    try:
+        t_exp = time.monotonic()
+        try:
+            _EXPORT_FUNCS[name](wrapper, example, tmp, opset, names)
+        except Exception as exc:  # noqa: BLE001 - unsupported ops, tracing/export errors
+            raise ValueError(f"export failed: {_shorten(exc)}") from exc
+        export_seconds = time.monotonic() - t_exp
+        try:
+            written_opset = _finish_onnx(tmp, names, meta)
+        except ValueError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - onnx checker / protobuf (e.g. > 2 GB) errors
+            raise ValueError(f"invalid ONNX graph: {_shorten(exc)}") from exc
+        parity = _parity(tmp, wrapper, names, meta["image_size"], atol, rtol) if check else None
+        os.replace(tmp, d / out_name)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    return written_opset, parity, export_seconds
+
+
+def _parity_figures(parity: dict | None) -> dict:
+    """{"max_abs_diff", "max_rel_diff", "top1_agreement"} of _parity's figures (all None without a check)."""
+    if parity is None:
+        return {"max_abs_diff": None, "max_rel_diff": None, "top1_agreement": None}
+    top1 = parity["top1"]
+    return {
+        "max_abs_diff": max(parity["abs"].values()),
+        "max_rel_diff": max(parity["rel"].values()),
+        "top1_agreement": top1["agree"] / top1["rows"] if top1["rows"] else None,
+    }

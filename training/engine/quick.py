@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .atomic import write_atomic
+from .checkpoint import TrainState
 from .config import resolve_config
-from .epoch import _check_metric, _evaluation, _judge, _metric_value
+from .epoch import _check_metric, _evaluation, _metric_value, select_epoch
 from .features import cached_features
 from .hierarchy import leaf_head
 from .losses import _head_loss_weights, _heads_loss, class_weights
@@ -138,20 +139,12 @@ def train_heads(
     metric = es["metric"]
     _check_metric(metric, head_names)
     mode = "min" if metric == "val_loss" else "max"
-    Xt = torch.from_numpy(np.ascontiguousarray(X_train, dtype=np.float32))
-    Yt = torch.from_numpy(np.ascontiguousarray(Y_train, dtype=np.int64))
-    if len(X_val):
-        Xv = torch.from_numpy(np.ascontiguousarray(X_val, dtype=np.float32))
-        Yv = torch.from_numpy(np.ascontiguousarray(Y_val, dtype=np.int64))
-        metrics_on = "val"
-    else:
-        Xv, Yv, metrics_on = Xt, Yt, "train"
+    Xt, Yt, Xv, Yv, metrics_on = _feature_tensors(X_train, Y_train, X_val, Y_val)
     n = Xt.shape[0]
     if n == 0:
         raise ValueError("no train features to train the heads on")
     torch.manual_seed(cfg["seed"])
     model = heads_module(cfg, heads, Xt.shape[1])
-    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     loss_weights = class_weights([tuple(r) for r in Yt.tolist()], head_sizes, cfg["class_weighting"])
     if all(w is None for w in loss_weights):
         loss_weights = None
@@ -159,45 +152,25 @@ def train_heads(
     bs = min(n, max(QUICK_MIN_BATCH, int(cfg["batch_size"])))
     drop_last = n > bs
     steps_per_epoch = n // bs if drop_last else 1
-    total_steps = max(1, epochs * steps_per_epoch)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total_steps))),
-    )
+    optimizer, scheduler = _heads_optimizer(model, cfg, max(1, epochs * steps_per_epoch))
     gen = torch.Generator()
     gen.manual_seed(cfg["seed"])
     arc = model.arcface_head is not None
     warm_epochs = max(1, epochs // 5) if arc else 0
-    history, best, best_state = [], None, None
-    bad_epochs, stopped_early = 0, None
-    last_progress = 0.0
     t0 = time.monotonic()
+    state = TrainState(t_start=t0)  # history, best, best_state, bad_epochs, stopped_early
+    history = state.history
+    last_progress = 0.0
     for epoch in range(1, epochs + 1):
         t_epoch = time.monotonic()
         if arc:
             model.set_arcface_margin(cfg["arcface_warmup_margin"] if epoch <= warm_epochs else cfg["arcface_margin"])
         model.train()
         perm = torch.randperm(n, generator=gen)
-        loss_sum, loss_n = 0.0, 0
-        for s in range(steps_per_epoch):
-            rows = perm[s * bs : (s + 1) * bs] if drop_last else perm
-            if has_bn and rows.numel() < 2:
-                continue
-            logits, emb = model(Xt[rows])
-            loss = _heads_loss(
-                logits, Yt[rows], cfg["label_smoothing"], loss_weights, head_weights, model=model, embeddings=emb
-            )
-            optimizer.zero_grad(set_to_none=True)
-            if loss.requires_grad:
-                loss.backward()
-                optimizer.step()
-            scheduler.step()
-            loss_sum += float(loss.detach())
-            loss_n += 1
+        batches = [perm[s * bs : (s + 1) * bs] if drop_last else perm for s in range(steps_per_epoch)]
+        train_loss = _heads_train_epoch(model, optimizer, scheduler, Xt, Yt, batches, cfg, loss_weights, head_weights)
         result = _evaluate(model, Xv, Yv, head_names, head_sizes)
         value = _metric_value(result, metric)
-        train_loss = loss_sum / loss_n if loss_n else None
         history.append(
             history_entry(
                 epoch,
@@ -210,16 +183,10 @@ def train_heads(
                 arcface_margin=round(math.degrees(model.arcface.margin), 4) if arc else None,
             )
         )
-        improved, selected = _judge(value, result["loss"], best, mode, es["min_delta"])
-        if improved:
-            bad_epochs = 0
-        elif value is not None:
-            bad_epochs += 1
-        if selected:
-            best = {"epoch": epoch, "value": value, "loss": result["loss"], "result": result}
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        if es["patience"] is not None and bad_epochs >= es["patience"] and epoch < epochs:
-            stopped_early = "early_stopping"
+        select_epoch(state, epoch, value, result, model, mode, es["min_delta"])
+        if es["patience"] is not None and state.bad_epochs >= es["patience"] and epoch < epochs:
+            state.stopped_early = "early_stopping"
+        stopped_early = state.stopped_early
         now = time.monotonic()
         if progress is not None and (stopped_early or epoch == epochs or now - last_progress >= PROGRESS_INTERVAL_S):
             progress(
@@ -236,16 +203,60 @@ def train_heads(
             last_progress = now
         if stopped_early:
             break
-    model.load_state_dict(best_state)
+    model.load_state_dict(state.best_state)
     model.eval()
     return {
         "model": model,
-        "state_dict": best_state,
-        "best": best,
+        "state_dict": state.best_state,
+        "best": state.best,
         "history": history,
         "metrics_on": metrics_on,
-        "stopped_early": stopped_early,
+        "stopped_early": state.stopped_early,
     }
+
+
+def _feature_tensors(X_train, Y_train, X_val, Y_val):
+    """(Xt, Yt, Xv, Yv, metrics_on) as contiguous float32 / int64 tensors; without val rows the train rows stand in
+    (metrics_on "train")."""
+    Xt = torch.from_numpy(np.ascontiguousarray(X_train, dtype=np.float32))
+    Yt = torch.from_numpy(np.ascontiguousarray(Y_train, dtype=np.int64))
+    if len(X_val):
+        Xv = torch.from_numpy(np.ascontiguousarray(X_val, dtype=np.float32))
+        Yv = torch.from_numpy(np.ascontiguousarray(Y_val, dtype=np.int64))
+        return Xt, Yt, Xv, Yv, "val"
+    return Xt, Yt, Xt, Yt, "train"
+
+
+def _heads_optimizer(model, cfg: dict, total_steps: int):
+    """(AdamW on all the heads' parameters, per-step cosine decay to MIN_LR_RATIO over total_steps, no warm-up)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total_steps))),
+    )
+    return optimizer, scheduler
+
+
+def _heads_train_epoch(model, optimizer, scheduler, Xt, Yt, batches, cfg: dict, loss_weights, head_weights):
+    """One epoch of train_heads over `batches` (row indexes; batches of one row are skipped when the heads have
+    BatchNorm). Returns the mean train loss (None without a trained batch)."""
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    loss_sum, loss_n = 0.0, 0
+    for rows in batches:
+        if has_bn and rows.numel() < 2:
+            continue
+        logits, emb = model(Xt[rows])
+        loss = _heads_loss(
+            logits, Yt[rows], cfg["label_smoothing"], loss_weights, head_weights, model=model, embeddings=emb
+        )
+        optimizer.zero_grad(set_to_none=True)
+        if loss.requires_grad:
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+        loss_sum += float(loss.detach())
+        loss_n += 1
+    return loss_sum / loss_n if loss_n else None
 
 
 def write_artifact(out_dir: Path, cfg: dict, parsed, model, mean, std, best_epoch: int, metrics: dict, t_start: float):

@@ -571,15 +571,32 @@ def write_report_md(
     metrics = metrics or {}
     heads = heads or {}
     images = dict(images or {})
+    # Never "val" for figures computed on the training photos (a dataset version without validation photos).
+    on = "train (optimistic)" if metrics.get("metrics_on") == "train" else "val"
     lines: list[str] = ["# Training report", ""]
+    lines += _summary_md(metrics, config, on)
+    head_names = list(heads) + [n for n in (metrics.get("heads") or {}) if n not in heads]
+    lines += _heads_overview_md(head_names, heads, metrics, on)
+    used_images: set[str] = set()
+    for name in head_names:
+        lines += _head_md(name, heads.get(name), metrics, images, path.parent, used_images)
+    if retrieval:
+        lines += _retrieval_md(retrieval)
+    lines += _plots_md(images, used_images, path.parent)
 
-    # ---- summary
-    lines += ["## Summary", ""]
+    # ---- config
+    lines += ["## Resolved config", "", "```json"]
+    lines.append(json.dumps(_safe(config or {}), indent=2, sort_keys=True, default=str, allow_nan=False))
+    lines += ["```", ""]
+    _write_text_atomic(path, "\n".join(lines))
+
+
+def _summary_md(metrics: dict, config: dict, on: str) -> list[str]:
+    """report.md's summary table (from metrics.json)."""
+    lines: list[str] = ["## Summary", ""]
     epochs_run = metrics.get("epochs_run", len(metrics.get("history") or []) or None)
     epochs_cfg = (config or {}).get("epochs")
     epochs = f"{epochs_run} of {epochs_cfg}" if epochs_run is not None and epochs_cfg is not None else epochs_run
-    # Never "val" for figures computed on the training photos (a dataset version without validation photos).
-    on = "train (optimistic)" if metrics.get("metrics_on") == "train" else "val"
     summary = [
         ["backbone", metrics.get("backbone", (config or {}).get("backbone"))],
         ["epochs", epochs],
@@ -601,9 +618,12 @@ def write_report_md(
     if metrics.get("skipped_files"):
         summary.append(["unreadable files skipped", metrics["skipped_files"]])
     lines += _table(["", "value"], summary) + [""]
+    return lines
 
-    # ---- heads overview
-    head_names = list(heads) + [n for n in (metrics.get("heads") or {}) if n not in heads]
+
+def _heads_overview_md(head_names: list[str], heads: dict, metrics: dict, on: str) -> list[str]:
+    """The overview table of the heads (none without heads)."""
+    lines: list[str] = []
     if head_names:
         lines += ["## Heads", ""]
         rows = []
@@ -622,76 +642,75 @@ def write_report_md(
             )
         n_col = "n_train (optimistic)" if on != "val" else "n_val"
         lines += _table(["head", "classes", n_col, "top-1", "top-5", "macro F1"], rows) + [""]
+    return lines
 
-    used_images: set[str] = set()
-    for name in head_names:
-        rep = heads.get(name)
-        lines += [f"## Head `{_cell(name)}`", ""]
-        if rep is None:
-            m = (metrics.get("heads") or {}).get(name) or {}
-            lines += [f"top-1 {_pct(m.get('top1'))}, top-5 {_pct(m.get('top5'))} (no detailed report)", ""]
-            continue
+
+def _head_md(name: str, rep: dict | None, metrics: dict, images: dict, base_dir: Path, used_images: set) -> list[str]:
+    """A head's section: its figures, weakest classes, most-confused pairs and its images (their captions are added
+    to used_images); only top-1/top-5 without a detailed report (rep None)."""
+    lines: list[str] = [f"## Head `{_cell(name)}`", ""]
+    if rep is None:
+        m = (metrics.get("heads") or {}).get(name) or {}
+        lines += [f"top-1 {_pct(m.get('top1'))}, top-5 {_pct(m.get('top5'))} (no detailed report)", ""]
+        return lines
+    lines += _table(
+        ["metric", "value"],
+        [
+            ["n (known labels)", rep.get("n")],
+            ["top-1", _pct(rep.get("top1"))],
+            ["top-5", _pct(rep.get("top5"))],
+            ["macro precision", _pct((rep.get("macro") or {}).get("precision"))],
+            ["macro recall", _pct((rep.get("macro") or {}).get("recall"))],
+            ["macro F1", _pct((rep.get("macro") or {}).get("f1"))],
+        ],
+    ) + [""]
+    present = [(c, m) for c, m in (rep.get("per_class") or {}).items() if m.get("n") and m.get("recall") is not None]
+    if present:
+        weakest = sorted(present, key=lambda cm: (cm[1]["recall"], -cm[1]["n"], cm[0]))[:10]
+        lines += ["### Weakest classes (by recall)", ""]
         lines += _table(
-            ["metric", "value"],
-            [
-                ["n (known labels)", rep.get("n")],
-                ["top-1", _pct(rep.get("top1"))],
-                ["top-5", _pct(rep.get("top5"))],
-                ["macro precision", _pct((rep.get("macro") or {}).get("precision"))],
-                ["macro recall", _pct((rep.get("macro") or {}).get("recall"))],
-                ["macro F1", _pct((rep.get("macro") or {}).get("f1"))],
-            ],
+            ["class", "n", "recall", "precision", "F1"],
+            [[c, m["n"], _pct(m["recall"]), _pct(m["precision"]), _pct(m["f1"])] for c, m in weakest],
         ) + [""]
-        present = [
-            (c, m) for c, m in (rep.get("per_class") or {}).items() if m.get("n") and m.get("recall") is not None
-        ]
-        if present:
-            weakest = sorted(present, key=lambda cm: (cm[1]["recall"], -cm[1]["n"], cm[0]))[:10]
-            lines += ["### Weakest classes (by recall)", ""]
-            lines += _table(
-                ["class", "n", "recall", "precision", "F1"],
-                [[c, m["n"], _pct(m["recall"]), _pct(m["precision"]), _pct(m["f1"])] for c, m in weakest],
-            ) + [""]
-        absent = [c for c, m in (rep.get("per_class") or {}).items() if not m.get("n")]
-        if absent:
-            shown = ", ".join(_cell(c) for c in absent[:20]) + (
-                f" and {len(absent) - 20} more" if len(absent) > 20 else ""
-            )
-            lines += [f"Classes without validation images ({len(absent)}): {shown}", ""]
-        pairs = rep.get("most_confused") or []
-        lines += ["### Most-confused pairs", ""]
-        if pairs:
-            lines += _table(
-                ["true", "predicted", "count", "share of true"],
-                [[p["true"], p["predicted"], p["count"], _pct(p["share_of_true"])] for p in pairs],
-            ) + [""]
-        else:
-            lines += ["No confusions." if rep.get("n") else "No validation images with a known label.", ""]
-        for caption, file in images.items():
-            if caption == name or caption.startswith(f"{name} "):
-                lines += [f"![{_cell(caption)}]({_rel_link(file, path.parent)})", ""]
-                used_images.add(caption)
+    absent = [c for c, m in (rep.get("per_class") or {}).items() if not m.get("n")]
+    if absent:
+        shown = ", ".join(_cell(c) for c in absent[:20]) + (f" and {len(absent) - 20} more" if len(absent) > 20 else "")
+        lines += [f"Classes without validation images ({len(absent)}): {shown}", ""]
+    pairs = rep.get("most_confused") or []
+    lines += ["### Most-confused pairs", ""]
+    if pairs:
+        lines += _table(
+            ["true", "predicted", "count", "share of true"],
+            [[p["true"], p["predicted"], p["count"], _pct(p["share_of_true"])] for p in pairs],
+        ) + [""]
+    else:
+        lines += ["No confusions." if rep.get("n") else "No validation images with a known label.", ""]
+    for caption, file in images.items():
+        if caption == name or caption.startswith(f"{name} "):
+            lines += [f"![{_cell(caption)}]({_rel_link(file, base_dir)})", ""]
+            used_images.add(caption)
+    return lines
 
-    # ---- retrieval
-    if retrieval:
-        lines += ["## Retrieval (embeddings)", ""]
-        rows = [[k, _pct(v) if isinstance(v, float) else v] for k, v in retrieval.items() if k.startswith("recall@")]
-        map_label = f"mAP@{retrieval['map_at']}" if retrieval.get("map_at") else "mAP"
-        rows.append([map_label, _pct(retrieval.get("map"))])
-        for key in ("n_queries", "n_gallery", "n_queries_without_positive"):
-            if key in retrieval:
-                rows.append([key, retrieval[key]])
-        lines += _table(["metric", "value"], rows) + [""]
 
-    # ---- remaining plots
+def _retrieval_md(retrieval: dict) -> list[str]:
+    """The retrieval metrics table."""
+    lines: list[str] = ["## Retrieval (embeddings)", ""]
+    rows = [[k, _pct(v) if isinstance(v, float) else v] for k, v in retrieval.items() if k.startswith("recall@")]
+    map_label = f"mAP@{retrieval['map_at']}" if retrieval.get("map_at") else "mAP"
+    rows.append([map_label, _pct(retrieval.get("map"))])
+    for key in ("n_queries", "n_gallery", "n_queries_without_positive"):
+        if key in retrieval:
+            rows.append([key, retrieval[key]])
+    lines += _table(["metric", "value"], rows) + [""]
+    return lines
+
+
+def _plots_md(images: dict, used_images: set, base_dir: Path) -> list[str]:
+    """The plots not placed in a head's section."""
+    lines: list[str] = []
     rest = [(c, f) for c, f in images.items() if c not in used_images]
     if rest:
         lines += ["## Plots", ""]
         for caption, file in rest:
-            lines += [f"### {_cell(caption)}", "", f"![{_cell(caption)}]({_rel_link(file, path.parent)})", ""]
-
-    # ---- config
-    lines += ["## Resolved config", "", "```json"]
-    lines.append(json.dumps(_safe(config or {}), indent=2, sort_keys=True, default=str, allow_nan=False))
-    lines += ["```", ""]
-    _write_text_atomic(path, "\n".join(lines))
+            lines += [f"### {_cell(caption)}", "", f"![{_cell(caption)}]({_rel_link(file, base_dir)})", ""]
+    return lines
