@@ -202,7 +202,7 @@ def test_heartbeat_thread_keeps_a_busy_job_alive(project, settings):
     assert timezone.now() - run.heartbeat_at < timezone.timedelta(seconds=1)
 
 
-def _worker(tmp_path: Path, broker_url: str, name: str, settings) -> subprocess.Popen:
+def _worker(tmp_path: Path, broker_url: str, name: str, settings, queues: str = "default,gpu") -> subprocess.Popen:
     db = connection.settings_dict
     env = {
         **os.environ,
@@ -227,7 +227,7 @@ def _worker(tmp_path: Path, broker_url: str, name: str, settings) -> subprocess.
             "webapp",
             "worker",
             "-Q",
-            "default,gpu",
+            queues,
             "-c",
             "1",
             "-P",
@@ -333,3 +333,45 @@ def test_the_embedded_filesystem_broker_is_searched_too(project, tmp_path, setti
     finally:
         app.conf.update(broker_transport_options=old_options)
         _use_broker(None)
+
+
+def test_a_short_job_runs_while_a_long_one_holds_the_gpu_worker(broker, project, settings, tmp_path):
+    """Issue 16.3, as make demo and docker-compose run it: a worker per queue. A health scan (queue default) queued
+    while a training run (queue gpu) is in progress finishes before the run does, instead of waiting behind it."""
+    from labeling import health
+    from webapp.jobs import describe
+
+    settings.LOUPE_HEARTBEAT_SECONDS = 0.5
+    config = {
+        **TINY_TRAIN,
+        "epochs": 400,  # far longer than the test: it is killed at the end
+        "image_size": 64,
+        "freeze_backbone_epochs": 0,
+        "early_stopping": {"metric": "primary", "patience": None},
+    }
+    run = services.training_run_create(project=project, config=config)
+    gpu = _worker(tmp_path, broker.url, "gpu", settings, queues="gpu")
+    default = None
+    try:
+        _wait(
+            lambda: TrainingRun.objects.filter(pk=run.pk, status="running", epoch__gte=1).exists(),
+            timeout=180,
+            what="the run to start on the gpu worker",
+        )
+        scan = health.health_report_create(project=project)
+        assert describe(scan)["queue"] == "default" and describe(scan)["ahead"] == 0  # the run is on another queue
+        default = _worker(tmp_path, broker.url, "default", settings, queues="default")
+        _wait(
+            lambda: HealthReport.objects.filter(pk=scan.pk, status__in=["succeeded", "failed"]).exists(),
+            timeout=120,
+            what="the scan to finish on the default worker",
+        )
+        scan.refresh_from_db()
+        run.refresh_from_db()
+        assert scan.status == "succeeded", scan.error
+        assert run.status == "running" and run.epoch < 400, (run.status, run.epoch)  # the long job is still going
+    finally:
+        for proc in (gpu, default):
+            if proc is not None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
