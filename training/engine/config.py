@@ -98,6 +98,10 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "torch_threads": "auto",  # CPU intra-op threads while training: "auto" = cpus - workers - 1 (min 1)
     "seed": 0,
     "device": "auto",  # "auto" (cuda if available else cpu), "cpu", "cuda", "cuda:1", ...
+    # Mixed precision on CUDA: "auto" = bfloat16 where the GPU computes it natively (Ampere and newer), else float16
+    # with a GradScaler; "bf16" / "fp16" force one ("bf16" on a GPU without native bfloat16 is refused: emulated
+    # bfloat16 is slower than float32); "off" = float32. Other devices always compute in float32.
+    "amp": "auto",
     "max_train_seconds": None,  # stop training (keeping the best epoch so far) after this many seconds
     "progress_every": 20,  # call progress() every N train steps (and at least every ~15 s)
     # Checkpoints in out_dir/checkpoints/: latest.pt after every epoch, best.pt when the selection metric
@@ -122,9 +126,12 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "tail_views": 2,
 }
 
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+
 # Keys that only change how/where training runs, not what it computes: a checkpoint written with other values
 # of these keys can still be resumed (they are left out of the checkpoint fingerprint).
 RUNTIME_KEYS = (
+    "amp",
     "num_workers",
     "torch_threads",
     "device",
@@ -336,6 +343,7 @@ def _validate_runtime(cfg: dict[str, Any]) -> None:
         dev,
         '"auto", "cpu", "cuda", "cuda:N" or "mps"',
     )
+    _check(cfg["amp"] in AMP_MODES, "amp", cfg["amp"], " or ".join(f'"{m}"' for m in AMP_MODES))
     mts = cfg["max_train_seconds"]
     _check(mts is None or (_is_number(mts) and mts > 0), "max_train_seconds", mts, "null or a number > 0")
     _check(

@@ -283,7 +283,7 @@ def _train(
     mode = "min" if metric == "val_loss" else "max"
     model, info = build_model(cfg, parsed.heads)  # may raise ValueError (pretrained_path)
     to_device(model, device)
-    amp = amp_for(device)
+    amp = amp_for(device, cfg["amp"])
     data = _data(parsed, cfg, num_workers, device.type == "cuda", sources)
     tr, freezable, frozen_norms = _trainer(cfg, parsed, model, info, amp, device, data, mode, head_weights)
     state = TrainState(t_start=t_start)
@@ -539,6 +539,7 @@ def _final_metrics(run: _Run) -> dict:
         "skipped_files": len(state.skipped),
         "skipped_paths": sorted(state.skipped)[:100],
         "device": str(run.tr.device),
+        "amp": run.tr.amp.name,
         "backbone": cfg["backbone"],
         "pretrained_source": info["pretrained_source"],
         "pretrained_detail": info["pretrained_detail"],

@@ -121,9 +121,26 @@ class Amp:
         return "bf16" if self.dtype == torch.bfloat16 else "fp16 + GradScaler"
 
 
-def amp_for(device: torch.device) -> Amp:
-    if device.type != "cuda":
+def native_bf16(device: torch.device) -> bool:
+    """Whether the GPU computes bfloat16 in hardware (compute capability 8.0+: Ampere, Hopper, ...). torch's
+    is_bf16_supported() also says yes for older GPUs that only emulate it, where bfloat16 is slower than float32."""
+    return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+
+
+def amp_for(device: torch.device, mode: str = "auto") -> Amp:
+    """The mixed precision of a run (config key `amp`): on CUDA "auto" is bfloat16 where native_bf16, else float16
+    with a GradScaler; "bf16" / "fp16" force one; "off" is float32. Other devices: float32. ValueError for "bf16"
+    on a GPU without native bfloat16."""
+    if device.type != "cuda" or mode == "off":
         return Amp()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if mode == "bf16" and not native_bf16(device):
+        name = torch.cuda.get_device_name(device)
+        raise ValueError(
+            f"amp=bf16, but {name} has no native bfloat16 (it would be emulated, slower than float32): "
+            'use amp "fp16" or "auto"'
+        )
+    if mode == "auto":
+        mode = "bf16" if native_bf16(device) else "fp16"
+    dtype = torch.bfloat16 if mode == "bf16" else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     return Amp(dtype, scaler if scaler.is_enabled() else None)
