@@ -8,11 +8,13 @@ from django.urls import reverse
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers, status
 from rest_framework.parsers import MultiPartParser
+from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from labeling.models import Label
 from webapp.errors import ApiError, JSONParser
+from webapp.throttling import PublicIPRateThrottle
 
 from . import services
 from .decode import ImageError, decode_image, decoded_size, sniff_media_type
@@ -298,6 +300,17 @@ class CarDetectView(APIView):
     The project it serves is settings.LOUPE_CAR_PROJECT; every error keeps the contract's shape."""
 
     parser_classes = [JSONParser]
+
+    def get_permissions(self):
+        if settings.LOUPE_CAR_ENDPOINT_PUBLIC:  # the operator opted in: no token, a budget per client IP
+            return [AllowAny()]
+        return super().get_permissions()
+
+    def get_throttles(self):
+        throttles = super().get_throttles()
+        if settings.LOUPE_CAR_ENDPOINT_PUBLIC:
+            throttles.append(PublicIPRateThrottle())
+        return throttles
 
     @extend_schema(
         request=RecognizeJsonSerializer,

@@ -144,6 +144,10 @@ LOUPE_INDEX_KIND = env.str("LOUPE_INDEX_KIND", default="auto")
 LOUPE_INDEX_FLAT_MAX = env.int("LOUPE_INDEX_FLAT_MAX", default=50_000)
 LOUPE_CAR_MIN_IMAGES = env.int("LOUPE_CAR_MIN_IMAGES", default=4)
 LOUPE_CAR_THRESHOLD = env.float("LOUPE_CAR_THRESHOLD", default=0.6)
+# Serve the car endpoint without a token (the seed's "frontend needs no changes"), each client IP throttled to
+# LOUPE_CAR_PUBLIC_RATE; off by default. Behind a proxy set LOUPE_NUM_PROXIES so the IP is the client's.
+LOUPE_CAR_ENDPOINT_PUBLIC = env.bool("LOUPE_CAR_ENDPOINT_PUBLIC", default=False)
+LOUPE_CAR_PUBLIC_RATE = env.str("LOUPE_CAR_PUBLIC_RATE", default="30/min")
 LOUPE_MAX_IMAGE_BYTES = env.int("LOUPE_MAX_IMAGE_BYTES", default=15 * 1024 * 1024)
 LOUPE_MAX_IMAGE_PIXELS = env.int("LOUPE_MAX_IMAGE_PIXELS", default=40_000_000)
 # Pixels decoded per recognition request, summed over its photos and read from their headers before decoding
@@ -258,6 +262,8 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_THROTTLE_CLASSES": ["webapp.throttling.TokenRateThrottle"],
     "DEFAULT_THROTTLE_RATES": {"token": env.str("LOUPE_API_RATE", default="600/min")},
+    # Proxies in front of the app that set X-Forwarded-For (docker-compose: nginx = 1); 0 = the socket's address.
+    "NUM_PROXIES": env.int("LOUPE_NUM_PROXIES", default=0),
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "Loupe API",

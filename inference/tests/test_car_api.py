@@ -90,3 +90,32 @@ def test_bad_requests_keep_the_contract_shape(api, cars, client, trained_version
 def test_misconfigured_project_is_a_503_in_the_contract_shape(api, settings, db):
     settings.LOUPE_CAR_PROJECT = "no-such-project"
     assert "LOUPE_CAR_PROJECT" in _contract_error(api.post(URL, _photos(4), format="json"), 503)
+
+
+def test_an_operator_can_serve_the_car_contract_without_a_token_throttled_per_client_ip(
+    cars, settings, trained_version
+):
+    """LOUPE_CAR_ENDPOINT_PUBLIC: the seed's frontend needs no token; each client IP has its own budget
+    (LOUPE_CAR_PUBLIC_RATE), answered in the contract's shape when used up; token clients keep their own."""
+    from django.core.cache import cache
+
+    trained_version(cars, epochs=3)
+    anonymous = APIClient()
+    _contract_error(anonymous.post(URL, _photos(4), format="json"), 401)  # off by default
+    settings.LOUPE_CAR_ENDPOINT_PUBLIC = True
+    settings.LOUPE_CAR_PUBLIC_RATE = "2/min"
+    cache.clear()
+    for _ in range(2):
+        ok = anonymous.post(URL, _photos(4), format="json", REMOTE_ADDR="203.0.113.7")
+        assert ok.status_code == 200 and ok.json()["error"] is None, ok.json()
+    limited = anonymous.post(URL, _photos(4), format="json", REMOTE_ADDR="203.0.113.7")
+    assert "throttled" in _contract_error(limited, 429).lower() and limited.headers.get("Retry-After")
+    other = anonymous.post(URL, _photos(4), format="json", REMOTE_ADDR="198.51.100.9")  # another client
+    assert other.status_code == 200
+    # Behind nginx (NUM_PROXIES = 1) the client is X-Forwarded-For, which nginx sets: not the proxy's address.
+    settings.REST_FRAMEWORK = {**settings.REST_FRAMEWORK, "NUM_PROXIES": 1}  # DRF reloads on setting_changed
+    proxy = {"REMOTE_ADDR": "10.0.0.2", "format": "json"}
+    for _ in range(2):
+        assert anonymous.post(URL, _photos(4), HTTP_X_FORWARDED_FOR="192.0.2.1", **proxy).status_code == 200
+    _contract_error(anonymous.post(URL, _photos(4), HTTP_X_FORWARDED_FOR="192.0.2.1", **proxy), 429)
+    assert anonymous.post(URL, _photos(4), HTTP_X_FORWARDED_FOR="192.0.2.2", **proxy).status_code == 200
