@@ -6,8 +6,9 @@ manifest and config, in one process with no web app, database or Celery. The rat
 (generate + import + queue + worker + index + promote + first request) costs on top of training itself.
 
 Mislabel queue (issue 15 item 7): the workers stay up after the model is served, as under `make demo`; the
-model's activation (the promote) queued the out-of-fold predictions + mislabel queue rebuild
-(review.tasks.mislabel_refresh, queue gpu: the queues follow the active model). Measured: seconds from the served
+model's activation (the promote) queued the out-of-fold predictions + mislabel queue rebuild as a job row
+(training.models.Job kind mislabel_refresh, task pipeline.job.mislabel_refresh on queue gpu: the queues follow the
+active model). Measured: seconds from the served
 model (the demo command returned, then the first recognise request) to the queue being filled (the version's
 metrics["mislabel_queue"] written), its size per head, and against the ground truth of var/demo/planted.json
 ("flipped_labels": the part labels written wrong on purpose) the precision of the part head's first N items
