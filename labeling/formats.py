@@ -7,12 +7,32 @@ Layout written by `export_dataset(out_dir, heads=..., records=...)`:
     images/<filename>                      every record's file (hard link, copy or symlink)
     car_labels.csv | labels.csv            filename,<head1>,<head2>...   (car_labels.csv iff heads == make,model)
     metadata.csv                           filename,group,source,split   (ours: groups and sources round-trip)
-    splits.json                            {"test": [...], "train": [...], "val": [...]}  (filenames, sorted)
+    splits.json                            {"train": [entry...], "val": [...], "test": [...]}  (by filename)
     splits/{train,val,test}_ids.json       sorted GROUP ids per split (the retrieval seed splits by ID)
-    label_maps.json                        per head h: h_to_idx, <h>s, h_counts, child_to_parent; "heads"
+    label_maps.json                        the seed's maps per head + our extras (below)
     class_to_idx.json                      ImageFolder folder name -> index (sorted, 0..N-1, like torchvision)
     imagefolder/<split>/<folder>/<filename>   the folder head's classes (the first head nobody's parent)
     imagefolder_class_names.json           only when a class name is not a safe folder name: {folder: class}
+
+splits.json is seed 000's shape: each entry is one image,
+
+    {"path": "images/<filename>", "filename": "<filename>", "<head>": <class or null>, ..., "<head>_idx": <int>, ...}
+
+for every head (a car export: exactly path, filename, make, model, make_idx, model_idx). `path` is relative to
+the export folder (the folder holding splits.json): the image is the file images/<filename> the export writes,
+so a seed opens os.path.join(export_dir, entry["path"]). `<head>_idx` is the class's index in label_maps.json
+`<head>_to_idx`, -1 when the image has no label for that head (null). Reading accepts these entries and the
+plain filename lists of earlier releases ({"train": ["<filename>", ...], ...}); where entries carry labels or
+indices they must agree with the labels CSV and label_maps.json (else a problem, nothing imported). File names
+are kept as written (images/<filename>), so an import names each photo by its export file name.
+
+label_maps.json, per head h (plural <h>s: make -> makes): the seed's keys h_to_idx (class -> index, classes
+sorted, 0..N-1), h_list (the classes in index order) and num_<h>s (N, e.g. num_makes); our extras <h>s (= h_list,
+kept for earlier readers), h_counts ({class: images}), <child>_to_<parent> ({child class: parent class}) and
+"heads" (the head names in order). Head names whose keys would clash (a head "num_make" next to "make") refuse
+the export when a seed key, "heads" or a <child>_to_<parent> key is involved; an extra key that clashes is left
+out (the seed's key wins). Head names whose splits.json entry keys would clash ("path", a head "make_idx" next to
+"make") refuse the export.
 
 Class names that are not safe folder names ("/", "\\", control characters, Windows-reserved <>:"|?*, "%",
 a leading "." or space, a trailing "." or space) are percent-encoded for the ImageFolder tree only (UTF-8
@@ -232,12 +252,14 @@ def _label_maps(
     head_names: list[str], parents: dict[str, str], records: Sequence[ExportRecord], problems: Problems
 ) -> dict:
     maps: dict = {"heads": list(head_names)}
+    extras: list[tuple[str, object]] = []  # (key, value): ours, left out where a seed key has the name
     for h in head_names:
         counts = Counter(r.labels.get(h) for r in records if isinstance(r.labels.get(h), str))
         classes = sorted(counts)
         maps[f"{h}_to_idx"] = {c: i for i, c in enumerate(classes)}
-        maps[plural(h)] = classes
-        maps[f"{h}_counts"] = dict(counts)
+        maps[f"{h}_list"] = classes
+        maps[f"num_{plural(h)}"] = len(classes)
+        extras += [(plural(h), classes), (f"{h}_counts", dict(counts))]
     for child, parent in parents.items():
         seen: dict[str, dict[str, str]] = defaultdict(dict)  # child class → {parent class: first filename}
         for r in records:
@@ -256,15 +278,35 @@ def _label_maps(
                 )
             mapping[c] = next(iter(sorted(ps)))
         maps[f"{child}_to_{parent}"] = mapping
-    # Key collisions (e.g. a head named "make_to_idx") would silently overwrite each other.
+    # Key collisions (e.g. a head named "make_to_idx") would silently overwrite each other: the keys the seeds and
+    # read_export use must be distinct; an extra key that clashes with any other key is left out.
     keys = ["heads"]
     for h in head_names:
-        keys += [f"{h}_to_idx", plural(h), f"{h}_counts"]
+        keys += [f"{h}_to_idx", f"{h}_list", f"num_{plural(h)}"]
     keys += [f"{c}_to_{p}" for c, p in parents.items()]
     dupes = sorted(k for k, n in Counter(keys).items() if n > 1)
     if dupes:
         problems.append(("heads", f"head names give clashing label_maps.json keys: {_quote_list(dupes)}"))
+    extra_count = Counter(k for k, _ in extras)
+    for key, value in extras:
+        if key not in maps and extra_count[key] == 1:
+            maps[key] = value
     return maps
+
+
+def _entry_keys(head_names: Sequence[str]) -> list[str]:
+    """The keys of a splits.json entry, in the order written."""
+    return ["path", "filename", *head_names, *(f"{h}_idx" for h in head_names)]
+
+
+def _split_entry(r: ExportRecord, head_names: Sequence[str], label_maps: dict) -> dict:
+    entry: dict = {"path": f"images/{r.filename}", "filename": r.filename}
+    for h in head_names:
+        entry[h] = r.labels.get(h)
+    for h in head_names:
+        c = r.labels.get(h)
+        entry[f"{h}_idx"] = label_maps[f"{h}_to_idx"][c] if c is not None else -1
+    return entry
 
 
 def _place(src: Path, dst: Path, link: str, stats: Counter) -> None:
@@ -343,6 +385,9 @@ def export_dataset(
             detail = ", ".join(f"{s} ({fn})" for s, fn in sorted(by_split.items()))
             problems.append((f"group {group!r}", f"is in more than one split: {detail}; groups never cross splits"))
     label_maps = _label_maps(head_names, parents, records, problems)
+    entry_dupes = sorted(k for k, n in Counter(_entry_keys(head_names)).items() if n > 1)
+    if entry_dupes:
+        problems.append(("heads", f"head names give clashing splits.json entry keys: {_quote_list(entry_dupes)}"))
 
     folder_of: dict[str, str] = {}  # class of the folder head → folder name
     for r in records:
@@ -401,7 +446,8 @@ def export_dataset(
             ["filename", "group", "source", "split"],
             [[r.filename, r.group, r.source, r.split] for r in ordered],
         )
-        write_text(SPLITS_JSON, _json_text({s: [r.filename for r in ordered if r.split == s] for s in SPLITS}))
+        splits = {s: [_split_entry(r, head_names, label_maps) for r in ordered if r.split == s] for s in SPLITS}
+        write_text(SPLITS_JSON, _json_text(splits, sort_keys=False))
         for s in SPLITS:
             write_text(f"splits/{s}_ids.json", _json_text(sorted({r.group for r in records if r.split == s})))
         write_text(LABEL_MAPS, _json_text(label_maps))
@@ -588,11 +634,13 @@ def _read_labels_csv(folder: Path) -> ImportedDataset:
         rows[fn] = _Row(where, line, path, {h: _cell_label(c) for h, c in zip(heads, cells[1:], strict=True)})
 
     meta_groups, meta_splits = _apply_metadata(folder, name, rows, all_names, problems)
-    splits_ok = _apply_splits_json(folder, name, rows, all_names, meta_splits, problems)
+    entries: dict[str, tuple[str, dict]] = {}
+    splits_ok = _apply_splits_json(folder, name, heads, rows, all_names, meta_splits, entries, problems)
     if not splits_ok and meta_splits is not None:
         for fn, split in meta_splits.items():
             rows[fn].split = split
-    _check_label_maps_csv(folder, name, heads, rows, problems)
+    maps = _check_label_maps_csv(folder, name, heads, rows, problems)
+    _check_split_entries(heads, rows, maps, entries, problems)
     if meta_groups:
         _check_id_files(folder, rows, problems)
     else:  # well-formedness only: without metadata.csv the groups are guesses
@@ -675,12 +723,20 @@ def _apply_metadata(folder, name, rows, all_names, problems) -> tuple[bool, dict
     return "group" in col, splits
 
 
-def _apply_splits_json(folder, name, rows, all_names, meta_splits, problems) -> bool:
-    """Set each row's split from splits.json. False when there is no usable splits.json."""
+def _entry_shape(heads: Sequence[str]) -> str:
+    fields = ", ".join(f'"{h}": <class or null>, "{h}_idx": <index or -1>' for h in heads)
+    return f'{{"path": "images/<filename>", "filename": <filename>, {fields}}}'
+
+
+def _apply_splits_json(folder, name, heads, rows, all_names, meta_splits, entries, problems) -> bool:
+    """Set each row's split from splits.json: lists of entries (see the module doc) or, as earlier releases wrote
+    it, of filenames. The entries' labels and indices are checked later (`_check_split_entries`): `entries` gets
+    {filename: (where, entry)}. False when there is no usable splits.json."""
     data = _load_json(folder / SPLITS_JSON, SPLITS_JSON, problems)
     if data is _ABSENT:
         return False
-    shape = 'a JSON object {"train": [filenames], "val": [filenames], "test": [filenames]}'
+    entry_shape = _entry_shape(heads)
+    shape = 'a JSON object {"train": [entries], "val": [entries], "test": [entries]}'
     if not isinstance(data, dict):
         problems.append((SPLITS_JSON, f"must be {shape}, found {type(data).__name__}"))
         return False
@@ -689,32 +745,59 @@ def _apply_splits_json(folder, name, rows, all_names, meta_splits, problems) -> 
         if key not in SPLITS:
             problems.append((SPLITS_JSON, f"unknown key {key!r}; must be {shape}"))
             ok = False
+    allowed = _entry_keys(heads)
     split_of: dict[str, str] = {}
     for s in SPLITS:
         if s not in data:
             problems.append((SPLITS_JSON, f"no {s!r} list; must be {shape} (an empty list is fine)"))
             ok = False
             continue
-        names = data[s]
-        if not isinstance(names, list):
-            problems.append((f"{SPLITS_JSON} {s}", f"must be a list of filenames, found {type(names).__name__}"))
+        items = data[s]
+        if not isinstance(items, list):
+            problems.append(
+                (f"{SPLITS_JSON} {s}", f"must be a list of entries {entry_shape}, found {type(items).__name__}")
+            )
             ok = False
             continue
-        for i, fn in enumerate(names):
+        for i, item in enumerate(items):
             where = f"{SPLITS_JSON} {s}[{i}]"
-            if not isinstance(fn, str):
-                problems.append((where, f"{fn!r} is not a filename string"))
+            if isinstance(item, dict):
+                if "filename" not in item:
+                    problems.append((where, f"entry has no 'filename'; expected {entry_shape}"))
+                    ok = False
+                    continue
+                fn = item["filename"]
+                if not isinstance(fn, str) or not fn:
+                    problems.append((where, f"filename {fn!r} is not a filename string; expected {entry_shape}"))
+                    ok = False
+                    continue
+                unknown = [k for k in item if k not in allowed]
+                if unknown:
+                    problems.append(
+                        (where, f"unknown key(s) {_quote_list(unknown)}; an entry has {', '.join(allowed)}")
+                    )
+                if "path" in item:
+                    path = item["path"]
+                    if not isinstance(path, str) or PurePosixPath(path.replace("\\", "/")).name != fn:
+                        problems.append((where, f"path {path!r} does not name the file {fn!r}; expected 'images/{fn}'"))
+            elif isinstance(item, str):
+                fn = item
+            else:
+                problems.append((where, f"{item!r} is not a filename string or an entry {entry_shape}"))
                 ok = False
-            elif fn in split_of:
+                continue
+            if fn in split_of:
                 if split_of[fn] == s:
                     problems.append((where, f"{fn!r} is listed twice in {s}"))
                 else:
                     problems.append((where, f"{fn!r} is in both {split_of[fn]} and {s}"))
                 ok = False
-            else:
-                split_of[fn] = s
-                if fn not in all_names:
-                    problems.append((where, f"{fn!r} is not in {name}"))
+                continue
+            split_of[fn] = s
+            if fn not in all_names:
+                problems.append((where, f"{fn!r} is not in {name}"))
+            elif isinstance(item, dict):
+                entries[fn] = (where, item)
     if not ok:
         return False
     for fn, row in rows.items():
@@ -729,13 +812,65 @@ def _apply_splits_json(folder, name, rows, all_names, meta_splits, problems) -> 
     return True
 
 
-def _check_label_maps_csv(folder, name, heads, rows, problems) -> None:
+def _check_split_entries(heads, rows, maps, entries, problems) -> None:
+    """The labels and indices splits.json entries carry agree with the labels CSV and label_maps.json (without a
+    label_maps.json: -1 exactly when unlabeled, and one index per class)."""
+    seen_idx: dict[str, dict[str, tuple[int, str]]] = defaultdict(dict)  # head → class → (index, where)
+    seen_cls: dict[str, dict[int, tuple[str, str]]] = defaultdict(dict)  # head → index → (class, where)
+    for fn, (where, item) in entries.items():
+        row = rows.get(fn)
+        if row is None:  # its CSV row is malformed: already reported
+            continue
+        for h in heads:
+            label = row.labels[h]
+            if h in item:
+                given = item[h]
+                if given is not None and not isinstance(given, str):
+                    problems.append((where, f"{h} {given!r} must be a class name string or null"))
+                elif (None if given is None else _cell_label(given)) != label:
+                    problems.append((where, f"{h} is {given!r}, but {row.where} says {label!r}; they must agree"))
+            key = f"{h}_idx"
+            if key not in item:
+                continue
+            idx = item[key]
+            if type(idx) is not int:
+                problems.append((where, f"{key} {idx!r} must be an integer (the {h}_to_idx index, -1 when unlabeled)"))
+                continue
+            if label is None:
+                if idx != -1:
+                    problems.append((where, f"{key} is {idx}, but {fn!r} has no {h} label ({row.where}); expected -1"))
+                continue
+            to_idx = maps.get(f"{h}_to_idx") if isinstance(maps, dict) else None
+            if isinstance(to_idx, dict):
+                if label in to_idx and idx != to_idx[label]:
+                    problems.append(
+                        (where, f"{key} is {idx}, but {LABEL_MAPS} {h}_to_idx[{label!r}] is {to_idx[label]!r}")
+                    )
+                continue  # a class missing from h_to_idx is reported by _check_label_maps_csv
+            if maps is not None:
+                continue  # label_maps.json is there but broken: already reported
+            if idx < 0:
+                problems.append(
+                    (where, f"{key} is {idx}, but {fn!r} has {h} {label!r}; expected its index (0 or more)")
+                )
+                continue
+            first_idx, first_where = seen_idx[h].setdefault(label, (idx, where))
+            first_cls, cls_where = seen_cls[h].setdefault(idx, (label, where))
+            if first_idx != idx:
+                problems.append((where, f"{key} is {idx}, but {first_where} gives {h} {label!r} index {first_idx}"))
+            elif first_cls != label:
+                problems.append((where, f"{key} {idx} is {h} {first_cls!r} in {cls_where}, not {label!r}"))
+
+
+def _check_label_maps_csv(folder, name, heads, rows, problems):
+    """Check label_maps.json (this release's keys or an earlier one's) against the labels CSV. Returns the maps,
+    None when there is no label_maps.json, or _ABSENT when it is unusable (the problem is recorded)."""
     maps = _load_json(folder / LABEL_MAPS, LABEL_MAPS, problems)
     if maps is _ABSENT:
-        return
+        return None if not (folder / LABEL_MAPS).exists() else _ABSENT
     if not isinstance(maps, dict):
         problems.append((LABEL_MAPS, f"must be a JSON object, found {type(maps).__name__}"))
-        return
+        return _ABSENT
     if "heads" in maps and maps["heads"] != list(heads):
         problems.append((LABEL_MAPS, f"heads {maps['heads']!r} differ from the {name} columns {list(heads)!r}"))
     for h in heads:
@@ -744,6 +879,24 @@ def _check_label_maps_csv(folder, name, heads, rows, problems) -> None:
         if not isinstance(to_idx, dict):
             problems.append((LABEL_MAPS, f"no {key} object" if to_idx is None else f"{key} must be an object"))
             continue
+        n = len(to_idx)
+        if sorted(v if type(v) is int else -1 for v in to_idx.values()) != list(range(n)):
+            problems.append(
+                (
+                    LABEL_MAPS,
+                    f"{key} must give its {n} class(es) the indices 0..{n - 1}, each once; found "
+                    f"{_quote_list(to_idx.values())}",
+                )
+            )
+        else:
+            order = sorted(to_idx, key=to_idx.__getitem__)
+            list_key, num_key = f"{h}_list", f"num_{plural(h)}"
+            if list_key in maps and maps[list_key] != order:
+                problems.append(
+                    (LABEL_MAPS, f"{list_key} must list the {key} classes in index order: {_quote_list(order)}")
+                )
+            if num_key in maps and (type(maps[num_key]) is not int or maps[num_key] != n):
+                problems.append((LABEL_MAPS, f"{num_key} is {maps[num_key]!r}, but {key} has {n} class(es)"))
         missing: dict[str, list[_Row]] = defaultdict(list)
         for r in rows.values():
             c = r.labels[h]
@@ -773,6 +926,7 @@ def _check_label_maps_csv(folder, name, heads, rows, problems) -> None:
                 else:
                     msg = f"{child} {c!r} (with {parent} {p!r}) is not in {LABEL_MAPS} {key}{more}"
                 problems.append((rs[0].where, msg))
+    return maps
 
 
 def _load_id_file(folder: Path, split: str, problems: Problems):

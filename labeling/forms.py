@@ -46,6 +46,12 @@ class ImportForm(forms.Form):
     )
     source_col = forms.CharField(max_length=100, required=False)
     skip_bad_rows = forms.BooleanField(required=False, help_text="Import the good rows and report the bad ones.")
+    update = forms.BooleanField(
+        required=False,
+        label="Update labels",
+        help_text="For photos already in the project, set the labels the file gives (each change is recorded in "
+        "the label history; an empty cell clears nothing). Unticked, their labels are kept.",
+    )
 
     def __init__(self, *args, project, **kwargs):
         super().__init__(*args, **kwargs)

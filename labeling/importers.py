@@ -1,6 +1,12 @@
 """Import photos into a project: a class-per-folder tree, a CSV with column mapping, or placeholder (all
 unlabeled). Two phases: plan + read every file (no writes), then, only if nothing is wrong (or the caller
-allows skipping bad rows), one transaction that writes rows and files. A failed import writes nothing."""
+allows skipping bad rows), one transaction that writes rows and files. A failed import writes nothing.
+
+A photo already in the project (same sha256) keeps its labels: the import only fills the heads it has no label
+for. In update mode (`images_import(update=True)`, `import_images --update`, the Import page's "update labels")
+the labels the file gives replace the photo's current ones through `services.label_set` (a LabelEvent with the
+importing user, optimistic concurrency); rows that change nothing are left alone, and an empty (unknown) cell
+never clears a label."""
 
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ from PIL import UnidentifiedImageError
 from . import formats, storage
 from .models import Head, Image, Label, LabelEvent, Project
 from .normalize import clean_label
-from .services import LabelingError, label_class_get_or_create
+from .services import LabelConflict, LabelingError, label_class_get_or_create, label_set
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 MAX_FILE_BYTES = 50 * 1024 * 1024
@@ -45,6 +51,7 @@ class ImportReport:
     existing: int = 0
     unreadable: int = 0
     labels_set: int = 0
+    labels_updated: int = 0
     classes_created: int = 0
     written: bool = False
 
@@ -59,7 +66,7 @@ class ImportReport:
             out.append(
                 f"Imported {self.created} new image(s) ({self.unreadable} unreadable, kept for the health check), "
                 f"{self.existing} already present, {self.labels_set} label(s) set, "
-                f"{self.classes_created} new class(es)."
+                f"{self.labels_updated} label(s) updated, {self.classes_created} new class(es)."
             )
         else:
             out.append(f"Nothing was written: {len(self.errors)} error(s) in {self.rows} row(s).")
@@ -375,9 +382,11 @@ def images_import(
     user=None,
     skip_bad_rows: bool = False,
     group_by: str = "auto",
+    update: bool = False,
 ) -> ImportReport:
     """Write the planned rows, their groups chosen by `group_by` (see groups_apply). With errors in the plan
-    nothing is written unless `skip_bad_rows`."""
+    nothing is written unless `skip_bad_rows`. `update`: photos already in the project get the labels the rows
+    give (see the module doc), each change a LabelEvent by `user`, counted in `labels_updated`."""
     report.rows = len(rows) + len(report.errors)
     rows = groups_apply(rows, report, group_by=group_by)
     heads = {h.name: h for h in project.heads.select_related("parent")}
@@ -401,11 +410,12 @@ def images_import(
     written_files: list[str] = []
     try:
         with transaction.atomic():
-            _write(project, heads, read, report, user, written_files)
+            _write(project, heads, read, report, user, written_files, update=update)
     except LabelingError as exc:
         storage.delete_quietly(written_files)
         report.errors.append(("import", str(exc)))
-        report.created = report.existing = report.unreadable = report.labels_set = report.classes_created = 0
+        report.created = report.existing = report.unreadable = report.labels_set = report.labels_updated = 0
+        report.classes_created = 0
         return report
     except Exception:
         storage.delete_quietly(written_files)
@@ -443,7 +453,7 @@ def _write_group_splits(project, read) -> None:
     )
 
 
-def _write(project, heads, read, report, user, written_files) -> None:
+def _write(project, heads, read, report, user, written_files, *, update: bool = False) -> None:
     _write_group_splits(project, read)
     by_sha: dict[str, Image] = {
         im.sha256: im for im in Image.objects.filter(project=project, sha256__in=[r.sha256 for r in read])
@@ -485,10 +495,12 @@ def _write(project, heads, read, report, user, written_files) -> None:
                 )
         else:
             report.existing += 1
-        _apply_labels(image, heads, item.row, report, user)
+        _apply_labels(image, heads, item.row, report, user, update=update)
 
 
-def _apply_labels(image: Image, heads: dict[str, Head], row: ImportRow, report: ImportReport, user) -> None:
+def _apply_labels(
+    image: Image, heads: dict[str, Head], row: ImportRow, report: ImportReport, user, *, update: bool = False
+) -> None:
     labels = {lb.head_id: lb for lb in image.labels.select_related("label_class")}
     chosen: dict[str, object] = {}
     # Parents first, so a child class (model) can point at its parent class (make).
@@ -511,13 +523,35 @@ def _apply_labels(image: Image, heads: dict[str, Head], row: ImportRow, report: 
         if label.label_class_id == cls.id:
             continue
         if label.label_class_id is not None:
-            report.warnings.append(
-                (row.where, f"{head.name} is already {label.label_class.name!r}; kept (the file says {display!r})")
-            )
+            if update:
+                _update_label(label, head, cls, row, report, user)
+            else:
+                report.warnings.append(
+                    (row.where, f"{head.name} is already {label.label_class.name!r}; kept (the file says {display!r})")
+                )
             continue
         Label.objects.filter(pk=label.pk).update(label_class=cls, version=label.version + 1, updated_by=user)
         LabelEvent.objects.create(image=image, head=head, old_class=None, new_class=cls, user=user, reason="import")
         report.labels_set += 1
+
+
+def _update_label(label: Label, head: Head, cls, row: ImportRow, report: ImportReport, user) -> None:
+    """Update mode: replace a label through the label service (history + optimistic concurrency). A label somebody
+    changed since this import read it is theirs: kept, with a warning."""
+    try:
+        change = label_set(
+            label_id=label.pk, class_id=cls.id, expected_version=label.version, user=user, reason="import update"
+        )
+    except LabelConflict as exc:
+        current = exc.current.label_class.name if exc.current.label_class_id else "unlabeled"
+        report.warnings.append(
+            (row.where, f"{head.name} was changed by someone else during the import (now {current!r}); kept")
+        )
+        return
+    except LabelingError as exc:
+        raise LabelingError(f"{row.where}: {exc}") from exc
+    if change.changed:
+        report.labels_updated += 1
 
 
 def demo_import(*, project: Project, csv_path: Path, images_dir: Path, user=None) -> ImportReport:

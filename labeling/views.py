@@ -313,6 +313,7 @@ def import_page(request, slug):
                 user=request.user,
                 skip_bad_rows=data["skip_bad_rows"],
                 group_by=data["group_by"] or "auto",
+                update=data["update"],
             )
         except services.LabelingError as exc:
             form.add_error(None, str(exc))

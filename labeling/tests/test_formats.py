@@ -111,11 +111,18 @@ def test_car_round_trip_and_seed_files(tmp_path):
         "filename,group,source,split",
         "A1_001.jpg,A1,real,train",
     ]
-    assert _read_json(out / "splits.json") == {
+    splits = _read_json(out / "splits.json")
+    assert {s: [e["filename"] for e in entries] for s, entries in splits.items()} == {
         "train": ["A1_001.jpg", "A1_002.jpg", "B8_001.jpg"],
         "val": ["B7_001.jpg"],
         "test": ["C2_001.jpg", "C3_001.jpg"],
     }
+    assert splits["test"] == [
+        {"path": "images/C2_001.jpg", "filename": "C2_001.jpg", "make": "Audi", "model": None, "make_idx": 0,
+         "model_idx": -1},
+        {"path": "images/C3_001.jpg", "filename": "C3_001.jpg", "make": None, "model": "A6", "make_idx": -1,
+         "model_idx": 1},
+    ]  # fmt: skip
     assert _read_json(out / "splits/train_ids.json") == ["A1", "B8"]
     assert _read_json(out / "splits/val_ids.json") == ["B7"]
     assert _read_json(out / "splits/test_ids.json") == ["C2", "C3"]
@@ -123,13 +130,19 @@ def test_car_round_trip_and_seed_files(tmp_path):
     assert set(maps) == {
         "heads",
         "make_to_idx",
+        "make_list",
+        "num_makes",
         "makes",
         "make_counts",
         "model_to_idx",
+        "model_list",
+        "num_models",
         "models",
         "model_counts",
         "model_to_make",
     }
+    assert maps["make_list"] == ["Audi", "BMW"] and maps["num_makes"] == 2
+    assert maps["model_list"] == ["A4", "A6", "M3", "X5"] and maps["num_models"] == 4
     assert maps["heads"] == ["make", "model"]
     assert maps["make_to_idx"] == {"Audi": 0, "BMW": 1} and maps["makes"] == ["Audi", "BMW"]
     assert maps["models"] == ["A4", "A6", "M3", "X5"] and maps["model_counts"] == {"A4": 2, "A6": 1, "M3": 1, "X5": 1}
@@ -543,3 +556,178 @@ def test_imagefolder_layout_problems(tmp_path):
     assert "imagefolder/train/cat/notes.txt: not an image file" in text
     assert "imagefolder/train/empty/: class folder has no images" in text
     assert "imagefolder/train/loose.jpg: file outside a class folder" in text
+
+
+# ---------------------------------------------------------------------------- seed 000 shapes: splits.json entries
+
+
+SEED_ENTRY_KEYS = {"path", "filename", "make", "model", "make_idx", "model_idx"}
+
+
+def test_car_export_splits_entries_and_label_maps_in_seed_000_shapes(tmp_path):
+    records = _car_records(tmp_path)
+    out = tmp_path / "export"
+    export_dataset(out, heads=CAR_HEADS, records=records)
+    splits, maps = _read_json(out / "splits.json"), _read_json(out / "label_maps.json")
+    assert list(splits) == ["train", "val", "test"]
+    for head in ("make", "model"):
+        to_idx, order = maps[f"{head}_to_idx"], maps[f"{head}_list"]
+        assert order == sorted(to_idx) and [to_idx[c] for c in order] == list(range(len(order)))
+        assert maps[f"num_{head}s"] == len(order) == len(to_idx) and maps[f"{head}s"] == order
+    by_name = {r.filename: r for r in records}
+    entries = [e for split in splits.values() for e in split]
+    assert len(entries) == len(records)
+    for split, items in splits.items():
+        for e in items:
+            assert set(e) == SEED_ENTRY_KEYS
+            r = by_name[e["filename"]]
+            assert r.split == split and e["path"] == f"images/{e['filename']}" and (out / e["path"]).is_file()
+            for head in ("make", "model"):
+                assert e[head] == r.labels[head]
+                expected = maps[f"{head}_to_idx"][e[head]] if e[head] is not None else -1
+                assert e[f"{head}_idx"] == expected
+    # Read back: same labels, splits, groups, sources and file names.
+    _assert_round_trip(out, CAR_HEADS, records)
+
+
+def test_non_car_heads_get_their_own_entry_keys(tmp_path):
+    out = tmp_path / "lego"
+    export_dataset(out, heads=LEGO_HEADS, records=_lego_records(tmp_path))
+    entry = _read_json(out / "splits.json")["train"][0]
+    assert entry == {
+        "path": "images/p1_001.png",
+        "filename": "p1_001.png",
+        "part": "brick 2x4",
+        "color": "red",
+        "part_idx": 1,
+        "color_idx": 1,
+    }
+    maps = _read_json(out / "label_maps.json")
+    assert maps["num_parts"] == 3 and maps["color_list"] == ["Blue", "red"] and maps["num_colors"] == 2
+
+
+def test_old_format_export_still_imports(tmp_path):
+    """Earlier releases wrote splits.json as filename lists and label_maps.json without h_list/num_<h>s."""
+    records = _car_records(tmp_path)
+    out = tmp_path / "export"
+    export_dataset(out, heads=CAR_HEADS, records=records)
+    splits = _read_json(out / "splits.json")
+    (out / "splits.json").write_text(json.dumps({s: [e["filename"] for e in items] for s, items in splits.items()}))
+    maps = _read_json(out / "label_maps.json")
+    for key in ("make_list", "model_list", "num_makes", "num_models"):
+        del maps[key]
+    (out / "label_maps.json").write_text(json.dumps(maps))
+    _assert_round_trip(out, CAR_HEADS, records)
+
+
+def test_entries_without_label_maps_are_checked_for_consistent_indices(tmp_path):
+    records = _car_records(tmp_path)
+    out = tmp_path / "export"
+    export_dataset(out, heads=CAR_HEADS, records=records)
+    (out / "label_maps.json").unlink()
+    _assert_round_trip(out, CAR_HEADS, records)
+    splits = _read_json(out / "splits.json")
+    splits["train"][1]["make_idx"] = 5  # A1_002 is Audi like A1_001, which says 0
+    splits["train"][2]["make_idx"] = 0  # B8_001 is BMW: 0 is Audi's
+    splits["val"][0]["make_idx"] = 3  # B7_001 is BMW too
+    (out / "splits.json").write_text(json.dumps(splits))
+    text = _problems(out)
+    assert "splits.json train[1]: make_idx is 5, but splits.json train[0] gives make 'Audi' index 0" in text
+    assert "splits.json train[2]: make_idx 0 is make 'Audi' in splits.json train[0], not 'BMW'" in text
+    assert "splits.json val[0]: make_idx is 3, but splits.json train[2] gives make 'BMW' index 0" in text
+
+
+def _edit_entries(folder, edit):
+    splits = _read_json(folder / "splits.json")
+    edit(splits)
+    (folder / "splits.json").write_text(json.dumps(splits))
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (
+            lambda s: s["train"][0].pop("filename"),
+            'splits.json train[0]: entry has no \'filename\'; expected {"path": "images/<filename>"',
+        ),
+        (lambda s: s["train"][1].update(filename=""), "splits.json train[1]: filename '' is not a filename string"),
+        (
+            lambda s: s["val"][0].update(make_idx=0),
+            "splits.json val[0]: make_idx is 0, but label_maps.json make_to_idx['BMW'] is 1",
+        ),
+        (
+            lambda s: s["test"][0].update(model_idx=2),
+            "splits.json test[0]: model_idx is 2, but 'C2_001.jpg' has no model label (car_labels.csv line 6); "
+            "expected -1",
+        ),
+        (
+            lambda s: s["train"][0].update(model_idx="0"),
+            "splits.json train[0]: model_idx '0' must be an integer",
+        ),
+        (
+            lambda s: s["train"][2].update(model="X5"),
+            "splits.json train[2]: model is 'X5', but car_labels.csv line 5 says 'M3'; they must agree",
+        ),
+        (
+            lambda s: s["test"][1].update(make="Audi"),
+            "splits.json test[1]: make is 'Audi', but car_labels.csv line 7 says None",
+        ),
+        (
+            lambda s: s["train"][0].update(path="images/other.jpg"),
+            "splits.json train[0]: path 'images/other.jpg' does not name the file 'A1_001.jpg'; expected "
+            "'images/A1_001.jpg'",
+        ),
+        (
+            lambda s: s["train"][0].update(colour="red"),
+            "splits.json train[0]: unknown key(s) 'colour'; an entry has path, filename, make, model, make_idx, "
+            "model_idx",
+        ),
+        (lambda s: s["train"].append(7), "splits.json train[3]: 7 is not a filename string or an entry {"),
+    ],
+)
+def test_malformed_new_format_entries_are_refused(car_export, edit, expected):
+    _edit_entries(car_export, edit)
+    assert expected in _problems(car_export)
+
+
+def test_label_maps_new_keys_must_agree(car_export):
+    maps = _read_json(car_export / "label_maps.json")
+    maps["make_list"] = ["BMW", "Audi"]
+    maps["num_models"] = 3
+    maps["model_to_idx"]["A4"] = 7
+    (car_export / "label_maps.json").write_text(json.dumps(maps))
+    text = _problems(car_export)
+    assert "label_maps.json: make_list must list the make_to_idx classes in index order: 'Audi', 'BMW'" in text
+    assert "label_maps.json: model_to_idx must give its 4 class(es) the indices 0..3, each once" in text
+
+
+def test_label_maps_num_must_match(car_export):
+    maps = _read_json(car_export / "label_maps.json")
+    maps["num_models"] = 3
+    (car_export / "label_maps.json").write_text(json.dumps(maps))
+    assert "label_maps.json: num_models is 3, but model_to_idx has 4 class(es)" in _problems(car_export)
+
+
+def test_clashing_head_names(tmp_path):
+    rec = _rec(tmp_path, "x_1.jpg", {"make": "Audi"}, "x", "train")
+    with pytest.raises(FormatError, match="clashing splits.json entry keys: 'make_idx'"):
+        export_dataset(
+            tmp_path / "a",
+            heads=[{"name": "make", "parent": None}, {"name": "make_idx", "parent": None}],
+            records=[rec],
+        )
+    with pytest.raises(FormatError, match="clashing splits.json entry keys: 'path'"):
+        export_dataset(tmp_path / "b", heads=[{"name": "path", "parent": None}], records=[])
+    # "num_make"'s extra key "num_makes" would clash with make's seed key num_makes: the extra is left out.
+    out = tmp_path / "c"
+    export_dataset(out, heads=[{"name": "make", "parent": None}, {"name": "num_make", "parent": None}], records=[rec])
+    maps = _read_json(out / "label_maps.json")
+    assert maps["num_makes"] == 1 and maps["num_make_list"] == [] and maps["num_num_makes"] == 0
+    # A head called "head": its extra key "heads" is left out; "heads" stays the head names.
+    out = tmp_path / "d"
+    export_dataset(
+        out, heads=[{"name": "head", "parent": None}], records=[_rec(tmp_path, "y_1.jpg", {"head": "h"}, "y", "train")]
+    )
+    maps = _read_json(out / "label_maps.json")
+    assert maps["heads"] == ["head"] and maps["head_list"] == ["h"]
+    assert read_export(out).rows[0].labels == {"head": "h"}

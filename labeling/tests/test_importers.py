@@ -378,3 +378,220 @@ def test_import_command_takes_group_by(tmp_path, capsys):
     assert set(_groups().values()) == {"Kiwi", "Lemon"}
     with pytest.raises(CommandError):
         call_command("import_images", "fruit", str(root), "--group-by", "folders")
+
+
+# ------------------------------------------------------------------------------------- --update: CSV re-imports
+
+
+def _cars_imported(tmp_path):
+    """A car project with three photos imported from a CSV: C0 Toyota Corolla, C1 Toyota Yaris, C2 Honda Civic."""
+    project = project_create(name="Cars", preset="car", slug="cars")
+    imgs = tmp_path / "import" / "cars"
+    imgs.mkdir(parents=True)
+    for i, color in enumerate(["red", "blue", "green"]):
+        (imgs / f"C{i}_1.jpg").write_bytes(make_photo(color, seed=200 + i))
+    lines = ["C0_1.jpg,Toyota,Corolla", "C1_1.jpg,Toyota,Yaris", "C2_1.jpg,Honda,Civic"]
+    report = _csv_import(project, tmp_path, imgs, lines)
+    assert report.written and report.labels_set == 6, report.lines()
+    return project, imgs
+
+
+def _csv_import(project, tmp_path, imgs, lines, **kwargs):
+    csv = _write_csv(tmp_path / "import" / "cars.csv", "image_filename,make,model", lines)
+    rows, report = importers.plan_csv(
+        csv,
+        images_dir=imgs,
+        filename_col="image_filename",
+        head_cols={"make": "make", "model": "model"},
+        project=project,
+    )
+    return importers.images_import(project=project, rows=rows, report=report, **kwargs)
+
+
+def _labels() -> dict[str, tuple[str | None, str | None]]:
+    out = {}
+    for image in Image.objects.all():
+        by_head = {lb.head.name: lb.label_class.name if lb.label_class else None for lb in image.labels.all()}
+        out[image.original_name] = (by_head["make"], by_head["model"])
+    return out
+
+
+CHANGED = ["C0_1.jpg,Toyota,Corolla", "C1_1.jpg,Toyota,Corolla", "C2_1.jpg,Honda,Civic"]  # C1: Yaris -> Corolla
+
+
+def test_update_sets_a_changed_label_with_a_history_event_by_the_importing_user(tmp_path, admin_user):
+    project, imgs = _cars_imported(tmp_path)
+    events = LabelEvent.objects.count()
+    label = Label.objects.get(image__original_name="C1_1.jpg", head__name="model")
+    report = _csv_import(project, tmp_path, imgs, CHANGED, user=admin_user, update=True)
+    assert report.written and report.existing == 3 and report.created == 0, report.lines()
+    assert report.labels_updated == 1 and report.labels_set == 0 and not report.warnings
+    assert "0 label(s) set, 1 label(s) updated" in report.lines()[-1]
+    assert _labels()["C1_1.jpg"] == ("Toyota", "Corolla")
+    assert LabelEvent.objects.count() == events + 1  # the unchanged rows are left alone
+    event = LabelEvent.objects.first()
+    assert (event.image.original_name, event.head.name, event.user, event.reason) == (
+        "C1_1.jpg",
+        "model",
+        admin_user,
+        "import update",
+    )
+    assert (event.old_class.name, event.new_class.name) == ("Yaris", "Corolla")
+    after = Label.objects.get(pk=label.pk)
+    assert after.version == label.version + 1 and after.updated_by == admin_user
+
+    # The same CSV again: nothing to change, nothing recorded.
+    again = _csv_import(project, tmp_path, imgs, CHANGED, user=admin_user, update=True)
+    assert again.written and again.labels_updated == 0 and LabelEvent.objects.count() == events + 1
+
+
+def test_without_update_existing_labels_are_kept(tmp_path, admin_user):
+    project, imgs = _cars_imported(tmp_path)
+    before, events = _labels(), LabelEvent.objects.count()
+    report = _csv_import(project, tmp_path, imgs, CHANGED, user=admin_user)
+    assert report.written and report.labels_updated == 0 and report.existing == 3
+    assert ("line 3", "model is already 'Yaris'; kept (the file says 'Corolla')") in report.warnings
+    assert _labels() == before and LabelEvent.objects.count() == events
+
+
+def test_update_leaves_unknown_cells_and_stale_labels_alone(tmp_path, admin_user, monkeypatch):
+    project, imgs = _cars_imported(tmp_path)
+    before, events = _labels(), LabelEvent.objects.count()
+    # An empty cell is unknown: it clears nothing.
+    report = _csv_import(project, tmp_path, imgs, ["C0_1.jpg,Toyota,", "C2_1.jpg,,"], user=admin_user, update=True)
+    assert report.written and report.labels_updated == 0 and _labels() == before
+    assert LabelEvent.objects.count() == events
+
+    # Somebody edits C1's model while the import runs: their edit wins, the row is reported, the rest goes in.
+    from django.db.models import F
+
+    real_label_set = importers.label_set
+
+    def edited_meanwhile(*, label_id, **kwargs):
+        Label.objects.filter(pk=label_id).update(version=F("version") + 1)
+        return real_label_set(label_id=label_id, **kwargs)
+
+    monkeypatch.setattr(importers, "label_set", edited_meanwhile)
+    lines = ["C0_1.jpg,Toyota,Corolla", "C1_1.jpg,Toyota,Corolla", "C2_1.jpg,Honda,Civic"]
+    report = _csv_import(project, tmp_path, imgs, lines, user=admin_user, update=True)
+    assert report.written and report.labels_updated == 0
+    assert ("line 3", "model was changed by someone else during the import (now 'Yaris'); kept") in report.warnings
+    assert _labels() == before and LabelEvent.objects.count() == events
+
+
+def test_a_bad_row_with_update_writes_nothing(tmp_path, admin_user, settings):
+    project, imgs = _cars_imported(tmp_path)
+    before, events = _labels(), LabelEvent.objects.count()
+    files = _files(Path(settings.MEDIA_ROOT))
+    (imgs / "C3_1.jpg").write_bytes(make_photo("yellow", seed=300))
+    # Line 3's update is fine; line 4 puts Civic (a Honda) under Toyota: refused inside the transaction.
+    lines = ["C0_1.jpg,Toyota,Corolla", "C1_1.jpg,Toyota,Corolla", "C2_1.jpg,Toyota,Civic", "C3_1.jpg,Honda,Civic"]
+    report = _csv_import(project, tmp_path, imgs, lines, user=admin_user, update=True)
+    assert not report.written and "belongs to make 'Honda'" in report.errors[-1][1]
+    assert report.labels_updated == 0 and report.created == 0
+    assert _labels() == before and LabelEvent.objects.count() == events and Image.objects.count() == 3
+    assert _files(Path(settings.MEDIA_ROOT)) == files
+    # A row naming a missing file: refused before anything is written.
+    lines = ["C1_1.jpg,Toyota,Corolla", "gone_1.jpg,Toyota,Yaris"]
+    report = _csv_import(project, tmp_path, imgs, lines, user=admin_user, update=True)
+    assert not report.written and "no file 'gone_1.jpg'" in report.errors[0][1]
+    assert _labels() == before and LabelEvent.objects.count() == events
+
+
+def test_import_command_update(tmp_path, admin_user, capsys):
+    project, imgs = _cars_imported(tmp_path)
+    csv = _write_csv(tmp_path / "import" / "cars.csv", "image_filename,make,model", CHANGED)
+    args = ["import_images", project.slug, str(imgs), "--csv", str(csv), "--head", "make=make", "--head", "model=model"]
+    call_command(*args)
+    assert _labels()["C1_1.jpg"] == ("Toyota", "Yaris") and "0 label(s) updated" in capsys.readouterr().out
+    call_command(*args, "--update", "--user", "admin")
+    assert _labels()["C1_1.jpg"] == ("Toyota", "Corolla") and "1 label(s) updated" in capsys.readouterr().out
+    assert LabelEvent.objects.first().user == admin_user
+    with pytest.raises(CommandError, match="No user 'nobody'"):
+        call_command(*args, "--update", "--user", "nobody")
+
+
+def test_import_page_update_box(client, admin_user, tmp_path):
+    from django.urls import reverse
+
+    project, imgs = _cars_imported(tmp_path)
+    csv = _write_csv(tmp_path / "import" / "cars.csv", "image_filename,make,model", CHANGED)
+    client.force_login(admin_user)
+    url = reverse("labeling:import", args=[project.slug])
+    assert b"Update labels" in client.get(url).content
+    form = {
+        "mode": "csv",
+        "folder": str(imgs),
+        "csv_path": str(csv),
+        "filename_col": "image_filename",
+        "head_map": "make=make, model=model",
+        "group_by": "auto",
+    }
+    response = client.post(url, form)
+    assert b"Import done" in response.content and b"0 label(s) updated" in response.content
+    assert _labels()["C1_1.jpg"] == ("Toyota", "Yaris")
+    response = client.post(url, {**form, "update": "on"})
+    assert b"1 label(s) updated" in response.content
+    assert _labels()["C1_1.jpg"] == ("Toyota", "Corolla") and LabelEvent.objects.first().user == admin_user
+
+
+# ------------------------------------------------------------------------------- exports in seed 000's shapes
+
+
+def test_export_import_round_trip_keeps_labels_splits_and_file_names(tmp_path, car_project):
+    import json
+
+    from labeling import versions
+    from labeling.models import GroupSplit
+
+    source = car_project(groups=2, per_group=2)
+    v, _ = versions.dataset_version_create(project=source)
+    out = tmp_path / "import" / "export"
+    versions.dataset_version_export(version=v, out_dir=out)
+    splits = json.loads((out / "splits.json").read_text())
+    maps = json.loads((out / "label_maps.json").read_text())
+    entries = {e["filename"]: (s, e) for s, items in splits.items() for e in items}
+    assert len(entries) == 12 and all(set(e) == {"path", "filename", "make", "model", "make_idx", "model_idx"}
+                                      for _, e in entries.values())  # fmt: skip
+    assert all(e["make_idx"] == maps["make_to_idx"][e["make"]] for _, e in entries.values())
+
+    other = project_create(name="Copy", preset="car", slug="copy")
+    rows, report = importers.plan_export(out, project=other)
+    report = importers.images_import(project=other, rows=rows, report=report)
+    assert report.written and report.created == 12, report.lines()
+    imported = {im.original_name: im for im in Image.objects.filter(project=other)}
+    assert set(imported) == set(entries)  # the export's file names
+    sticky = dict(GroupSplit.objects.filter(project=other).values_list("group_key", "split"))
+    for name, (split, entry) in entries.items():
+        image = imported[name]
+        labels = {lb.head.name: lb.label_class.name for lb in image.labels.select_related("head", "label_class")}
+        assert labels == {"make": entry["make"], "model": entry["model"]}
+        assert sticky[image.group_key] == split
+
+
+def test_malformed_entry_refuses_the_export_import_and_writes_nothing(tmp_path, car_project):
+    import json
+
+    from labeling import versions
+    from labeling.models import GroupSplit
+
+    v, _ = versions.dataset_version_create(project=car_project(groups=2, per_group=1))
+    out = tmp_path / "import" / "export"
+    versions.dataset_version_export(version=v, out_dir=out)
+    splits = json.loads((out / "splits.json").read_text())
+    split = next(s for s in ("train", "val", "test") if splits[s])
+    splits[split][0]["model_idx"] = 99
+    (out / "splits.json").write_text(json.dumps(splits))
+    other = project_create(name="Copy", preset="car", slug="copy")
+    with pytest.raises(LabelingError, match=rf"splits.json {split}\[0\]: model_idx is 99, but label_maps.json"):
+        importers.plan_export(out, project=other)
+    assert Image.objects.filter(project=other).count() == 0 and GroupSplit.objects.filter(project=other).count() == 0
+
+    # The same export as earlier releases wrote it (filename lists) imports.
+    splits[split][0]["model_idx"] = json.loads((out / "label_maps.json").read_text())["model_to_idx"][
+        splits[split][0]["model"]
+    ]
+    (out / "splits.json").write_text(json.dumps({s: [e["filename"] for e in items] for s, items in splits.items()}))
+    rows, report = importers.plan_export(out, project=other)
+    assert importers.images_import(project=other, rows=rows, report=report).written
+    assert Image.objects.filter(project=other).count() == 6

@@ -187,7 +187,7 @@ def test_malformed_export_is_refused_and_nothing_is_written(tmp_path, car_projec
     out2 = tmp_path / "import" / "ok"
     versions.dataset_version_export(version=v, out_dir=out2)
     splits = json.loads((out2 / "splits.json").read_text())
-    first = splits["train"][0]
+    first = splits["train"][0]["filename"]
     group = first.rsplit("_", 1)[0]
     GroupSplit.objects.create(project=other, group_key=group, split="test")
     rows, report = importers.plan_export(out2, project=other)

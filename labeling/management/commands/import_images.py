@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
 from labeling import importers
@@ -17,7 +18,8 @@ class Command(BaseCommand):
         "--head model=model), placeholder (all images under the folder, unlabeled), export (a folder in the "
         "seeds' formats as `dataset_version export` writes it: labels CSV + images/ + splits.json, or an "
         "ImageFolder tree; its splits become sticky). With any bad row nothing is "
-        "written unless --skip-bad-rows. Re-importing the same files is a no-op."
+        "written unless --skip-bad-rows. Re-importing the same files is a no-op, unless --update: then the labels "
+        "the file gives replace those of photos already in the project (each change in the label history)."
     )
 
     def add_arguments(self, parser):
@@ -57,6 +59,14 @@ class Command(BaseCommand):
         )
         parser.add_argument("--name", help="project name when creating (default: the slug)")
         parser.add_argument("--skip-bad-rows", action="store_true", help="import good rows, report bad ones")
+        parser.add_argument(
+            "--update",
+            action="store_true",
+            help="for photos already in the project (same file), set the labels the CSV/export/folder gives; each "
+            "change is a label history entry, rows that change nothing are left alone, an empty cell clears nothing "
+            "(default: existing labels are kept)",
+        )
+        parser.add_argument("--user", help="username recorded in the label history (default: none)")
 
     def handle(self, *args, **opts):
         project = Project.objects.filter(slug=opts["project"]).first()
@@ -66,6 +76,11 @@ class Command(BaseCommand):
             project = project_create(name=opts["name"] or opts["project"], slug=opts["project"], preset=opts["create"])
             self.stdout.write(f"Created project {project.slug!r} ({project.preset}).")
         mode = opts["mode"] or ("csv" if opts["csv_path"] else "folder")
+        user = None
+        if opts["user"]:
+            user = get_user_model().objects.filter(username=opts["user"]).first()
+            if user is None:
+                raise CommandError(f"No user {opts['user']!r}.")
         folder = Path(opts["folder"])
         try:
             if mode == "csv":
@@ -103,8 +118,10 @@ class Command(BaseCommand):
                 project=project,
                 rows=rows,
                 report=report,
+                user=user,
                 skip_bad_rows=opts["skip_bad_rows"],
                 group_by=opts["group_by"],
+                update=opts["update"],
             )
         except LabelingError as exc:
             raise CommandError(str(exc)) from exc
