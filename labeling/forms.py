@@ -7,6 +7,16 @@ from .presets import PRESET_CHOICES
 class ProjectForm(forms.Form):
     name = forms.CharField(max_length=200)
     preset = forms.ChoiceField(choices=PRESET_CHOICES)
+    heads = forms.CharField(
+        required=False,
+        widget=forms.Textarea(attrs={"rows": 3, "cols": 30, "placeholder": "make\nmodel < make\ncolor?"}),
+        help_text="Own heads instead of the preset's, one per line: name, 'child < parent', 'name?' = optional.",
+    )
+    classes = forms.CharField(
+        required=False,
+        widget=forms.Textarea(attrs={"rows": 3, "cols": 40, "placeholder": "make: Toyota\nmodel: Corolla < Toyota"}),
+        help_text="Classes to start with, one per line: 'head: class', for a child head 'head: class < parent'.",
+    )
 
 
 class ImportForm(forms.Form):

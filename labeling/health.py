@@ -786,6 +786,26 @@ def labels_bulk_set(*, head: Head, class_id: int | None, expected: dict[int, int
 UNDO_HOOKS: dict[str, Callable[[DatasetAction], None]] = {}
 
 
+def _undo_settings(action: DatasetAction, ch: dict) -> int:
+    """Put back a project-settings action's fields and heads' optional flags (thresholds: above); a value changed
+    again since is left as it is. Returns how many were skipped."""
+    skipped = 0
+    project = Project.objects.select_for_update().get(pk=action.project_id)
+    put_back = []
+    for c in reversed(ch.get("project_fields", [])):
+        if getattr(project, c["field"]) != c["new"]:
+            skipped += 1
+            continue
+        setattr(project, c["field"], c["old"])
+        put_back.append(c["field"])
+    if put_back:
+        project.save(update_fields=put_back)
+    for c in reversed(ch.get("heads_optional", [])):
+        if not Head.objects.filter(pk=c["head_id"], optional=c["new"]).update(optional=c["old"]):
+            skipped += 1
+    return skipped
+
+
 def action_undo(*, action: DatasetAction, user=None) -> dict:
     """Revert what `action` changed. A label or status someone changed since is left as it is now (reported
     as skipped): undo never overwrites a later edit."""
@@ -836,6 +856,7 @@ def action_undo(*, action: DatasetAction, user=None) -> dict:
                 continue
             head.threshold = c["old"]
             head.save(update_fields=["threshold"])  # post_save drops the cached serving settings
+        skipped += _undo_settings(action, ch)
         hook = UNDO_HOOKS.get(action.kind)  # the part of an action that an app above labeling owns
         if hook is not None:
             hook(action)

@@ -271,6 +271,7 @@ class DatasetAction(models.Model):
         BULK_RELABEL = "bulk_relabel", "bulk relabel"
         SERVING_THRESHOLDS = "serving_thresholds", "serving thresholds"
         SPLITS_UNLEAK = "splits_unleak", "move linked photos into one split"
+        PROJECT_SETTINGS = "project_settings", "project settings"
         UNDO = "undo", "undo"
 
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="dataset_actions")

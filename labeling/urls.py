@@ -1,13 +1,14 @@
 from django.urls import path
 
 from . import dataset_views as dv
-from . import team_views, views
+from . import settings_views, team_views, views
 
 app_name = "labeling"
 urlpatterns = [
     path("", views.project_list, name="project-list"),
     path("team/", team_views.team_page, name="team"),
     path("p/<slug:slug>/members/", team_views.members_page, name="members"),
+    path("p/<slug:slug>/settings/", settings_views.settings_page, name="settings"),
     path("p/<slug:slug>/", views.image_grid, name="image-grid"),
     path("p/<slug:slug>/import/", views.import_page, name="import"),
     path("p/<slug:slug>/images/bulk-relabel/", views.labels_bulk_relabel, name="bulk-relabel"),

@@ -19,6 +19,7 @@ from . import importers, selectors, services
 from .access import current_project
 from .forms import ImportForm, ProjectForm
 from .models import Head, Image, ImageEvent, Label, LabelEvent
+from .presets import PRESETS
 
 PAGE_SIZE = 100
 
@@ -42,6 +43,10 @@ def _partial(request) -> bool:
     return request.headers.get("HX-Request") == "true" and request.headers.get("HX-Boosted") != "true"
 
 
+def _preset_heads(preset: str) -> list[dict]:
+    return [{"parent": None, **h} for h in PRESETS.get(preset, [])]
+
+
 @login_required
 def project_list(request):
     form = ProjectForm(request.POST or None)
@@ -49,8 +54,13 @@ def project_list(request):
         if not request.user.is_staff:
             raise PermissionDenied("Only admins can create projects.")
         if form.is_valid():
+            data = form.cleaned_data
             try:
-                project = services.project_create(name=form.cleaned_data["name"], preset=form.cleaned_data["preset"])
+                heads = services.parse_heads(data["heads"]) if data["heads"].strip() else None
+                classes = services.parse_classes(data["classes"], heads or _preset_heads(data["preset"]))
+                project = services.project_create(
+                    name=data["name"], preset=data["preset"], heads=heads, classes=classes
+                )
             except services.LabelingError as exc:
                 form.add_error(None, str(exc))
             else:
