@@ -122,3 +122,25 @@ class IsProjectAdmin(BasePermission):
         if found is None:
             return bool(request.user.is_staff)
         return found[1] == ADMIN
+
+
+class IsProjectMember(BasePermission):
+    """Anyone who sees the project in the URL (reviewers and admins; 404 when they may not see it) may read and
+    label; changes to the project itself are IsProjectAdmin's."""
+
+    message = "You are not a member of this project."
+
+    def has_permission(self, request, view) -> bool:
+        if not (request.user and request.user.is_authenticated):
+            return False
+        if view.kwargs.get("slug") is None:  # a list across projects: each answer shows only what the user sees
+            return True
+        return _api_project(request, view) is not None  # 404 (NotFound) when the user may not see it
+
+
+def api_role(request, view) -> str | None:
+    """The user's role on the project in the URL ("admin" for site admins)."""
+    found = _api_project(request, view)
+    if found is None:
+        return None
+    return ADMIN if request.user.is_staff else found[1]

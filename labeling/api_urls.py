@@ -1,9 +1,15 @@
 from django.urls import path
 
-from . import apis
+from . import apis, data_apis
 
 app_name = "labeling-api"
 urlpatterns = [
+    path("projects/", data_apis.ProjectListView.as_view(), name="project-list"),
+    path("projects/<slug:slug>/", data_apis.ProjectDetailView.as_view(), name="project-detail"),
+    path("projects/<slug:slug>/heads/<slug:head>/classes/", data_apis.ClassListView.as_view(), name="class-list"),
+    path("projects/<slug:slug>/images/", data_apis.ImageListView.as_view(), name="image-list"),
+    path("projects/<slug:slug>/images/<int:pk>/", data_apis.ImageDetailView.as_view(), name="image-detail"),
+    path("projects/<slug:slug>/images/<int:pk>/labels/<slug:head>/", data_apis.LabelView.as_view(), name="label-set"),
     path("projects/<slug:slug>/dataset-versions/", apis.DatasetVersionListView.as_view(), name="version-list"),
     path(
         "projects/<slug:slug>/dataset-versions/<int:number>/",

@@ -7,7 +7,7 @@ from django.db import transaction
 from django.db.models import F
 from django.utils.text import slugify
 
-from .models import DatasetAction, Head, Image, Label, LabelClass, LabelEvent, Project
+from .models import DatasetAction, Head, Image, ImageEvent, Label, LabelClass, LabelEvent, Project
 from .normalize import clean_label, normalize_key
 from .presets import PRESETS
 
@@ -251,6 +251,9 @@ def project_settings_update(*, project: Project, values: dict, heads: dict | Non
         for k, v in values.items()
         if k in SETTINGS_FIELDS and not SETTINGS_FIELDS[k][0](v)
     ]
+    if heads is not None and not isinstance(heads, dict):
+        problems.append(f'heads must be {{"<head>": {{"threshold": 0.7, "optional": false}}}}, got {heads!r:.80}')
+        heads = {}
     heads = heads or {}
     with transaction.atomic():
         project = Project.objects.select_for_update().get(pk=project.pk)
@@ -303,3 +306,20 @@ def project_settings_update(*, project: Project, values: dict, heads: dict | Non
             summary=("settings: " + ", ".join(parts))[:500],
             changes={"project_fields": fields_changed, "thresholds": thresholds, "heads_optional": head_changes},
         )
+
+
+def image_exclude(*, image: Image, excluded: bool, reason: str = "", user=None) -> Image:
+    """Leave a photo out of training and the review queues (excluded) or bring it back (ok), with an ImageEvent.
+    An unreadable photo stays unreadable: it cannot be brought back by hand (the health scan re-checks files)."""
+    new = Image.Status.EXCLUDED if excluded else Image.Status.OK
+    with transaction.atomic():
+        image = Image.objects.select_for_update().get(pk=image.pk)
+        if image.status == Image.Status.UNREADABLE:
+            raise LabelingError(f"Image {image.id} is unreadable ({image.status_reason}); a health scan re-checks it.")
+        if image.status == new:
+            return image
+        why = (reason or ("excluded" if excluded else "included again")).strip()[:300]
+        ImageEvent.objects.create(image=image, old_status=image.status, new_status=new, user=user, reason=why)
+        Image.objects.filter(pk=image.pk).update(status=new, status_reason=why if excluded else "")
+    image.refresh_from_db()
+    return image

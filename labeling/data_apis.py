@@ -1,0 +1,464 @@
+"""The labeling side of the loop over REST (issue 17.1): projects (create from a preset or with their own heads,
+read, settings), heads and classes, images (list with the grid's filters, read with labels and history, exclude)
+and labels (set with the version the client saw: 409 with the current value when stale). Reviewers read and label;
+project admins change the project. Lists are cursor-paginated; every error has the one error shape."""
+
+from __future__ import annotations
+
+import django_filters
+from django.db import transaction
+from django.db.models import Count, Exists, OuterRef, Q
+from django.shortcuts import get_object_or_404
+from django_filters.rest_framework import DjangoFilterBackend
+from drf_spectacular.utils import extend_schema
+from rest_framework import serializers, status
+from rest_framework.exceptions import PermissionDenied
+from rest_framework.generics import ListAPIView
+from rest_framework.pagination import CursorPagination
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from webapp.errors import ApiError
+
+from . import services
+from .access import ADMIN, IsProjectMember, api_role, visible_projects
+from .models import GroupSplit, Head, Image, ImageEvent, Label, LabelClass, LabelEvent, Project
+from .presets import PRESET_CHOICES
+
+
+class IdCursorPagination(CursorPagination):
+    """Stable pages however many rows are added meanwhile: ?cursor=… from the answer's next/previous links."""
+
+    ordering = "id"
+    page_size = 100
+    page_size_query_param = "page_size"
+    max_page_size = 1000
+
+
+def _project(slug: str) -> Project:
+    return get_object_or_404(Project, slug=slug)
+
+
+def _head(project: Project, name: str) -> Head:
+    head = project.heads.filter(name=name).first()
+    if head is None:
+        names = ", ".join(project.heads.values_list("name", flat=True))
+        raise ApiError(
+            f"Project {project.slug!r} has no head {name!r} (heads: {names}).", code="not_found", status_code=404
+        )
+    return head
+
+
+# --------------------------------------------------------------------------------------------------- projects
+class HeadSerializer(serializers.ModelSerializer):
+    parent = serializers.CharField(source="parent.name", default=None)
+    classes = serializers.IntegerField(source="n_classes", read_only=True)
+
+    class Meta:
+        model = Head
+        fields = ["name", "parent", "optional", "threshold", "classes"]
+
+
+class ProjectSerializer(serializers.ModelSerializer):
+    heads = serializers.SerializerMethodField()
+    image_count = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Project
+        fields = [
+            "slug",
+            "name",
+            "preset",
+            "description",
+            "heads",
+            "image_count",
+            "created_at",
+            *services.SETTINGS_FIELDS,
+        ]
+        read_only_fields = fields
+
+    def get_image_count(self, obj) -> int:
+        n = getattr(obj, "n_images", None)
+        return obj.images.count() if n is None else n
+
+    def get_heads(self, obj) -> list[dict]:
+        heads = obj.heads.select_related("parent").annotate(
+            n_classes=Count("classes", filter=Q(classes__merged_into=None))
+        )
+        return HeadSerializer(heads.order_by("order", "id"), many=True).data
+
+
+class HeadSpecSerializer(serializers.Serializer):
+    name = serializers.CharField()
+    parent = serializers.CharField(required=False, allow_null=True, default=None)
+    optional = serializers.BooleanField(required=False, default=False)
+
+
+class ClassSpecSerializer(serializers.Serializer):
+    head = serializers.CharField()
+    name = serializers.CharField()
+    parent = serializers.CharField(required=False, allow_null=True, default=None)
+
+
+class ProjectCreateSerializer(serializers.Serializer):
+    name = serializers.CharField(max_length=200)
+    preset = serializers.ChoiceField(
+        choices=PRESET_CHOICES, help_text="the heads (unless given) and the training recipe"
+    )
+    slug = serializers.SlugField(required=False, max_length=100)
+    description = serializers.CharField(required=False, allow_blank=True, default="")
+    heads = HeadSpecSerializer(many=True, required=False, help_text="own heads instead of the preset's")
+    classes = ClassSpecSerializer(many=True, required=False, help_text="classes to start with")
+
+
+class ProjectListView(ListAPIView):
+    """GET: the projects the user sees. POST (site admins): a new project from a preset, or with its own heads."""
+
+    permission_classes = [IsProjectMember]
+    pagination_class = IdCursorPagination
+    serializer_class = ProjectSerializer
+
+    def get_queryset(self):
+        return visible_projects(self.request.user).annotate(n_images=Count("images", distinct=True))
+
+    @extend_schema(request=ProjectCreateSerializer, responses={201: ProjectSerializer})
+    def post(self, request):
+        if not request.user.is_staff:
+            raise PermissionDenied("Only site admins create projects.")
+        ser = ProjectCreateSerializer(data=request.data)
+        ser.is_valid(raise_exception=True)
+        data = ser.validated_data
+        heads = self._heads(data["heads"]) if "heads" in data else None  # the home page's rules: one parser
+        try:
+            classes = [(c["head"], c["name"], c["parent"]) for c in data.get("classes", [])]
+            if classes:
+                text = "\n".join(f"{h}: {n}{f' < {p}' if p else ''}" for h, n, p in classes)
+                classes = services.parse_classes(
+                    text, heads or [{"parent": None, **h} for h in _preset(data["preset"])]
+                )
+            project = services.project_create(
+                name=data["name"],
+                preset=data["preset"],
+                slug=data.get("slug"),
+                description=data["description"],
+                heads=heads,
+                classes=classes,
+            )
+        except services.LabelingError as exc:
+            raise ApiError(str(exc), code="invalid") from None
+        return Response(ProjectSerializer(project).data, status=status.HTTP_201_CREATED)
+
+    @staticmethod
+    def _heads(specs: list[dict]) -> list[dict]:
+        lines = [
+            f"{s['name']}{'?' if s['optional'] else ''}{' < ' + s['parent'] if s['parent'] else ''}" for s in specs
+        ]
+        try:
+            return services.parse_heads("\n".join(lines))
+        except services.LabelingError as exc:
+            raise ApiError(str(exc), code="invalid") from None
+
+
+def _preset(preset: str) -> list[dict]:
+    from .presets import PRESETS
+
+    return PRESETS[preset]
+
+
+class ProjectSettingsSerializer(serializers.Serializer):
+    heads = serializers.DictField(
+        child=serializers.DictField(), required=False, help_text='{"model": {"threshold": 0.7, "optional": false}}'
+    )
+
+
+class ProjectDetailView(APIView):
+    """GET: a project with its heads and settings. PATCH (project admins): change settings — any of the project
+    fields listed in the answer and `heads` {name: {threshold, optional}} — as one undoable action."""
+
+    permission_classes = [IsProjectMember]
+
+    @extend_schema(responses=ProjectSerializer)
+    def get(self, request, slug):
+        return Response(ProjectSerializer(_project(slug)).data)
+
+    @extend_schema(request=ProjectSettingsSerializer, responses=ProjectSerializer)
+    def patch(self, request, slug):
+        if api_role(request, self) != ADMIN:
+            raise PermissionDenied("Only admins of this project can change its settings.")
+        if not isinstance(request.data, dict):
+            raise ApiError("Send a JSON object of settings.", code="invalid")
+        values = {k: v for k, v in request.data.items() if k != "heads"}
+        try:
+            services.project_settings_update(
+                project=_project(slug), values=values, heads=request.data.get("heads"), user=request.user
+            )
+        except services.LabelingError as exc:
+            raise ApiError(str(exc), code="invalid") from None
+        return Response(ProjectSerializer(_project(slug)).data)
+
+
+# ----------------------------------------------------------------------------------------------- classes
+class LabelClassSerializer(serializers.ModelSerializer):
+    parent = serializers.CharField(source="parent.name", default=None)
+    images = serializers.IntegerField(source="n_images", read_only=True, default=None)
+
+    class Meta:
+        model = LabelClass
+        fields = ["id", "name", "parent", "aliases", "excluded_from_training", "images"]
+
+
+class ClassCreateSerializer(serializers.Serializer):
+    name = serializers.CharField(max_length=200)
+    parent = serializers.CharField(required=False, allow_null=True, default=None, help_text="the parent head's class")
+
+
+class ClassListView(APIView):
+    """GET: a head's classes (merged ones left out). POST (project admins): a new class (an existing spelling
+    returns the class it means, with 200)."""
+
+    permission_classes = [IsProjectMember]
+
+    @extend_schema(responses=LabelClassSerializer(many=True))
+    def get(self, request, slug, head):
+        head = _head(_project(slug), head)
+        qs = head.classes.filter(merged_into=None).select_related("parent").order_by("name")
+        qs = qs.annotate(n_images=Count("label", distinct=True))
+        return Response(LabelClassSerializer(qs, many=True).data)
+
+    @extend_schema(request=ClassCreateSerializer, responses={201: LabelClassSerializer, 200: LabelClassSerializer})
+    def post(self, request, slug, head):
+        if api_role(request, self) != ADMIN:
+            raise PermissionDenied("Only admins of this project can create classes.")
+        head = _head(_project(slug), head)
+        ser = ClassCreateSerializer(data=request.data)
+        ser.is_valid(raise_exception=True)
+        parent_name = ser.validated_data["parent"]
+        if bool(head.parent_id) != bool(parent_name):
+            need = f"the {head.parent.name} it belongs to in 'parent'" if head.parent_id else "no 'parent'"
+            raise ApiError(f"Head {head.name!r} takes {need}.", code="invalid")
+        try:
+            with transaction.atomic():
+                parent = None
+                if parent_name:
+                    parent = head.parent.classes.filter(name=parent_name, merged_into=None).first()
+                    if parent is None:
+                        raise services.LabelingError(f"{head.parent.name} {parent_name!r} does not exist.")
+                cls, created = services.label_class_get_or_create(
+                    head=head, raw_name=ser.validated_data["name"], parent=parent
+                )
+        except services.LabelingError as exc:
+            raise ApiError(str(exc), code="invalid") from None
+        return Response(LabelClassSerializer(cls).data, status=201 if created else 200)
+
+
+# ------------------------------------------------------------------------------------------------ images
+class ImageFilter(django_filters.FilterSet):
+    """The image grid's filters: ?head=&class_id=&unlabeled=&split=&source=&status=."""
+
+    head = django_filters.CharFilter(method="_noop", help_text="with unlabeled: unlabeled for this head")
+    class_id = django_filters.NumberFilter(method="_class", help_text="labeled with this class (any head)")
+    unlabeled = django_filters.BooleanFilter(method="_unlabeled", help_text="unlabeled for `head` (or any head)")
+    split = django_filters.ChoiceFilter(
+        method="_split", choices=[(s, s) for s in ("train", "val", "test")], help_text="the group's sticky split"
+    )
+    source = django_filters.ChoiceFilter(choices=Image.Source.choices)
+    status = django_filters.ChoiceFilter(choices=Image.Status.choices)
+
+    class Meta:
+        model = Image
+        fields = ["source", "status"]
+
+    def _noop(self, qs, name, value):
+        return qs
+
+    def _class(self, qs, name, value):
+        return qs.filter(labels__label_class_id=value)
+
+    def _unlabeled(self, qs, name, value):
+        if not value:
+            return qs
+        missing = Label.objects.filter(image=OuterRef("pk"), label_class__isnull=True)
+        head_name = self.data.get("head")
+        if head_name:
+            missing = missing.filter(head__name=head_name)
+        return qs.filter(Exists(missing))
+
+    def _split(self, qs, name, value):
+        splits = GroupSplit.objects.filter(
+            project_id=OuterRef("project_id"), group_key=OuterRef("group_key"), split=value
+        )
+        return qs.filter(Exists(splits))
+
+
+class LabelSerializer(serializers.ModelSerializer):
+    head = serializers.CharField(source="head.name")
+    class_id = serializers.IntegerField(source="label_class_id", allow_null=True)
+    label = serializers.CharField(source="label_class.name", default=None)
+    updated_by = serializers.CharField(source="updated_by.username", default=None)
+
+    class Meta:
+        model = Label
+        fields = ["head", "class_id", "label", "version", "updated_at", "updated_by"]
+
+
+class ImageSerializer(serializers.ModelSerializer):
+    labels = serializers.SerializerMethodField()
+    thumbnail_url = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Image
+        fields = [
+            "id",
+            "original_name",
+            "group_key",
+            "source",
+            "status",
+            "status_reason",
+            "width",
+            "height",
+            "sha256",
+            "created_at",
+            "labels",
+            "thumbnail_url",
+        ]
+
+    def get_labels(self, obj) -> list[dict]:
+        labels = sorted(obj.labels.all(), key=lambda lb: (lb.head.order, lb.head_id))
+        return LabelSerializer(labels, many=True).data
+
+    def get_thumbnail_url(self, obj) -> str:
+        from django.urls import reverse
+
+        return reverse("labeling:image-file", args=[obj.project.slug, obj.id, "thumb"])
+
+
+class ImageListView(ListAPIView):
+    """The project's images with the grid's filters, cursor-paginated (?page_size= up to 1000)."""
+
+    permission_classes = [IsProjectMember]
+    serializer_class = ImageSerializer
+    pagination_class = IdCursorPagination
+    filter_backends = [DjangoFilterBackend]
+    filterset_class = ImageFilter
+
+    def get_queryset(self):
+        project = _project(self.kwargs["slug"])
+        labels = Label.objects.select_related("head", "label_class", "updated_by")
+        from django.db.models import Prefetch
+
+        return (
+            Image.objects.filter(project=project)
+            .select_related("project")
+            .prefetch_related(Prefetch("labels", queryset=labels))
+        )
+
+
+class ImageDetailSerializer(ImageSerializer):
+    history = serializers.SerializerMethodField()
+
+    class Meta(ImageSerializer.Meta):
+        fields = [*ImageSerializer.Meta.fields, "history"]
+
+    def get_history(self, obj) -> list[dict]:
+        events = LabelEvent.objects.filter(image=obj).select_related("head", "old_class", "new_class", "user")
+        out = [
+            {
+                "at": e.created_at,
+                "head": e.head.name,
+                "old": e.old_class.name if e.old_class_id else None,
+                "new": e.new_class.name if e.new_class_id else None,
+                "user": e.user.username if e.user_id else None,
+                "reason": e.reason,
+            }
+            for e in events.order_by("-created_at", "-id")[:100]
+        ]
+        statuses = ImageEvent.objects.filter(image=obj).select_related("user").order_by("-created_at", "-id")[:100]
+        out += [
+            {
+                "at": e.created_at,
+                "status": [e.old_status, e.new_status],
+                "user": e.user.username if e.user_id else None,
+                "reason": e.reason,
+            }
+            for e in statuses
+        ]
+        return sorted(out, key=lambda e: e["at"], reverse=True)
+
+
+class ImageExcludeSerializer(serializers.Serializer):
+    excluded = serializers.BooleanField(help_text="true: leave the photo out of training and review; false: back in")
+    reason = serializers.CharField(required=False, allow_blank=True, default="")
+
+
+class ImageDetailView(APIView):
+    """GET: one image with its labels (with the version to send back when setting one) and its history.
+    PATCH {"excluded": true|false}: leave a bad photo out of training (project admins and reviewers)."""
+
+    permission_classes = [IsProjectMember]
+
+    def _image(self, slug: str, pk: int) -> Image:
+        return get_object_or_404(Image.objects.select_related("project"), project__slug=slug, pk=pk)
+
+    @extend_schema(responses=ImageDetailSerializer)
+    def get(self, request, slug, pk):
+        return Response(ImageDetailSerializer(self._image(slug, pk)).data)
+
+    @extend_schema(request=ImageExcludeSerializer, responses=ImageDetailSerializer)
+    def patch(self, request, slug, pk):
+        image = self._image(slug, pk)
+        ser = ImageExcludeSerializer(data=request.data)
+        ser.is_valid(raise_exception=True)
+        try:
+            services.image_exclude(
+                image=image,
+                excluded=ser.validated_data["excluded"],
+                reason=ser.validated_data["reason"],
+                user=request.user,
+            )
+        except services.LabelingError as exc:
+            raise ApiError(str(exc), code="invalid") from None
+        return Response(ImageDetailSerializer(self._image(slug, pk)).data)
+
+
+class LabelSetSerializer(serializers.Serializer):
+    class_id = serializers.IntegerField(required=False, allow_null=True, help_text="null: unlabeled")
+    label = serializers.CharField(required=False, help_text="or the class by name (or an alias)")
+    version = serializers.IntegerField(help_text="the label's version the client saw (GET the image)")
+
+
+class LabelView(APIView):
+    """PUT: set one head's label of an image, with the version the client saw. A stale version is 409 with the
+    current label (nothing overwritten); an unknown class is 400 naming the head."""
+
+    permission_classes = [IsProjectMember]
+
+    @extend_schema(request=LabelSetSerializer, responses={200: LabelSerializer, 409: LabelSerializer})
+    def put(self, request, slug, pk, head):
+        image = get_object_or_404(Image, project__slug=slug, pk=pk)
+        head = _head(image.project, head)
+        ser = LabelSetSerializer(data=request.data)
+        ser.is_valid(raise_exception=True)
+        data = ser.validated_data
+        class_id = data.get("class_id")
+        if "label" in data:
+            cls = head.classes.filter(Q(name=data["label"]) | Q(aliases__contains=[data["label"]])).first()
+            if cls is None:
+                raise ApiError(f"{head.name} has no class {data['label']!r}.", code="invalid")
+            class_id = (cls.merged_into or cls).id
+        label = Label.objects.filter(image=image, head=head).first()
+        if label is None:
+            services.image_labels_ensure(image=image)
+            label = Label.objects.get(image=image, head=head)
+        try:
+            change = services.label_set(
+                label_id=label.id, class_id=class_id, expected_version=data["version"], user=request.user, reason="api"
+            )
+        except services.LabelConflict as exc:
+            current = Label.objects.select_related("head", "label_class", "updated_by").get(pk=exc.current.pk)
+            raise ApiError(
+                str(exc), code="stale_version", status_code=409, details={"current": LabelSerializer(current).data}
+            ) from None
+        except services.LabelingError as exc:
+            raise ApiError(str(exc), code="invalid") from None
+        label = Label.objects.select_related("head", "label_class", "updated_by").get(pk=change.label.pk)
+        return Response(LabelSerializer(label).data)
