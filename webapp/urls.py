@@ -19,6 +19,7 @@ urlpatterns = [
     path("api/v1/", include("inference.urls")),
     path("api/v1/", include("labeling.api_urls")),
     path("api/v1/", include("pipeline.api_urls")),
+    path("api/v1/", include("review.api_urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
     path("healthz", health, name="health"),
