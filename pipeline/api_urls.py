@@ -13,6 +13,8 @@ urlpatterns = [
     ),
     path("projects/<slug:slug>/jobs/", apis.JobListView.as_view(), name="job-list"),
     path("projects/<slug:slug>/jobs/<str:type_>/<int:pk>/cancel/", apis.JobCancelView.as_view(), name="job-cancel"),
+    path("projects/<slug:slug>/runs/", apis.TrainingRunListView.as_view(), name="run-list"),
+    path("projects/<slug:slug>/runs/<int:run_id>/", apis.TrainingRunDetailView.as_view(), name="run-detail"),
     path("projects/<slug:slug>/runs/<int:run_id>/cancel/", apis.TrainingRunCancelView.as_view(), name="run-cancel"),
     path(
         "projects/<slug:slug>/models/<int:number>/promote/",

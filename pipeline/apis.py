@@ -6,7 +6,9 @@ from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import serializers
 from rest_framework.exceptions import NotFound
+from rest_framework.generics import ListAPIView
 from rest_framework.negotiation import BaseContentNegotiation
+from rest_framework.pagination import CursorPagination
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
@@ -264,3 +266,118 @@ class JobCancelView(APIView):
         except JobError as exc:
             raise ApiError(str(exc), code="not_active", status_code=409) from None
         return Response(JobSerializer(describe(row)).data)
+
+
+# -------------------------------------------------------------------------------------------- training runs
+class TrainingRunSerializer(serializers.ModelSerializer):
+    dataset_version = serializers.IntegerField(source="dataset_version.number", default=None)
+    model_version = serializers.SerializerMethodField()
+    progress = serializers.FloatField(read_only=True, allow_null=True)
+    evaluated_on = serializers.CharField(read_only=True)
+    created_by = serializers.CharField(source="created_by.username", default=None)
+    queue = serializers.SerializerMethodField(help_text="where a queued or running run stands (queue, jobs ahead)")
+
+    class Meta:
+        model = TrainingRun
+        fields = [
+            "id",
+            "status",
+            "config",
+            "dataset_version",
+            "epoch",
+            "epochs",
+            "step",
+            "steps_per_epoch",
+            "progress",
+            "loss",
+            "metrics",
+            "evaluated_on",
+            "eta_s",
+            "n_train",
+            "n_val",
+            "pretrained_source",
+            "pretrained_detail",
+            "attempts",
+            "error",
+            "model_version",
+            "created_by",
+            "created_at",
+            "started_at",
+            "finished_at",
+            "queue",
+        ]
+
+    def get_model_version(self, obj) -> int | None:
+        version = getattr(obj, "model_version", None)
+        return version.number if version is not None else None
+
+    def get_queue(self, obj) -> dict | None:
+        if not obj.is_active:
+            return None
+        info = describe(obj)
+        return {k: info[k] for k in ("queue", "ahead", "wait_s")}
+
+
+class TrainingRunCreateSerializer(serializers.Serializer):
+    quick = serializers.BooleanField(
+        required=False, default=False, help_text="heads only, on cached frozen features (seconds once warm)"
+    )
+    config = serializers.DictField(required=False, default=dict, help_text="engine config overrides, e.g. {epochs: 5}")
+    dataset_version = serializers.IntegerField(
+        required=False, allow_null=True, default=None, help_text="train on this frozen version (default: freeze now)"
+    )
+
+
+class TrainingRunListView(ListAPIView):
+    """GET: the project's training runs, newest first (cursor-paginated). POST: start one — a full fine-tune with
+    the preset's recipe, or quick, with config overrides; the data is frozen first (a new dataset version, or the
+    latest when nothing changed). 409 while another run of the project is queued or running."""
+
+    permission_classes = [IsProjectAdmin]
+    serializer_class = TrainingRunSerializer
+
+    class pagination_class(CursorPagination):  # noqa: N801 - DRF's attribute name
+        ordering = "-id"
+        page_size = 50
+        page_size_query_param = "page_size"
+        max_page_size = 500
+
+    def get_queryset(self):
+        project = get_object_or_404(Project, slug=self.kwargs["slug"])
+        return project.training_runs.select_related("dataset_version", "model_version", "created_by")
+
+    @extend_schema(request=TrainingRunCreateSerializer, responses={202: TrainingRunSerializer})
+    def post(self, request, slug):
+        project = get_object_or_404(Project, slug=slug)
+        ser = TrainingRunCreateSerializer(data=request.data)
+        ser.is_valid(raise_exception=True)
+        data = ser.validated_data
+        config = {**data["config"], **({"quick": True} if data["quick"] else {})}
+        dataset_version = None
+        if data["dataset_version"] is not None:
+            dataset_version = project.dataset_versions.filter(number=data["dataset_version"]).first()
+            if dataset_version is None:
+                raise ApiError(
+                    f"Project {slug!r} has no dataset version {data['dataset_version']}.",
+                    code="not_found",
+                    status_code=404,
+                )
+        try:
+            run = services.training_run_create(
+                project=project, user=request.user, config=config, dataset_version=dataset_version
+            )
+        except services.TrainingError as exc:
+            busy = "already queued or running" in str(exc)
+            raise ApiError(str(exc), code="busy" if busy else "invalid", status_code=409 if busy else 400) from None
+        return Response(TrainingRunSerializer(run).data, status=202)
+
+
+class TrainingRunDetailView(APIView):
+    permission_classes = [IsProjectAdmin]
+
+    @extend_schema(responses=TrainingRunSerializer, summary="One training run: status, progress, ETA, metrics")
+    def get(self, request, slug, run_id):
+        run = get_object_or_404(
+            TrainingRun.objects.select_related("dataset_version", "created_by"), project__slug=slug, pk=run_id
+        )
+        return Response(TrainingRunSerializer(run).data)

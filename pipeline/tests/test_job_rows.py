@@ -292,3 +292,38 @@ def test_oof_predictions_can_be_queued_as_a_job_and_run_from_its_row(version):
     assert job.result["k"] == 3 and job.done == job.total == 3
     version.refresh_from_db()
     assert version.metrics["oof"]["k"] == 3
+
+
+def test_training_runs_over_rest_start_list_detail_cancel(shapes_project, admin_user, reviewer, settings):
+    from rest_framework.authtoken.models import Token
+    from rest_framework.test import APIClient
+
+    from training.models import TrainingRun
+
+    project = shapes_project(4)
+    api = APIClient()
+    api.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=admin_user).key}")
+    base = f"/api/v1/projects/{project.slug}/runs/"
+    started = api.post(base, {"config": {"epochs": 1}}, format="json")
+    assert started.status_code == 202, started.json()
+    run = started.json()
+    assert run["status"] == "queued" and run["dataset_version"] == 1 and run["config"] == {"epochs": 1}
+    assert run["queue"]["queue"] == "gpu" and run["created_by"] == "admin"
+    busy = api.post(base, {}, format="json")
+    assert busy.status_code == 409 and busy.json()["error"]["code"] == "busy"
+    listed = api.get(base).json()
+    assert [r["id"] for r in listed["results"]] == [run["id"]]
+    assert api.get(f"{base}{run['id']}/").json()["status"] == "queued"
+    assert api.post(f"{base}{run['id']}/cancel/").json()["status"] == "cancelled"
+    # Bad input and the wrong people.
+    assert api.post(base, {"config": {"epochs": "many"}}, format="json").status_code == 400
+    assert api.post(base, {"dataset_version": 99}, format="json").status_code == 404
+    assert api.post(base, {"config": "x"}, format="json").status_code == 400
+    assert api.get(f"{base}999999/").status_code == 404
+    rev = APIClient()
+    rev.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=reviewer).key}")
+    assert rev.get(base).status_code == 403 and rev.post(base, {}, format="json").status_code == 403
+    # Quick retrain asked without pretrained weights (the tests' override): a clear 400.
+    quick = api.post(base, {"quick": True}, format="json")
+    assert quick.status_code == 400 and "pretrained" in quick.json()["error"]["message"]
+    assert TrainingRun.objects.filter(project=project).count() == 1
