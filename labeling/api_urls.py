@@ -8,6 +8,7 @@ urlpatterns = [
     path("projects/<slug:slug>/", data_apis.ProjectDetailView.as_view(), name="project-detail"),
     path("projects/<slug:slug>/heads/<slug:head>/classes/", data_apis.ClassListView.as_view(), name="class-list"),
     path("projects/<slug:slug>/images/", data_apis.ImageListView.as_view(), name="image-list"),
+    path("projects/<slug:slug>/images/upload/", data_apis.ImageUploadView.as_view(), name="image-upload"),
     path("projects/<slug:slug>/images/<int:pk>/", data_apis.ImageDetailView.as_view(), name="image-detail"),
     path("projects/<slug:slug>/images/<int:pk>/labels/<slug:head>/", data_apis.LabelView.as_view(), name="label-set"),
     path("projects/<slug:slug>/dataset-versions/", apis.DatasetVersionListView.as_view(), name="version-list"),

@@ -5,22 +5,31 @@ project admins change the project. Lists are cursor-paginated; every error has t
 
 from __future__ import annotations
 
+import hashlib
+import io
+import tempfile
+from pathlib import Path
+
 import django_filters
+from django.conf import settings
 from django.db import transaction
 from django.db.models import Count, Exists, OuterRef, Q
 from django.shortcuts import get_object_or_404
 from django_filters.rest_framework import DjangoFilterBackend
 from drf_spectacular.utils import extend_schema
+from PIL import Image as PILImage
+from PIL import UnidentifiedImageError
 from rest_framework import serializers, status
 from rest_framework.exceptions import PermissionDenied
 from rest_framework.generics import ListAPIView
 from rest_framework.pagination import CursorPagination
+from rest_framework.parsers import MultiPartParser
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from webapp.errors import ApiError
 
-from . import services
+from . import formats, importers, services
 from .access import ADMIN, IsProjectMember, api_role, visible_projects
 from .models import GroupSplit, Head, Image, ImageEvent, Label, LabelClass, LabelEvent, Project
 from .presets import PRESET_CHOICES
@@ -462,3 +471,105 @@ class LabelView(APIView):
             raise ApiError(str(exc), code="invalid") from None
         label = Label.objects.select_related("head", "label_class", "updated_by").get(pk=change.label.pk)
         return Response(LabelSerializer(label).data)
+
+
+# ------------------------------------------------------------------------------------------------ upload
+UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP")
+
+
+def _check_upload(name: str, data: bytes) -> str | None:
+    """The recognition endpoint's checks on one uploaded photo: size, format (sniffed, not the name), pixel
+    count from the header, and that it decodes; None when it passes, else what is wrong."""
+    if not data:
+        return "empty file"
+    if len(data) > settings.LOUPE_MAX_IMAGE_BYTES:
+        return f"{len(data) / 2**20:.1f} MiB, more than the {settings.LOUPE_MAX_IMAGE_BYTES / 2**20:.0f} MiB limit"
+    try:
+        with PILImage.open(io.BytesIO(data), formats=list(UPLOAD_FORMATS)) as img:
+            pixels = img.size[0] * img.size[1]
+            if pixels > settings.LOUPE_MAX_IMAGE_PIXELS:
+                return f"{img.size[0]}×{img.size[1]} is more than {settings.LOUPE_MAX_IMAGE_PIXELS:,} pixels"
+            img.draft("RGB", (64, 64))
+            img.load()
+    except UnidentifiedImageError:
+        return f"not a {', '.join(UPLOAD_FORMATS)} image"
+    except (OSError, SyntaxError, ValueError, PILImage.DecompressionBombError) as exc:
+        return f"damaged image ({exc})"
+    return None
+
+
+class ImageUploadView(APIView):
+    """POST multipart (project admins): one or many photos in `images`, optional `group` (default: from the file
+    name, <ID>_<seq>) and labels as `label.<head>` fields (class names; new ones are created, as an import
+    does). Every file is checked like a recognition photo (size, format, pixel count, decodes); one bad file
+    refuses the request and nothing is written. 201 {"created": [ids], "existing": [ids], "report": [...]}."""
+
+    permission_classes = [IsProjectMember]
+    parser_classes = [MultiPartParser]
+
+    @extend_schema(
+        request={
+            "multipart/form-data": {
+                "type": "object",
+                "properties": {
+                    "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                    "group": {"type": "string"},
+                },
+            }
+        },
+        responses={201: dict},
+    )
+    def post(self, request, slug):
+        if api_role(request, self) != ADMIN:
+            raise PermissionDenied("Only admins of this project can add photos.")
+        project = _project(slug)
+        files = request.FILES.getlist("images")
+        if not files:
+            raise ApiError("Send one or more photos as multipart field 'images'.", code="invalid")
+        if len(files) > settings.DATA_UPLOAD_MAX_NUMBER_FILES:
+            raise ApiError(f"At most {settings.DATA_UPLOAD_MAX_NUMBER_FILES} photos per request.", code="invalid")
+        heads = set(project.heads.values_list("name", flat=True))
+        labels = {k.split(".", 1)[1]: v for k, v in request.data.items() if k.startswith("label.")}
+        unknown = sorted(set(labels) - heads)
+        if unknown:
+            raise ApiError(
+                f"No head {', '.join(map(repr, unknown))} (heads: {', '.join(sorted(heads))}).", code="invalid"
+            )
+        group = str(request.data.get("group", "")).strip()[:200]
+        problems, shas = [], []
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = []
+            for i, f in enumerate(files):
+                name = Path(f.name or f"upload-{i}.jpg").name or f"upload-{i}.jpg"
+                data = f.read()
+                why = _check_upload(name, data)
+                if why:
+                    problems.append(f"{name}: {why}")
+                    continue
+                path = Path(tmp) / f"{i:03d}" / name  # its own folder: two uploads may share a name
+                path.parent.mkdir()
+                path.write_bytes(data)
+                shas.append(hashlib.sha256(data).hexdigest())
+                rows.append(
+                    importers.ImportRow(
+                        where=name,
+                        path=path,
+                        labels={h: labels.get(h) for h in heads},
+                        group=group or formats.group_from_name(name),
+                        root=Path(tmp),
+                        group_from="column" if group else "name",
+                    )
+                )
+            if problems:
+                raise ApiError("Nothing was added: " + "; ".join(problems) + ".", code="invalid")
+            before = set(Image.objects.filter(project=project, sha256__in=shas).values_list("id", flat=True))
+            report = importers.images_import(
+                project=project, rows=rows, report=importers.ImportReport(), user=request.user, group_by="name"
+            )
+        if not report.written:
+            raise ApiError("Nothing was added: " + "; ".join(f"{w}: {m}" for w, m in report.errors) + ".")
+        ids = list(Image.objects.filter(project=project, sha256__in=shas).order_by("id").values_list("id", flat=True))
+        return Response(
+            {"created": [i for i in ids if i not in before], "existing": sorted(before), "report": report.lines()},
+            status=201,
+        )

@@ -147,3 +147,48 @@ def test_a_members_only_project_is_invisible_to_non_members(rev, reviewer, car_p
     assert rev.get(f"/api/v1/projects/{project.slug}/images/{image.id}/").status_code == 404
     ProjectMember.objects.create(project=project, user=reviewer, role="reviewer")
     assert rev.get(f"/api/v1/projects/{project.slug}/images/").status_code == 200
+
+
+def test_photos_are_uploaded_with_the_recognition_checks_and_nothing_half_written(admin, rev, car_project, settings):
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    from conftest import make_photo
+
+    project = car_project(groups=0)
+    url = f"/api/v1/projects/{project.slug}/images/upload/"
+
+    def photo(name, color="red", fmt="JPEG"):
+        return SimpleUploadedFile(name, make_photo(color, fmt=fmt, size=64), content_type="image/jpeg")
+
+    ok = admin.post(
+        url,
+        {
+            "images": [photo("Corolla9_0.jpg"), photo("Corolla9_1.jpg", "blue")],
+            "label.make": "Toyota",
+            "label.model": "Corolla",
+        },
+        format="multipart",
+    )
+    assert ok.status_code == 201, ok.json()
+    created = ok.json()["created"]
+    assert len(created) == 2 and ok.json()["existing"] == []
+    image = Image.objects.get(pk=created[0])
+    assert image.group_key == "Corolla9" and image.original_name == "Corolla9_0.jpg"
+    assert {lb.head.name: lb.label_class.name for lb in image.labels.select_related("head", "label_class")} == {
+        "make": "Toyota",
+        "model": "Corolla",
+    }
+    again = admin.post(url, {"images": [photo("Corolla9_0.jpg")]}, format="multipart").json()
+    assert again["created"] == [] and again["existing"] == [created[0]]  # the same bytes are the same photo
+    # One bad file refuses the whole request: nothing is written.
+    n = Image.objects.count()
+    text = SimpleUploadedFile("notes.jpg", b"not an image at all", content_type="image/jpeg")
+    bad = admin.post(url, {"images": [photo("Yaris1_0.jpg", "green"), text]}, format="multipart")
+    assert bad.status_code == 400 and "notes.jpg: not a JPEG, PNG, WEBP image" in bad.json()["error"]["message"]
+    settings.LOUPE_MAX_IMAGE_PIXELS = 1000
+    big = admin.post(url, {"images": [photo("Yaris1_1.jpg", "green")]}, format="multipart")
+    assert big.status_code == 400 and "more than 1,000 pixels" in big.json()["error"]["message"]
+    assert Image.objects.count() == n
+    assert admin.post(url, {"images": [photo("a.jpg")], "label.trim": "GT"}, format="multipart").status_code == 400
+    assert admin.post(url, {}, format="multipart").status_code == 400
+    assert rev.post(url, {"images": [photo("b.jpg")]}, format="multipart").status_code == 403
