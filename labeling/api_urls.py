@@ -11,6 +11,7 @@ urlpatterns = [
     path("projects/<slug:slug>/images/upload/", data_apis.ImageUploadView.as_view(), name="image-upload"),
     path("projects/<slug:slug>/images/<int:pk>/", data_apis.ImageDetailView.as_view(), name="image-detail"),
     path("projects/<slug:slug>/images/<int:pk>/labels/<slug:head>/", data_apis.LabelView.as_view(), name="label-set"),
+    path("projects/<slug:slug>/labels/bulk/", data_apis.BulkLabelView.as_view(), name="labels-bulk"),
     path("projects/<slug:slug>/dataset-versions/", apis.DatasetVersionListView.as_view(), name="version-list"),
     path(
         "projects/<slug:slug>/dataset-versions/<int:number>/",

@@ -29,7 +29,7 @@ from rest_framework.views import APIView
 
 from webapp.errors import ApiError
 
-from . import formats, importers, services
+from . import formats, health, importers, services
 from .access import ADMIN, IsProjectMember, api_role, visible_projects
 from .models import GroupSplit, Head, Image, ImageEvent, Label, LabelClass, LabelEvent, Project
 from .presets import PRESET_CHOICES
@@ -573,3 +573,60 @@ class ImageUploadView(APIView):
             {"created": [i for i in ids if i not in before], "existing": sorted(before), "report": report.lines()},
             status=201,
         )
+
+
+class BulkImageSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    version = serializers.IntegerField(help_text="the label version the client saw for this head")
+
+
+class BulkLabelSerializer(serializers.Serializer):
+    head = serializers.CharField()
+    class_id = serializers.IntegerField(required=False, allow_null=True, help_text="null: clear the labels")
+    label = serializers.CharField(required=False, help_text="or the class by name")
+    images = BulkImageSerializer(many=True, min_length=1, max_length=10_000)
+    preview = serializers.BooleanField(required=False, default=False, help_text="say what would change; change nothing")
+
+
+class BulkLabelView(APIView):
+    """POST: set one head's label of many images to one class as one undoable action (the grid's bulk relabel).
+    With "preview": true, nothing changes: the answer says how many would change, how many are already that class
+    and which are stale. Labels changed since the client read them are left alone and listed as stale."""
+
+    permission_classes = [IsProjectMember]
+
+    @extend_schema(request=BulkLabelSerializer, responses={200: dict})
+    def post(self, request, slug):
+        project = _project(slug)
+        ser = BulkLabelSerializer(data=request.data)
+        ser.is_valid(raise_exception=True)
+        data = ser.validated_data
+        head = _head(project, data["head"])
+        class_id = data.get("class_id")
+        if "label" in data:
+            cls = head.classes.filter(name=data["label"], merged_into=None).first()
+            if cls is None:
+                raise ApiError(f"{head.name} has no class {data['label']!r}.", code="invalid")
+            class_id = cls.id
+        elif "class_id" not in data:
+            raise ApiError("Give class_id (null clears the labels) or label.", code="invalid")
+        if class_id is not None and not head.classes.filter(pk=class_id, merged_into=None).exists():
+            raise ApiError(f"Class {class_id} is not a class of head {head.name!r}.", code="invalid")
+        expected = {im["id"]: im["version"] for im in data["images"]}
+        labels = {
+            lb.image_id: lb for lb in Label.objects.filter(head=head, image__project=project, image_id__in=expected)
+        }
+        missing = sorted(set(expected) - set(labels))
+        if missing:
+            raise ApiError(f"Not images of {project.slug!r}: {missing[:20]}.", code="not_found", status_code=404)
+        stale = sorted(i for i, lb in labels.items() if lb.version != expected[i])
+        if data["preview"]:
+            fresh = [lb for i, lb in labels.items() if i not in stale]
+            same = sum(1 for lb in fresh if lb.label_class_id == class_id)
+            return Response({"would_change": len(fresh) - same, "unchanged": same, "stale": stale})
+        try:
+            out = health.labels_bulk_set(head=head, class_id=class_id, expected=expected, user=request.user)
+        except services.LabelingError as exc:
+            raise ApiError(str(exc), code="invalid") from None
+        action = out["action"]
+        return Response({"changed": out["changed"], "stale": out["stale"], "action": action.id if action else None})

@@ -192,3 +192,32 @@ def test_photos_are_uploaded_with_the_recognition_checks_and_nothing_half_writte
     assert admin.post(url, {"images": [photo("a.jpg")], "label.trim": "GT"}, format="multipart").status_code == 400
     assert admin.post(url, {}, format="multipart").status_code == 400
     assert rev.post(url, {"images": [photo("b.jpg")]}, format="multipart").status_code == 403
+
+
+def test_bulk_labels_preview_then_apply_as_one_undoable_action(admin, rev, car_project):
+    project = car_project(groups=2, per_group=1)
+    url = f"/api/v1/projects/{project.slug}/labels/bulk/"
+    labels = list(Label.objects.filter(image__project=project, head__name="model").order_by("image_id"))
+    images = [{"id": lb.image_id, "version": lb.version} for lb in labels]
+    Label.objects.filter(pk=labels[0].pk).update(version=labels[0].version + 1)  # someone edited it meanwhile
+    yaris_before = sum(1 for lb in labels if lb.label_class.name == "Yaris")
+    preview = rev.post(url, {"head": "model", "label": "Yaris", "images": images, "preview": True}, format="json")
+    assert preview.status_code == 200, preview.json()
+    body = preview.json()
+    assert body["stale"] == [labels[0].image_id] and body["unchanged"] == yaris_before
+    assert body["would_change"] == len(labels) - 1 - yaris_before
+    assert (
+        not Label.objects.filter(pk=labels[1].pk, label_class__name="Yaris").exists()
+        or labels[1].label_class.name == "Yaris"
+    )
+    done = rev.post(url, {"head": "model", "label": "Yaris", "images": images}, format="json").json()
+    assert done["changed"] == body["would_change"] and done["stale"] == body["stale"] and done["action"]
+    assert DatasetAction.objects.get(pk=done["action"]).kind == "bulk_relabel"
+    # Bad input: another head's class, an unknown name, no class, another project's image.
+    honda = project.heads.get(name="make").classes.get(name="Honda")
+    assert rev.post(url, {"head": "model", "class_id": honda.id, "images": images}, format="json").status_code == 400
+    assert rev.post(url, {"head": "model", "label": "Zonda", "images": images}, format="json").status_code == 400
+    assert rev.post(url, {"head": "model", "images": images}, format="json").status_code == 400
+    assert rev.post(url, {"head": "model", "label": "Yaris", "images": []}, format="json").status_code == 400
+    far = rev.post(url, {"head": "model", "label": "Yaris", "images": [{"id": 10**9, "version": 1}]}, format="json")
+    assert far.status_code == 404
