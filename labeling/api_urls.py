@@ -19,6 +19,11 @@ urlpatterns = [
         name="version-detail",
     ),
     path(
+        "projects/<slug:slug>/dataset-versions/<int:number>/export/",
+        apis.DatasetVersionExportView.as_view(),
+        name="version-export",
+    ),
+    path(
         "projects/<slug:slug>/dataset-versions/<int:old>/diff/<int:new>/",
         apis.DatasetVersionDiffView.as_view(),
         name="version-diff",

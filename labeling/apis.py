@@ -1,5 +1,6 @@
 """REST API for dataset versions and health scans (admins). Every error has the one error shape."""
 
+from django.http import FileResponse
 from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import OpenApiResponse, extend_schema, inline_serializer
 from rest_framework import serializers, status
@@ -7,6 +8,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from webapp.errors import ApiError
+from webapp.files import IgnoreAccept
 
 from . import health, selectors, versions
 from .access import IsProjectAdmin
@@ -142,3 +144,20 @@ class HealthScanView(APIView):
         except LabelingError as exc:
             raise ApiError(str(exc), code="bad_request") from exc
         return Response(HealthReportSerializer(report).data, status=status.HTTP_202_ACCEPTED)
+
+
+class DatasetVersionExportView(APIView):
+    """The frozen version in the seeds' formats as one zip (car_labels.csv/labels.csv, metadata.csv, splits.json,
+    label_maps.json, images/, an ImageFolder tree): written on the first request, the same file after."""
+
+    permission_classes = [IsProjectAdmin]
+    content_negotiation_class = IgnoreAccept
+
+    @extend_schema(responses={(200, "application/zip"): OpenApiResponse(description="the export as a zip")})
+    def get(self, request, slug, number):
+        version = get_object_or_404(DatasetVersion.objects.select_related("project"), project__slug=slug, number=number)
+        try:
+            archive = versions.dataset_version_archive(version=version)
+        except LabelingError as exc:
+            raise ApiError(str(exc), code="invalid") from None
+        return FileResponse(archive.open("rb"), as_attachment=True, filename=f"{slug}-dataset-v{number}.zip")

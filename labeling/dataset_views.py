@@ -3,11 +3,6 @@ diff, export). Thin: they call labeling.health and labeling.versions."""
 
 from __future__ import annotations
 
-import os
-import shutil
-from pathlib import Path
-
-from django.conf import settings
 from django.contrib import messages
 from django.core.paginator import Paginator
 from django.http import FileResponse, Http404, JsonResponse
@@ -287,7 +282,7 @@ def version_detail(request, slug, number):
     project = current_project(request, slug)
     version = get_object_or_404(project.dataset_versions, number=number)
     others = list(project.dataset_versions.exclude(pk=version.pk).values_list("number", flat=True))
-    has_export = _export_paths(project, version.number)[1].is_file()
+    has_export = versions.export_paths(version)[1].is_file()
     return render(
         request,
         "labeling/version_detail.html",
@@ -306,29 +301,18 @@ def version_diff(request, slug, old, new):
     return render(request, "labeling/version_diff.html", {"project": project, "diff": diff, "old": a, "new": b})
 
 
-def _export_paths(project: Project, number: int) -> tuple[Path, Path]:
-    folder = Path(settings.LOUPE_EXPORT_ROOT) / project.slug / f"dataset-v{number}"
-    return folder, folder.with_suffix(".zip")
-
-
 @staff_required
 @require_POST
 def version_export(request, slug, number):
     """Write the version in the seeds' formats under LOUPE_EXPORT_ROOT and zip it for download."""
     project = current_project(request, slug)
     version = get_object_or_404(project.dataset_versions, number=number)
-    folder, archive = _export_paths(project, version.number)
     try:
-        if not folder.exists():
-            versions.dataset_version_export(version=version, out_dir=folder)
-        if not archive.exists():
-            tmp = archive.with_name(archive.stem + ".partial")
-            made = shutil.make_archive(str(tmp), "zip", root_dir=folder)
-            os.replace(made, archive)
+        versions.dataset_version_archive(version=version)
     except LabelingError as exc:
         messages.error(request, str(exc))
     else:
-        messages.success(request, f"Exported to {folder}.")
+        messages.success(request, f"Exported to {versions.export_paths(version)[0]}.")
     return redirect("labeling:version-detail", slug=slug, number=number)
 
 
@@ -336,7 +320,7 @@ def version_export(request, slug, number):
 def version_download(request, slug, number):
     project = current_project(request, slug)
     version = get_object_or_404(project.dataset_versions, number=number)
-    _folder, archive = _export_paths(project, version.number)
+    _folder, archive = versions.export_paths(version)
     if not archive.is_file():
         raise Http404("Export this version first.")
     return FileResponse(archive.open("rb"), as_attachment=True, filename=f"{slug}-dataset-v{number}.zip")

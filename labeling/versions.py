@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from django.conf import settings
 from django.db import transaction
 from django.db.models import Max
 
@@ -499,3 +502,22 @@ def dataset_version_export(*, version: DatasetVersion, out_dir: Path, link: str 
         return export_dataset(Path(out_dir), heads=heads, records=records, link=link)
     except FormatError as exc:
         raise LabelingError(str(exc)) from exc
+
+
+def export_paths(version: DatasetVersion) -> tuple[Path, Path]:
+    """The export folder of a dataset version under LOUPE_EXPORT_ROOT, and its zip beside it."""
+    folder = Path(settings.LOUPE_EXPORT_ROOT) / version.project.slug / f"dataset-v{version.number}"
+    return folder, folder.with_suffix(".zip")
+
+
+def dataset_version_archive(*, version: DatasetVersion) -> Path:
+    """The version written in the seeds' formats (once: a frozen version never changes) and zipped, whole files
+    only (a temp name, then os.replace). Returns the zip's path."""
+    folder, archive = export_paths(version)
+    if not folder.exists():
+        dataset_version_export(version=version, out_dir=folder)
+    if not archive.exists():
+        tmp = archive.with_name(archive.stem + ".partial")
+        made = shutil.make_archive(str(tmp), "zip", root_dir=folder)
+        os.replace(made, archive)
+    return archive

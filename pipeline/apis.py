@@ -7,7 +7,6 @@ from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_sche
 from rest_framework import serializers
 from rest_framework.exceptions import NotFound
 from rest_framework.generics import ListAPIView
-from rest_framework.negotiation import BaseContentNegotiation
 from rest_framework.pagination import CursorPagination
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -19,6 +18,7 @@ from training import selectors, services
 from training.jobs import JobError
 from training.models import ModelVersion, PretrainedSource, TrainingRun
 from webapp.errors import ApiError
+from webapp.files import IgnoreAccept
 from webapp.jobs import JobStatus, describe
 
 from . import chain
@@ -178,19 +178,9 @@ class ModelVersionCompareView(APIView):
         return Response(out)
 
 
-class _IgnoreAccept(BaseContentNegotiation):
-    """A file is a file whatever the client's Accept header says (errors still use the JSON error shape)."""
-
-    def select_parser(self, request, parsers):
-        return parsers[0]
-
-    def select_renderer(self, request, renderers, format_suffix=None):
-        return renderers[0], renderers[0].media_type
-
-
 class ModelVersionFileView(APIView):
     permission_classes = [IsProjectAdmin]
-    content_negotiation_class = _IgnoreAccept
+    content_negotiation_class = IgnoreAccept
 
     @extend_schema(
         parameters=[

@@ -177,3 +177,31 @@ def test_versions_pages_diff_export_and_api(client, admin_user, project):
     bad = api.post(f"/api/v1/projects/{project.slug}/health/", {"max_distance": 999}, format="json")
     assert bad.status_code == 400 and "max_distance" in bad.json()["error"]["message"]
     assert selectors.dataset_version_list(project).count() == 2
+
+
+def test_a_dataset_version_downloads_as_the_seeds_zip_over_rest(admin_user, reviewer, project):
+    import io
+    import json
+    import zipfile
+
+    from labeling import versions
+
+    version, _ = versions.dataset_version_create(project=project, user=admin_user)
+    api = APIClient()
+    api.force_authenticate(admin_user)
+    url = f"/api/v1/projects/{project.slug}/dataset-versions/{version.number}/export/"
+    response = api.get(url, HTTP_ACCEPT="application/json")  # a file whatever the Accept header says
+    assert response.status_code == 200 and response["Content-Disposition"].endswith('-v1.zip"')
+    archive = zipfile.ZipFile(io.BytesIO(b"".join(response.streaming_content)))
+    names = set(archive.namelist())
+    assert {"splits.json", "label_maps.json", "metadata.csv"} <= names
+    splits = json.loads(archive.read("splits.json"))
+    n = sum(len(v) for v in splits.values())
+    assert n == version.counts["splits"]["train"] + version.counts["splits"].get("val", 0) + version.counts[
+        "splits"
+    ].get("test", 0)
+    again = api.get(url)
+    assert again.status_code == 200  # the same file, not rewritten
+    assert api.get(f"/api/v1/projects/{project.slug}/dataset-versions/9/export/").status_code == 404
+    api.force_authenticate(reviewer)
+    assert api.get(url).status_code == 403
