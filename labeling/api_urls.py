@@ -7,6 +7,11 @@ urlpatterns = [
     path("projects/", data_apis.ProjectListView.as_view(), name="project-list"),
     path("projects/<slug:slug>/", data_apis.ProjectDetailView.as_view(), name="project-detail"),
     path("projects/<slug:slug>/heads/<slug:head>/classes/", data_apis.ClassListView.as_view(), name="class-list"),
+    path(
+        "projects/<slug:slug>/heads/<slug:head>/classes/<int:class_id>/",
+        data_apis.ClassDetailView.as_view(),
+        name="class-detail",
+    ),
     path("projects/<slug:slug>/images/", data_apis.ImageListView.as_view(), name="image-list"),
     path("projects/<slug:slug>/images/upload/", data_apis.ImageUploadView.as_view(), name="image-upload"),
     path("projects/<slug:slug>/images/<int:pk>/", data_apis.ImageDetailView.as_view(), name="image-detail"),

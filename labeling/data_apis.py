@@ -630,3 +630,41 @@ class BulkLabelView(APIView):
             raise ApiError(str(exc), code="invalid") from None
         action = out["action"]
         return Response({"changed": out["changed"], "stale": out["stale"], "action": action.id if action else None})
+
+
+class ClassUpdateSerializer(serializers.Serializer):
+    name = serializers.CharField(required=False, max_length=200, help_text="rename (the old name becomes an alias)")
+    add_aliases = serializers.ListField(child=serializers.CharField(max_length=200), required=False, max_length=100)
+    merge_into = serializers.IntegerField(
+        required=False, help_text="merge this class into that one of the same head (labels move; undoable)"
+    )
+
+
+class ClassDetailView(APIView):
+    """PATCH (project admins): rename a class, add aliases, or merge it into another class of its head (its
+    labels, child classes and spellings move there, as one undoable action on the Health page)."""
+
+    permission_classes = [IsProjectMember]
+
+    @extend_schema(request=ClassUpdateSerializer, responses=LabelClassSerializer)
+    def patch(self, request, slug, head, class_id):
+        if api_role(request, self) != ADMIN:
+            raise PermissionDenied("Only admins of this project can change classes.")
+        head = _head(_project(slug), head)
+        cls = get_object_or_404(LabelClass, head=head, pk=class_id)
+        ser = ClassUpdateSerializer(data=request.data)
+        ser.is_valid(raise_exception=True)
+        data = ser.validated_data
+        try:
+            if "merge_into" in data:
+                if set(data) - {"merge_into"}:
+                    raise services.LabelingError("A merge takes merge_into alone; rename or add aliases separately.")
+                target = get_object_or_404(LabelClass, head=head, pk=data["merge_into"])
+                health.classes_merge(source=cls, target=target, user=request.user)
+                cls = target
+            else:
+                cls = services.label_class_update(cls=cls, name=data.get("name"), add_aliases=data.get("add_aliases"))
+        except services.LabelingError as exc:
+            raise ApiError(str(exc), code="invalid") from None
+        cls = LabelClass.objects.select_related("parent").get(pk=cls.pk)
+        return Response(LabelClassSerializer(cls).data)

@@ -4,7 +4,7 @@ import re
 from dataclasses import dataclass
 
 from django.db import transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.utils.text import slugify
 
 from .models import DatasetAction, Head, Image, ImageEvent, Label, LabelClass, LabelEvent, Project
@@ -323,3 +323,38 @@ def image_exclude(*, image: Image, excluded: bool, reason: str = "", user=None) 
         Image.objects.filter(pk=image.pk).update(status=new, status_reason=why if excluded else "")
     image.refresh_from_db()
     return image
+
+
+def label_class_update(*, cls: LabelClass, name: str | None = None, add_aliases: list[str] | None = None) -> LabelClass:
+    """Rename a class (the old spelling becomes an alias, so imports that use it still find the class) and/or add
+    aliases (other spellings an import or the picker maps to it). A name or alias that is another class's of the
+    same head is refused: merge the two classes instead (Health page, or the API's merge_into)."""
+    with transaction.atomic():
+        cls = LabelClass.objects.select_for_update().get(pk=cls.pk)
+        if cls.merged_into_id:
+            raise LabelingError(f"{cls.name!r} was merged into another class; change that one.")
+        others = LabelClass.objects.filter(head_id=cls.head_id).exclude(pk=cls.pk)
+        aliases = list(cls.aliases)
+        if name is not None:
+            display = clean_label(name)
+            if display is None or len(display) > 200:
+                raise LabelingError(f"{name!r} cannot be a class name (empty, 'unknown'-like or over 200 characters).")
+            key = normalize_key(display)
+            clash = others.filter(normalized_name=key).first()
+            if clash is not None:
+                raise LabelingError(f"{clash.name!r} is already a class of {cls.head.name}: merge the two instead.")
+            if display != cls.name:
+                aliases = [a for a in dict.fromkeys([*aliases, cls.name]) if a != display]
+                cls.name, cls.normalized_name = display, key
+        for alias in add_aliases or []:
+            alias = str(alias).strip()
+            if not alias or len(alias) > 200:
+                raise LabelingError(f"{alias!r} cannot be an alias (empty or over 200 characters).")
+            clash = others.filter(Q(normalized_name=normalize_key(alias)) | Q(aliases__contains=[alias])).first()
+            if clash is not None:
+                raise LabelingError(f"{alias!r} already means {clash.name!r} of {cls.head.name}.")
+            if alias != cls.name and alias not in aliases:
+                aliases.append(alias)
+        cls.aliases = aliases
+        cls.save(update_fields=["name", "normalized_name", "aliases"])
+    return cls

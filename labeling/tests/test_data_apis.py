@@ -221,3 +221,26 @@ def test_bulk_labels_preview_then_apply_as_one_undoable_action(admin, rev, car_p
     assert rev.post(url, {"head": "model", "label": "Yaris", "images": []}, format="json").status_code == 400
     far = rev.post(url, {"head": "model", "label": "Yaris", "images": [{"id": 10**9, "version": 1}]}, format="json")
     assert far.status_code == 404
+
+
+def test_classes_are_renamed_aliased_and_merged_over_rest(admin, rev, car_project):
+    project = car_project(groups=1, per_group=1)
+    make = project.heads.get(name="make")
+    toyota, honda = make.classes.get(name="Toyota"), make.classes.get(name="Honda")
+    url = f"/api/v1/projects/{project.slug}/heads/make/classes/"
+    assert rev.patch(f"{url}{toyota.id}/", {"name": "TOYOTA"}, format="json").status_code == 403
+    renamed = admin.patch(f"{url}{toyota.id}/", {"name": "Toyota Motor", "add_aliases": ["TMC"]}, format="json")
+    assert renamed.status_code == 200, renamed.json()
+    assert renamed.json()["name"] == "Toyota Motor" and set(renamed.json()["aliases"]) >= {"Toyota", "TMC"}
+    clash = admin.patch(f"{url}{toyota.id}/", {"name": "honda"}, format="json")
+    assert clash.status_code == 400 and "merge the two instead" in clash.json()["error"]["message"]
+    taken = admin.patch(f"{url}{honda.id}/", {"add_aliases": ["TMC"]}, format="json")
+    assert taken.status_code == 400 and "already means 'Toyota Motor'" in taken.json()["error"]["message"]
+    merged = admin.patch(f"{url}{honda.id}/", {"merge_into": toyota.id}, format="json")
+    assert merged.status_code == 200 and "Honda" in merged.json()["aliases"]
+    assert not Label.objects.filter(label_class=honda).exists()
+    assert DatasetAction.objects.filter(project=project, kind="merge_classes").count() == 1
+    assert admin.patch(f"{url}{honda.id}/", {"name": "x"}, format="json").status_code == 400  # merged away
+    assert admin.patch(f"{url}999999/", {"name": "x"}, format="json").status_code == 404
+    model = project.heads.get(name="model").classes.first()
+    assert admin.patch(f"{url}{model.id}/", {"name": "x"}, format="json").status_code == 404  # another head's
