@@ -4,11 +4,13 @@ from django.http import FileResponse
 from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import OpenApiResponse, extend_schema, inline_serializer
 from rest_framework import serializers, status
+from rest_framework.generics import ListAPIView
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from webapp.errors import ApiError
 from webapp.files import IgnoreAccept
+from webapp.pagination import cursor_pagination
 
 from . import health, selectors, versions
 from .access import IsProjectAdmin
@@ -51,13 +53,17 @@ def _project(slug: str) -> Project:
     return get_object_or_404(Project, slug=slug)
 
 
-class DatasetVersionListView(APIView):
-    permission_classes = [IsProjectAdmin]
+class DatasetVersionListView(ListAPIView):
+    """GET: the dataset versions of a project, newest first (cursor-paginated)."""
 
-    @extend_schema(responses=DatasetVersionSerializer(many=True), summary="List the dataset versions of a project")
-    def get(self, request, slug):
-        qs = selectors.dataset_version_list(_project(slug))
-        return Response(DatasetVersionSerializer(qs, many=True).data)
+    permission_classes = [IsProjectAdmin]
+    serializer_class = DatasetVersionSerializer
+    pagination_class = cursor_pagination("-number", page_size=50)
+
+    def get_queryset(self):
+        if getattr(self, "swagger_fake_view", False):  # the schema generator has no URL kwargs
+            return self.serializer_class.Meta.model.objects.none()
+        return selectors.dataset_version_list(_project(self.kwargs["slug"]))
 
     @extend_schema(
         request=inline_serializer(

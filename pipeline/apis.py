@@ -7,7 +7,6 @@ from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_sche
 from rest_framework import serializers
 from rest_framework.exceptions import NotFound
 from rest_framework.generics import ListAPIView
-from rest_framework.pagination import CursorPagination
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
@@ -20,6 +19,7 @@ from training.models import ModelVersion, PretrainedSource, TrainingRun
 from webapp.errors import ApiError
 from webapp.files import IgnoreAccept
 from webapp.jobs import JobStatus, describe
+from webapp.pagination import cursor_pagination
 
 from . import chain
 from . import jobs as pipeline_jobs
@@ -93,14 +93,18 @@ def _version(slug: str, number: int) -> ModelVersion:
     )
 
 
-class ModelVersionListView(APIView):
-    permission_classes = [IsProjectAdmin]
+class ModelVersionListView(ListAPIView):
+    """GET: the model versions of a project with their metrics, newest first (cursor-paginated)."""
 
-    @extend_schema(responses=ModelVersionSerializer(many=True), summary="Model versions of a project with metrics")
-    def get(self, request, slug):
-        project = get_object_or_404(Project, slug=slug)
-        qs = project.model_versions.select_related("run__dataset_version").order_by("-number")
-        return Response(ModelVersionSerializer(qs, many=True).data)
+    permission_classes = [IsProjectAdmin]
+    serializer_class = ModelVersionSerializer
+    pagination_class = cursor_pagination("-number", page_size=50)
+
+    def get_queryset(self):
+        if getattr(self, "swagger_fake_view", False):  # the schema generator has no URL kwargs
+            return self.serializer_class.Meta.model.objects.none()
+        project = get_object_or_404(Project, slug=self.kwargs["slug"])
+        return project.model_versions.select_related("run__dataset_version")
 
 
 class ModelVersionPromoteView(APIView):
@@ -326,13 +330,11 @@ class TrainingRunListView(ListAPIView):
     permission_classes = [IsProjectAdmin]
     serializer_class = TrainingRunSerializer
 
-    class pagination_class(CursorPagination):  # noqa: N801 - DRF's attribute name
-        ordering = "-id"
-        page_size = 50
-        page_size_query_param = "page_size"
-        max_page_size = 500
+    pagination_class = cursor_pagination("-id", page_size=50, max_page_size=500)
 
     def get_queryset(self):
+        if getattr(self, "swagger_fake_view", False):  # the schema generator has no URL kwargs
+            return self.serializer_class.Meta.model.objects.none()
         project = get_object_or_404(Project, slug=self.kwargs["slug"])
         return project.training_runs.select_related("dataset_version", "model_version", "created_by")
 

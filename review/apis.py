@@ -77,7 +77,9 @@ class QueueNextView(APIView):
 
     permission_classes = [IsProjectMember]
 
-    @extend_schema(responses={200: ReviewItemSerializer, 204: OpenApiResponse(description="nothing to review")})
+    @extend_schema(
+        request=None, responses={200: ReviewItemSerializer, 204: OpenApiResponse(description="nothing to review")}
+    )
     def post(self, request, slug, queue):
         project = get_object_or_404(Project, slug=slug)
         item = services.queue_next(project=project, queue=_queue(queue), user=request.user)

@@ -271,6 +271,12 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Fine-grained image recognition: send 1..10 photos of one object, get labels per head.",
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
+    # Several models have a "status": each choice set gets its own name in the schema.
+    "ENUM_NAME_OVERRIDES": {
+        "JobStatusEnum": "webapp.jobs.JobStatus",
+        "ImageStatusEnum": "labeling.models.Image.Status",
+        "ReviewItemStatusEnum": "review.models.ReviewItem.Status",
+    },
     # Swagger UI / Redoc from drf-spectacular-sidecar's static files, not a CDN (self-hosted, maybe offline).
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",

@@ -80,7 +80,7 @@ def run(
     # 5. The first model is promoted by itself once its index is built; a later one would need
     #    POST /projects/<slug>/models/<n>/promote/.
     while True:
-        versions = api.call("GET", f"/projects/{slug}/models/")
+        versions = api.call("GET", f"/projects/{slug}/models/")["results"]  # newest first, cursor-paginated
         active = [v for v in versions if v["is_active"]]
         if active:
             break

@@ -66,7 +66,7 @@ def test_projects_are_created_read_and_configured_over_rest(admin, rev):
 
 def test_classes_over_rest(admin, rev, car_project):
     project = car_project(groups=1, per_group=1)
-    listed = rev.get(f"/api/v1/projects/{project.slug}/heads/model/classes/").json()
+    listed = rev.get(f"/api/v1/projects/{project.slug}/heads/model/classes/").json()["results"]
     assert {c["name"]: c["parent"] for c in listed} == {"Corolla": "Toyota", "Yaris": "Toyota", "Civic": "Honda"}
     assert all(c["images"] == 1 for c in listed)
     assert rev.post(f"/api/v1/projects/{project.slug}/heads/make/classes/", {"name": "Kia"}).status_code == 403

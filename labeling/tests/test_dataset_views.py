@@ -165,7 +165,7 @@ def test_versions_pages_diff_export_and_api(client, admin_user, project):
 
     api = APIClient()
     api.force_authenticate(admin_user)
-    listing = api.get(f"/api/v1/projects/{project.slug}/dataset-versions/").json()
+    listing = api.get(f"/api/v1/projects/{project.slug}/dataset-versions/").json()["results"]
     assert [v["number"] for v in listing] == [2, 1] and listing[0]["parent"] == 1
     assert api.post(f"/api/v1/projects/{project.slug}/dataset-versions/", {"note": "x"}).status_code == 200
     api_diff = api.get(f"/api/v1/projects/{project.slug}/dataset-versions/1/diff/2/").json()

