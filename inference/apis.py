@@ -260,7 +260,7 @@ class RecognizeView(APIView):
         services.recognition_keep(project=ctx, served=served, blobs=blobs, result=result, mode=mode, user=request.user)
         if n_neighbours:
             result["neighbours"] = _neighbour_details(ctx, result["neighbours"])
-        body = {"model_version": served.number, "n_images": len(images), **result}
+        body = {"model_version": served.number, "runtime": served.recognizer.runtime, "n_images": len(images), **result}
         return Response(body, status=status.HTTP_200_OK)
 
 

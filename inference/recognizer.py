@@ -51,6 +51,14 @@ def _resolve_device(device: str | torch.device) -> torch.device:
     return torch.device(device)
 
 
+def onnx_providers(device: torch.device, available: list[str]) -> list[str]:
+    """ONNX Runtime's providers for a device: CUDA first on a CUDA device when this onnxruntime has it (the
+    onnxruntime-gpu wheel), the CPU always as the fallback."""
+    if device.type == "cuda" and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
 class ModelUnavailable(ValueError):
     """No file of a model version can be served. `code` names the problem for the API ("model_file_missing":
     neither model.pt nor model.onnx exists; "model_file_corrupt": what exists cannot be read), `problems` says
@@ -141,8 +149,17 @@ class Recognizer:
         self.session = None  # an onnxruntime.InferenceSession when serving model.onnx
         self._onnx_outputs: list[str] = []
         self.backend = "torch"
+        self.provider: str | None = None  # ONNX Runtime's execution provider when backend == "onnx"
 
     # -- loading
+    @property
+    def runtime(self) -> str:
+        """What runs the model: "onnxruntime/CUDAExecutionProvider", "onnxruntime/CPUExecutionProvider" or
+        "torch/cpu", "torch/cuda:0" (reported by the recognition endpoint and `manage.py recognize`)."""
+        if self.backend == "onnx":
+            return f"onnxruntime/{self.provider}"
+        return f"torch/{self.device}"
+
     @classmethod
     def load(
         cls,
@@ -255,9 +272,7 @@ class Recognizer:
         options.intra_op_num_threads = max(1, threads)
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        providers = ["CPUExecutionProvider"]
-        if self.device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
+        providers = onnx_providers(self.device, ort.get_available_providers())
         session = ort.InferenceSession(_with_pixel_input(path, self.mean, self.std), options, providers=providers)
         outputs = [o.name for o in session.get_outputs()]
         wanted = [f"probs_{h}" for h in self.heads] + ["embedding"]
@@ -265,6 +280,14 @@ class Recognizer:
         if missing:
             raise ValueError(f"{path} lacks output(s) {missing}: re-export it (training.engine.onnx_export)")
         self.session, self._onnx_outputs, self.backend = session, wanted, "onnx"
+        self.provider = session.get_providers()[0]
+        if self.device.type == "cuda" and self.provider != "CUDAExecutionProvider":
+            log.warning(
+                "serving %s on the CPU although the device is %s: this onnxruntime has no CUDA provider "
+                "(install requirements-gpu.txt, or use the Dockerfile's gpu target)",
+                self.version_dir,
+                self.device,
+            )
 
     def _load_index(self) -> None:
         self.calibration = read_calibration(self.version_dir) or {}

@@ -51,6 +51,10 @@ class NeighbourSerializer(serializers.Serializer):
 
 class RecognizeResponseSerializer(serializers.Serializer):
     model_version = serializers.IntegerField()
+    runtime = serializers.CharField(
+        help_text='what ran the model: "onnxruntime/CPUExecutionProvider", "onnxruntime/CUDAExecutionProvider", '
+        '"torch/cpu", ... (LOUPE_SERVING_DEVICE)'
+    )
     n_images = serializers.IntegerField()
     heads = serializers.DictField(child=HeadResultSerializer())
     neighbours = NeighbourSerializer(many=True)

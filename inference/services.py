@@ -126,7 +126,7 @@ def active_model(*, project_id: int) -> Served:
         if again is not None and again.version_id == row["id"]:
             return again
         try:
-            recognizer = Recognizer.load(row["artifact_dir"])
+            recognizer = Recognizer.load(row["artifact_dir"], device=settings.LOUPE_SERVING_DEVICE)
         except Exception as exc:  # noqa: BLE001 - a broken version must not take the endpoint down
             error = _unavailable(row["number"], exc, serving=current)
             log.error("%s", error, exc_info=not isinstance(exc, ModelUnavailable))

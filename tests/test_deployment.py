@@ -93,3 +93,18 @@ def test_healthz_stays_fast_behind_nginx_while_20_slow_clients_hold_connections(
     assert through["p99"] < 1.0, result
     # the baseline, same slow clients straight at gunicorn (how docker-compose.yml published it before): stuck
     assert direct["failed"] > 0 and direct["p99"] >= 1.0, result
+
+
+def test_the_gpu_worker_gets_the_image_with_onnxruntimes_cuda_provider():
+    """docker-compose's gpu-worker builds the Dockerfile's `gpu` target (onnxruntime-gpu from requirements-gpu.txt
+    instead of the CPU wheel); every other service builds the default, last stage."""
+    services = compose()["services"]
+    assert services["gpu-worker"]["build"] == {"context": ".", "target": "gpu"}
+    assert services["web"]["build"] == "."
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    stages = [line.split()[-1] for line in dockerfile.splitlines() if line.startswith("FROM ")]
+    assert stages == ["base", "gpu", "cpu"]  # the last stage is the default target
+    gpu = dockerfile.split("FROM base AS gpu", 1)[1].split("FROM ", 1)[0]
+    assert "pip uninstall -y onnxruntime" in gpu and "requirements-gpu.txt" in gpu
+    pins = (ROOT / "requirements-gpu.txt").read_text()
+    assert "onnxruntime-gpu==" in pins

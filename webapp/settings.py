@@ -137,6 +137,9 @@ LOUPE_MAX_IMAGES_PER_REQUEST = env.int("LOUPE_MAX_IMAGES_PER_REQUEST", default=1
 LOUPE_CAR_PROJECT = env.str("LOUPE_CAR_PROJECT", default="cars")
 # How the photos of one object combine per head: "mean" (probability averaging), "vote" or "geometric".
 LOUPE_COMBINE_VIEWS = env.str("LOUPE_COMBINE_VIEWS", default="mean")
+# Where a server process runs the served model: "cpu" (default), "cuda" or "auto"; on CUDA, ONNX Runtime's CUDA
+# provider when installed (requirements-gpu.txt, the Dockerfile's gpu target), else torch's CUDA path.
+LOUPE_SERVING_DEVICE = env.str("LOUPE_SERVING_DEVICE", default="cpu")
 # "softmax" (classifier), "retrieval" (Faiss neighbour vote with calibrated rejection) or "fusion".
 LOUPE_RECOGNITION_MODE = env.str("LOUPE_RECOGNITION_MODE", default="softmax")
 # Faiss gallery per model version: exact below LOUPE_INDEX_FLAT_MAX vectors, IVF (nprobe tuned to recall@20 >= 0.95)

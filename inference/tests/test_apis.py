@@ -52,6 +52,7 @@ def test_recognize_json_and_multipart_then_hot_swap(api, project, trained_versio
     assert response.status_code == 200, response.content
     body = response.json()
     assert body["model_version"] == v1.number and body["n_images"] == 3
+    assert body["runtime"] in ("onnxruntime/CPUExecutionProvider", "torch/cpu")  # LOUPE_SERVING_DEVICE = cpu
     head = body["heads"]["class"]
     assert set(head) == {"label", "confidence", "top_k", "threshold", "reason"} and head["threshold"] == 0.6
     assert len(head["top_k"]) == 4 and head["top_k"][0]["confidence"] == pytest.approx(head["confidence"], abs=1e-6)

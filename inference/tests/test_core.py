@@ -6,6 +6,7 @@ import zlib
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from inference.batch import embed_paths
@@ -471,3 +472,13 @@ def test_ivf_nprobe_is_tuned_to_the_recall_target_and_kept_in_the_file(artifact,
     nprobe, r = tune_nprobe(index, noise, target=1.0)
     assert nprobe == 16 and r == pytest.approx(1.0)
     assert read_index_meta(tmp_path / "nowhere") is None
+
+
+def test_onnx_runs_on_the_cuda_provider_only_where_onnxruntime_has_it():
+    from inference.recognizer import onnx_providers
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    gpu_wheel = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert onnx_providers(cuda, gpu_wheel) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert onnx_providers(cuda, ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]  # the CPU wheel
+    assert onnx_providers(cpu, gpu_wheel) == ["CPUExecutionProvider"]

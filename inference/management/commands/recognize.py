@@ -43,5 +43,11 @@ class Command(BaseCommand):
             raise CommandError(str(exc)) from exc
         thresholds = dict(project.heads.values_list("name", "threshold"))
         result = served.recognizer.recognize(images, thresholds=thresholds, top_k=opts["top_k"])
-        body = {"model_version": served.number, "backend": served.recognizer.backend, "n_images": len(images), **result}
+        body = {
+            "model_version": served.number,
+            "backend": served.recognizer.backend,
+            "runtime": served.recognizer.runtime,
+            "n_images": len(images),
+            **result,
+        }
         self.stdout.write(json.dumps(body, indent=1))
