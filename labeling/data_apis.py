@@ -667,3 +667,34 @@ class ClassDetailView(APIView):
             raise ApiError(str(exc), code="invalid") from None
         cls = LabelClass.objects.select_related("parent").get(pk=cls.pk)
         return Response(LabelClassSerializer(cls).data)
+
+
+class HeadListView(APIView):
+    """GET: the project's heads. POST (project admins): add a head {"name", "parent"?, "optional"?}; every photo
+    gets an unlabeled label for it (one entry of the action log, undoable while nothing is labeled for it)."""
+
+    permission_classes = [IsProjectMember]
+
+    @extend_schema(responses=HeadSerializer(many=True))
+    def get(self, request, slug):
+        return Response(ProjectSerializer().get_heads(_project(slug)))
+
+    @extend_schema(request=HeadSpecSerializer, responses={201: HeadSerializer})
+    def post(self, request, slug):
+        if api_role(request, self) != ADMIN:
+            raise PermissionDenied("Only admins of this project can add heads.")
+        ser = HeadSpecSerializer(data=request.data)
+        ser.is_valid(raise_exception=True)
+        data = ser.validated_data
+        try:
+            head = services.head_create(
+                project=_project(slug),
+                name=data["name"],
+                parent=data["parent"],
+                optional=data["optional"],
+                user=request.user,
+            )
+        except services.LabelingError as exc:
+            raise ApiError(str(exc), code="invalid") from None
+        head = Head.objects.select_related("parent").annotate(n_classes=Count("classes")).get(pk=head.pk)
+        return Response(HeadSerializer(head).data, status=201)

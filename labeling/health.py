@@ -803,6 +803,12 @@ def _undo_settings(action: DatasetAction, ch: dict) -> int:
     for c in reversed(ch.get("heads_optional", [])):
         if not Head.objects.filter(pk=c["head_id"], optional=c["new"]).update(optional=c["old"]):
             skipped += 1
+    if ch.get("head_created"):  # a new head goes again while nobody labeled anything for it
+        head = Head.objects.filter(pk=ch["head_created"]).first()
+        if head is None or head.children.exists() or head.labels.filter(label_class__isnull=False).exists():
+            skipped += 1
+        else:
+            head.delete()
     return skipped
 
 

@@ -358,3 +358,41 @@ def label_class_update(*, cls: LabelClass, name: str | None = None, add_aliases:
         cls.aliases = aliases
         cls.save(update_fields=["name", "normalized_name", "aliases"])
     return cls
+
+
+def head_create(*, project: Project, name: str, parent: str | None = None, optional: bool = False, user=None) -> Head:
+    """Add a head to a project that already has photos: every photo gets an unlabeled label row for it (the grid's
+    "unlabeled" filter and the review queues find them), recorded in the action log. The training runs after it
+    learn it; versions frozen before keep their heads."""
+    spec = parse_heads(
+        "\n".join(
+            [
+                *(h.name for h in project.heads.all()),
+                f"{name}{'?' if optional else ''}" + (f" < {parent}" if parent else ""),
+            ]
+        )
+    )[-1]
+    with transaction.atomic():
+        project = Project.objects.select_for_update().get(pk=project.pk)
+        if project.heads.filter(name=spec["name"]).exists():
+            raise LabelingError(f"Project {project.slug!r} already has a head {spec['name']!r}.")
+        parent_head = project.heads.filter(name=spec["parent"]).first() if spec["parent"] else None
+        order = (project.heads.order_by("-order").values_list("order", flat=True).first() or 0) + 1
+        head = Head.objects.create(
+            project=project, name=spec["name"], parent=parent_head, optional=spec["optional"], order=order
+        )
+        Label.objects.bulk_create(
+            [Label(image_id=i, head=head) for i in project.images.values_list("id", flat=True).iterator()],
+            batch_size=2000,
+        )
+        DatasetAction.objects.create(
+            project=project,
+            kind=DatasetAction.Kind.PROJECT_SETTINGS,
+            user=user,
+            summary=f"new head {head.name}"
+            + (f" under {parent_head.name}" if parent_head else "")
+            + (" (optional)" if head.optional else ""),
+            params={"head": head.name},
+            changes={"head_created": head.id},
+        )
+    return head

@@ -55,6 +55,20 @@ def parse_settings_form(post, heads) -> tuple[dict, dict]:
 def settings_page(request, slug):
     project = current_project(request, slug)
     heads = list(project.heads.select_related("parent").order_by("order", "id"))
+    if request.method == "POST" and request.POST.get("action") == "add_head":
+        try:
+            head = services.head_create(
+                project=project,
+                name=request.POST.get("head_name", ""),
+                parent=request.POST.get("head_parent") or None,
+                optional=request.POST.get("head_optional") == "1",
+                user=request.user,
+            )
+        except services.LabelingError as exc:
+            messages.error(request, f"No head was added. {exc}")
+        else:
+            messages.success(request, f"Head {head.name} added: every photo is unlabeled for it.")
+        return redirect("labeling:settings", slug=project.slug)
     if request.method == "POST":
         try:
             values, head_values = parse_settings_form(request.POST, heads)

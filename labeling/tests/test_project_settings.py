@@ -133,3 +133,40 @@ def test_settings_service_refuses_unknown_fields_and_heads(car_project):
     assert Head.objects.get(project=project, name="make").threshold == 0.6
     action = services.project_settings_update(project=project, values={}, heads={"make": {"optional": True}})
     assert Head.objects.get(project=project, name="make").optional and "make optional False → True" in action.summary
+
+
+def test_a_head_is_added_to_a_project_with_photos_and_undone_while_unlabeled(client, admin_user, car_project):
+    from rest_framework.authtoken.models import Token
+    from rest_framework.test import APIClient
+
+    project = car_project(groups=1, per_group=2)  # 6 photos
+    api = APIClient()
+    api.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=admin_user).key}")
+    made = api.post(f"/api/v1/projects/{project.slug}/heads/", {"name": "trim", "parent": "model"}, format="json")
+    assert made.status_code == 201, made.json()
+    assert made.json() == {"name": "trim", "parent": "model", "optional": False, "threshold": 0.6, "classes": 0}
+    trim = project.heads.get(name="trim")
+    assert trim.labels.count() == 6 and not trim.labels.filter(label_class__isnull=False).exists()
+    names = [h["name"] for h in api.get(f"/api/v1/projects/{project.slug}/heads/").json()]
+    assert names == ["make", "model", "trim"]
+    dup = api.post(f"/api/v1/projects/{project.slug}/heads/", {"name": "trim"}, format="json")
+    assert dup.status_code == 400 and "given twice" in dup.json()["error"]["message"]
+    bad = api.post(f"/api/v1/projects/{project.slug}/heads/", {"name": "x y", "parent": "nope"}, format="json")
+    assert bad.status_code == 400
+    # The Settings page's form adds one too; undo removes a head nobody labeled for.
+    client.force_login(admin_user)
+    client.post(
+        reverse("labeling:settings", args=[project.slug]),
+        {"action": "add_head", "head_name": "finish", "head_optional": "1"},
+    )
+    finish = project.heads.get(name="finish")
+    assert finish.optional and finish.labels.count() == 6
+    action = DatasetAction.objects.filter(project=project, summary__startswith="new head finish").get()
+    health.action_undo(action=action, user=admin_user)
+    assert not project.heads.filter(name="finish").exists()
+    # A head someone labeled for stays.
+    cls, _ = services.label_class_get_or_create(head=trim, raw_name="GT", parent=None)
+    trim.labels.filter(pk=trim.labels.first().pk).update(label_class=cls)
+    trim_action = DatasetAction.objects.get(project=project, summary__startswith="new head trim")
+    assert health.action_undo(action=trim_action, user=admin_user)["skipped"] == 1
+    assert project.heads.filter(name="trim").exists()
