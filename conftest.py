@@ -162,6 +162,20 @@ def trained_version():
 
 
 @pytest.fixture
+def token_client():
+    """An API client authenticated as `user` with a fresh API token: token_client(user)."""
+    from rest_framework.authtoken.models import Token
+    from rest_framework.test import APIClient
+
+    def make(user) -> APIClient:
+        client = APIClient()
+        client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=user).key}")
+        return client
+
+    return make
+
+
+@pytest.fixture
 def admin_user(django_user_model):
     return django_user_model.objects.create_user("admin", password="admin-pass-123", is_staff=True, is_superuser=True)
 

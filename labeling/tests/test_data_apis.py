@@ -2,28 +2,20 @@
 bad input, other projects' ids, stale versions, reviewers on admin endpoints, pagination."""
 
 import pytest
-from rest_framework.authtoken.models import Token
-from rest_framework.test import APIClient
 
 from labeling.models import DatasetAction, Image, ImageEvent, Label, LabelEvent, Project, ProjectMember
 
 pytestmark = pytest.mark.django_db
 
 
-def _client(user) -> APIClient:
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=user).key}")
-    return client
+@pytest.fixture
+def admin(admin_user, token_client):
+    return token_client(admin_user)
 
 
 @pytest.fixture
-def admin(admin_user):
-    return _client(admin_user)
-
-
-@pytest.fixture
-def rev(reviewer):
-    return _client(reviewer)
+def rev(reviewer, token_client):
+    return token_client(reviewer)
 
 
 def test_projects_are_created_read_and_configured_over_rest(admin, rev):

@@ -2,7 +2,6 @@
 item; stale versions and taken items are 409; unknown queues and other projects' items are 404."""
 
 import pytest
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from labeling.models import Label, Project
@@ -12,12 +11,6 @@ from review.tests.helpers import queue_mislabels
 pytestmark = pytest.mark.django_db
 
 
-def _client(user) -> APIClient:
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=user).key}")
-    return client
-
-
 @pytest.fixture
 def queue(shapes_project, trained_version):
     project = shapes_project(6)
@@ -25,9 +18,9 @@ def queue(shapes_project, trained_version):
     return project, flipped
 
 
-def test_a_reviewer_works_through_the_mislabel_queue_over_rest(queue, reviewer, admin_user):
+def test_a_reviewer_works_through_the_mislabel_queue_over_rest(queue, reviewer, admin_user, token_client):
     project, flipped = queue
-    rev, other = _client(reviewer), _client(admin_user)
+    rev, other = token_client(reviewer), token_client(admin_user)
     base = f"/api/v1/projects/{project.slug}/review/mislabel"
     first = rev.post(f"{base}/next/").json()
     assert first["image_id"] in flipped and first["suggested"] == flipped[first["image_id"]]
@@ -60,9 +53,9 @@ def test_a_reviewer_works_through_the_mislabel_queue_over_rest(queue, reviewer, 
     assert stats["queues"]["mislabel"]["open"] == len(flipped) and isinstance(stats["reviewers"], list)
 
 
-def test_bad_review_requests(queue, reviewer):
+def test_bad_review_requests(queue, reviewer, token_client):
     project, _ = queue
-    rev = _client(reviewer)
+    rev = token_client(reviewer)
     base = f"/api/v1/projects/{project.slug}/review"
     assert rev.post(f"{base}/nonsense/next/").status_code == 404
     item = rev.post(f"{base}/mislabel/next/").json()

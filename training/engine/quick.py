@@ -31,13 +31,12 @@ from .checkpoint import TrainState
 from .config import resolve_config
 from .epoch import _check_metric, _evaluation, _metric_value, select_epoch
 from .features import cached_features
-from .hierarchy import leaf_head
 from .losses import _head_loss_weights, _heads_loss, class_weights
 from .manifest import IGNORE_INDEX, parse_manifest
 from .model import ARTIFACT_FORMAT, LoupeNet, arcface_spec, create_backbone
 from .optim import MIN_LR_RATIO
 from .progress import epoch_progress, features_progress
-from .results import _clean, _fmt, _with_per_class, write_head_reports, write_json_atomic
+from .results import _clean, _fmt, _with_per_class, write_head_reports, write_json_atomic, write_report
 from .runtime import seed_everything
 
 log = logging.getLogger("training.engine")
@@ -433,14 +432,4 @@ def _report(heads_model, parsed, cfg, out_dir: Path, metrics: dict, X, Y, tr, va
             head["name"]: report.retrieval_report(g_emb, Y[tr][:, h], emb, targets[:, h])
             for h, head in enumerate(parsed.heads)
         }
-        metrics["retrieval"] = retrieval
-    metrics["report_images"] = images
-    leaf = leaf_head(parsed.heads)
-    report.write_report_md(
-        out_dir / "report.md",
-        metrics=metrics,
-        heads=head_reports,
-        retrieval=(retrieval or {}).get(leaf),
-        images=images,
-        config=cfg,
-    )
+    write_report(out_dir, cfg, parsed.heads, metrics, head_reports, images, retrieval)

@@ -125,14 +125,22 @@ def _final_report(model, parsed, cfg, out_dir, metrics, eval_loader, eval_items,
             retrieval[head["name"]] = report.retrieval_report(
                 g_emb[ok_g], g_targets[ok_g, h], emb[ok_q], targets[ok_q, h]
             )
+    write_report(out_dir, cfg, heads, metrics, head_reports, images, retrieval)
+
+
+def write_report(out_dir: Path, cfg: dict, heads: list[dict], metrics: dict, head_reports, images, retrieval) -> None:
+    """metrics' retrieval figures (when computed) and picture names, and report.md with the leaf head's retrieval
+    (model, part, sku): the last step of every trainer's evaluation report (the loop, the quick retrain)."""
+    from . import report  # noqa: PLC0415 - matplotlib and faiss load only when a report is written
+
+    if retrieval is not None:
         metrics["retrieval"] = retrieval
     metrics["report_images"] = images
-    leaf = leaf_head(heads)  # model, part, sku
     report.write_report_md(
         out_dir / "report.md",
         metrics=metrics,
         heads=head_reports,
-        retrieval=(retrieval or {}).get(leaf),
+        retrieval=(retrieval or {}).get(leaf_head(heads)),
         images=images,
         config=cfg,
     )
