@@ -4,6 +4,7 @@ import base64
 import binascii
 
 from django.conf import settings
+from django.shortcuts import get_object_or_404
 from django.urls import reverse
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers, status
@@ -12,6 +13,9 @@ from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from labeling import storage
+from labeling.access import IsProjectMember
+from labeling.models import Image as ImageRow
 from labeling.models import Label
 from webapp.errors import ApiError, JSONParser
 from webapp.throttling import PublicIPRateThrottle
@@ -357,3 +361,31 @@ class CarDetectView(APIView):
         message = error.get("message") if isinstance(error, dict) else str(response.data)
         response.data = {"make": None, "model": None, "confidence": None, "error": message}
         return response
+
+
+class ImagePredictionView(APIView):
+    """GET: what the active model says of one of the project's photos — per head its label (or null below the
+    head's threshold, with the reason), confidence and top 5, beside the photo's current labels — as the review
+    pages show it. 409 when no model is promoted; an unreadable photo is a 409 naming it."""
+
+    permission_classes = [IsProjectMember]
+
+    @extend_schema(responses={200: RecognizeResponseSerializer, 409: ErrorSerializer})
+    def get(self, request, slug: str, pk: int):
+        image = get_object_or_404(ImageRow, project__slug=slug, pk=pk)
+        ctx = services.serving_context(slug=slug)
+        served = _active_model(ctx)
+        try:
+            with open(storage.local_path(image.file), "rb") as fh:
+                data = fh.read()
+        except OSError as exc:
+            raise ApiError(f"Image {pk}'s file cannot be read ({exc}).", code="unreadable", status_code=409) from None
+        try:
+            decoded = _decode_all([data])
+        except ApiError:
+            raise ApiError(
+                f"Image {pk} is not a readable photo ({image.status}).", code="unreadable", status_code=409
+            ) from None
+        result = served.recognizer.recognize(decoded, thresholds=ctx.thresholds, top_k=5, neighbours=0)
+        body = {"model_version": served.number, "runtime": served.recognizer.runtime, "n_images": 1, **result}
+        return Response(body)

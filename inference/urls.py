@@ -1,8 +1,9 @@
 from django.urls import path
 
-from .apis import RecognizeView
+from .apis import ImagePredictionView, RecognizeView
 
 app_name = "inference"
 urlpatterns = [
     path("projects/<slug:slug>/recognize", RecognizeView.as_view(), name="recognize"),
+    path("projects/<slug:slug>/images/<int:pk>/prediction/", ImagePredictionView.as_view(), name="image-prediction"),
 ]

@@ -2,8 +2,10 @@
 
 import base64
 import io
+from pathlib import Path
 
 import pytest
+from django.conf import settings
 from django.urls import reverse
 from PIL import Image as PILImage
 from rest_framework.authtoken.models import Token
@@ -317,3 +319,23 @@ def test_throttling_is_per_token_in_the_error_shape(project, admin_user, reviewe
     assert limited.json()["error"]["code"] == "throttled" and "Retry-After" in limited
     assert second.post(url, {"images": []}, format="json").status_code == 400  # its own budget
     cache.clear()
+
+
+def test_a_photos_prediction_by_the_active_model_over_rest(shapes_project, trained_version, reviewer, token_client):
+    from labeling.models import Image, Project
+
+    project = shapes_project(4)
+    image = Image.objects.filter(project=project).order_by("id").first()
+    api = token_client(reviewer)
+    url = f"/api/v1/projects/{project.slug}/images/{image.id}/prediction/"
+    none_yet = api.get(url)
+    assert none_yet.status_code == 409 and none_yet.json()["error"]["code"] == "no_active_model"
+    version = trained_version(project)
+    body = api.get(url).json()
+    assert body["model_version"] == version.number and set(body["heads"]) == {"class"}
+    assert len(body["heads"]["class"]["top_k"]) == 4 and body["n_images"] == 1
+    other = Project.objects.create(name="Other", slug="other", preset="sku")
+    assert api.get(f"/api/v1/projects/{other.slug}/images/{image.id}/prediction/").status_code == 404
+    (Path(settings.MEDIA_ROOT) / image.file).write_bytes(b"gone")
+    broken = api.get(url)
+    assert broken.status_code == 409 and broken.json()["error"]["code"] == "unreadable"
