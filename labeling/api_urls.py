@@ -7,6 +7,7 @@ urlpatterns = [
     path("projects/", data_apis.ProjectListView.as_view(), name="project-list"),
     path("projects/<slug:slug>/", data_apis.ProjectDetailView.as_view(), name="project-detail"),
     path("projects/<slug:slug>/heads/", data_apis.HeadListView.as_view(), name="head-list"),
+    path("projects/<slug:slug>/imports/", data_apis.ImportRunListView.as_view(), name="import-list"),
     path("projects/<slug:slug>/heads/<slug:head>/classes/", data_apis.ClassListView.as_view(), name="class-list"),
     path(
         "projects/<slug:slug>/heads/<slug:head>/classes/<int:class_id>/",

@@ -29,9 +29,9 @@ from rest_framework.views import APIView
 from webapp.errors import ApiError
 from webapp.pagination import cursor_pagination
 
-from . import formats, health, importers, services
+from . import formats, health, import_jobs, importers, services
 from .access import ADMIN, IsProjectMember, api_role, visible_projects
-from .models import GroupSplit, Head, Image, ImageEvent, Label, LabelClass, LabelEvent, Project
+from .models import GroupSplit, Head, Image, ImageEvent, ImportRun, Label, LabelClass, LabelEvent, Project
 from .presets import PRESET_CHOICES
 
 IdCursorPagination = cursor_pagination("id")
@@ -698,3 +698,72 @@ class HeadListView(APIView):
             raise ApiError(str(exc), code="invalid") from None
         head = Head.objects.select_related("parent").annotate(n_classes=Count("classes")).get(pk=head.pk)
         return Response(HeadSerializer(head).data, status=201)
+
+
+class ImportRunSerializer(serializers.ModelSerializer):
+    created_by = serializers.CharField(source="created_by.username", default=None)
+    progress = serializers.FloatField(read_only=True, allow_null=True)
+
+    class Meta:
+        model = ImportRun
+        fields = [
+            "id",
+            "mode",
+            "params",
+            "status",
+            "step",
+            "done",
+            "total",
+            "progress",
+            "report",
+            "error",
+            "created_by",
+            "created_at",
+            "started_at",
+            "finished_at",
+        ]
+
+
+class ImportRunCreateSerializer(serializers.Serializer):
+    mode = serializers.ChoiceField(choices=ImportRun.Mode.choices)
+    folder = serializers.CharField(help_text="the images folder, under the server's IMPORT_ROOTS")
+    csv = serializers.CharField(required=False, help_text="csv mode: the CSV file, under IMPORT_ROOTS")
+    head_cols = serializers.DictField(child=serializers.CharField(), required=False, help_text="{head: column}")
+    filename_col = serializers.CharField(required=False, default="image_filename")
+    group_col = serializers.CharField(required=False, allow_null=True, default=None)
+    source_col = serializers.CharField(required=False, allow_null=True, default=None)
+    class_head = serializers.CharField(required=False, allow_null=True, default=None)
+    group_by = serializers.ChoiceField(choices=list(importers.GROUP_BY), required=False, default="auto")
+    update = serializers.BooleanField(required=False, default=False)
+    skip_bad_rows = serializers.BooleanField(required=False, default=False)
+
+
+class ImportRunListView(ListAPIView):
+    """GET: the project's import jobs, newest first. POST (project admins): queue an import of a server folder
+    (folder, CSV, export, placeholder) as a background job — any size, written in batches, progress here and on the
+    Jobs page, cancel with POST …/jobs/importrun/<id>/cancel/; a failed or cancelled import leaves nothing."""
+
+    permission_classes = [IsProjectMember]
+    serializer_class = ImportRunSerializer
+    pagination_class = cursor_pagination("-id", page_size=50)
+
+    def get_queryset(self):
+        if getattr(self, "swagger_fake_view", False):
+            return ImportRun.objects.none()
+        return _project(self.kwargs["slug"]).import_runs.select_related("created_by")
+
+    @extend_schema(request=ImportRunCreateSerializer, responses={202: ImportRunSerializer})
+    def post(self, request, slug):
+        if api_role(request, self) != ADMIN:
+            raise PermissionDenied("Only admins of this project can import.")
+        ser = ImportRunCreateSerializer(data=request.data)
+        ser.is_valid(raise_exception=True)
+        params = {**ser.validated_data, "restrict_roots": True}
+        mode = params.pop("mode")
+        try:
+            with transaction.atomic():
+                run = import_jobs.import_run_create(project=_project(slug), mode=mode, params=params, user=request.user)
+        except services.LabelingError as exc:
+            busy = "already queued or running" in str(exc)
+            raise ApiError(str(exc), code="busy" if busy else "invalid", status_code=409 if busy else 400) from None
+        return Response(ImportRunSerializer(run).data, status=202)

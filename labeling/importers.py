@@ -383,6 +383,7 @@ def images_import(
     skip_bad_rows: bool = False,
     group_by: str = "auto",
     update: bool = False,
+    run_id: int | None = None,
 ) -> ImportReport:
     """Write the planned rows, their groups chosen by `group_by` (see groups_apply). With errors in the plan
     nothing is written unless `skip_bad_rows`. `update`: photos already in the project get the labels the rows
@@ -410,7 +411,7 @@ def images_import(
     written_files: list[str] = []
     try:
         with transaction.atomic():
-            _write(project, heads, read, report, user, written_files, update=update)
+            _write(project, heads, read, report, user, written_files, update=update, run_id=run_id)
     except LabelingError as exc:
         storage.delete_quietly(written_files)
         report.errors.append(("import", str(exc)))
@@ -453,7 +454,9 @@ def _write_group_splits(project, read) -> None:
     )
 
 
-def _write(project, heads, read, report, user, written_files, *, update: bool = False) -> None:
+def _write(project, heads, read, report, user, written_files, *, update: bool = False, run_id=None) -> None:
+    """Write the read rows. `run_id`: an import job's, recorded on every image it creates and in the reason of every
+    label it sets (import_jobs rolls them back by these if the job fails or is cancelled)."""
     _write_group_splits(project, read)
     by_sha: dict[str, Image] = {
         im.sha256: im for im in Image.objects.filter(project=project, sha256__in=[r.sha256 for r in read])
@@ -484,6 +487,7 @@ def _write(project, heads, read, report, user, written_files, *, update: bool = 
                 source=item.row.source,
                 status=Image.Status.UNREADABLE if item.problem else Image.Status.OK,
                 status_reason=item.problem[:300],
+                import_run_id=run_id,
             )
             Label.objects.bulk_create([Label(image=image, head=h) for h in heads.values()])
             by_sha[item.sha256] = image
@@ -495,11 +499,23 @@ def _write(project, heads, read, report, user, written_files, *, update: bool = 
                 )
         else:
             report.existing += 1
-        _apply_labels(image, heads, item.row, report, user, update=update)
+        _apply_labels(image, heads, item.row, report, user, update=update, reason=import_reason(run_id))
+
+
+def import_reason(run_id: int | None) -> str:
+    """The label history's reason for labels an import sets (an import job's names the job)."""
+    return f"import job {run_id}" if run_id else "import"
 
 
 def _apply_labels(
-    image: Image, heads: dict[str, Head], row: ImportRow, report: ImportReport, user, *, update: bool = False
+    image: Image,
+    heads: dict[str, Head],
+    row: ImportRow,
+    report: ImportReport,
+    user,
+    *,
+    update: bool = False,
+    reason: str = "import",
 ) -> None:
     labels = {lb.head_id: lb for lb in image.labels.select_related("label_class")}
     chosen: dict[str, object] = {}
@@ -524,24 +540,24 @@ def _apply_labels(
             continue
         if label.label_class_id is not None:
             if update:
-                _update_label(label, head, cls, row, report, user)
+                _update_label(label, head, cls, row, report, user, reason=f"{reason} update")
             else:
                 report.warnings.append(
                     (row.where, f"{head.name} is already {label.label_class.name!r}; kept (the file says {display!r})")
                 )
             continue
         Label.objects.filter(pk=label.pk).update(label_class=cls, version=label.version + 1, updated_by=user)
-        LabelEvent.objects.create(image=image, head=head, old_class=None, new_class=cls, user=user, reason="import")
+        LabelEvent.objects.create(image=image, head=head, old_class=None, new_class=cls, user=user, reason=reason)
         report.labels_set += 1
 
 
-def _update_label(label: Label, head: Head, cls, row: ImportRow, report: ImportReport, user) -> None:
+def _update_label(
+    label: Label, head: Head, cls, row: ImportRow, report: ImportReport, user, *, reason: str = "import update"
+) -> None:
     """Update mode: replace a label through the label service (history + optimistic concurrency). A label somebody
     changed since this import read it is theirs: kept, with a warning."""
     try:
-        change = label_set(
-            label_id=label.pk, class_id=cls.id, expected_version=label.version, user=user, reason="import update"
-        )
+        change = label_set(label_id=label.pk, class_id=cls.id, expected_version=label.version, user=user, reason=reason)
     except LabelConflict as exc:
         current = exc.current.label_class.name if exc.current.label_class_id else "unlabeled"
         report.warnings.append(

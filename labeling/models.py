@@ -167,6 +167,10 @@ class Image(models.Model):
     original_name = models.CharField(max_length=500)
     width = models.PositiveIntegerField(null=True, blank=True)
     height = models.PositiveIntegerField(null=True, blank=True)
+    # The import job that created the photo (import_jobs): a failed or cancelled job removes what it wrote.
+    import_run = models.ForeignKey(
+        "ImportRun", null=True, blank=True, on_delete=models.SET_NULL, related_name="images", db_index=True
+    )
     byte_size = models.PositiveBigIntegerField(default=0)
     group_key = models.CharField(max_length=200, db_index=True)
     source = models.CharField(max_length=20, choices=Source.choices, default=Source.REAL)
@@ -404,3 +408,37 @@ class DatasetVersionItem(models.Model):
 
     def __str__(self) -> str:
         return f"v{self.version_id} image {self.image_id} ({self.split})"
+
+
+class ImportRun(JobRow):
+    """An import of any size as a background job (labeling.import_jobs): the plan of a folder, CSV or export,
+    written in batches with progress; a failed or cancelled job leaves nothing (its own record names what it
+    wrote: the images carry import_run, the labels it set name it in their history's reason)."""
+
+    class Mode(models.TextChoices):
+        FOLDER = "folder"
+        CSV = "csv"
+        EXPORT = "export"
+        PLACEHOLDER = "placeholder"
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="import_runs")
+    mode = models.CharField(max_length=20, choices=Mode.choices)
+    params = models.JSONField(default=dict, blank=True)
+    step = models.CharField(max_length=80, blank=True)
+    done = models.PositiveIntegerField(default=0)
+    total = models.PositiveIntegerField(default=0)
+    report = models.JSONField(default=dict, blank=True)
+
+    task_name = "labeling.tasks.import_run"
+    what = "import"
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [one_active_per(["project"], "import_run_one_active_per_project")]
+
+    def __str__(self) -> str:
+        return f"import {self.pk} ({self.status})"
+
+    @property
+    def progress(self) -> float | None:
+        return self.done / self.total if self.total else None

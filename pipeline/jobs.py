@@ -3,8 +3,8 @@ cancel for all of them: the Jobs page, its API and `manage.py jobs` use these.""
 
 from __future__ import annotations
 
-from labeling import health
-from labeling.models import HealthReport, Project
+from labeling import health, import_jobs
+from labeling.models import HealthReport, ImportRun, Project
 from labeling.services import LabelingError
 from training import jobs as job_services
 from training import services as training_services
@@ -12,7 +12,7 @@ from training.models import Job, TrainingRun
 from webapp import jobs
 
 # The type names the URLs, the API and the command line use for each kind of row.
-TYPES = {"trainingrun": TrainingRun, "healthreport": HealthReport, "job": Job}
+TYPES = {"trainingrun": TrainingRun, "healthreport": HealthReport, "importrun": ImportRun, "job": Job}
 
 
 class JobNotFound(LookupError):
@@ -48,6 +48,8 @@ def job_cancel_any(*, project: Project, type_: str, pk: int, user=None):
             return training_services.training_run_cancel(run=row, user=user)
         if isinstance(row, HealthReport):
             return health.health_report_cancel(report=row, user=user)
+        if isinstance(row, ImportRun):
+            return import_jobs.import_run_cancel(run=row, user=user)
         return job_services.job_cancel(job=row, user=user)
     except (training_services.TrainingError, LabelingError) as exc:
         raise job_services.JobError(str(exc)) from None

@@ -29,6 +29,7 @@ def jobs_reconcile(*, project: Project | None = None) -> dict:
     mechanism (webapp.jobs.rows_reconcile). Returns what was done, per kind of job:
     {"train_run": {"lost": [ids], "failed": [ids], "resent": [ids]}, "health_scan": {...}, "job": {...}}."""
     from labeling.health import health_reports_reconcile
+    from labeling.import_jobs import import_runs_reconcile
 
     from .jobs import MESSAGE_KIND, TASKS, job_mark_cancelled
     from .services import _mark_cancelled
@@ -47,6 +48,7 @@ def jobs_reconcile(*, project: Project | None = None) -> dict:
             cancel=_mark_cancelled,
         ),
         "health_scan": health_reports_reconcile(project=project),
+        "import_run": import_runs_reconcile(project=project),
         "job": {"lost": [], "failed": [], "resent": []},
     }
     for kind, task in TASKS.items():

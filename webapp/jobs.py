@@ -293,7 +293,7 @@ def rows_reconcile(
 
 # ---------------------------------------------------------------------------------------------- visibility
 # Every kind of job row, by app label: the pages ask where a job stands without importing the apps above theirs.
-JOB_MODELS = ("training.TrainingRun", "labeling.HealthReport", "training.Job")
+JOB_MODELS = ("training.TrainingRun", "labeling.HealthReport", "labeling.ImportRun", "training.Job")
 
 
 def queue_of(task_name: str) -> str:

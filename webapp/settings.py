@@ -129,6 +129,8 @@ LOUPE_SIMILARITY_BACKBONE = env.str("LOUPE_SIMILARITY_BACKBONE", default="tf_eff
 LOUPE_SIMILARITY_IMAGE_SIZE = env.int("LOUPE_SIMILARITY_IMAGE_SIZE", default=224)
 # Folders the admin import page may read from (the CLI takes any folder it is given).
 IMPORT_ROOTS = [Path(p) for p in env.list("IMPORT_ROOTS", default=[str(VAR_DIR / "import")])]
+# Photos an import job reads and writes per transaction: its memory holds one batch, whatever the import's size.
+LOUPE_IMPORT_BATCH = env.int("LOUPE_IMPORT_BATCH", default=200)
 LOUPE_EXPORT_ROOT = Path(env.str("LOUPE_EXPORT_ROOT", default=str(VAR_DIR / "exports")))
 
 # Upload limits for the recognition endpoint (decompression bombs are refused by pixel count).
@@ -194,6 +196,7 @@ LOUPE_TASK_TIME_LIMITS = {
     "review.tasks.uncertain_refresh": 2 * 3600,
     "training.tasks.index_build": 2 * 3600,
     "labeling.tasks.health_scan": 4 * 3600,
+    "labeling.tasks.import_run": env.int("LOUPE_IMPORT_TIME_LIMIT", default=12 * 3600),
     "training.tasks.jobs_reconcile": 300,
     "pipeline.job.index_build": 2 * 3600,
     "pipeline.job.oof": env.int("LOUPE_OOF_TIME_LIMIT", default=12 * 3600),
@@ -279,6 +282,7 @@ SPECTACULAR_SETTINGS = {
         "JobStatusEnum": "webapp.jobs.JobStatus",
         "ImageStatusEnum": "labeling.models.Image.Status",
         "ReviewItemStatusEnum": "review.models.ReviewItem.Status",
+        "ImportModeEnum": "labeling.models.ImportRun.Mode",
     },
     # Swagger UI / Redoc from drf-spectacular-sidecar's static files, not a CDN (self-hosted, maybe offline).
     "SWAGGER_UI_DIST": "SIDECAR",

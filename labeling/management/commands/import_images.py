@@ -4,8 +4,10 @@ from pathlib import Path
 
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
+from django.db import transaction
 
 from labeling import importers
+from labeling.import_jobs import import_run_create
 from labeling.models import Project
 from labeling.presets import PRESETS
 from labeling.services import LabelingError, project_create
@@ -67,6 +69,12 @@ class Command(BaseCommand):
             "(default: existing labels are kept)",
         )
         parser.add_argument("--user", help="username recorded in the label history (default: none)")
+        parser.add_argument(
+            "--background",
+            action="store_true",
+            help="queue it as an import job on the worker (any size: written in batches, progress on the Import and "
+            "Jobs pages, cancel; a failed or cancelled job removes what it wrote)",
+        )
 
     def handle(self, *args, **opts):
         project = Project.objects.filter(slug=opts["project"]).first()
@@ -82,6 +90,9 @@ class Command(BaseCommand):
             if user is None:
                 raise CommandError(f"No user {opts['user']!r}.")
         folder = Path(opts["folder"])
+        if opts["background"]:
+            self._background(project, mode, folder, opts, user)
+            return
         try:
             if mode == "csv":
                 if not opts["csv_path"] or not opts["head"]:
@@ -129,3 +140,30 @@ class Command(BaseCommand):
             self.stdout.write(line)
         if not report.written:
             raise CommandError(f"Import failed with {len(report.errors)} error(s); nothing was written.")
+
+    def _background(self, project, mode, folder, opts, user) -> None:
+        params = {
+            "folder": str(folder.resolve()),
+            "group_by": opts["group_by"],
+            "skip_bad_rows": opts["skip_bad_rows"],
+            "update": opts["update"],
+            "class_head": opts["class_head"],
+        }
+        if mode == "csv":
+            heads = dict(item.split("=", 1) for item in opts["head"] if "=" in item)
+            params.update(
+                csv=str(Path(opts["csv_path"] or "").resolve()) if opts["csv_path"] else "",
+                head_cols={k.strip(): v.strip() for k, v in heads.items()},
+                filename_col=opts["filename_col"],
+                group_col=opts["group_col"],
+                source_col=opts["source_col"],
+            )
+        try:
+            with transaction.atomic():
+                run = import_run_create(project=project, mode=mode, params=params, user=user)
+        except LabelingError as exc:
+            raise CommandError(str(exc)) from exc
+        self.stdout.write(
+            f"Import {run.id} queued on the worker: `manage.py jobs {project.slug}` (or the Jobs page) shows its "
+            f"progress; `manage.py jobs {project.slug} --cancel importrun/{run.id}` cancels it."
+        )
