@@ -56,6 +56,12 @@ class ImportForm(forms.Form):
     )
     source_col = forms.CharField(max_length=100, required=False)
     skip_bad_rows = forms.BooleanField(required=False, help_text="Import the good rows and report the bad ones.")
+    background = forms.BooleanField(
+        required=False,
+        label="In the background",
+        help_text="Any size: a job on the worker writes the import in batches, with progress and cancel on the Jobs "
+        "page; a failed or cancelled import removes what it wrote.",
+    )
     update = forms.BooleanField(
         required=False,
         label="Update labels",

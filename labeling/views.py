@@ -9,6 +9,7 @@ from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
 from django.core.files.storage import default_storage
 from django.core.paginator import Paginator
+from django.db import transaction
 from django.http import FileResponse, Http404
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
@@ -294,6 +295,8 @@ def import_page(request, slug):
     if request.method == "POST" and form.is_valid():
         data = form.cleaned_data
         roots = settings.IMPORT_ROOTS
+        if data["background"]:
+            return _import_in_background(request, project, data, form)
         try:
             if data["mode"] == "folder":
                 head = data["head"] or project.heads.first()
@@ -338,6 +341,40 @@ def import_page(request, slug):
             "roots": settings.IMPORT_ROOTS,
         },
     )
+
+
+def _import_in_background(request, project, data, form):
+    """The Import page's "in the background": an import job (labeling.import_jobs), then the Jobs page."""
+    from . import import_jobs  # noqa: PLC0415
+
+    params = {
+        "folder": data["folder"],
+        "restrict_roots": True,
+        "group_by": data["group_by"] or "auto",
+        "skip_bad_rows": data["skip_bad_rows"],
+        "update": data["update"],
+        "class_head": data["head"].name if data.get("head") else None,
+    }
+    if data["mode"] == "csv":
+        params.update(
+            csv=data["csv_path"],
+            head_cols=data["head_map"],
+            filename_col=data["filename_col"] or "image_filename",
+            group_col=data["group_col"] or None,
+            source_col=data["source_col"] or None,
+        )
+    try:
+        with transaction.atomic():
+            run = import_jobs.import_run_create(project=project, mode=data["mode"], params=params, user=request.user)
+    except services.LabelingError as exc:
+        form.add_error(None, str(exc))
+        return render(
+            request,
+            "labeling/import.html",
+            {"project": project, "form": form, "report": None, "roots": settings.IMPORT_ROOTS},
+        )
+    messages.success(request, f"Import {run.id} queued: its progress is on this page.")
+    return redirect("training:job-list", slug=project.slug)
 
 
 @staff_required

@@ -186,3 +186,26 @@ def test_import_jobs_over_rest_and_the_command_line(project, tmp_path, settings,
     assert row["queue"] == "default" and row["what"] == "import"
     cancelled = api.post(f"/api/v1/projects/{project.slug}/jobs/importrun/{run.id}/cancel/").json()
     assert cancelled["status"] == "cancelled"
+
+
+def test_the_import_page_queues_a_background_import(project, tmp_path, client, admin_user):
+    folder = _csv(tmp_path, ["a", "b"])
+    client.force_login(admin_user)
+    response = client.post(
+        f"/p/{project.slug}/import/",
+        {
+            "mode": "csv",
+            "folder": str(folder / "img"),
+            "csv_path": str(folder / "labels.csv"),
+            "head_map": "class=class",
+            "filename_col": "image_filename",
+            "group_by": "auto",
+            "background": "on",
+        },
+    )
+    assert response.status_code == 302 and response["Location"] == f"/p/{project.slug}/jobs/"
+    run = ImportRun.objects.get(project=project)
+    assert run.params["restrict_roots"] and run.params["head_cols"] == {"class": "class"}
+    assert import_jobs.import_run_execute(run_id=run.id).report["created"] == 2
+    page = client.get(f"/p/{project.slug}/jobs/").content.decode()
+    assert f'data-job="importrun/{run.id}"' in page
