@@ -98,7 +98,6 @@ def import_run_execute(*, run_id: int) -> ImportRun:
         Q(heartbeat_at__lt=stale) | Q(heartbeat_at__isnull=True), status=ImportRun.Status.RUNNING
     )
     run = ImportRun.objects.select_related("project", "created_by").get(pk=run_id)
-    was_running = run.status == ImportRun.Status.RUNNING
     now = timezone.now()
     if not ImportRun.objects.filter(claimable, pk=run_id).update(
         status=ImportRun.Status.RUNNING, started_at=now, heartbeat_at=now
@@ -106,8 +105,8 @@ def import_run_execute(*, run_id: int) -> ImportRun:
         run.refresh_from_db()
         return run
     with jobs.heartbeat(ImportRun, run_id):
-        if was_running:
-            import_run_rollback(run_id=run_id)  # a lost worker's half: undone before starting again
+        if run.attempts or run.status == ImportRun.Status.RUNNING:
+            import_run_rollback(run_id=run_id)  # a lost worker's half (requeued or claimed stale): undone first
         try:
             report = _run(run)
         except JobCancelled:

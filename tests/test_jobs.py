@@ -202,7 +202,9 @@ def test_heartbeat_thread_keeps_a_busy_job_alive(project, settings):
     assert timezone.now() - run.heartbeat_at < timezone.timedelta(seconds=1)
 
 
-def _worker(tmp_path: Path, broker_url: str, name: str, settings, queues: str = "default,gpu") -> subprocess.Popen:
+def _worker(
+    tmp_path: Path, broker_url: str, name: str, settings, queues: str = "default,gpu", env: dict | None = None
+) -> subprocess.Popen:
     db = connection.settings_dict
     env = {
         **os.environ,
@@ -216,6 +218,7 @@ def _worker(tmp_path: Path, broker_url: str, name: str, settings, queues: str = 
         "LOUPE_MISLABEL_AFTER_PROMOTE": "0",
         "LOUPE_UNCERTAIN_AFTER_PROMOTE": "0",
         "LOUPE_TRAIN_OVERRIDES": json.dumps(settings.LOUPE_TRAIN_OVERRIDES),  # as conftest: no pretrained weights
+        **(env or {}),
     }
     log = open(tmp_path / f"{name}.log", "wb")  # noqa: SIM115 - the process keeps it
     return subprocess.Popen(
@@ -375,3 +378,46 @@ def test_a_short_job_runs_while_a_long_one_holds_the_gpu_worker(broker, project,
             if proc is not None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(10)
+
+
+def test_an_import_whose_worker_is_killed_is_rolled_back_and_done_once(broker, settings, tmp_path):
+    """Issue 17.3: a worker killed mid-import leaves a half-written import; the reconciler finds it lost, the next
+    worker removes that half and imports again: every photo once, all carrying the one job."""
+    from conftest import make_photo
+    from labeling import import_jobs
+    from labeling.models import Image, ImportRun
+    from labeling.services import project_create
+
+    settings.LOUPE_HEARTBEAT_SECONDS = 0.5
+    settings.LOUPE_JOB_LOST_AFTER_SECONDS = 3
+    project = project_create(name="Big", preset="retrieval")
+    folder = tmp_path / "photos" / "red"
+    folder.mkdir(parents=True)
+    for i in range(120):
+        (folder / f"R{i:03d}_0.jpg").write_bytes(make_photo("red", seed=i, size=64))
+    run = import_jobs.import_run_create(project=project, mode="folder", params={"folder": str(folder.parent)})
+    slow = {"LOUPE_IMPORT_BATCH": "1", "MEDIA_ROOT": str(settings.MEDIA_ROOT)}
+    first = _worker(tmp_path, broker.url, "first", settings, env=slow)
+    try:
+        _wait(lambda: ImportRun.objects.filter(pk=run.pk, done__gte=10).exists(), timeout=120, what="10 photos in")
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(10)
+    half = Image.objects.filter(project=project).count()
+    assert 10 <= half < 120 and ImportRun.objects.get(pk=run.pk).status == "running"
+    time.sleep(settings.LOUPE_JOB_LOST_AFTER_SECONDS + 1)
+    assert jobs_reconcile(project=project)["import_run"]["lost"] == [run.pk]
+    second = _worker(tmp_path, broker.url, "second", settings, env=slow)
+    try:
+        _wait(
+            lambda: ImportRun.objects.filter(pk=run.pk, status__in=["succeeded", "failed"]).exists(),
+            timeout=180,
+            what="the import to finish on the second worker",
+        )
+    finally:
+        os.killpg(second.pid, signal.SIGKILL)
+        second.wait(10)
+    run.refresh_from_db()
+    assert run.status == "succeeded", run.error + (tmp_path / "second.log").read_text()[-2000:]
+    assert Image.objects.filter(project=project).count() == 120 == Image.objects.filter(import_run=run).count()
+    assert run.attempts == 1 and run.report["created"] == 120
