@@ -116,14 +116,7 @@ def health_reports_reconcile(*, project: Project | None = None) -> dict:
 def health_report_cancel(*, report: HealthReport, user=None) -> HealthReport:
     """Cancel a queued scan at once, or ask a running one to stop at its next progress write (about a second).
     The previous scan's findings stay on the Health page. LabelingError for a scan that already ended."""
-    with transaction.atomic():
-        report = HealthReport.objects.select_for_update().get(pk=report.pk)
-        if not report.is_active:
-            raise LabelingError(f"Health scan {report.id} already {report.status}; there is nothing to cancel.")
-        if report.cancel_requested_at is None:
-            report.cancel_requested_at, report.cancel_requested_by = timezone.now(), user
-            report.save(update_fields=["cancel_requested_at", "cancel_requested_by"])
-        queued = report.status == HealthReport.Status.QUEUED
+    report, queued = jobs.cancel_request(HealthReport, report.pk, user=user, error=LabelingError, what="Health scan")
     if queued:
         _mark_cancelled(report.id)
         report.refresh_from_db()

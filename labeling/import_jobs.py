@@ -221,14 +221,7 @@ def import_run_rollback(*, run_id: int) -> dict:
 def import_run_cancel(*, run: ImportRun, user=None) -> ImportRun:
     """Cancel a queued import at once, or ask a running one to stop after its current batch (what it wrote is
     then removed). LabelingError for an import that already ended."""
-    with transaction.atomic():
-        run = ImportRun.objects.select_for_update().get(pk=run.pk)
-        if not run.is_active:
-            raise LabelingError(f"Import {run.id} already {run.status}; there is nothing to cancel.")
-        if run.cancel_requested_at is None:
-            run.cancel_requested_at, run.cancel_requested_by = timezone.now(), user
-            run.save(update_fields=["cancel_requested_at", "cancel_requested_by"])
-        queued = run.status == ImportRun.Status.QUEUED
+    run, queued = jobs.cancel_request(ImportRun, run.pk, user=user, error=LabelingError, what="Import")
     if queued:
         _end(run.id, ImportRun.Status.CANCELLED, error="Cancelled before it started.")
     run.refresh_from_db()

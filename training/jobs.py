@@ -181,15 +181,7 @@ def job_mark_cancelled(*, job_id: int) -> Job:
 def job_cancel(*, job: Job, user=None) -> Job:
     """Cancel a queued job at once, or ask a running one to stop at its next progress report. JobError for a job
     that already ended."""
-    now = timezone.now()
-    with transaction.atomic():
-        job = Job.objects.select_for_update().get(pk=job.pk)
-        if not job.is_active:
-            raise JobError(f"Job {job.id} ({job.get_kind_display()}) already {job.status}; there is nothing to cancel.")
-        if job.cancel_requested_at is None:
-            job.cancel_requested_at, job.cancel_requested_by = now, user
-            job.save(update_fields=["cancel_requested_at", "cancel_requested_by"])
-        queued = job.status == Job.Status.QUEUED
+    job, queued = jobs.cancel_request(Job, job.pk, user=user, error=JobError, what="Job")
     return job_mark_cancelled(job_id=job.id) if queued else job
 
 

@@ -79,6 +79,20 @@ class JobCancelled(Exception):
     """Raised inside a job at a progress report after an admin asked to cancel it."""
 
 
+def cancel_request(model, pk: int, *, user, error: type[Exception], what: str):
+    """Ask job row `pk` of `model` to stop: under a row lock, refuse (`error`) a job that already ended, record who
+    asked and when (once). Returns (row, queued): a queued job is the caller's to mark cancelled at once; a running
+    one stops at its next progress report."""
+    with transaction.atomic():
+        row = model.objects.select_for_update().get(pk=pk)
+        if not row.is_active:
+            raise error(f"{what} {row.pk} already {row.status}; there is nothing to cancel.")
+        if row.cancel_requested_at is None:
+            row.cancel_requested_at, row.cancel_requested_by = timezone.now(), user
+            row.save(update_fields=["cancel_requested_at", "cancel_requested_by"])
+        return row, row.status == JobStatus.QUEUED
+
+
 def cancel_requested(model, pk: int) -> bool:
     return model.objects.filter(pk=pk, cancel_requested_at__isnull=False).exists()
 
