@@ -218,9 +218,9 @@ def _failed(run: TrainingRun, exc: Exception) -> None:
 
 def training_run_train(*, run: TrainingRun, fresh: bool = False) -> tuple[dict, dict] | None:
     """Train a claimed run (the engine: full fine-tune, tail fine-tune or quick retrain) into its artifact folder and
-    export ONNX. Returns (manifest, metrics); None when it failed or was cancelled (the row says so)."""
-    from training.engine import train_model
-    from training.engine.quick import train_quick
+    export ONNX. Returns (manifest, metrics); None when it failed or was cancelled (the row says so). A full
+    fine-tune with config "devices" > 1 trains in that many processes under torchrun (training.engine.launch)."""
+    from training.engine.launch import train_run
 
     project = run.project
     out_dir = Path(run.artifact_dir)
@@ -239,20 +239,17 @@ def training_run_train(*, run: TrainingRun, fresh: bool = False) -> tuple[dict, 
         n_val = sum(1 for it in manifest["items"] if it["split"] == "val")
         epochs = config["quick_epochs"] if config["quick"] else config["epochs"]
         TrainingRun.objects.filter(pk=run.id).update(n_train=n_train, n_val=n_val, epochs=epochs)
-        if config["quick"]:  # heads only, on cached frozen features: seconds once the cache is warm
-            cache = settings.LOUPE_FEATURE_CACHE
-            metrics = train_quick(manifest, config, out_dir, cache_dir=cache, progress=_progress_writer(run.id))
-        else:
-            # Resumes from out_dir/checkpoints/latest.pt when a worker was killed mid-run (same data and config).
-            # With a pretrained backbone fully frozen in phase 1, phase 1 trains the heads on cached features.
-            metrics = train_model(
-                manifest,
-                config,
-                out_dir,
-                progress=_progress_writer(run.id),
-                fresh=fresh,
-                cache_dir=settings.LOUPE_FEATURE_CACHE,
-            )
+        # The quick retrain (heads on cached features), or train_model, in one process or in config "devices"
+        # processes. Resumes from out_dir/checkpoints/latest.pt when a worker was killed mid-run (same data and
+        # config). With a pretrained backbone fully frozen in phase 1, phase 1 trains the heads on cached features.
+        metrics = train_run(
+            manifest,
+            config,
+            out_dir,
+            progress=_progress_writer(run.id),
+            fresh=fresh,
+            cache_dir=settings.LOUPE_FEATURE_CACHE,
+        )
     except TrainingCancelled:
         log.info("training run %s cancelled", run.id)
         _mark_cancelled(run.id)

@@ -98,6 +98,12 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "torch_threads": "auto",  # CPU intra-op threads while training: "auto" = cpus - workers - 1 (min 1)
     "seed": 0,
     "device": "auto",  # "auto" (cuda if available else cpu), "cpu", "cuda", "cuda:1", ...
+    # Processes of the whole-network fine-tune (training/engine/distributed.py, started by launch.py with torchrun):
+    # 1 = this process; N = torch DistributedDataParallel over N processes, one per GPU of this machine (NCCL), or
+    # N CPU processes (gloo) when the device is the CPU; "auto" = one per GPU on a CUDA machine, else 1. The
+    # batch is shared: each process trains on batch_size / N photos of every batch. The tail fine-tune and the quick
+    # retrain always run in one process (metrics["distributed"] says why).
+    "devices": 1,
     # Mixed precision on CUDA: "auto" = bfloat16 where the GPU computes it natively (Ampere and newer), else float16
     # with a GradScaler; "bf16" / "fp16" force one ("bf16" on a GPU without native bfloat16 is refused: emulated
     # bfloat16 is slower than float32); "off" = float32. Other devices always compute in float32.
@@ -127,6 +133,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
 }
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
+MAX_DEVICES = 64  # training processes of one run (config "devices")
 
 # Keys that only change how/where training runs, not what it computes: a checkpoint written with other values
 # of these keys can still be resumed (they are left out of the checkpoint fingerprint).
@@ -135,6 +142,7 @@ RUNTIME_KEYS = (
     "num_workers",
     "torch_threads",
     "device",
+    "devices",
     "progress_every",
     "max_train_seconds",
     "checkpoint_every",
@@ -162,6 +170,7 @@ INT_KEYS = (
     "checkpoint_every",
     "quick_epochs",
     "tail_views",
+    "devices",
 )
 FLOAT_KEYS = (
     "arcface_margin",
@@ -342,6 +351,19 @@ def _validate_runtime(cfg: dict[str, Any]) -> None:
         "device",
         dev,
         '"auto", "cpu", "cuda", "cuda:N" or "mps"',
+    )
+    n = cfg["devices"]
+    _check(
+        n == "auto" or (_is_int(n) and 1 <= n <= MAX_DEVICES),
+        "devices",
+        n,
+        f'"auto" (one process per GPU) or an integer from 1 to {MAX_DEVICES} (training processes)',
+    )
+    _check(
+        not (_is_int(n) and n > 1 and isinstance(dev, str) and dev.startswith("cuda:")),
+        "devices",
+        n,
+        f'1 when device names one GPU ({dev!r}); use device "cuda" or "auto" for {n} processes (one per GPU)',
     )
     _check(cfg["amp"] in AMP_MODES, "amp", cfg["amp"], " or ".join(f'"{m}"' for m in AMP_MODES))
     mts = cfg["max_train_seconds"]

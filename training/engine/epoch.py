@@ -8,7 +8,8 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -50,36 +51,76 @@ class Trainer:
     label_smoothing: float
     class_weights: list
     head_weights: list[float] | None
+    # Several processes (distributed.py): the process group, and the DDP wrapper of LossModule(model) over the
+    # parameters that require a gradient (wrap_ddp builds it again when that set changes).
+    dist: object | None = None  # distributed.Dist
+    ddp: torch.nn.Module | None = None
+    find_unused: bool = False
+    ddp_params: tuple = field(default=(), repr=False)
+    grads_unsynced: bool = False  # a backward ran under DDP's no_sync since the last optimizer step
 
-    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, step: int) -> float:
-        """Loss of the batch at (1-based) `step`, its gradient accumulated; the gradient is divided by the number
-        of batches of its accumulation group (the last group of an epoch may be shorter)."""
-        x = prepare_batch(x, self.device, self.mean, self.std)
-        y = y.to(self.device, non_blocking=True)
+    def loss(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The summed masked per-head loss of a prepared batch (the model's forward under autocast)."""
         with self.amp.autocast():
-            logits, feats = self.model(x)
-        loss = _heads_loss(
+            logits, feats = model(x)
+        return _heads_loss(
             logits,
             y,
             self.label_smoothing,
             self.class_weights,
             self.head_weights,
-            model=self.model,
+            model=model,
             embeddings=feats,
         )
+
+    def wrap_ddp(self) -> None:
+        """(Re)wrap the model in DDP when the parameters that require a gradient changed (backbone frozen or
+        unfrozen): DDP reduces the gradients of the parameters that required one when it was built."""
+        from .distributed import LossModule, wrap  # noqa: PLC0415
+
+        params = tuple(p for p in self.model.parameters() if p.requires_grad)
+        if self.ddp is not None and [id(p) for p in params] == [id(p) for p in self.ddp_params]:
+            return
+        self.ddp = None  # the old wrapper's reducer goes with it
+        self.ddp = wrap(LossModule(self.model, self.loss), self.dist, find_unused=self.find_unused)
+        self.ddp_params = params
+
+    def forward_backward(
+        self, x: torch.Tensor, y: torch.Tensor, step: int, *, weight: float = 1.0, sync: bool = True
+    ) -> float:
+        """Loss of the batch at (1-based) `step`, its gradient accumulated; the gradient is divided by the number
+        of batches of its accumulation group (the last group of an epoch may be shorter). Under DDP the gradient is
+        also multiplied by `weight` (the process's share of the batch, Dist.step_plan) and averaged over the
+        processes unless sync=False (inside an accumulation group)."""
+        x = prepare_batch(x, self.device, self.mean, self.std)
+        y = y.to(self.device, non_blocking=True)
         group_start = (step - 1) // self.accum * self.accum + 1
         group_len = min(self.accum, self.steps_per_epoch - group_start + 1)
-        scaled = loss / group_len if group_len > 1 else loss
-        if self.amp.scaler is not None:
-            self.amp.scaler.scale(scaled).backward()
+        if self.ddp is None:
+            loss = self.loss(self.model, x, y)
+            scaled = loss / group_len if group_len > 1 else loss
+            context = nullcontext()
         else:
-            scaled.backward()
+            context = nullcontext() if sync else self.ddp.no_sync()
+        with context:
+            if self.ddp is not None:
+                loss = self.ddp(x, y)
+                scaled = loss * (weight / group_len)
+            if self.amp.scaler is not None:
+                self.amp.scaler.scale(scaled).backward()
+            else:
+                scaled.backward()
+        if self.ddp is not None:
+            self.grads_unsynced = not sync
         return float(loss.detach())
 
     def optimizer_step(self, pending: bool) -> None:
         """The end of an accumulation group: an optimizer step when it has gradients, else a no-op step that keeps
         the scheduler's step bookkeeping in order (no gradient: unreadable or size-1 batches); then the per-step
         scheduler step."""
+        if self.ddp is not None and self.grads_unsynced:  # stopped inside an accumulation group
+            self.dist.average_grads(self.ddp_params)
+            self.grads_unsynced = False
         if pending:
             optimizer_step(self.optimizer, self.amp.scaler)
         else:
@@ -94,9 +135,15 @@ def train_one_epoch(
     """One pass over the train loader (counts in `state`), stopped early when clock.time_up() (then
     state.stopped_early = "time_limit"). clock also gets each step's report (progress.Progress). Returns
     {"loss": mean train loss or None, "samples": images trained on, "steps": batches, "lrs": the group lrs of the
-    epoch's last optimizer step}."""
+    epoch's last optimizer step}.
+
+    Under DDP (tr.dist) the loader yields this process's share of each batch; whether a step trains and whether
+    time is up are decided by all processes together, and the returned loss and samples are the whole batch's
+    (the mid-epoch progress reports show this process's loss)."""
     optimizer = tr.optimizer
+    dist = tr.dist
     loss_sum, loss_n, samples = 0.0, 0, 0
+    loss_share = 0.0  # under DDP: sum over steps of this process's part of the global batch's mean loss
     step = 0
     pending = False  # gradients accumulated since the last optimizer step
     epoch_lrs = _group_lrs(optimizer)
@@ -105,12 +152,21 @@ def train_one_epoch(
     for step, (x, y, _idx, bad) in enumerate(loader, 1):
         on_bad(bad, "train")
         state.global_step += 1
-        if x is not None and not (tr.has_bn and x.shape[0] < 2):
-            loss_sum += tr.forward_backward(x, y, step)
+        usable = x is not None and not (tr.has_bn and x.shape[0] < 2)
+        weight = 1.0
+        if dist is not None:  # every process trains the step, or none does (DDP waits for all of them)
+            usable, weight = dist.step_plan(x.shape[0] if usable else 0, usable)
+        if usable:
+            sync = step % tr.accum == 0 or step == tr.steps_per_epoch
+            loss = tr.forward_backward(x, y, step, weight=weight, sync=sync)
+            loss_sum += loss
+            loss_share += loss * weight / (dist.world if dist is not None else 1)
             pending = True
             loss_n += 1
             samples += x.shape[0]
         time_up = clock.time_up(time.monotonic())
+        if dist is not None and clock.max_s is not None:
+            time_up = dist.any_true(time_up)
         if step % tr.accum == 0 or step == tr.steps_per_epoch or time_up:
             epoch_lrs = _group_lrs(optimizer)  # the lr of the epoch's last optimizer step is recorded
             tr.optimizer_step(pending)
@@ -124,6 +180,9 @@ def train_one_epoch(
             log.warning("max_train_seconds=%s reached during epoch %d step %d: stopping", clock.max_s, epoch, step)
             break
     optimizer.zero_grad(set_to_none=True)
+    if dist is not None:  # loss_n is the same on every process (steps are trained by all or none)
+        loss_sum, samples = dist.sum_floats([loss_share, samples])
+        samples = int(samples)
     return {"loss": loss_sum / loss_n if loss_n else None, "samples": samples, "steps": step, "lrs": epoch_lrs}
 
 
@@ -228,8 +287,12 @@ def evaluate(
     on_bad: Callable[[list, str], None],
     mean,
     std,
+    *,
+    reduce: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
 ) -> dict:
-    """Per head top-1/top-5 accuracy and mean CE over known labels; loss = sum over heads of the mean CE."""
+    """Per head top-1/top-5 accuracy and mean CE over known labels; loss = sum over heads of the mean CE.
+    reduce (DDP: Dist.sum_tensors): the loader holds this process's share of the items; the counts are summed
+    over the processes before the metrics are computed, so every process gets the same result."""
     model.eval()
     n_heads = len(head_names)
     correct1 = torch.zeros(n_heads, dtype=torch.long)
@@ -261,6 +324,11 @@ def evaluate(
             correct5[h] += (topk == yh[:, None]).any(dim=1).sum()
             counts[h] += yh.numel()
             ce_sum[h] += F.cross_entropy(lg, yh, reduction="sum").double()
+    if reduce is not None:
+        correct1, correct5, counts, ce_sum, *per_class = reduce(
+            [correct1, correct5, counts, ce_sum, *class_n, *class_ok]
+        )
+        class_n, class_ok = per_class[: len(head_sizes)], per_class[len(head_sizes) :]
     heads = {}
     losses = []
     for h, name in enumerate(head_names):

@@ -4,7 +4,8 @@ validation split, resumable checkpoints, atomic artifact writing).
 
 This module wires the parts: runtime (device, threads, AMP, seeding), optim (param groups, optimizer, schedulers),
 losses, checkpoint (CheckpointSaver, TrainState, RNG states), epoch (train_one_epoch, evaluate, best-epoch
-selection), progress (reports and ETA), phase1 (phase 1 on cached features) and results (the final report)."""
+selection), progress (reports and ETA), phase1 (phase 1 on cached features) and results (the final report); with
+several processes (torchrun, launch.py), distributed (DDP, sharded batches, rank 0 writes)."""
 
 from __future__ import annotations
 
@@ -18,12 +19,21 @@ from pathlib import Path
 
 import timm
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
 from .atomic import write_atomic
 from .checkpoint import CheckpointSaver, TrainState, checkpoint_fingerprint, rng_state, set_rng_state
 from .config import resolve_config
 from .data import ManifestDataset, collate_skip, draft_size, eval_transform, train_transform
+from .distributed import (
+    Dist,
+    RankWorkerInit,
+    ShardedBatches,
+    ShardSampler,
+    min_share,
+    seed_process,
+    sync_run_state,
+)
 from .epoch import (
     Trainer,
     _check_metric,
@@ -45,6 +55,7 @@ from .results import _clean, _final_report, _fmt, _with_per_class, write_json_at
 from .runtime import (
     Amp,
     amp_for,
+    cpu_count,
     resolve_device,
     resolve_num_workers,
     seed_everything,
@@ -66,7 +77,8 @@ def train_model(
     resume: bool = True,
     fresh: bool = False,
     cache_dir=None,
-) -> dict:
+    dist: Dist | None = None,
+) -> dict | None:
     """Train on the manifest's "train" items, select the best epoch on "val", write the artifacts into
     out_dir (model.pt, label_maps.json, metrics.json, config.json, each atomically) and return the metrics.
 
@@ -84,20 +96,28 @@ def train_model(
     (freeze_backbone_epochs > 0, freeze_fraction 1.0, weights not "none"), phase 1 is the quick retrain's
     train_heads on cached features of the train split (best epoch on val) instead of freeze_backbone_epochs
     epochs of backbone passes over augmented photos; training then goes on with phase 2 at epoch
-    freeze_backbone_epochs + 1 (metrics["phase1"] says so). Without it, phase 1 trains on the photos."""
+    freeze_backbone_epochs + 1 (metrics["phase1"] says so). Without it, phase 1 trains on the photos.
+
+    dist (distributed.Dist): this process is one of several started by torchrun (launch.py, ddp_rank.py); the
+    whole-network recipe only. Rank 0 returns the metrics and writes everything; the other ranks return None and
+    write nothing."""
     t_start = time.monotonic()
     cfg = resolve_config(config)
     if cfg["tail_from_block"] is not None:  # the CPU recipe (presets set it to null on CUDA workers)
+        if dist is not None:
+            raise ValueError("the tail fine-tune (tail_from_block) runs in one process, not under torchrun")
         from .tail import train_tail  # noqa: PLC0415 - tail and its helpers only for this recipe
 
         return train_tail(manifest, config, out_dir, cache_dir=cache_dir, progress=progress, fresh=fresh)
     parsed = parse_manifest(manifest)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg["device"])
-    num_workers = resolve_num_workers(cfg["num_workers"])
+    if dist is None or dist.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg["device"]) if dist is None else dist.device
+    cpus = max(1, cpu_count() // (dist.world if dist is not None else 1))  # a process's share of the CPUs
+    num_workers = resolve_num_workers(cfg["num_workers"], cpus)
     seed_everything(cfg["seed"])
-    with torch_settings(device, cfg["torch_threads"], num_workers):
+    with torch_settings(device, cfg["torch_threads"], num_workers, cpus):
         sources = manifest_train_sources(manifest)
         feature_items = None
         if cache_dir is not None:  # manifest dicts keep their "sha256" (the cache key without re-hashing the file)
@@ -116,6 +136,7 @@ def train_model(
             sources=sources,
             cache_dir=cache_dir,
             feature_items=feature_items,
+            dist=dist,
         )
 
 
@@ -131,20 +152,30 @@ class _Data:
     sampler: object | None  # a sampler with set_epoch(), None for plain shuffling
     train_loader: DataLoader
     eval_items: list
-    eval_loader: DataLoader
+    eval_loader: DataLoader  # under DDP: this process's share of the items
     metrics_on: str  # "val", or "train" (optimistic) without val items
+    report_loader: DataLoader | None = None  # every eval item, for the final report (rank 0; None on the others)
+    min_share: int = 0  # under DDP: the fewest photos of a batch a process trains on
 
 
-def _data(parsed: ParsedManifest, cfg: dict, num_workers: int, is_cuda: bool, sources: list[str] | None) -> _Data:
+def _data(
+    parsed: ParsedManifest,
+    cfg: dict,
+    num_workers: int,
+    is_cuda: bool,
+    sources: list[str] | None,
+    dist: Dist | None = None,
+) -> _Data:
     n_train = len(parsed.train)
     bs = min(cfg["batch_size"], n_train)
     gen = torch.Generator()
     gen.manual_seed(cfg["seed"])
+    init_fn = worker_init if dist is None else RankWorkerInit(dist.rank)
     loader_kw = dict(
         num_workers=num_workers,
         collate_fn=collate_skip,
         pin_memory=is_cuda,
-        worker_init_fn=worker_init if num_workers else None,
+        worker_init_fn=init_fn if num_workers else None,
         prefetch_factor=4 if num_workers else None,  # keep several batches decoded ahead of the model
     )
     train_ds = ManifestDataset(parsed.train, train_transform(cfg), min_side=draft_size(cfg["image_size"], 1.5))
@@ -153,7 +184,24 @@ def _data(parsed: ParsedManifest, cfg: dict, num_workers: int, is_cuda: bool, so
     sampler, sampler_kind = build_train_sampler(
         sources or ["real"] * n_train, [it.targets[0] for it in parsed.train], cfg, seed=cfg["seed"]
     )
-    if sampler_kind == "pk":
+    share = 0
+    if dist is not None:  # the one-process run's batches, each process training on its share of every batch
+        if sampler_kind == "pk":
+            batches = sampler
+        else:
+            draw = sampler if sampler_kind == "weighted" else RandomSampler(train_ds, generator=gen)
+            batches = BatchSampler(draw, bs, drop_last=n_train > bs)
+        share = min_share(batches.batch_size, n_train, sampler_kind == "pk" or n_train > bs, dist.world)
+        if share < 1:
+            raise ValueError(
+                f"a batch of {batches.batch_size if n_train >= batches.batch_size else n_train} photos cannot be "
+                f"shared by {dist.world} processes: raise batch_size (config 'batch_size', or pk_p x pk_k) or "
+                "lower 'devices'"
+            )
+        train_loader = DataLoader(
+            train_ds, batch_sampler=ShardedBatches(batches, dist.rank, dist.world), generator=gen, **loader_kw
+        )
+    elif sampler_kind == "pk":
         train_loader = DataLoader(train_ds, batch_sampler=sampler, generator=gen, **loader_kw)
     elif sampler_kind == "weighted":
         train_loader = DataLoader(
@@ -169,17 +217,36 @@ def _data(parsed: ParsedManifest, cfg: dict, num_workers: int, is_cuda: bool, so
     eval_loader = DataLoader(
         eval_ds,
         batch_size=max(1, cfg["batch_size"] * 2),
+        sampler=ShardSampler(len(eval_ds), dist.rank, dist.world) if dist is not None else None,
         shuffle=False,
         persistent_workers=num_workers > 0,
         **loader_kw,
     )
+    report_loader = eval_loader
+    if dist is not None:
+        report_loader = (
+            DataLoader(eval_ds, batch_size=max(1, cfg["batch_size"] * 2), shuffle=False, **loader_kw)
+            if dist.is_main
+            else None
+        )
     if metrics_on == "train":
         log.warning("no val items: metrics are computed on the train split (optimistic)")
-    return _Data(n_train, bs, gen, loader_kw, sampler, train_loader, eval_items, eval_loader, metrics_on)
+    return _Data(
+        n_train, bs, gen, loader_kw, sampler, train_loader, eval_items, eval_loader, metrics_on, report_loader, share
+    )
 
 
 def _trainer(
-    cfg: dict, parsed: ParsedManifest, model, info: dict, amp: Amp, device, data: _Data, mode: str, head_weights
+    cfg: dict,
+    parsed: ParsedManifest,
+    model,
+    info: dict,
+    amp: Amp,
+    device,
+    data: _Data,
+    mode: str,
+    head_weights,
+    dist: Dist | None = None,
 ):
     """(Trainer, freezable backbone params, their norm layers): the optimizer over named param groups, the
     scheduler, the class and head loss weights."""
@@ -211,7 +278,15 @@ def _trainer(
             [it.targets for it in parsed.train], [len(h["classes"]) for h in parsed.heads], cfg["class_weighting"]
         ),
         head_weights=head_weights,
+        dist=dist,
+        # An ArcFace head without a known label in a batch, or a head of loss weight 0, gets no gradient.
+        find_unused=cfg["head_type"] == "arcface" or any(w == 0 for w in head_weights or ()),
     )
+    if dist is not None and trainer.has_bn and data.min_share < 2:
+        raise ValueError(
+            f"config 'devices': {dist.world} processes leave {data.min_share} photo(s) of a batch to a process, and "
+            f"BatchNorm ({cfg['backbone']}) needs 2: raise batch_size or lower 'devices'"
+        )
     return trainer, freezable, frozen_norms
 
 
@@ -232,8 +307,30 @@ class _Run:
     frozen_norms: list
     n_known: list[int]  # labelled train items per head
     mode: str  # "min" (val_loss) or "max" (accuracies)
+    dist: Dist | None = None
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes (checkpoints, artifacts): always, unless it is a rank > 0 of a DDP run."""
+        return self.dist is None or self.dist.is_main
+
+    def sync(self) -> None:
+        """DDP: rank 0's model, optimizer, scheduler and run state on every process (after rank 0 alone resumed a
+        checkpoint or ran phase 1)."""
+        if self.dist is not None:
+            tr = self.tr
+            sync_run_state(
+                self.dist,
+                self.state,
+                model=tr.model,
+                optimizer=tr.optimizer,
+                scheduler=tr.scheduler,
+                scaler=tr.amp.scaler,
+            )
 
     def save_checkpoint(self, epoch: int, is_best: bool) -> None:
+        if not self.is_main:
+            return
         tr = self.tr
         self.saver.save(
             epoch,
@@ -273,9 +370,11 @@ def _train(
     sources: list[str] | None = None,
     cache_dir=None,
     feature_items: list[dict] | None = None,
-) -> dict:
+    dist: Dist | None = None,
+) -> dict | None:
     """Build the model, data, optimizer and checkpoint saver, resume when a checkpoint fits, run phase 1 on cached
-    features when it applies, then the epochs, and write the artifacts (train_model holds the torch settings)."""
+    features when it applies, then the epochs, and write the artifacts (train_model holds the torch settings).
+    Under DDP rank 0 alone resumes and runs phase 1 (then sends its state to the others) and writes."""
     head_names = parsed.head_names
     head_weights = _head_loss_weights(cfg, head_names)  # ValueError before any work
     metric = cfg["early_stopping"]["metric"]
@@ -284,8 +383,8 @@ def _train(
     model, info = build_model(cfg, parsed.heads)  # may raise ValueError (pretrained_path)
     to_device(model, device)
     amp = amp_for(device, cfg["amp"])
-    data = _data(parsed, cfg, num_workers, device.type == "cuda", sources)
-    tr, freezable, frozen_norms = _trainer(cfg, parsed, model, info, amp, device, data, mode, head_weights)
+    data = _data(parsed, cfg, num_workers, device.type == "cuda", sources, dist)
+    tr, freezable, frozen_norms = _trainer(cfg, parsed, model, info, amp, device, data, mode, head_weights, dist)
     state = TrainState(t_start=t_start)
     on_bad = _skip_logger(state.skipped, {"train": parsed.train, "eval": data.eval_items})
     n_known = [sum(1 for it in parsed.train if it.targets[h] != IGNORE_INDEX) for h in range(len(head_names))]
@@ -299,16 +398,17 @@ def _train(
             cfg["epochs"],
         )
     saver = CheckpointSaver(out_dir, checkpoint_fingerprint(parsed, cfg), cfg["checkpoint_every"])
-    saver.resume(
-        state,
-        model=model,
-        optimizer=tr.optimizer,
-        scheduler=tr.scheduler,
-        scaler=amp.scaler,
-        fresh=fresh,
-        resume=resume,
-        cfg=cfg,
-    )
+    if dist is None or dist.is_main:
+        saver.resume(
+            state,
+            model=model,
+            optimizer=tr.optimizer,
+            scheduler=tr.scheduler,
+            scaler=amp.scaler,
+            fresh=fresh,
+            resume=resume,
+            cfg=cfg,
+        )
     # Every progress call says where the backbone's weights came from, so the run's row shows it from the start.
     weights = {"source": info["pretrained_source"], "detail": info["pretrained_detail"]}
     clock = Progress(
@@ -320,7 +420,8 @@ def _train(
         t_start=state.t_start,
         weights=weights,
     )
-    run = _Run(cfg, parsed, info, tr, data, state, saver, clock, on_bad, freezable, frozen_norms, n_known, mode)
+    run = _Run(cfg, parsed, info, tr, data, state, saver, clock, on_bad, freezable, frozen_norms, n_known, mode, dist)
+    run.sync()
     _log_setup(run, num_workers)
     if (
         cache_dir is not None
@@ -330,12 +431,16 @@ def _train(
         and state.start_epoch == 1
         and not state.stopped_early
     ):
-        _phase1_on_features(run, feature_items, cache_dir)
+        if run.is_main:  # the others wait for its result (the feature cache is written once)
+            _phase1_on_features(run, feature_items, cache_dir)
+        run.sync()
     epoch_range = range(state.start_epoch, cfg["epochs"] + 1) if not state.stopped_early else range(0)
     for epoch in epoch_range:
         _run_epoch(run, epoch)
         if state.stopped_early:
             break
+    if not run.is_main:
+        return None
     return _finish(run, out_dir)
 
 
@@ -374,6 +479,14 @@ def _log_setup(run: _Run, num_workers: int) -> None:
         tr.amp.name,
         tr.device,
     )
+    if run.dist is not None:
+        log.info(
+            "distributed: %d processes (%s), each trains on its share of every batch of %d (at least %d photos)",
+            run.dist.world,
+            run.dist.backend,
+            run.data.batch_size,
+            run.data.min_share,
+        )
 
 
 def _phase1_on_features(run: _Run, feature_items: list[dict], cache_dir) -> None:
@@ -444,6 +557,8 @@ def _begin_epoch(run: _Run, epoch: int) -> bool:
     freeze_epochs = cfg["freeze_backbone_epochs"]
     if run.state.rng is not None:
         set_rng_state(run.state.rng, run.data.generator)
+    if run.dist is not None:  # same batches (the loader's generator), each process its own augmentation draws
+        seed_process(cfg["seed"], epoch, run.dist.rank)
     if run.data.sampler is not None:
         run.data.sampler.set_epoch(epoch)  # the epoch's draw is a pure function of (seed, epoch): exact resume
     frozen = epoch <= freeze_epochs
@@ -451,6 +566,8 @@ def _begin_epoch(run: _Run, epoch: int) -> bool:
         p.requires_grad_(not frozen)
     if getattr(model, "arcface_head", None) is not None:  # the seed's two phases: margin 0, then the target
         model.set_arcface_margin(cfg["arcface_warmup_margin"] if frozen else cfg["arcface_margin"])
+    if run.dist is not None:
+        run.tr.wrap_ddp()
     model.train()
     if frozen:
         for m in run.frozen_norms:
@@ -474,9 +591,23 @@ def _run_epoch(run: _Run, epoch: int) -> None:
     t_eval = time.monotonic()
     head_sizes = [len(h["classes"]) for h in run.parsed.heads]
     loader = run.data.eval_loader
+    dist = run.dist
+    if dist is not None:  # evaluate (and keep as the best epoch) rank 0's model: its BatchNorm statistics
+        dist.broadcast_buffers(tr.model)
     result = evaluate(
-        tr.model, loader, run.parsed.head_names, head_sizes, tr.device, tr.amp.autocast, run.on_bad, tr.mean, tr.std
+        tr.model,
+        loader,
+        run.parsed.head_names,
+        head_sizes,
+        tr.device,
+        tr.amp.autocast,
+        run.on_bad,
+        tr.mean,
+        tr.std,
+        reduce=dist.sum_tensors if dist is not None else None,
     )
+    if dist is not None:
+        dist.gather_skipped(state.skipped)
     run.clock.eval_time = time.monotonic() - t_eval
     state.rng = rng_state(run.data.generator)
     value = _metric_value(result, es["metric"])
@@ -552,6 +683,13 @@ def _final_metrics(run: _Run) -> dict:
         metrics["resumed_from_epoch"] = state.resumed_from
     if state.phase1 is not None:
         metrics["phase1"] = state.phase1
+    if run.dist is not None:
+        metrics["distributed"] = {
+            "processes": run.dist.world,
+            "backend": run.dist.backend,
+            "batch_size": run.data.batch_size,
+            "min_photos_per_process": run.data.min_share,
+        }
     return metrics
 
 
@@ -569,7 +707,7 @@ def _finish(run: _Run, out_dir: Path) -> dict:
                 cfg,
                 out_dir,
                 metrics,
-                run.data.eval_loader,
+                run.data.report_loader,
                 run.data.eval_items,
                 tr.device,
                 tr.amp.autocast,

@@ -66,12 +66,13 @@ def worker_init(_worker_id: int) -> None:
 
 
 @contextmanager
-def torch_settings(device: torch.device, torch_threads, num_workers: int) -> Iterator[None]:
-    """Inside: on CPU, resolve_torch_threads(torch_threads) intra-op threads; on CUDA, TF32 matmuls/convolutions
-    and cuDNN autotuning (free speed on Ampere+). The previous settings are restored on the way out."""
+def torch_settings(device: torch.device, torch_threads, num_workers: int, cpus: int | None = None) -> Iterator[None]:
+    """Inside: on CPU, resolve_torch_threads(torch_threads) intra-op threads (of `cpus`, default all: a process of a
+    distributed run has its share); on CUDA, TF32 matmuls/convolutions and cuDNN autotuning (free speed on
+    Ampere+). The previous settings are restored on the way out."""
     prev_threads = torch.get_num_threads()
     if device.type == "cpu":
-        torch.set_num_threads(resolve_torch_threads(torch_threads, num_workers))
+        torch.set_num_threads(resolve_torch_threads(torch_threads, num_workers, cpus))
     prev_cuda_flags = None
     if device.type == "cuda":
         prev_cuda_flags = (
