@@ -2,6 +2,11 @@
 
 import io
 import random
+import socket
+import subprocess
+import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -29,6 +34,7 @@ def _isolated_files(settings, tmp_path):
     # The health scan's similarity pass embeds every photo with a pretrained backbone: only where a test asks.
     settings.LOUPE_SCAN_SIMILARITY = False
     settings.LOUPE_FEATURE_CACHE = tmp_path / "feature-cache"
+    settings.LOUPE_CACHE_DIR = tmp_path / "cache"
     (tmp_path / "import").mkdir()
     from django.core.cache import cache
 
@@ -200,3 +206,65 @@ def worker(settings):
         app, pool="solo", concurrency=1, perform_ping_check=False, queues=["default", "gpu"], shutdown_timeout=30
     ):
         yield
+
+
+# --- S3: a real S3-compatible HTTP server (moto's standalone server) on loopback, one per test session -----------
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """The endpoint URL of a moto S3 server process on 127.0.0.1 (stopped at the end of the session)."""
+    pytest.importorskip("storages", reason="django-storages is not installed (requirements.txt)")
+    pytest.importorskip("moto", reason="moto[server] is not installed (requirements-dev.txt)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")  # noqa: SIM115 - the process keeps it
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"moto's S3 server did not start (see {log.name})") from None
+            time.sleep(0.1)
+    yield url
+    proc.terminate()
+    proc.wait(10)
+    log.close()
+
+
+@pytest.fixture
+def s3_store(s3_server, settings, monkeypatch):
+    """The default storage switched to a fresh bucket of the moto server, exactly as STORAGE_URL=s3://… does in
+    production (webapp.settings._default_storage). Returns the environment a subprocess needs for the same store."""
+    import boto3
+
+    from labeling import storage
+    from webapp.settings import _default_storage
+
+    bucket = f"loupe-{uuid.uuid4().hex[:12]}"
+    env = {
+        "STORAGE_URL": f"s3://{bucket}/loupe",
+        "AWS_S3_ENDPOINT_URL": s3_server,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_S3_REGION_NAME": "us-east-1",
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    boto3.client(
+        "s3", endpoint_url=s3_server, region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="x"
+    ).create_bucket(Bucket=bucket)
+    settings.STORAGES = {**settings.STORAGES, "default": _default_storage(env["STORAGE_URL"])}
+    storage._synced.clear()
+    yield {**env, "bucket": bucket}
+    storage._synced.clear()

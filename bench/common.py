@@ -95,7 +95,8 @@ def train_one_epoch(project, backbone: str, *, seed: int = 0):
     from pipeline import chain  # noqa: PLC0415
     from training import services  # noqa: PLC0415
 
-    config = {"backbone": backbone, "pretrained": False, "image_size": 224, "epochs": 1, "batch_size": 16}
+    config = {"backbone": backbone, "pretrained": False, "tail_from_block": None, "image_size": 224, "epochs": 1}
+    config["batch_size"] = 16
     config |= {"seed": seed, "eval_report": False}
     run = chain.training_run_execute(
         run_id=services.training_run_create(project=project, config=config, queue=False).id, inline=True

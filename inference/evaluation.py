@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
 from django.conf import settings
 
+from labeling import storage
 from training.engine.artifact import GALLERY_CACHE, TEST_CACHE
 from training.engine.atomic import write_json_atomic
 from training.models import ModelVersion
@@ -84,18 +86,20 @@ def model_versions_compare(*, a: ModelVersion, b: ModelVersion) -> dict:
     if a.project_id != b.project_id:
         raise ValueError("Compare two versions of the same project.")
     newer = a if a.number >= b.number else b
-    cache = Path(newer.artifact_dir) / f"compare-{min(a.number, b.number)}-{max(a.number, b.number)}.json"
+    art = storage.artifact_local(newer.artifact_dir)
+    cache = art / f"compare-{min(a.number, b.number)}-{max(a.number, b.number)}.json"
     try:
         return json.loads(cache.read_text())
     except (OSError, ValueError):
         pass
-    manifest = json.loads((Path(newer.artifact_dir) / "manifest.json").read_text())
+    manifest = storage.manifest_localize(json.loads((art / "manifest.json").read_text()))
     items = [it for it in manifest["items"] if it["split"] == "test"]
     if not items:
         raise ValueError(f"Version {newer.number}'s dataset has no test split to compare on.")
     out = {"test_split_of": newer.number, "n_test": len(items), "versions": {}}
     for v in (a, b):
-        out["versions"][str(v.number)] = split_accuracy(Recognizer.load(v.artifact_dir), items)["heads"]
+        recognizer = Recognizer.load(storage.artifact_local(v.artifact_dir))
+        out["versions"][str(v.number)] = split_accuracy(recognizer, items)["heads"]
     write_json_atomic(cache, out)
     return out
 
@@ -103,8 +107,9 @@ def model_versions_compare(*, a: ModelVersion, b: ModelVersion) -> dict:
 def index_build(version: ModelVersion) -> ModelVersion:
     version_id = version.id
     try:
-        art = Path(version.artifact_dir)
-        manifest = json.loads((art / "manifest.json").read_text())
+        started = time.time()
+        art = storage.artifact_local(version.artifact_dir)
+        manifest = storage.manifest_localize(json.loads((art / "manifest.json").read_text()))
         gallery = [it for it in manifest["items"] if it["split"] == "train"]
         recognizer = Recognizer.load(art)
         by_id = {it["id"]: it for it in gallery}
@@ -118,6 +123,7 @@ def index_build(version: ModelVersion) -> ModelVersion:
         kept = [by_id[int(i)] for i in ids]
         write_gallery_labels(art, ids, {h: [it["labels"].get(h) for it in kept] for h in recognizer.heads})
         build_index(art, embeddings, ids, kind=settings.LOUPE_INDEX_KIND, flat_max=settings.LOUPE_INDEX_FLAT_MAX)
+        storage.artifact_publish(art, since=started)  # published before the version is marked ready
     except Exception as exc:  # noqa: BLE001
         log.exception("index build for model version %s failed", version_id)
         ModelVersion.objects.filter(pk=version_id).update(

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from django.conf import settings
 
+from labeling import storage
 from training.models import ModelVersion
 
 from .recognizer import ModelUnavailable, Recognizer
@@ -126,7 +127,8 @@ def active_model(*, project_id: int) -> Served:
         if again is not None and again.version_id == row["id"]:
             return again
         try:
-            recognizer = Recognizer.load(row["artifact_dir"], device=settings.LOUPE_SERVING_DEVICE)
+            art = storage.artifact_local(row["artifact_dir"])  # a remote store: fetched into this process's cache
+            recognizer = Recognizer.load(art, device=settings.LOUPE_SERVING_DEVICE)
         except Exception as exc:  # noqa: BLE001 - a broken version must not take the endpoint down
             error = _unavailable(row["number"], exc, serving=current)
             log.error("%s", error, exc_info=not isinstance(exc, ModelUnavailable))
@@ -176,7 +178,6 @@ def recognition_keep(*, project, served, blobs: list[bytes], result: dict, mode:
 
     from django.db import transaction
 
-    from labeling import storage
     from labeling.models import Image, Label
 
     from .decode import _sniff_ext
@@ -239,7 +240,6 @@ def production_purge(*, project, now=None) -> int:
     from django.db.models import Exists, OuterRef
     from django.utils import timezone
 
-    from labeling import storage
     from labeling.models import Image, Label
 
     from .models import Recognition

@@ -12,7 +12,6 @@ import time
 import traceback
 from collections import Counter, defaultdict
 from collections.abc import Callable
-from pathlib import Path
 
 from django.db import IntegrityError, transaction
 from django.db.models import Count, F, Q
@@ -206,7 +205,9 @@ def _scan(report: HealthReport, progress: _Progress, *, workers: int | None) -> 
     )
     total = len(images)
     progress("files", 0, total, force=True)
-    paths = [storage.local_path(im.file) for im in images]
+    # A remote store: fetched in parallel into this worker's cache; a photo the store lacks is reported missing.
+    fetched = storage.local_paths([im.file for im in images])
+    paths = [p or storage.missing_path(im.file) for p, im in zip(fetched, images, strict=True)]
     checks = health_core.check_files(paths, workers=workers, progress=lambda d, t: progress("files", d, t))
     progress("files", total, total, force=True)
 
@@ -353,7 +354,10 @@ def _similar_pairs(report: HealthReport, project: Project, ok: list[Image], labe
     t0 = time.monotonic()
     # The features come from the engine, a layer above: reached through the setting (pipeline.similarity.embed).
     embed = import_string(settings.LOUPE_SIMILARITY_EMBEDDER)
-    items = [{"path": storage.local_path(im.file), "sha256": im.sha256} for im in ok]
+    fetched = storage.local_paths([im.file for im in ok])
+    items = [
+        {"path": p or storage.missing_path(im.file), "sha256": im.sha256} for p, im in zip(fetched, ok, strict=True)
+    ]
     progress("similarity", 0, len(items), force=True)
     emb = embed(items, lambda done, total: progress("similarity", done, total))
     base = emb["base"]
@@ -497,7 +501,7 @@ def _per_class_accuracy(project: Project) -> dict | None:
     if version is None:
         return None
     try:
-        metrics = json.loads((Path(version.artifact_dir) / "metrics.json").read_text())
+        metrics = json.loads((storage.artifact_local(version.artifact_dir) / "metrics.json").read_text())
     except (OSError, ValueError):
         return {"model_version": version.number, "heads": {}, "note": "the model's metrics.json cannot be read"}
     heads = {}

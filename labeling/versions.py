@@ -434,17 +434,19 @@ def version_manifest(*, version: DatasetVersion, per_class_cap: int | None = Non
         for h, c in r[3].items():
             if c is not None and h in classes:
                 classes[h].add(c)
+    paths = storage.local_paths([r[4] for r in rows])  # a remote store: fetched in parallel into the cache
     items = [
         {
             "id": image_id,
-            "path": storage.local_path(file),
+            "path": path or storage.missing_path(file),
+            "file": file,  # the stored name: another machine re-resolves "path" through its own cache
             "labels": {h.name: labels.get(h.name) for h in heads},
             "group": group,
             "source": source,
             "split": split,
             "sha256": sha,  # content hash: the key of the feature cache (training/engine/features.py)
         }
-        for image_id, split, group, labels, file, source, sha in rows
+        for (image_id, split, group, labels, file, source, sha), path in zip(rows, paths, strict=True)
     ]
     out_heads = []
     for h in heads:

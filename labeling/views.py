@@ -7,7 +7,6 @@ from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
-from django.core.files.storage import default_storage
 from django.core.paginator import Paginator
 from django.db import transaction
 from django.http import FileResponse, Http404
@@ -16,7 +15,7 @@ from django.urls import reverse
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_POST
 
-from . import importers, selectors, services
+from . import importers, selectors, services, storage
 from .access import current_project
 from .forms import ImportForm, ProjectForm
 from .models import Head, Image, ImageEvent, Label, LabelEvent
@@ -279,10 +278,14 @@ def label_update(request, slug, pk, head_id):
 def image_file(request, slug, pk, kind):
     image = get_object_or_404(Image, project__slug=slug, pk=pk)
     name = image.thumbnail if kind == "thumb" else image.file
-    if kind not in ("thumb", "full") or not name or not default_storage.exists(name):
+    if kind not in ("thumb", "full") or not name:
         raise Http404("No such file.")
+    try:  # a remote store: through this process's read-through cache (content-addressed, so never stale)
+        fh = open(storage.local_path(name), "rb")  # noqa: SIM115 - FileResponse closes it
+    except FileNotFoundError:
+        raise Http404("No such file.") from None
     content_type = "image/jpeg" if kind == "thumb" else None
-    response = FileResponse(default_storage.open(name, "rb"), content_type=content_type)
+    response = FileResponse(fh, content_type=content_type)
     response["Cache-Control"] = "private, max-age=86400, immutable"  # content-addressed
     return response
 

@@ -17,6 +17,7 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
+from labeling import storage
 from labeling.models import Image, ImageEvent, Label, LabelClass, Project
 from labeling.services import LabelConflict, LabelingError, label_set
 from training.engine.artifact import GALLERY_CACHE, TEST_CACHE
@@ -46,7 +47,7 @@ def mislabel_refresh(*, version) -> dict:
     first. Open items of earlier refreshes become stale; an (image, head, class) a reviewer already confirmed
     ("kept") is never queued again, and neither is an image whose label changed since the version's dataset was
     frozen. Returns {head: n_queued}."""
-    art = Path(version.artifact_dir) / "oof"
+    art = storage.artifact_local(version.artifact_dir) / "oof"
     try:
         meta = json.loads((art / "oof_meta.json").read_text())
         data = np.load(art / "oof_predictions.npz")
@@ -508,7 +509,6 @@ def uncertain_refresh(*, project: Project, size: int | None = None, seed: int = 
     "random", "strategy", "model_version"}."""
     from inference.batch import predict_items_cached  # noqa: PLC0415
     from inference.recognizer import Recognizer  # noqa: PLC0415
-    from labeling import storage  # noqa: PLC0415
 
     from . import active  # noqa: PLC0415
 
@@ -528,9 +528,14 @@ def uncertain_refresh(*, project: Project, size: int | None = None, seed: int = 
     files = {i: (f, sha) for i, f, sha in Image.objects.filter(pk__in=image_ids).values_list("id", "file", "sha256")}
     report = report or (lambda **_: None)
     report(step=f"predicting {len(image_ids)} unlabeled photos with v{version.number}")
-    rec = Recognizer.load(version.artifact_dir)
+    art = storage.artifact_local(version.artifact_dir)
+    rec = Recognizer.load(art)
     # Through the feature cache keyed by this version's backbone: a re-rank only runs the backbone on new photos.
-    cached = [{"path": storage.local_path(files[i][0]), "sha256": files[i][1]} for i in image_ids]
+    paths = storage.local_paths([files[i][0] for i in image_ids])
+    cached = [
+        {"path": path or storage.missing_path(files[i][0]), "sha256": files[i][1]}
+        for i, path in zip(image_ids, paths, strict=True)
+    ]
     probs, emb, ok = (
         predict_items_cached(rec, cached, settings.LOUPE_FEATURE_CACHE)
         if cached
@@ -556,7 +561,7 @@ def uncertain_refresh(*, project: Project, size: int | None = None, seed: int = 
         scores[row] = max(best, 0.0)
     usable = [r for r, h in enumerate(chosen_head) if h is not None]
     labeled = None
-    cache = Path(version.artifact_dir) / GALLERY_CACHE
+    cache = art / GALLERY_CACHE
     if cache.is_file():
         with np.load(cache) as cached:
             labeled = cached["emb"]

@@ -10,16 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from django.db import connection
 from django.urls import reverse
 from django.utils import timezone
 from rest_framework.authtoken.models import Token
@@ -28,6 +23,7 @@ from rest_framework.test import APIClient
 from conftest import TINY_TRAIN
 from labeling.models import HealthReport
 from pipeline import chain
+from tests.workers import use_broker, wait, worker_process
 from training import services
 from training.models import ModelVersion, TrainingRun
 from training.reconcile import jobs_reconcile
@@ -35,73 +31,6 @@ from webapp import jobs
 from webapp.celery import app
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.worker]
-REDIS = shutil.which("redis-server")
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(predicate, timeout=120.0, what="condition", every=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-class PrivateBroker:
-    """A redis-server of this test alone (no persistence, like the CI one), which the test can kill and restart
-    empty; the Celery app publishes to it while the fixture lasts."""
-
-    def __init__(self, tmp: Path):
-        self.port, self.tmp, self.proc = _free_port(), tmp, None
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [REDIS, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            cwd=self.tmp,
-            stdout=subprocess.DEVNULL,
-        )
-        _wait(self._pong, timeout=10, what="redis-server")
-
-    def _pong(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait(10)
-
-
-def _use_broker(url: str | None) -> None:
-    app.conf.update(broker_read_url=url, broker_write_url=url)
-    app._pool = None  # the connection and producer pools are cached per app: drop them
-    app.amqp._producer_pool = None
-
-
-@pytest.fixture
-def broker(tmp_path, settings):
-    if REDIS is None:
-        pytest.skip("redis-server is not installed (make test's `services` target starts one)")
-    settings.CELERY_TASK_ALWAYS_EAGER = False
-    b = PrivateBroker(tmp_path)
-    b.start()
-    _use_broker(b.url)
-    yield b
-    _use_broker(None)
-    if b.proc and b.proc.poll() is None:
-        b.kill()
 
 
 @pytest.fixture
@@ -202,54 +131,6 @@ def test_heartbeat_thread_keeps_a_busy_job_alive(project, settings):
     assert timezone.now() - run.heartbeat_at < timezone.timedelta(seconds=1)
 
 
-def _worker(
-    tmp_path: Path, broker_url: str, name: str, settings, queues: str = "default,gpu", env: dict | None = None
-) -> subprocess.Popen:
-    db = connection.settings_dict
-    env = {
-        **os.environ,
-        "DEBUG": "1",
-        "DATABASE_URL": f"postgres://{db['USER'] or 'postgres'}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/"
-        + db["NAME"],
-        "CELERY_BROKER_URL": broker_url,
-        "MEDIA_ROOT": str(settings.MEDIA_ROOT),
-        "ARTIFACT_ROOT": str(settings.ARTIFACT_ROOT),
-        "LOUPE_HEARTBEAT_SECONDS": "0.5",
-        "LOUPE_MISLABEL_AFTER_PROMOTE": "0",
-        "LOUPE_UNCERTAIN_AFTER_PROMOTE": "0",
-        "LOUPE_TRAIN_OVERRIDES": json.dumps(settings.LOUPE_TRAIN_OVERRIDES),  # as conftest: no pretrained weights
-        **(env or {}),
-    }
-    log = open(tmp_path / f"{name}.log", "wb")  # noqa: SIM115 - the process keeps it
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "webapp",
-            "worker",
-            "-Q",
-            queues,
-            "-c",
-            "1",
-            "-P",
-            "solo",
-            "-n",
-            f"{name}@%h",
-            "--without-gossip",
-            "--without-mingle",
-            "-l",
-            "info",
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-
-
 def test_a_worker_killed_mid_training_is_found_lost_and_the_run_resumes(broker, project, settings, tmp_path):
     settings.LOUPE_HEARTBEAT_SECONDS = 0.5
     settings.LOUPE_JOB_LOST_AFTER_SECONDS = 3
@@ -261,9 +142,9 @@ def test_a_worker_killed_mid_training_is_found_lost_and_the_run_resumes(broker, 
         "early_stopping": {"metric": "primary", "patience": None},  # all 40 epochs: the preset stops early
     }
     run = services.training_run_create(project=project, config=config)
-    first = _worker(tmp_path, broker.url, "first", settings)
+    first = worker_process(tmp_path, broker.url, "first", settings)
     try:
-        _wait(
+        wait(
             lambda: TrainingRun.objects.filter(pk=run.pk, status="running", epoch__gte=2).exists(),
             timeout=180,
             what="the run to pass epoch 2 on the worker",
@@ -282,9 +163,9 @@ def test_a_worker_killed_mid_training_is_found_lost_and_the_run_resumes(broker, 
     assert done["lost"] == [run.pk] and done["resent"] == [run.pk]
     run.refresh_from_db()
     assert run.status == "queued" and run.attempts == 1 and "Worker lost" in run.error
-    second = _worker(tmp_path, broker.url, "second", settings)
+    second = worker_process(tmp_path, broker.url, "second", settings)
     try:
-        _wait(
+        wait(
             lambda: TrainingRun.objects.filter(pk=run.pk, status__in=["succeeded", "failed"]).exists(),
             timeout=300,
             what="the resumed run to finish",
@@ -321,7 +202,7 @@ def test_the_embedded_filesystem_broker_is_searched_too(project, tmp_path, setti
             "control_folder": str(folders["control"]),
         }
     )
-    _use_broker("filesystem://")
+    use_broker("filesystem://")
     try:
         from labeling import health
 
@@ -335,7 +216,7 @@ def test_the_embedded_filesystem_broker_is_searched_too(project, tmp_path, setti
         assert jobs.broker_waiting(jobs.task_id("health_scan", scan.pk)) is True
     finally:
         app.conf.update(broker_transport_options=old_options)
-        _use_broker(None)
+        use_broker(None)
 
 
 def test_a_short_job_runs_while_a_long_one_holds_the_gpu_worker(broker, project, settings, tmp_path):
@@ -353,18 +234,18 @@ def test_a_short_job_runs_while_a_long_one_holds_the_gpu_worker(broker, project,
         "early_stopping": {"metric": "primary", "patience": None},
     }
     run = services.training_run_create(project=project, config=config)
-    gpu = _worker(tmp_path, broker.url, "gpu", settings, queues="gpu")
+    gpu = worker_process(tmp_path, broker.url, "gpu", settings, queues="gpu")
     default = None
     try:
-        _wait(
+        wait(
             lambda: TrainingRun.objects.filter(pk=run.pk, status="running", epoch__gte=1).exists(),
             timeout=180,
             what="the run to start on the gpu worker",
         )
         scan = health.health_report_create(project=project)
         assert describe(scan)["queue"] == "default" and describe(scan)["ahead"] == 0  # the run is on another queue
-        default = _worker(tmp_path, broker.url, "default", settings, queues="default")
-        _wait(
+        default = worker_process(tmp_path, broker.url, "default", settings, queues="default")
+        wait(
             lambda: HealthReport.objects.filter(pk=scan.pk, status__in=["succeeded", "failed"]).exists(),
             timeout=120,
             what="the scan to finish on the default worker",
@@ -397,9 +278,9 @@ def test_an_import_whose_worker_is_killed_is_rolled_back_and_done_once(broker, s
         (folder / f"R{i:03d}_0.jpg").write_bytes(make_photo("red", seed=i, size=64))
     run = import_jobs.import_run_create(project=project, mode="folder", params={"folder": str(folder.parent)})
     slow = {"LOUPE_IMPORT_BATCH": "1", "MEDIA_ROOT": str(settings.MEDIA_ROOT)}
-    first = _worker(tmp_path, broker.url, "first", settings, env=slow)
+    first = worker_process(tmp_path, broker.url, "first", settings, env=slow)
     try:
-        _wait(lambda: ImportRun.objects.filter(pk=run.pk, done__gte=10).exists(), timeout=120, what="10 photos in")
+        wait(lambda: ImportRun.objects.filter(pk=run.pk, done__gte=10).exists(), timeout=120, what="10 photos in")
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait(10)
@@ -407,9 +288,9 @@ def test_an_import_whose_worker_is_killed_is_rolled_back_and_done_once(broker, s
     assert 10 <= half < 120 and ImportRun.objects.get(pk=run.pk).status == "running"
     time.sleep(settings.LOUPE_JOB_LOST_AFTER_SECONDS + 1)
     assert jobs_reconcile(project=project)["import_run"]["lost"] == [run.pk]
-    second = _worker(tmp_path, broker.url, "second", settings, env=slow)
+    second = worker_process(tmp_path, broker.url, "second", settings, env=slow)
     try:
-        _wait(
+        wait(
             lambda: ImportRun.objects.filter(pk=run.pk, status__in=["succeeded", "failed"]).exists(),
             timeout=180,
             what="the import to finish on the second worker",

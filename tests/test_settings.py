@@ -109,3 +109,52 @@ def test_check_deploy_clean_with_docker_compose_defaults(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     issues = re.findall(r"\((\w+\.[WE]\d+)\)", result.stdout + result.stderr)
     assert set(issues) <= {"security.W021"}, result.stdout + result.stderr  # HSTS preload: the operator's opt-in
+
+
+def test_docker_compose_s3_profile_gives_the_app_an_s3_store(tmp_path):
+    """`docker compose --profile s3 up` with the documented .env: MinIO and its bucket, the app on S3."""
+    from tests.compose import app_environment, compose
+
+    services = compose()["services"]
+    assert services["minio"]["profiles"] == ["s3"] and services["minio-setup"]["profiles"] == ["s3"]
+    # migrate waits for the bucket; every app service waits for migrate.
+    assert services["web"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    assert services["migrate"]["depends_on"]["minio-setup"] == {
+        "condition": "service_completed_successfully",
+        "required": False,
+    }
+    env = app_environment(
+        SECRET_KEY="k" * 20 + "-Zx9_qP3rT7uV1wY5aB8cD2eF6gH0jK4lM",
+        STORAGE_URL="s3://loupe",
+        AWS_S3_ENDPOINT_URL="http://minio:9000",
+        AWS_ACCESS_KEY_ID="loupe",
+        AWS_SECRET_ACCESS_KEY="a-long-secret",  # noqa: S106 - a test value
+    )
+    code = (
+        "import django; django.setup(); from django.conf import settings as s; "
+        "from django.core.files.storage import default_storage as d; "
+        "print(d.__class__.__name__, d.bucket_name, d.endpoint_url, s.LOUPE_CACHE_DIR)"
+    )
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("DEBUG", "SECRET_KEY", "STORAGE_URL", "AWS_"))}
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={**base, **env, "LOUPE_VAR_DIR": str(tmp_path), "DJANGO_SETTINGS_MODULE": "webapp.settings"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["S3Storage", "loupe", "http://minio:9000", "/data/cache"]
+    # Without STORAGE_URL the same compose file keeps files on the shared volume, as before.
+    env = app_environment(SECRET_KEY="k" * 20 + "-Zx9_qP3rT7uV1wY5aB8cD2eF6gH0jK4lM")
+    out = subprocess.run(
+        [sys.executable, "-c", code.replace("d.bucket_name, d.endpoint_url, ", "")],
+        cwd=ROOT,
+        env={**base, **env, "LOUPE_VAR_DIR": str(tmp_path), "DJANGO_SETTINGS_MODULE": "webapp.settings"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["FileSystemStorage", "/data/cache"]

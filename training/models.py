@@ -1,9 +1,12 @@
 """Training runs and the model versions they produce. The rows own job state (the Celery result backend
 is not relied on): status, progress, heartbeat, error text."""
 
+from pathlib import Path
+
 from django.conf import settings
 from django.db import models
 
+from labeling import storage
 from labeling.models import Project
 from training.engine.artifact import INDEX_META_FILE, read_artifact_json
 from webapp.jobs import JobRow, one_active_per
@@ -127,9 +130,14 @@ class ModelVersion(models.Model):
         return pretrained_label(self.pretrained_source, (self.metrics or {}).get("pretrained_detail") or "")
 
     @property
+    def local_dir(self) -> Path | None:
+        """A local folder with the version's artifacts (fetched from a remote store when needed), or None."""
+        return storage.artifact_local(self.artifact_dir) if self.artifact_dir else None
+
+    @property
     def index_meta(self) -> dict | None:
         """index.json of the version's Faiss index (kind, size, nprobe and measured recall for IVF), if built."""
-        return read_artifact_json(self.artifact_dir, INDEX_META_FILE) if self.artifact_dir else None
+        return read_artifact_json(self.local_dir, INDEX_META_FILE) if self.artifact_dir else None
 
     @property
     def suggested_thresholds(self) -> dict[str, float]:

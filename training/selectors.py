@@ -82,7 +82,7 @@ def model_version_file(*, version: ModelVersion, name: str) -> tuple[Path, str, 
     diagram is drawn on first request from the bins that the calibration stored in calibration.json."""
     if not version.artifact_dir or name not in model_version_file_names(version=version):
         return None
-    path = Path(version.artifact_dir) / name
+    path = version.local_dir / name
     if name.startswith("reliability_") and not path.is_file():
         _reliability_plot(version, name.removeprefix("reliability_").removesuffix(".png"), path)
     if not path.is_file():
@@ -92,7 +92,7 @@ def model_version_file(*, version: ModelVersion, name: str) -> tuple[Path, str, 
 
 def _reliability_plot(version: ModelVersion, head: str, path: Path) -> None:
     """A derived picture of stored data, written whole (temp name + os.replace) so concurrent views are safe."""
-    calibration = read_artifact_json(version.artifact_dir, CALIBRATION_FILE) or {}
+    calibration = read_artifact_json(version.local_dir, CALIBRATION_FILE) or {}
     bins = (calibration.get("reliability") or {}).get(head)
     if bins:
         from training.engine.report import plot_reliability  # noqa: PLC0415 - matplotlib only when drawn
@@ -138,7 +138,7 @@ def model_version_evaluation(*, version: ModelVersion) -> dict:
     class predicted as the other, from the calibration's predictions), Recall@1/5 + mAP, whether a confusion /
     reliability picture exists (or why not), the run's resolved config and the files to download."""
     metrics = version.metrics or {}
-    art = Path(version.artifact_dir) if version.artifact_dir else None
+    art = version.local_dir
     calibration = (_read_json(art / "calibration.json") if art else {}) or {}
     config = (_read_json(art / "config.json") if art else {}) or (version.run.config if version.run else {})
     mistakes = calibration.get("mistakes") or {}
@@ -280,7 +280,7 @@ def model_version_has_oof(*, version: ModelVersion, k: int = 5) -> bool:
     """Whether the version's out-of-fold predictions (K folds) are on disk: they never change (the version's
     dataset is frozen), so a rollback or a second refresh reuses them."""
     summary = (version.metrics or {}).get("oof") or {}
-    art = Path(version.artifact_dir) / "oof"
+    art = version.local_dir / "oof"
     return summary.get("k") == k and (art / "oof_meta.json").is_file() and (art / "oof_predictions.npz").is_file()
 
 

@@ -5,6 +5,7 @@ pipeline's (pipeline/chain.py); its steps are queued here by task name, never im
 import datetime as dt
 import json
 import logging
+import time
 import traceback
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from django.db.models import F, Max, Q
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
+from labeling import storage
 from labeling.models import DatasetVersion, Head, Project
 from labeling.services import LabelingError
 from labeling.versions import dataset_version_create, version_manifest
@@ -277,6 +279,12 @@ def training_run_complete(*, run: TrainingRun, metrics: dict) -> ModelVersion | 
     if TrainingRun.objects.filter(pk=run.id, cancel_requested_at__isnull=False).exists():
         _mark_cancelled(run.id)  # cancelled after the last epoch: no model is registered
         return None
+    try:  # a remote store gets the artifacts before the version exists: no process can load a half-published one
+        storage.artifact_publish(run.artifact_dir)
+    except Exception as exc:  # noqa: BLE001 - the row must say why
+        log.exception("publishing the artifacts of run %s failed", run.id)
+        _failed(run, OSError(f"The model could not be published to the file store: {exc}"))
+        return None
     with transaction.atomic():
         TrainingRun.objects.filter(pk=run.id).update(
             status=TrainingRun.Status.SUCCEEDED,
@@ -392,9 +400,10 @@ def model_version_oof(*, version: ModelVersion, k: int = 5, mode: str = "auto", 
     metrics["oof"]. mode "auto": oof_mode_for(version)."""
     from training.engine.oof import out_of_fold_predictions
 
-    art = Path(version.artifact_dir)
-    manifest = json.loads((art / "manifest.json").read_text())
+    art = storage.artifact_local(version.artifact_dir)
+    manifest = storage.manifest_localize(json.loads((art / "manifest.json").read_text()))
     config = json.loads((art / "config.json").read_text())
+    started = time.time()
     if mode == "auto":
         mode = oof_mode_for(version)
     try:
@@ -403,5 +412,6 @@ def model_version_oof(*, version: ModelVersion, k: int = 5, mode: str = "auto", 
         )
     except ValueError as exc:
         raise TrainingError(str(exc)) from exc
+    storage.artifact_publish(art, since=started)  # oof/ for the mislabel refresh, wherever it runs
     ModelVersion.objects.filter(pk=version.pk).update(metrics={**version.metrics, "oof": summary})
     return summary

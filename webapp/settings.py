@@ -103,8 +103,41 @@ USE_TZ = True
 STATIC_URL = "static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
 STATIC_ROOT = Path(env.str("STATIC_ROOT", default=str(VAR_DIR / "staticfiles")))
+
+
+def _default_storage(url: str) -> dict:
+    """Where images, thumbnails, staged uploads and published model artifacts live. Unset (or file://): the local
+    disk under MEDIA_ROOT. s3://bucket[/prefix]: any S3-compatible object store through django-storages, with the
+    usual AWS_* variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_S3_ENDPOINT_URL for MinIO/Ceph/moto,
+    AWS_S3_REGION_NAME). Then no process assumes a shared disk: workers read photos through a read-through cache
+    (LOUPE_CACHE_DIR) and every process fetches a model version's artifacts from the store when it loads it."""
+    if not url or url.startswith("file://"):
+        return {"BACKEND": "django.core.files.storage.FileSystemStorage"}
+    if not url.startswith("s3://"):
+        raise environ.ImproperlyConfigured(f"STORAGE_URL must be s3://bucket[/prefix] or file://, not {url!r}.")
+    bucket, _, prefix = url[len("s3://") :].partition("/")
+    if not bucket:
+        raise environ.ImproperlyConfigured("STORAGE_URL=s3://bucket[/prefix]: the bucket name is missing.")
+    options = {
+        "bucket_name": bucket,
+        "location": prefix.strip("/"),
+        # Content-addressed names: a second write of a name writes the same bytes, so overwrite (no renames).
+        "file_overwrite": True,
+        "default_acl": None,
+        "querystring_auth": True,
+        "endpoint_url": env.str("AWS_S3_ENDPOINT_URL", default="") or None,
+        "region_name": env.str("AWS_S3_REGION_NAME", default="") or None,
+        "access_key": env.str("AWS_ACCESS_KEY_ID", default="") or None,
+        "secret_key": env.str("AWS_SECRET_ACCESS_KEY", default="") or None,
+        "addressing_style": env.str("AWS_S3_ADDRESSING_STYLE", default="") or None,
+        "signature_version": "s3v4",
+    }
+    return {"BACKEND": "storages.backends.s3.S3Storage", "OPTIONS": options}
+
+
+STORAGE_URL = env.str("STORAGE_URL", default="")
 STORAGES = {
-    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "default": _default_storage(STORAGE_URL),
     "staticfiles": {
         "BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"
         if DEBUG
@@ -118,6 +151,11 @@ STATIC_ROOT.mkdir(parents=True, exist_ok=True)
 MEDIA_ROOT = Path(env.str("MEDIA_ROOT", default=str(VAR_DIR / "media")))
 MEDIA_URL = "/media/"
 ARTIFACT_ROOT = Path(env.str("ARTIFACT_ROOT", default=str(VAR_DIR / "artifacts")))
+# This process's copies of files that live in a remote STORAGE_URL: photos read by workers (keyed by sha256) and the
+# artifacts of the model versions it loads. Safe to delete; refilled on demand.
+LOUPE_CACHE_DIR = Path(env.str("LOUPE_CACHE_DIR", default=str(VAR_DIR / "cache")))
+# How often a process re-lists a model version's artifacts in a remote store (an index rebuilt after new labels).
+LOUPE_ARTIFACT_SYNC_SECONDS = env.float("LOUPE_ARTIFACT_SYNC_SECONDS", default=10.0)
 # Frozen-backbone features per (image sha256, backbone weights, preprocessing): quick retrains, quick out-of-fold
 LOUPE_FEATURE_CACHE = Path(env.str("LOUPE_FEATURE_CACHE", default=str(VAR_DIR / "feature-cache")))
 # The health scan's similarity pass (labeling/similarity.py: photos of one class too alike to cross splits) embeds
@@ -131,6 +169,10 @@ LOUPE_SIMILARITY_IMAGE_SIZE = env.int("LOUPE_SIMILARITY_IMAGE_SIZE", default=224
 IMPORT_ROOTS = [Path(p) for p in env.list("IMPORT_ROOTS", default=[str(VAR_DIR / "import")])]
 # Photos an import job reads and writes per transaction: its memory holds one batch, whatever the import's size.
 LOUPE_IMPORT_BATCH = env.int("LOUPE_IMPORT_BATCH", default=200)
+# The Import page's drop zone (labeling/import_uploads.py): the largest upload request (the browser sends batches of
+# at most 20 photos / 20 MiB well inside it), and when a staged upload nobody started is deleted by the reconciler.
+LOUPE_UPLOAD_REQUEST_MAX_BYTES = env.int("LOUPE_UPLOAD_REQUEST_MAX_BYTES", default=64 * 1024 * 1024)
+LOUPE_UPLOAD_ABANDONED_SECONDS = env.float("LOUPE_UPLOAD_ABANDONED_SECONDS", default=24 * 3600)
 LOUPE_EXPORT_ROOT = Path(env.str("LOUPE_EXPORT_ROOT", default=str(VAR_DIR / "exports")))
 
 # Upload limits for the recognition endpoint (decompression bombs are refused by pixel count).

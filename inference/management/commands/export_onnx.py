@@ -1,9 +1,10 @@
 """Export a model version to ONNX (every head + the embedding, dynamic batch), checked against torch."""
 
-from pathlib import Path
+import time
 
 from django.core.management.base import BaseCommand, CommandError
 
+from labeling import storage
 from labeling.models import Project
 from training import selectors, services
 from training.engine.onnx_export import ATOL, RTOL, export_onnx
@@ -33,7 +34,9 @@ class Command(BaseCommand):
         except services.TrainingError as exc:
             raise CommandError(str(exc)) from exc
         try:
-            result = export_onnx(Path(version.artifact_dir), opset=opts["opset"], atol=opts["atol"], rtol=opts["rtol"])
+            started = time.time()
+            result = export_onnx(version.local_dir, opset=opts["opset"], atol=opts["atol"], rtol=opts["rtol"])
+            storage.artifact_publish(version.local_dir, since=started)
         except (ValueError, FileNotFoundError) as exc:
             raise CommandError(str(exc)) from exc
         keys = ("exporter", "opset", "max_abs_diff", "max_rel_diff", "top1_agreement", "atol", "rtol", "seconds")
