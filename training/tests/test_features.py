@@ -154,9 +154,9 @@ def test_quick_out_of_fold_covers_every_labeled_image_in_a_fraction_of_a_trainin
     for i, it in enumerate(manifest["items"]):
         it["group"] = f"g{i // 2}"
     manifest["items"][0]["split"] = "test"  # predicted too: a wrong test label is a reviewer's business
-    t0 = time.monotonic()
+    t0 = time.process_time()  # CPU seconds: other processes on a busy machine do not count
     result = out_of_fold_predictions(manifest, cfg, tmp / "oof", k=3, mode="quick", cache_dir=tmp / "cache")
-    quick_s = time.monotonic() - t0
+    quick_s = time.process_time() - t0
     assert result["n"] == 32 and result["mode"] == "quick"
     arrays = np.load(tmp / "oof" / "oof_predictions.npz")
     assert str(manifest["items"][0]["id"]) in arrays["ids"].tolist()
@@ -169,9 +169,9 @@ def test_quick_out_of_fold_covers_every_labeled_image_in_a_fraction_of_a_trainin
     assert json.loads((tmp / "oof2" / "oof_meta.json").read_text())["cache"]["hits"] == 32
     assert np.array_equal(np.load(tmp / "oof2" / "oof_predictions.npz")["probs_shape"], arrays["probs_shape"])
     # One full training (a tenth of the epochs of a real run) costs more than all K quick folds.
-    t0 = time.monotonic()
+    t0 = time.process_time()
     train_model(manifest, {**cfg, "epochs": 4, "eval_report": False}, tmp / "full")
-    assert quick_s < time.monotonic() - t0
+    assert quick_s < time.process_time() - t0
 
 
 def test_quick_fold_heads_train_on_every_other_fold_without_label_smoothing(data, monkeypatch):
