@@ -18,6 +18,13 @@ urlpatterns = [
     path("projects/<slug:slug>/images/upload/", data_apis.ImageUploadView.as_view(), name="image-upload"),
     path("projects/<slug:slug>/images/<int:pk>/", data_apis.ImageDetailView.as_view(), name="image-detail"),
     path("projects/<slug:slug>/images/<int:pk>/labels/<slug:head>/", data_apis.LabelView.as_view(), name="label-set"),
+    path("projects/<slug:slug>/images/<int:pk>/boxes/<slug:head>/", data_apis.BoxSetView.as_view(), name="box-set"),
+    path(
+        "projects/<slug:slug>/images/<int:pk>/boxes/<slug:head>/undo/",
+        data_apis.BoxUndoView.as_view(),
+        name="box-set-undo",
+    ),
+    path("projects/<slug:slug>/boxes/import/", data_apis.BoxImportView.as_view(), name="boxes-import"),
     path("projects/<slug:slug>/labels/bulk/", data_apis.BulkLabelView.as_view(), name="labels-bulk"),
     path("projects/<slug:slug>/dataset-versions/", apis.DatasetVersionListView.as_view(), name="version-list"),
     path(

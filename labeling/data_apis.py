@@ -29,9 +29,21 @@ from rest_framework.views import APIView
 from webapp.errors import ApiError
 from webapp.pagination import cursor_pagination
 
-from . import formats, health, import_jobs, importers, services
+from . import boxes, formats, health, import_jobs, importers, services
 from .access import ADMIN, IsProjectMember, api_role, visible_projects
-from .models import GroupSplit, Head, Image, ImageEvent, ImportRun, Label, LabelClass, LabelEvent, Project
+from .models import (
+    BoxEvent,
+    BoxSet,
+    GroupSplit,
+    Head,
+    Image,
+    ImageEvent,
+    ImportRun,
+    Label,
+    LabelClass,
+    LabelEvent,
+    Project,
+)
 from .presets import PRESET_CHOICES
 
 IdCursorPagination = cursor_pagination("id")
@@ -58,12 +70,15 @@ class HeadSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = Head
-        fields = ["name", "parent", "optional", "threshold", "classes"]
+        fields = ["name", "kind", "parent", "optional", "threshold", "classes"]
 
 
 class ProjectSerializer(serializers.ModelSerializer):
     heads = serializers.SerializerMethodField()
     image_count = serializers.SerializerMethodField()
+    sku_project = serializers.SlugRelatedField(
+        slug_field="slug", read_only=True, help_text="a shelf project's SKU project (names each box's SKU)"
+    )
 
     class Meta:
         model = Project
@@ -74,6 +89,7 @@ class ProjectSerializer(serializers.ModelSerializer):
             "description",
             "heads",
             "image_count",
+            "sku_project",
             "created_at",
             *services.SETTINGS_FIELDS,
         ]
@@ -94,6 +110,9 @@ class HeadSpecSerializer(serializers.Serializer):
     name = serializers.CharField()
     parent = serializers.CharField(required=False, allow_null=True, default=None)
     optional = serializers.BooleanField(required=False, default=False)
+    kind = serializers.ChoiceField(
+        choices=Head.Kind.choices, required=False, default="class", help_text="detection: boxes instead of a label"
+    )
 
 
 class ClassSpecSerializer(serializers.Serializer):
@@ -111,6 +130,9 @@ class ProjectCreateSerializer(serializers.Serializer):
     description = serializers.CharField(required=False, allow_blank=True, default="")
     heads = HeadSpecSerializer(many=True, required=False, help_text="own heads instead of the preset's")
     classes = ClassSpecSerializer(many=True, required=False, help_text="classes to start with")
+    sku_project = serializers.SlugField(
+        required=False, allow_null=True, default=None, help_text="a shelf project's SKU project (its slug)"
+    )
 
 
 class ProjectListView(ListAPIView):
@@ -147,6 +169,7 @@ class ProjectListView(ListAPIView):
                 description=data["description"],
                 heads=heads,
                 classes=classes,
+                sku_project=self._sku_project(request, data["sku_project"]),
             )
         except services.LabelingError as exc:
             raise ApiError(str(exc), code="invalid") from None
@@ -158,9 +181,23 @@ class ProjectListView(ListAPIView):
             f"{s['name']}{'?' if s['optional'] else ''}{' < ' + s['parent'] if s['parent'] else ''}" for s in specs
         ]
         try:
-            return services.parse_heads("\n".join(lines))
+            heads = services.parse_heads("\n".join(lines))
         except services.LabelingError as exc:
             raise ApiError(str(exc), code="invalid") from None
+        for head, spec in zip(heads, specs, strict=True):
+            if spec["kind"] == Head.Kind.DETECTION and spec["parent"]:
+                raise ApiError(f"Head {spec['name']!r}: a detection head has no parent head.", code="invalid")
+            head["kind"] = spec["kind"]
+        return heads
+
+    @staticmethod
+    def _sku_project(request, slug: str | None) -> Project | None:
+        if slug is None:
+            return None
+        project = visible_projects(request.user).filter(slug=slug).first()
+        if project is None:
+            raise ApiError(f"No project {slug!r} to name the boxes' SKUs.", code="invalid")
+        return project
 
 
 def _preset(preset: str) -> list[dict]:
@@ -380,6 +417,18 @@ class ImageDetailSerializer(ImageSerializer):
             }
             for e in events.order_by("-created_at", "-id")[:100]
         ]
+        box_events = BoxEvent.objects.filter(box_set__image=obj).select_related("box_set__head", "user")
+        out += [
+            {
+                "at": e.created_at,
+                "head": e.box_set.head.name,
+                "boxes": [len(e.old), len(e.new)],
+                "version": e.version,
+                "user": e.user.username if e.user_id else None,
+                "reason": e.reason,
+            }
+            for e in box_events.order_by("-created_at", "-id")[:100]
+        ]
         statuses = ImageEvent.objects.filter(image=obj).select_related("user").order_by("-created_at", "-id")[:100]
         out += [
             {
@@ -444,6 +493,10 @@ class LabelView(APIView):
     def put(self, request, slug, pk, head):
         image = get_object_or_404(Image, project__slug=slug, pk=pk)
         head = _head(image.project, head)
+        if head.kind == Head.Kind.DETECTION:
+            raise ApiError(
+                f"{head.name} is a detection head: PUT its boxes at …/images/{pk}/boxes/{head.name}/.", code="invalid"
+            )
         ser = LabelSetSerializer(data=request.data)
         ser.is_valid(raise_exception=True)
         data = ser.validated_data
@@ -470,6 +523,179 @@ class LabelView(APIView):
             raise ApiError(str(exc), code="invalid") from None
         label = Label.objects.select_related("head", "label_class", "updated_by").get(pk=change.label.pk)
         return Response(LabelSerializer(label).data)
+
+
+# ------------------------------------------------------------------------------------------------ boxes
+class BoxSerializer(serializers.Serializer):
+    x = serializers.FloatField(help_text="left edge, pixels from the image's left")
+    y = serializers.FloatField(help_text="top edge, pixels from the image's top")
+    w = serializers.FloatField(help_text="width in pixels (> 0)")
+    h = serializers.FloatField(help_text="height in pixels (> 0)")
+    class_id = serializers.IntegerField(help_text="a class of the detection head")
+    label = serializers.CharField(read_only=True, help_text="the class's name")
+    # a CharField (the service checks it): a second enum named "source" beside Image's would need a schema override
+    source = serializers.CharField(required=False, default="human", help_text="human or model")
+    score = serializers.FloatField(required=False, allow_null=True, default=None, help_text="a model's confidence")
+
+
+class BoxSetSerializer(serializers.Serializer):
+    image = serializers.IntegerField()
+    head = serializers.CharField()
+    version = serializers.IntegerField(help_text="send it back with a PUT; 0 = never set")
+    updated_at = serializers.DateTimeField(allow_null=True)
+    updated_by = serializers.CharField(allow_null=True)
+    boxes = BoxSerializer(many=True)
+
+
+class BoxSetPutSerializer(serializers.Serializer):
+    version = serializers.IntegerField(min_value=0, help_text="the version the client saw (GET), 0 for a new set")
+    boxes = BoxSerializer(many=True, max_length=boxes.MAX_BOXES, help_text="the whole set: it replaces the current")
+
+
+def _box_set_data(image: Image, head: Head, box_set: BoxSet | None) -> dict:
+    saved = box_set is not None and box_set.pk is not None and box_set.version > 0
+    rows = list(box_set.boxes.select_related("label_class")) if saved else []
+    return {
+        "image": image.id,
+        "head": head.name,
+        "version": box_set.version if saved else 0,
+        "updated_at": box_set.updated_at if saved else None,
+        "updated_by": box_set.updated_by.username if saved and box_set.updated_by_id else None,
+        "boxes": [
+            {
+                "x": b.x,
+                "y": b.y,
+                "w": b.w,
+                "h": b.h,
+                "class_id": b.label_class_id,
+                "label": b.label_class.name,
+                "source": b.source,
+                "score": b.score,
+            }
+            for b in rows
+        ],
+    }
+
+
+def _image_and_detection_head(slug: str, pk: int, head: str) -> tuple[Image, Head]:
+    image = get_object_or_404(Image.objects.select_related("project"), project__slug=slug, pk=pk)
+    head = _head(image.project, head)
+    if head.kind != Head.Kind.DETECTION:
+        raise ApiError(
+            f"{head.name} is a class head: set its label at …/images/{pk}/labels/{head.name}/.", code="invalid"
+        )
+    return image, head
+
+
+class BoxSetView(APIView):
+    """GET: the boxes of one image for a detection head (x, y, w, h in image pixels) with the version to send back.
+    PUT: replace the whole set with the version the client saw: a stale version is 409 with the current set
+    (nothing overwritten); a box outside the image, w or h ≤ 0 or a class not of the head is 400 naming the box.
+    Each change is one entry of the project's action log (undo: POST …/undo/)."""
+
+    permission_classes = [IsProjectMember]
+
+    @extend_schema(responses=BoxSetSerializer)
+    def get(self, request, slug, pk, head):
+        image, head = _image_and_detection_head(slug, pk, head)
+        return Response(_box_set_data(image, head, BoxSet.objects.filter(image=image, head=head).first()))
+
+    @extend_schema(request=BoxSetPutSerializer, responses={200: BoxSetSerializer, 409: BoxSetSerializer})
+    def put(self, request, slug, pk, head):
+        image, head = _image_and_detection_head(slug, pk, head)
+        ser = BoxSetPutSerializer(data=request.data)
+        ser.is_valid(raise_exception=True)
+        data = ser.validated_data
+        items = [{k: b[k] for k in ("x", "y", "w", "h", "class_id", "source", "score")} for b in data["boxes"]]
+        try:
+            change = boxes.box_set(
+                image=image, head=head, boxes=items, expected_version=data["version"], user=request.user, reason="api"
+            )
+        except boxes.BoxConflict as exc:
+            current = BoxSet.objects.filter(image=image, head=head).first()
+            raise ApiError(
+                str(exc),
+                code="stale_version",
+                status_code=409,
+                details={"current": _box_set_data(image, head, current)},
+            ) from exc
+        except services.LabelingError as exc:
+            raise ApiError(str(exc), code="invalid") from None
+        return Response(_box_set_data(image, head, BoxSet.objects.get(pk=change.box_set.pk)))
+
+
+class BoxUndoView(APIView):
+    """POST: undo the last change of this image's boxes for the head (refused while a later change stands)."""
+
+    permission_classes = [IsProjectMember]
+
+    @extend_schema(request=None, responses=BoxSetSerializer)
+    def post(self, request, slug, pk, head):
+        image, head = _image_and_detection_head(slug, pk, head)
+        try:
+            boxes.box_set_undo(image=image, head=head, user=request.user)
+        except services.LabelingError as exc:
+            raise ApiError(str(exc), code="invalid", status_code=409) from None
+        return Response(_box_set_data(image, head, BoxSet.objects.filter(image=image, head=head).first()))
+
+
+class BoxImportSerializer(serializers.Serializer):
+    folder = serializers.CharField(help_text="a YOLO or COCO folder under the server's IMPORT_ROOTS")
+    format = serializers.ChoiceField(choices=[(f, f) for f in boxes.FORMATS])
+    head = serializers.CharField(required=False, allow_null=True, default=None, help_text="the detection head")
+
+
+class BoxImportResultSerializer(serializers.Serializer):
+    written = serializers.BooleanField()
+    created = serializers.IntegerField(help_text="new photos")
+    existing = serializers.IntegerField(help_text="photos already in the project")
+    boxes = serializers.IntegerField()
+    classes_created = serializers.IntegerField()
+    warnings = serializers.ListField(child=serializers.CharField())
+
+
+class BoxImportView(APIView):
+    """POST (project admins): import a YOLO or COCO folder from the server's IMPORT_ROOTS — the photos, the class
+    list (new names become classes of the detection head) and every photo's boxes; train/val/test folders become
+    sticky splits. All or nothing: any bad line is 400 listing every problem with its file and line."""
+
+    permission_classes = [IsProjectMember]
+
+    @extend_schema(request=BoxImportSerializer, responses=BoxImportResultSerializer)
+    def post(self, request, slug):
+        if api_role(request, self) != ADMIN:
+            raise PermissionDenied("Only admins of this project can import.")
+        ser = BoxImportSerializer(data=request.data)
+        ser.is_valid(raise_exception=True)
+        data = ser.validated_data
+        try:
+            report = boxes.boxes_import(
+                project=_project(slug),
+                folder=Path(data["folder"]),
+                format=data["format"],
+                head=data["head"],
+                user=request.user,
+                allowed_roots=list(settings.IMPORT_ROOTS),
+            )
+        except services.LabelingError as exc:
+            raise ApiError(str(exc), code="invalid") from None
+        if not report.written:
+            errors = [f"{w}: {m}" for w, m in report.errors]
+            raise ApiError(
+                f"Nothing was imported: {len(errors)} problem(s), first: {errors[0] if errors else 'unknown'}",
+                code="invalid",
+                details={"errors": errors},
+            )
+        return Response(
+            {
+                "written": True,
+                "created": report.created,
+                "existing": report.existing,
+                "boxes": report.labels_set,
+                "classes_created": report.classes_created,
+                "warnings": [f"{w}: {m}" for w, m in report.warnings],
+            }
+        )
 
 
 # ------------------------------------------------------------------------------------------------ upload
@@ -692,6 +918,7 @@ class HeadListView(APIView):
                 name=data["name"],
                 parent=data["parent"],
                 optional=data["optional"],
+                kind=data["kind"],
                 user=request.user,
             )
         except services.LabelingError as exc:
@@ -736,6 +963,15 @@ class ImportRunCreateSerializer(serializers.Serializer):
     group_by = serializers.ChoiceField(choices=list(importers.GROUP_BY), required=False, default="auto")
     update = serializers.BooleanField(required=False, default=False)
     skip_bad_rows = serializers.BooleanField(required=False, default=False)
+    format = serializers.ChoiceField(
+        choices=[(f, f) for f in boxes.FORMATS], required=False, help_text="boxes mode: yolo or coco"
+    )
+    head = serializers.CharField(
+        required=False,
+        allow_null=True,
+        default=None,
+        help_text="boxes mode: the detection head (default: the only one)",
+    )
 
 
 class ImportRunListView(ListAPIView):

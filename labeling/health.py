@@ -19,7 +19,7 @@ from django.utils import timezone
 
 from webapp import jobs
 
-from . import health_core, similarity, storage
+from . import boxes, health_core, similarity, storage
 from .models import (
     DatasetAction,
     DatasetVersionItem,
@@ -802,7 +802,12 @@ def _undo_settings(action: DatasetAction, ch: dict) -> int:
             skipped += 1
     if ch.get("head_created"):  # a new head goes again while nobody labeled anything for it
         head = Head.objects.filter(pk=ch["head_created"]).first()
-        if head is None or head.children.exists() or head.labels.filter(label_class__isnull=False).exists():
+        if (
+            head is None
+            or head.children.exists()
+            or head.labels.filter(label_class__isnull=False).exists()
+            or head.box_sets.filter(version__gt=0).exists()
+        ):
             skipped += 1
         else:
             head.delete()
@@ -860,6 +865,7 @@ def action_undo(*, action: DatasetAction, user=None) -> dict:
             head.threshold = c["old"]
             head.save(update_fields=["threshold"])  # post_save drops the cached serving settings
         skipped += _undo_settings(action, ch)
+        skipped += boxes.box_sets_revert(action=action, user=user)  # a detection head's boxes (labeling.boxes)
         hook = UNDO_HOOKS.get(action.kind)  # the part of an action that an app above labeling owns
         if hook is not None:
             hook(action)

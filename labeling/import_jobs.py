@@ -1,9 +1,10 @@
-"""Imports of any size as background jobs (ImportRun rows): the plan (folder, CSV with column mapping, export or
-placeholder) is written in batches of LOUPE_IMPORT_BATCH photos — each batch read, checked and written in its own
-transaction, so memory holds one batch whatever the import's size — with progress on the row and a cancel checked
-between batches. "Nothing half-written" is kept by the job's own record: a failed, cancelled or lost job rolls
-back what it wrote (the images it created carry `import_run`, and the labels it set on photos that were already
-there name it in their history's reason), then fails, is cancelled or starts again."""
+"""Imports of any size as background jobs (ImportRun rows): the plan (folder, CSV with column mapping, export,
+placeholder, or photos a browser uploaded: labeling.import_uploads) is written in batches of LOUPE_IMPORT_BATCH
+photos — each batch read, checked and written in its own transaction, so memory holds one batch whatever the
+import's size — with progress on the row and a cancel checked between batches. "Nothing half-written" is kept by
+the job's own record: a failed, cancelled or lost job rolls back what it wrote (the images it created carry
+`import_run`, and the labels it set on photos that were already there name it in their history's reason), then
+fails, is cancelled or starts again."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from django.utils import timezone
 from webapp import jobs
 from webapp.jobs import JobCancelled
 
-from . import importers, storage
+from . import boxes, importers, storage
 from .models import GroupSplit, Head, Image, ImportRun, Label, LabelClass, LabelEvent, Project
 from .services import LabelingError
 
@@ -30,9 +31,15 @@ COUNTS = ("rows", "created", "existing", "unreadable", "labels_set", "labels_upd
 
 def import_plan(project: Project, mode: str, params: dict) -> tuple[list[importers.ImportRow], importers.ImportReport]:
     """The rows of an import, as `manage.py import_images` and the Import page plan them (nothing read or written)."""
+    if mode == ImportRun.Mode.UPLOAD:  # photos a browser uploaded, staged in the storage (labeling.import_uploads)
+        from .import_uploads import plan_upload  # noqa: PLC0415 - import_uploads starts jobs through this module
+
+        return plan_upload(project, params)
     folder = Path(params["folder"])
     # Imports asked for from the web (page, API) read only under IMPORT_ROOTS; the command line anywhere.
     roots = list(settings.IMPORT_ROOTS) if params.get("restrict_roots") else None
+    if mode == ImportRun.Mode.BOXES:  # a YOLO or COCO box dataset (labeling.boxes)
+        return boxes.boxes_plan(project=project, folder=folder, format=params.get("format"), allowed_roots=roots)
     if mode == ImportRun.Mode.CSV:
         return importers.plan_csv(
             Path(params["csv"]),
@@ -60,10 +67,17 @@ def import_run_create(*, project: Project, mode: str, params: dict, user=None, q
     job, which then writes nothing (unless params["skip_bad_rows"])."""
     if mode not in ImportRun.Mode.values:
         raise LabelingError(f"mode must be one of {', '.join(ImportRun.Mode.values)}, got {mode!r}.")
-    if not params.get("folder"):
+    if mode == ImportRun.Mode.UPLOAD:
+        if not params.get("upload"):
+            raise LabelingError("An upload import starts from photos uploaded on the Import page (its drop zone).")
+    elif not params.get("folder"):
         raise LabelingError("Give the images folder.")
     if mode == ImportRun.Mode.CSV and not (params.get("csv") and params.get("head_cols")):
         raise LabelingError("A CSV import needs the CSV file and at least one head=column mapping.")
+    if mode == ImportRun.Mode.BOXES:
+        if params.get("format") not in boxes.FORMATS:
+            raise LabelingError(f"A box import needs the format: {' or '.join(boxes.FORMATS)}.")
+        params["head"] = boxes.detection_head(project, params.get("head")).name
     try:
         with transaction.atomic():
             run = ImportRun.objects.create(project=project, mode=mode, params=params, created_by=user)
@@ -128,7 +142,15 @@ def _end(run_id: int, status: str, *, error: str = "", report: dict | None = Non
     if report is not None:
         fields["report"] = report
     ImportRun.objects.filter(pk=run_id).update(**fields)
+    _discard_uploads(run_id)
     return ImportRun.objects.get(pk=run_id)
+
+
+def _discard_uploads(run_id: int) -> None:
+    """A browser upload's staged files go when its job ends, however it ends."""
+    from .import_uploads import import_uploads_discard_for_run  # noqa: PLC0415
+
+    import_uploads_discard_for_run(run_id=run_id)
 
 
 def _as_dict(report: importers.ImportReport) -> dict:
@@ -147,19 +169,30 @@ def _run(run: ImportRun) -> importers.ImportReport:
     if report.errors and not params.get("skip_bad_rows"):
         return report
     batch = max(1, int(getattr(settings, "LOUPE_IMPORT_BATCH", 200)))
+    det_head = boxes.detection_head(project, params.get("head")) if run.mode == ImportRun.Mode.BOXES else None
     _progress(run.id, step="importing", done=0, total=len(rows))
     for start in range(0, len(rows), batch):
         part = importers.ImportReport()
-        part = importers.images_import(
-            project=project,
-            rows=rows[start : start + batch],
-            report=part,
-            user=run.created_by,
-            skip_bad_rows=bool(params.get("skip_bad_rows")),
-            group_by="name",  # the groups were chosen above, on the whole import
-            update=bool(params.get("update")),
-            run_id=run.id,
-        )
+        with transaction.atomic():
+            part = importers.images_import(
+                project=project,
+                rows=rows[start : start + batch],
+                report=part,
+                user=run.created_by,
+                skip_bad_rows=bool(params.get("skip_bad_rows")),
+                group_by="name",  # the groups were chosen above, on the whole import
+                update=bool(params.get("update")),
+                run_id=run.id,
+            )
+            if part.written and det_head is not None:  # a box dataset: the batch's box sets with its photos
+                boxes.box_rows_write(
+                    project=project,
+                    head=det_head,
+                    rows=rows[start : start + batch],
+                    report=part,
+                    user=run.created_by,
+                    run_id=run.id,
+                )
         report.errors += part.errors
         report.warnings += part.warnings
         if not part.written:
@@ -180,6 +213,8 @@ def import_run_rollback(*, run_id: int) -> dict:
     reason = importers.import_reason(run_id)
     out = {"labels_reverted": 0, "images_removed": 0, "classes_removed": 0}
     with transaction.atomic():
+        # box sets it wrote on photos that were there before (those on photos it created go with them)
+        out["box_sets_removed"] = boxes.box_sets_rollback(project=run.project, run_id=run_id)
         created = Image.objects.filter(import_run_id=run_id)
         events = (
             LabelEvent.objects.filter(reason__startswith=reason, image__project=run.project)
@@ -204,7 +239,9 @@ def import_run_rollback(*, run_id: int) -> dict:
         out["images_removed"] = created.count()
         created.delete()
         heads = Head.objects.filter(project=run.project)
-        unused = LabelClass.objects.filter(head__in=heads, created_at__gte=run.created_at, label__isnull=True)
+        unused = LabelClass.objects.filter(
+            head__in=heads, created_at__gte=run.created_at, label__isnull=True, boxes__isnull=True
+        )
         unused = unused.filter(children__isnull=True, merged_into__isnull=True)
         # A class the kept history of a photo names stays (that photo's history says it was set, then undone).
         named = LabelEvent.objects.filter(Q(old_class__head__in=heads) | Q(new_class__head__in=heads))
@@ -229,7 +266,8 @@ def import_run_cancel(*, run: ImportRun, user=None) -> ImportRun:
 
 
 def import_runs_reconcile(*, project: Project | None = None) -> dict:
-    """Lost imports start again (after their rollback); queued ones whose message is gone are re-sent."""
+    """Lost imports start again (after their rollback); queued ones whose message is gone are re-sent; browser
+    uploads never started and idle for LOUPE_UPLOAD_ABANDONED_SECONDS are deleted with their staged files."""
     runs = ImportRun.objects.filter(status__in=jobs.ACTIVE_STATUSES)
     if project is not None:
         runs = runs.filter(project=project)
@@ -240,8 +278,9 @@ def import_runs_reconcile(*, project: Project | None = None) -> dict:
 
     def failed(pk: int) -> None:
         import_run_rollback(run_id=pk)
+        _discard_uploads(pk)
 
-    return jobs.rows_reconcile(
+    out = jobs.rows_reconcile(
         ImportRun,
         runs,
         kind="import_run",
@@ -250,3 +289,7 @@ def import_runs_reconcile(*, project: Project | None = None) -> dict:
         cancel=cancel,
         on_failed=failed,
     )
+    from .import_uploads import import_uploads_expire  # noqa: PLC0415
+
+    import_uploads_expire(project=project)  # browser uploads abandoned mid-way, or left by an ended job
+    return out

@@ -17,6 +17,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from django.core.files.storage import default_storage
 from django.db import transaction
 from PIL import Image as PILImage
 from PIL import UnidentifiedImageError
@@ -40,6 +41,9 @@ class ImportRow:
     split: str | None = None  # from an export's splits: becomes the group's sticky split
     root: Path | None = None  # the import folder: the file's real path must stay inside it (no symlink escapes)
     group_from: str = "name"  # "name" (<ID>_<seq> file name), "column" (the CSV's group column) or "export"
+    storage_name: str = ""  # a browser upload's staged copy, read through the storage API (`path` is its relative path)
+    # a box dataset's photo (labeling.boxes): {"sha256": ..., "boxes": [[class name, x, y, w, h], ...] or None}
+    boxes: dict | None = None
 
 
 @dataclass
@@ -340,7 +344,18 @@ class _ReadFile:
     problem: str  # "" when the image decodes
 
 
-def _read(row: ImportRow) -> _ReadFile | str:
+def _read_bytes(row: ImportRow) -> bytes | str:
+    """The file's bytes, or why they cannot be read."""
+    too_big = "file is {:.0f} MB, more than the {} MiB limit"
+    if row.storage_name:  # a staged upload: through the storage API (the worker may not share the web's disk)
+        try:
+            size = default_storage.size(row.storage_name)
+            if size > MAX_FILE_BYTES:
+                return too_big.format(size / 1e6, MAX_FILE_BYTES // 2**20)
+            with default_storage.open(row.storage_name, "rb") as fh:
+                return fh.read()
+        except OSError as exc:
+            return f"cannot read the uploaded file: {exc.strerror or exc}"
     # The real path is checked and then read (not the link), so a symbolic link (to a file or through a folder)
     # can never bring a file from outside the import folder in: /etc/passwd renamed car_1.jpg is refused.
     real = row.path.resolve()
@@ -349,10 +364,16 @@ def _read(row: ImportRow) -> _ReadFile | str:
     try:
         size = real.stat().st_size
         if size > MAX_FILE_BYTES:
-            return f"file is {size / 1e6:.0f} MB, more than the {MAX_FILE_BYTES // 2**20} MiB limit"
-        data = real.read_bytes()
+            return too_big.format(size / 1e6, MAX_FILE_BYTES // 2**20)
+        return real.read_bytes()
     except OSError as exc:
         return f"cannot read file: {exc.strerror}"
+
+
+def _read(row: ImportRow) -> _ReadFile | str:
+    data = _read_bytes(row)
+    if isinstance(data, str):
+        return data
     width = height = None
     problem = ""
     if not data:
@@ -403,6 +424,11 @@ def images_import(
         for head_name, raw in item.row.labels.items():
             if raw is not None and len(str(raw).strip()) > 200:
                 report.errors.append((item.row.where, f"{head_name} label is longer than 200 characters"))
+            head = heads.get(head_name)
+            if head is not None and head.kind == Head.Kind.DETECTION and clean_label(raw) is not None:
+                report.errors.append(
+                    (item.row.where, f"{head_name} is a detection head: its labels are boxes (manage.py import_boxes)")
+                )
     if report.errors and not skip_bad_rows:
         return report
     bad = {where for where, _ in report.errors}
@@ -489,7 +515,8 @@ def _write(project, heads, read, report, user, written_files, *, update: bool = 
                 status_reason=item.problem[:300],
                 import_run_id=run_id,
             )
-            Label.objects.bulk_create([Label(image=image, head=h) for h in heads.values()])
+            # a detection head's labels are boxes (labeling.boxes), not a Label row
+            Label.objects.bulk_create([Label(image=image, head=h) for h in heads.values() if h.kind == Head.Kind.CLASS])
             by_sha[item.sha256] = image
             report.created += 1
             if item.problem:

@@ -56,6 +56,14 @@ class Project(models.Model):
         default=False,
         help_text="Only its members (and site admins) see the project; otherwise every account does, as reviewer.",
     )
+    sku_project = models.ForeignKey(
+        "self",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="shelf_projects",
+        help_text="A shelf project's SKU project: the one whose model names each box's SKU.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -90,10 +98,16 @@ class ProjectMember(models.Model):
 
 
 class Head(models.Model):
-    """One labeling task on a project's images (make, model, part, colour, sku ...)."""
+    """One labeling task on a project's images (make, model, part, colour, sku ...): a class head gives each image one
+    class (Label); a detection head gives it a set of boxes, each with a class of the head (BoxSet, Box)."""
+
+    class Kind(models.TextChoices):
+        CLASS = "class", "class"
+        DETECTION = "detection", "detection"
 
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="heads")
     name = models.SlugField(max_length=50)
+    kind = models.CharField(max_length=10, choices=Kind.choices, default=Kind.CLASS)
     parent = models.ForeignKey("self", null=True, blank=True, on_delete=models.PROTECT, related_name="children")
     optional = models.BooleanField(default=False, help_text="Images may stay unlabeled for this head.")
     threshold = models.FloatField(default=0.6, help_text="Below this confidence recognition answers null.")
@@ -232,6 +246,83 @@ class LabelEvent(models.Model):
         super().save(*args, **kwargs)
 
 
+class BoxSet(models.Model):
+    """The boxes of one image for one detection head, edited as a whole: `version` guards edits (0 = never set; an
+    existing set with no boxes means the image was looked at and holds nothing of the head's classes)."""
+
+    image = models.ForeignKey(Image, on_delete=models.CASCADE, related_name="box_sets")
+    head = models.ForeignKey(Head, on_delete=models.CASCADE, related_name="box_sets")
+    version = models.PositiveIntegerField(default=0)
+    updated_at = models.DateTimeField(auto_now=True)
+    updated_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["image", "head"], name="box_set_one_per_image_head")]
+
+    def __str__(self) -> str:
+        return f"boxes {self.image_id}/{self.head_id} v{self.version}"
+
+
+class Box(models.Model):
+    """One box of a BoxSet: x, y (top-left), w, h in image pixels, and its class of the detection head."""
+
+    class Source(models.TextChoices):
+        HUMAN = "human"
+        MODEL = "model"
+
+    box_set = models.ForeignKey(BoxSet, on_delete=models.CASCADE, related_name="boxes")
+    label_class = models.ForeignKey(LabelClass, on_delete=models.PROTECT, related_name="boxes")
+    x = models.FloatField()
+    y = models.FloatField()
+    w = models.FloatField()
+    h = models.FloatField()
+    source = models.CharField(max_length=10, choices=Source.choices, default=Source.HUMAN)
+    score = models.FloatField(null=True, blank=True, help_text="The model's confidence (source model).")
+    order = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        ordering = ["box_set_id", "order", "id"]
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(x__gte=0) & models.Q(y__gte=0) & models.Q(w__gt=0) & models.Q(h__gt=0),
+                name="box_inside_positive",
+            ),
+            models.CheckConstraint(
+                condition=models.Q(score__isnull=True) | (models.Q(score__gte=0) & models.Q(score__lte=1)),
+                name="box_score_0_1",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"box {self.x:g},{self.y:g} {self.w:g}x{self.h:g} ({self.label_class_id})"
+
+
+class BoxEvent(models.Model):
+    """Append-only history of a box set: the whole set before and after each change (lists of box dicts)."""
+
+    box_set = models.ForeignKey(BoxSet, on_delete=models.CASCADE, related_name="events")
+    old = models.JSONField(default=list)
+    new = models.JSONField(default=list)
+    version = models.PositiveIntegerField(help_text="The set's version after the change.")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    reason = models.CharField(max_length=200, blank=True)
+    action = models.ForeignKey(
+        "DatasetAction", null=True, blank=True, on_delete=models.SET_NULL, related_name="box_events"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"boxes {self.box_set_id}: {len(self.old)} -> {len(self.new)} ({self.reason})"
+
+    def save(self, *args, **kwargs):
+        if self.pk is not None:
+            raise ValidationError("Box events are append-only.")
+        super().save(*args, **kwargs)
+
+
 class ImageEvent(models.Model):
     """Append-only history of an image's status (excluded, unreadable, back to ok)."""
 
@@ -276,6 +367,7 @@ class DatasetAction(models.Model):
         SERVING_THRESHOLDS = "serving_thresholds", "serving thresholds"
         SPLITS_UNLEAK = "splits_unleak", "move linked photos into one split"
         PROJECT_SETTINGS = "project_settings", "project settings"
+        BOX_SET = "box_set", "boxes changed"
         UNDO = "undo", "undo"
 
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="dataset_actions")
@@ -420,6 +512,8 @@ class ImportRun(JobRow):
         CSV = "csv"
         EXPORT = "export"
         PLACEHOLDER = "placeholder"
+        UPLOAD = "upload"  # photos a browser uploaded (ImportUpload), read back through the storage API
+        BOXES = "boxes"  # a YOLO or COCO box dataset for a detection head (labeling.boxes)
 
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="import_runs")
     mode = models.CharField(max_length=20, choices=Mode.choices)
@@ -442,3 +536,40 @@ class ImportRun(JobRow):
     @property
     def progress(self) -> float | None:
         return self.done / self.total if self.total else None
+
+
+class ImportUpload(models.Model):
+    """Photos a browser is uploading for an import (the Import page's drop zone), staged through the storage API
+    under `uploads/<project>/<id>/` (the web process and the workers need not share a disk) until the import job
+    that reads them (`run`, an ImportRun of mode upload) ends — done, failed or cancelled —, or, never started,
+    until it is cancelled or the reconciler removes it LOUPE_UPLOAD_ABANDONED_SECONDS after its last file."""
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="import_uploads")
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True, help_text="When the last file arrived.")
+    run = models.OneToOneField(
+        ImportRun, null=True, blank=True, on_delete=models.SET_NULL, related_name="upload", help_text="Once started."
+    )
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"upload {self.pk} of {self.project_id}"
+
+
+class ImportUploadFile(models.Model):
+    """One staged photo of an ImportUpload: the relative path the browser gave (a dropped folder's `<class>/x.jpg`)
+    and where it waits in the storage (a name derived from the path, never the browser's own string)."""
+
+    upload = models.ForeignKey(ImportUpload, on_delete=models.CASCADE, related_name="files")
+    path = models.CharField(max_length=500)
+    name = models.CharField(max_length=300)
+    size = models.PositiveBigIntegerField()
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["upload", "path"], name="import_upload_file_one_per_path")]
+
+    def __str__(self) -> str:
+        return self.path

@@ -7,6 +7,10 @@ PRESETS: dict[str, list[dict]] = {
     "lego": [{"name": "part"}, {"name": "color", "optional": True}],
     "sku": [{"name": "sku"}],
     "retrieval": [{"name": "class"}],
+    # shelf photos: boxes around every container (a detection head); the project's sku_project names each box's SKU.
+    "shelf": [
+        {"name": "container", "kind": "detection", "classes": ["bottle", "can", "glass", "unknown_container"]},
+    ],
 }
 
 PRESET_CHOICES = [(name, name) for name in PRESETS]

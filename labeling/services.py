@@ -103,9 +103,11 @@ def project_create(
     description: str = "",
     heads: list[dict] | None = None,
     classes: list[tuple[str, str, str | None]] | None = None,
+    sku_project: Project | None = None,
 ) -> Project:
     """A new project. Its heads are the preset's unless `heads` gives its own (parse_heads); the preset still
-    chooses the training recipe (backbone, augmentations). `classes` (parse_classes) are created with it."""
+    chooses the training recipe (backbone, augmentations). `classes` (parse_classes) are created with it, after the
+    preset's own (a detection head's container classes). `sku_project`: a shelf project's SKU project."""
     if preset not in PRESETS:
         raise LabelingError(f"Unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
     slug = slug or slugify(name)
@@ -113,7 +115,9 @@ def project_create(
         raise LabelingError("A project needs a name with at least one letter or digit.")
     if Project.objects.filter(slug=slug).exists():
         raise LabelingError(f"A project with slug {slug!r} already exists.")
-    project = Project.objects.create(name=name, slug=slug, preset=preset, description=description)
+    project = Project.objects.create(
+        name=name, slug=slug, preset=preset, description=description, sku_project=sku_project
+    )
     created: dict[str, Head] = {}
     for order, spec in enumerate(heads or PRESETS[preset]):
         created[spec["name"]] = Head.objects.create(
@@ -121,8 +125,11 @@ def project_create(
             name=spec["name"],
             parent=created.get(spec.get("parent")),
             optional=spec.get("optional", False),
+            kind=spec.get("kind", Head.Kind.CLASS),
             order=order,
         )
+        for class_name in spec.get("classes", []):
+            label_class_get_or_create(head=created[spec["name"]], raw_name=class_name)
     for head, class_name, parent in classes or []:
         parent_class = None
         if parent is not None:
@@ -203,7 +210,8 @@ def label_set(
 def image_labels_ensure(*, image: Image) -> None:
     """Every image has one Label row per head (null = unlabeled), so edits always have a version to check."""
     existing = set(image.labels.values_list("head_id", flat=True))
-    missing = [Label(image=image, head=h) for h in image.project.heads.all() if h.id not in existing]
+    heads = image.project.heads.filter(kind=Head.Kind.CLASS)  # a detection head's labels are boxes (labeling.boxes)
+    missing = [Label(image=image, head=h) for h in heads if h.id not in existing]
     Label.objects.bulk_create(missing, ignore_conflicts=True)
 
 
@@ -360,10 +368,16 @@ def label_class_update(*, cls: LabelClass, name: str | None = None, add_aliases:
     return cls
 
 
-def head_create(*, project: Project, name: str, parent: str | None = None, optional: bool = False, user=None) -> Head:
+def head_create(
+    *, project: Project, name: str, parent: str | None = None, optional: bool = False, kind: str = "class", user=None
+) -> Head:
     """Add a head to a project that already has photos: every photo gets an unlabeled label row for it (the grid's
     "unlabeled" filter and the review queues find them), recorded in the action log. The training runs after it
-    learn it; versions frozen before keep their heads."""
+    learn it; versions frozen before keep their heads. A detection head (`kind`) takes boxes instead of labels."""
+    if kind not in Head.Kind.values:
+        raise LabelingError(f"A head's kind is one of {', '.join(Head.Kind.values)}, got {kind!r}.")
+    if kind == Head.Kind.DETECTION and parent:
+        raise LabelingError("A detection head has no parent head.")
     spec = parse_heads(
         "\n".join(
             [
@@ -379,17 +393,18 @@ def head_create(*, project: Project, name: str, parent: str | None = None, optio
         parent_head = project.heads.filter(name=spec["parent"]).first() if spec["parent"] else None
         order = (project.heads.order_by("-order").values_list("order", flat=True).first() or 0) + 1
         head = Head.objects.create(
-            project=project, name=spec["name"], parent=parent_head, optional=spec["optional"], order=order
+            project=project, name=spec["name"], parent=parent_head, optional=spec["optional"], order=order, kind=kind
         )
-        Label.objects.bulk_create(
-            [Label(image_id=i, head=head) for i in project.images.values_list("id", flat=True).iterator()],
-            batch_size=2000,
-        )
+        if kind == Head.Kind.CLASS:
+            Label.objects.bulk_create(
+                [Label(image_id=i, head=head) for i in project.images.values_list("id", flat=True).iterator()],
+                batch_size=2000,
+            )
         DatasetAction.objects.create(
             project=project,
             kind=DatasetAction.Kind.PROJECT_SETTINGS,
             user=user,
-            summary=f"new head {head.name}"
+            summary=f"new {'detection ' if kind == Head.Kind.DETECTION else ''}head {head.name}"
             + (f" under {parent_head.name}" if parent_head else "")
             + (" (optional)" if head.optional else ""),
             params={"head": head.name},

@@ -1,7 +1,7 @@
 from django.urls import path
 
 from . import dataset_views as dv
-from . import settings_views, team_views, views
+from . import settings_views, team_views, upload_views, views
 
 app_name = "labeling"
 urlpatterns = [
@@ -11,6 +11,12 @@ urlpatterns = [
     path("p/<slug:slug>/settings/", settings_views.settings_page, name="settings"),
     path("p/<slug:slug>/", views.image_grid, name="image-grid"),
     path("p/<slug:slug>/import/", views.import_page, name="import"),
+    path("p/<slug:slug>/import/uploads/", upload_views.upload_create, name="upload-create"),
+    path("p/<slug:slug>/import/uploads/<int:pk>/files/", upload_views.upload_files, name="upload-files"),
+    path("p/<slug:slug>/import/uploads/<int:pk>/start/", upload_views.upload_start, name="upload-start"),
+    path("p/<slug:slug>/import/uploads/<int:pk>/cancel/", upload_views.upload_cancel, name="upload-cancel"),
+    path("p/<slug:slug>/import/runs/<int:pk>/", upload_views.import_run_status, name="import-run"),
+    path("p/<slug:slug>/import/runs/<int:pk>/cancel/", upload_views.import_run_cancel, name="import-run-cancel"),
     path("p/<slug:slug>/images/bulk-relabel/", views.labels_bulk_relabel, name="bulk-relabel"),
     path("p/<slug:slug>/heads/<int:head_id>/classes/", views.class_create, name="class-create"),
     path("p/<slug:slug>/images/<int:pk>/", views.image_detail, name="image-detail"),

@@ -15,7 +15,7 @@ from django.urls import reverse
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_POST
 
-from . import importers, selectors, services, storage
+from . import importers, selectors, services, storage, upload_views
 from .access import current_project
 from .forms import ImportForm, ProjectForm
 from .models import Head, Image, ImageEvent, Label, LabelEvent
@@ -342,6 +342,7 @@ def import_page(request, slug):
             "form": form,
             "report": report,
             "roots": settings.IMPORT_ROOTS,
+            **upload_views.import_page_context(project),
         },
     )
 
@@ -374,7 +375,13 @@ def _import_in_background(request, project, data, form):
         return render(
             request,
             "labeling/import.html",
-            {"project": project, "form": form, "report": None, "roots": settings.IMPORT_ROOTS},
+            {
+                "project": project,
+                "form": form,
+                "report": None,
+                "roots": settings.IMPORT_ROOTS,
+                **upload_views.import_page_context(project),
+            },
         )
     messages.success(request, f"Import {run.id} queued: its progress is on this page.")
     return redirect("training:job-list", slug=project.slug)

@@ -566,3 +566,81 @@ def test_a_promote_shows_its_index_build_job_and_the_admin_cancels_it(
     assert (
         second.index_status == ModelVersion.IndexStatus.NONE and not second.promote_requested and not second.is_active
     )
+
+
+# A dropped folder as the browser's FileSystem entries API gives it (DataTransferItem.webkitGetAsEntry): Playwright
+# cannot make a real OS drag, and a DataTransfer built by script holds files, not folders, so the test gives the
+# drop's items the entries a dropped `shapes/` folder would have (directory readers that answer in pages, as
+# Chromium's do) around real File objects; the page's own code walks them.
+_DROP_FOLDER = """([files, extra]) => {
+    const asFile = ([path, b64]) => {
+        const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+        return new File([bytes], path.split("/").pop(), {type: "image/jpeg"});
+    };
+    const fileEntry = (path, file) => ({isFile: true, isDirectory: false, name: file.name, fullPath: "/" + path,
+                                        file: (ok) => setTimeout(() => ok(file))});
+    const dirEntry = (name, children) => ({isFile: false, isDirectory: true, name,
+        createReader: () => { let pages = [children.slice(0, 2), children.slice(2), []];
+                              return {readEntries: (ok) => setTimeout(() => ok(pages.shift() || []))}; }});
+    const tree = {};
+    for (const [path, b64] of files) {
+        const parts = path.split("/");
+        (tree[parts[1]] = tree[parts[1]] || []).push(fileEntry(path, asFile([path, b64])));
+    }
+    const root = dirEntry("shapes", Object.entries(tree).map(([cls, kids]) => dirEntry(cls, kids)));
+    const dt = new DataTransfer();
+    const placeholder = new File([""], "shapes");
+    dt.items.add(placeholder);
+    for (const [name, text] of extra) dt.items.add(new File([text], name, {type: "text/plain"}));
+    const real = DataTransferItem.prototype.webkitGetAsEntry;
+    DataTransferItem.prototype.webkitGetAsEntry = function () {
+        const f = this.getAsFile();
+        return f && f.name === "shapes" ? root : real.call(this);
+    };
+    const zone = document.getElementById("drop-zone");
+    zone.dispatchEvent(new DragEvent("dragover", {dataTransfer: dt, bubbles: true, cancelable: true}));
+    zone.dispatchEvent(new DragEvent("drop", {dataTransfer: dt, bubbles: true, cancelable: true}));
+}"""
+
+
+def test_admin_drops_a_folder_on_the_import_page_and_the_job_imports_it(browser, live_server, admin_user, worker):
+    """Issue 17.3: drag and drop on the Import page — a folder of class folders plus a stray text file —, the photos
+    go up in several requests (the text file is refused and named), the import job runs on a real worker, and the
+    grid shows the photos with their classes from the folder names."""
+    import base64
+
+    from conftest import make_photo
+    from labeling.models import ImportRun, ImportUpload
+
+    project = project_create(name="Drops", preset="retrieval")
+    project.min_image_side = 32
+    project.save(update_fields=["min_image_side"])
+    files = [
+        [f"shapes/{color}/{color[0].upper()}{i:03d}_0.jpg", base64.b64encode(make_photo(color, seed=i)).decode()]
+        for color in ("red", "blue")
+        for i in range(13)  # 26 photos: two requests of at most 20
+    ]
+    page = _admin_page(browser, live_server, viewport={"width": 1280, "height": 900})
+    page.goto(f"{live_server.url}/p/{project.slug}/import/")
+    page.check("input[name=labeling][value=folder]")
+    sent = []
+
+    def flaky_once(route):  # the first request fails (a proxy's 502): the page retries it by itself
+        sent.append(route.request.url)
+        route.fulfill(status=502, body="Bad gateway") if len(sent) == 1 else route.continue_()
+
+    page.route("**/import/uploads/*/files/", flaky_once)
+    page.evaluate(_DROP_FOLDER, [files, [["notes.txt", "not a photo"]]])
+    page.wait_for_selector("#upload-summary:has-text('26 photo(s)')")
+    assert "notes.txt — not an image file name" in page.inner_text("#upload-refused")
+    page.click("#upload-go")
+    page.wait_for_selector("#upload[data-import-status]", timeout=120_000)
+    assert page.get_attribute("#upload", "data-import-status") == "succeeded", page.inner_text("#upload-job")
+    assert "Imported 26 new image(s)" in page.inner_text("#upload-report")
+    assert len(sent) == 3  # two requests of at most 20 photos, the first sent twice
+    run = ImportRun.objects.get(project=project)
+    assert (run.mode, run.report["created"]) == ("upload", 26) and not ImportUpload.objects.exists()
+    page.click("#upload-grid-link")
+    page.wait_for_selector(".grid .tile img")
+    assert page.locator(".grid .tile").count() == 26
+    assert {c.name for c in project.heads.get().classes.all()} == {"red", "blue"}

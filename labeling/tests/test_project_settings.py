@@ -144,7 +144,14 @@ def test_a_head_is_added_to_a_project_with_photos_and_undone_while_unlabeled(cli
     api.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=admin_user).key}")
     made = api.post(f"/api/v1/projects/{project.slug}/heads/", {"name": "trim", "parent": "model"}, format="json")
     assert made.status_code == 201, made.json()
-    assert made.json() == {"name": "trim", "parent": "model", "optional": False, "threshold": 0.6, "classes": 0}
+    assert made.json() == {
+        "name": "trim",
+        "kind": "class",
+        "parent": "model",
+        "optional": False,
+        "threshold": 0.6,
+        "classes": 0,
+    }
     trim = project.heads.get(name="trim")
     assert trim.labels.count() == 6 and not trim.labels.filter(label_class__isnull=False).exists()
     names = [h["name"] for h in api.get(f"/api/v1/projects/{project.slug}/heads/").json()]
