@@ -36,10 +36,45 @@ from .splits import DEFAULT_RATIOS, SPLITS, GroupInfo, assign_splits
 
 
 def folder_head(heads: list[Head]) -> Head:
-    """The head the classes of an ImageFolder tree come from: the first head that is no other head's parent
-    (car → model, lego → part). Also the stratification label of the splits."""
-    name = formats.folder_head([{"name": h.name, "parent": h.parent.name if h.parent_id else None} for h in heads])
-    return next(h for h in heads if h.name == name)
+    """The head the classes of an ImageFolder tree come from: the first class head that is no other head's parent
+    (car → model, lego → part). Also the stratification label of the splits. A project of detection heads only
+    (shelf) stratifies on its first detection head (the most frequent box class of each photo)."""
+    class_heads = [h for h in heads if h.kind != Head.Kind.DETECTION] or heads
+    name = formats.folder_head(
+        [{"name": h.name, "parent": h.parent.name if h.parent_id else None} for h in class_heads]
+    )
+    return next(h for h in class_heads if h.name == name)
+
+
+def strat_label(value) -> str | None:
+    """A row's stratification label for one head: its class, or for a detection head's boxes ([[x, y, w, h, class],
+    ...]) the most frequent box class (ties: the first name), None for none."""
+    if not isinstance(value, list):
+        return value
+    votes = Counter(b[4] for b in value)
+    return min(votes, key=lambda c: (-votes[c], c)) if votes else None
+
+
+def _box_labels(project: Project, heads: list[Head]) -> dict[int, dict[str, list]]:
+    """{image id: {detection head name: [[x, y, w, h, class name], ...]}} of the box sets someone set (version > 0;
+    an empty list: looked at, no container there — a negative photo); boxes of classes excluded from training are
+    left out."""
+    from .models import Box, BoxSet  # noqa: PLC0415 - only projects with detection heads get here
+
+    det = {h.id: h.name for h in heads if h.kind == Head.Kind.DETECTION}
+    out: dict[int, dict[str, list]] = defaultdict(dict)
+    if not det:
+        return out
+    for image_id, head_id in BoxSet.objects.filter(head_id__in=det, version__gt=0).values_list("image_id", "head_id"):
+        out[image_id][det[head_id]] = []
+    boxes = (
+        Box.objects.filter(box_set__head_id__in=det, box_set__version__gt=0, label_class__excluded_from_training=False)
+        .order_by("box_set_id", "id")
+        .values_list("box_set__image_id", "box_set__head_id", "x", "y", "w", "h", "label_class__name")
+    )
+    for image_id, head_id, x, y, w, h, name in boxes:
+        out[image_id][det[head_id]].append([round(x, 2), round(y, 2), round(w, 2), round(h, 2), name])
+    return out
 
 
 LEFT_TOO_SMALL = "too small, or in a group with a too-small image"
@@ -74,6 +109,7 @@ def _usable_rows(project: Project) -> tuple[list[_Row], dict]:
         "image_id", "head_id", "label_class_id"
     ):
         labels[image_id][head_id] = class_id
+    boxes = _box_labels(project, heads)
     left_out = Counter()
     rows = []
     for image_id, sha, group, source, _w, _h in images:
@@ -82,6 +118,9 @@ def _usable_rows(project: Project) -> tuple[list[_Row], dict]:
             continue
         by_head = {}
         for h in heads:
+            if h.kind == Head.Kind.DETECTION:  # boxes, or None when nobody set them
+                by_head[h.name] = boxes.get(image_id, {}).get(h.name)
+                continue
             cid = labels[image_id].get(h.id)
             cls = classes.get(cid) if cid is not None else None
             if cls is not None and cls["excluded_from_training"]:
@@ -156,7 +195,9 @@ def dataset_version_create(
         sticky_conflicts = 0
         for root, keys in components.items():
             members = [r for k in keys for r in by_group[k]]
-            votes = Counter(r.labels[strat_head] for r in members if r.labels[strat_head] is not None)
+            votes = Counter(
+                strat_label(r.labels[strat_head]) for r in members if strat_label(r.labels[strat_head]) is not None
+            )
             label = min(votes, key=lambda c: (-votes[c], c)) if votes else None
             eval_ok = not real_only_eval or any(r.source == Image.Source.REAL for r in members)
             groups.append(GroupInfo(key=root, n_images=len(members), label=label, eval_ok=eval_ok))
@@ -216,7 +257,10 @@ def dataset_version_create(
             )
             per_split[split] += 1
             for head, cls in r.labels.items():
-                if cls is not None:
+                if isinstance(cls, list):  # a detection head: boxes per class (a negative photo counts none)
+                    for box in cls:
+                        per_class[head][box[4]][split] += 1
+                elif cls is not None:
                     per_class[head][cls][split] += 1
         if not allow_empty_eval:
             _check_eval_splits(per_class, per_split, ratios, n_groups=len(components), n_rows=len(rows))
@@ -411,7 +455,10 @@ def version_manifest(*, version: DatasetVersion, per_class_cap: int | None = Non
     """The engine's manifest for a frozen version. `per_class_cap` keeps at most that many train images per
     class of the stratification head (chosen by a stable hash, so the same images every time)."""
     project = version.project
-    heads = list(project.heads.order_by("order", "id"))
+    # Class heads only: a detection head's boxes go to the detector (version_detection_manifest).
+    heads = list(project.heads.exclude(kind=Head.Kind.DETECTION).order_by("order", "id"))
+    if not heads:
+        raise LabelingError(f"Project {project.slug!r} has detection heads only: its model is a detector.")
     strat = folder_head(heads).name
     rows = list(
         version.items.select_related("image")
@@ -464,6 +511,39 @@ def version_manifest(*, version: DatasetVersion, per_class_cap: int | None = Non
     return {"dataset_version": version.number, "heads": out_heads, "items": items}
 
 
+def version_detection_manifest(*, version: DatasetVersion) -> dict:
+    """The detector's manifest (training.engine.detection) of a frozen version of a project with a detection head:
+    the head's classes in their order and every photo whose boxes were set (a set with no box: a negative photo),
+    boxes in pixels of the stored photo."""
+    head = version.project.heads.filter(kind=Head.Kind.DETECTION).order_by("order", "id").first()
+    if head is None:
+        raise LabelingError(f"Project {version.project.slug!r} has no detection head.")
+    rows = [
+        r
+        for r in version.items.order_by("id").values_list("image_id", "split", "labels", "image__file", "image__sha256")
+        if isinstance(r[2].get(head.name), list)
+    ]
+    paths = storage.local_paths([r[3] for r in rows])
+    used = {b[4] for r in rows for b in r[2][head.name]}
+    classes = [c for c in head.classes.order_by("id").values_list("name", flat=True) if c in used]
+    return {
+        "dataset_version": version.number,
+        "head": head.name,
+        "classes": classes,
+        "items": [
+            {
+                "id": image_id,
+                "path": path or storage.missing_path(file),
+                "file": file,
+                "sha256": sha,
+                "split": split,
+                "boxes": labels[head.name],
+            }
+            for (image_id, split, labels, file, sha), path in zip(rows, paths, strict=True)
+        ],
+    }
+
+
 def _export_name(image: Image, used: set[str]) -> str:
     """`<group>_<n>.<ext>` (the seeds' `<ID>_<seq>.jpg` naming), unique within the export."""
     ext = Path(image.file).suffix or ".jpg"
@@ -482,10 +562,11 @@ def dataset_version_export(*, version: DatasetVersion, out_dir: Path, link: str 
     from .formats import ExportRecord, FormatError, export_dataset
 
     project = version.project
-    heads = [
-        {"name": h.name, "parent": h.parent.name if h.parent_id else None}
-        for h in project.heads.order_by("order", "id")
-    ]
+    class_heads = project.heads.exclude(kind=Head.Kind.DETECTION).order_by("order", "id")
+    heads = [{"name": h.name, "parent": h.parent.name if h.parent_id else None} for h in class_heads]
+    if not heads:  # boxes are exported in YOLO or COCO (manage.py export_boxes)
+        raise LabelingError("A project of detection heads only is exported as YOLO or COCO (manage.py export_boxes).")
+    names = {h["name"] for h in heads}
     used: set[str] = set()
     records = []
     for item in version.items.select_related("image").order_by("image__group_key", "image_id"):
@@ -494,7 +575,7 @@ def dataset_version_export(*, version: DatasetVersion, out_dir: Path, link: str 
             ExportRecord(
                 filename=_export_name(image, used),
                 src_path=storage.local_path(image.file),
-                labels=item.labels,
+                labels={k: v for k, v in item.labels.items() if k in names},
                 group=item.group_key,
                 source=image.source,
                 split=item.split,

@@ -68,6 +68,8 @@ def _evaluate_and_register(run: TrainingRun, manifest: dict, metrics: dict) -> M
     from pathlib import Path  # noqa: PLC0415
 
     out_dir = Path(run.artifact_dir)
+    if metrics.get("task") == "detection":  # the detector's own evaluation ran in the engine (val, test)
+        return training_services.training_run_complete(run=run, metrics=metrics)
     _step(metrics, "calibration", "calibration", run.id, lambda: evaluation.calibrate_version(out_dir, manifest))
     _step(metrics, "test", "test-split report", run.id, lambda: evaluation.test_split_report(out_dir, manifest))
     frozen_at = run.dataset_version.created_at
@@ -91,6 +93,13 @@ def _promote_if_due(version: ModelVersion, *, inline: bool) -> None:
     active = ModelVersion.objects.filter(project_id=version.project_id, is_active=True).exclude(pk=version.pk).first()
     if active is None:
         model_version_promote(version=version, user=None, inline=inline)
+        return
+    if version.metrics.get("task") == "detection":  # no shared test split to compare detectors on yet
+        reason = f"a new detector (v{version.number}) is promoted by an admin (Models page), after checking its mAP"
+        version.refresh_from_db()
+        ModelVersion.objects.filter(pk=version.pk).update(
+            metrics={**version.metrics, "gate": {"passed": False, "reason": reason}}
+        )
         return
     gate = promote_gate(version=version, active=active)
     version.refresh_from_db()
@@ -152,7 +161,7 @@ def model_version_promote(
     if not confirm_drop and not version.is_active:
         active = ModelVersion.objects.filter(project_id=version.project_id, is_active=True).exclude(pk=version.pk)
         active = active.first()
-        if active is not None:
+        if active is not None and version.metrics.get("task") != "detection":  # detectors: the admin's call
             gate = promote_gate(version=version, active=active)
             if not gate["passed"] and gate["drop"] is not None:
                 raise PromoteNeedsConfirmation(gate)

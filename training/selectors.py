@@ -36,7 +36,7 @@ _MEDIA = {
     ".md": "text/markdown; charset=utf-8",
     ".png": "image/png",
 }
-DOWNLOADS = ("model.onnx", "label_maps.json", "report.md")  # sent as attachments
+DOWNLOADS = ("model.onnx", "detector.onnx", "label_maps.json", "report.md")  # sent as attachments
 RECIPE_KEYS = (
     "backbone",
     "image_size",
@@ -132,6 +132,22 @@ def _class_photos(art: Path, head: str) -> dict[str, list[int]]:
     return out
 
 
+def _detector_rows(metrics: dict) -> dict:
+    """The model page's detector table: (split, figures) for val and test, and the per-class rows of the test split
+    (else val). Empty for a classifier."""
+    if metrics.get("task") != "detection":
+        return {}
+    rows = [("validation", metrics.get("val")), ("test (frozen test split)", metrics.get("test"))]
+    split, per = ("test", (metrics.get("test") or {}).get("per_class")) if metrics.get("test") else ("val", None)
+    if not per:
+        split, per = "validation", (metrics.get("val") or {}).get("per_class")
+    return {
+        "detector_rows": rows,
+        "detector_classes": sorted((per or {}).items()),
+        "detector_classes_split": split,
+    }
+
+
 def model_version_evaluation(*, version: ModelVersion) -> dict:
     """Everything the model page shows, from the version's metrics and artifact folder: per head top-1/top-5 on
     val and test, per-class P/R/F1 rows, most-confused pairs with up to 4 example validation image ids (true
@@ -191,6 +207,7 @@ def model_version_evaluation(*, version: ModelVersion) -> dict:
         "dataset_version": run.dataset_version.number if run and run.dataset_version_id else None,
         "curves": bool(art and (art / "curves.png").is_file()),
         "downloads": [n for n in DOWNLOADS if art and (art / n).is_file()],
+        **_detector_rows(metrics),
         "metrics_on": metrics.get("metrics_on") or "val",
         "has_val": bool(metrics.get("n_val")),
     }
@@ -293,9 +310,17 @@ def model_version_for(project: Project, number: int | None) -> ModelVersion:
     return version
 
 
+def is_detection_project(project: Project) -> bool:
+    """A project whose model is a detector: it has a detection head (the shelf preset)."""
+    return project.heads.filter(kind="detection").exists()
+
+
 def run_config(project: Project, overrides: dict) -> dict:
     """The full engine config of a run: engine defaults < the project preset's YAML < LOUPE_TRAIN_OVERRIDES <
-    the project's training options (health page) < the run's own overrides (Retrain form, manage.py train)."""
+    the project's training options (health page) < the run's own overrides (Retrain form, manage.py train).
+    A detection project gets the detector's config (training.engine.detection), with "task": "detection"."""
+    if is_detection_project(project):
+        return detector_run_config(project, overrides)
     from training.engine import resolve_config
 
     merged = {
@@ -307,6 +332,23 @@ def run_config(project: Project, overrides: dict) -> dict:
         return resolve_config(merged)
     except ValueError as exc:
         raise TrainingError(str(exc)) from exc
+
+
+def detector_run_config(project: Project, overrides: dict) -> dict:
+    """The detector's config: its defaults < the preset's YAML < the keys of LOUPE_TRAIN_OVERRIDES that the detector
+    has (device, epochs, pretrained …; the classifier's others do not apply) < the run's own overrides (refused
+    with the key named when the detector has no such key)."""
+    from training.engine.detection import DEFAULT_DETECTOR_CONFIG, resolve_detector_config
+
+    worker = {k: v for k, v in settings.LOUPE_TRAIN_OVERRIDES.items() if k in DEFAULT_DETECTOR_CONFIG}
+    own = {k: v for k, v in (overrides or {}).items() if k != "quick" or v}  # the Retrain form's unticked box
+    if own.get("quick"):
+        raise TrainingError("A detector has no quick retrain (heads on cached features): run a full training.")
+    try:
+        resolved = resolve_detector_config({**preset_config(project.preset), **worker, **own})
+    except ValueError as exc:
+        raise TrainingError(str(exc)) from exc
+    return {**resolved, "task": "detection", "quick": False}
 
 
 def _with_project_options(project: Project, config: dict) -> dict:

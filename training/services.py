@@ -18,7 +18,7 @@ from django.utils import timezone
 from labeling import storage
 from labeling.models import DatasetVersion, Head, Project
 from labeling.services import LabelingError
-from labeling.versions import dataset_version_create, version_manifest
+from labeling.versions import dataset_version_create, version_detection_manifest, version_manifest
 from training.engine.atomic import write_json_atomic
 from webapp import jobs
 
@@ -51,7 +51,7 @@ def training_run_create(
             "quick retrain needs a pretrained backbone (its heads train on frozen features): set pretrained = true "
             "or pretrained_path, or run a full fine-tune."
         )
-    if resolved["tail_from_block"] is not None and not (resolved["pretrained"] or resolved["pretrained_path"]):
+    if resolved.get("tail_from_block") is not None and not (resolved["pretrained"] or resolved["pretrained_path"]):
         raise TrainingError(
             "the tail fine-tune (tail_from_block) needs a pretrained backbone (its first blocks stay frozen): set "
             "pretrained = true or pretrained_path, or tail_from_block = null for a whole-network fine-tune."
@@ -233,6 +233,8 @@ def training_run_train(*, run: TrainingRun, fresh: bool = False) -> tuple[dict, 
             TrainingRun.objects.filter(pk=run.id).update(dataset_version=version)
         else:
             version = run.dataset_version
+        if config.get("task") == "detection":  # a shelf project: its model is a box detector
+            return _train_detector(run, config, version, out_dir, fresh=fresh)
         manifest = version_manifest(
             version=version, per_class_cap=(project.training_options or {}).get("per_class_cap")
         )
@@ -268,6 +270,53 @@ def training_run_train(*, run: TrainingRun, fresh: bool = False) -> tuple[dict, 
         metrics["onnx"] = {k: onnx[k] for k in ("exporter", "opset", *parity, "seconds")}
     except Exception as exc:  # noqa: BLE001 - serving falls back to torch; the reason is kept
         log.exception("ONNX export for run %s failed", run.id)
+        metrics["onnx"] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+    return manifest, metrics
+
+
+def _detector_progress(run_id: int):
+    """The detector's reports in the shape the run row takes (an epoch's val mAP@50, recall … as its metrics)."""
+    write = _progress_writer(run_id)
+
+    def report(p: dict) -> None:
+        if p.get("phase") != "epoch":
+            write(p)
+            return
+        val = p.get("val") or {}
+        scalars = {k: v for k, v in val.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        write({**p, "step": 1, "steps_per_epoch": 1, "loss": p.get("train_loss"), "metrics": scalars or None})
+
+    return report
+
+
+def _train_detector(
+    run: TrainingRun, config: dict, version: DatasetVersion, out_dir: Path, *, fresh: bool
+) -> tuple[dict, dict] | None:
+    """A detection project's run: its frozen boxes → training.engine.detection (checkpoints and resume like the
+    classifier), evaluated on the test split, exported to ONNX with a parity check. Raises like the engine; the
+    caller marks the row."""
+    from training.engine.detection import evaluate_detector, export_detector_onnx, train_detector
+
+    manifest = version_detection_manifest(version=version)
+    _write_json(out_dir / "manifest.json", manifest)
+    n = {s: sum(1 for it in manifest["items"] if it["split"] == s) for s in ("train", "val", "test")}
+    if not n["train"] or not manifest["classes"]:
+        raise TrainingError(
+            f"Dataset v{version.number} has no training photos with boxes: draw boxes (or import YOLO/COCO) first."
+        )
+    TrainingRun.objects.filter(pk=run.id).update(n_train=n["train"], n_val=n["val"], epochs=config["epochs"])
+    engine_config = {k: v for k, v in config.items() if k not in ("task", "quick")}
+    metrics = train_detector(manifest, engine_config, out_dir, progress=_detector_progress(run.id), fresh=fresh)
+    metrics["task"] = "detection"
+    metrics["metrics_on"] = "test" if n["test"] else ("val" if n["val"] else "train")
+    if n["test"]:
+        metrics["test"] = evaluate_detector(out_dir, manifest, split="test")
+    try:
+        val_photos = [it["path"] for it in manifest["items"] if it["split"] in ("val", "test")][:2]
+        onnx = export_detector_onnx(out_dir, images=val_photos or None)
+        metrics["onnx"] = {k: v for k, v in onnx.items() if k != "path"}
+    except Exception as exc:  # noqa: BLE001 - serving falls back to torch; the reason is kept
+        log.exception("detector ONNX export for run %s failed", run.id)
         metrics["onnx"] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
     return manifest, metrics
 
@@ -316,8 +365,10 @@ def model_version_register(
         # Lock the project row so two concurrent registrations cannot take the same number.
         Project.objects.select_for_update().get(pk=project.pk)
         number = (project.model_versions.aggregate(m=Max("number"))["m"] or 0) + 1
+        # A detector has no gallery to index: it is ready to serve as soon as it exists.
+        ready = {"index_status": ModelVersion.IndexStatus.READY} if metrics.get("task") == "detection" else {}
         return ModelVersion.objects.create(
-            project=project, run=run, number=number, artifact_dir=str(artifact_dir), metrics=metrics
+            project=project, run=run, number=number, artifact_dir=str(artifact_dir), metrics=metrics, **ready
         )
 
 
@@ -374,7 +425,8 @@ def model_version_activate(*, version: ModelVersion) -> ModelVersion:
         )
         # The review queues follow the active model: rebuilt on every promote and rollback, never by a run that was
         # not promoted. Each job checks that its version is still the active one when it runs (training.jobs).
-        if settings.LOUPE_MISLABEL_AFTER_PROMOTE:  # out-of-fold predictions of its dataset (reused if computed)
+        classifier = version.metrics.get("task") != "detection"  # the queues below rank class labels
+        if classifier and settings.LOUPE_MISLABEL_AFTER_PROMOTE:  # out-of-fold predictions (reused if computed)
             job_enqueue(
                 project=version.project,
                 kind=Job.Kind.MISLABEL_REFRESH,
@@ -382,7 +434,7 @@ def model_version_activate(*, version: ModelVersion) -> ModelVersion:
                 what="the mislabel queue",
                 undo_on_broker_error=False,
             )
-        if settings.LOUPE_UNCERTAIN_AFTER_PROMOTE:  # the new model re-ranks the low-confidence queue
+        if classifier and settings.LOUPE_UNCERTAIN_AFTER_PROMOTE:  # the new model re-ranks the low-confidence queue
             job_enqueue(
                 project=version.project,
                 kind=Job.Kind.UNCERTAIN_REFRESH,
