@@ -18,7 +18,7 @@ from django.views.decorators.http import require_POST
 from . import importers, selectors, services, storage, upload_views
 from .access import current_project
 from .forms import ImportForm, ProjectForm
-from .models import Head, Image, ImageEvent, Label, LabelEvent
+from .models import BoxEvent, Head, Image, ImageEvent, Label, LabelEvent
 from .presets import PRESETS
 
 PAGE_SIZE = 100
@@ -216,10 +216,17 @@ def image_detail(request, slug, pk):
     editors = [_editor_context(image, lb) for lb in labels]
     label_events = LabelEvent.objects.filter(image=image).select_related("head", "old_class", "new_class", "user")[:50]
     status_events = ImageEvent.objects.filter(image=image).select_related("user")[:50]
-    events = sorted([*label_events, *status_events], key=lambda e: (e.created_at, e.id), reverse=True)[:50]
+    box_events = BoxEvent.objects.filter(box_set__image=image).select_related("box_set__head", "user")[:50]
+    events = sorted([*label_events, *status_events, *box_events], key=lambda e: (e.created_at, e.id), reverse=True)[:50]
     siblings = Image.objects.filter(project=project)
     prev_id = siblings.filter(id__lt=image.id).order_by("-id").values_list("id", flat=True).first()
     next_id = siblings.filter(id__gt=image.id).order_by("id").values_list("id", flat=True).first()
+    # Detection heads get the box editor (static/loupe/box_editor.js); it reads and saves the set over REST.
+    box_heads = project.heads.filter(kind=Head.Kind.DETECTION).order_by("order", "id").prefetch_related("classes")
+    box_editors = [
+        {"head": h, "classes": sorted((c for c in h.classes.all() if c.merged_into_id is None), key=lambda c: c.id)}
+        for h in box_heads
+    ]
     return render(
         request,
         "labeling/image_detail.html",
@@ -227,6 +234,7 @@ def image_detail(request, slug, pk):
             "project": project,
             "image": image,
             "editors": editors,
+            "box_editors": box_editors,
             "events": events,
             "prev_id": prev_id,
             "next_id": next_id,
