@@ -146,6 +146,31 @@ def missing_path(name: str) -> str:
     return str(_cache_file(name))
 
 
+def cache_prune(*, max_bytes: int) -> dict:
+    """Delete the oldest cached photo copies (by the time they were fetched) until the cache holds at most
+    `max_bytes`. Returns {"deleted", "freed", "kept", "kept_bytes"}. A copy being read stays readable (POSIX)."""
+    root = Path(settings.LOUPE_CACHE_DIR) / "blobs"
+    files = []
+    for f in root.rglob("*") if root.is_dir() else []:
+        try:
+            st = f.stat()
+        except FileNotFoundError:
+            continue
+        if f.is_file() and not f.name.startswith(".part-"):
+            files.append((st.st_mtime, st.st_size, f))
+    files.sort()
+    total = sum(size for _, size, _ in files)
+    deleted = freed = 0
+    for _, size, f in files:
+        if total <= max_bytes:
+            break
+        f.unlink(missing_ok=True)
+        total -= size
+        freed += size
+        deleted += 1
+    return {"deleted": deleted, "freed": freed, "kept": len(files) - deleted, "kept_bytes": total}
+
+
 def manifest_localize(manifest: dict) -> dict:
     """A manifest read back from an artifact folder, its photo paths made valid in this process: items carry
     their stored name ("file"); on a remote store the paths written by another machine are re-resolved through

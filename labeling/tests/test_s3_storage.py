@@ -4,6 +4,7 @@ worker that wrote them and fetched by any other process, changed files fetched a
 
 import hashlib
 import io
+import os
 import time
 from pathlib import Path
 
@@ -168,3 +169,20 @@ def test_the_web_process_serves_photos_from_the_bucket_through_its_cache(s3_stor
     gone = ImageFactory(project=project, color="blue")
     default_storage.delete(gone.file)  # lost from the bucket (and never cached here)
     assert admin_client.get(f"/p/{project.slug}/images/{gone.pk}/full").status_code == 404
+
+
+def test_the_cache_is_bounded_by_cache_prune_oldest_first(s3_store, settings):
+    from django.core.management import call_command
+
+    names = [_stored(_jpeg((i * 40, 10, 10))) for i in range(3)]
+    paths = [Path(storage.local_path(n)) for n in names]
+    for age, path in zip((300, 200, 100), paths, strict=True):  # the first fetched the longest ago
+        t = time.time() - age
+        os.utime(path, (t, t))
+    keep = paths[2].stat().st_size
+    out = storage.cache_prune(max_bytes=keep)
+    assert out["deleted"] == 2 and out["kept"] == 1 and not paths[0].exists() and paths[2].exists()
+    assert Path(storage.local_path(names[0])).read_bytes()  # fetched again on the next read
+    buf = io.StringIO()
+    call_command("cache_prune", "--max-gb", "0", stdout=buf)
+    assert "2 cached photo(s) deleted" in buf.getvalue() and not any(p.exists() for p in paths)
