@@ -28,17 +28,18 @@ migrate: .venv/.runtime
 # One machine, no services: SQLite + kombu's filesystem broker under var/. Generates and imports the demo
 # project, starts two Celery workers as docker-compose does (queue default: index builds, scans, the reconciler's
 # beat; queue gpu: training and out-of-fold jobs), so a promote's index build never waits behind a long job;
-# trains and promotes a first model through them, then serves on $(PORT).
+# trains and promotes a first model through them, then serves on $(PORT). `make demo SHELF=1` adds the shelf demo
+# (generated shelf photos with boxes + their SKU crops; its detector trains for up to 10 more minutes).
 demo: .venv/.runtime
 	@export DEBUG=1; set -e; \
 	$(PY) manage.py migrate --noinput; \
-	$(PY) manage.py demo; \
+	$(PY) manage.py demo $(if $(SHELF),--shelf); \
 	mkdir -p var/log; \
 	.venv/bin/celery -A webapp worker -B -s var/celerybeat-schedule -Q default -c 1 -n default@%h -l info > var/log/worker.log 2>&1 & \
 	worker=$$!; \
 	.venv/bin/celery -A webapp worker -Q gpu -c 1 -n gpu@%h -l info > var/log/gpu-worker.log 2>&1 & \
 	gpuworker=$$!; trap "kill $$worker $$gpuworker 2>/dev/null; wait $$worker $$gpuworker 2>/dev/null" EXIT INT TERM; \
-	$(PY) manage.py demo --train; \
+	$(PY) manage.py demo --train $(if $(SHELF),--shelf); \
 	echo; echo "Loupe is at http://$(HOST):$(PORT)/  (login: see above or var/demo-admin.txt; worker logs var/log/worker.log, var/log/gpu-worker.log)"; \
 	$(PY) manage.py runserver $(HOST):$(PORT) --noreload
 

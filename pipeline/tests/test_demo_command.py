@@ -27,3 +27,18 @@ def test_demo_command_imports_project_and_creates_admin(tmp_path, settings, caps
     call_command("demo", "--images-per-combo", "1", "--out", str(out))
     assert Image.objects.count() == n
     assert f"admin / {password}" in capsys.readouterr().out
+
+
+def test_demo_shelf_creates_the_shelf_project_and_its_sku_project(tmp_path):
+    from labeling.models import BoxSet
+
+    out = tmp_path / "demo"
+    call_command("demo", "--images-per-combo", "1", "--out", str(out), "--shelf", "--shelf-photos", "6")
+    shelf, skus = Project.objects.get(slug="shelf-demo"), Project.objects.get(slug="shelf-skus")
+    assert shelf.preset == "shelf" and shelf.sku_project_id == skus.id
+    assert shelf.images.count() == 6 and BoxSet.objects.filter(image__project=shelf, version__gt=0).count() == 6
+    assert skus.images.count() > 100  # one crop per box, labeled with its SKU from the folder name
+    assert LabelClass.objects.filter(head__project=skus).count() >= 10
+    n = (shelf.images.count(), skus.images.count())
+    call_command("demo", "--images-per-combo", "1", "--out", str(out), "--shelf", "--shelf-photos", "6")
+    assert (shelf.images.count(), skus.images.count()) == n  # a second run adds nothing
