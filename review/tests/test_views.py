@@ -197,6 +197,9 @@ def test_refresh_needs_a_promoted_model_and_queues_the_task(
     page = client.post(url, follow=True).content.decode()
     assert "Train and promote a model first" in page
     version = trained_version(project)
+    # Jobs are sent by task name; eager mode runs only tasks registered in this process (send_task ignores it), so
+    # register them all, as a worker does, whatever the tests run before this one imported.
+    app.loader.import_default_modules()
     app.conf.task_always_eager = True  # run the task here, on commit (tests/test_loop_worker.py: a real worker)
     try:
         with django_capture_on_commit_callbacks(execute=True) as callbacks:
