@@ -4,8 +4,10 @@ import base64
 import binascii
 
 from django.conf import settings
+from django.http import HttpResponse
 from django.shortcuts import get_object_or_404
 from django.urls import reverse
+from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers, status
 from rest_framework.parsers import MultiPartParser
@@ -20,15 +22,23 @@ from labeling.models import Label
 from webapp.errors import ApiError, JSONParser
 from webapp.throttling import PublicIPRateThrottle
 
-from . import services
-from .decode import ImageError, decode_image, decoded_size, sniff_media_type
+from . import services, shelf
+from .decode import ImageError, decode_image, decoded_size, oriented_size, sniff_media_type
 from .recognizer import ModelUnavailable
-from .serializers import ErrorSerializer, RecognizeJsonSerializer, RecognizeResponseSerializer
+from .serializers import (
+    ErrorSerializer,
+    RecognizeJsonSerializer,
+    RecognizeResponseSerializer,
+    ShelfJsonSerializer,
+    ShelfResponseSerializer,
+)
+from .shelf_core import ANNOTATE_MAX_SIDE, annotate
 
 DECODE_SIDE = 512  # the models never need more than ~512 px: photos are decoded / reduced to about this
+SHELF_DECODE_SIDE = 1024  # a shelf photo's boxes are small: decoded at a shorter side of >= ~1024 px
 
 
-def _decode_all(blobs: list[bytes]) -> list:
+def _decode_all(blobs: list[bytes], *, side: int = DECODE_SIDE) -> list:
     """Decode every photo (JPEGs at reduced size, PNG/WebP reduced right after decoding) or refuse the request
     naming the bad one. The pixels to decode, summed over the photos, are read from the headers first and
     checked against LOUPE_MAX_REQUEST_PIXELS: PNG and WebP cannot be decoded at a reduced size, so ten large
@@ -37,14 +47,14 @@ def _decode_all(blobs: list[bytes]) -> list:
     sizes = []
     for i, data in enumerate(blobs, start=1):
         try:
-            sizes.append(decoded_size(data, max_pixels=limit, max_side_hint=DECODE_SIDE))
+            sizes.append(decoded_size(data, max_pixels=limit, max_side_hint=side))
         except ImageError as exc:
             raise ApiError(f"image {i}: {exc}", code="bad_image") from None
     _check_request_pixels(sizes)
     images = []
     for i, data in enumerate(blobs, start=1):
         try:
-            images.append(decode_image(data, max_pixels=limit, max_side_hint=DECODE_SIDE))
+            images.append(decode_image(data, max_pixels=limit, max_side_hint=side))
         except ImageError as exc:
             raise ApiError(f"image {i}: {exc}", code="bad_image") from None
     return images
@@ -130,11 +140,16 @@ def _json_images(data, max_n: int) -> list[dict]:
     return items
 
 
-def _collect_images(request) -> list[bytes]:
-    max_n = settings.LOUPE_MAX_IMAGES_PER_REQUEST
+def _collect_images(request, *, single: bool = False) -> list[bytes]:
+    """The request's photos (multipart field `images`, or JSON {"images": [{"data", "media_type"}]}), size-checked.
+    single: exactly one photo, also as multipart field `image` or JSON {"image": {"data", "media_type"}}."""
+    max_n = 1 if single else settings.LOUPE_MAX_IMAGES_PER_REQUEST
     blobs: list[bytes] = []
+    body = request.data
     if request.content_type and request.content_type.startswith("multipart/"):
         files = request.FILES.getlist("images")
+        if single:
+            files = request.FILES.getlist("image") + files
         if len(files) > max_n:
             raise ApiError(f"Send at most {max_n} images per request (got {len(files)}).", code="too_many_images")
         for i, f in enumerate(files, start=1):
@@ -142,7 +157,9 @@ def _collect_images(request) -> list[bytes]:
                 raise _too_large(i, f.size)
             blobs.append(f.read())
     else:
-        items = _json_images(request.data, max_n)
+        if single and isinstance(body, dict) and "image" in body and "images" not in body:
+            body = {"images": [body["image"]]}
+        items = _json_images(body, max_n)
         for i, item in enumerate(items, start=1):
             text = item["data"].strip()
             if text.startswith("data:") and "," in text:
@@ -159,11 +176,15 @@ def _collect_images(request) -> list[bytes]:
                     code="media_type_mismatch",
                 )
             blobs.append(data)
+    if single and len(blobs) > 1:
+        raise ApiError(f"Send one photo of the shelf (got {len(blobs)}).", code="too_many_images")
     if not blobs:
-        raise ApiError(
-            'Send 1 to 10 images: multipart field \'images\', or JSON {"images": [{"data", "media_type"}]}.',
-            code="no_images",
+        what = (
+            'Send one photo: multipart field \'image\', or JSON {"image": {"data", "media_type"}}.'
+            if single
+            else 'Send 1 to 10 images: multipart field \'images\', or JSON {"images": [{"data", "media_type"}]}.'
         )
+        raise ApiError(what, code="no_images")
     return blobs
 
 
@@ -174,6 +195,21 @@ def _active_model(ctx: services.ServingContext) -> services.Served:
         raise ApiError(str(exc), code="no_active_model", status_code=409) from exc
     except ModelUnavailable as exc:  # nothing valid to serve (a previous good version would have been kept)
         raise ApiError(str(exc), code=exc.code, details=exc.problems or None, status_code=503) from None
+
+
+def _project_context(request, slug: str) -> services.ServingContext:
+    """The project's serving context; 404 for an unknown project and for a members-only project the caller is not
+    a member of (open projects need no query here: the hot path)."""
+    try:
+        ctx = services.serving_context(slug=slug)
+    except services.NoProject as exc:
+        raise ApiError(str(exc), code="not_found", status_code=404) from None
+    if ctx.members_only and not request.user.is_staff:
+        from labeling.models import ProjectMember  # noqa: PLC0415
+
+        if not ProjectMember.objects.filter(project_id=ctx.project_id, user=request.user).exists():
+            raise ApiError(f"No project {slug!r}.", code="not_found", status_code=404)
+    return ctx
 
 
 COMBINE_MODES = ("mean", "vote", "geometric")
@@ -226,15 +262,13 @@ class RecognizeView(APIView):
         "is below the head's threshold), the confidence and the top-k; plus the nearest gallery images.",
     )
     def post(self, request, slug: str):
-        try:
-            ctx = services.serving_context(slug=slug)
-        except services.NoProject as exc:
-            raise ApiError(str(exc), code="not_found", status_code=404) from None
-        if ctx.members_only and not request.user.is_staff:  # open projects need no query here (the hot path)
-            from labeling.models import ProjectMember  # noqa: PLC0415
-
-            if not ProjectMember.objects.filter(project_id=ctx.project_id, user=request.user).exists():
-                raise ApiError(f"No project {slug!r}.", code="not_found", status_code=404)
+        ctx = _project_context(request, slug)
+        if ctx.detection_heads and len(ctx.detection_heads) == len(ctx.thresholds):
+            raise ApiError(
+                f"Project {slug!r} has only detection heads (a shelf project): POST /api/v1/projects/{slug}/shelf "
+                "recognises its photos.",
+                code="shelf_project",
+            )
         combine = request.query_params.get("combine", settings.LOUPE_COMBINE_VIEWS)
         if combine not in COMBINE_MODES:
             raise ApiError(f"combine must be one of {', '.join(COMBINE_MODES)} (got {combine!r}).", code="bad_combine")
@@ -389,3 +423,99 @@ class ImagePredictionView(APIView):
         result = served.recognizer.recognize(decoded, thresholds=ctx.thresholds, top_k=5, neighbours=0)
         body = {"model_version": served.number, "runtime": served.recognizer.runtime, "n_images": 1, **result}
         return Response(body)
+
+
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+
+class ShelfView(APIView):
+    """Shelf recognition: one photo of a shelf in, every container's box, class and SKU and the counts per SKU out
+    (or, with ?annotate=1, the photo with the boxes drawn). See inference.shelf."""
+
+    parser_classes = [JSONParser, MultiPartParser]
+
+    @extend_schema(
+        request={
+            "application/json": ShelfJsonSerializer,
+            "multipart/form-data": {
+                "type": "object",
+                "properties": {"image": {"type": "string", "format": "binary"}},
+            },
+        },
+        responses={
+            (200, "application/json"): ShelfResponseSerializer,
+            (200, "image/jpeg"): OpenApiTypes.BINARY,
+            400: ErrorSerializer,
+            404: ErrorSerializer,
+            409: ErrorSerializer,
+            413: ErrorSerializer,
+            503: ErrorSerializer,
+        },
+        parameters=[
+            OpenApiParameter(
+                "annotate",
+                bool,
+                description="1: answer with the photo as a JPEG (at most "
+                f"{ANNOTATE_MAX_SIDE} px a side) with every box drawn and named instead of JSON",
+            ),
+            OpenApiParameter(
+                "mode",
+                str,
+                enum=list(RECOGNITION_MODES),
+                description="how the SKU model names each box, as for /recognize (default: the server's "
+                "LOUPE_RECOGNITION_MODE)",
+            ),
+        ],
+        description="Recognise a shelf: one photo (multipart `image`, or JSON base64 as for /recognize) of a shelf "
+        "project (a detection head; its SKU project names the boxes). Per box: its pixels, container class and "
+        "score, its SKU (null label when rejected, with the reason) or null when there is no SKU model (`note` "
+        "says why); counts per SKU, `unknown` (boxes without a SKU) and per container class. Boxes below the "
+        "detector's score threshold are not returned; a photo with none answers 200 with no boxes.",
+    )
+    def post(self, request, slug: str):
+        ctx = _project_context(request, slug)
+        try:
+            head = shelf.check_shelf_project(ctx)
+        except shelf.NotAShelfProject as exc:
+            raise ApiError(str(exc), code="not_a_shelf_project") from None
+        raw = request.query_params.get("annotate", "0").lower()
+        if raw not in TRUE + FALSE:
+            raise ApiError(f"annotate must be 1 or 0 (got {raw!r}).", code="bad_annotate")
+        mode = request.query_params.get("mode", settings.LOUPE_RECOGNITION_MODE)
+        if mode not in RECOGNITION_MODES:
+            raise ApiError(f"mode must be one of {', '.join(RECOGNITION_MODES)} (got {mode!r}).", code="bad_mode")
+        blobs = _collect_images(request, single=True)
+        image = _decode_all(blobs, side=SHELF_DECODE_SIDE)[0]
+        size = oriented_size(blobs[0], max_pixels=settings.LOUPE_MAX_IMAGE_PIXELS)  # checked by _decode_all
+        scale = (size[0] / image.width, size[1] / image.height)
+        detector = _active_detector(ctx)
+        try:
+            result = shelf.shelf_recognize(ctx=ctx, detector=detector, image=image, scale=scale, mode=mode)
+        except shelf.NoGallery as exc:
+            raise ApiError(str(exc), code="no_gallery", status_code=409) from None
+        shelf.shelf_keep(
+            ctx=ctx,
+            head=head,
+            detector=detector,
+            result=result,
+            photo=blobs[0],
+            photo_size=size,
+            mode=mode,
+            user=request.user,
+        )
+        if raw in TRUE:
+            return HttpResponse(annotate(image, result.body["boxes"], scale=scale), content_type="image/jpeg")
+        return Response(result.body, status=status.HTTP_200_OK)
+
+
+def _active_detector(ctx: services.ServingContext) -> services.Served:
+    try:
+        return services.active_detector(project_id=ctx.project_id)
+    except services.NoActiveModel:
+        raise ApiError(
+            f"Shelf project {ctx.slug!r} has no promoted detector yet: train one and promote it.",
+            code="no_active_model",
+            status_code=409,
+        ) from None
+    except ModelUnavailable as exc:
+        raise ApiError(str(exc), code=exc.code, details=exc.problems or None, status_code=503) from None

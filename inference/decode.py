@@ -7,6 +7,7 @@ Public API::
     sniff_media_type(data: bytes) -> "image/jpeg" | "image/png" | "image/webp" | None
     decode_image(data: bytes, *, max_pixels=40_000_000, max_side_hint=None) -> PIL.Image.Image
     decoded_size(data: bytes, *, max_pixels=40_000_000, max_side_hint=None) -> (width, height)  (header only)
+    oriented_size(data: bytes, *, max_pixels=40_000_000) -> (width, height) at full size, EXIF orientation applied
 """
 
 from __future__ import annotations
@@ -115,6 +116,21 @@ def decoded_size(data: bytes, *, max_pixels: int = 40_000_000, max_side_hint: in
     img = _open_image(data, max_pixels=max_pixels, max_side_hint=max_side_hint)
     try:
         return img.size
+    finally:
+        img.close()
+
+
+def oriented_size(data: bytes, *, max_pixels: int = 40_000_000) -> tuple[int, int]:
+    """(width, height) of the full-size photo as decode_image orients it (EXIF rotations by 90 degrees swap the
+    sides), read from the header. Raises ImageError like decode_image."""
+    img = _open_image(data, max_pixels=max_pixels, max_side_hint=None)
+    try:
+        w, h = img.size
+        try:
+            turned = img.getexif().get(0x0112) in (5, 6, 7, 8)
+        except Exception:  # noqa: BLE001 - a broken EXIF block: decode_image ignores it as well
+            turned = False
+        return (h, w) if turned else (w, h)
     finally:
         img.close()
 

@@ -13,6 +13,7 @@ Public API::
         predict(images) -> (probs {head: (N, K) float32}, embeddings (N, D) float32, L2-normalised)
         search(embedding, k=5) -> [{"image_id", "score"}]
         recognize(images, *, thresholds=None, default_threshold=0.6, top_k=5, neighbours=5) -> dict
+        recognize_each(images, *, thresholds=None, ..., mode="softmax") -> [dict]   (one object per photo)
 """
 
 from __future__ import annotations
@@ -396,6 +397,67 @@ class Recognizer:
         if combine == "vote" and len(images) < VOTE_MIN_VIEWS:
             combine = "mean"  # one or two votes give a share of 1 (or 0.5): a confidence no threshold can use
         probs, emb = self.predict(images)
+        return self._decide(
+            probs,
+            emb,
+            thresholds=thresholds,
+            default_threshold=default_threshold,
+            top_k=top_k,
+            neighbours=neighbours,
+            combine=combine,
+            mode=mode,
+            fusion_weight=fusion_weight,
+        )
+
+    def recognize_each(
+        self,
+        images: Sequence[Image.Image],
+        *,
+        thresholds: dict[str, float] | None = None,
+        default_threshold: float = 0.6,
+        top_k: int = 5,
+        mode: str = "softmax",
+        fusion_weight: float = 0.5,
+        batch_size: int = 64,
+    ) -> list[dict]:
+        """Recognise N separate objects, one photo each (the boxes of a shelf photo): batched forward passes of at
+        most batch_size photos, then recognize's decision for each photo alone. Returns one recognize() answer per
+        image (no neighbours)."""
+        if mode not in RECOGNITION_MODES:
+            raise ValueError(f"mode must be one of {RECOGNITION_MODES}, got {mode!r}")
+        out: list[dict] = []
+        for start in range(0, len(images), max(1, int(batch_size))):
+            probs, emb = self.predict(images[start : start + batch_size])
+            for i in range(len(emb)):
+                out.append(
+                    self._decide(
+                        {h: p[i : i + 1] for h, p in probs.items()},
+                        emb[i : i + 1],
+                        thresholds=thresholds,
+                        default_threshold=default_threshold,
+                        top_k=top_k,
+                        neighbours=0,
+                        combine="mean",
+                        mode=mode,
+                        fusion_weight=fusion_weight,
+                    )
+                )
+        return out
+
+    def _decide(
+        self,
+        probs: dict[str, np.ndarray],
+        emb: np.ndarray,
+        *,
+        thresholds: dict[str, float] | None,
+        default_threshold: float,
+        top_k: int,
+        neighbours: int,
+        combine: str,
+        mode: str,
+        fusion_weight: float,
+    ) -> dict:
+        """recognize's answer from the views' probabilities {head: (V, K)} and embeddings (V, D)."""
         thresholds = thresholds or {}
         temps = self.calibration.get("temperature", {})
         mean_probs = {

@@ -74,3 +74,66 @@ class ErrorBodySerializer(serializers.Serializer):
 
 class ErrorSerializer(serializers.Serializer):
     error = ErrorBodySerializer()
+
+
+class ShelfJsonSerializer(serializers.Serializer):
+    image = Base64ImageSerializer(help_text='The shelf photo (or "images": [one photo], as for /recognize).')
+
+
+class ShelfBoxXywhSerializer(serializers.Serializer):
+    x = serializers.FloatField(help_text="left, pixels of the uploaded photo (EXIF orientation applied)")
+    y = serializers.FloatField(help_text="top, pixels")
+    w = serializers.FloatField()
+    h = serializers.FloatField()
+
+
+class ShelfContainerSerializer(serializers.Serializer):
+    label = serializers.CharField(help_text="the container class (bottle, can, glass, unknown_container, ...)")
+    confidence = serializers.FloatField(help_text="the detector's score")
+
+
+class ShelfSkuSerializer(serializers.Serializer):
+    label = serializers.CharField(allow_null=True, help_text="null when rejected (see reason)")
+    confidence = serializers.FloatField()
+    reason = serializers.ChoiceField(
+        choices=["low_confidence", "too_far", "ambiguous", "no_neighbours"],
+        allow_null=True,
+        help_text="why label is null, as for /recognize",
+    )
+
+
+class ShelfBoxSerializer(serializers.Serializer):
+    box = ShelfBoxXywhSerializer()
+    container = ShelfContainerSerializer()
+    sku = ShelfSkuSerializer(allow_null=True, help_text="null when there is no SKU model (see note)")
+
+
+class ShelfDetectorSerializer(serializers.Serializer):
+    model_version = serializers.IntegerField()
+    runtime = serializers.CharField()
+    score_threshold = serializers.FloatField(help_text="boxes scored below it are not returned")
+
+
+class ShelfSkuModelSerializer(serializers.Serializer):
+    project = serializers.CharField(help_text="the SKU project's slug")
+    model_version = serializers.IntegerField()
+    runtime = serializers.CharField()
+    head = serializers.CharField(help_text="the SKU project's head that names the SKU")
+    mode = serializers.CharField(help_text="softmax, retrieval or fusion (?mode=)")
+
+
+class ShelfImageSizeSerializer(serializers.Serializer):
+    width = serializers.IntegerField()
+    height = serializers.IntegerField()
+
+
+class ShelfResponseSerializer(serializers.Serializer):
+    detector = ShelfDetectorSerializer()
+    sku_model = ShelfSkuModelSerializer(allow_null=True, help_text="null when boxes carry no SKU (see note)")
+    note = serializers.CharField(allow_null=True, help_text="why boxes carry no SKU; null when they do")
+    image = ShelfImageSizeSerializer()
+    n_boxes = serializers.IntegerField()
+    boxes = ShelfBoxSerializer(many=True)
+    counts = serializers.DictField(child=serializers.IntegerField(), help_text="{SKU: boxes} over boxes with a SKU")
+    unknown = serializers.IntegerField(help_text="boxes without a SKU (rejected, or no SKU model)")
+    containers = serializers.DictField(child=serializers.IntegerField(), help_text="{container class: boxes}")

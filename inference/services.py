@@ -12,13 +12,17 @@ its entry in this process at once; other server processes see the change within 
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from django.conf import settings
 
 from labeling import storage
 from training.models import ModelVersion
 
+from .detector import Detector
 from .recognizer import ModelUnavailable, Recognizer
 
 log = logging.getLogger("inference.services")
@@ -29,7 +33,15 @@ RETRY_FAILED_LOAD_SECONDS = 30.0  # a version that failed to load is tried again
 class Served:
     version_id: int
     number: int
-    recognizer: Recognizer
+    model: Any  # a Recognizer (active_model) or a Detector (active_detector)
+
+    @property
+    def recognizer(self) -> Recognizer:
+        return self.model
+
+    @property
+    def detector(self) -> Detector:
+        return self.model
 
 
 @dataclass(frozen=True)
@@ -41,14 +53,18 @@ class ServingContext:
     thresholds: dict  # head name -> threshold
     keep_low_confidence_photos: bool
     members_only: bool = False
+    detection_heads: tuple = ()  # names of the detection heads (a shelf project's `container`), in order
+    sku_project: str | None = None  # a shelf project's SKU project (slug)
 
 
+# Keyed by (kind, project id): kind "recognizer" or "detector", so a project asked for the wrong kind never poisons
+# the other kind's entry.
 _lock = threading.Lock()
-_served: dict[int, Served] = {}
-_checked_at: dict[int, float] = {}
+_served: dict[tuple[str, int], Served] = {}
+_checked_at: dict[tuple[str, int], float] = {}
 _contexts: dict[str, tuple[float, ServingContext]] = {}
-_loading: dict[int, threading.Lock] = {}  # per project: held by the one thread loading a newly promoted version
-_failed: dict[int, tuple[int, float, ModelUnavailable]] = {}  # project -> (version id, when, why) of a failed load
+_loading: dict[tuple[str, int], threading.Lock] = {}  # held by the one thread loading a newly promoted version
+_failed: dict[tuple[str, int], tuple[int, float, ModelUnavailable]] = {}  # (version id, when, why) of a failed load
 
 
 class NoActiveModel(LookupError):
@@ -68,15 +84,22 @@ def serving_context(*, slug: str) -> ServingContext:
         return hit[1]
     from labeling.models import Head, Project  # noqa: PLC0415 - labeling imports this app's models
 
-    row = Project.objects.filter(slug=slug).values("id", "keep_low_confidence_photos", "members_only").first()
+    row = (
+        Project.objects.filter(slug=slug)
+        .values("id", "keep_low_confidence_photos", "members_only", "sku_project__slug")
+        .first()
+    )
     if row is None:
         raise NoProject(f"No project {slug!r}.")
+    heads = list(Head.objects.filter(project_id=row["id"]).values_list("name", "threshold", "kind"))
     ctx = ServingContext(
         project_id=row["id"],
         slug=slug,
-        thresholds=dict(Head.objects.filter(project_id=row["id"]).values_list("name", "threshold")),
+        thresholds={name: thr for name, thr, _ in heads},
         keep_low_confidence_photos=row["keep_low_confidence_photos"],
         members_only=row["members_only"],
+        detection_heads=tuple(name for name, _, kind in heads if kind == Head.Kind.DETECTION),
+        sku_project=row["sku_project__slug"],
     )
     _contexts[slug] = (now, ctx)
     return ctx
@@ -90,17 +113,35 @@ def forget_project(slug: str | None = None) -> None:
         _contexts.pop(slug, None)
 
 
+def _load_recognizer(path: Path) -> Recognizer:
+    return Recognizer.load(path, device=settings.LOUPE_SERVING_DEVICE)
+
+
+def _load_detector(path: Path) -> Detector:
+    return Detector.load(path, device=settings.LOUPE_SERVING_DEVICE)
+
+
 def active_model(*, project_id: int) -> Served:
-    """The project's promoted model in this process. After a promote, the first request to notice loads the
-    new version fully (one thread per project at a time) while the process's other threads go on answering
-    with the old one; then it is swapped in. A process with nothing loaded yet waits for the load.
+    """The project's promoted model in this process (served.recognizer). After a promote, the first request to
+    notice loads the new version fully (one thread per project at a time) while the process's other threads go on
+    answering with the old one; then it is swapped in. A process with nothing loaded yet waits for the load.
 
     A version whose files cannot be served (Recognizer.load failed) is logged and retried at most every
     RETRY_FAILED_LOAD_SECONDS; meanwhile the previously loaded version goes on serving, or, when there is none,
     ModelUnavailable (code naming the problem: model_file_missing, model_file_corrupt, model_load_failed)."""
+    return _active(project_id, "recognizer", _load_recognizer)
+
+
+def active_detector(*, project_id: int) -> Served:
+    """A shelf project's promoted detector (served.detector), cached and swapped like active_model."""
+    return _active(project_id, "detector", _load_detector)
+
+
+def _active(project_id: int, kind: str, load: Callable[[Path], Any]) -> Served:
+    key = (kind, project_id)
     now = time.monotonic()
-    current = _served.get(project_id)
-    if current is not None and now - _checked_at.get(project_id, 0) < settings.LOUPE_ACTIVE_MODEL_TTL:
+    current = _served.get(key)
+    if current is not None and now - _checked_at.get(key, 0) < settings.LOUPE_ACTIVE_MODEL_TTL:
         return current
     row = (
         ModelVersion.objects.filter(project_id=project_id, is_active=True)
@@ -110,39 +151,39 @@ def active_model(*, project_id: int) -> Served:
     if row is None:
         raise NoActiveModel("This project has no promoted model yet: train one and promote it.")
     if current is not None and current.version_id == row["id"]:
-        _checked_at[project_id] = now
+        _checked_at[key] = now
         return current
-    failed = _failed.get(project_id)
+    failed = _failed.get(key)
     if failed is not None and failed[0] == row["id"] and now - failed[1] < RETRY_FAILED_LOAD_SECONDS:
-        _checked_at[project_id] = now
+        _checked_at[key] = now
         if current is not None:
             return current
         raise failed[2]
     with _lock:
-        loading = _loading.setdefault(project_id, threading.Lock())
+        loading = _loading.setdefault(key, threading.Lock())
     if not loading.acquire(blocking=current is None):
         return current  # another thread is loading the new version: keep serving the old one meanwhile
     try:
-        again = _served.get(project_id)
+        again = _served.get(key)
         if again is not None and again.version_id == row["id"]:
             return again
         try:
             art = storage.artifact_local(row["artifact_dir"])  # a remote store: fetched into this process's cache
-            recognizer = Recognizer.load(art, device=settings.LOUPE_SERVING_DEVICE)
+            model = load(art)
         except Exception as exc:  # noqa: BLE001 - a broken version must not take the endpoint down
             error = _unavailable(row["number"], exc, serving=current)
             log.error("%s", error, exc_info=not isinstance(exc, ModelUnavailable))
             with _lock:
-                _failed[project_id] = (row["id"], time.monotonic(), error)
-                _checked_at[project_id] = time.monotonic()
+                _failed[key] = (row["id"], time.monotonic(), error)
+                _checked_at[key] = time.monotonic()
             if current is not None:
                 return current
             raise error from exc
-        _failed.pop(project_id, None)
-        loaded = Served(version_id=row["id"], number=row["number"], recognizer=recognizer)
+        _failed.pop(key, None)
+        loaded = Served(version_id=row["id"], number=row["number"], model=model)
         with _lock:
-            _served[project_id] = loaded
-            _checked_at[project_id] = time.monotonic()
+            _served[key] = loaded
+            _checked_at[key] = time.monotonic()
         return loaded
     finally:
         loading.release()
@@ -169,18 +210,17 @@ def forget_all() -> None:
         _loading.clear()
 
 
-def recognition_keep(*, project, served, blobs: list[bytes], result: dict, mode: str, user=None):
+def recognition_keep(
+    *, project, served, blobs: list[bytes], result: dict, mode: str, user=None, written: list[str] | None = None
+):
     """Production feedback: when the project opts in and some head got no label, store the photos as
     `production` images (content-addressed, unlabeled) and the prediction, for the low-confidence queue.
     `project` is a Project or a ServingContext (the Project row is then read only when something is kept).
-    Returns the Recognition or None. One transaction; files written are removed if it fails."""
-    import hashlib
-
+    Returns the Recognition or None. One transaction; files written are removed if it fails. A caller that
+    keeps more inside its own transaction passes `written` (the names of the files written are added to it) and
+    removes them when its transaction fails."""
     from django.db import transaction
 
-    from labeling.models import Image, Label
-
-    from .decode import _sniff_ext
     from .models import Recognition
 
     if not project.keep_low_confidence_photos or all(h["label"] is not None for h in result["heads"].values()):
@@ -189,7 +229,7 @@ def recognition_keep(*, project, served, blobs: list[bytes], result: dict, mode:
         from labeling.models import Project  # noqa: PLC0415
 
         project = Project.objects.get(pk=project.project_id)
-    written: list[str] = []
+    written = [] if written is None else written
     try:
         with transaction.atomic():
             rec = Recognition.objects.create(
@@ -202,34 +242,55 @@ def recognition_keep(*, project, served, blobs: list[bytes], result: dict, mode:
             )
             heads = list(project.heads.all())
             for data in blobs:
-                sha = hashlib.sha256(data).hexdigest()
-                image = Image.objects.filter(project=project, sha256=sha).first()
-                if image is None:
-                    name = storage.image_name(project.slug, sha, _sniff_ext(data))
-                    if storage.store_bytes(name, data):
-                        written.append(name)
-                    thumb = ""
-                    thumb_bytes = storage.make_thumbnail(data)
-                    if thumb_bytes:
-                        thumb = storage.thumb_name(project.slug, sha)
-                        if storage.store_bytes(thumb, thumb_bytes):
-                            written.append(thumb)
-                    image = Image.objects.create(
-                        project=project,
-                        sha256=sha,
-                        file=name,
-                        thumbnail=thumb,
-                        original_name=f"recognition-{rec.id}{_sniff_ext(data)}",
-                        byte_size=len(data),
-                        group_key=f"recognition-{rec.id}",  # the photos of one object are one group
-                        source=Image.Source.PRODUCTION,
-                    )
-                    Label.objects.bulk_create([Label(image=image, head=h) for h in heads])
+                image = production_image_store(
+                    project=project, data=data, name=f"recognition-{rec.id}", heads=heads, written=written
+                )
                 rec.images.add(image)
     except Exception:
         storage.delete_quietly(written)
         raise
     return rec
+
+
+def production_image_store(
+    *, project, data: bytes, name: str, heads: list, written: list[str], size: tuple[int, int] | None = None
+):
+    """The project's image with these bytes, stored as a new `production` photo (file + thumbnail, an empty label
+    per class head, group `name`) when it has none yet. Call inside a transaction; the names of the files written
+    are added to `written`, for the caller to remove if the transaction fails."""
+    import hashlib
+
+    from labeling.models import Head, Image, Label
+
+    from .decode import _sniff_ext
+
+    sha = hashlib.sha256(data).hexdigest()
+    image = Image.objects.filter(project=project, sha256=sha).first()
+    if image is not None:
+        return image
+    file_name = storage.image_name(project.slug, sha, _sniff_ext(data))
+    if storage.store_bytes(file_name, data):
+        written.append(file_name)
+    thumb = ""
+    thumb_bytes = storage.make_thumbnail(data)
+    if thumb_bytes:
+        thumb = storage.thumb_name(project.slug, sha)
+        if storage.store_bytes(thumb, thumb_bytes):
+            written.append(thumb)
+    image = Image.objects.create(
+        project=project,
+        sha256=sha,
+        file=file_name,
+        thumbnail=thumb,
+        original_name=f"{name}{_sniff_ext(data)}",
+        byte_size=len(data),
+        group_key=name,  # the photos of one object are one group
+        source=Image.Source.PRODUCTION,
+        width=size[0] if size else None,
+        height=size[1] if size else None,
+    )
+    Label.objects.bulk_create([Label(image=image, head=h) for h in heads if h.kind == Head.Kind.CLASS])
+    return image
 
 
 def production_purge(*, project, now=None) -> int:

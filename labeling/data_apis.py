@@ -554,7 +554,10 @@ class BoxSetPutSerializer(serializers.Serializer):
 
 def _box_set_data(image: Image, head: Head, box_set: BoxSet | None) -> dict:
     saved = box_set is not None and box_set.pk is not None and box_set.version > 0
-    rows = list(box_set.boxes.select_related("label_class")) if saved else []
+    # A set nobody saved yet (version 0) may hold the detector's suggestions (shelf recognition keeps them for
+    # review, inference.shelf): shown, still version 0, so the first save replaces them and they are never labels.
+    exists = box_set is not None and box_set.pk is not None
+    rows = list(box_set.boxes.select_related("label_class")) if exists else []
     return {
         "image": image.id,
         "head": head.name,
