@@ -10,7 +10,7 @@ TEST_BROKER_URL ?= redis://127.0.0.1:6379/0
 # A fresh test database every `make test` (a kept one may hold another checkout's schema); PYTEST_ARGS= to reuse.
 PYTEST_ARGS ?= --create-db
 
-.PHONY: demo test lint fmt worker web migrate bench bench-import bench-rest bench-demo bench-health bench-train bench-accuracy bench-serving bench-s3 bench-faiss bench-load bench-mislabel bench-review-ui services browser nginx clean
+.PHONY: demo test lint fmt worker web migrate bench bench-import bench-rest bench-demo bench-health bench-train bench-accuracy bench-serving bench-s3 bench-shelf bench-faiss bench-load bench-mislabel bench-review-ui services browser nginx clean
 
 .venv/.runtime: requirements.txt
 	test -x $(PY) || python3 -m venv .venv
@@ -81,7 +81,7 @@ fmt: .venv/.dev
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
-bench: bench-demo bench-accuracy bench-quick bench-leakage bench-import bench-rest bench-s3 bench-health bench-serving bench-faiss bench-load bench-train bench-mislabel bench-review-ui
+bench: bench-demo bench-accuracy bench-quick bench-leakage bench-import bench-rest bench-s3 bench-shelf bench-health bench-serving bench-faiss bench-load bench-train bench-mislabel bench-review-ui
 
 # Seconds from a fresh var/ to a served demo model (vs the engine alone), then to a filled mislabel queue, and that
 # queue's precision at N / recall against the demo's planted part-label flips (var/demo/planted.json).
@@ -123,6 +123,10 @@ bench-serving: .venv/.dev
 # Recognition with the model in an S3-compatible store (moto on loopback) vs the local disk.
 bench-s3: .venv/.dev
 	$(PY) -m bench.s3_serving
+
+# Shelf photos: detector + SKU classifier vs a one-class-per-SKU detector on generated shelves (~45 min on 2 cores).
+bench-shelf: .venv/.dev
+	$(PY) -m bench.shelf
 
 bench-faiss: .venv/.dev
 	$(PY) -m bench.faiss_index

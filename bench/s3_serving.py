@@ -6,8 +6,8 @@ does not depend on the weights), exported to ONNX, called through Django's WSGI 
   baseline  STORAGE = the local disk (FileSystemStorage): the artifacts in ARTIFACT_ROOT
   ours      STORAGE_URL=s3://… on moto's standalone S3 server on loopback: the artifacts published by the run and
             fetched into an empty ARTIFACT_ROOT/cache by the first request (timed apart: "cold"), then served warm
-The arms alternate, each going first every other round (N_RUNS requests per arm and round), so drift and
-warm-up order hit both alike.
+Two projects with the same model, one per arm; warm requests alternate between the arms request by request (each
+with its own store configured), so drift and CPU placement hit both alike.
 Also measured, without a target: the same with the project keeping low-confidence photos and a new photo per
 request (the photo is then written to the store inside the request: an S3 PUT).
 Run: .venv/bin/python -m bench.s3_serving (writes bench/results/s3_serving.json)."""
@@ -41,9 +41,9 @@ from django.conf import settings  # noqa: E402
 from django.core.management import call_command  # noqa: E402
 
 from bench.common import car_project, metric, table, train_one_epoch, write  # noqa: E402
-from bench.serving import Wsgi, pct, photo, timed  # noqa: E402
+from bench.serving import Wsgi, pct, photo  # noqa: E402
 
-N_RUNS, ROUNDS = 200, 4
+N_RUNS, ROUNDS = 200, 6
 
 
 def moto_server() -> tuple[subprocess.Popen, str]:
@@ -66,8 +66,9 @@ def moto_server() -> tuple[subprocess.Popen, str]:
             time.sleep(0.1)
 
 
-def use_store(storages: dict, artifact_root: Path, cache: Path) -> None:
-    """Switch this process's storage as a restart with other settings would (models reloaded on next request)."""
+def use_store(storages: dict, artifact_root: Path, cache: Path, *, forget: bool = True) -> None:
+    """Switch this process's storage as a restart with other settings would (forget: models reloaded on the next
+    request)."""
     from django.core.files.storage import default_storage  # noqa: PLC0415
     from django.core.files.storage import storages as handler  # noqa: PLC0415
     from django.utils.functional import empty  # noqa: PLC0415
@@ -80,8 +81,15 @@ def use_store(storages: dict, artifact_root: Path, cache: Path) -> None:
     handler.__dict__.pop("backends", None)  # a cached_property: what override_settings' signal drops
     handler._backends, handler._storages = None, {}  # noqa: SLF001
     default_storage._wrapped = empty  # noqa: SLF001
-    storage._synced.clear()  # noqa: SLF001
-    services.forget_all()
+    if forget:
+        storage._synced.clear()  # noqa: SLF001
+        services.forget_all()
+
+
+def services_forget_contexts() -> None:
+    from inference import services  # noqa: PLC0415
+
+    services.forget_project()  # the projects' serving context (thresholds, keep flag) is read again
 
 
 def main() -> None:
@@ -99,8 +107,12 @@ def main() -> None:
         settings.ALLOWED_HOSTS = [*settings.ALLOWED_HOSTS, "localhost"]
         user = get_user_model().objects.create_user("bench", is_staff=True)
         client = Wsgi(Token.objects.create(user=user).key)
-        project = car_project(VAR, "cars", photo)
-        run = train_one_epoch(project, "mobilenetv3_small_100")
+        # Two projects with the same model (same photos, same seed): one served from the local disk, one from S3.
+        projects, runs = {}, {}
+        for arm in ("local", "s3"):
+            projects[arm] = car_project(VAR, f"cars-{arm}", photo)
+            runs[arm] = train_one_epoch(projects[arm], "mobilenetv3_small_100")
+        project, run = projects["s3"], runs["s3"]
 
         local = {**settings.STORAGES}
         for k, v in {"AWS_S3_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench"}.items():
@@ -119,46 +131,58 @@ def main() -> None:
         use_store(s3, local_art, local_cache)
         published = storage.artifact_publish(run.artifact_dir)
         s3_art, s3_cache = VAR / "web-host" / "artifacts", VAR / "web-host" / "cache"
-
-        url = f"/api/v1/projects/{project.slug}/recognize"
+        stores = {"local": (local, local_art, local_cache), "s3": (s3, s3_art, s3_cache)}
+        urls = {arm: f"/api/v1/projects/{p.slug}/recognize" for arm, p in projects.items()}
         one = {"images": [{"data": base64.b64encode(photo(1000)).decode(), "media_type": "image/jpeg"}]}
-        samples: dict[str, list[float]] = {"local": [], "s3": []}
+
+        # Cold: an empty cache, the first request fetches the model from S3 (3 times).
         cold = []
-        per_round = []
-        for r in range(ROUNDS):
-            for arm in ("local", "s3") if r % 2 == 0 else ("s3", "local"):  # each arm goes first every other round
-                if arm == "local":
-                    use_store(local, local_art, local_cache)
-                else:
-                    shutil.rmtree(s3_art, ignore_errors=True)
-                    shutil.rmtree(s3_cache, ignore_errors=True)
-                    use_store(s3, s3_art, s3_cache)  # an empty cache: the first request fetches the model
-                    t = time.perf_counter()
-                    client.post(url, one)
-                    cold.append(time.perf_counter() - t)
-                    fetched = s3_art / project.slug / Path(run.artifact_dir).name / "model.onnx"
-                    assert fetched.is_file(), "the S3 arm must serve the model it fetched"
-                got = timed(lambda: client.post(url, one), n=N_RUNS)
-                samples[arm] += got
-                per_round.append(f"{arm} {pct(got, 50):.2f}")
+        for _ in range(3):
+            shutil.rmtree(s3_art, ignore_errors=True)
+            shutil.rmtree(s3_cache, ignore_errors=True)
+            use_store(*stores["s3"])
+            t = time.perf_counter()
+            client.post(urls["s3"], one)
+            cold.append(time.perf_counter() - t)
+            assert (s3_art / project.slug / Path(run.artifact_dir).name / "model.onnx").is_file()
+        use_store(*stores["local"], forget=False)
+        for _ in range(20):  # warm both
+            client.post(urls["local"], one)
+        use_store(*stores["s3"], forget=False)
+        for _ in range(20):
+            client.post(urls["s3"], one)
+        # Warm: the two arms interleaved request by request (the order swapped every 50), each with its own store
+        # configured, so drift and CPU placement hit both alike.
+        samples: dict[str, list[float]] = {"local": [], "s3": []}
+        for i in range(2 * N_RUNS * ROUNDS):
+            arm = ("local", "s3")[(i + i // 100) % 2]
+            use_store(*stores[arm], forget=False)
+            t = time.perf_counter()
+            client.post(urls[arm], one)
+            samples[arm].append(time.perf_counter() - t)
+        per_round = [
+            f"{arm} {pct(samples[arm][k * N_RUNS : (k + 1) * N_RUNS], 50):.2f}"
+            for k in range(ROUNDS)
+            for arm in ("local", "s3")
+        ]
 
         # Keeping low-confidence photos, a new photo each request: the S3 arm writes it to the store in the request.
-        project.keep_low_confidence_photos = True
-        project.save(update_fields=["keep_low_confidence_photos"])
+        from labeling.models import Project  # noqa: PLC0415
+
+        Project.objects.filter(pk__in=[p.pk for p in projects.values()]).update(keep_low_confidence_photos=True)
+        services_forget_contexts()
         fresh = iter(range(10_000, 20_000))
-        keep: dict[str, list[float]] = {}
-        for arm, stores in (("local", (local, local_art, local_cache)), ("s3", (s3, s3_art, s3_cache))):
-            use_store(*stores)
-            keep[arm] = timed(
-                lambda: client.post(
-                    url,
-                    {"images": [{"data": base64.b64encode(photo(next(fresh))).decode(), "media_type": "image/jpeg"}]},
-                ),
-                n=100,
-            )
+        keep: dict[str, list[float]] = {"local": [], "s3": []}
+        for i in range(200):
+            arm = ("local", "s3")[i % 2]
+            use_store(*stores[arm], forget=False)
+            body = {"images": [{"data": base64.b64encode(photo(next(fresh))).decode(), "media_type": "image/jpeg"}]}
+            t = time.perf_counter()
+            client.post(urls[arm], body)
+            keep[arm].append(time.perf_counter() - t)
         from inference.models import Recognition  # noqa: PLC0415
 
-        kept = Recognition.objects.filter(project=project).count()
+        kept = Recognition.objects.count()
     finally:
         moto.terminate()
         moto.wait(10)
@@ -182,11 +206,12 @@ def main() -> None:
         ),
     }
     notes = (
-        f"{ROUNDS} alternating rounds of {N_RUNS} requests per arm after 20 warm-up requests; {published} artifact "
-        f"files published; moto {__import__('moto').__version__} standalone server on loopback (no network latency: "
-        f"a LAN or cloud store adds its round trip to the cold fetch and to kept-photo writes, not to warm "
-        f"requests). Keep-photos arm: 100 requests each, {kept} recognitions kept in all. p50 per round (ms): "
-        + ", ".join(per_round)
+        f"{N_RUNS * ROUNDS} requests per arm, interleaved one by one, after 20 warm-up requests each; "
+        f"{published} artifact files published; moto {__import__('moto').__version__} standalone server on "
+        f"loopback (no network latency: a LAN or cloud store adds its round trip to the cold fetch and to "
+        f"kept-photo writes, not to warm "
+        f"requests). Keep-photos arms: 100 requests each, interleaved, {kept} recognitions kept in all. p50 per "
+        f"{N_RUNS} requests (ms): " + ", ".join(per_round)
     )
     path = write("s3_serving", metrics, notes)
     print(table(metrics))

