@@ -20,6 +20,7 @@ from PIL import Image
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
+from conftest import TINY_DETECTOR
 from inference import services
 from inference.detector import Detection, Detector
 from inference.recognizer import ModelUnavailable, Recognizer
@@ -33,17 +34,7 @@ from training.engine.detection import export_detector_onnx, greedy_match, train_
 from training.engine.synthetic import TINY_TEST_CONFIG
 from training.tests.factories import ModelVersionFactory
 
-DETECTOR = {  # training/tests/test_detection.py's tiny run (recall >= 0.8 on its photos at score 0.3)
-    "min_size": 192,
-    "max_size": 256,
-    "epochs": 30,
-    "batch_size": 2,
-    "lr": 1e-3,
-    "warmup_steps": 5,
-    "device": "cpu",
-    "score_threshold": 0.3,
-    "seed": 0,
-}
+DETECTOR = TINY_DETECTOR  # conftest.py
 
 
 # ------------------------------------------------------------------------------------------------ fixtures

@@ -11,6 +11,7 @@ import json
 import pytest
 import torch
 
+from conftest import TINY_DETECTOR
 from labeling.shelf_data import detection_manifest, generate_shelves
 from training.engine.detection import (
     DEFAULT_DETECTOR_CONFIG,
@@ -27,17 +28,7 @@ from training.engine.detection import (
 )
 
 # The tiny run's operating point and the bar it reaches reliably (measured: see docs/architecture.md, "Detector").
-TINY = {
-    "min_size": 192,
-    "max_size": 256,
-    "epochs": 30,
-    "batch_size": 2,
-    "lr": 1e-3,
-    "warmup_steps": 5,
-    "device": "cpu",
-    "score_threshold": 0.3,
-    "seed": 0,
-}
+TINY = TINY_DETECTOR  # conftest.py
 RECALL_BAR = 0.8  # class-agnostic recall at IoU 0.5 and score >= 0.3 on the training photos
 
 
