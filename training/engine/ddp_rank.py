@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     # DDP's note on depthwise-conv gradients whose strides differ only on a dimension of size 1 (same layout).
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     try:
-        from .distributed import dist_from_env, shutdown  # noqa: PLC0415 - torch after the pid is known
+        from .distributed import barrier, dist_from_env, shutdown  # noqa: PLC0415 - torch after the pid is known
         from .loop import train_model  # noqa: PLC0415
 
         request = json.loads((ddp / "request.json").read_text(encoding="utf-8"))
@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
                 from .atomic import write_json_atomic  # noqa: PLC0415
 
                 write_json_atomic(ddp / "result.json", metrics)
+            # Every rank leaves together: a rank tearing down its process group while rank 0 still writes (or still
+            # talks to it) aborts in gloo ("terminate called without an active exception", SIGABRT).
+            barrier()
         finally:
             shutdown()
     except BaseException as exc:

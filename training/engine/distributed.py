@@ -196,6 +196,12 @@ def dist_from_env(device_value: str, *, timeout_s: float = DEFAULT_COLLECTIVE_TI
     return Dist(rank=rank, world=world, local_rank=local, device=device, backend=backend)
 
 
+def barrier() -> None:
+    """Wait for every process of the group (a no-op without one)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
 def shutdown() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
