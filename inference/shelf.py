@@ -8,6 +8,7 @@ Serving never fails for want of SKUs: with no SKU project, or one with no servab
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from django.db import transaction
@@ -20,6 +21,9 @@ from .shelf_core import crop_boxes, shelf_boxes, shelf_counts
 
 log = logging.getLogger("inference.shelf")
 
+# Set by review (its AppConfig.ready; review sits above inference and is never imported here): queues a kept shelf
+# photo for a box review, inside shelf_keep's transaction. Called with image, head, lowest_score, model_version.
+box_review_hook: Callable | None = None
 MAX_KEPT_CROPS = 20  # rejected SKU crops kept per shelf photo (the least confident first): the queue stays bounded
 
 
@@ -165,7 +169,8 @@ def shelf_keep(
       MAX_KEPT_CROPS per photo, the least confident first;
     - the shelf photo, when the shelf project keeps photos and some box's score is below the detection head's
       threshold: a `production` photo of the shelf project whose box set (never set by a person: version 0) holds
-      the detector's boxes as suggestions (source "model", with their scores), and a Recognition (mode "shelf").
+      the detector's boxes as suggestions (source "model", with their scores), and a Recognition (mode "shelf");
+      the photo becomes an item of the shelf box queue (review.box_queue).
 
     Returns {"shelf_image": id or None, "crops": [image ids]}."""
     from labeling.models import Box, BoxSet, LabelClass, Project  # noqa: PLC0415
@@ -250,6 +255,13 @@ def shelf_keep(
                             )
                         )
                     Box.objects.bulk_create(rows)
+                    if box_review_hook is not None:  # the box queue (review.box_queue): the least sure photo first
+                        box_review_hook(
+                            image=image,
+                            head=det_head,
+                            lowest_score=min(d.score for d in result.detections),
+                            model_version=detector.number,
+                        )
                 kept["shelf_image"] = image.id
     except Exception:
         storage.delete_quietly(written)

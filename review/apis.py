@@ -8,7 +8,8 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from labeling.access import IsProjectMember
-from labeling.models import Label, Project
+from labeling.boxes import BoxConflict
+from labeling.models import BoxSet, Label, Project
 from labeling.services import LabelConflict
 from webapp.errors import ApiError
 
@@ -34,7 +35,10 @@ class ReviewItemSerializer(serializers.ModelSerializer):
     given_class_id = serializers.IntegerField(allow_null=True)
     suggested = serializers.CharField(source="suggested_class.name", default=None)
     suggested_class_id = serializers.IntegerField(allow_null=True)
-    label_version = serializers.SerializerMethodField(help_text="send it back with the decision (stale: 409)")
+    label_version = serializers.SerializerMethodField(
+        help_text="the label's version (shelf box items: the box set's) you saw: send it back with the decision "
+        "(stale: 409)"
+    )
     thumbnail_url = serializers.SerializerMethodField()
 
     class Meta:
@@ -61,6 +65,9 @@ class ReviewItemSerializer(serializers.ModelSerializer):
         ]
 
     def get_label_version(self, obj) -> int | None:
+        if obj.queue == ReviewItem.Queue.BOXES:  # the box set's version (0: never saved by a person)
+            box_set = BoxSet.objects.filter(image_id=obj.image_id, head_id=obj.head_id)
+            return box_set.values_list("version", flat=True).first() or 0
         return (
             Label.objects.filter(image_id=obj.image_id, head_id=obj.head_id).values_list("version", flat=True).first()
         )
@@ -89,7 +96,11 @@ class QueueNextView(APIView):
 
 
 class ResolveSerializer(serializers.Serializer):
-    action = serializers.ChoiceField(choices=list(services.ACTIONS))
+    action = serializers.ChoiceField(
+        choices=list(services.ACTIONS),
+        help_text="label items: accept, keep, relabel, exclude, skip; shelf box items: accept (every suggestion), "
+        "done (the boxes as saved), exclude, skip",
+    )
     class_id = serializers.IntegerField(required=False, allow_null=True, help_text="for relabel")
     version = serializers.IntegerField(required=False, allow_null=True, help_text="the label_version you saw")
 
@@ -114,6 +125,10 @@ class ItemResolveView(APIView):
                 class_id=data.get("class_id"),
                 expected_version=data.get("version"),
             )
+        except BoxConflict as exc:
+            raise ApiError(
+                str(exc), code="stale_version", status_code=409, details={"current": {"version": exc.current.version}}
+            ) from None
         except LabelConflict as exc:
             current = exc.current
             raise ApiError(
@@ -149,8 +164,8 @@ class UndoView(APIView):
             item = services.item_undo(user=request.user, project=project, queue=_queue(queue))
         except LabelConflict as exc:
             raise ApiError(str(exc), code="stale_version", status_code=409) from None
-        except services.ReviewError as exc:
-            raise ApiError(str(exc), code="invalid") from None
+        except services.ReviewError as exc:  # e.g. the boxes changed since the decision
+            raise ApiError(str(exc), code="conflict", status_code=409) from None
         if item is None:
             return Response(status=204)
         return Response(ReviewItemSerializer(item).data)

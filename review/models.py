@@ -10,6 +10,7 @@ class ReviewItem(models.Model):
     class Queue(models.TextChoices):
         MISLABEL = "mislabel"
         UNCERTAIN = "uncertain"
+        BOXES = "boxes", "Shelf boxes"  # a shelf photo whose detector boxes a person should check (issue 18)
 
     class Status(models.TextChoices):
         OPEN = "open"
@@ -22,6 +23,7 @@ class ReviewItem(models.Model):
         RELABELED = "relabeled"  # a reviewer picked another class
         EXCLUDED = "excluded"  # a bad photo: the image is excluded from training
         SKIPPED = "skipped"
+        CORRECTED = "corrected"  # boxes: the set as a reviewer edited and saved it
 
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="review_items")
     queue = models.CharField(max_length=20, choices=Queue.choices)
@@ -30,7 +32,10 @@ class ReviewItem(models.Model):
     given_class = models.ForeignKey(LabelClass, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     suggested_class = models.ForeignKey(LabelClass, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     suggested_prob = models.FloatField(default=0.0)
-    score = models.FloatField(help_text="mislabel: cleanlab label quality (low = likely wrong); uncertain: 1 - score")
+    score = models.FloatField(
+        help_text="mislabel: cleanlab label quality (low = likely wrong); uncertain: 1 - score; "
+        "boxes: the lowest detector score among the photo's boxes"
+    )
     rank = models.PositiveIntegerField(help_text="0 = shown first")
     top_k = models.JSONField(default=list, blank=True, help_text='[{"class_id", "label", "prob"}], best first')
     model_version = models.PositiveIntegerField(null=True, blank=True)

@@ -25,6 +25,7 @@ from training.engine.atomic import write_json_atomic
 from training.jobs import job_enqueue
 from training.models import Job, ModelVersion
 
+from . import box_queue
 from .core import rank_label_issues
 from .curve import arms_probe
 from .models import ReviewItem
@@ -164,7 +165,7 @@ def _holding(item: ReviewItem, user, now) -> ReviewItem:
 
 
 # --------------------------------------------------------------------------------------------- resolving
-ACTIONS = ("accept", "keep", "relabel", "exclude", "skip")
+ACTIONS = ("accept", "keep", "relabel", "exclude", "skip", "done")  # done: shelf box items only (box_queue)
 
 
 def item_resolve(
@@ -176,6 +177,12 @@ def item_resolve(
     if action not in ACTIONS:
         raise ReviewError(f"action must be one of {', '.join(ACTIONS)} (got {action!r})")
     now = timezone.now()
+    if item.queue == ReviewItem.Queue.BOXES:
+        return _box_item_resolve(item=item, user=user, action=action, expected_version=expected_version, now=now)
+    if action == "done":
+        raise ReviewError(
+            "action done is for shelf box items; a label item is accepted, kept, relabeled, excluded or skipped"
+        )
     if item.second_look_of_id:
         return _second_look_resolve(item=item, user=user, action=action, class_id=class_id, now=now)
     with transaction.atomic():
@@ -220,6 +227,23 @@ def item_resolve(
         item.save()
         if action != "skip":
             _maybe_second_look(item)
+    return item
+
+
+def _box_item_resolve(*, item: ReviewItem, user, action: str, expected_version: int | None, now) -> ReviewItem:
+    """A shelf box item (review.box_queue): the boxes change with the decision, in one transaction. A stale box
+    set version raises labeling.boxes.BoxConflict."""
+    with transaction.atomic():
+        item = _holding(item, user, now)
+        try:
+            done = box_queue.box_resolve(item=item, user=user, action=action, expected_version=expected_version)
+        except box_queue.BoxReviewError as exc:
+            raise ReviewError(str(exc)) from None
+        item.status = ReviewItem.Status.OPEN if action == "skip" else ReviewItem.Status.DONE
+        item.resolution = done["resolution"]
+        item.resolved_class, item.resolved_by, item.resolved_at = None, user, now
+        item.leased_by, item.lease_until, item.undo = None, None, done["undo"]
+        item.save()
     return item
 
 
@@ -321,7 +345,14 @@ def item_undo(*, user, project: Project, queue: str) -> ReviewItem | None:
         if item is None:
             return None
         undo = item.undo or {}
-        if undo.get("second_look"):
+        if item.queue == ReviewItem.Queue.BOXES:
+            try:
+                box_queue.box_undo(item=item, user=user)
+            except box_queue.BoxReviewError as exc:
+                raise ReviewError(str(exc)) from None
+            if item.resolution == ReviewItem.Resolution.EXCLUDED and undo.get("old_status") != Image.Status.EXCLUDED:
+                _unexclude(item, undo, user)
+        elif undo.get("second_look"):
             pass  # a second look changed nothing
         elif item.resolution in (ReviewItem.Resolution.ACCEPTED, ReviewItem.Resolution.RELABELED):
             for record in [undo, *undo.get("parents", [])]:  # all or nothing: the transaction rolls back
@@ -336,21 +367,21 @@ def item_undo(*, user, project: Project, queue: str) -> ReviewItem | None:
                     reason="review:undo",
                 )
         elif item.resolution == ReviewItem.Resolution.EXCLUDED and undo.get("old_status") != Image.Status.EXCLUDED:
-            old = undo.get("old_status", Image.Status.OK)
-            Image.objects.filter(pk=item.image_id).update(status=old, status_reason="")
-            ImageEvent.objects.create(
-                image_id=item.image_id,
-                old_status=Image.Status.EXCLUDED,
-                new_status=old,
-                user=user,
-                reason="review:undo",
-            )
+            _unexclude(item, undo, user)
         item.second_looks.filter(status=ReviewItem.Status.OPEN).delete()  # not decided yet: drawn again on redo
         item.status, item.resolution, item.resolved_class = ReviewItem.Status.OPEN, "", None
         item.resolved_by, item.resolved_at, item.undo = None, None, {}
         item.leased_by, item.lease_until = user, now + dt.timedelta(seconds=_lease_seconds())
         item.save()
         return item
+
+
+def _unexclude(item: ReviewItem, undo: dict, user) -> None:
+    old = undo.get("old_status", Image.Status.OK)
+    Image.objects.filter(pk=item.image_id).update(status=old, status_reason="")
+    ImageEvent.objects.create(
+        image_id=item.image_id, old_status=Image.Status.EXCLUDED, new_status=old, user=user, reason="review:undo"
+    )
 
 
 # --------------------------------------------------------------------------------------------- bulk rules

@@ -9,11 +9,12 @@ from django.utils.http import urlencode
 from django.views.decorators.http import require_POST
 
 from labeling.access import current_project
-from labeling.models import Image, Label, LabelClass, Project
+from labeling.boxes import BoxConflict
+from labeling.models import Box, Head, Image, Label, LabelClass, Project
 from labeling.services import LabelConflict
 from labeling.views import staff_required
 
-from . import references, selectors, services
+from . import box_queue, references, selectors, services
 from .models import ReviewItem
 
 QUEUES = {q.value: q.label for q in ReviewItem.Queue}
@@ -29,6 +30,8 @@ def _panel_context(request, project: Project, queue: str, *, message: str = "", 
     item = services.queue_next(project=project, queue=queue, user=request.user)
     ctx = {"project": project, "queue": queue, "item": item, "message": message, "conflict": conflict}
     ctx["remaining"] = ReviewItem.objects.filter(project=project, queue=queue, status=ReviewItem.Status.OPEN).count()
+    if queue == ReviewItem.Queue.BOXES:
+        return ctx | {"box_queue": True} | _box_context(item)
     if item is not None:
         label = Label.objects.select_related("label_class").get(image_id=item.image_id, head_id=item.head_id)
         ctx |= {
@@ -44,7 +47,23 @@ def _panel_context(request, project: Project, queue: str, *, message: str = "", 
     return ctx
 
 
+def _box_context(item: ReviewItem | None) -> dict:
+    """The shelf box queue's panel: the item's photo in the box editor, the box set version it loaded."""
+    if item is None:
+        return {}
+    current = box_queue.box_set_of(item)
+    return {
+        "box_version": current.version if current else 0,
+        "suggestions": current.boxes.filter(source=Box.Source.MODEL).count() if current else 0,
+        "n_boxes": current.boxes.count() if current else 0,
+        "box_head": item.head,
+        "box_classes": LabelClass.objects.filter(head_id=item.head_id, merged_into__isnull=True).order_by("name"),
+    }
+
+
 def _render(request, ctx: dict, status: int = 200):
+    if ctx["queue"] == ReviewItem.Queue.BOXES:  # the box editor loads with the page: no partial swaps
+        return render(request, "review/boxes.html", ctx, status=status)
     template = "review/_panel.html" if request.headers.get("HX-Request") else "review/queue.html"
     return render(request, template, ctx, status=status)
 
@@ -53,7 +72,8 @@ def _render(request, ctx: dict, status: int = 200):
 def queue_page(request, slug, queue):
     project = current_project(request, slug)
     ctx = _panel_context(request, project, _queue(queue))
-    ctx["refresh_job"] = selectors.refresh_job(project, queue)
+    ctx["refresh_job"] = None if queue == ReviewItem.Queue.BOXES else selectors.refresh_job(project, queue)
+    ctx["box_queue"] = project.heads.filter(kind=Head.Kind.DETECTION).exists()  # the shelf box queue's tab
     return _render(request, ctx)
 
 
@@ -89,6 +109,12 @@ def item_resolve(request, slug, queue, item_id):
             f"Someone else changed this label meanwhile: it is now "
             f"{exc.current.label_class.name if exc.current.label_class else 'unlabeled'}. Nothing was overwritten."
         )
+    except BoxConflict as exc:
+        status = 409
+        message = (
+            f"Someone else changed these boxes meanwhile (now version {exc.current.version}); nothing was "
+            "overwritten. Check them again below."
+        )
     except services.ReviewError as exc:
         status, message = 400, str(exc)
     if not request.headers.get("HX-Request"):
@@ -108,6 +134,8 @@ def undo(request, slug, queue):
         message = f"Undone: image {item.image_id} is back in the queue." if item else "Nothing to undo."
     except LabelConflict:
         status, message = 409, "Cannot undo: someone changed that label since."
+    except services.ReviewError as exc:
+        status, message = 409, str(exc)
     if not request.headers.get("HX-Request"):
         (messages.success if status == 200 else messages.error)(request, message)
         return redirect("review:queue", slug=slug, queue=queue)
@@ -222,6 +250,10 @@ def _form_value(value: float | None) -> str:
 def refresh(request, slug, queue):
     project = current_project(request, slug)
     queue = _queue(queue)
+    if queue == ReviewItem.Queue.BOXES:
+        n = box_queue.box_queue_sweep(project=project)
+        messages.success(request, f"{n} photo{'s' if n != 1 else ''} with unreviewed box suggestions queued.")
+        return redirect("review:queue", slug=slug, queue=queue)
     try:
         number = services.queue_refresh(project=project, queue=queue, user=request.user)
         how = (

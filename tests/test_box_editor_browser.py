@@ -10,7 +10,7 @@ import pytest
 from PIL import Image as PILImage
 
 from labeling import boxes as box_service
-from labeling.models import BoxSet
+from labeling.models import Box, BoxSet
 from labeling.tests.factories import ImageFactory, ProjectFactory
 from tests.test_browser import _admin_page, browser, pytestmark  # noqa: F401 - the shared fixture and marks
 
@@ -297,3 +297,48 @@ def test_mouse_draws_moves_resizes_and_zoom_keeps_boxes_aligned(browser, live_se
     page.click(f"{EDITOR} [data-do=save]")
     page.wait_for_selector(f"{EDITOR} .be-status:has-text('Saved 1 boxes (version 1)')")
     assert _stored(image, head) == (1, [(85.0, 62.0, 120.0, 80.0, "glass", "human", None)])
+
+
+def test_box_queue_keyboard_only(browser, live_server, shelf):  # noqa: F811
+    """The shelf box queue (review.box_queue) with the keyboard only: reject one suggestion, accept the rest, save,
+    d = done; the next photo loads; Shift+Enter accepts all of it and finishes; the queue is then empty. A done
+    with unsaved edits is refused in the page."""
+    from review import box_queue  # noqa: PLC0415
+    from review.models import ReviewItem  # noqa: PLC0415
+
+    project, head, c = shelf
+    first = ImageFactory(project=project, data=_jpeg(320, 240))
+    second = ImageFactory(project=project, data=_jpeg(320, 241))  # another photo (content-addressed)
+    planted = {
+        first: [_box(c["bottle"], 20, 20, 40, 80, "model", 0.3), _box(c["can"], 100, 20, 40, 80, "model", 0.9)],
+        second: [_box(c["can"], 200, 100, 50, 60, "model", 0.5)],
+    }
+    for image, boxes in planted.items():  # the detector's suggestions as the shelf endpoint leaves them (version 0)
+        box_set, _ = BoxSet.objects.get_or_create(image=image, head=head)
+        Box.objects.bulk_create(
+            [Box(box_set=box_set, label_class_id=b.pop("class_id"), order=i, **b) for i, b in enumerate(boxes)]
+        )
+    assert box_queue.box_queue_sweep(project=project) == 2
+    page = _admin_page(browser, live_server, viewport={"width": 1280, "height": 900})
+    page.goto(f"{live_server.url}/p/{project.slug}/review/boxes/")
+    page.wait_for_selector(f"{EDITOR}[data-ready='1']")
+    assert page.evaluate("document.activeElement.classList.contains('be-viewport')")
+    assert "2 left" in page.inner_text("#review-panel")
+    page.keyboard.press("Tab")  # the first box in reading order: the bottle (0.30)
+    assert _selected(page) == (20, 20, 40, 80)
+    page.keyboard.press("r")  # reject it; the next suggestion is selected
+    page.keyboard.press("d")  # not saved yet: refused in the page, nothing sent
+    assert "Save your box edits first" in page.inner_text("#review-status")
+    page.keyboard.press("Shift+A")
+    page.keyboard.press("s")
+    page.wait_for_selector(f"{EDITOR} .be-status:has-text('Saved 1 boxes (version 1)')")
+    page.keyboard.press("d")
+    page.wait_for_selector("text=corrected")
+    page.wait_for_selector(f"{EDITOR}[data-ready='1']")
+    assert _stored(first, head) == (1, [(100.0, 20.0, 40.0, 80.0, "can", "human", None)])
+    assert "1 left" in page.inner_text("#review-panel")
+    page.keyboard.press("Shift+Enter")  # accept every suggestion of the second photo and finish
+    page.wait_for_selector("text=No shelf photo waits for a box review")
+    assert _stored(second, head) == (1, [(200.0, 100.0, 50.0, 60.0, "can", "human", None)])
+    got = dict(ReviewItem.objects.filter(project=project, queue="boxes").values_list("image_id", "resolution"))
+    assert got == {first.id: "corrected", second.id: "accepted"}

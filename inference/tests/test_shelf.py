@@ -203,6 +203,10 @@ def test_rejected_skus_count_as_unknown_and_go_to_review(api, shelf, models):
         assert b.score == pytest.approx(got["container"]["confidence"], abs=1e-4)
         assert b.label_class.name == got["container"]["label"]
         assert (b.x, b.y, b.w, b.h) == pytest.approx(tuple(got["box"][k] for k in "xywh"), abs=0.01)
+    # ... and an item of the shelf box queue, the least sure photo first (review.box_queue)
+    item = photo.review_items.get(project=shelf, queue="boxes")
+    assert item.head.name == "container" and item.status == "open" and item.model_version == 1
+    assert item.score == pytest.approx(min(b.score for b in saved), abs=1e-6)
     # the box editor's API shows them as suggestions of a set nobody saved; a save (version 0) replaces them
     url = f"/api/v1/projects/shelf/images/{photo.id}/boxes/container/"
     shown = api.get(url).json()
