@@ -19,5 +19,14 @@ COPY requirements-gpu.txt .
 RUN pip uninstall -y onnxruntime && pip install --no-cache-dir -r requirements-gpu.txt
 USER loupe
 
-# The default image (web, CPU worker): the last stage.
+# The default image (web, CPU worker): the last stage. The CPU worker runs the mobile (TFLite) export on queue
+# default, in its own environment on top of the image's packages (requirements-mobile.txt says why).
 FROM base AS cpu
+USER root
+COPY requirements-mobile.txt .
+RUN python -m venv /opt/mobile \
+    && python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' \
+       > "$(/opt/mobile/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/loupe-base.pth" \
+    && /opt/mobile/bin/pip install --no-cache-dir -r requirements-mobile.txt
+ENV LOUPE_MOBILE_PYTHON=/opt/mobile/bin/python
+USER loupe

@@ -22,6 +22,15 @@ PYTEST_ARGS ?= --create-db
 	$(PIP) install -q -r requirements-dev.txt
 	touch $@
 
+# The mobile (TFLite) exporter in its own environment on top of .venv's packages (requirements-mobile.txt says
+# why): training.engine.mobile runs it as a subprocess. The demo and the tests have it; without it the model page
+# says how to get it.
+.venv-mobile/.ok: requirements-mobile.txt .venv/.runtime
+	test -x .venv-mobile/bin/python || python3 -m venv .venv-mobile
+	$(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > "$$(.venv-mobile/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/loupe-venv.pth"
+	.venv-mobile/bin/pip install -q -r requirements-mobile.txt
+	touch $@
+
 migrate: .venv/.runtime
 	DEBUG=1 $(PY) manage.py migrate --noinput
 
@@ -30,7 +39,7 @@ migrate: .venv/.runtime
 # beat; queue gpu: training and out-of-fold jobs), so a promote's index build never waits behind a long job;
 # trains and promotes a first model through them, then serves on $(PORT). `make demo SHELF=1` adds the shelf demo
 # (generated shelf photos with boxes + their SKU crops; its detector trains for up to 10 more minutes).
-demo: .venv/.runtime
+demo: .venv/.runtime .venv-mobile/.ok
 	@export DEBUG=1; set -e; \
 	$(PY) manage.py migrate --noinput; \
 	$(PY) manage.py demo $(if $(SHELF),--shelf); \
@@ -63,7 +72,7 @@ browser:
 nginx:
 	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null)
 
-test: .venv/.dev services browser nginx
+test: .venv/.dev .venv-mobile/.ok services browser nginx
 	DEBUG=1 DATABASE_URL=$(TEST_DATABASE_URL) CELERY_BROKER_URL=$(TEST_BROKER_URL) LOUPE_VAR_DIR=$(CURDIR)/var/test \
 	  $(PY) manage.py makemigrations --check --dry-run
 	$(PY) -m ruff check .

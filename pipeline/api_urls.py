@@ -11,6 +11,11 @@ urlpatterns = [
         apis.ModelVersionFileView.as_view(),
         name="model-file",
     ),
+    path(
+        "projects/<slug:slug>/models/<int:number>/mobile-export/",
+        apis.ModelVersionMobileExportView.as_view(),
+        name="model-mobile-export",
+    ),
     path("projects/<slug:slug>/jobs/", apis.JobListView.as_view(), name="job-list"),
     path("projects/<slug:slug>/jobs/<str:type_>/<int:pk>/cancel/", apis.JobCancelView.as_view(), name="job-cancel"),
     path("projects/<slug:slug>/runs/", apis.TrainingRunListView.as_view(), name="run-list"),

@@ -231,6 +231,21 @@ class JobSerializer(serializers.Serializer):
     cancel_requested = serializers.BooleanField()
 
 
+class ModelVersionMobileExportView(APIView):
+    """Queue the TFLite export of a classifier version (model.tflite, checked with the LiteRT runtime against
+    model.onnx); the job is in GET jobs/, the file at files/model.tflite when it is done. 409 for a detector."""
+
+    permission_classes = [IsProjectAdmin]
+
+    @extend_schema(request=None, responses={202: JobSerializer}, summary="Export a version for mobile (TFLite)")
+    def post(self, request, slug, number):
+        try:
+            job = chain.model_version_mobile_export(version=_version(slug, number), user=request.user)
+        except services.TrainingError as exc:
+            raise ApiError(str(exc), code="not_exportable", status_code=409) from None
+        return Response(JobSerializer(describe(job)).data, status=202)
+
+
 class JobListView(APIView):
     permission_classes = [IsProjectAdmin]
 

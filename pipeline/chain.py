@@ -18,11 +18,13 @@ LOUPE_TASK_TIME_LIMITS). The lower apps queue these steps by name (webapp.jobs.s
 from __future__ import annotations
 
 import logging
+import time
 
 from django.conf import settings
 from django.db import transaction
 
 from inference import evaluation
+from labeling import storage
 from review import services as review_services
 from training import jobs as job_services
 from training import selectors as training_selectors
@@ -256,8 +258,45 @@ def _uncertain_step(job: Job, report) -> dict:
     return review_services.uncertain_refresh(project=job.project, report=report)
 
 
+def _mobile_export_step(job: Job, report) -> dict:
+    """model.tflite (+ model_tflite.json) in the version's artifact folder, checked with the LiteRT runtime
+    (training.engine.mobile runs the converter in its own environment), then published to the store."""
+    from training.engine.mobile import mobile_export  # noqa: PLC0415
+
+    version = job.version
+    art = storage.artifact_local(version.artifact_dir)
+    report(step="converting to TFLite and checking it with LiteRT")
+    t0 = time.time()
+    result = mobile_export(art, timeout=float(settings.LOUPE_TASK_TIME_LIMITS["pipeline.job.mobile_export"]) - 60)
+    storage.artifact_publish(art, since=t0)
+    return {k: result.get(k) for k in ("reference", "max_abs_diff", "photos_checked", "size_bytes", "seconds")}
+
+
+def model_version_mobile_export(*, version: ModelVersion, user=None) -> Job:
+    """Queue the TFLite export of a classifier version (a job on the default queue; the one already waiting or
+    running for this version otherwise). TrainingError for a detector (no TFLite path: see
+    training.engine.tflite_export) or a version without artifacts."""
+    if not version.artifact_dir:
+        raise TrainingError(f"Model v{version.number} has no artifact folder to export.")
+    if (version.metrics or {}).get("task") == "detection":
+        raise TrainingError(
+            "Detectors are not exported to TFLite: litert-torch cannot trace Faster R-CNN's data-dependent "
+            "proposals and NMS. Use detector.onnx on ONNX Runtime Mobile; the SKU classifier exports from its "
+            "own model page."
+        )
+    with transaction.atomic():
+        return job_services.job_enqueue(
+            project=version.project,
+            kind=Job.Kind.MOBILE_EXPORT,
+            version=version,
+            user=user,
+            what=f"the TFLite export of v{version.number}",
+        )
+
+
 JOB_STEPS = {
     Job.Kind.INDEX_BUILD: _index_build_step,
+    Job.Kind.MOBILE_EXPORT: _mobile_export_step,
     Job.Kind.OOF: _oof_step,
     Job.Kind.MISLABEL_REFRESH: _mislabel_step,
     Job.Kind.UNCERTAIN_REFRESH: _uncertain_step,
@@ -287,7 +326,7 @@ def job_execute(*, job_id: int) -> Job:
         job = job_services.job_fail(job_id=job.id, error=f"{type(exc).__name__}: {exc}")
     else:
         job = job_services.job_finish(job_id=job.id, result=result or {})
-    if job.rerun_requested and job.kind != Job.Kind.INDEX_BUILD:
+    if job.rerun_requested and job.kind not in job_services.PER_VERSION:
         Job.objects.filter(pk=job.id).update(rerun_requested=False)
         with transaction.atomic():
             job_services.job_enqueue(

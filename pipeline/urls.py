@@ -14,6 +14,7 @@ urlpatterns = [
     path("p/<slug:slug>/models/<int:number>/", views.version_detail, name="version-detail"),
     path("p/<slug:slug>/models/<int:number>/files/<str:name>", views.version_file, name="version-file"),
     path("p/<slug:slug>/models/<int:number>/promote", views.version_promote, name="version-promote"),
+    path("p/<slug:slug>/models/<int:number>/mobile-export", views.version_mobile_export, name="version-mobile-export"),
     path(
         "p/<slug:slug>/models/<int:number>/apply-thresholds",
         views.version_thresholds_apply,

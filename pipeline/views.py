@@ -226,6 +226,20 @@ def version_promote(request, slug, number):
 
 @staff_required
 @require_POST
+def version_mobile_export(request, slug, number):
+    project = current_project(request, slug)
+    version = get_object_or_404(ModelVersion, project=project, number=number)
+    try:
+        chain.model_version_mobile_export(version=version, user=request.user)
+    except services.TrainingError as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.success(request, f"Exporting v{version.number} to TFLite on the worker; model.tflite appears here.")
+    return redirect("training:version-detail", slug=slug, number=number)
+
+
+@staff_required
+@require_POST
 def run_cancel(request, slug, run_id):
     project = current_project(request, slug)
     run = get_object_or_404(project.training_runs, pk=run_id)

@@ -38,9 +38,12 @@ class JobError(Exception):
     """A job request or cancel that cannot be done; the message says why and what to do."""
 
 
+PER_VERSION = (Job.Kind.INDEX_BUILD, Job.Kind.MOBILE_EXPORT)  # one active job per model version, not per project
+
+
 def _active(project: Project, kind: str, version: ModelVersion | None):
     qs = Job.objects.select_for_update().filter(status__in=jobs.ACTIVE_STATUSES, kind=kind)
-    return qs.filter(version=version) if kind == Job.Kind.INDEX_BUILD else qs.filter(project=project)
+    return qs.filter(version=version) if kind in PER_VERSION else qs.filter(project=project)
 
 
 def job_enqueue(

@@ -173,6 +173,7 @@ class Job(JobRow):
         OOF = "oof", "out-of-fold predictions"
         MISLABEL_REFRESH = "mislabel_refresh", "mislabel queue refresh"
         UNCERTAIN_REFRESH = "uncertain_refresh", "low-confidence queue refresh"
+        MOBILE_EXPORT = "mobile_export", "mobile export (TFLite)"
 
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="jobs")
     kind = models.CharField(max_length=30, choices=Kind.choices)
@@ -188,9 +189,14 @@ class Job(JobRow):
     class Meta:
         ordering = ["-created_at", "-id"]
         constraints = [
-            # one waiting or running refresh of a kind per project; index builds: one per version
-            one_active_per(["project", "kind"], "job_one_active_per_project_kind", ~models.Q(kind="index_build")),
+            # one waiting or running refresh of a kind per project; index builds and mobile exports: one per version
+            one_active_per(
+                ["project", "kind"],
+                "job_one_active_per_project_kind",
+                ~models.Q(kind__in=["index_build", "mobile_export"]),
+            ),
             one_active_per(["version"], "job_one_active_index_build_per_version", models.Q(kind="index_build")),
+            one_active_per(["version"], "job_one_active_mobile_export_per_version", models.Q(kind="mobile_export")),
         ]
         indexes = [models.Index(fields=["status", "created_at"])]
 

@@ -11,7 +11,7 @@ from labeling.models import Head, Project
 
 from .engine.artifact import CALIBRATION_FILE, read_artifact_json
 from .errors import TrainingError
-from .models import ModelVersion
+from .models import Job, ModelVersion
 
 
 def head_thresholds_plan(*, version: ModelVersion, heads: list[str] | None = None) -> list[dict]:
@@ -35,8 +35,10 @@ _MEDIA = {
     ".json": "application/json",
     ".md": "text/markdown; charset=utf-8",
     ".png": "image/png",
+    ".tflite": "application/octet-stream",
 }
-DOWNLOADS = ("model.onnx", "detector.onnx", "label_maps.json", "report.md")  # sent as attachments
+# sent as attachments; model.tflite exists after a mobile export (pipeline.chain.model_version_mobile_export)
+DOWNLOADS = ("model.onnx", "detector.onnx", "model.tflite", "label_maps.json", "report.md")
 RECIPE_KEYS = (
     "backbone",
     "image_size",
@@ -208,9 +210,23 @@ def model_version_evaluation(*, version: ModelVersion) -> dict:
         "curves": bool(art and (art / "curves.png").is_file()),
         "downloads": [n for n in DOWNLOADS if art and (art / n).is_file()],
         **_detector_rows(metrics),
+        **_mobile(version, art),
         "metrics_on": metrics.get("metrics_on") or "val",
         "has_val": bool(metrics.get("n_val")),
     }
+
+
+def _mobile(version: ModelVersion, art: Path | None) -> dict:
+    """The model page's mobile export card: the export's check (model_tflite.json), its latest job, and whether
+    this machine has the converter (training.engine.mobile)."""
+    from training.engine.mobile import mobile_python  # noqa: PLC0415
+
+    if (version.metrics or {}).get("task") == "detection":
+        return {"mobile": None}
+    job = Job.objects.filter(version=version, kind=Job.Kind.MOBILE_EXPORT).order_by("-created_at", "-id").first()
+    meta = (_read_json(art / "model_tflite.json") if art else None) or None
+    exported = bool(meta and art and (art / "model.tflite").is_file())
+    return {"mobile": {"meta": meta if exported else None, "job": job, "available": mobile_python() is not None}}
 
 
 def training_recipe(*, project: Project) -> dict:

@@ -244,6 +244,7 @@ LOUPE_TASK_TIME_LIMITS = {
     "pipeline.job.oof": env.int("LOUPE_OOF_TIME_LIMIT", default=12 * 3600),
     "pipeline.job.mislabel_refresh": env.int("LOUPE_OOF_TIME_LIMIT", default=12 * 3600),
     "pipeline.job.uncertain_refresh": 2 * 3600,
+    "pipeline.job.mobile_export": 3600,
 }
 LOUPE_VISIBILITY_TIMEOUT = max(LOUPE_TASK_TIME_LIMITS.values()) + 3600
 # A running job whose heartbeat (written every LOUPE_HEARTBEAT_SECONDS by a side thread) is older than this lost
@@ -287,6 +288,7 @@ CELERY_TASK_ROUTES = {
     "pipeline.job.mislabel_refresh": {"queue": "gpu"},
     "pipeline.job.index_build": {"queue": "default"},
     "pipeline.job.uncertain_refresh": {"queue": "default"},
+    "pipeline.job.mobile_export": {"queue": "default"},  # a minute or two of CPU (the converter in a subprocess)
     "labeling.tasks.*": {"queue": "default"},
     "training.tasks.jobs_reconcile": {"queue": "default"},
 }

@@ -166,8 +166,8 @@ def test_two_processes_train_the_one_process_model(tmp_path, manifest, monkeypat
     epochs = [e for e in two_events if e["phase"] == "epoch"]
     assert [e["epoch"] for e in epochs] == [1, 2, 3]
     assert [e["val_loss"] for e in epochs] == pytest.approx(
-        [e["val_loss"] for e in one_events if e["phase"] == "epoch"]
-    )
+        [e["val_loss"] for e in one_events if e["phase"] == "epoch"], abs=1e-4
+    )  # the tolerance of the history above: sums in another order differ by ~1e-5 on a loss of ~8 (seen in CI)
     # Rank 0 alone wrote, the same files as one process (plus what the launcher gave the processes: the manifest,
     # and its log); rank 1's folder stayed empty; nothing is left running.
     assert _files(tmp_path / "two") == _files(tmp_path / "one") | {"manifest.json", "ddp/torchrun.log"}
