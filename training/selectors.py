@@ -62,6 +62,7 @@ RECIPE_KEYS = (
     "rotation_degrees",
     "color_jitter",
     "crop_scale_min",
+    "quick_views",
 )
 
 

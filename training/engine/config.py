@@ -123,6 +123,11 @@ DEFAULT_CONFIG: dict[str, Any] = {
     # weights that resolve. lr, weight_decay, label_smoothing, class weighting and early stopping apply.
     "quick": False,
     "quick_epochs": 60,
+    # Views of each train photo the heads also train on in a quick retrain (names of training.engine.data.VIEWS:
+    # mirror, zoom, left, right, up, down), each cached like the centre crop: the heads see the photo zoomed and
+    # shifted without a forward pass per epoch. Validation, prediction and serving stay on the centre crop. Each view
+    # costs one more cached forward pass per train photo, once.
+    "quick_views": [],
     # Tail fine-tune (training/engine/tail.py): an integer k = freeze the backbone's blocks before block k for the
     # whole run, compute their output maps once per photo and view (the centre crop + tail_views - 1 draws of the
     # training augmentation), and fine-tune blocks[k:] + conv_head + the heads on them (phase 1: heads on cached
@@ -254,6 +259,16 @@ def _validate_basics(cfg: dict[str, Any]) -> None:
         "quick_epochs",
         cfg["quick_epochs"],
         "an integer >= 1",
+    )
+    from .data import VIEWS  # noqa: PLC0415
+
+    views = cfg["quick_views"]
+    extra = sorted(set(VIEWS) - {"centre"})
+    _check(
+        isinstance(views, list) and all(v in extra for v in views) and len(set(views)) == len(views),
+        "quick_views",
+        views,
+        f"a list of distinct views from {', '.join(extra)}",
     )
     _check(
         _is_int(cfg["batch_size"]) and 1 <= cfg["batch_size"] <= 4096,

@@ -101,6 +101,56 @@ def eval_transform(image_size: int) -> T.Compose:
     return T.Compose([CenterCropResize(image_size), ToUint8HWC()])
 
 
+# Fixed views of a photo for cached features (features.py, the quick retrain's train photos): name -> (shorter side
+# as a multiple of image_size, horizontal and vertical offset of the crop as a fraction of the margin either side of
+# the centre, mirrored). "centre" is the eval transform. Deterministic, so each view's features are cached like the
+# centre's: a quick retrain sees the photo zoomed in and shifted (and mirrored where the recipe flips) without a
+# forward pass per epoch.
+VIEWS = {
+    "centre": (EVAL_RESIZE_RATIO, 0.0, 0.0, False),
+    "mirror": (EVAL_RESIZE_RATIO, 0.0, 0.0, True),
+    "zoom": (1.35, 0.0, 0.0, False),
+    "left": (EVAL_RESIZE_RATIO * 1.15, -0.8, 0.0, False),
+    "right": (EVAL_RESIZE_RATIO * 1.15, 0.8, 0.0, False),
+    "up": (EVAL_RESIZE_RATIO * 1.15, 0.0, -0.8, False),
+    "down": (EVAL_RESIZE_RATIO * 1.15, 0.0, 0.8, False),
+}
+
+
+class ViewCrop(CenterCropResize):
+    """One of VIEWS: resize so the shorter side is image_size * ratio, crop image_size at the view's offset from
+    the centre (a fraction of the margin), mirror if asked; one PIL resize of the source box, as CenterCropResize."""
+
+    def __init__(self, image_size: int, view: str):
+        ratio, self.dx, self.dy, self.mirror = VIEWS[view]
+        super().__init__(image_size, ratio)
+        self.view = view
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        w, h = img.size
+        if w <= h:
+            nw, nh = self.short, int(self.short * h / w)
+        else:
+            nw, nh = int(self.short * w / h), self.short
+        c = self.size
+        top = int(round((nh - c) / 2.0 * (1 + self.dy)))
+        left = int(round((nw - c) / 2.0 * (1 + self.dx)))
+        sx, sy = w / nw, h / nh
+        box = (left * sx, top * sy, (left + c) * sx, (top + c) * sy)
+        out = img.resize((c, c), Image.Resampling.BICUBIC, box=box)
+        return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if self.mirror else out
+
+    def __repr__(self) -> str:
+        return f"ViewCrop(size={self.size}, view={self.view})"
+
+
+def view_transform(image_size: int, view: str) -> T.Compose:
+    """The eval transform for "centre", else ViewCrop -> uint8 HWC tensor. KeyError for an unknown view."""
+    if view == "centre":
+        return eval_transform(image_size)
+    return T.Compose([ViewCrop(image_size, view), ToUint8HWC()])
+
+
 # ---- training augmentation presets
 #
 # Config keys (merged into the training config by config.py; every key is optional here, see AUG_DEFAULTS):

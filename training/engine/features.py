@@ -76,11 +76,13 @@ def weights_fingerprint(module) -> str:
     return h.hexdigest()
 
 
-def preprocessing_key(image_size: int, mean: Sequence[float], std: Sequence[float]) -> dict:
-    """What the pixels went through before the backbone (see data.eval_transform)."""
-    from .data import EVAL_RESIZE_RATIO  # noqa: PLC0415
+def preprocessing_key(image_size: int, mean: Sequence[float], std: Sequence[float], view: str = "centre") -> dict:
+    """What the pixels went through before the backbone (see data.eval_transform; another view than the centre
+    crop adds its data.VIEWS spec, so the centre's key is the same as before views existed)."""
+    from .data import EVAL_RESIZE_RATIO, VIEWS  # noqa: PLC0415
 
-    return {
+    extra = {} if view == "centre" else {"view": [view, *VIEWS[view]]}
+    return extra | {
         "image_size": int(image_size),
         "resize": f"shorter side {EVAL_RESIZE_RATIO} x image_size, centre crop",
         "interpolation": "bicubic",
@@ -151,9 +153,11 @@ def cached_features(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     progress: Callable[[dict], None] | None = None,
+    view: str = "centre",
 ) -> Features:
     """Pooled frozen-backbone features of manifest items ({"path"[, "sha256"]}) from the cache; only the misses
-    are computed (eval mode, torch.inference_mode, batches, reduced-size JPEG decode) and written to it.
+    are computed (eval mode, torch.inference_mode, batches, reduced-size JPEG decode) and written to it. `view`:
+    one of data.VIEWS (the centre crop that inference sees by default; each view has its own cache key).
 
     The backbone is config's starting backbone (create_backbone: pretrained_path / hub / bundled / none), or the
     given module (e.g. a trained model's backbone; then mean/std must be given). progress gets {"phase":
@@ -174,7 +178,9 @@ def cached_features(
     elif mean is None or std is None:
         raise ValueError("cached_features: pass mean and std with a backbone module")
     backbone.eval()
-    key, desc = model_key(config["backbone"], weights_fingerprint(backbone), preprocessing_key(size, mean, std))
+    if view not in _views():
+        raise ValueError(f"unknown view {view!r} (views: {', '.join(_views())})")
+    key, desc = model_key(config["backbone"], weights_fingerprint(backbone), preprocessing_key(size, mean, std, view))
     root = Path(cache_dir) / key
     if not (root / "key.json").exists():
         _write_atomic(root / "key.json", lambda tmp: tmp.write_text(json.dumps(desc, indent=1)))
@@ -184,7 +190,7 @@ def cached_features(
     hits = len(items) - len(misses)
     failed = 0
     if misses:
-        failed = _compute_misses(items, misses, shas, vecs, root, config, backbone, mean, std, hits, progress)
+        failed = _compute_misses(items, misses, shas, vecs, root, config, backbone, mean, std, hits, progress, view)
     X, ok = _stack_vectors(vecs, root)
     stats = {
         "hits": hits,
@@ -225,13 +231,21 @@ def _cached_vectors(items: Sequence[dict], root: Path) -> tuple[list[str | None]
     return shas, vecs
 
 
-def _compute_misses(items, misses, shas, vecs, root: Path, config: dict, backbone, mean, std, hits: int, progress):
+def _views() -> dict:
+    from .data import VIEWS  # noqa: PLC0415
+
+    return VIEWS
+
+
+def _compute_misses(
+    items, misses, shas, vecs, root: Path, config: dict, backbone, mean, std, hits: int, progress, view="centre"
+):
     """The backbone's pooled features of the items at indexes `misses` (eval mode, torch.inference_mode, batches,
     reduced-size decode) into vecs and the cache (items with a sha256). Returns how many files were unreadable."""
     import torch  # noqa: PLC0415
     from torch.utils.data import DataLoader  # noqa: PLC0415
 
-    from .data import ManifestDataset, collate_skip, draft_size, eval_transform, normalize_batch  # noqa: PLC0415
+    from .data import VIEWS, ManifestDataset, collate_skip, draft_size, normalize_batch, view_transform  # noqa: PLC0415
     from .manifest import Item  # noqa: PLC0415
     from .runtime import resolve_device, resolve_num_workers  # noqa: PLC0415
 
@@ -244,7 +258,9 @@ def _compute_misses(items, misses, shas, vecs, root: Path, config: dict, backbon
         torch.set_num_threads(feature_threads(config.get("torch_threads", "auto"), workers))
     backbone.to(device)
     ds = ManifestDataset(
-        [Item(id=i, path=items[i]["path"], targets=(0,)) for i in misses], eval_transform(size), draft_size(size)
+        [Item(id=i, path=items[i]["path"], targets=(0,)) for i in misses],
+        view_transform(size, view),
+        draft_size(size, VIEWS[view][0]),
     )
     loader = DataLoader(
         ds,

@@ -303,9 +303,26 @@ def resolve_pretrained_backbone(cfg: dict, what: str = "quick retrain", instead:
 
 def manifest_features(manifest: dict, parsed, cfg: dict, cache_dir, *, backbone, mean, std, progress=None):
     """Cached features of the parsed train + val items (manifest dicts keep their "sha256")."""
-    by_key = {(it.get("id"), it["path"]): it for it in manifest["items"]}
-    items = [by_key.get((it.id, it.path), {"path": it.path}) for it in parsed.train + parsed.val]
+    items = _manifest_items(manifest, parsed.train + parsed.val)
     return cached_features(items, cfg, cache_dir, backbone=backbone, mean=mean, std=std, progress=progress)
+
+
+def _manifest_items(manifest: dict, parsed_items) -> list[dict]:
+    by_key = {(it.get("id"), it["path"]): it for it in manifest["items"]}
+    return [by_key.get((it.id, it.path), {"path": it.path}) for it in parsed_items]
+
+
+def view_features(manifest: dict, parsed, cfg: dict, cache_dir, *, backbone, mean, std, progress=None):
+    """The train photos' cached features in each of cfg["quick_views"] (data.VIEWS): ([(X (n_train, D), ok)] per
+    view, summed cache stats)."""
+    items = _manifest_items(manifest, parsed.train)
+    out, stats = [], {"hits": 0, "misses": 0, "failed": 0, "seconds": 0.0}
+    for view in cfg["quick_views"]:
+        f = cached_features(items, cfg, cache_dir, backbone=backbone, mean=mean, std=std, progress=progress, view=view)
+        out.append((f.X, f.ok))
+        for k in stats:
+            stats[k] += f.stats[k]
+    return out, stats
 
 
 def train_quick(
@@ -355,7 +372,17 @@ def train_quick(
         if progress is not None:
             progress({**p, "pretrained": weights})
 
-    fit = train_heads(feats.X[tr], Y[tr], feats.X[va], Y[va], parsed.heads, cfg, progress=heads_progress)
+    views, view_stats = view_features(
+        manifest, parsed, cfg, cache_dir, backbone=backbone, mean=mean, std=std, progress=feature_progress
+    )
+    X_train, Y_train = [feats.X[tr]], [Y[tr]]
+    for Xv, okv in views:  # the train photos again, as each view saw them (rows of photos that could be read)
+        keep = okv & feats.ok[:n_train]
+        X_train.append(Xv[keep])
+        Y_train.append(Y[:n_train][keep])
+    fit = train_heads(
+        np.concatenate(X_train), np.concatenate(Y_train), feats.X[va], Y[va], parsed.heads, cfg, progress=heads_progress
+    )
     best = fit["best"]
     model = LoupeNet(
         backbone, feature_dim, [len(h["classes"]) for h in parsed.heads], arcface=arcface_spec(cfg, parsed.heads)
@@ -387,7 +414,11 @@ def train_quick(
         "epochs_run": len(fit["history"]),
         "stopped_early": fit["stopped_early"],
         "quick": True,
-        "cache": {k: feats.stats[k] for k in ("hits", "misses", "failed", "seconds", "key")},
+        "cache": {
+            **{k: feats.stats[k] + view_stats.get(k, 0) for k in ("hits", "misses", "failed", "seconds")},
+            "key": feats.stats["key"],
+        },
+        "views": ["centre", *cfg["quick_views"]],
         "seconds": None,
     }
     if cfg["eval_report"]:

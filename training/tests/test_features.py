@@ -137,6 +137,57 @@ def test_quick_retrain_is_heads_trained_on_the_same_features(data, head_type):
         assert torch.equal(ckpt2["state_dict"][k], v), k
 
 
+def test_views_are_cached_crops_of_their_own_and_quick_trains_on_them(data):
+    """data.VIEWS: a view is the crop it names (checked on a two-colour photo), has its own cache key (the centre's
+    key is the one it had before views existed), and a quick retrain with quick_views trains the heads on the train
+    photos' centre rows + view rows: exactly train_heads on those features."""
+    from PIL import Image as PILImage
+
+    from training.engine.data import VIEWS, ViewCrop, view_transform
+    from training.engine.features import preprocessing_key
+
+    photo = PILImage.new("RGB", (200, 100), (255, 0, 0))
+    photo.paste((0, 0, 255), (100, 0, 200, 100))  # left half red, right half blue
+    crops = {v: np.asarray(ViewCrop(64, v)(photo), dtype=float).mean((0, 1)) for v in ("left", "right", "mirror")}
+    assert crops["left"][0] > 200 > crops["left"][2] and crops["right"][2] > 200 > crops["right"][0]
+    centre = np.asarray(view_transform(64, "centre")(photo), dtype=float)
+    mirrored = np.asarray(view_transform(64, "mirror")(photo), dtype=float)
+    np.testing.assert_allclose(mirrored, centre[:, ::-1], atol=2)
+    zoom = np.asarray(ViewCrop(64, "zoom")(photo))
+    assert zoom.shape == (64, 64, 3) and set(VIEWS) >= {"centre", "zoom", "left", "right", "up", "down", "mirror"}
+    assert "view" not in preprocessing_key(32, [0.5] * 3, [0.5] * 3)
+    assert preprocessing_key(32, [0.5] * 3, [0.5] * 3, "zoom")["view"][0] == "zoom"
+
+    manifest, cfg, tmp = data
+    cache = tmp / "cache"
+    items = manifest["items"]
+    plain = cached_features(items, cfg, cache)
+    zoomed = cached_features(items, cfg, cache, view="zoom")
+    assert zoomed.stats["misses"] == 32 and zoomed.stats["key"] != plain.stats["key"]
+    assert not np.allclose(zoomed.X, plain.X)
+    assert cached_features(items, cfg, cache, view="zoom").stats["hits"] == 32
+    with pytest.raises(ValueError, match="unknown view 'sideways'"):
+        cached_features(items, cfg, cache, view="sideways")
+
+    qcfg = {**cfg, "quick_views": ["zoom", "left"]}
+    metrics = train_quick(manifest, qcfg, tmp / "qv", cache_dir=cache)
+    assert metrics["views"] == ["centre", "zoom", "left"]
+    assert metrics["cache"]["misses"] == 24 and metrics["cache"]["hits"] == 32 + 24  # left: the 24 train photos
+    parsed = parse_manifest(manifest)
+    train = [{"path": it.path} for it in parsed.train]
+    val = [{"path": it.path} for it in parsed.val]
+    X_val = cached_features(val, cfg, cache).X
+    X_train = np.concatenate([cached_features(train, cfg, cache, view=v).X for v in ("centre", "zoom", "left")])
+    Y_train = np.array([it.targets for it in parsed.train] * 3)
+    fit = train_heads(X_train, Y_train, X_val, np.array([it.targets for it in parsed.val]), parsed.heads, qcfg)
+    ckpt = torch.load(tmp / "qv" / "model.pt", map_location="cpu", weights_only=True)
+    for k, v in fit["state_dict"].items():
+        torch.testing.assert_close(ckpt["state_dict"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+    for bad in (["sideways"], ["zoom", "zoom"], ["centre"], "zoom"):
+        with pytest.raises(ValueError, match="quick_views"):
+            resolve_config({**cfg, "quick_views": bad})
+
+
 def test_quick_retrain_masks_unknown_labels_and_needs_pretrained_weights(data):
     manifest, cfg, tmp = data
     for it in manifest["items"][::2]:
