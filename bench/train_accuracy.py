@@ -127,6 +127,7 @@ def recipe() -> dict:
     import django  # noqa: PLC0415
 
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "webapp.settings")
+    os.environ.setdefault("DEBUG", "1")  # settings only: the bench reads no database (make bench-accuracy as is)
     django.setup()
     from training.selectors import preset_config  # noqa: PLC0415
 

@@ -7,12 +7,12 @@ REST endpoint and the download; the model page's card."""
 import json
 import os
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.workers import wait
 from training.engine import train_model
 from training.engine.mobile import mobile_export, mobile_python
 from training.engine.onnx_export import export_onnx
@@ -104,16 +104,6 @@ def test_refusals_say_why(tiny_run, tmp_path, monkeypatch):
     assert mobile_python() is None
 
 
-def _wait(fn, *, what: str, timeout: float = 240):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(0.25)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @needs_mobile
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.worker
@@ -131,8 +121,10 @@ def test_the_export_job_on_a_worker_then_rest_download_and_page(
     assert admin.get(f"{base}/files/model.tflite").status_code == 404  # not exported yet
     r = admin.post(f"{base}/mobile-export/")
     assert r.status_code == 202 and r.json()["what"] == "mobile export (TFLite)", r.content
-    job = _wait(
-        lambda: Job.objects.filter(pk=r.json()["id"], status__in=["succeeded", "failed"]).first(), what="the export"
+    job = wait(
+        lambda: Job.objects.filter(pk=r.json()["id"], status__in=["succeeded", "failed"]).first(),
+        timeout=240,
+        what="the export",
     )
     assert job.status == "succeeded", job.error
     assert job.result["reference"] == "onnxruntime (model.onnx)" and job.result["max_abs_diff"] <= 1e-3

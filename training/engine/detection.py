@@ -94,7 +94,10 @@ DEFAULT_DETECTOR_CONFIG: dict[str, Any] = {
     "warmup_steps": 50,  # linear warm-up from lr/10 over this many steps, then cosine to lr/100
     "seed": 0,
     # Operating point and evaluation
-    "score_threshold": 0.5,  # detections at or above it are "found" (recall, precision, counts, serving)
+    # Detections at or above it are "found" (recall, precision, counts, serving). "auto": chosen after training on the
+    # val photos, the threshold whose counts per photo and class are closest to the truth (count MAE, then recall;
+    # metrics.json "threshold" has the sweep); the artifact's config holds the number. Epochs are reported at 0.5.
+    "score_threshold": "auto",
     "match_iou": 0.5,
     "detections_per_image": 300,
     # class-agnostic NMS after torchvision's per-class NMS (one box per container, whatever its class); null = off
@@ -164,8 +167,9 @@ def resolve_detector_config(overrides: dict | None) -> dict:
     need("optimizer", cfg["optimizer"] in ("adamw", "sgd"), '"adamw" or "sgd"')
     need("lr", _is_num(cfg["lr"]) and 0 < cfg["lr"] <= 1, "a number in (0, 1]")
     need("weight_decay", _is_num(cfg["weight_decay"]) and cfg["weight_decay"] >= 0, "a number >= 0")
-    for key in ("score_threshold", "match_iou"):
-        need(key, _is_num(cfg[key]) and 0 < cfg[key] < 1, "a number in (0, 1)")
+    need("match_iou", _is_num(cfg["match_iou"]) and 0 < cfg["match_iou"] < 1, "a number in (0, 1)")
+    thr = cfg["score_threshold"]
+    need("score_threshold", thr == "auto" or (_is_num(thr) and 0 < thr < 1), '"auto" or a number in (0, 1)')
     dev = cfg["device"]
     need("device", isinstance(dev, str) and (dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:")), "a device")
     need("amp", cfg["amp"] in ("auto", "bf16", "fp16", "off"), '"auto", "bf16", "fp16" or "off"')
@@ -445,6 +449,10 @@ def train_detector(
                     }
                 )
         model.load_state_dict(state["best_model"])
+        threshold = None
+        if cfg["score_threshold"] == "auto":
+            threshold = choose_threshold(model, val, parsed.classes, cfg, device)
+            cfg = {**cfg, "score_threshold": threshold["chosen"]}  # the artifact's config: a number
         final = _evaluate(model, val, parsed.classes, cfg, device) if val else None
         metrics = {
             "format": DETECTOR_FORMAT,
@@ -462,6 +470,7 @@ def train_detector(
             "device": str(device),
             "amp": amp.name,
             "val": final,
+            "threshold": threshold or {"chosen": cfg["score_threshold"], "by": "config"},
         }
         _write_artifact(out, model, cfg, parsed.classes, weights, metrics)
     return metrics
@@ -627,7 +636,7 @@ def _evaluate(model, items: list[DetItem], classes: list[str], cfg: dict, device
         extended_summary=True,
         max_detection_thresholds=[1, 10, max(100, int(cfg["detections_per_image"]))],
     )
-    thr, match_iou = cfg["score_threshold"], cfg["match_iou"]
+    thr, match_iou = operating_threshold(cfg), cfg["match_iou"]
     k = len(classes)
     gt_n, tp_gt, det_n, tp_det = np.zeros(k), np.zeros(k), np.zeros(k), np.zeros(k)
     any_hits = any_gt = 0
@@ -688,6 +697,59 @@ def _evaluate(model, items: list[DetItem], classes: list[str], cfg: dict, device
         "per_class": per_class,
         "evaluator": "torchmetrics MeanAveragePrecision (pycocotools); recall/precision: greedy matcher",
     }
+
+
+DEFAULT_THRESHOLD = 0.5  # the operating point before "auto" is chosen (epoch reports), and without val photos
+THRESHOLD_GRID = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 .. 0.95
+
+
+def operating_threshold(cfg: dict) -> float:
+    thr = cfg["score_threshold"]
+    return DEFAULT_THRESHOLD if thr == "auto" else float(thr)
+
+
+def choose_threshold(model, items: list[DetItem], classes: list[str], cfg: dict, device) -> dict:
+    """The operating score threshold for counting, chosen on `items` (the val photos): each photo is predicted
+    once, then for every threshold of THRESHOLD_GRID the count MAE (mean over photos and classes of |detected -
+    true|) and the recall and precision of any class (greedy matcher, match_iou); the lowest count MAE wins, ties
+    to the higher recall, then to the threshold nearest 0.5. Without photos: DEFAULT_THRESHOLD. Returns {"chosen",
+    "by", "on", "sweep": [{"threshold", "count_mae", "recall", "precision"}]}."""
+    if not items:
+        return {"chosen": DEFAULT_THRESHOLD, "by": "default (no val photos)", "on": None, "sweep": []}
+    model.eval()
+    k = len(classes)
+    preds = []
+    for it in items:
+        pred = predict_detector(model, [_load_image(it.path)], device=device, agnostic_iou=cfg["agnostic_nms_iou"])[0]
+        tgt = _target(it)
+        preds.append(
+            (
+                pred["boxes"].numpy(),
+                pred["labels"].numpy(),
+                pred["scores"].numpy(),
+                tgt["boxes"].numpy(),
+                (tgt["labels"] - 1).numpy(),
+            )
+        )
+    sweep = []
+    for t in THRESHOLD_GRID:
+        errors, hits, n_gt, n_det = [], 0, 0, 0
+        for boxes, labels, scores, gt_boxes, gt_labels in preds:
+            keep = scores >= t
+            pl = labels[keep]
+            hit = greedy_match(boxes[keep], pl, gt_boxes, gt_labels, iou=cfg["match_iou"], class_aware=False)
+            hits, n_gt, n_det = hits + int(hit.sum()), n_gt + len(gt_boxes), n_det + int(keep.sum())
+            errors += [abs(int((pl == c).sum()) - int((gt_labels == c).sum())) for c in range(k)]
+        sweep.append(
+            {
+                "threshold": t,
+                "count_mae": round(float(np.mean(errors)), 5),
+                "recall": round(hits / n_gt, 5) if n_gt else None,
+                "precision": round(hits / n_det, 5) if n_det else None,
+            }
+        )
+    best = min(sweep, key=lambda r: (r["count_mae"], -(r["recall"] or 0.0), abs(r["threshold"] - 0.5)))
+    return {"chosen": best["threshold"], "by": "count MAE (then recall)", "on": "val", "sweep": sweep}
 
 
 def _coco_ap(prec) -> float:

@@ -237,3 +237,40 @@ def test_evaluator_scores_perfect_detections_as_perfect_on_crowded_photos(tmp_pa
     assert result["recall"] == result["precision"] == result["recall_any_class"] == 1.0
     assert result["count_mae"] == 0.0
     assert all(c["ap_50"] in (1.0, None) for c in result["per_class"].values())
+
+
+class _ShyOracle(_Oracle):
+    """The ground truth with every third box at score 0.3 (the others 0.9) and one false box at 0.2 per photo."""
+
+    def forward(self, images):
+        out = []
+        for im in images:
+            t = self.targets[_photo_key(im)]
+            n = len(t["boxes"])
+            scores = torch.tensor([0.3 if i % 3 == 0 else 0.9 for i in range(n)] + [0.2])
+            boxes = torch.cat([t["boxes"], torch.tensor([[0.0, 0.0, 5.0, 5.0]])])
+            out.append({"boxes": boxes, "labels": torch.cat([t["labels"], torch.tensor([1])]), "scores": scores})
+        return out
+
+
+def test_auto_threshold_is_the_one_that_counts_best_on_val(tmp_path):
+    """score_threshold "auto" (the default): chosen on the val photos by count MAE (then recall, then nearest 0.5);
+    the sweep agrees with the evaluator at the chosen threshold, and the config keeps the number."""
+    from training.engine.detection import _load_image, _target, choose_threshold, operating_threshold
+
+    generate_shelves(tmp_path, 2, seed=5, size=(320, 240), rows=(2,), crops=False)
+    parsed = parse_detection_manifest(detection_manifest(tmp_path))
+    targets = {_photo_key(_load_image(it.path)): _target(it) for it in parsed.items}
+    cfg = resolve_detector_config({})
+    assert cfg["score_threshold"] == "auto" and operating_threshold(cfg) == 0.5
+    model = _ShyOracle(targets)
+    got = choose_threshold(model, parsed.items, parsed.classes, cfg, torch.device("cpu"))
+    sweep = {r["threshold"]: r for r in got["sweep"]}
+    assert got["chosen"] == 0.3 and got["on"] == "val" and sweep[0.3]["count_mae"] == 0.0
+    assert sweep[0.3]["recall"] == sweep[0.3]["precision"] == 1.0
+    assert sweep[0.5]["count_mae"] > 0 and sweep[0.5]["recall"] < 1 and sweep[0.2]["count_mae"] > 0
+    at_chosen = _evaluate(model, parsed.items, parsed.classes, {**cfg, "score_threshold": 0.3}, torch.device("cpu"))
+    assert at_chosen["count_mae"] == 0.0 and at_chosen["recall_any_class"] == 1.0
+    assert choose_threshold(model, [], parsed.classes, cfg, torch.device("cpu"))["chosen"] == 0.5
+    with pytest.raises(ValueError, match="'score_threshold'"):
+        resolve_detector_config({"score_threshold": "sometimes"})
