@@ -232,8 +232,9 @@ class JobSerializer(serializers.Serializer):
 
 
 class ModelVersionMobileExportView(APIView):
-    """Queue the TFLite export of a classifier version (model.tflite, checked with the LiteRT runtime against
-    model.onnx); the job is in GET jobs/, the file at files/model.tflite when it is done. 409 for a detector."""
+    """Queue the TFLite export of a version (a classifier's model.tflite, checked with the LiteRT runtime against
+    model.onnx; a detector's detector.tflite, against the torch detector on its own photos); the job is in GET
+    jobs/, the file at files/model.tflite or files/detector.tflite when it is done. 409 without artifacts."""
 
     permission_classes = [IsProjectAdmin]
 

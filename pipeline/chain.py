@@ -17,6 +17,7 @@ LOUPE_TASK_TIME_LIMITS). The lower apps queue these steps by name (webapp.jobs.s
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 
@@ -267,23 +268,33 @@ def _mobile_export_step(job: Job, report) -> dict:
     art = storage.artifact_local(version.artifact_dir)
     report(step="converting to TFLite and checking it with LiteRT")
     t0 = time.time()
-    result = mobile_export(art, timeout=float(settings.LOUPE_TASK_TIME_LIMITS["pipeline.job.mobile_export"]) - 60)
+    limit = float(settings.LOUPE_TASK_TIME_LIMITS["pipeline.job.mobile_export"]) - 60
+    result = mobile_export(art, timeout=limit, images=_detector_check_photos(version, art))
     storage.artifact_publish(art, since=t0)
     return {k: result.get(k) for k in ("reference", "max_abs_diff", "photos_checked", "size_bytes", "seconds")}
 
 
+def _detector_check_photos(version: ModelVersion, art, n: int = 3) -> list[str] | None:
+    """A detector's export is checked on a few of its own photos (val first, from the run's manifest.json, read
+    through the store); None for a classifier, or when none can be read (the check then uses random images)."""
+    if (version.metrics or {}).get("task") != "detection":
+        return None
+    try:
+        items = json.loads((art / "manifest.json").read_text())["items"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    order = {"val": 0, "test": 1, "train": 2}
+    items = sorted((it for it in items if it.get("file")), key=lambda it: order.get(it.get("split"), 3))[:n]
+    paths = [p for p in storage.local_paths([it["file"] for it in items]) if p]
+    return [str(p) for p in paths] or None
+
+
 def model_version_mobile_export(*, version: ModelVersion, user=None) -> Job:
-    """Queue the TFLite export of a classifier version (a job on the default queue; the one already waiting or
-    running for this version otherwise). TrainingError for a detector (no TFLite path: see
-    training.engine.tflite_export) or a version without artifacts."""
+    """Queue the TFLite export of a version: the classifier's model.tflite, or the detector's detector.tflite (a job
+    on the default queue; the one already waiting or running for this version otherwise). TrainingError for a
+    version without artifacts."""
     if not version.artifact_dir:
         raise TrainingError(f"Model v{version.number} has no artifact folder to export.")
-    if (version.metrics or {}).get("task") == "detection":
-        raise TrainingError(
-            "Detectors are not exported to TFLite: litert-torch cannot trace Faster R-CNN's data-dependent "
-            "proposals and NMS. Use detector.onnx on ONNX Runtime Mobile; the SKU classifier exports from its "
-            "own model page."
-        )
     with transaction.atomic():
         return job_services.job_enqueue(
             project=version.project,

@@ -38,7 +38,7 @@ _MEDIA = {
     ".tflite": "application/octet-stream",
 }
 # sent as attachments; model.tflite exists after a mobile export (pipeline.chain.model_version_mobile_export)
-DOWNLOADS = ("model.onnx", "detector.onnx", "model.tflite", "label_maps.json", "report.md")
+DOWNLOADS = ("model.onnx", "detector.onnx", "model.tflite", "detector.tflite", "label_maps.json", "report.md")
 RECIPE_KEYS = (
     "backbone",
     "image_size",
@@ -222,11 +222,11 @@ def _mobile(version: ModelVersion, art: Path | None) -> dict:
     this machine has the converter (training.engine.mobile)."""
     from training.engine.mobile import mobile_python  # noqa: PLC0415
 
-    if (version.metrics or {}).get("task") == "detection":
-        return {"mobile": None}
+    detector = (version.metrics or {}).get("task") == "detection"
+    name, meta_name = ("detector.tflite", "detector_tflite.json") if detector else ("model.tflite", "model_tflite.json")
     job = Job.objects.filter(version=version, kind=Job.Kind.MOBILE_EXPORT).order_by("-created_at", "-id").first()
-    meta = (_read_json(art / "model_tflite.json") if art else None) or None
-    exported = bool(meta and art and (art / "model.tflite").is_file())
+    meta = (_read_json(art / meta_name) if art else None) or None
+    exported = bool(meta and art and (art / name).is_file())
     return {"mobile": {"meta": meta if exported else None, "job": job, "available": mobile_python() is not None}}
 
 

@@ -102,3 +102,21 @@ def test_the_models_pages_show_a_detector(shelf_project, admin_client):
     test = ModelVersion.objects.get(run=run).metrics["test"]
     assert f"{test['map_50']:.3f}" in page and f"{test['count_mae']:.3f}" in page  # the test split's figures
     assert "detector.onnx" in page  # downloadable
+
+    # Mobile: the export job converts the detector to detector.tflite, checked on the run's own photos.
+    import os
+
+    from training.engine.mobile import mobile_python
+
+    if mobile_python() is None and not os.environ.get("CI"):
+        return  # no .venv-mobile here (make test builds it); the export is tested in training/tests/test_detection.py
+    version = ModelVersion.objects.get(run=run)
+    job = chain.model_version_mobile_export(version=version, user=None)
+    job = chain.job_execute(job_id=job.id)
+    assert job.status == "succeeded", job.error
+    assert job.result["reference"].startswith("torch (model.pt) on ") and job.result["reference"].endswith("photos")
+    page = admin_client.get(reverse("training:version-detail", args=[slug, 1])).content.decode()
+    assert 'id="mobile-check"' in page and "detector.tflite" in page and "letterboxed" in page
+    got = admin_client.get(reverse("training:version-file", args=[slug, 1, "detector.tflite"]))
+    assert got.status_code == 200
+    assert b"".join(got.streaming_content) == (Path(version.artifact_dir) / "detector.tflite").read_bytes()

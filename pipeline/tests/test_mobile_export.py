@@ -1,8 +1,8 @@
 """Mobile export (issue 18.7): a classifier version to model.tflite with litert-torch in its own environment
 (.venv-mobile, `make .venv-mobile`), checked by the exporter with the LiteRT interpreter against onnxruntime, and
 here again independently (the .tflite run by LiteRT in a separate process on photos this test draws, against
-onnxruntime on model.onnx); refusals (a detector, no converter, a broken artifact); the job on a real worker, the
-REST endpoint and the download; the model page's card."""
+onnxruntime on model.onnx); refusals (no converter, a broken or missing artifact); the job on a real worker, the
+REST endpoint and the download; the model page's card. The detector's export: training/tests/test_detection.py."""
 
 import json
 import os
@@ -88,8 +88,8 @@ def test_tflite_equals_onnx_on_new_inputs(tiny_run, tmp_path):
 def test_refusals_say_why(tiny_run, tmp_path, monkeypatch):
     detector = tmp_path / "detector"
     detector.mkdir()
-    (detector / "detector.onnx").write_bytes(b"not used")
-    with pytest.raises(MobileExportError, match="litert-torch's torch.export cannot trace"):
+    (detector / "metrics.json").write_text('{"task": "detection"}')
+    with pytest.raises(MobileExportError, match="model.pt"):  # taken for a detector, which needs its model.pt
         mobile_export(detector)
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -134,8 +134,8 @@ def test_the_export_job_on_a_worker_then_rest_download_and_page(
     client.force_login(admin_user)
     page = client.get(f"/p/{project.slug}/models/{version.number}/").content.decode()
     assert 'id="mobile-check"' in page and "onnxruntime (model.onnx)" in page and "model.tflite" in page
-    # a detector version is refused with the reason (no job)
-    det = ModelVersionFactory(project=project, artifact_dir=str(art), metrics={"task": "detection"})
-    refused = admin.post(f"/api/v1/projects/{project.slug}/models/{det.number}/mobile-export/")
-    assert refused.status_code == 409 and "ONNX Runtime Mobile" in refused.json()["error"]["message"]
+    # a version without artifacts is refused with the reason (no job)
+    bare = ModelVersionFactory(project=project, artifact_dir="")
+    refused = admin.post(f"/api/v1/projects/{project.slug}/models/{bare.number}/mobile-export/")
+    assert refused.status_code == 409 and "no artifact folder" in refused.json()["error"]["message"]
     assert Job.objects.filter(kind="mobile_export").count() == 1

@@ -26,10 +26,11 @@ def mobile_python() -> str | None:
     return str(local) if local.is_file() else None
 
 
-def mobile_export(artifact_dir, *, timeout: float = 1800, check: bool = True) -> dict:
-    """Export artifact_dir's classifier to model.tflite in the mobile environment (a subprocess; the converter's
-    memory goes with it). MobileExportError with the exporter's own message when it refuses or fails, or with
-    what to install when there is no mobile environment."""
+def mobile_export(artifact_dir, *, timeout: float = 1800, check: bool = True, images: list | None = None) -> dict:
+    """Export artifact_dir's classifier (model.tflite) or detector (detector.tflite; checked on `images`, photo
+    paths, when given) in the mobile environment (a subprocess; the converter's memory goes with it).
+    MobileExportError with the exporter's own message when it refuses or fails, or with what to install when there
+    is no mobile environment."""
     python = mobile_python()
     if python is None:
         configured = os.environ.get("LOUPE_MOBILE_PYTHON", "").strip()
@@ -37,6 +38,7 @@ def mobile_export(artifact_dir, *, timeout: float = 1800, check: bool = True) ->
             f"LOUPE_MOBILE_PYTHON={configured!r} does not exist. {UNAVAILABLE}" if configured else UNAVAILABLE
         )
     cmd = [python, "-m", "training.engine.tflite_export", str(artifact_dir), *([] if check else ["--no-check"])]
+    cmd += [f"--image={p}" for p in images or []]
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env, check=False)

@@ -14,9 +14,15 @@ onnx_meta.json["preprocess"], repeated in model_tflite.json); outputs in model.o
 signature runner "serving_default": output_0, output_1, ... in that order; model_tflite.json lists the names).
 Batch 1: the mobile case (one photo per call).
 
-Detectors (torchvision Faster R-CNN) are refused with the reason: torch.export, which litert-torch is built on,
-cannot trace their data-dependent proposal count and NMS (`batched_nms`: "Could not guard on data-dependent
-expression"); their mobile path is detector.onnx on ONNX Runtime Mobile."""
+Detectors (artifact_dir has detector.onnx / detector_onnx.json): torch.export, which litert-torch is built on, cannot
+trace torchvision's Faster R-CNN (data-dependent proposal count and NMS), so the detector is converted as
+training.engine.detector_static.StaticDetector (the same network with fixed-size intermediate results) to
+detector.tflite (+ detector_tflite.json): input ``image`` float32 (1, 3, H, W) RGB in [0, 1], H x W = the config's
+(min_size, max_size), the photo letterboxed into it (detector_static.letterbox: scaled to fit, top-left, black
+padding; divide the boxes by the scale); outputs boxes (D, 4) xyxy, labels (D,), scores (D,) best first, rows with
+score 0 are empty; filter at score_threshold. Checked with LiteRT against the torch detector on the given photos
+(letterboxed) or, without photos, on random images: every torch detection at or above the threshold must have a
+LiteRT one of the same class within BOX_ATOL pixels and SCORE_ATOL."""
 
 from __future__ import annotations
 
@@ -37,7 +43,11 @@ log = logging.getLogger("training.engine")
 
 TFLITE_FILE = "model.tflite"
 TFLITE_META_FILE = "model_tflite.json"
+DETECTOR_TFLITE_FILE = "detector.tflite"
+DETECTOR_TFLITE_META_FILE = "detector_tflite.json"
 CHECK_PHOTOS = 4  # random inputs compared with the reference, batch 1 each
+BOX_ATOL = 0.5  # detector check: pixels (as the ONNX detector's)
+SCORE_ATOL = 1e-3
 ATOL = 1e-3  # as the ONNX check: |tflite - reference| <= ATOL * max(1, max|reference|) + RTOL * |reference|
 RTOL = 1e-3
 UNAVAILABLE = (
@@ -50,8 +60,137 @@ class MobileExportError(ValueError):
     """The export cannot be made or failed its check; the message says why and what to do."""
 
 
+def _detector_matches(torch_out, lite: dict, threshold: float, photo: int) -> dict:
+    """Every torch detection at or above `threshold` has a LiteRT detection of the same class within BOX_ATOL
+    pixels and SCORE_ATOL (scores within SCORE_ATOL of the threshold may be on either side), and LiteRT finds no
+    more than that. Returns {"max_box_diff", "max_score_diff", "detections"}; MobileExportError otherwise."""
+    tb, tl, ts = (np.asarray(v) for v in (torch_out["boxes"], torch_out["labels"], torch_out["scores"]))
+    lb, ll, ls = (np.asarray(lite[f"output_{i}"]) for i in range(3))
+    sure = ls >= threshold - SCORE_ATOL
+    lb, ll, ls = lb[sure], ll[sure], ls[sure]
+    used = np.zeros(len(ls), dtype=bool)
+    box_diff = score_diff = 0.0
+    n = 0
+    for b, lab, s in zip(tb, tl, ts, strict=True):
+        if s < threshold - SCORE_ATOL:
+            continue
+        d = np.abs(lb - b).max(axis=1) if len(lb) else np.zeros(0)
+        ok = np.flatnonzero((ll == lab) & (d <= BOX_ATOL) & (np.abs(ls - s) <= SCORE_ATOL) & ~used)
+        if not len(ok):
+            if s < threshold + SCORE_ATOL:
+                continue  # at the threshold: either side
+            raise MobileExportError(
+                f"TFLite detector check, photo {photo}: torch's detection (class {int(lab)}, score {s:.3f}, box "
+                f"{np.round(b, 1).tolist()}) has no LiteRT match: the conversion is not faithful"
+            )
+        j = ok[np.argmin(d[ok])]
+        used[j] = True
+        box_diff, score_diff, n = max(box_diff, float(d[j])), max(score_diff, float(abs(ls[j] - s))), n + 1
+    extra = int((~used & (ls >= threshold + SCORE_ATOL)).sum())
+    if extra:
+        raise MobileExportError(f"TFLite detector check, photo {photo}: LiteRT finds {extra} detections torch does not")
+    return {"max_box_diff": box_diff, "max_score_diff": score_diff, "detections": n}
+
+
+def export_detector_tflite(artifact_dir, *, images: list[str] | None = None, check: bool = True) -> dict:
+    """detector.tflite (+ detector_tflite.json) of a detector artifact, put in place only after the check passed
+    (see the module docstring). Returns {"path", "meta_path", "reference", "max_abs_diff" (the largest box
+    difference in pixels), "photos_checked", "size_bytes", "seconds"}."""
+    t0 = time.monotonic()
+    d = Path(artifact_dir)
+    try:
+        import litert_torch  # noqa: PLC0415
+        from ai_edge_litert.interpreter import Interpreter  # noqa: PLC0415
+    except ImportError as exc:
+        raise MobileExportError(f"{UNAVAILABLE} ({exc})") from exc
+    from .detection import _load_image, load_detector, predict_detector  # noqa: PLC0415
+    from .detector_static import StaticDetector, letterbox  # noqa: PLC0415
+
+    model, ckpt = load_detector(d)
+    cfg = ckpt["config"]
+    height, width, threshold = int(cfg["min_size"]), int(cfg["max_size"]), float(cfg["score_threshold"])
+    static = StaticDetector(model, height, width, agnostic_iou=cfg.get("agnostic_nms_iou")).eval()
+    gen = torch.Generator().manual_seed(0)
+    inputs = [letterbox(_load_image(str(p)), height, width)[0] for p in (images or [])[:CHECK_PHOTOS]]
+    inputs = inputs or [torch.rand(1, 3, height, width, generator=gen) for _ in range(2)]
+    stats: dict = {}
+
+    def convert(tmp: Path) -> None:
+        t = time.monotonic()
+        with torch.no_grad(), contextlib.redirect_stdout(sys.stderr):
+            edge = litert_torch.convert(static, (inputs[0],))
+            edge.export(str(tmp))
+        os.chmod(tmp, 0o644)
+        stats["convert_seconds"] = round(time.monotonic() - t, 2)
+        if not check:
+            return
+        runner = Interpreter(model_path=str(tmp)).get_signature_runner()
+        (input_name,) = runner.get_input_details()
+        figures = []
+        for n, x in enumerate(inputs):
+            ref = predict_detector(model, [x[0]], agnostic_iou=cfg.get("agnostic_nms_iou"))[0]
+            figures.append(_detector_matches(ref, runner(**{input_name: x.numpy()}), threshold, n))
+        stats["check"] = {
+            "max_box_diff": max(f["max_box_diff"] for f in figures),
+            "max_score_diff": max(f["max_score_diff"] for f in figures),
+            "detections": sum(f["detections"] for f in figures),
+        }
+
+    target = d / DETECTOR_TFLITE_FILE
+    try:
+        write_atomic(target, convert)
+    except MobileExportError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - converter errors, said in one line
+        text = " | ".join(ln.strip() for ln in str(exc).splitlines() if ln.strip())[:500]
+        what = f"TFLite conversion of the detector in {d} failed"
+        raise MobileExportError(f"{what}: {type(exc).__name__}: {text}") from exc
+    check_fig = stats.get("check") or {}
+    n_out = static.detections
+    reference = ("torch (model.pt) on " + (f"{len(inputs)} photos" if images else "random images")) if check else None
+    meta = {
+        "format": "loupe-det-tflite-v1",
+        "file": DETECTOR_TFLITE_FILE,
+        "input": "image",
+        "input_shape": [1, 3, height, width],
+        "input_contract": "float32 RGB in [0, 1]; the photo scaled to fit height x width with its aspect ratio, at the "
+        "top-left of a black canvas (training.engine.detector_static.letterbox); boxes / scale = photo pixels",
+        "outputs": ["boxes", "labels", "scores"],
+        "output_shapes": {"boxes": [n_out, 4], "labels": [n_out], "scores": [n_out]},
+        "signature": "serving_default (output_0 boxes xyxy, output_1 class index, output_2 score; score 0 = empty row)",
+        "classes": ckpt["classes"],
+        "score_threshold": threshold,
+        "reference": reference,
+        "max_abs_diff": check_fig.get("max_box_diff"),
+        "max_score_diff": check_fig.get("max_score_diff"),
+        "detections_checked": check_fig.get("detections"),
+        "photos_checked": len(inputs) if check else 0,
+        "box_atol": BOX_ATOL,
+        "score_atol": SCORE_ATOL,
+        "converter": f"litert-torch {getattr(litert_torch, '__version__', '?')}",
+        "torch_version": str(torch.__version__),
+        "convert_seconds": stats.get("convert_seconds"),
+    }
+    write_json_atomic(d / DETECTOR_TFLITE_META_FILE, meta, indent=2)
+    return {
+        "path": str(target),
+        "meta_path": str(d / DETECTOR_TFLITE_META_FILE),
+        "reference": reference,
+        "max_abs_diff": meta["max_abs_diff"],
+        "photos_checked": meta["photos_checked"],
+        "size_bytes": target.stat().st_size,
+        "seconds": round(time.monotonic() - t0, 2),
+    }
+
+
 def _is_detector(d: Path) -> bool:
-    return (d / "detector.onnx").is_file() or (d / "detector_onnx.json").is_file()
+    """A detection artifact: its metrics say so (training.engine.detection), or it has the detector's ONNX files."""
+    if (d / "detector.onnx").is_file() or (d / "detector_onnx.json").is_file():
+        return True
+    try:
+        return json.loads((d / "metrics.json").read_text()).get("task") == "detection"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _reference_session(d: Path):
@@ -93,7 +232,7 @@ def _compare(names: list[str], ref: list[np.ndarray], got: dict, photo: int) -> 
     return diffs
 
 
-def export_tflite(artifact_dir, *, check: bool = True) -> dict:
+def export_tflite(artifact_dir, *, check: bool = True, images: list[str] | None = None) -> dict:
     """Convert artifact_dir/model.pt to model.tflite (+ model_tflite.json), put in place only after the check
     passed: CHECK_PHOTOS random inputs through the LiteRT interpreter and the reference (onnxruntime on
     model.onnx, else torch eager) agree on every output within tolerance and on every head's class. Returns
@@ -103,11 +242,7 @@ def export_tflite(artifact_dir, *, check: bool = True) -> dict:
     t0 = time.monotonic()
     d = Path(artifact_dir)
     if _is_detector(d):
-        raise MobileExportError(
-            "This is a detector (torchvision Faster R-CNN): litert-torch's torch.export cannot trace its "
-            "data-dependent proposals and NMS. Its mobile path is detector.onnx on ONNX Runtime Mobile; the "
-            "shelf's SKU classifier exports to TFLite from its own model page."
-        )
+        return export_detector_tflite(d, images=images, check=check)
     try:
         import litert_torch  # noqa: PLC0415
         from ai_edge_litert.interpreter import Interpreter  # noqa: PLC0415
@@ -195,15 +330,17 @@ def export_tflite(artifact_dir, *, check: bool = True) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    """`python -m training.engine.tflite_export <artifact_dir> [--no-check]`: the result as one JSON line on
-    stdout; exit 2 with {"error": ...} when the export is refused or fails."""
+    """`python -m training.engine.tflite_export <artifact_dir> [--no-check] [--image=PATH ...]` (--image: photos
+    a detector is checked on): the result as one JSON line on stdout; exit 2 with {"error": ...} when the export is
+    refused or fails."""
     args = [a for a in argv if not a.startswith("--")]
+    images = [a.removeprefix("--image=") for a in argv if a.startswith("--image=")]
     if len(args) != 1:
         print(json.dumps({"error": "usage: python -m training.engine.tflite_export <artifact_dir> [--no-check]"}))
         return 2
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     try:
-        result = export_tflite(args[0], check="--no-check" not in argv)
+        result = export_tflite(args[0], check="--no-check" not in argv, images=images or None)
     except (MobileExportError, FileNotFoundError, ValueError) as exc:
         print(json.dumps({"error": str(exc)}))
         return 2

@@ -7,7 +7,9 @@ ImageNet weights) takes about a minute; the rest a few seconds each."""
 from __future__ import annotations
 
 import json
+import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -274,3 +276,68 @@ def test_auto_threshold_is_the_one_that_counts_best_on_val(tmp_path):
     assert choose_threshold(model, [], parsed.classes, cfg, torch.device("cpu"))["chosen"] == 0.5
     with pytest.raises(ValueError, match="'score_threshold'"):
         resolve_detector_config({"score_threshold": "sometimes"})
+
+
+def _same_detections(a: dict, b, threshold: float, box_atol: float = 1e-3, score_atol: float = 1e-4) -> None:
+    """Every detection of `a` (predict_detector's dict) at or above threshold is in b = (boxes, labels, scores),
+    and b has no more."""
+    boxes, labels, scores = (np.asarray(t) for t in b)
+    keep = scores >= threshold
+    boxes, labels, scores = boxes[keep], labels[keep], scores[keep]
+    want = a["scores"].numpy() >= threshold
+    assert int(want.sum()) == int(keep.sum())
+    for box, lab, s in zip(a["boxes"].numpy()[want], a["labels"].numpy()[want], a["scores"].numpy()[want], strict=True):
+        d = np.abs(boxes - box).max(axis=1) + 1e6 * (labels != lab)
+        j = int(d.argmin())
+        assert d[j] <= box_atol and abs(scores[j] - s) <= score_atol, (box, lab, s)
+
+
+def test_static_detector_is_the_detector_with_fixed_shapes(tiny_run):
+    """detector_static.StaticDetector (the graph the TFLite export converts) gives the torch detector's detections
+    on every photo of the tiny set, and on a letterboxed photo of another size and aspect."""
+    from training.engine.detection import _load_image
+    from training.engine.detector_static import StaticDetector, cluster_nms, letterbox
+
+    out, manifest, _metrics, _ = tiny_run
+    model, ckpt = load_detector(out)
+    cfg = ckpt["config"]
+    h, w = cfg["min_size"], cfg["max_size"]
+    static = StaticDetector(model, h, w, agnostic_iou=cfg["agnostic_nms_iou"]).eval()
+    for it in manifest["items"]:
+        image = _load_image(it["path"])
+        x, scale = letterbox(image, h, w)
+        assert scale == 1.0 and torch.equal(x[0], image)  # the generated photos have the detector's size
+        with torch.no_grad():
+            got = static(x)
+        assert got[0].shape == (cfg["detections_per_image"], 4)
+        _same_detections(predict_detector(model, [image], agnostic_iou=cfg["agnostic_nms_iou"])[0], got, 0.05)
+    portrait = _load_image(manifest["items"][0]["path"])[:, :, 40:200]  # 192 x 160: scaled to 192 x 160, padded
+    x, scale = letterbox(portrait, h, w)
+    assert scale == 1.0 and x.shape == (1, 3, h, w) and float(x[0, :, :, 160:].abs().sum()) == 0.0
+    small = torch.nn.functional.interpolate(portrait[None], scale_factor=0.5, mode="bilinear")[0]
+    x, scale = letterbox(small, h, w)
+    assert scale == 2.0
+    with torch.no_grad():
+        _same_detections(predict_detector(model, [x[0]], agnostic_iou=cfg["agnostic_nms_iou"])[0], static(x), 0.05)
+    # Cluster-NMS is greedy NMS: a chain a > b > c where a suppresses b and b would suppress c keeps a and c
+    boxes = torch.tensor([[0.0, 0, 10, 10], [4, 0, 14, 10], [8, 0, 18, 10]])
+    assert cluster_nms(boxes, torch.ones(3, dtype=torch.bool), 0.3).tolist() == [True, False, True]
+
+
+def test_detector_exports_to_tflite_checked_with_litert(tiny_run):
+    from training.engine.mobile import mobile_export, mobile_python
+    from training.engine.tflite_export import MobileExportError
+
+    if mobile_python() is None and not os.environ.get("CI"):
+        pytest.skip("no mobile exporter environment: run `make .venv-mobile` (make test does)")
+    out, manifest, _metrics, _ = tiny_run
+    photos = [it["path"] for it in manifest["items"][:2]]
+    result = mobile_export(out, images=photos)
+    assert result["reference"] == "torch (model.pt) on 2 photos" and result["photos_checked"] == 2
+    assert result["max_abs_diff"] <= 0.5 and result["size_bytes"] > 100_000
+    meta = json.loads((out / "detector_tflite.json").read_text())
+    assert meta["input_shape"] == [1, 3, TINY["min_size"], TINY["max_size"]] and meta["classes"] == manifest["classes"]
+    assert meta["score_threshold"] == TINY["score_threshold"] and meta["detections_checked"] > 0
+    assert meta["outputs"] == ["boxes", "labels", "scores"] and (out / "detector.tflite").is_file()
+    with pytest.raises(MobileExportError, match="model.pt"):
+        mobile_export(out / "checkpoints")  # not an artifact folder
