@@ -57,7 +57,7 @@ def reviewer_stats(*, project) -> list[dict]:
             prev = t
         active += max(prev - start, timedelta(minutes=1))
         c = s["counts"]
-        judged = c["accepted"] + c["kept"] + c["relabeled"]
+        judged = c["accepted"] + c["kept"] + c["relabeled"] + c["corrected"]  # corrected: shelf boxes edited
         out.append(
             {
                 "user": s["user"],
@@ -66,6 +66,7 @@ def reviewer_stats(*, project) -> list[dict]:
                 "accepted_share": c["accepted"] / judged if judged else None,
                 "kept": c["kept"],
                 "relabeled": c["relabeled"],
+                "corrected": c["corrected"],
                 "excluded": c["excluded"],
                 "agreement": agree[uid][0] / agree[uid][1] if agree[uid][1] else None,
                 "shared": agree[uid][1],

@@ -104,6 +104,10 @@ def test_done_needs_a_saved_set_without_suggestions(shelf, reviewer):
         services.item_resolve(item=item, user=reviewer, action="done", expected_version=1)
     done = services.item_resolve(item=item, user=reviewer, action="done", expected_version=2)
     assert done.resolution == "corrected" and done.undo == {"box_version": 2}
+    from review.stats import reviewer_stats
+
+    (row,) = reviewer_stats(project=project)
+    assert row["corrected"] == 1 and row["accepted_share"] == 0.0  # the model's boxes needed a person's edit
     # undoing "done" reopens the item and leaves the boxes as saved
     services.item_undo(user=reviewer, project=project, queue="boxes")
     assert BoxSet.objects.get(image_id=item.image_id).version == 2
