@@ -368,9 +368,17 @@ def detector_run_config(project: Project, overrides: dict) -> dict:
     return {**resolved, "task": "detection", "quick": False}
 
 
+# Engine keys a project's training options may set for its runs (beside class weighting): quick_views, e.g. [] for a
+# project of tight crops where the sku preset's shifted views cost accuracy (the shelf demo's SKU project).
+PROJECT_ENGINE_OPTIONS = ("quick_views",)
+
+
 def _with_project_options(project: Project, config: dict) -> dict:
-    """The project's training options (health page: class weighting) under the run's own overrides."""
-    weighting = (project.training_options or {}).get("class_weighting")
+    """The project's training options (health page: class weighting; PROJECT_ENGINE_OPTIONS) under the run's own
+    overrides."""
+    options = project.training_options or {}
+    extra = {k: options[k] for k in PROJECT_ENGINE_OPTIONS if k in options and k not in config}
+    weighting = options.get("class_weighting")
     if weighting and weighting != "none" and "class_weighting" not in config:
-        return {**config, "class_weighting": weighting}
-    return config
+        extra["class_weighting"] = weighting
+    return {**config, **extra}

@@ -136,6 +136,10 @@ class Command(BaseCommand):
         skus = skus or project_create(
             name="Shelf SKUs", slug="shelf-skus", preset="sku", description="The shelf demo's SKU crops."
         )
+        # Tight SKU crops: the sku preset's shifted / zoomed views cost accuracy and time here (bench-shelf, 8fb4f28)
+        options = skus.training_options or {}
+        if options.get("quick_views") != []:
+            Project.objects.filter(pk=skus.pk).update(training_options={**options, "quick_views": []})
         head = skus.heads.get()
         for split in ("train", "val", "test"):  # crops/<split>/<sku>/*.jpg: the SKU from the folder name
             rows, report = importers.plan_folder(out / "crops" / split, head=head)
