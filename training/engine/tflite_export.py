@@ -137,14 +137,7 @@ def export_detector_tflite(artifact_dir, *, images: list[str] | None = None, che
         }
 
     target = d / DETECTOR_TFLITE_FILE
-    try:
-        write_atomic(target, convert)
-    except MobileExportError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - converter errors, said in one line
-        text = " | ".join(ln.strip() for ln in str(exc).splitlines() if ln.strip())[:500]
-        what = f"TFLite conversion of the detector in {d} failed"
-        raise MobileExportError(f"{what}: {type(exc).__name__}: {text}") from exc
+    _write_converted(target, convert, what=f"the detector in {d}")
     check_fig = stats.get("check") or {}
     n_out = static.detections
     reference = ("torch (model.pt) on " + (f"{len(inputs)} photos" if images else "random images")) if check else None
@@ -167,15 +160,38 @@ def export_detector_tflite(artifact_dir, *, images: list[str] | None = None, che
         "photos_checked": len(inputs) if check else 0,
         "box_atol": BOX_ATOL,
         "score_atol": SCORE_ATOL,
+        **_converter(litert_torch, stats),
+    }
+    return _finish(target, d / DETECTOR_TFLITE_META_FILE, meta, t0)
+
+
+def _write_converted(target: Path, convert, *, what: str) -> None:
+    """write_atomic(target, convert): the file is in place only when the conversion and its check passed; a
+    converter's (long) error becomes one MobileExportError line."""
+    try:
+        write_atomic(target, convert)
+    except MobileExportError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - converter errors are long: the first lines, in one message
+        text = " | ".join(ln.strip() for ln in str(exc).splitlines() if ln.strip())[:500]
+        raise MobileExportError(f"TFLite conversion of {what} failed: {type(exc).__name__}: {text}") from exc
+
+
+def _converter(litert_torch, stats: dict) -> dict:
+    return {
         "converter": f"litert-torch {getattr(litert_torch, '__version__', '?')}",
         "torch_version": str(torch.__version__),
         "convert_seconds": stats.get("convert_seconds"),
     }
-    write_json_atomic(d / DETECTOR_TFLITE_META_FILE, meta, indent=2)
+
+
+def _finish(target: Path, meta_path: Path, meta: dict, t0: float) -> dict:
+    """Write the metadata beside the file; the export's result."""
+    write_json_atomic(meta_path, meta, indent=2)
     return {
         "path": str(target),
-        "meta_path": str(d / DETECTOR_TFLITE_META_FILE),
-        "reference": reference,
+        "meta_path": str(meta_path),
+        "reference": meta["reference"],
         "max_abs_diff": meta["max_abs_diff"],
         "photos_checked": meta["photos_checked"],
         "size_bytes": target.stat().st_size,
@@ -287,17 +303,9 @@ def export_tflite(artifact_dir, *, check: bool = True, images: list[str] | None 
         stats["abs_diff"] = worst
 
     target = d / TFLITE_FILE
-    try:
-        write_atomic(target, convert)
-    except MobileExportError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - converter errors are long: the first lines, in one message
-        text = " | ".join(ln.strip() for ln in str(exc).splitlines() if ln.strip())[:500]
-        raise MobileExportError(f"TFLite conversion of {d / 'model.pt'} failed: {type(exc).__name__}: {text}") from exc
+    _write_converted(target, convert, what=str(d / "model.pt"))
     ref_name = "onnxruntime (model.onnx)" if reference is not None else "torch eager (model.pt)"
     max_diff = max(stats.get("abs_diff", {}).values(), default=None) if check else None
-    import litert_torch  # noqa: PLC0415
-
     meta = {
         "format": "loupe-tflite-v1",
         "file": TFLITE_FILE,
@@ -313,20 +321,9 @@ def export_tflite(artifact_dir, *, check: bool = True, images: list[str] | None 
         "photos_checked": CHECK_PHOTOS if check else 0,
         "atol": ATOL,
         "rtol": RTOL,
-        "converter": f"litert-torch {getattr(litert_torch, '__version__', '?')}",
-        "torch_version": str(torch.__version__),
-        "convert_seconds": stats.get("convert_seconds"),
+        **_converter(litert_torch, stats),
     }
-    write_json_atomic(d / TFLITE_META_FILE, meta, indent=2)
-    return {
-        "path": str(target),
-        "meta_path": str(d / TFLITE_META_FILE),
-        "reference": meta["reference"],
-        "max_abs_diff": max_diff,
-        "photos_checked": meta["photos_checked"],
-        "size_bytes": target.stat().st_size,
-        "seconds": round(time.monotonic() - t0, 2),
-    }
+    return _finish(target, d / TFLITE_META_FILE, meta, t0)
 
 
 def main(argv: list[str]) -> int:
