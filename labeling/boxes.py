@@ -158,14 +158,15 @@ def box_set(*, image: Image, head: Head, boxes, expected_version: int, user=None
         if current.version != expected_version:
             raise BoxConflict(current)
         old = box_dicts(current)
-        if current.version > 0 and _same(old, clean):
+        if current.version > 0 and same_boxes(old, clean):
             return BoxSetChange(box_set=current, changed=False)
         action = _change(current, old, clean, user=user, reason=reason)
     current.refresh_from_db()
     return BoxSetChange(box_set=current, changed=True, action=action)
 
 
-def _same(a: list[dict], b: list[dict]) -> bool:
+def same_boxes(a: list[dict], b: list[dict]) -> bool:
+    """The same boxes in the same order (box_dicts' fields)."""
     key = ("x", "y", "w", "h", "class_id", "source", "score")
     return [tuple(x[k] for k in key) for x in a] == [tuple(x[k] for k in key) for x in b]
 
@@ -200,7 +201,7 @@ def box_sets_revert(*, action: DatasetAction, user=None) -> int:
     skipped = 0
     for c in reversed((action.changes or {}).get("box_sets", [])):
         current = BoxSet.objects.select_for_update().select_related("image", "head").filter(pk=c["box_set_id"]).first()
-        if current is None or not _same(box_dicts(current), c["new"]):
+        if current is None or not same_boxes(box_dicts(current), c["new"]):
             skipped += 1
             continue
         _change(current, c["new"], c["old"], user=user, reason=f"undo: {action.summary}"[:200], undo_of=action)
@@ -400,7 +401,7 @@ def box_rows_write(
         ]
         current = sets.get(image.id)
         if current is not None and current.version > 0:
-            if not _same(box_dicts(current), new):
+            if not same_boxes(box_dicts(current), new):
                 report.warnings.append((row.where, "its boxes were set before; kept (the file differs)"))
             continue
         current = current or BoxSet.objects.create(image=image, head=head)

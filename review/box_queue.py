@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from django.db.models import Min, Q
 
-from labeling.boxes import BoxConflict, box_dicts, box_set
+from labeling.boxes import BoxConflict, box_dicts, box_set, same_boxes
 from labeling.models import Box, BoxSet, DatasetAction, Head, Image, ImageEvent
 
 from .models import ReviewItem
@@ -155,14 +155,8 @@ def box_undo(*, item: ReviewItem, user) -> None:
             return
         current = box_set_of(item)
         changes = (action.changes or {}).get("box_sets", [])
-        if current is None or not changes or not _unchanged(current, changes[-1]):
+        if current is None or not changes or not same_boxes(box_dicts(current), changes[-1]["new"]):
             raise BoxReviewError(
                 "Cannot undo: these boxes were changed since they were accepted (undo those edits in the editor first)."
             )
         action_undo(action=action, user=user)
-
-
-def _unchanged(current: BoxSet, change: dict) -> bool:
-    key = ("x", "y", "w", "h", "class_id", "source", "score")
-    now = [tuple(b[k] for k in key) for b in box_dicts(current)]
-    return now == [tuple(b[k] for k in key) for b in change["new"]]

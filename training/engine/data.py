@@ -74,11 +74,13 @@ class CenterCropResize:
     """Resize (bicubic) so the shorter side is image_size * ratio, then centre-crop image_size — computed as one
     PIL resize of the crop's source box straight to image_size x image_size. Same geometry as torchvision's
     Resize + CenterCrop (pixels within 2 grey levels), 3x faster (only the kept pixels are resampled): it is on
-    every served request and every evaluation."""
+    every served request and every evaluation. dx, dy move the crop off the centre by that fraction of the margin
+    either side (ViewCrop); mirror flips the result."""
 
-    def __init__(self, image_size: int, ratio: float = EVAL_RESIZE_RATIO):
+    def __init__(self, image_size: int, ratio: float = EVAL_RESIZE_RATIO, dx: float = 0.0, dy: float = 0.0):
         self.size = int(image_size)
         self.short = draft_size(self.size, ratio)
+        self.dx, self.dy, self.mirror = dx, dy, False
 
     def __call__(self, img: Image.Image) -> Image.Image:
         w, h = img.size
@@ -87,10 +89,12 @@ class CenterCropResize:
         else:
             nw, nh = int(self.short * w / h), self.short
         c = self.size
-        top, left = int(round((nh - c) / 2.0)), int(round((nw - c) / 2.0))  # torchvision's CenterCrop offsets
+        # torchvision's CenterCrop offsets when dx = dy = 0
+        top, left = int(round((nh - c) / 2.0 * (1 + self.dy))), int(round((nw - c) / 2.0 * (1 + self.dx)))
         sx, sy = w / nw, h / nh
         box = (left * sx, top * sy, (left + c) * sx, (top + c) * sy)
-        return img.resize((c, c), Image.Resampling.BICUBIC, box=box)
+        out = img.resize((c, c), Image.Resampling.BICUBIC, box=box)
+        return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if self.mirror else out
 
     def __repr__(self) -> str:
         return f"CenterCropResize(size={self.size}, short={self.short}, interpolation=bicubic)"
@@ -118,27 +122,12 @@ VIEWS = {
 
 
 class ViewCrop(CenterCropResize):
-    """One of VIEWS: resize so the shorter side is image_size * ratio, crop image_size at the view's offset from
-    the centre (a fraction of the margin), mirror if asked; one PIL resize of the source box, as CenterCropResize."""
+    """One of VIEWS (CenterCropResize with the view's ratio, offsets and mirroring)."""
 
     def __init__(self, image_size: int, view: str):
-        ratio, self.dx, self.dy, self.mirror = VIEWS[view]
-        super().__init__(image_size, ratio)
-        self.view = view
-
-    def __call__(self, img: Image.Image) -> Image.Image:
-        w, h = img.size
-        if w <= h:
-            nw, nh = self.short, int(self.short * h / w)
-        else:
-            nw, nh = int(self.short * w / h), self.short
-        c = self.size
-        top = int(round((nh - c) / 2.0 * (1 + self.dy)))
-        left = int(round((nw - c) / 2.0 * (1 + self.dx)))
-        sx, sy = w / nw, h / nh
-        box = (left * sx, top * sy, (left + c) * sx, (top + c) * sy)
-        out = img.resize((c, c), Image.Resampling.BICUBIC, box=box)
-        return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if self.mirror else out
+        ratio, dx, dy, mirror = VIEWS[view]
+        super().__init__(image_size, ratio, dx, dy)
+        self.mirror, self.view = mirror, view
 
     def __repr__(self) -> str:
         return f"ViewCrop(size={self.size}, view={self.view})"

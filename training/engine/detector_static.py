@@ -144,6 +144,12 @@ class StaticDetector(nn.Module):
         self.scales = list(scales)
         self.k_min, self.k_max = int(mapper.k_min), int(mapper.k_max)
 
+    def _clip(self, boxes: torch.Tensor) -> torch.Tensor:
+        """xyxy boxes (..., 4) clipped to the input, as torchvision's clip_boxes_to_image."""
+        x = boxes[..., 0::2].clamp(0, self.width)
+        y = boxes[..., 1::2].clamp(0, self.height)
+        return torch.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], dim=-1)
+
     def _proposals(self, feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         from torchvision.models.detection.rpn import concat_box_prediction_layers  # noqa: PLC0415
 
@@ -163,15 +169,7 @@ class StaticDetector(nn.Module):
         boxes = torch.cat(picked_boxes)
         scores = torch.sigmoid(torch.cat(picked_scores))
         shift = torch.cat(picked_levels)
-        boxes = torch.stack(
-            [
-                boxes[:, 0].clamp(0, self.width),
-                boxes[:, 1].clamp(0, self.height),
-                boxes[:, 2].clamp(0, self.width),
-                boxes[:, 3].clamp(0, self.height),
-            ],
-            dim=1,
-        )
+        boxes = self._clip(boxes)
         valid = ((boxes[:, 2] - boxes[:, 0]) >= self.rpn_min_size) & ((boxes[:, 3] - boxes[:, 1]) >= self.rpn_min_size)
         order = torch.topk(torch.where(valid, scores, scores - 2.0), scores.shape[0]).indices  # best first
         boxes, scores, shift, valid = boxes[order], scores[order], shift[order], valid[order]
@@ -198,15 +196,7 @@ class StaticDetector(nn.Module):
         class_logits, box_regression = self.box_predictor(self.box_head(pooled))
         n_classes = class_logits.shape[-1]
         boxes = self.box_coder.decode(box_regression, [rois]).reshape(-1, n_classes, 4)
-        boxes = torch.stack(
-            [
-                boxes[..., 0].clamp(0, self.width),
-                boxes[..., 1].clamp(0, self.height),
-                boxes[..., 2].clamp(0, self.width),
-                boxes[..., 3].clamp(0, self.height),
-            ],
-            dim=-1,
-        )[:, 1:].reshape(-1, 4)
+        boxes = self._clip(boxes)[:, 1:].reshape(-1, 4)
         scores = F.softmax(class_logits, -1)[:, 1:]
         labels = torch.arange(n_classes - 1).view(1, -1).expand_as(scores).reshape(-1)
         scores = scores.reshape(-1)
