@@ -135,6 +135,11 @@ DEFAULT_CONFIG: dict[str, Any] = {
     # backbones only; runs on the CPU (`device` is not used). null = train_model's whole-network recipe.
     "tail_from_block": None,
     "tail_views": 2,
+    # The tail fine-tune's weights averaged over its steps (an exponential moving average, timm's ModelEmaV3 with
+    # its decay warm-up): each epoch is evaluated, and the best epoch kept, with the averaged weights, which vary
+    # less from step to step than the live ones. null = off; a float in (0, 1), e.g. 0.99. Only the tail fine-tune
+    # averages: with tail_from_block null (the whole-network recipe, e.g. a run's override) the key is not used.
+    "ema_decay": None,
 }
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
@@ -235,6 +240,13 @@ def _validate_backbone(cfg: dict[str, Any]) -> None:
         "tail_views",
         cfg["tail_views"],
         "an integer from 1 to 8 (the centre crop + augmented views per photo)",
+    )
+    ema = cfg["ema_decay"]
+    _check(
+        ema is None or (_is_number(ema) and 0 < ema < 1),
+        "ema_decay",
+        ema,
+        "null or a number between 0 and 1 (exclusive), e.g. 0.99",
     )
     _check(
         cfg["pretrained_path"] is None or (isinstance(cfg["pretrained_path"], str) and cfg["pretrained_path"]),

@@ -12,7 +12,8 @@ config's hflip allows mirrored photos. Validation uses the centre view, as the R
 
 Recipe (the seeds' two phases): phase 1 trains the heads on the frozen backbone's pooled features (the quick
 retrain's train_heads on the shared feature cache); phase 2 trains the tail at lr x unfreeze_lr_mult and the
-heads at lr (AdamW, warm-up then cosine), best epoch and early stopping on val, max_train_seconds. The tail's
+heads at lr (AdamW, warm-up then cosine), best epoch and early stopping on val, max_train_seconds; with ema_decay
+each epoch is evaluated (and kept) with a moving average of the weights (timm's ModelEmaV3). The tail's
 BatchNorm layers keep their ImageNet statistics (eval mode): batches of 64 maps of one small dataset would skew
 them. The artifact folder is train_model's (model.pt is a whole LoupeNet), so export, calibration, the index and
 the Recognizer work unchanged. Works for timm's EfficientNet/MobileNet-style backbones (conv_stem, bn1, blocks,
@@ -381,21 +382,38 @@ def _phase2(run: _TailRun) -> None:
     value = _metric_value(result, cfg["early_stopping"]["metric"])
     state.best = {"epoch": 0, "value": value, "loss": result["loss"], "result": result}
     state.best_state = cpu_state(model)
+    ema = _weight_average(cfg, model)
     # No data loader in phase 2 (the maps are in memory): every core computes, as in the feature pass.
     torch.set_num_threads(feature_threads(cfg["torch_threads"], 0))
     t2 = time.monotonic()
     for epoch in range(1, int(cfg["epochs"]) + 1):
         t_epoch = time.monotonic()
-        train_loss = _train_epoch(run, optimizer, scheduler, gen, loss_weights)
+        train_loss = _train_epoch(run, optimizer, scheduler, gen, loss_weights, ema)
+        live = None
+        if ema is not None:  # evaluated (and kept when best) with the averaged weights; training goes on live
+            live = {k: v.clone() for k, v in model.state_dict().items()}
+            model.load_state_dict(ema.module.state_dict())
         result = _evaluate(run)
         lr = _group_lrs(optimizer)["heads"]
         _end_epoch(run, epoch, train_loss, result, lr=lr, seconds=time.monotonic() - t_epoch, t2=t2)
+        if live is not None:
+            model.load_state_dict(live)
         if state.stopped_early:
             break
     model.load_state_dict(state.best_state)
     model.eval()
     if model.arcface_head is not None:
         model.set_arcface_margin(cfg["arcface_margin"])
+
+
+def _weight_average(cfg: dict, model: nn.Module):
+    """timm's ModelEmaV3 of the model (decay warm-up on: the average follows closely in the first steps) when the
+    config's ema_decay is set, else None."""
+    if cfg["ema_decay"] is None:
+        return None
+    from timm.utils import ModelEmaV3  # noqa: PLC0415
+
+    return ModelEmaV3(model, decay=float(cfg["ema_decay"]), use_warmup=True)
 
 
 def _head_sizes(run: _TailRun) -> list[int]:
@@ -447,10 +465,11 @@ def _evaluate(run: _TailRun) -> dict:
     return evaluate_logits(logits, targets, run.parsed.head_names, _head_sizes(run))
 
 
-def _train_epoch(run: _TailRun, optimizer, scheduler, gen: torch.Generator, loss_weights) -> float | None:
+def _train_epoch(run: _TailRun, optimizer, scheduler, gen: torch.Generator, loss_weights, ema=None) -> float | None:
     """One epoch of phase 2: shuffled whole batches of train rows, each row from a random view, half of each batch
     mirrored when hflip is on; the tail's BatchNorm layers keep their ImageNet statistics (eval mode). Batches
-    with fewer than two readable rows are skipped. Returns the mean train loss (None without a trained batch)."""
+    with fewer than two readable rows are skipped; `ema` (a ModelEmaV3) follows every step. Returns the mean train
+    loss (None without a trained batch)."""
     cfg, model, n_train = run.cfg, run.model, run.n_train
     views = run.maps.train_views
     bs, steps_per_epoch = _batching(cfg, n_train)
@@ -483,6 +502,8 @@ def _train_epoch(run: _TailRun, optimizer, scheduler, gen: torch.Generator, loss
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if ema is not None:
+            ema.update(model, step=scheduler.last_epoch)
         loss_sum += float(loss.detach())
         loss_n += 1
     return loss_sum / loss_n if loss_n else None

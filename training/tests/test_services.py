@@ -9,6 +9,7 @@ from conftest import TINY_TRAIN
 from labeling.services import project_create
 from pipeline import chain
 from training import selectors, services
+from training.engine import resolve_config
 from training.models import ModelVersion, TrainingRun
 
 pytestmark = pytest.mark.django_db
@@ -149,9 +150,10 @@ def test_yaml_preset_under_settings_project_options_and_run_overrides(project, s
     for name in ("car", "lego", "sku", "retrieval"):  # every preset's backbone has weights that resolve offline
         for cuda in (False, True):
             assert pretrained_lib.bundled_for(selectors.preset_config(name, cuda=cuda)["backbone"]) is not None
-    for name in ("car", "lego", "sku", "retrieval"):  # every preset is a valid engine config
+    for name in ("car", "lego", "sku", "retrieval"):  # every preset is a valid engine config, on CPU and on CUDA
         project.preset = name
         assert selectors.run_config(project, {})["backbone"] == selectors.preset_config(name)["backbone"]
+        assert resolve_config(selectors.preset_config(name, cuda=True))["tail_from_block"] is None
     project.preset = "retrieval"
     assert selectors.preset_config("lego")["hflip"] is False  # mirrored LEGO parts can be different parts
     cfg = selectors.run_config(project, {"epochs": 2})

@@ -126,3 +126,27 @@ def test_tail_without_val_photos_selects_on_train(data, tmp_path):
     assert m["metrics_on"] == "train" and m["n_val"] == 0 and m["n_train"] == len(items)
     assert m["tail"]["maps"] == 2 * len(items)  # the centre view + one augmented view of every (train) photo
     assert all(h["heads"]["shape"]["n_val"] == len(items) for h in m["history"])  # measured on the train photos
+
+
+def test_weight_average_is_evaluated_and_kept_while_training_goes_on_live(data, tmp_path):
+    """ema_decay: each epoch is evaluated with the moving average (other val figures than the live weights'), the
+    training itself is untouched (same train losses as without), and the served model is the averaged best epoch."""
+    manifest, weights = data
+    common = {"quick_epochs": 1, "epochs": 3, "eval_report": False}
+    live = train_model(manifest, config(weights, **common), tmp_path / "live")
+    avg = train_model(manifest, config(weights, ema_decay=0.6, **common), tmp_path / "avg")
+    assert [h["train_loss"] for h in avg["history"]] == pytest.approx([h["train_loss"] for h in live["history"]])
+    assert [h["val_loss"] for h in avg["history"]] != pytest.approx([h["val_loss"] for h in live["history"]])
+    rec = Recognizer.load(tmp_path / "avg")
+    val = [it for it in manifest["items"] if it["split"] == "val"]
+    head = rec.heads[0]
+    probs = predict_paths(rec, [it["path"] for it in val])[0][head]
+    top1 = float(np.mean(np.array(rec.label_maps[head])[probs.argmax(1)] == [it["labels"][head] for it in val]))
+    assert abs(top1 - avg["heads"][head]["top1"]) <= 1 / len(val) + 1e-9
+
+
+def test_weight_average_settings():
+    assert resolve_config({"tail_from_block": 5, "ema_decay": 0.99})["ema_decay"] == 0.99
+    for bad in (0, 1, 1.5, "0.9", True):
+        with pytest.raises(ValueError, match="ema_decay"):
+            resolve_config({"tail_from_block": 5, "ema_decay": bad})
