@@ -39,6 +39,17 @@ def config(weights: str, **over) -> dict:
     }
 
 
+def assert_served_like_best_epoch(out, manifest: dict, metrics: dict) -> None:
+    """The Recognizer serving `out` agrees on the val photos with the run's best-epoch top-1 (measured on float16
+    maps: one photo of difference allowed)."""
+    rec = Recognizer.load(out)
+    val = [it for it in manifest["items"] if it["split"] == "val"]
+    head = rec.heads[0]
+    probs = predict_paths(rec, [it["path"] for it in val])[0][head]
+    top1 = float(np.mean(np.array(rec.label_maps[head])[probs.argmax(1)] == [it["labels"][head] for it in val]))
+    assert abs(top1 - metrics["heads"][head]["top1"]) <= 1 / len(val) + 1e-9
+
+
 def test_prefix_then_tail_is_the_backbone():
     torch.manual_seed(0)
     bb = timm.create_model("test_efficientnet", num_classes=0).eval()
@@ -79,12 +90,7 @@ def test_tail_trains_the_last_blocks_only_and_serves(data, tmp_path):
 
     # The Recognizer serves the whole network; on the val photos it agrees with the run's own best-epoch figure
     # (which was measured on float16 maps: allow one photo of difference).
-    rec = Recognizer.load(out)
-    val = [it for it in manifest["items"] if it["split"] == "val"]
-    head = rec.heads[0]
-    probs = predict_paths(rec, [it["path"] for it in val])[0][head]
-    top1 = float(np.mean(np.array(rec.label_maps[head])[probs.argmax(1)] == [it["labels"][head] for it in val]))
-    assert abs(top1 - m["heads"][head]["top1"]) <= 1 / len(val) + 1e-9
+    assert_served_like_best_epoch(out, manifest, m)
 
 
 def test_bad_tail_settings_fail_before_work(data, tmp_path):
@@ -137,12 +143,7 @@ def test_weight_average_is_evaluated_and_kept_while_training_goes_on_live(data, 
     avg = train_model(manifest, config(weights, ema_decay=0.6, **common), tmp_path / "avg")
     assert [h["train_loss"] for h in avg["history"]] == pytest.approx([h["train_loss"] for h in live["history"]])
     assert [h["val_loss"] for h in avg["history"]] != pytest.approx([h["val_loss"] for h in live["history"]])
-    rec = Recognizer.load(tmp_path / "avg")
-    val = [it for it in manifest["items"] if it["split"] == "val"]
-    head = rec.heads[0]
-    probs = predict_paths(rec, [it["path"] for it in val])[0][head]
-    top1 = float(np.mean(np.array(rec.label_maps[head])[probs.argmax(1)] == [it["labels"][head] for it in val]))
-    assert abs(top1 - avg["heads"][head]["top1"]) <= 1 / len(val) + 1e-9
+    assert_served_like_best_epoch(tmp_path / "avg", manifest, avg)
 
 
 def test_weight_average_settings():
