@@ -143,7 +143,7 @@ class Recognizer:
         self.device = device
         self.index = index
         self.gallery_ids = gallery_ids
-        self._transform = eval_transform(self.image_size)
+        self._transform = eval_transform(self.image_size, config.get("resize", "crop"))
         self.calibration: dict = {}  # calibration.json: temperatures, thresholds, retrieval rejection
         self.gallery_labels: dict[int, dict[str, str | None]] | None = None  # gallery id -> labels per head
         self._parent_index: dict[str, np.ndarray] = {}  # child head -> index of each class's parent class

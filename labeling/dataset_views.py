@@ -102,7 +102,13 @@ def health_page(request, slug):
             summary=report.summary,
         )
     context["actions"] = list(project.dataset_actions.select_related("user", "undone_by")[:30])
-    context["options"] = {"class_weighting": "none", "per_class_cap": None, **(project.training_options or {})}
+    context["options"] = {
+        "class_weighting": "none",
+        "per_class_cap": None,
+        "resize": "crop",
+        **(project.training_options or {}),
+    }
+    context["resize_choices"] = health.RESIZE_CHOICES
     context["weighting_choices"] = health.CLASS_WEIGHTING_CHOICES
     if _partial(request):
         response = render(request, "labeling/_health_status.html", context)
@@ -208,6 +214,7 @@ def training_options(request, slug):
             project=project,
             class_weighting=request.POST.get("class_weighting", "none"),
             per_class_cap=_int_or_none(request.POST.get("per_class_cap"), "The per-class cap"),
+            resize=request.POST.get("resize") or None,
             user=request.user,
         )
     except LabelingError as exc:

@@ -40,6 +40,9 @@ from .services import LabelingError
 log = logging.getLogger(__name__)
 
 CLASS_WEIGHTING_CHOICES = ("none", "inverse", "sqrt_inverse")
+# How photos are framed for the model (training config `resize`, training.engine.data.RESIZE_MODES): "crop" = the
+# centre square (the ends of a long photo are cut off), "fit" = the whole photo, padded to a square.
+RESIZE_CHOICES = {"crop": "centre crop", "fit": "whole photo, padded"}
 MAX_CLUSTERS_STORED = 5000
 
 
@@ -726,24 +729,35 @@ def classes_set_excluded(*, project: Project, class_ids: list[int], excluded: bo
 
 
 def training_options_set(
-    *, project: Project, class_weighting: str = "none", per_class_cap: int | None = None, user=None
+    *,
+    project: Project,
+    class_weighting: str = "none",
+    per_class_cap: int | None = None,
+    resize: str | None = None,
+    user=None,
 ) -> DatasetAction:
+    """Set the project's training options (undoable); resize None keeps the project's framing."""
     if class_weighting not in CLASS_WEIGHTING_CHOICES:
         raise LabelingError(f"class weighting must be one of {', '.join(CLASS_WEIGHTING_CHOICES)}.")
     if per_class_cap is not None and (not isinstance(per_class_cap, int) or per_class_cap < 1):
         raise LabelingError("The per-class cap must be a whole number of images ≥ 1 (or empty for no cap).")
+    if resize is not None and resize not in RESIZE_CHOICES:
+        raise LabelingError(f"Photo framing must be one of {', '.join(RESIZE_CHOICES)}, not {resize!r}.")
     with transaction.atomic():
         project = Project.objects.select_for_update().get(pk=project.pk)
         old = dict(project.training_options or {})
         new = {**old, "class_weighting": class_weighting, "per_class_cap": per_class_cap}
+        if resize is not None:
+            new["resize"] = resize
         project.training_options = new
         project.save(update_fields=["training_options"])
         cap = f"at most {per_class_cap} train images per class" if per_class_cap else "no per-class cap"
+        framing = f", framing: {RESIZE_CHOICES[new['resize']]}" if new.get("resize") in RESIZE_CHOICES else ""
         return DatasetAction.objects.create(
             project=project,
             kind=DatasetAction.Kind.TRAINING_OPTIONS,
             user=user,
-            summary=f"class weighting {class_weighting}, {cap}",
+            summary=f"class weighting {class_weighting}, {cap}{framing}",
             params=new,
             changes={"old": old, "new": new},
         )

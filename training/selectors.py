@@ -42,6 +42,7 @@ DOWNLOADS = ("model.onnx", "detector.onnx", "model.tflite", "detector.tflite", "
 RECIPE_KEYS = (
     "backbone",
     "image_size",
+    "resize",
     "epochs",
     "batch_size",
     "lr",
@@ -369,8 +370,9 @@ def detector_run_config(project: Project, overrides: dict) -> dict:
 
 
 # Engine keys a project's training options may set for its runs (beside class weighting): quick_views, e.g. [] for a
-# project of tight crops where the sku preset's shifted views cost accuracy (the shelf demo's SKU project).
-PROJECT_ENGINE_OPTIONS = ("quick_views",)
+# project of tight crops where the sku preset's shifted views cost accuracy, and resize, "fit" for tall or wide
+# crops (the shelf demo's SKU project: labeling.shelf_data.SKU_PROJECT_OPTIONS).
+PROJECT_ENGINE_OPTIONS = ("quick_views", "resize")
 
 
 def _with_project_options(project: Project, config: dict) -> dict:

@@ -37,9 +37,12 @@ def test_demo_shelf_creates_the_shelf_project_and_its_sku_project(tmp_path):
     shelf, skus = Project.objects.get(slug="shelf-demo"), Project.objects.get(slug="shelf-skus")
     assert shelf.preset == "shelf" and shelf.sku_project_id == skus.id
     assert skus.training_options["quick_views"] == []  # tight crops: no shifted views (bench-shelf)
+    assert skus.training_options["resize"] == "fit"  # tall / wide crops: fitted whole
     from training.selectors import run_config
 
-    assert run_config(skus, {"quick": True})["quick_views"] == []
+    for quick in (True, False):  # the project's options reach both kinds of run
+        cfg = run_config(skus, {"quick": quick})
+        assert cfg["quick_views"] == [] and cfg["resize"] == "fit"
     assert shelf.images.count() == 6 and BoxSet.objects.filter(image__project=shelf, version__gt=0).count() == 6
     assert skus.images.count() > 100  # one crop per box, labeled with its SKU from the folder name
     assert LabelClass.objects.filter(head__project=skus).count() >= 10

@@ -82,6 +82,10 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "pk_k": 4,
     "source_weights": None,
     "source_curriculum": None,
+    # How a photo becomes the network's square, in training, validation and serving alike (data.RESIZE_MODES):
+    # "crop" = resize the shorter side, centre crop (the ends of a long photo are cut off); "fit" = the whole photo
+    # scaled into the square and padded (letterbox; tall or wide crops such as a shelf's bottles and cans).
+    "resize": "crop",
     # Augmentation (train only; validation is bicubic resize + centre crop). Presets: "none", "light",
     # "standard" (random resized crop, flip, rotation, colour jitter), "strong" (+ blur and noise).
     # blur_prob / noise_std null = the preset's default; vertical flip is off unless asked for.
@@ -272,8 +276,9 @@ def _validate_basics(cfg: dict[str, Any]) -> None:
         cfg["quick_epochs"],
         "an integer >= 1",
     )
-    from .data import VIEWS  # noqa: PLC0415
+    from .data import RESIZE_MODES, VIEWS  # noqa: PLC0415
 
+    _check(cfg["resize"] in RESIZE_MODES, "resize", cfg["resize"], " or ".join(f'"{m}"' for m in RESIZE_MODES))
     views = cfg["quick_views"]
     extra = sorted(set(VIEWS) - {"centre"})
     _check(

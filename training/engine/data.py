@@ -19,6 +19,12 @@ from .manifest import Item
 log = logging.getLogger("training.engine")
 
 EVAL_RESIZE_RATIO = 1.14  # resize to image_size * 1.14, then centre-crop image_size
+# How a photo becomes the square the network sees (config key `resize`): "crop" = resize the shorter side, then
+# centre-crop (the ImageNet habit: the ends of a long photo are cut off); "fit" = the whole photo scaled into the
+# square, the rest padded with PAD_FILL (letterbox: nothing cut off, for tall or wide crops such as a shelf's
+# bottles, whose caps and feet a centre crop would lose).
+RESIZE_MODES = ("crop", "fit")
+PAD_FILL = (128, 128, 128)  # mid-grey: ~0 after the lite backbones' normalisation (mean 0.5)
 TRAIN_DECODE_RATIO = 1.5  # JPEG draft target for training: leaves room for RandomResizedCrop
 
 
@@ -70,19 +76,39 @@ def normalize_batch(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]
     return (x - mean_t) / std_t
 
 
+def check_resize(resize: str) -> str:
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)}, got {resize!r}")
+    return resize
+
+
 class CenterCropResize:
     """Resize (bicubic) so the shorter side is image_size * ratio, then centre-crop image_size — computed as one
     PIL resize of the crop's source box straight to image_size x image_size. Same geometry as torchvision's
     Resize + CenterCrop (pixels within 2 grey levels), 3x faster (only the kept pixels are resampled): it is on
     every served request and every evaluation. dx, dy move the crop off the centre by that fraction of the margin
-    either side (ViewCrop); mirror flips the result."""
+    either side (ViewCrop); mirror flips the result.
 
-    def __init__(self, image_size: int, ratio: float = EVAL_RESIZE_RATIO, dx: float = 0.0, dy: float = 0.0):
+    resize="fit": the photo is first scaled whole into a square (ImageOps.pad: longer side = the square's side,
+    PAD_FILL around) whose side is image_size * ratio / EVAL_RESIZE_RATIO — image_size itself for the centre
+    view, so nothing is cut off — and views crop that square as above."""
+
+    def __init__(
+        self,
+        image_size: int,
+        ratio: float = EVAL_RESIZE_RATIO,
+        dx: float = 0.0,
+        dy: float = 0.0,
+        resize: str = "crop",
+    ):
         self.size = int(image_size)
-        self.short = draft_size(self.size, ratio)
+        self.resize = check_resize(resize)
+        self.short = draft_size(self.size, ratio if resize == "crop" else ratio / EVAL_RESIZE_RATIO)
         self.dx, self.dy, self.mirror = dx, dy, False
 
     def __call__(self, img: Image.Image) -> Image.Image:
+        if self.resize == "fit":
+            return self._fit(img)
         w, h = img.size
         if w <= h:  # torchvision's Resize(int): the shorter side to `short`, the longer side truncated
             nw, nh = self.short, int(self.short * h / w)
@@ -96,13 +122,40 @@ class CenterCropResize:
         out = img.resize((c, c), Image.Resampling.BICUBIC, box=box)
         return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if self.mirror else out
 
+    def _fit(self, img: Image.Image) -> Image.Image:
+        s, c = self.short, self.size
+        out = ImageOps.pad(img, (s, s), method=Image.Resampling.BICUBIC, color=PAD_FILL)
+        if s != c:
+            top, left = int(round((s - c) / 2.0 * (1 + self.dy))), int(round((s - c) / 2.0 * (1 + self.dx)))
+            out = out.crop((left, top, left + c, top + c))
+        return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if self.mirror else out
+
     def __repr__(self) -> str:
-        return f"CenterCropResize(size={self.size}, short={self.short}, interpolation=bicubic)"
+        fit = "" if self.resize == "crop" else ", resize=fit"
+        return f"CenterCropResize(size={self.size}, short={self.short}{fit}, interpolation=bicubic)"
 
 
-def eval_transform(image_size: int) -> T.Compose:
-    """Resize (bicubic) to image_size*1.14, centre-crop image_size -> uint8 HWC tensor."""
-    return T.Compose([CenterCropResize(image_size), ToUint8HWC()])
+def eval_transform(image_size: int, resize: str = "crop") -> T.Compose:
+    """Resize (bicubic) to image_size*1.14, centre-crop image_size -> uint8 HWC tensor; resize="fit": the whole
+    photo scaled into image_size x image_size, padded (see CenterCropResize)."""
+    return T.Compose([CenterCropResize(image_size, resize=resize), ToUint8HWC()])
+
+
+class PadToSquare:
+    """Pad a photo to a square with PAD_FILL, the photo centred (the training side of resize="fit": the random
+    crop then samples the padded square, as serving sees it)."""
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        w, h = img.size
+        if w == h:
+            return img
+        s = max(w, h)
+        out = Image.new("RGB", (s, s), PAD_FILL)
+        out.paste(img, ((s - w) // 2, (s - h) // 2))
+        return out
+
+    def __repr__(self) -> str:
+        return "PadToSquare()"
 
 
 # Fixed views of a photo for cached features (features.py, the quick retrain's train photos): name -> (shorter side
@@ -124,20 +177,21 @@ VIEWS = {
 class ViewCrop(CenterCropResize):
     """One of VIEWS (CenterCropResize with the view's ratio, offsets and mirroring)."""
 
-    def __init__(self, image_size: int, view: str):
+    def __init__(self, image_size: int, view: str, resize: str = "crop"):
         ratio, dx, dy, mirror = VIEWS[view]
-        super().__init__(image_size, ratio, dx, dy)
+        super().__init__(image_size, ratio, dx, dy, resize=resize)
         self.mirror, self.view = mirror, view
 
     def __repr__(self) -> str:
-        return f"ViewCrop(size={self.size}, view={self.view})"
+        fit = "" if self.resize == "crop" else ", resize=fit"
+        return f"ViewCrop(size={self.size}, view={self.view}{fit})"
 
 
-def view_transform(image_size: int, view: str) -> T.Compose:
+def view_transform(image_size: int, view: str, resize: str = "crop") -> T.Compose:
     """The eval transform for "centre", else ViewCrop -> uint8 HWC tensor. KeyError for an unknown view."""
     if view == "centre":
-        return eval_transform(image_size)
-    return T.Compose([ViewCrop(image_size, view), ToUint8HWC()])
+        return eval_transform(image_size, resize)
+    return T.Compose([ViewCrop(image_size, view, resize), ToUint8HWC()])
 
 
 # ---- training augmentation presets
@@ -235,18 +289,20 @@ class AddGaussianNoiseUint8:
 def train_transform(config: dict) -> T.Compose:
     """Training transform for the preset config.get("augment", "standard") (table above) -> uint8 HWC tensor.
 
-    Uses image_size, crop_scale_min, hflip, rotation_degrees and color_jitter, plus the optional keys of
+    Uses image_size, resize, crop_scale_min, hflip, rotation_degrees and color_jitter, plus the optional keys of
     AUG_DEFAULTS (blur_prob, noise_std, vflip). Raises ValueError on a bad augmentation key."""
     validate_aug_config(config)
     size = config["image_size"]
+    resize = check_resize(config.get("resize", "crop"))
     preset = config.get("augment", AUG_DEFAULTS["augment"])
     if preset == "none":
-        return eval_transform(size)
+        return eval_transform(size, resize)
     bicubic = InterpolationMode.BICUBIC
     scale_min = config["crop_scale_min"]
     if preset == "light":
         scale_min = max(scale_min, 0.8)
-    steps: list = [T.RandomResizedCrop(size, scale=(scale_min, 1.0), interpolation=bicubic)]
+    steps: list = [PadToSquare()] if resize == "fit" else []
+    steps.append(T.RandomResizedCrop(size, scale=(scale_min, 1.0), interpolation=bicubic))
     if config["hflip"]:
         steps.append(T.RandomHorizontalFlip())
     if config.get("vflip", False):

@@ -76,15 +76,22 @@ def weights_fingerprint(module) -> str:
     return h.hexdigest()
 
 
-def preprocessing_key(image_size: int, mean: Sequence[float], std: Sequence[float], view: str = "centre") -> dict:
+def preprocessing_key(
+    image_size: int, mean: Sequence[float], std: Sequence[float], view: str = "centre", resize: str = "crop"
+) -> dict:
     """What the pixels went through before the backbone (see data.eval_transform; another view than the centre
-    crop adds its data.VIEWS spec, so the centre's key is the same as before views existed)."""
-    from .data import EVAL_RESIZE_RATIO, VIEWS  # noqa: PLC0415
+    crop adds its data.VIEWS spec, so the centre's key is the same as before views existed; likewise the "crop"
+    resize's key is the same as before resize modes existed)."""
+    from .data import EVAL_RESIZE_RATIO, PAD_FILL, VIEWS, check_resize  # noqa: PLC0415
 
     extra = {} if view == "centre" else {"view": [view, *VIEWS[view]]}
+    if check_resize(resize) == "fit":
+        how = f"whole photo padded to a square ({list(PAD_FILL)}), side x {EVAL_RESIZE_RATIO} / view ratio, crop"
+    else:
+        how = f"shorter side {EVAL_RESIZE_RATIO} x image_size, centre crop"
     return extra | {
         "image_size": int(image_size),
-        "resize": f"shorter side {EVAL_RESIZE_RATIO} x image_size, centre crop",
+        "resize": how,
         "interpolation": "bicubic",
         "jpeg_draft": True,
         "mean": [round(float(v), 6) for v in mean],
@@ -180,7 +187,11 @@ def cached_features(
     backbone.eval()
     if view not in _views():
         raise ValueError(f"unknown view {view!r} (views: {', '.join(_views())})")
-    key, desc = model_key(config["backbone"], weights_fingerprint(backbone), preprocessing_key(size, mean, std, view))
+    key, desc = model_key(
+        config["backbone"],
+        weights_fingerprint(backbone),
+        preprocessing_key(size, mean, std, view, config.get("resize", "crop")),
+    )
     root = Path(cache_dir) / key
     if not (root / "key.json").exists():
         _write_atomic(root / "key.json", lambda tmp: tmp.write_text(json.dumps(desc, indent=1)))
@@ -259,7 +270,7 @@ def _compute_misses(
     backbone.to(device)
     ds = ManifestDataset(
         [Item(id=i, path=items[i]["path"], targets=(0,)) for i in misses],
-        view_transform(size, view),
+        view_transform(size, view, config.get("resize", "crop")),
         draft_size(size, VIEWS[view][0]),
     )
     loader = DataLoader(

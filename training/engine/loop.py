@@ -213,7 +213,9 @@ def _data(
         )
     metrics_on = "val" if parsed.val else "train"
     eval_items = parsed.val if parsed.val else parsed.train
-    eval_ds = ManifestDataset(eval_items, eval_transform(cfg["image_size"]), min_side=draft_size(cfg["image_size"]))
+    eval_ds = ManifestDataset(
+        eval_items, eval_transform(cfg["image_size"], cfg["resize"]), min_side=draft_size(cfg["image_size"])
+    )
     eval_loader = DataLoader(
         eval_ds,
         batch_size=max(1, cfg["batch_size"] * 2),

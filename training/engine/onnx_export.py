@@ -27,6 +27,9 @@ normalize_batch):
 2. resize (bicubic, antialiased, PIL) so that the SHORTER side is ceil(S * 1.14), keeping the aspect ratio
    (longer side = int(ceil(S * 1.14) * long / short));
 3. centre-crop S x S (top = round((h - S) / 2), left = round((w - S) / 2));
+   a model trained with config resize "fit" (onnx_meta.json["preprocess"]["resize"]) instead scales the whole
+   photo so that its LONGER side is S and pads it to S x S, centred, with the grey of ``pad_fill_rgb`` (PIL's
+   ImageOps.pad) — steps 2-3 become that one step;
 4. to float32, divide by 255, subtract the artifact's per-channel ``mean`` and divide by its ``std``
    (RGB order, both listed in onnx_meta.json), then HWC -> CHW and stack into a batch.
 
@@ -64,7 +67,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .atomic import write_json_atomic
-from .data import EVAL_RESIZE_RATIO, draft_size
+from .data import EVAL_RESIZE_RATIO, PAD_FILL, draft_size
 from .model import ARTIFACT_FORMAT, LoupeNet, build_model
 
 log = logging.getLogger("training.engine")
@@ -134,14 +137,26 @@ def output_names(head_names: list[str]) -> list[str]:
     return [f"logits_{h}" for h in head_names] + [f"probs_{h}" for h in head_names] + ["embedding"]
 
 
-def preprocess_contract(image_size: int, mean, std) -> dict:
+def preprocess_contract(image_size: int, mean, std, resize: str = "crop") -> dict:
     """The input contract of the exported graph, as data (also in onnx_meta.json["preprocess"])."""
+    if resize == "fit":
+        geometry = {
+            "resize": "fit",
+            "fit_longer_side_to": image_size,
+            "pad_to": [image_size, image_size],
+            "pad_fill_rgb": list(PAD_FILL),
+        }
+    else:
+        geometry = {
+            "resize": "crop",
+            "resize_shorter_side_to": draft_size(image_size),
+            "resize_ratio": EVAL_RESIZE_RATIO,
+            "center_crop": [image_size, image_size],
+        }
     return {
         "color": "RGB",
-        "resize_shorter_side_to": draft_size(image_size),
-        "resize_ratio": EVAL_RESIZE_RATIO,
+        **geometry,
         "interpolation": "bicubic (PIL, antialiased)",
-        "center_crop": [image_size, image_size],
         "scale": "divide by 255",
         "normalize": "(x / 255 - mean) / std per RGB channel",
         "mean": [float(v) for v in mean],
@@ -426,7 +441,7 @@ def _export_meta(ckpt: dict, wrapper, example, names: list[str], out_name: str, 
         "dynamic_axes": {INPUT_NAME: {"0": BATCH_AXIS}, **{n: {"0": BATCH_AXIS} for n in names}},
         "mean": [float(v) for v in ckpt["mean"]],
         "std": [float(v) for v in ckpt["std"]],
-        "preprocess": preprocess_contract(size, ckpt["mean"], ckpt["std"]),
+        "preprocess": preprocess_contract(size, ckpt["mean"], ckpt["std"], ckpt["config"].get("resize", "crop")),
         "outputs": names,
         "output_shapes": out_shapes,
         "heads": {h: list(label_maps.get(h) or ckpt["heads"][i]["classes"]) for i, h in enumerate(head_names)},

@@ -92,7 +92,7 @@ def _predict(artifact_dir: Path, items: list[dict], batch_size: int) -> dict[str
     heads = [h["name"] for h in ckpt["heads"]]
     ds = ManifestDataset(
         [Item(id=i, path=it["path"], targets=(0,) * len(heads)) for i, it in enumerate(items)],
-        eval_transform(size),
+        eval_transform(size, ckpt["config"].get("resize", "crop")),
         min_side=draft_size(size),
     )
     out = {h["name"]: np.full((len(items), len(h["classes"])), np.nan, dtype=np.float32) for h in ckpt["heads"]}

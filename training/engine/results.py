@@ -111,7 +111,9 @@ def _final_report(model, parsed, cfg, out_dir, metrics, eval_loader, eval_items,
     images, head_reports = write_head_reports(metrics, heads, logits, targets, out_dir)
     retrieval = None
     if cfg["eval_retrieval"] and parsed.val and emb is not None:
-        gallery_ds = ManifestDataset(parsed.train, eval_transform(cfg["image_size"]), draft_size(cfg["image_size"]))
+        gallery_ds = ManifestDataset(
+            parsed.train, eval_transform(cfg["image_size"], cfg.get("resize", "crop")), draft_size(cfg["image_size"])
+        )
         gallery_loader = DataLoader(gallery_ds, batch_size=max(1, cfg["batch_size"] * 2), shuffle=False, **kw)
         _g_logits, g_targets, g_emb = _predict_all(
             model, gallery_loader, device, autocast_ctx, mean, std, len(parsed.train), heads

@@ -344,7 +344,15 @@ def _build_maps(run: _TailRun, workers: int, fresh: bool) -> _Maps:
 
     size, norm = cfg["image_size"], (run.mean, run.std)
     centre = _compute_maps(
-        run.prefix, items, eval_transform(size), 0, maps_dir / f"{key}-c.npy", norm, draft_size(size), workers, report
+        run.prefix,
+        items,
+        eval_transform(size, cfg["resize"]),
+        0,
+        maps_dir / f"{key}-c.npy",
+        norm,
+        draft_size(size),
+        workers,
+        report,
     )
     done_before = len(items)
     train_views = [centre[:n_train]]

@@ -311,7 +311,7 @@ def export_tflite(artifact_dir, *, check: bool = True, images: list[str] | None 
         "file": TFLITE_FILE,
         "input": "images",
         "input_shape": [1, 3, size, size],
-        "preprocess": preprocess_contract(size, ckpt["mean"], ckpt["std"]),
+        "preprocess": preprocess_contract(size, ckpt["mean"], ckpt["std"], ckpt["config"].get("resize", "crop")),
         "outputs": names,
         "signature": "serving_default (outputs output_0 .. output_N in the order of `outputs`)",
         "heads": ckpt["label_maps"],

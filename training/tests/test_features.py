@@ -298,3 +298,69 @@ def test_the_feature_pass_uses_every_core_not_taken_by_a_loader_worker():
     assert feature_threads("auto", 1, cpus=2) == 1
     assert feature_threads("auto", 3, cpus=2) == 1
     assert feature_threads(3, 0, cpus=2) == 3  # an explicit torch_threads wins
+
+
+def test_fit_frames_the_whole_photo_in_training_the_cache_and_serving(data):
+    """resize "fit" (config): the whole photo scaled into the square and padded grey — a tall photo keeps its top
+    and bottom, which the centre crop cuts off — with views cropping the padded square; the training transform
+    pads before its random crop; the feature cache keys it apart (the crop's key is unchanged); a quick retrain's
+    artifact serves through the same framing (its predictions are the heads on the fit features); ONNX's input
+    contract says so; an unknown mode is refused."""
+    from PIL import Image as PILImage
+
+    from training.engine.data import PAD_FILL, PadToSquare, ViewCrop, train_transform, view_transform
+    from training.engine.features import preprocessing_key
+    from training.engine.onnx_export import preprocess_contract
+
+    tall = PILImage.new("RGB", (40, 160), (0, 255, 0))
+    tall.paste((255, 0, 0), (0, 0, 40, 30))  # red top, blue bottom: outside a centre crop
+    tall.paste((0, 0, 255), (0, 130, 40, 160))
+    crop, fit = (np.asarray(eval_transform(64, r)(tall), dtype=int) for r in ("crop", "fit"))
+    assert crop.shape == fit.shape == (64, 64, 3)
+    assert crop[0, 32].tolist() == [0, 255, 0] and crop[-1, 32].tolist() == [0, 255, 0]  # the ends are gone
+    assert fit[1, 32, 0] > 200 and fit[-2, 32, 2] > 200 and fit[32, 32, 1] > 200  # red top, blue bottom, green
+    assert np.abs(fit[32, 1] - PAD_FILL).max() <= 2 and np.abs(fit[32, -2] - PAD_FILL).max() <= 2  # grey bars
+    zoom = np.asarray(ViewCrop(64, "zoom", "fit")(tall), dtype=int)
+    assert zoom.shape == (64, 64, 3) and not np.array_equal(zoom, fit)
+    assert np.array_equal(np.asarray(view_transform(64, "centre", "fit")(tall), dtype=int), fit)
+    steps = train_transform({**data[1], "image_size": 64, "resize": "fit"}).transforms
+    assert isinstance(steps[0], PadToSquare) and PadToSquare()(tall).size == (160, 160)
+    with pytest.raises(ValueError, match="resize must be one of crop, fit"):
+        eval_transform(64, "squash")
+    with pytest.raises(ValueError, match="config 'resize'"):
+        resolve_config({**data[1], "resize": "squash"})
+    before = preprocessing_key(32, [0.5] * 3, [0.5] * 3)
+    assert before["resize"] == "shorter side 1.14 x image_size, centre crop"  # the crop's cache key is unchanged
+    assert preprocessing_key(32, [0.5] * 3, [0.5] * 3, resize="fit") != before
+    assert preprocess_contract(32, [0.5] * 3, [0.5] * 3, "fit")["resize"] == "fit"
+    assert preprocess_contract(32, [0.5] * 3, [0.5] * 3)["center_crop"] == [32, 32]
+
+    # Tall photos: the shapes photos squeezed to a third of their width.
+    manifest, cfg, tmp = data
+    for it in manifest["items"]:
+        with PILImage.open(it["path"]) as im:
+            im.convert("RGB").resize((im.width // 3, im.height)).save(it["path"])
+    fcfg = {**cfg, "resize": "fit"}
+    crop_feats = cached_features(manifest["items"], cfg, tmp / "cache")
+    fit_feats = cached_features(manifest["items"], fcfg, tmp / "cache")
+    assert fit_feats.stats["key"] != crop_feats.stats["key"] and fit_feats.stats["misses"] == 32
+    assert not np.allclose(fit_feats.X, crop_feats.X)
+    metrics = train_quick(manifest, fcfg, tmp / "fit", cache_dir=tmp / "cache")
+    assert metrics["cache"]["hits"] == 32 and metrics["cache"]["misses"] == 0  # the features just cached
+
+    from inference.batch import predict_paths
+    from inference.recognizer import Recognizer
+
+    rec = Recognizer.load(tmp / "fit", backend="torch", num_threads=0)
+    assert rec.config["resize"] == "fit"
+    probs, _emb, ok = predict_paths(rec, [it["path"] for it in manifest["items"]])
+    ckpt = torch.load(tmp / "fit" / "model.pt", map_location="cpu", weights_only=True)
+    from training.engine.quick import heads_module
+
+    parsed = parse_manifest(manifest)
+    heads = heads_module(resolve_config(fcfg), parsed.heads, fit_feats.X.shape[1])
+    assert not heads.load_state_dict(ckpt["state_dict"], strict=False).missing_keys  # the artifact's heads
+    want, _ = heads_predict(heads.eval(), fit_feats.X)
+    assert ok.all()
+    for j, head in enumerate(rec.heads):
+        np.testing.assert_allclose(probs[head], want[j], atol=1e-4)

@@ -124,7 +124,7 @@ class Command(BaseCommand):
         """The shelf demo: generated shelf photos imported with their boxes (YOLO) into a `shelf` project, and their
         SKU crops (one folder per SKU) into the `sku` project that names each box's SKU."""
         from labeling.boxes import boxes_import
-        from labeling.shelf_data import generate_shelves
+        from labeling.shelf_data import SKU_PROJECT_OPTIONS, generate_shelves
 
         skus = Project.objects.filter(slug="shelf-skus").first()
         shelf = Project.objects.filter(slug="shelf-demo").first()
@@ -136,10 +136,10 @@ class Command(BaseCommand):
         skus = skus or project_create(
             name="Shelf SKUs", slug="shelf-skus", preset="sku", description="The shelf demo's SKU crops."
         )
-        # Tight SKU crops: the sku preset's shifted / zoomed views cost accuracy and time here (bench-shelf, 8fb4f28)
+        # Tall and wide SKU crops: fitted whole, no shifted / zoomed views (SKU_PROJECT_OPTIONS, make bench-shelf)
         options = skus.training_options or {}
-        if options.get("quick_views") != []:
-            Project.objects.filter(pk=skus.pk).update(training_options={**options, "quick_views": []})
+        if any(options.get(k) != v for k, v in SKU_PROJECT_OPTIONS.items()):
+            Project.objects.filter(pk=skus.pk).update(training_options={**options, **SKU_PROJECT_OPTIONS})
         head = skus.heads.get()
         for split in ("train", "val", "test"):  # crops/<split>/<sku>/*.jpg: the SKU from the folder name
             rows, report = importers.plan_folder(out / "crops" / split, head=head)
