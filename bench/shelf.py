@@ -9,7 +9,7 @@ first 70 % of photos train, then val, then test (other photos than train: each p
             (heads on frozen lite0 features, training.engine.quick) on the train photos' SKU crops with the shelf
             demo's SKU project options (shelf_data.SKU_PROJECT_OPTIONS: crops fitted whole, no extra views),
             calibrated on val as the pipeline does, its suggested threshold applied; then per test photo: detect
-            (score >= the detector's threshold) -> crop (shelf_core.crop_box, as the endpoint) -> name (the
+            (score >= the detector's threshold) -> crop (detection_formats.crop_box, as the endpoint) -> name (the
             endpoint's decision: below the threshold the box is unknown, not counted) -> counts per SKU.
             Each detector's operating threshold is its config's "auto": chosen on the val photos by count MAE.
   baseline  the detector alone with one class per SKU (24 classes), same config and time budget.
@@ -99,7 +99,7 @@ def main() -> None:
     from inference.calibration import read_calibration  # noqa: PLC0415
     from inference.evaluation import calibrate_version  # noqa: PLC0415
     from inference.recognizer import Recognizer  # noqa: PLC0415
-    from inference.shelf_core import crop_box  # noqa: PLC0415
+    from labeling.detection_formats import crop_box  # noqa: PLC0415
     from labeling.shelf_data import SKU_PROJECT_OPTIONS, detection_manifest, generate_shelves  # noqa: PLC0415
     from training.engine.detection import evaluate_detector, load_detector, train_detector  # noqa: PLC0415
     from training.engine.onnx_export import export_onnx  # noqa: PLC0415

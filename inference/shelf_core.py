@@ -17,26 +17,13 @@ from typing import TYPE_CHECKING
 
 from PIL import Image, ImageDraw, ImageFont
 
+from labeling.detection_formats import CROP_MARGIN, crop_box
+
 if TYPE_CHECKING:
     from .detector import Detection
 
-# Of the box's width / height on each side: a little context, and room for a detector box a few pixels off. The
-# SKU model's crops are cut the same way (labeling.shelf_data's crops, the shelf endpoint's kept crops): train
-# and serve see the same framing.
-CROP_MARGIN = 0.04
 ANNOTATE_MAX_SIDE = 1600  # the annotated photo's longer side at most (pixels)
 _ACCEPTED, _UNKNOWN, _NO_SKU = (40, 200, 70), (255, 150, 20), (70, 150, 255)
-
-
-def crop_box(image: Image.Image, box: Sequence[float], *, margin: float = CROP_MARGIN) -> Image.Image:
-    """The photo cut at box (x, y, w, h in pixels) grown by `margin` of its size on every side (at least 2 px),
-    clipped to the photo."""
-    x, y, bw, bh = box
-    w, h = image.size
-    mx, my = max(2.0, bw * margin), max(2.0, bh * margin)
-    x0, y0 = max(0, int(x - mx)), max(0, int(y - my))
-    x1, y1 = min(w, int(round(x + bw + mx))), min(h, int(round(y + bh + my)))
-    return image.crop((x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)))
 
 
 def crop_boxes(image: Image.Image, detections: Sequence[Detection], *, margin: float = CROP_MARGIN) -> list:

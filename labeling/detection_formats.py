@@ -110,6 +110,23 @@ def clip_box(x: float, y: float, w: float, h: float, width: int, height: int) ->
     return x0, y0, x1 - x0, y1 - y0
 
 
+# Of the box's width / height on each side: a little context, and room for a detector box a few pixels off. The
+# shelf endpoint cuts each detected box this way (inference.shelf_core), and so are the SKU crops a model learns
+# from (labeling.shelf_data): train and serve see the same framing.
+CROP_MARGIN = 0.04
+
+
+def crop_box(image: PILImage.Image, box, *, margin: float = CROP_MARGIN) -> PILImage.Image:
+    """The photo cut at box (x, y, w, h in pixels) grown by `margin` of its size on every side (at least 2 px),
+    clipped to the photo."""
+    x, y, bw, bh = box
+    w, h = image.size
+    mx, my = max(2.0, bw * margin), max(2.0, bh * margin)
+    x0, y0 = max(0, int(x - mx)), max(0, int(y - my))
+    x1, y1 = min(w, int(round(x + bw + mx))), min(h, int(round(y + bh + my)))
+    return image.crop((x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)))
+
+
 def box_problem(x: float, y: float, w: float, h: float, width: int, height: int) -> str | None:
     """Why a pixel box (top-left x, y, size w, h) does not fit a width × height image, or None."""
     if not (w > 0 and h > 0):

@@ -9,7 +9,7 @@
     out_dir/shelves.json                       per photo: every box (class, SKU, pixel boxes, visible fraction)
                                                and the counts per SKU
     out_dir/crops/{train,val,test}/<sku>/*.jpg the labeled boxes cut out as the shelf endpoint cuts a detected box
-                                               (inference.shelf_core.crop_box: a 4 % margin), one folder per SKU
+                                               (detection_formats.crop_box: a 4 % margin), one folder per SKU
                                                (a class-from-folder SKU classification project, trained with
                                                SKU_PROJECT_OPTIONS)
 
@@ -35,7 +35,7 @@ Instances less than ``min_visible`` (default 0.35) visible are not labeled and n
 ``hidden`` in shelves.json). ``counts`` are the labeled boxes per SKU. Boxes are ``[x, y, w, h]`` in pixels
 (top-left origin, x1 = x + w exclusive).
 
-Pure Python + Pillow + NumPy (and inference.shelf_core's crop geometry), no Django. The same arguments give
+Pure Python + Pillow + NumPy, no Django. The same arguments give
 byte-identical files: all randomness comes from ``random.Random`` seeded from (seed, photo index); the SKU designs
 from the seed alone.
 """
@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from inference.shelf_core import crop_box
+from .detection_formats import crop_box
 
 __all__ = [
     "CONTAINER_CLASSES",

@@ -387,7 +387,7 @@ def test_detector_load_errors(models, tmp_path):
 def test_crops_and_counts():
     photo = Image.new("RGB", (100, 80))
     crops = crop_boxes(photo, [Detection(10, 10, 50, 50, "can", 0.9), Detection(90, 70, 10, 10, "can", 0.9)])
-    assert crops[0].size == (58, 58)  # 8 % margin on each side
+    assert crops[0].size == (54, 54)  # 4 % margin on each side
     assert crops[1].size == (12, 12)  # at least 2 px of margin, clipped at the photo's edge
     boxes = [
         {"container": {"label": "can"}, "sku": {"label": "cola"}},

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from labeling.detection_formats import crop_box
 from labeling.shelf_data import (
     CONTAINER_CLASSES,
     detection_manifest,
@@ -114,6 +115,14 @@ def test_crop_folders_are_a_class_from_folder_sku_set(shelves):
     skus = {s["name"] for s in json.loads((out / "skus.json").read_text())}
     assert {p.parent.name for p in crops} <= skus
     assert {p.parent.parent.name for p in crops} <= {"train", "val", "test"}
+    # each crop is its box cut as the shelf endpoint cuts a detected box (the same margin): train = serve framing
+    meta = json.loads((out / "shelves.json").read_text())
+    photo = meta["photos"][0]
+    stem = Path(photo["image"]).stem
+    with Image.open(out / photo["image"]) as img:
+        for k, b in enumerate(photo["boxes"][:5]):
+            with Image.open(out / "crops" / photo["split"] / b["sku"] / f"{stem}_{k:03d}.jpg") as c:
+                assert c.size == crop_box(img, b["box"]).size and c.size != tuple(b["box"][2:])
 
 
 def test_detection_manifest(shelves):
