@@ -79,10 +79,22 @@ def test_report_page_actions_and_undo(client, admin_user, project):
     assert b"excluded 1 class" in response.content
     response = client.post(
         reverse("labeling:training-options", args=[project.slug]),
-        {"class_weighting": "sqrt_inverse", "per_class_cap": "5"},
+        {"class_weighting": "sqrt_inverse", "per_class_cap": "5", "resize": "fit"},
         follow=True,
     )
-    assert b"Training options saved" in response.content
+    assert b"Training options saved" in response.content and b"framing: whole photo, padded" in response.content
+    assert b'<option value="fit" selected>' in response.content  # the form shows the saved framing
+    project.refresh_from_db()
+    assert project.training_options["resize"] == "fit"
+    from training.selectors import run_config
+
+    assert run_config(project, {})["resize"] == "fit"  # the project's runs train and serve that way
+    response = client.post(
+        reverse("labeling:training-options", args=[project.slug]), {"resize": "squash"}, follow=True
+    )
+    assert b"Photo framing must be one of crop, fit" in response.content
+    project.refresh_from_db()
+    assert project.training_options["resize"] == "fit"  # nothing written
     response = client.post(
         reverse("labeling:training-options", args=[project.slug]), {"per_class_cap": "lots"}, follow=True
     )

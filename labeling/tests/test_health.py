@@ -223,7 +223,18 @@ def test_exclude_rare_classes_and_training_options_with_undo(planted):
         health.training_options_set(project=project, class_weighting="loud")
     with pytest.raises(LabelingError, match="per-class cap"):
         health.training_options_set(project=project, per_class_cap=0)
-    assert DatasetAction.objects.filter(project=project).count() == 2  # an undo marks its action, adds none
+    framing = health.training_options_set(project=project, resize="fit")
+    project.refresh_from_db()
+    assert project.training_options["resize"] == "fit" and "framing: whole photo, padded" in framing.summary
+    health.training_options_set(project=project, class_weighting="inverse")  # resize not given: kept
+    project.refresh_from_db()
+    assert project.training_options["resize"] == "fit"
+    with pytest.raises(LabelingError, match="Photo framing"):
+        health.training_options_set(project=project, resize="squash")
+    from training.engine.data import RESIZE_MODES
+
+    assert tuple(health.RESIZE_CHOICES) == RESIZE_MODES  # the form offers exactly what the engine takes
+    assert DatasetAction.objects.filter(project=project).count() == 4  # an undo marks its action, adds none
 
 
 def test_check_dataset_command_and_bad_parameters(planted, capsys):
