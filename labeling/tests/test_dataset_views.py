@@ -89,9 +89,7 @@ def test_report_page_actions_and_undo(client, admin_user, project):
     from training.selectors import run_config
 
     assert run_config(project, {})["resize"] == "fit"  # the project's runs train and serve that way
-    response = client.post(
-        reverse("labeling:training-options", args=[project.slug]), {"resize": "squash"}, follow=True
-    )
+    response = client.post(reverse("labeling:training-options", args=[project.slug]), {"resize": "squash"}, follow=True)
     assert b"Photo framing must be one of crop, fit" in response.content
     project.refresh_from_db()
     assert project.training_options["resize"] == "fit"  # nothing written
