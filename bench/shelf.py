@@ -21,12 +21,14 @@ counting every box's argmax SKU, no rejection); end-to-end seconds of one
 shelf photo on this CPU (median over the test photos; torch detector + ONNX classifier, one process).
 Targets (the shelf seed): recall >= 0.98, mAP@50 >= 0.95, SKU top-1 >= 0.93, count MAE <= 0.30.
 Run: .venv/bin/python -m bench.shelf (LOUPE_BENCH_SHELF_SECONDS: each detector's training budget, default 900;
-LOUPE_BENCH_SHELF_PHOTOS: default 200). Writes bench/results/shelf.json."""
+LOUPE_BENCH_SHELF_PHOTOS: default 200; LOUPE_BENCH_SHELF_KEEP=1 keeps the work folder). Writes
+bench/results/shelf.json."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -91,9 +93,22 @@ def iou(a, b) -> float:
 
 
 def main() -> None:
+    """Run in a temporary folder (~400 MB: photos, crops, models, features), removed afterwards unless
+    LOUPE_BENCH_SHELF_KEEP=1 (then its path is printed, e.g. to study the misses)."""
     import django  # noqa: PLC0415
 
     django.setup()
+    work = Path(tempfile.mkdtemp(prefix="loupe-bench-shelf-"))
+    try:
+        run(work)
+    finally:
+        if os.environ.get("LOUPE_BENCH_SHELF_KEEP") == "1":
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def run(work: Path) -> None:
     from django.conf import settings  # noqa: PLC0415
 
     from inference.calibration import read_calibration  # noqa: PLC0415
@@ -106,7 +121,6 @@ def main() -> None:
     from training.engine.quick import train_quick  # noqa: PLC0415
     from training.selectors import preset_config  # noqa: PLC0415
 
-    work = Path(tempfile.mkdtemp(prefix="loupe-bench-shelf-"))
     t0 = time.monotonic()
     summary = generate_shelves(work / "shelves", N_PHOTOS, seed=SEED, size=SIZE)
     gen_s = time.monotonic() - t0
