@@ -33,7 +33,7 @@ from PIL import Image
 from inference.calibration import K_NEIGHBOURS, apply_temperature, read_calibration, read_gallery_labels
 from inference.decision import RetrievalEvidence, combine_views, fuse, rejection_reason, retrieval_evidence
 from training.engine.artifact import IDS_FILE, INDEX_FILE
-from training.engine.data import eval_transform, normalize_batch
+from training.engine.data import eval_transform, normalize_batch, resize_mode
 from training.engine.hierarchy import consistent, decode, parent_index
 from training.engine.model import ARTIFACT_FORMAT, build_model
 
@@ -143,7 +143,7 @@ class Recognizer:
         self.device = device
         self.index = index
         self.gallery_ids = gallery_ids
-        self._transform = eval_transform(self.image_size, config.get("resize", "crop"))
+        self._transform = eval_transform(self.image_size, resize_mode(config))
         self.calibration: dict = {}  # calibration.json: temperatures, thresholds, retrieval rejection
         self.gallery_labels: dict[int, dict[str, str | None]] | None = None  # gallery id -> labels per head
         self._parent_index: dict[str, np.ndarray] = {}  # child head -> index of each class's parent class

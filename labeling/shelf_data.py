@@ -35,9 +35,8 @@ Instances less than ``min_visible`` (default 0.35) visible are not labeled and n
 ``hidden`` in shelves.json). ``counts`` are the labeled boxes per SKU. Boxes are ``[x, y, w, h]`` in pixels
 (top-left origin, x1 = x + w exclusive).
 
-Pure Python + Pillow + NumPy, no Django. The same arguments give
-byte-identical files: all randomness comes from ``random.Random`` seeded from (seed, photo index); the SKU designs
-from the seed alone.
+Pure Python + Pillow + NumPy, no Django. The same arguments give byte-identical files: all randomness comes from
+``random.Random`` seeded from (seed, photo index); the SKU designs from the seed alone.
 """
 
 from __future__ import annotations

@@ -82,6 +82,12 @@ def check_resize(resize: str) -> str:
     return resize
 
 
+def resize_mode(config: dict) -> str:
+    """The framing of a config — a run's, a partial one, or a model artifact's from before resize modes existed
+    (no key: "crop")."""
+    return check_resize(config.get("resize", "crop"))
+
+
 class CenterCropResize:
     """Resize (bicubic) so the shorter side is image_size * ratio, then centre-crop image_size — computed as one
     PIL resize of the crop's source box straight to image_size x image_size. Same geometry as torchvision's
@@ -293,7 +299,7 @@ def train_transform(config: dict) -> T.Compose:
     AUG_DEFAULTS (blur_prob, noise_std, vflip). Raises ValueError on a bad augmentation key."""
     validate_aug_config(config)
     size = config["image_size"]
-    resize = check_resize(config.get("resize", "crop"))
+    resize = resize_mode(config)
     preset = config.get("augment", AUG_DEFAULTS["augment"])
     if preset == "none":
         return eval_transform(size, resize)

@@ -169,6 +169,7 @@ def cached_features(
     The backbone is config's starting backbone (create_backbone: pretrained_path / hub / bundled / none), or the
     given module (e.g. a trained model's backbone; then mean/std must be given). progress gets {"phase":
     "features", "done", "total", "hits", "misses", "eta_s"} while misses are computed."""
+    from .data import resize_mode  # noqa: PLC0415
     from .model import backbone_stats, create_backbone  # noqa: PLC0415
 
     t0 = time.monotonic()
@@ -190,7 +191,7 @@ def cached_features(
     key, desc = model_key(
         config["backbone"],
         weights_fingerprint(backbone),
-        preprocessing_key(size, mean, std, view, config.get("resize", "crop")),
+        preprocessing_key(size, mean, std, view, resize_mode(config)),
     )
     root = Path(cache_dir) / key
     if not (root / "key.json").exists():
@@ -256,7 +257,15 @@ def _compute_misses(
     import torch  # noqa: PLC0415
     from torch.utils.data import DataLoader  # noqa: PLC0415
 
-    from .data import VIEWS, ManifestDataset, collate_skip, draft_size, normalize_batch, view_transform  # noqa: PLC0415
+    from .data import (  # noqa: PLC0415
+        VIEWS,
+        ManifestDataset,
+        collate_skip,
+        draft_size,
+        normalize_batch,
+        resize_mode,
+        view_transform,
+    )
     from .manifest import Item  # noqa: PLC0415
     from .runtime import resolve_device, resolve_num_workers  # noqa: PLC0415
 
@@ -270,7 +279,7 @@ def _compute_misses(
     backbone.to(device)
     ds = ManifestDataset(
         [Item(id=i, path=items[i]["path"], targets=(0,)) for i in misses],
-        view_transform(size, view, config.get("resize", "crop")),
+        view_transform(size, view, resize_mode(config)),
         draft_size(size, VIEWS[view][0]),
     )
     loader = DataLoader(

@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .atomic import write_json_atomic
-from .data import EVAL_RESIZE_RATIO, PAD_FILL, draft_size
+from .data import EVAL_RESIZE_RATIO, PAD_FILL, draft_size, resize_mode
 from .model import ARTIFACT_FORMAT, LoupeNet, build_model
 
 log = logging.getLogger("training.engine")
@@ -441,7 +441,7 @@ def _export_meta(ckpt: dict, wrapper, example, names: list[str], out_name: str, 
         "dynamic_axes": {INPUT_NAME: {"0": BATCH_AXIS}, **{n: {"0": BATCH_AXIS} for n in names}},
         "mean": [float(v) for v in ckpt["mean"]],
         "std": [float(v) for v in ckpt["std"]],
-        "preprocess": preprocess_contract(size, ckpt["mean"], ckpt["std"], ckpt["config"].get("resize", "crop")),
+        "preprocess": preprocess_contract(size, ckpt["mean"], ckpt["std"], resize_mode(ckpt["config"])),
         "outputs": names,
         "output_shapes": out_shapes,
         "heads": {h: list(label_maps.get(h) or ckpt["heads"][i]["classes"]) for i, h in enumerate(head_names)},

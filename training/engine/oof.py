@@ -79,7 +79,7 @@ def _predict(artifact_dir: Path, items: list[dict], batch_size: int) -> dict[str
     import torch  # noqa: PLC0415
     from torch.utils.data import DataLoader  # noqa: PLC0415
 
-    from .data import ManifestDataset, collate_skip, draft_size, eval_transform, normalize_batch  # noqa: PLC0415
+    from .data import ManifestDataset, collate_skip, draft_size, eval_transform, normalize_batch, resize_mode  # noqa: PLC0415
     from .manifest import Item  # noqa: PLC0415
     from .model import build_model  # noqa: PLC0415
 
@@ -92,7 +92,7 @@ def _predict(artifact_dir: Path, items: list[dict], batch_size: int) -> dict[str
     heads = [h["name"] for h in ckpt["heads"]]
     ds = ManifestDataset(
         [Item(id=i, path=it["path"], targets=(0,) * len(heads)) for i, it in enumerate(items)],
-        eval_transform(size, ckpt["config"].get("resize", "crop")),
+        eval_transform(size, resize_mode(ckpt["config"])),
         min_side=draft_size(size),
     )
     out = {h["name"]: np.full((len(items), len(h["classes"])), np.nan, dtype=np.float32) for h in ckpt["heads"]}

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from . import atomic
-from .data import ManifestDataset, draft_size, eval_transform
+from .data import ManifestDataset, draft_size, eval_transform, resize_mode
 from .epoch import prepare_batch
 from .hierarchy import leaf_head
 from .manifest import IGNORE_INDEX
@@ -112,7 +112,7 @@ def _final_report(model, parsed, cfg, out_dir, metrics, eval_loader, eval_items,
     retrieval = None
     if cfg["eval_retrieval"] and parsed.val and emb is not None:
         gallery_ds = ManifestDataset(
-            parsed.train, eval_transform(cfg["image_size"], cfg.get("resize", "crop")), draft_size(cfg["image_size"])
+            parsed.train, eval_transform(cfg["image_size"], resize_mode(cfg)), draft_size(cfg["image_size"])
         )
         gallery_loader = DataLoader(gallery_ds, batch_size=max(1, cfg["batch_size"] * 2), shuffle=False, **kw)
         _g_logits, g_targets, g_emb = _predict_all(

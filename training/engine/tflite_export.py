@@ -265,6 +265,7 @@ def export_tflite(artifact_dir, *, check: bool = True, images: list[str] | None 
     except ImportError as exc:
         raise MobileExportError(f"{UNAVAILABLE} ({exc})") from exc
 
+    from .data import resize_mode  # noqa: PLC0415
     from .onnx_export import OnnxLoupe, load_artifact, output_names, preprocess_contract  # noqa: PLC0415
 
     model, ckpt = load_artifact(d)
@@ -311,7 +312,7 @@ def export_tflite(artifact_dir, *, check: bool = True, images: list[str] | None 
         "file": TFLITE_FILE,
         "input": "images",
         "input_shape": [1, 3, size, size],
-        "preprocess": preprocess_contract(size, ckpt["mean"], ckpt["std"], ckpt["config"].get("resize", "crop")),
+        "preprocess": preprocess_contract(size, ckpt["mean"], ckpt["std"], resize_mode(ckpt["config"])),
         "outputs": names,
         "signature": "serving_default (outputs output_0 .. output_N in the order of `outputs`)",
         "heads": ckpt["label_maps"],
