@@ -28,7 +28,11 @@ normalises it inside the model, so the model and its ONNX graph take [0, 1] RGB 
 Training: AdamW or SGD, linear warm-up then cosine per step, horizontal flips; each epoch's order, flips and the
 model's own sampling (RPN/RoI samplers) are a function of (seed, epoch), so a run resumed from a checkpoint
 (out_dir/checkpoints/latest.pt, written whole after every epoch) ends with the same weights as an uninterrupted
-one (on the same device and thread count). The best epoch (val mAP@50, else the last) is kept.
+one (on the same device and thread count). The best epoch (val mAP@50, else the last) is kept. With `time_budget_s`
+the cosine is fitted to the budget, as Ultralytics' `time` argument does: after each epoch the plan becomes
+min(epochs, floor(budget / mean epoch time)) epochs (never fewer than those run), the LR follows the plan and the run
+stops when it is done, annealed; a run cut mid-cosine (the earlier rule, stop once past the budget) ended at a high
+LR. The plan is in the checkpoint, so a resumed run continues it (its epochs then depend on timing, as any budget's).
 
 Evaluation (`_evaluate`): torchmetrics' MeanAveragePrecision(iou_type="bbox", class_metrics=True) over all
 detections (score >= 0.05): mAP@50, mAP@50:95, per-class AP@50:95 and AP@50. Recall, precision and counts at the
@@ -107,7 +111,9 @@ DEFAULT_DETECTOR_CONFIG: dict[str, Any] = {
     "amp": "auto",  # CUDA only: "auto" | "bf16" | "fp16" | "off"
     "num_workers": "auto",
     "torch_threads": "auto",
-    "time_budget_s": None,  # stop after the epoch that passes this many seconds (the best epoch so far is kept)
+    # The schedule is fitted to it (as Ultralytics' `time`): after each epoch the run plans min(epochs, budget / mean
+    # epoch time) epochs and the cosine ends there, so a budgeted run ends annealed, not cut mid-schedule
+    "time_budget_s": None,
     "progress_every": 10,  # steps between "train" progress reports
 }
 RUNTIME_KEYS = ("device", "amp", "num_workers", "torch_threads", "time_budget_s", "progress_every")
@@ -404,20 +410,35 @@ def train_detector(
         train = parsed.split("train")
         val = parsed.split("val")
         steps_per_epoch = math.ceil(len(train) / cfg["batch_size"])
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, _lr_lambda(steps_per_epoch * cfg["epochs"], min(cfg["warmup_steps"], steps_per_epoch * cfg["epochs"]))
-        )
+        warmup = min(cfg["warmup_steps"], steps_per_epoch * cfg["epochs"])
+        state = {
+            "epoch": 0,
+            "history": [],
+            "best": None,
+            "best_model": None,
+            "elapsed_s": 0.0,
+            "stopped": None,
+            "planned_epochs": cfg["epochs"],  # fitted to time_budget_s after each epoch; the cosine ends here
+        }
+
+        # the LR follows state["planned_epochs"] (read at every step; a resumed run reads the checkpoint's plan)
+        def lr_factor(step: int) -> float:
+            total = steps_per_epoch * state["planned_epochs"]
+            return _lr_lambda(total, min(warmup, total - 1))(step)  # a plan shorter than the warm-up still anneals
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
         fingerprint = _fingerprint(parsed, cfg)
-        state = {"epoch": 0, "history": [], "best": None, "best_model": None, "elapsed_s": 0.0, "stopped": None}
         if fresh:
             ckpt_path.unlink(missing_ok=True)
         elif resume and ckpt_path.is_file():
-            state = _resume(ckpt_path, fingerprint, model, opt, sched, state)
+            state.update(_resume(ckpt_path, fingerprint, model, opt, sched, state))
         t0 = time.monotonic() - state["elapsed_s"]
         for epoch in range(state["epoch"] + 1, cfg["epochs"] + 1):
             if state["stopped"]:
                 break
-            loss = _train_epoch(model, opt, sched, train, cfg, epoch, device, amp, workers, progress, t0)
+            loss = _train_epoch(
+                model, opt, sched, train, cfg, epoch, state["planned_epochs"], device, amp, workers, progress, t0
+            )
             result = _evaluate(model, val, parsed.classes, cfg, device) if val else None
             score = result["map_50"] if result else float(epoch)
             if state["best"] is None or score > state["best"]["value"]:
@@ -429,23 +450,22 @@ def train_detector(
             state["history"].append(record)
             state["epoch"] = epoch
             state["elapsed_s"] = time.monotonic() - t0
-            if (
-                cfg["time_budget_s"] is not None
-                and state["elapsed_s"] >= cfg["time_budget_s"]
-                and epoch < cfg["epochs"]
-            ):
-                state["stopped"] = "time_limit"
+            per_epoch = state["elapsed_s"] / epoch
+            if cfg["time_budget_s"] is not None:
+                fitted = min(cfg["epochs"], max(epoch, math.floor(cfg["time_budget_s"] / per_epoch)))
+                state["planned_epochs"] = fitted
+                if epoch >= fitted and epoch < cfg["epochs"]:
+                    state["stopped"] = "time_limit"
             _save_checkpoint(ckpt_path, fingerprint, model, opt, sched, state)
             if progress is not None:
-                per_epoch = state["elapsed_s"] / max(1, len(state["history"]))
                 progress(
                     {
                         "phase": "epoch",
                         "epoch": epoch,
-                        "epochs": cfg["epochs"],
+                        "epochs": state["planned_epochs"],
                         "train_loss": loss,
                         "val": record,
-                        "eta_s": round(per_epoch * (cfg["epochs"] - epoch), 1),
+                        "eta_s": round(per_epoch * (state["planned_epochs"] - epoch), 1),
                     }
                 )
         model.load_state_dict(state["best_model"])
@@ -464,6 +484,7 @@ def train_detector(
             "boxes": {s: sum(len(it.boxes) for it in parsed.split(s)) for s in SPLITS},
             "best_epoch": state["best"]["epoch"],
             "epochs_run": state["epoch"],
+            "planned_epochs": state["planned_epochs"],
             "stopped_early": state["stopped"],
             "history": state["history"],
             "train_seconds": round(state["elapsed_s"], 2),
@@ -489,7 +510,12 @@ def _resume(path: Path, fingerprint: str, model, opt, sched, state: dict) -> dic
     opt.load_state_dict(ckpt["optimizer"])
     sched.load_state_dict(ckpt["scheduler"])
     log.info("resuming detector training from %s (epoch %d done)", path, ckpt["state"]["epoch"])
-    return {**ckpt["state"], "best_model": ckpt["best_model"], "resumed_from": ckpt["state"]["epoch"]}
+    return {
+        "planned_epochs": state["planned_epochs"],  # checkpoints from before fitted schedules planned cfg epochs
+        **ckpt["state"],
+        "best_model": ckpt["best_model"],
+        "resumed_from": ckpt["state"]["epoch"],
+    }
 
 
 def _save_checkpoint(path: Path, fingerprint: str, model, opt, sched, state: dict) -> None:
@@ -505,7 +531,9 @@ def _save_checkpoint(path: Path, fingerprint: str, model, opt, sched, state: dic
     write_atomic(path, lambda tmp: torch.save(ckpt, tmp))
 
 
-def _train_epoch(model, opt, sched, train: list[DetItem], cfg, epoch, device, amp, workers, progress, t0) -> float:
+def _train_epoch(
+    model, opt, sched, train: list[DetItem], cfg, epoch, planned, device, amp, workers, progress, t0
+) -> float:
     """One epoch; the order, the flips and the model's sampling are a function of (seed, epoch)."""
     gen = torch.Generator().manual_seed(_epoch_seed(cfg["seed"], epoch))
     order = torch.randperm(len(train), generator=gen).tolist()
@@ -539,7 +567,7 @@ def _train_epoch(model, opt, sched, train: list[DetItem], cfg, epoch, device, am
                 {
                     "phase": "train",
                     "epoch": epoch,
-                    "epochs": cfg["epochs"],
+                    "epochs": planned,
                     "step": step,
                     "steps_per_epoch": len(batches),
                     "loss": round(float(loss.detach()), 5),

@@ -199,6 +199,58 @@ def test_time_budget_stops_after_an_epoch_and_keeps_a_model(shelf_set, tmp_path)
     assert (tmp_path / "model.pt").is_file()
 
 
+class _Clock:
+    """time.monotonic for training.engine.detection that moves only when an epoch ends (by `epoch_s`)."""
+
+    def __init__(self, epoch_s: float):
+        self.now, self.epoch_s = 1000.0, epoch_s
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def _clocked_epochs(monkeypatch, clock: _Clock) -> None:
+    from training.engine import detection
+
+    real = detection._train_epoch
+
+    def epoch(*args, **kwargs):
+        loss = real(*args, **kwargs)
+        clock.now += clock.epoch_s
+        return loss
+
+    monkeypatch.setattr(detection, "time", clock)
+    monkeypatch.setattr(detection, "_train_epoch", epoch)
+
+
+def test_time_budget_fits_the_schedule_and_a_resumed_run_keeps_the_plan(shelf_set, tmp_path, monkeypatch):
+    """Epochs of 10 s (a clock that moves only between epochs) and a 35 s budget: after epoch 1 the plan is 3 of the
+    config's 10 epochs, the cosine ends there (the last LR is lr / 100, not the mid-schedule LR a cut run had) and
+    the run stops, time_limit. Interrupted after epoch 2 and resumed, the run finishes the same plan."""
+    _, manifest = shelf_set
+    small = {**manifest, "items": [it for it in manifest["items"] if it["split"] == "train"][:2]}
+    cfg = {**TINY, "epochs": 10, "time_budget_s": 35, "warmup_steps": 1, "num_workers": 0}
+    clock = _Clock(10.0)
+    _clocked_epochs(monkeypatch, clock)
+    reports = []
+    metrics = train_detector(small, cfg, tmp_path / "whole", progress=reports.append)
+    assert metrics["planned_epochs"] == 3 and metrics["epochs_run"] == 3
+    assert metrics["stopped_early"] == "time_limit"
+    assert [r["epochs"] for r in reports if r["phase"] == "epoch"] == [3, 3, 3]
+    lrs = [h["lr"] for h in metrics["history"]]
+    assert lrs[-1] == pytest.approx(cfg["lr"] * 0.01) and lrs[0] > lrs[1] > lrs[2]
+
+    def stop_after_epoch_2(report):
+        if report["phase"] == "epoch" and report["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_detector(small, cfg, tmp_path / "resumed", progress=stop_after_epoch_2)
+    resumed = train_detector(small, cfg, tmp_path / "resumed")
+    assert resumed["epochs_run"] == 3 and resumed["planned_epochs"] == 3
+    assert [h["lr"] for h in resumed["history"]] == pytest.approx(lrs)
+
+
 def _photo_key(image: torch.Tensor) -> float:
     return round(float(image.double().sum()), 3)
 
