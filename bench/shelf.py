@@ -83,10 +83,15 @@ def count_mae(pred: list[Counter], true: list[Counter]) -> float:
     return float(np.mean(errs)) if errs else 0.0
 
 
-def detections(model, img_path: str, thr: float) -> list[tuple[list[float], int, float]]:
+def detections(loaded, img_path: str) -> list[tuple[list[float], int, float]]:
+    """load_detector's (model, checkpoint) on one photo as the endpoint runs it: its config's class-agnostic NMS,
+    at its operating threshold. [(xywh box, class index, score)]."""
     from training.engine.detection import _load_image, predict_detector  # noqa: PLC0415
 
-    out = predict_detector(model, [_load_image(img_path)])[0]
+    model, ckpt = loaded
+    cfg = ckpt["config"]
+    thr = cfg["score_threshold"]
+    out = predict_detector(model, [_load_image(img_path)], agnostic_iou=cfg.get("agnostic_nms_iou"))[0]
     res = []
     for (x1, y1, x2, y2), label, score in zip(
         out["boxes"].tolist(), out["labels"].tolist(), out["scores"].tolist(), strict=True
@@ -188,10 +193,9 @@ def run(work: Path) -> None:
     names = rec.label_maps["sku"]
 
     # SKU top-1 on the test photos' true-box crops: ours (the classifier) and the baseline (its matched box's class).
-    det, _ = load_detector(work / "ours")
-    base, _ = load_detector(work / "baseline")
-    thr = arms["ours"]["test"]["score_threshold"]  # each detector's own operating threshold (chosen on val: "auto")
-    thr_base = arms["baseline"]["test"]["score_threshold"]
+    det = load_detector(work / "ours")  # each at its own operating threshold (its config's, chosen on val: "auto")
+    base = load_detector(work / "baseline")
+    thr, thr_base = det[1]["config"]["score_threshold"], base[1]["config"]["score_threshold"]
     right = {"ours": 0, "baseline": 0}
     n_true = 0
     pred_counts, argmax_counts, base_counts, true_counts, seconds, base_seconds = [], [], [], [], [], []
@@ -205,7 +209,7 @@ def run(work: Path) -> None:
         guess = probs["sku"].argmax(1)
         right["ours"] += sum(names[g] == b["sku"] for g, b in zip(guess, truth, strict=True))
         t = time.perf_counter()
-        found = detections(base, path, thr_base)
+        found = detections(base, path)
         base_seconds.append(time.perf_counter() - t)
         for b in truth:
             best = max(found, key=lambda f: iou(f[0], b["box"]), default=None)
@@ -216,7 +220,7 @@ def run(work: Path) -> None:
         # End to end (ours): detect -> crop -> name (the endpoint's decision: below the threshold -> unknown, not
         # counted) -> counts, timed; the argmax counts (no rejection) beside them.
         t = time.perf_counter()
-        boxes = detections(det, path, thr)
+        boxes = detections(det, path)
         answers = []
         if boxes:
             crops = [crop_box(img, b[0]) for b in boxes]
