@@ -84,14 +84,15 @@ def count_mae(pred: list[Counter], true: list[Counter]) -> float:
 
 
 def detections(loaded, img_path: str) -> list[tuple[list[float], int, float]]:
-    """load_detector's (model, checkpoint) on one photo as the endpoint runs it: its config's class-agnostic NMS,
-    at its operating threshold. [(xywh box, class index, score)]."""
+    """load_detector's (model, checkpoint) on one photo as the endpoint runs it: its config's class-agnostic NMS and
+    test-time augmentation, at its operating threshold. [(xywh box, class index, score)]."""
     from training.engine.detection import _load_image, predict_detector  # noqa: PLC0415
 
     model, ckpt = loaded
     cfg = ckpt["config"]
     thr = cfg["score_threshold"]
-    out = predict_detector(model, [_load_image(img_path)], agnostic_iou=cfg.get("agnostic_nms_iou"))[0]
+    image = _load_image(img_path)
+    out = predict_detector(model, [image], agnostic_iou=cfg["agnostic_nms_iou"], hflip=cfg["tta_hflip"])[0]
     res = []
     for (x1, y1, x2, y2), label, score in zip(
         out["boxes"].tolist(), out["labels"].tolist(), out["scores"].tolist(), strict=True

@@ -61,6 +61,7 @@ class Detector:
         self.session = None
         self.model = None
         self.agnostic_iou: float | None = None
+        self.hflip = False  # the config's tta_hflip (torch backend)
 
     @property
     def runtime(self) -> str:
@@ -139,6 +140,7 @@ class Detector:
         )
         det.model = model.to(device)
         det.agnostic_iou = ckpt["config"].get("agnostic_nms_iou")
+        det.hflip = bool(ckpt["config"].get("tta_hflip"))  # the ONNX graph has it inside
         return det
 
     def detect(self, image: Image.Image) -> list[Detection]:
@@ -150,7 +152,7 @@ class Detector:
             from training.engine.detection import predict_detector  # noqa: PLC0415
 
             out = predict_detector(
-                self.model, [torch.from_numpy(x)], device=self.device, agnostic_iou=self.agnostic_iou
+                self.model, [torch.from_numpy(x)], device=self.device, agnostic_iou=self.agnostic_iou, hflip=self.hflip
             )[0]
             boxes, labels, scores = out["boxes"].numpy(), out["labels"].numpy(), out["scores"].numpy()
         w, h = image.size

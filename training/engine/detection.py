@@ -106,6 +106,11 @@ DEFAULT_DETECTOR_CONFIG: dict[str, Any] = {
     "detections_per_image": 300,
     # class-agnostic NMS after torchvision's per-class NMS (one box per container, whatever its class); null = off
     "agnostic_nms_iou": 0.6,
+    # test-time augmentation: the photo and its mirror image are both detected and their detections merged (the
+    # mirror's boxes flipped back, then per-class NMS at 0.5 and the class-agnostic one over both); about twice the
+    # detection time. Used by the operating threshold's choice, the final and test evaluation, serving and the
+    # exports (the per-epoch val figures that pick the best epoch are computed without it, at half the cost)
+    "tta_hflip": False,
     # Runtime (not part of the checkpoint fingerprint)
     "device": "auto",  # "auto" | "cpu" | "cuda" | "cuda:N"
     "amp": "auto",  # CUDA only: "auto" | "bf16" | "fp16" | "off"
@@ -170,6 +175,7 @@ def resolve_detector_config(overrides: dict | None) -> dict:
         "null or an IoU in (0, 1]",
     )
     need("hflip", _is_num(cfg["hflip"]) and 0 <= cfg["hflip"] <= 1, "a probability in [0, 1]")
+    need("tta_hflip", isinstance(cfg["tta_hflip"], bool), "true or false")
     need("optimizer", cfg["optimizer"] in ("adamw", "sgd"), '"adamw" or "sgd"')
     need("lr", _is_num(cfg["lr"]) and 0 < cfg["lr"] <= 1, "a number in (0, 1]")
     need("weight_decay", _is_num(cfg["weight_decay"]) and cfg["weight_decay"] >= 0, "a number >= 0")
@@ -439,7 +445,7 @@ def train_detector(
             loss = _train_epoch(
                 model, opt, sched, train, cfg, epoch, state["planned_epochs"], device, amp, workers, progress, t0
             )
-            result = _evaluate(model, val, parsed.classes, cfg, device) if val else None
+            result = _evaluate(model, val, parsed.classes, cfg, device, tta=False) if val else None
             score = result["map_50"] if result else float(epoch)
             if state["best"] is None or score > state["best"]["value"]:
                 state["best"] = {"epoch": epoch, "value": score}
@@ -599,15 +605,37 @@ def _batches(items: list[DetItem], batches: list[list[int]], flips: list[bool], 
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
-def predict_detector(model, images: list, *, device=None, agnostic_iou: float | None = None) -> list[dict]:
+def predict_detector(
+    model, images: list, *, device=None, agnostic_iou: float | None = None, hflip: bool = False
+) -> list[dict]:
     """Detections of an eval-mode model on [0, 1] float (3, H, W) tensors: [{"boxes" (N, 4) xyxy pixels of the
     given image, "labels" (N,) class index (0-based), "scores" (N,)}] as CPU tensors, best score first.
     agnostic_iou: also suppress boxes overlapping a better-scored box of another class by more than this IoU
-    (torchvision's NMS is per class, so one container could be found as both a bottle and a glass)."""
+    (torchvision's NMS is per class, so one container could be found as both a bottle and a glass).
+    hflip: test-time augmentation (the config's tta_hflip): each image's mirror is detected too and merged."""
     device = device or next(model.parameters()).device
     with torch.no_grad():
-        outs = model([im.to(device) for im in images])
+        ims = [im.to(device) for im in images]
+        outs = model(ims)
+        if hflip:
+            mirrored = model([im.flip(-1) for im in ims])
+            outs = [merge_mirrored(model, o, m, im.shape[-1]) for o, m, im in zip(outs, mirrored, ims, strict=True)]
     return [_postprocess(o["boxes"].cpu(), o["labels"].cpu() - 1, o["scores"].cpu(), agnostic_iou) for o in outs]
+
+
+def merge_mirrored(model, out: dict, mirrored: dict, width) -> dict:
+    """The test-time augmentation's merge of torchvision's detections of a photo (`out`) and of its mirror image:
+    the mirror's boxes flipped back (x -> width - x), both sets together through the model's per-class NMS
+    (roi_heads.nms_thresh), the best roi_heads.detections_per_img kept, best first, as one output dict."""
+    from torchvision.ops import batched_nms  # noqa: PLC0415
+
+    b = mirrored["boxes"]
+    back = torch.stack([width - b[:, 2], b[:, 1], width - b[:, 0], b[:, 3]], dim=1)
+    boxes = torch.cat([out["boxes"], back])
+    scores = torch.cat([out["scores"], mirrored["scores"]])
+    labels = torch.cat([out["labels"], mirrored["labels"]])
+    keep = batched_nms(boxes, scores, labels, model.roi_heads.nms_thresh)[: model.roi_heads.detections_per_img]
+    return {"boxes": boxes[keep], "labels": labels[keep], "scores": scores[keep]}
 
 
 def _postprocess(boxes, labels, scores, agnostic_iou: float | None) -> dict:
@@ -650,8 +678,10 @@ def greedy_match(pred_boxes, pred_labels, gt_boxes, gt_labels, *, iou: float, cl
     return hit
 
 
-def _evaluate(model, items: list[DetItem], classes: list[str], cfg: dict, device) -> dict:
-    """mAP (torchmetrics) and the operating point's recall / precision / count MAE (greedy matcher) on items."""
+def _evaluate(model, items: list[DetItem], classes: list[str], cfg: dict, device, *, tta: bool | None = None) -> dict:
+    """mAP (torchmetrics) and the operating point's recall / precision / count MAE (greedy matcher) on items;
+    tta: the test-time augmentation (default: the config's tta_hflip)."""
+    tta = cfg["tta_hflip"] if tta is None else tta
     from torchmetrics.detection import MeanAveragePrecision  # noqa: PLC0415
 
     model.eval()
@@ -671,7 +701,7 @@ def _evaluate(model, items: list[DetItem], classes: list[str], cfg: dict, device
     count_err = []
     for it in items:
         image = _load_image(it.path)
-        pred = predict_detector(model, [image], device=device, agnostic_iou=cfg["agnostic_nms_iou"])[0]
+        pred = predict_detector(model, [image], device=device, agnostic_iou=cfg["agnostic_nms_iou"], hflip=tta)[0]
         tgt = _target(it)
         gt_labels = (tgt["labels"] - 1).numpy()
         metric.update(
@@ -748,7 +778,9 @@ def choose_threshold(model, items: list[DetItem], classes: list[str], cfg: dict,
     k = len(classes)
     preds = []
     for it in items:
-        pred = predict_detector(model, [_load_image(it.path)], device=device, agnostic_iou=cfg["agnostic_nms_iou"])[0]
+        pred = predict_detector(
+            model, [_load_image(it.path)], device=device, agnostic_iou=cfg["agnostic_nms_iou"], hflip=cfg["tta_hflip"]
+        )[0]
         tgt = _target(it)
         preds.append(
             (
@@ -839,15 +871,18 @@ class OnnxDetector(nn.Module):
     """The exported graph: image (3, H, W) float RGB in [0, 1] (any size; resized and normalised inside) ->
     boxes (N, 4) xyxy pixels of the input, labels (N,) int64 class index (0-based), scores (N,), best first,
     score >= 0.05 (filter at the operating score_threshold in detector_onnx.json): predict_detector's output,
-    class-agnostic NMS included."""
+    class-agnostic NMS and (hflip) the test-time augmentation included."""
 
-    def __init__(self, model: nn.Module, agnostic_iou: float | None = None):
+    def __init__(self, model: nn.Module, agnostic_iou: float | None = None, hflip: bool = False):
         super().__init__()
         self.model = model
         self.agnostic_iou = agnostic_iou
+        self.hflip = hflip
 
     def forward(self, image: torch.Tensor):
         out = self.model([image])[0]
+        if self.hflip:
+            out = merge_mirrored(self.model, out, self.model([image.flip(-1)])[0], image.shape[-1])
         p = _postprocess(out["boxes"], out["labels"] - 1, out["scores"], self.agnostic_iou)
         return p["boxes"], p["labels"], p["scores"]
 
@@ -877,7 +912,7 @@ def export_detector_onnx(
     d = Path(out_dir)
     model, ckpt = load_detector(d)
     cfg = ckpt["config"]
-    wrapper = OnnxDetector(model, cfg.get("agnostic_nms_iou")).eval()
+    wrapper = OnnxDetector(model, cfg.get("agnostic_nms_iou"), bool(cfg.get("tta_hflip"))).eval()
     if images:
         tensors = [_load_image(str(p)) for p in images]
     else:
@@ -920,6 +955,7 @@ def export_detector_onnx(
         "classes": ckpt["classes"],
         "score_threshold": cfg["score_threshold"],
         "agnostic_nms_iou": cfg.get("agnostic_nms_iou"),
+        "tta_hflip": bool(cfg.get("tta_hflip")),
         "min_size": cfg["min_size"],
         "max_size": cfg["max_size"],
         "opset": opset,

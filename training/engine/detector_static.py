@@ -12,7 +12,9 @@ size with fixed-size intermediate results:
 - MultiScaleRoIAlign is computed by gathers (torchvision's roi_align, aligned=False, sampling_ratio 2) on every
   level, each RoI taking its FPN level's result;
 - the box head, then per-class Cluster-NMS (0.5) and the class-agnostic one (the config's agnostic_nms_iou) over
-  every (proposal, class) candidate, then the best `detections_per_image`.
+  every (proposal, class) candidate, then the best `detections_per_image`;
+- with the config's tta_hflip, the same on the mirrored input, and the two passes merged as the torch model's
+  test-time augmentation (detection.merge_mirrored).
 
 Output: boxes (D, 4) xyxy in input pixels, labels (D,) class index (0-based), scores (D,) best first, D fixed;
 rows that are not detections have score 0. Filter at the artifact's score_threshold. Equal to the torch model's
@@ -99,7 +101,9 @@ class StaticDetector(nn.Module):
     """image (1, 3, height, width) float RGB in [0, 1] -> (boxes (D, 4), labels (D,), scores (D,)); see the module
     docstring. `model`: the eval-mode torchvision FasterRCNN of training.engine.detection.build_detector."""
 
-    def __init__(self, model: nn.Module, height: int, width: int, *, agnostic_iou: float | None = None):
+    def __init__(
+        self, model: nn.Module, height: int, width: int, *, agnostic_iou: float | None = None, hflip: bool = False
+    ):
         super().__init__()
         from torchvision.models.detection.image_list import ImageList  # noqa: PLC0415
 
@@ -126,6 +130,7 @@ class StaticDetector(nn.Module):
         self.nms = heads.nms_thresh
         self.detections = heads.detections_per_img
         self.agnostic_iou = agnostic_iou
+        self.hflip = bool(hflip)
         pool = heads.box_roi_pool
         self.featmap_names = list(pool.featmap_names)
         self.output_size = pool.output_size[0] if isinstance(pool.output_size, tuple | list) else pool.output_size
@@ -188,6 +193,30 @@ class StaticDetector(nn.Module):
         return out
 
     def forward(self, image: torch.Tensor):
+        if not self.hflip:
+            return self._detect(image, self.agnostic_iou)
+        # the test-time augmentation, as detection.merge_mirrored: each pass's best detections after its per-class
+        # NMS, the mirror's flipped back, then per-class and class-agnostic NMS over both
+        boxes, labels, scores = self._detect(image, None)
+        mb, ml, ms = self._detect(image.flip(-1), None)
+        back = torch.stack([self.width - mb[:, 2], mb[:, 1], self.width - mb[:, 0], mb[:, 3]], dim=1)
+        boxes, labels, scores = torch.cat([boxes, back]), torch.cat([labels, ml]), torch.cat([scores, ms])
+        order = torch.topk(scores, scores.shape[0]).indices  # best first; empty rows (score 0) last
+        boxes, labels, scores = (t.index_select(0, order) for t in (boxes, labels, scores))
+        return self._suppress(boxes, labels, scores, scores > 0, self.agnostic_iou)
+
+    def _suppress(self, boxes, labels, scores, ok, agnostic_iou: float | None):
+        """Candidates sorted best first, `ok` the valid ones: per-class NMS, the class-agnostic one, the best
+        `detections` (rows that are not detections: score 0)."""
+        offset = float(max(self.height, self.width) + 1)
+        keep = cluster_nms(boxes + (labels.to(boxes.dtype) * offset)[:, None], ok, self.nms)  # per class
+        if agnostic_iou is not None:
+            keep = cluster_nms(boxes, keep, agnostic_iou)
+        scores = torch.where(keep, scores, torch.zeros_like(scores))
+        order = torch.topk(scores, min(self.detections, scores.shape[0])).indices  # as torchvision: after NMS
+        return boxes.index_select(0, order), labels.index_select(0, order), scores.index_select(0, order)
+
+    def _detect(self, image: torch.Tensor, agnostic_iou: float | None):
         x = (image - self.mean) / self.std
         x = F.pad(x, (0, self.pad_w, 0, self.pad_h))
         feats = self.backbone(x)
@@ -210,13 +239,7 @@ class StaticDetector(nn.Module):
             ok.index_select(0, top.indices),
             scores.index_select(0, top.indices),
         )
-        offset = float(max(self.height, self.width) + 1)
-        keep = cluster_nms(boxes + (labels.to(boxes.dtype) * offset)[:, None], ok, self.nms)  # per class
-        if self.agnostic_iou is not None:
-            keep = cluster_nms(boxes, keep, self.agnostic_iou)
-        scores = torch.where(keep, scores, torch.zeros_like(scores))
-        order = torch.topk(scores, min(self.detections, scores.shape[0])).indices  # as torchvision: after NMS
-        return boxes.index_select(0, order), labels.index_select(0, order), scores.index_select(0, order)
+        return self._suppress(boxes, labels, scores, ok, agnostic_iou)
 
 
 def letterbox(image: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, float]:

@@ -109,7 +109,8 @@ def export_detector_tflite(artifact_dir, *, images: list[str] | None = None, che
     model, ckpt = load_detector(d)
     cfg = ckpt["config"]
     height, width, threshold = int(cfg["min_size"]), int(cfg["max_size"]), float(cfg["score_threshold"])
-    static = StaticDetector(model, height, width, agnostic_iou=cfg.get("agnostic_nms_iou")).eval()
+    hflip = bool(cfg.get("tta_hflip"))
+    static = StaticDetector(model, height, width, agnostic_iou=cfg.get("agnostic_nms_iou"), hflip=hflip).eval()
     gen = torch.Generator().manual_seed(0)
     inputs = [letterbox(_load_image(str(p)), height, width)[0] for p in (images or [])[:CHECK_PHOTOS]]
     inputs = inputs or [torch.rand(1, 3, height, width, generator=gen) for _ in range(2)]
@@ -128,7 +129,7 @@ def export_detector_tflite(artifact_dir, *, images: list[str] | None = None, che
         (input_name,) = runner.get_input_details()
         figures = []
         for n, x in enumerate(inputs):
-            ref = predict_detector(model, [x[0]], agnostic_iou=cfg.get("agnostic_nms_iou"))[0]
+            ref = predict_detector(model, [x[0]], agnostic_iou=cfg.get("agnostic_nms_iou"), hflip=hflip)[0]
             figures.append(_detector_matches(ref, runner(**{input_name: x.numpy()}), threshold, n))
         stats["check"] = {
             "max_box_diff": max(f["max_box_diff"] for f in figures),
@@ -153,6 +154,7 @@ def export_detector_tflite(artifact_dir, *, images: list[str] | None = None, che
         "signature": "serving_default (output_0 boxes xyxy, output_1 class index, output_2 score; score 0 = empty row)",
         "classes": ckpt["classes"],
         "score_threshold": threshold,
+        "tta_hflip": hflip,
         "reference": reference,
         "max_abs_diff": check_fig.get("max_box_diff"),
         "max_score_diff": check_fig.get("max_score_diff"),

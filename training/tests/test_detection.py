@@ -23,6 +23,7 @@ from training.engine.detection import (
     export_detector_onnx,
     greedy_match,
     load_detector,
+    merge_mirrored,
     parse_detection_manifest,
     predict_detector,
     resolve_detector_config,
@@ -183,6 +184,75 @@ def test_onnx_export_matches_torch_on_shelf_photos(tiny_run, tmp_path):
     assert result["max_box_diff"] <= 0.5 and result["max_score_diff"] <= 1e-3
     meta = json.loads((out / "detector_onnx.json").read_text())
     assert meta["classes"] == manifest["classes"] and meta["images_checked"] == 3
+
+
+def _with_tta(out, dest):
+    """A copy of the artifact in `out` whose config turns the test-time augmentation on (an inference option: the
+    weights are the same)."""
+    import shutil
+
+    shutil.copytree(out, dest, ignore=shutil.ignore_patterns("checkpoints", "*.onnx", "*.tflite"))
+    ckpt = torch.load(dest / "model.pt", map_location="cpu", weights_only=False)
+    ckpt["config"]["tta_hflip"] = True
+    torch.save(ckpt, dest / "model.pt")
+    return dest
+
+
+def _mirrored(pred: dict, width: float) -> tuple:
+    b = pred["boxes"]
+    return torch.stack([width - b[:, 2], b[:, 1], width - b[:, 0], b[:, 3]], dim=1), pred["labels"], pred["scores"]
+
+
+def test_merge_mirrored_flips_the_mirror_back_and_suppresses_per_class():
+    from types import SimpleNamespace
+
+    model = SimpleNamespace(roi_heads=SimpleNamespace(nms_thresh=0.5, detections_per_img=2))
+    out = {"boxes": torch.tensor([[10.0, 10, 20, 30]]), "labels": torch.tensor([1]), "scores": torch.tensor([0.9])}
+    mirrored = {  # in the mirror of a 100 px wide photo: the same bottle (suppressed), a can, a glass (cut at 2)
+        "boxes": torch.tensor([[80.0, 10, 90, 30], [95, 0, 100, 5], [0, 0, 4, 4]]),
+        "labels": torch.tensor([1, 1, 2]),
+        "scores": torch.tensor([0.95, 0.7, 0.6]),
+    }
+    got = merge_mirrored(model, out, mirrored, 100)
+    assert got["boxes"].tolist() == [[10.0, 10, 20, 30], [0, 0, 5, 5]]
+    assert got["scores"].tolist() == pytest.approx([0.95, 0.7]) and got["labels"].tolist() == [1, 1]
+
+
+def test_tta_hflip_is_the_photo_and_its_mirror_merged(tiny_run, tmp_path):
+    """With tta_hflip the detections of a photo are those of its mirror image mirrored back (a plain CNN's are not);
+    the config key is checked; the ONNX export carries the augmentation (onnxruntime = torch with it, on a photo of
+    another size than the traced one)."""
+    import onnxruntime as ort
+
+    from training.engine.detection import _load_image
+
+    out, manifest, _, _ = tiny_run
+    model, ckpt = load_detector(out)
+    agnostic = ckpt["config"]["agnostic_nms_iou"]
+    image = _load_image(manifest["items"][0]["path"])
+    width = image.shape[-1]
+    plain = predict_detector(model, [image], agnostic_iou=agnostic)[0]
+    plain_of_mirror = predict_detector(model, [image.flip(-1)], agnostic_iou=agnostic)[0]
+    tta = predict_detector(model, [image], agnostic_iou=agnostic, hflip=True)[0]
+    tta_of_mirror = predict_detector(model, [image.flip(-1)], agnostic_iou=agnostic, hflip=True)[0]
+    _same_detections(tta, _mirrored(tta_of_mirror, width), 0.05, box_atol=1e-3, score_atol=1e-6)
+    with pytest.raises(AssertionError):
+        _same_detections(plain, _mirrored(plain_of_mirror, width), 0.05, box_atol=1e-3, score_atol=1e-6)
+    assert (tta["scores"] >= 0.3).sum() > 0
+    with pytest.raises(ValueError, match="'tta_hflip'"):
+        resolve_detector_config({"tta_hflip": "yes"})
+
+    art = _with_tta(out, tmp_path / "tta")
+    generate_shelves(tmp_path / "other", 1, seed=5, size=(320, 240), rows=(2,), crops=False)
+    other = detection_manifest(tmp_path / "other")["items"][0]["path"]
+    result = export_detector_onnx(art, images=[manifest["items"][0]["path"], other])
+    assert result["detections_checked"] > 0
+    assert json.loads((art / "detector_onnx.json").read_text())["tta_hflip"] is True
+    sess = ort.InferenceSession(str(art / "detector.onnx"), providers=["CPUExecutionProvider"])
+    photo = _load_image(other)
+    ob, ol, os_ = sess.run(None, {"image": photo.numpy()})
+    want = predict_detector(model, [photo], agnostic_iou=agnostic, hflip=True)[0]
+    _same_detections(want, (ob, ol, os_), 0.3, box_atol=0.5, score_atol=1e-3)
 
 
 def test_time_budget_stops_after_an_epoch_and_keeps_a_model(shelf_set, tmp_path):
@@ -371,6 +441,15 @@ def test_static_detector_is_the_detector_with_fixed_shapes(tiny_run):
     assert scale == 2.0
     with torch.no_grad():
         _same_detections(predict_detector(model, [x[0]], agnostic_iou=cfg["agnostic_nms_iou"])[0], static(x), 0.05)
+    # the test-time augmentation: both passes merged as predict_detector's hflip does
+    mirrored = StaticDetector(model, h, w, agnostic_iou=cfg["agnostic_nms_iou"], hflip=True).eval()
+    for it in manifest["items"][:3]:
+        image = _load_image(it["path"])
+        with torch.no_grad():
+            got = mirrored(image[None])
+        assert got[0].shape == (cfg["detections_per_image"], 4)
+        want = predict_detector(model, [image], agnostic_iou=cfg["agnostic_nms_iou"], hflip=True)[0]
+        _same_detections(want, got, 0.05)
     # Cluster-NMS is greedy NMS: a chain a > b > c where a suppresses b and b would suppress c keeps a and c
     boxes = torch.tensor([[0.0, 0, 10, 10], [4, 0, 14, 10], [8, 0, 18, 10]])
     assert cluster_nms(boxes, torch.ones(3, dtype=torch.bool), 0.3).tolist() == [True, False, True]
@@ -393,3 +472,17 @@ def test_detector_exports_to_tflite_checked_with_litert(tiny_run):
     assert meta["outputs"] == ["boxes", "labels", "scores"] and (out / "detector.tflite").is_file()
     with pytest.raises(MobileExportError, match="model.pt"):
         mobile_export(out / "checkpoints")  # not an artifact folder
+
+
+def test_detector_with_tta_exports_to_tflite_checked_with_litert(tiny_run, tmp_path):
+    """The mobile graph runs the test-time augmentation too (checked against torch's with it)."""
+    from training.engine.mobile import mobile_export, mobile_python
+
+    if mobile_python() is None and not os.environ.get("CI"):
+        pytest.skip("no mobile exporter environment: run `make .venv-mobile` (make test does)")
+    out, manifest, _metrics, _ = tiny_run
+    art = _with_tta(out, tmp_path / "tta")
+    result = mobile_export(art, images=[manifest["items"][0]["path"]])
+    assert result["photos_checked"] == 1 and result["max_abs_diff"] <= 0.5
+    meta = json.loads((art / "detector_tflite.json").read_text())
+    assert meta["tta_hflip"] is True and meta["detections_checked"] > 0
