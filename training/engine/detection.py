@@ -848,9 +848,11 @@ def load_detector(out_dir):
     return model.eval(), ckpt
 
 
-def evaluate_detector(out_dir, manifest: dict, *, split: str = "test", score_threshold: float | None = None) -> dict:
+def evaluate_detector(
+    out_dir, manifest: dict, *, split: str = "test", score_threshold: float | None = None, tta_hflip: bool | None = None
+) -> dict:
     """Evaluate the detector in out_dir on one split of the manifest (the metrics of _evaluate); the manifest's
-    classes must be the model's."""
+    classes must be the model's. score_threshold / tta_hflip: instead of the artifact config's."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     parsed = parse_detection_manifest(manifest)
@@ -860,6 +862,8 @@ def evaluate_detector(out_dir, manifest: dict, *, split: str = "test", score_thr
     cfg = dict(ckpt["config"])
     if score_threshold is not None:
         cfg["score_threshold"] = score_threshold
+    if tta_hflip is not None:
+        cfg["tta_hflip"] = tta_hflip
     items = parsed.split(split)
     if not items:
         raise ValueError(f"the manifest has no {split} photos")

@@ -248,6 +248,8 @@ def test_tta_hflip_is_the_photo_and_its_mirror_merged(tiny_run, tmp_path):
     result = export_detector_onnx(art, images=[manifest["items"][0]["path"], other])
     assert result["detections_checked"] > 0
     assert json.loads((art / "detector_onnx.json").read_text())["tta_hflip"] is True
+    with_it = evaluate_detector(out, manifest, split="val", tta_hflip=True)  # the option, or the artifact's config
+    assert with_it == evaluate_detector(art, manifest, split="val")
     sess = ort.InferenceSession(str(art / "detector.onnx"), providers=["CPUExecutionProvider"])
     photo = _load_image(other)
     ob, ol, os_ = sess.run(None, {"image": photo.numpy()})
