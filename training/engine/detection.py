@@ -623,15 +623,18 @@ def predict_detector(
     return [_postprocess(o["boxes"].cpu(), o["labels"].cpu() - 1, o["scores"].cpu(), agnostic_iou) for o in outs]
 
 
+def mirror_boxes(boxes: torch.Tensor, width) -> torch.Tensor:
+    """xyxy boxes (N, 4) of an image `width` pixels wide, in its mirror image (x -> width - x)."""
+    return torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
+
+
 def merge_mirrored(model, out: dict, mirrored: dict, width) -> dict:
     """The test-time augmentation's merge of torchvision's detections of a photo (`out`) and of its mirror image:
     the mirror's boxes flipped back (x -> width - x), both sets together through the model's per-class NMS
     (roi_heads.nms_thresh), the best roi_heads.detections_per_img kept, best first, as one output dict."""
     from torchvision.ops import batched_nms  # noqa: PLC0415
 
-    b = mirrored["boxes"]
-    back = torch.stack([width - b[:, 2], b[:, 1], width - b[:, 0], b[:, 3]], dim=1)
-    boxes = torch.cat([out["boxes"], back])
+    boxes = torch.cat([out["boxes"], mirror_boxes(mirrored["boxes"], width)])
     scores = torch.cat([out["scores"], mirrored["scores"]])
     labels = torch.cat([out["labels"], mirrored["labels"]])
     keep = batched_nms(boxes, scores, labels, model.roi_heads.nms_thresh)[: model.roi_heads.detections_per_img]

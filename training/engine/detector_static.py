@@ -199,8 +199,10 @@ class StaticDetector(nn.Module):
         # NMS, the mirror's flipped back, then per-class and class-agnostic NMS over both
         boxes, labels, scores = self._detect(image, None)
         mb, ml, ms = self._detect(image.flip(-1), None)
-        back = torch.stack([self.width - mb[:, 2], mb[:, 1], self.width - mb[:, 0], mb[:, 3]], dim=1)
-        boxes, labels, scores = torch.cat([boxes, back]), torch.cat([labels, ml]), torch.cat([scores, ms])
+        from .detection import mirror_boxes  # noqa: PLC0415
+
+        boxes = torch.cat([boxes, mirror_boxes(mb, self.width)])
+        labels, scores = torch.cat([labels, ml]), torch.cat([scores, ms])
         order = torch.topk(scores, scores.shape[0]).indices  # best first; empty rows (score 0) last
         boxes, labels, scores = (t.index_select(0, order) for t in (boxes, labels, scores))
         return self._suppress(boxes, labels, scores, scores > 0, self.agnostic_iou)
