@@ -25,8 +25,9 @@ level and tall aspect ratios (containers stand upright), RoIAlign and a small tw
 GeneralizedRCNNTransform resizes each photo (shorter side `min_size`, longer side at most `max_size`) and
 normalises it inside the model, so the model and its ONNX graph take [0, 1] RGB pixels of any size.
 
-Training: AdamW or SGD, linear warm-up then cosine per step, horizontal flips; each epoch's order, flips and the
-model's own sampling (RPN/RoI samplers) are a function of (seed, epoch), so a run resumed from a checkpoint
+Training: AdamW or SGD, linear warm-up then cosine per step; augmentation as Ultralytics' defaults do it, in
+kind: horizontal flips, zoom in (crop) / out (pad) and brightness / contrast / saturation jitter (`_augment`); each
+epoch's order, augmentations and the model's own sampling (RPN/RoI samplers) are a function of (seed, epoch), so a run resumed from a checkpoint
 (out_dir/checkpoints/latest.pt, written whole after every epoch) ends with the same weights as an uninterrupted
 one (on the same device and thread count). The best epoch (val mAP@50, else the last) is kept. With `time_budget_s`
 the cosine is fitted to the budget, as Ultralytics' `time` argument does: after each epoch the plan becomes
@@ -89,6 +90,14 @@ DEFAULT_DETECTOR_CONFIG: dict[str, Any] = {
     "min_size": 480,
     "max_size": 640,
     "hflip": 0.5,  # probability of a horizontal flip per training photo
+    # Scale augmentation (Ultralytics' `scale`, torchvision's zoom-out / crop): each training photo is zoomed by a
+    # factor drawn log-uniformly in [1/(1+j), 1+j] - in: a window of the photo is cropped (boxes clipped to it, a box
+    # with less than KEEP_INSIDE of its area left is dropped); out: the photo is placed on a larger canvas of the
+    # model's mean colour - before the model's own resize, so containers are seen at more sizes. 0 = off
+    "scale_jitter": 0.3,
+    # Photometric augmentation (Ultralytics' hsv_s / hsv_v, torchvision's ColorJitter): brightness, contrast and
+    # saturation each multiplied by a factor in [1-c, 1+c] per training photo. 0 = off
+    "color_jitter": 0.25,
     # Optimisation
     "epochs": 12,
     "batch_size": 4,
@@ -176,6 +185,8 @@ def resolve_detector_config(overrides: dict | None) -> dict:
     )
     need("hflip", _is_num(cfg["hflip"]) and 0 <= cfg["hflip"] <= 1, "a probability in [0, 1]")
     need("tta_hflip", isinstance(cfg["tta_hflip"], bool), "true or false")
+    need("scale_jitter", _is_num(cfg["scale_jitter"]) and 0 <= cfg["scale_jitter"] <= 1, "a number in [0, 1]")
+    need("color_jitter", _is_num(cfg["color_jitter"]) and 0 <= cfg["color_jitter"] < 1, "a number in [0, 1)")
     need("optimizer", cfg["optimizer"] in ("adamw", "sgd"), '"adamw" or "sgd"')
     need("lr", _is_num(cfg["lr"]) and 0 < cfg["lr"] <= 1, "a number in (0, 1]")
     need("weight_decay", _is_num(cfg["weight_decay"]) and cfg["weight_decay"] >= 0, "a number >= 0")
@@ -350,6 +361,71 @@ def _flip(image, target):
     boxes = target["boxes"].clone()
     boxes[:, [0, 2]] = w - target["boxes"][:, [2, 0]]
     return image.flip(-1), {**target, "boxes": boxes}
+
+
+# a box cut by the scale augmentation's crop keeps its clipped part only if at least this fraction of its area is left
+# (about the shelf generator's MIN_VISIBLE: slivers below it are not labeled there either)
+KEEP_INSIDE = 0.4
+
+
+@dataclass(frozen=True)
+class Augment:
+    """One training photo's augmentation, drawn in _train_epoch from the (seed, epoch) generator: horizontal flip,
+    zoom (> 1 in: crop, < 1 out: pad) with the crop's / the photo's position as fractions (ox, oy) of the free room,
+    and the brightness / contrast / saturation factors."""
+
+    flip: bool = False
+    zoom: float = 1.0
+    ox: float = 0.5
+    oy: float = 0.5
+    color: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+
+def _draw_augments(n: int, cfg: dict, gen: torch.Generator) -> list[Augment]:
+    u = torch.rand(n, 7, generator=gen).tolist()
+    j, c = math.log1p(cfg["scale_jitter"]), cfg["color_jitter"]
+    return [
+        Augment(
+            flip=r[0] < cfg["hflip"],
+            zoom=math.exp((2 * r[1] - 1) * j),
+            ox=r[2],
+            oy=r[3],
+            color=tuple(1 + (2 * x - 1) * c for x in r[4:7]),
+        )
+        for r in u
+    ]
+
+
+def _augment(image, target, aug: Augment, fill: tuple[float, float, float]):
+    """The photo and its target under `aug` (flip, then colour, then zoom)."""
+    if aug.flip:
+        image, target = _flip(image, target)
+    if aug.color != (1.0, 1.0, 1.0):
+        from torchvision.transforms.v2 import functional as TF  # noqa: PLC0415
+
+        b, ct, sat = aug.color
+        image = TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(image, b), ct), sat).clamp_(0, 1)
+    if aug.zoom == 1.0:
+        return image, target
+    _, h, w = image.shape
+    boxes, labels = target["boxes"], target["labels"]
+    if aug.zoom < 1.0:  # out: the photo somewhere on a larger canvas
+        cw, ch = round(w / aug.zoom), round(h / aug.zoom)
+        x0, y0 = round(aug.ox * (cw - w)), round(aug.oy * (ch - h))
+        canvas = torch.tensor(fill, dtype=image.dtype).view(3, 1, 1).expand(3, ch, cw).clone()
+        canvas[:, y0 : y0 + h, x0 : x0 + w] = image
+        shift = torch.tensor([x0, y0, x0, y0], dtype=boxes.dtype)
+        return canvas, {**target, "boxes": boxes + shift}
+    cw, ch = max(1, round(w / aug.zoom)), max(1, round(h / aug.zoom))  # in: a window of the photo
+    x0, y0 = round(aug.ox * (w - cw)), round(aug.oy * (h - ch))
+    shift = torch.tensor([x0, y0, x0, y0], dtype=boxes.dtype)
+    clipped = boxes - shift
+    clipped[:, [0, 2]] = clipped[:, [0, 2]].clamp(0, cw)
+    clipped[:, [1, 3]] = clipped[:, [1, 3]].clamp(0, ch)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    left = (clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1])
+    keep = (left >= KEEP_INSIDE * area) & (clipped[:, 2] - clipped[:, 0] >= 1) & (clipped[:, 3] - clipped[:, 1] >= 1)
+    return image[:, y0 : y0 + ch, x0 : x0 + cw], {**target, "boxes": clipped[keep], "labels": labels[keep]}
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -540,16 +616,17 @@ def _save_checkpoint(path: Path, fingerprint: str, model, opt, sched, state: dic
 def _train_epoch(
     model, opt, sched, train: list[DetItem], cfg, epoch, planned, device, amp, workers, progress, t0
 ) -> float:
-    """One epoch; the order, the flips and the model's sampling are a function of (seed, epoch)."""
+    """One epoch; the order, the augmentations and the model's sampling are a function of (seed, epoch)."""
     gen = torch.Generator().manual_seed(_epoch_seed(cfg["seed"], epoch))
     order = torch.randperm(len(train), generator=gen).tolist()
-    flips = (torch.rand(len(train), generator=gen) < cfg["hflip"]).tolist()
+    augments = _draw_augments(len(train), cfg, gen)
+    fill = tuple(float(m) for m in model.transform.image_mean)
     torch.manual_seed(_epoch_seed(cfg["seed"], epoch) + 1)  # RPN / RoI samplers draw from the global generator
     model.train()
     bs = cfg["batch_size"]
     batches = [order[i : i + bs] for i in range(0, len(order), bs)]
     total = 0.0
-    loader = _batches(train, batches, flips, workers)
+    loader = _batches(train, batches, augments, fill, workers)
     for step, (images, targets) in enumerate(loader, start=1):
         images = [im.to(device, non_blocking=True) for im in images]
         targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
@@ -583,15 +660,13 @@ def _train_epoch(
     return round(total / max(1, len(batches)), 6)
 
 
-def _batches(items: list[DetItem], batches: list[list[int]], flips: list[bool], workers: int):
-    """(images, targets) per batch, decoded in `workers` loader processes (0: here)."""
+def _batches(items: list[DetItem], batches: list[list[int]], augments: list[Augment], fill, workers: int):
+    """(images, targets) per batch, decoded and augmented in `workers` loader processes (0: here)."""
 
     def load(batch):
         ims, tgs = [], []
         for i in batch:
-            im, tg = _load_image(items[i].path), _target(items[i])
-            if flips[i]:
-                im, tg = _flip(im, tg)
+            im, tg = _augment(_load_image(items[i].path), _target(items[i]), augments[i], fill)
             ims.append(im)
             tgs.append(tg)
         return ims, tgs

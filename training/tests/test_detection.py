@@ -17,6 +17,10 @@ from conftest import TINY_DETECTOR
 from labeling.shelf_data import detection_manifest, generate_shelves
 from training.engine.detection import (
     DEFAULT_DETECTOR_CONFIG,
+    KEEP_INSIDE,
+    Augment,
+    _augment,
+    _draw_augments,
     _evaluate,
     build_detector,
     evaluate_detector,
@@ -132,12 +136,83 @@ def test_a_changed_config_does_not_resume_an_old_checkpoint(shelf_set, tmp_path)
         ({"optimizer": "lion"}, "'optimizer'"),
         ({"device": "tpu"}, "'device'"),
         ({"time_budget_s": 0}, "'time_budget_s'"),
+        ({"scale_jitter": -0.1}, "'scale_jitter'"),
+        ({"color_jitter": 1}, "'color_jitter'"),
         ({"imagesize": 224}, "unknown detector config key 'imagesize'"),
     ],
 )
 def test_bad_config_is_refused_with_the_key_named(overrides, message):
     with pytest.raises(ValueError, match=message):
         resolve_detector_config(overrides)
+
+
+def _painted(w=200, h=100):
+    """A black photo with two white rectangles and their boxes (x1, y1, x2, y2)."""
+    image = torch.zeros(3, h, w)
+    boxes = torch.tensor([[20.0, 10.0, 60.0, 90.0], [150.0, 40.0, 190.0, 80.0]])
+    for x1, y1, x2, y2 in boxes.int().tolist():
+        image[:, y1:y2, x1:x2] = 1.0
+    return image, {"boxes": boxes, "labels": torch.tensor([1, 2])}
+
+
+def _white_extent(image, box):
+    """The box (x1, y1, x2, y2) of the white pixels inside `box` of the image."""
+    x1, y1, x2, y2 = (int(round(v)) for v in box)
+    ys, xs = torch.nonzero(image[0, y1:y2, x1:x2] > 0.9, as_tuple=True)
+    return [x1 + int(xs.min()), y1 + int(ys.min()), x1 + int(xs.max()) + 1, y1 + int(ys.max()) + 1]
+
+
+@pytest.mark.parametrize(
+    "aug",
+    [
+        Augment(zoom=0.8, ox=0.3, oy=0.9),  # out: the photo on a larger canvas
+        Augment(zoom=1.25, ox=0.0, oy=0.5),  # in: a window at the left edge, the right-hand box cut away
+        Augment(flip=True, zoom=1.1, ox=1.0, oy=0.0),
+    ],
+)
+def test_augmented_boxes_still_frame_their_pixels(aug):
+    """Flip, zoom in (crop) and zoom out (pad): every box left frames its rectangle's pixels in the new photo."""
+    image, target = _painted()
+    out, tg = _augment(image, target, aug, fill=(0.5, 0.5, 0.5))
+    scale_w = 200 / aug.zoom
+    assert out.shape[-1] == round(scale_w)
+    assert len(tg["boxes"]) == len(tg["labels"]) >= 1
+    for box in tg["boxes"].tolist():
+        assert _white_extent(out, box) == [round(v) for v in box]
+    if aug.zoom < 1:  # the canvas is the fill colour outside the photo
+        assert out.shape[-2:] == (125, 250) and float(out[0, 0, 0]) == 0.5 and len(tg["boxes"]) == 2
+
+
+def test_a_box_mostly_cut_away_by_the_zoom_is_dropped_and_a_box_mostly_left_is_clipped():
+    image, target = _painted()
+    # a 160 x 80 window at (0, 20): the right box keeps 10 of its 40 px width (< KEEP_INSIDE), the left box 60 of 80 px
+    _, tg = _augment(image, target, Augment(zoom=1.25, ox=0.0, oy=1.0), fill=(0, 0, 0))
+    assert 10 / 40 < KEEP_INSIDE < 60 / 80
+    assert tg["labels"].tolist() == [1] and tg["boxes"].tolist() == [[20.0, 0.0, 60.0, 70.0]]
+
+
+def test_augmentations_are_drawn_from_the_seed_within_the_configured_ranges():
+    cfg = resolve_detector_config({"scale_jitter": 0.3, "color_jitter": 0.2, "hflip": 0.5})
+    a = _draw_augments(400, cfg, torch.Generator().manual_seed(7))
+    assert a == _draw_augments(400, cfg, torch.Generator().manual_seed(7))
+    zooms = [x.zoom for x in a]
+    assert 1 / 1.3 <= min(zooms) < 0.8 and 1.3 >= max(zooms) > 1.2
+    assert all(0.8 <= c <= 1.2 for x in a for c in x.color)
+    assert 150 < sum(x.flip for x in a) < 250
+    off = _draw_augments(5, resolve_detector_config({"scale_jitter": 0, "color_jitter": 0, "hflip": 0}),
+                         torch.Generator().manual_seed(7))  # fmt: skip
+    assert all(x.zoom == 1.0 and x.color == (1.0, 1.0, 1.0) and not x.flip for x in off)
+    image, target = _painted()
+    same, tg = _augment(image, target, off[0], fill=(0, 0, 0))
+    assert torch.equal(same, image) and torch.equal(tg["boxes"], target["boxes"])
+
+
+def test_colour_jitter_changes_the_pixels_not_the_boxes():
+    image, target = _painted()
+    image[1] *= 0.5  # some colour, so saturation has something to change
+    out, tg = _augment(image, target, Augment(color=(0.8, 1.2, 1.3)), fill=(0, 0, 0))
+    assert out.shape == image.shape and not torch.allclose(out, image) and float(out.max()) <= 1.0
+    assert torch.equal(tg["boxes"], target["boxes"])
 
 
 def test_defaults_are_valid():
