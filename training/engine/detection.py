@@ -27,13 +27,14 @@ normalises it inside the model, so the model and its ONNX graph take [0, 1] RGB 
 
 Training: AdamW or SGD, linear warm-up then cosine per step; augmentation as Ultralytics' defaults do it, in
 kind: horizontal flips, zoom in (crop) / out (pad) and brightness / contrast / saturation jitter (`_augment`); each
-epoch's order, augmentations and the model's own sampling (RPN/RoI samplers) are a function of (seed, epoch), so a run resumed from a checkpoint
-(out_dir/checkpoints/latest.pt, written whole after every epoch) ends with the same weights as an uninterrupted
-one (on the same device and thread count). The best epoch (val mAP@50, else the last) is kept. With `time_budget_s`
-the cosine is fitted to the budget, as Ultralytics' `time` argument does: after each epoch the plan becomes
-min(epochs, floor(budget / mean epoch time)) epochs (never fewer than those run), the LR follows the plan and the run
-stops when it is done, annealed; a run cut mid-cosine (the earlier rule, stop once past the budget) ended at a high
-LR. The plan is in the checkpoint, so a resumed run continues it (its epochs then depend on timing, as any budget's).
+epoch's order, augmentations and the model's own sampling (RPN/RoI samplers) are a function of (seed, epoch), so a
+run resumed from a checkpoint (out_dir/checkpoints/latest.pt, written whole after every epoch) ends with the same
+weights as an uninterrupted one (on the same device and thread count). The best epoch (val mAP@50, else the last)
+is kept. With `time_budget_s` the cosine is fitted to the budget, as Ultralytics' `time` argument does: after each
+epoch the plan becomes min(epochs, floor(budget / mean epoch time)) epochs (never fewer than those run), the LR
+follows the plan and the run stops when it is done, annealed; a run cut mid-cosine (the earlier rule, stop once past
+the budget) ended at a high LR. The plan is in the checkpoint, so a resumed run continues it (its epochs then depend
+on timing, as any budget's).
 
 Evaluation (`_evaluate`): torchmetrics' MeanAveragePrecision(iou_type="bbox", class_metrics=True) over all
 detections (score >= 0.05): mAP@50, mAP@50:95, per-class AP@50:95 and AP@50. Recall, precision and counts at the
