@@ -64,6 +64,7 @@ import torch
 from torch import nn
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.transforms.v2 import functional as TF
 
 from .atomic import write_atomic, write_json_atomic
 
@@ -402,25 +403,20 @@ def _augment(image, target, aug: Augment, fill: tuple[float, float, float]):
     if aug.flip:
         image, target = _flip(image, target)
     if aug.color != (1.0, 1.0, 1.0):
-        from torchvision.transforms.v2 import functional as TF  # noqa: PLC0415
-
         b, ct, sat = aug.color
         image = TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(image, b), ct), sat).clamp_(0, 1)
     if aug.zoom == 1.0:
         return image, target
     _, h, w = image.shape
     boxes, labels = target["boxes"], target["labels"]
+    cw, ch = max(1, round(w / aug.zoom)), max(1, round(h / aug.zoom))  # the canvas (out) or the window (in)
+    x0, y0 = round(aug.ox * abs(cw - w)), round(aug.oy * abs(ch - h))
+    shift = torch.tensor([x0, y0, x0, y0], dtype=boxes.dtype)
     if aug.zoom < 1.0:  # out: the photo somewhere on a larger canvas
-        cw, ch = round(w / aug.zoom), round(h / aug.zoom)
-        x0, y0 = round(aug.ox * (cw - w)), round(aug.oy * (ch - h))
         canvas = torch.tensor(fill, dtype=image.dtype).view(3, 1, 1).expand(3, ch, cw).clone()
         canvas[:, y0 : y0 + h, x0 : x0 + w] = image
-        shift = torch.tensor([x0, y0, x0, y0], dtype=boxes.dtype)
         return canvas, {**target, "boxes": boxes + shift}
-    cw, ch = max(1, round(w / aug.zoom)), max(1, round(h / aug.zoom))  # in: a window of the photo
-    x0, y0 = round(aug.ox * (w - cw)), round(aug.oy * (h - ch))
-    shift = torch.tensor([x0, y0, x0, y0], dtype=boxes.dtype)
-    clipped = boxes - shift
+    clipped = boxes - shift  # in: a window of the photo
     clipped[:, [0, 2]] = clipped[:, [0, 2]].clamp(0, cw)
     clipped[:, [1, 3]] = clipped[:, [1, 3]].clamp(0, ch)
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])

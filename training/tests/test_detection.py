@@ -185,9 +185,10 @@ def test_augmented_boxes_still_frame_their_pixels(aug):
 
 def test_a_box_mostly_cut_away_by_the_zoom_is_dropped_and_a_box_mostly_left_is_clipped():
     image, target = _painted()
-    # a 160 x 80 window at (0, 20): the right box keeps 10 of its 40 px width (< KEEP_INSIDE), the left box 60 of 80 px
+    # a 160 x 80 window at (0, 20): the right box keeps 10 of its 40 px width (< KEEP_INSIDE), the left box 70 of its
+    # 80 px height
     _, tg = _augment(image, target, Augment(zoom=1.25, ox=0.0, oy=1.0), fill=(0, 0, 0))
-    assert 10 / 40 < KEEP_INSIDE < 60 / 80
+    assert 10 / 40 < KEEP_INSIDE < 70 / 80
     assert tg["labels"].tolist() == [1] and tg["boxes"].tolist() == [[20.0, 0.0, 60.0, 70.0]]
 
 
