@@ -28,8 +28,9 @@ instance:
   and the crop;
 - ``full_box``: the whole object's box (the unoccluded mask's box, mapped through the perspective, clipped to the
   photo);
-- ``visible``: visible pixels / the whole mask's pixels (measured before the warp, which preserves it up to
-  resampling).
+- ``visible``: visible pixels / the whole mask's pixels (counted before the warp, which preserves areas up to
+  resampling, but only the pixels the warp keeps inside the frame: a container cut off by the photo's edge is as
+  hidden as one behind another).
 
 Instances less than ``min_visible`` (default 0.35) visible are not labeled and not counted (they are listed under
 ``hidden`` in shelves.json). ``counts`` are the labeled boxes per SKU. Boxes are ``[x, y, w, h]`` in pixels
@@ -391,6 +392,17 @@ def _finish(img: Image.Image, ids: np.ndarray, rng: random.Random, size: tuple[i
     return img, np.asarray(id_img), fwd
 
 
+def _in_frame_counts(ids: np.ndarray, fwd, size: tuple[int, int], n: int) -> np.ndarray:
+    """Per instance id (0..n), its unwarped visible pixels whose centres the perspective warp (`fwd`: input ->
+    output) keeps inside the frame. The warp moves the frame edges by up to 5 %: a container cut off there is as
+    hidden as one behind another (counting before the warp labeled 5-pixel slivers at the edge as 87 % visible)."""
+    w, h = size
+    ys, xs = np.nonzero(ids)
+    out = _apply_h(fwd, np.stack([xs + 0.5, ys + 0.5], axis=1).astype(np.float64))
+    inside = (out[:, 0] >= 0) & (out[:, 0] < w) & (out[:, 1] >= 0) & (out[:, 1] < h)
+    return np.bincount(ids[ys[inside], xs[inside]], minlength=n + 1)
+
+
 def _jpeg(img: Image.Image, quality: int) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=quality, optimize=False)
@@ -448,9 +460,9 @@ def generate_shelves(
         split = _split_of(i, n_photos, splits)
         per_split[split] += 1
         stem = f"shelf_{i:05d}"
-        img, ids, inst = _render_photo(skus, sprites, rng, (w, h), tuple(rows))
-        visible_px = np.bincount(ids.ravel(), minlength=len(inst) + 1)
-        img, ids, fwd = _finish(img, ids, rng, (w, h))
+        img, flat_ids, inst = _render_photo(skus, sprites, rng, (w, h), tuple(rows))
+        img, ids, fwd = _finish(img, flat_ids, rng, (w, h))
+        visible_px = _in_frame_counts(flat_ids, fwd, (w, h), len(inst))
         data = _jpeg(img, rng.randint(*jpeg_quality))
         (out / "images" / split / f"{stem}.jpg").write_bytes(data)
         boxes, hidden = _boxes(ids, inst, visible_px, fwd, skus, (w, h), min_visible)

@@ -12,6 +12,7 @@ from PIL import Image
 from labeling.detection_formats import crop_box
 from labeling.shelf_data import (
     CONTAINER_CLASSES,
+    _in_frame_counts,
     detection_manifest,
     generate_shelves,
     make_skus,
@@ -93,6 +94,20 @@ def test_boxes_are_inside_counts_match_and_yolo_parses(shelves):
     visible = [b["visible"] for p in meta["photos"] for b in p["boxes"]]
     assert min(visible) < 0.9
     assert summary["hidden"] > 0
+
+
+def test_visible_counts_only_pixels_the_warp_keeps_in_the_frame():
+    # a pure translation 5 px to the left: instance 1 (columns 0-9) loses half its pixels out of the frame,
+    # instance 2 (columns 20-29) keeps all; the background (0) is not counted
+    ids = np.zeros((8, 40), dtype=np.uint8)
+    ids[:, 0:10] = 1
+    ids[:, 20:30] = 2
+    shift_left = np.array([1, 0, -5, 0, 1, 0, 0, 0], dtype=np.float64)
+    counts = _in_frame_counts(ids, shift_left, (40, 8), 3)
+    assert counts.tolist() == [0, 8 * 5, 8 * 10, 0]
+    # the identity keeps everything
+    identity = np.array([1, 0, 0, 0, 1, 0, 0, 0], dtype=np.float64)
+    assert _in_frame_counts(ids, identity, (40, 8), 2).tolist() == [0, 80, 80]
 
 
 def test_box_crops_show_the_container_not_the_background(shelves):
