@@ -124,18 +124,6 @@ def with_tta(out_dir: Path, manifest: dict) -> dict:
     return {**test, "chosen": chosen}
 
 
-def found_truth(found: list, truth: list[dict]) -> list[bool]:
-    """Which true boxes a detection finds (any class, IoU >= 0.5), one-to-one: each detection, best score first,
-    takes the unmatched true box it overlaps most (the engine's recall_any_class matching)."""
-    taken = [False] * len(truth)
-    for box, _, _ in sorted(found, key=lambda f: -f[2]):
-        cand = [(iou(box, b["box"]), j) for j, b in enumerate(truth) if not taken[j]]
-        best = max(cand, default=(0.0, -1))
-        if best[0] >= 0.5:
-            taken[best[1]] = True
-    return taken
-
-
 def iou(a, b) -> float:
     ax2, ay2, bx2, by2 = a[0] + a[2], a[1] + a[3], b[0] + b[2], b[1] + b[3]
     iw, ih = max(0.0, min(ax2, bx2) - max(a[0], b[0])), max(0.0, min(ay2, by2) - max(a[1], b[1]))
@@ -169,7 +157,12 @@ def run(work: Path) -> None:
     from labeling.shelf_data import SKU_PROJECT_OPTIONS, detection_manifest, generate_shelves  # noqa: PLC0415
     from training.engine import train_model  # noqa: PLC0415
     from training.engine.detection import DEFAULT_DETECTOR_CONFIG as DEFAULTS  # noqa: PLC0415
-    from training.engine.detection import evaluate_detector, load_detector, train_detector  # noqa: PLC0415
+    from training.engine.detection import (  # noqa: PLC0415
+        evaluate_detector,
+        load_detector,
+        matched_truth,
+        train_detector,
+    )
     from training.engine.onnx_export import export_onnx  # noqa: PLC0415
     from training.engine.quick import train_quick  # noqa: PLC0415
     from training.selectors import preset_config  # noqa: PLC0415
@@ -265,7 +258,12 @@ def run(work: Path) -> None:
         labels = [a["heads"]["sku"]["label"] for a in answers]
         seconds.append(time.perf_counter() - t)
         pred_counts.append(Counter(lb for lb in labels if lb is not None))
-        for b, hit in zip(truth, found_truth(boxes, truth), strict=True):  # recall by how much of a box is visible
+        hits = matched_truth(  # recall by how much of a box is visible (recall_any_class's matching)
+            [[x, y, x + w, y + h] for (x, y, w, h), _, _ in boxes],
+            [[x, y, x + w, y + h] for x, y, w, h in (b["box"] for b in truth)],
+            iou=0.5,
+        )
+        for b, hit in zip(truth, hits, strict=True):
             by_vis["< 0.5" if b["visible"] < 0.5 else ">= 0.5"].append(hit)
         n_unknown += sum(lb is None for lb in labels)
         argmax_counts.append(Counter(a["heads"]["sku"]["top_k"][0]["label"] for a in answers))

@@ -739,6 +739,17 @@ def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def greedy_match(pred_boxes, pred_labels, gt_boxes, gt_labels, *, iou: float, class_aware: bool = True) -> np.ndarray:
     """Which predictions (given best score first) match a ground-truth box: each one takes the unmatched GT box
     (of its class when class_aware) with the highest IoU >= iou. Returns a bool array over the predictions."""
+    return _greedy(pred_boxes, pred_labels, gt_boxes, gt_labels, iou=iou, class_aware=class_aware)[0]
+
+
+def matched_truth(pred_boxes, gt_boxes, *, iou: float) -> np.ndarray:
+    """Which ground-truth boxes greedy_match's class-agnostic matching finds (recall_any_class's matches): a bool
+    array over the GT boxes. Predictions best score first, xyxy."""
+    return _greedy(pred_boxes, None, gt_boxes, None, iou=iou, class_aware=False)[1]
+
+
+def _greedy(pred_boxes, pred_labels, gt_boxes, gt_labels, *, iou: float, class_aware: bool):
+    """(hit over the predictions, taken over the GT boxes) of the greedy one-to-one matching."""
     ious = _iou(np.asarray(pred_boxes, dtype=np.float64), np.asarray(gt_boxes, dtype=np.float64))
     taken = np.zeros(len(gt_boxes), dtype=bool)
     hit = np.zeros(len(pred_boxes), dtype=bool)
@@ -750,7 +761,7 @@ def greedy_match(pred_boxes, pred_labels, gt_boxes, gt_labels, *, iou: float, cl
         if len(cand) and cand.max() >= iou:
             j = int(cand.argmax())
             taken[j] = hit[i] = True
-    return hit
+    return hit, taken
 
 
 def _evaluate(model, items: list[DetItem], classes: list[str], cfg: dict, device, *, tta: bool | None = None) -> dict:

@@ -27,6 +27,7 @@ from training.engine.detection import (
     export_detector_onnx,
     greedy_match,
     load_detector,
+    matched_truth,
     merge_mirrored,
     parse_detection_manifest,
     predict_detector,
@@ -247,6 +248,8 @@ def test_greedy_match_takes_each_ground_truth_box_once():
     assert greedy_match(pred, [0, 0, 1], gt, [0, 1], iou=0.5).tolist() == [True, False, True]
     assert greedy_match(pred, [0, 0, 0], gt, [0, 1], iou=0.5).tolist() == [True, False, False]
     assert greedy_match(pred, [0, 0, 0], gt, [0, 1], iou=0.5, class_aware=False).tolist() == [True, False, True]
+    assert matched_truth(pred, gt, iou=0.5).tolist() == [True, True]
+    assert matched_truth([], gt, iou=0.5).tolist() == [False, False]
 
 
 def test_onnx_export_matches_torch_on_shelf_photos(tiny_run, tmp_path):
