@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from inference.recognizer import Recognizer
 from training.engine.data import draft_size, load_image_file
+from training.engine.hierarchy import decide
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +106,14 @@ def embed_paths(recognizer: Recognizer, paths: Sequence[str], batch_size: int = 
 def split_accuracy(recognizer: Recognizer, items: Sequence[dict], predicted=None) -> dict:
     """Top-1/top-5 per head of the model on manifest items ({"path", "labels": {head: class or None}}) as
     {"heads": {head: {"top1", "top5", "n"}}, "n", "unreadable"}; unknown labels, or classes the model does not
-    know, are not counted. `predicted`: predict_paths' answer for these items when the caller already has it."""
+    know, are not counted. Top-1 is the decision served (a child head decoded under its parent head), top-5 the
+    order of the hierarchy-consistent probabilities. `predicted`: predict_paths' answer for these items when the
+    caller already has it."""
     probs, _emb, ok = predicted if predicted is not None else predict_paths(recognizer, [it["path"] for it in items])
+    # the decisions served: a child head decoded under its parent head (hierarchy.decide, as recognize() does)
+    q, pred = decide([probs[h] for h in recognizer.heads], recognizer.heads_meta)
     out: dict[str, dict] = {}
-    for h in recognizer.heads:
+    for hi, h in enumerate(recognizer.heads):
         index = {c: i for i, c in enumerate(recognizer.label_maps[h])}
         rows = [(r, index[it["labels"].get(h)]) for r, it in enumerate(items) if ok[r] and it["labels"].get(h) in index]
         if not rows:
@@ -116,11 +121,11 @@ def split_accuracy(recognizer: Recognizer, items: Sequence[dict], predicted=None
             continue
         r_idx = np.array([r for r, _ in rows])
         y = np.array([c for _, c in rows])
-        p = probs[h][r_idx]
+        p = q[hi][r_idx]
         k = min(5, p.shape[1])
-        topk = np.argsort(-p, axis=1)[:, :k]
+        topk = np.argsort(-p, axis=1, kind="stable")[:, :k]
         out[h] = {
-            "top1": float((topk[:, 0] == y).mean()),
+            "top1": float((pred[hi][r_idx] == y).mean()),
             "top5": float((topk == y[:, None]).any(axis=1).mean()),
             "n": len(rows),
         }

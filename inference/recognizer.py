@@ -34,7 +34,7 @@ from inference.calibration import K_NEIGHBOURS, apply_temperature, read_calibrat
 from inference.decision import RetrievalEvidence, combine_views, fuse, rejection_reason, retrieval_evidence
 from training.engine.artifact import IDS_FILE, INDEX_FILE
 from training.engine.data import eval_transform, normalize_batch, resize_mode
-from training.engine.hierarchy import consistent, decode, parent_index
+from training.engine.hierarchy import decide
 from training.engine.model import ARTIFACT_FORMAT, build_model
 
 log = logging.getLogger(__name__)
@@ -485,19 +485,13 @@ class Recognizer:
                     )
                     mean_probs[name] = np.array([fused.get(c, 0.0) for c in classes])
                 evidence[name] = ev
-        choice = {name: int(np.argmax(p)) for name, p in mean_probs.items()}
-        parent_of_head: dict[str, str] = {}
-        for meta in self.heads_meta:  # child heads (model under make): consistent, top-down decisions
-            parent = meta.get("parent")
-            if parent and meta.get("class_parents") and parent in mean_probs:
-                cp = self._parent_index.get(meta["name"])
-                if cp is None:  # fixed per version: built once (a Python loop over the classes)
-                    cp = parent_index(meta["classes"], self.label_maps[parent], meta["class_parents"])
-                    self._parent_index[meta["name"]] = cp
-                q_parent, q_child = consistent(mean_probs[parent], mean_probs[meta["name"]], cp)
-                mean_probs[parent], mean_probs[meta["name"]] = q_parent, q_child
-                choice[parent], choice[meta["name"]] = decode(q_parent, q_child, cp)
-                parent_of_head[meta["name"]] = parent
+        # child heads (model under make): consistent, top-down decisions; the training metrics use the same decide()
+        q, pred = decide([mean_probs[n][None] for n in self.heads], self.heads_meta, self._parent_index)
+        mean_probs = {n: q[i][0] for i, n in enumerate(self.heads)}
+        choice = {n: int(pred[i][0]) for i, n in enumerate(self.heads)}
+        parent_of_head = {
+            m["name"]: m["parent"] for m in self.heads_meta if m.get("parent") in choice and m.get("class_parents")
+        }
         heads_out = {}
         for name in self.heads:
             classes = self.label_maps[name]

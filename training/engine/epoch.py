@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from .checkpoint import TrainState
 from .data import normalize_batch
+from .hierarchy import decide
 from .losses import _heads_loss
 from .manifest import IGNORE_INDEX
 from .optim import _group_lrs, optimizer_step
@@ -280,8 +281,7 @@ def _judge(value, loss, best: dict | None, mode: str, min_delta: float) -> tuple
 def evaluate(
     model,
     loader,
-    head_names: list[str],
-    head_sizes: list[int],
+    heads: list[dict],
     device,
     autocast_ctx,
     on_bad: Callable[[list, str], None],
@@ -290,10 +290,14 @@ def evaluate(
     *,
     reduce: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
 ) -> dict:
-    """Per head top-1/top-5 accuracy and mean CE over known labels; loss = sum over heads of the mean CE.
-    reduce (DDP: Dist.sum_tensors): the loader holds this process's share of the items; the counts are summed
-    over the processes before the metrics are computed, so every process gets the same result."""
+    """Per head top-1/top-5 accuracy and mean CE over known labels; loss = sum over heads of the mean CE. Top-1 is
+    the decision the Recognizer serves (hierarchy.decide: a child head decoded under its parent head, `heads` being
+    the manifest's), top-5 the order of the same hierarchy-consistent probabilities. reduce (DDP:
+    Dist.sum_tensors): the loader holds this process's share of the items; the counts are summed over the
+    processes before the metrics are computed, so every process gets the same result."""
     model.eval()
+    head_names = [h["name"] for h in heads]
+    head_sizes = [len(h["classes"]) for h in heads]
     n_heads = len(head_names)
     correct1 = torch.zeros(n_heads, dtype=torch.long)
     correct5 = torch.zeros(n_heads, dtype=torch.long)
@@ -308,16 +312,17 @@ def evaluate(
         x = prepare_batch(x, device, mean, std)
         with autocast_ctx():
             logits, _ = model(x)
+        logits = [lg.float().cpu() for lg in logits]
+        q, pred = decide([F.softmax(lg, dim=1).numpy() for lg in logits], heads)
         for h, lg in enumerate(logits):
-            lg = lg.float().cpu()
             yh = y[:, h]
             mask = yh != IGNORE_INDEX
             if not mask.any():
                 continue
             lg, yh = lg[mask], yh[mask]
             k = min(5, head_sizes[h])
-            topk = lg.topk(k, dim=1).indices
-            hit = topk[:, 0] == yh
+            topk = torch.from_numpy(q[h][mask.numpy()]).topk(k, dim=1).indices
+            hit = torch.from_numpy(pred[h][mask.numpy()]) == yh
             correct1[h] += hit.sum()
             class_n[h] += torch.bincount(yh, minlength=head_sizes[h])
             class_ok[h] += torch.bincount(yh[hit], minlength=head_sizes[h])

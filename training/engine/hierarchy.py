@@ -70,3 +70,36 @@ def leaf_head(heads) -> str:
     grocery: fine); the first head when every head is someone's parent. `heads` are manifest dicts (name, parent)."""
     parents = {h.get("parent") for h in heads}
     return next((h["name"] for h in heads if h["name"] not in parents), heads[0]["name"])
+
+
+def decide(
+    probs: list[np.ndarray], heads: list[dict], cache: dict[str, np.ndarray] | None = None
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The Recognizer's decisions for a batch: probs[h] (N, K_h) per head (manifest heads: name, classes, parent,
+    class_parents) -> (q, pred): q[h] the hierarchy-consistent probabilities (the head's own where it has no parent
+    head), pred[h] (N,) int64 the decided class (-1: none). A child head is decoded top-down under its parent
+    (consistent, then decode: the parent is argmax q_parent, the child the best of that parent's children), heads
+    taken in order, so the accuracy figures of training, the reports and the test split are those of what is
+    served. `cache` (child head name -> parent_index) keeps the class mapping between calls (the Recognizer's)."""
+    q = [np.asarray(p, dtype=np.float64) for p in probs]
+    pred = [p.argmax(axis=1) if p.shape[1] else np.full(len(p), -1) for p in q]
+    names = {h["name"]: i for i, h in enumerate(heads)}
+    for c, head in enumerate(heads):
+        a = names.get(head.get("parent"))
+        if a is None or not head.get("class_parents"):
+            continue
+        cp = cache.get(head["name"]) if cache is not None else None
+        if cp is None:  # a Python loop over the classes: once per model version with a cache
+            cp = parent_index(head["classes"], heads[a]["classes"], head["class_parents"])
+            if cache is not None:
+                cache[head["name"]] = cp
+        q[a], q[c] = consistent(q[a], q[c], cp)
+        parent = q[a].argmax(axis=1)
+        member = cp[None, :] == parent[:, None]  # (N, K_child): the children of the decided parent
+        none = ~member.any(axis=1)
+        member[none] = (cp < 0)[None, :]  # a parent without child classes: the children of unknown parent
+        scores = np.where(member, q[c], -np.inf)
+        child = scores.argmax(axis=1)
+        child[~member.any(axis=1)] = -1
+        pred[a], pred[c] = parent, child
+    return q, pred

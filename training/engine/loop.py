@@ -591,7 +591,6 @@ def _run_epoch(run: _Run, epoch: int) -> None:
     if epoch == 1 and state.trained_samples_total == 0 and state.stopped_early is None:
         raise no_readable_train_images(run.data.n_train, state.skipped)
     t_eval = time.monotonic()
-    head_sizes = [len(h["classes"]) for h in run.parsed.heads]
     loader = run.data.eval_loader
     dist = run.dist
     if dist is not None:  # evaluate (and keep as the best epoch) rank 0's model: its BatchNorm statistics
@@ -599,8 +598,7 @@ def _run_epoch(run: _Run, epoch: int) -> None:
     result = evaluate(
         tr.model,
         loader,
-        run.parsed.head_names,
-        head_sizes,
+        run.parsed.heads,
         tr.device,
         tr.amp.autocast,
         run.on_bad,

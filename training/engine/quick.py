@@ -31,6 +31,7 @@ from .checkpoint import TrainState
 from .config import resolve_config
 from .epoch import _check_metric, _evaluation, _metric_value, select_epoch
 from .features import cached_features
+from .hierarchy import decide
 from .losses import _head_loss_weights, _heads_loss, class_weights
 from .manifest import IGNORE_INDEX, parse_manifest
 from .model import ARTIFACT_FORMAT, LoupeNet, arcface_spec, create_backbone
@@ -64,37 +65,41 @@ def heads_predict(model: LoupeNet, X: np.ndarray) -> tuple[list[np.ndarray], np.
 
 
 @torch.inference_mode()
-def _evaluate(model: LoupeNet, X: torch.Tensor, Y: torch.Tensor, head_names: list[str], head_sizes: list[int]) -> dict:
+def _evaluate(model: LoupeNet, X: torch.Tensor, Y: torch.Tensor, heads: list[dict]) -> dict:
     """epoch.evaluate on feature arrays: per head top-1/top-5, n_val and per-class counts; mean CE summed over heads."""
     model.eval()
     logits, _ = model(X)
-    return evaluate_logits(logits, Y, head_names, head_sizes)
+    return evaluate_logits(logits, Y, heads)
 
 
-def evaluate_logits(logits: list[torch.Tensor], Y: torch.Tensor, head_names: list[str], head_sizes: list[int]) -> dict:
+def evaluate_logits(logits: list[torch.Tensor], Y: torch.Tensor, heads: list[dict]) -> dict:
     """Per head top-1/top-5, n_val and per-class counts of logits against targets Y (IGNORE_INDEX = unknown); mean CE
-    summed over heads."""
-    heads, losses = {}, []
-    for h, name in enumerate(head_names):
+    summed over heads. Top-1 is the decision the Recognizer serves (hierarchy.decide: a child head decoded under
+    its parent head), top-5 the order of the same hierarchy-consistent probabilities."""
+    probs = [F.softmax(lg.float(), dim=1).numpy() for lg in logits]
+    q, pred = decide(probs, heads)
+    out, losses = {}, []
+    for h, head in enumerate(heads):
+        name, size = head["name"], len(head["classes"])
         yh = Y[:, h]
         mask = yh != IGNORE_INDEX
         n = int(mask.sum())
-        entry = {"top1": None, "top5": None, "n_val": n, "per_class_counts": ([0] * head_sizes[h], [0] * head_sizes[h])}
+        entry = {"top1": None, "top5": None, "n_val": n, "per_class_counts": ([0] * size, [0] * size)}
         if n:
-            lg, yk = logits[h].float()[mask], yh[mask]
-            topk = lg.topk(min(5, head_sizes[h]), dim=1).indices
-            hit = topk[:, 0] == yk
+            yk = yh[mask]
+            ranked = torch.from_numpy(q[h][mask.numpy()]).topk(min(5, size), dim=1).indices
+            hit = torch.from_numpy(pred[h][mask.numpy()]) == yk
             entry.update(
                 top1=float(hit.sum()) / n,
-                top5=float((topk == yk[:, None]).any(dim=1).sum()) / n,
+                top5=float((ranked == yk[:, None]).any(dim=1).sum()) / n,
                 per_class_counts=(
-                    torch.bincount(yk, minlength=head_sizes[h]).tolist(),
-                    torch.bincount(yk[hit], minlength=head_sizes[h]).tolist(),
+                    torch.bincount(yk, minlength=size).tolist(),
+                    torch.bincount(yk[hit], minlength=size).tolist(),
                 ),
             )
-            losses.append(float(F.cross_entropy(lg, yk, reduction="mean")))
-        heads[name] = entry
-    return _evaluation(heads, losses)
+            losses.append(float(F.cross_entropy(logits[h].float()[mask], yk, reduction="mean")))
+        out[name] = entry
+    return _evaluation(out, losses)
 
 
 def history_entry(
@@ -168,7 +173,7 @@ def train_heads(
         perm = torch.randperm(n, generator=gen)
         batches = [perm[s * bs : (s + 1) * bs] if drop_last else perm for s in range(steps_per_epoch)]
         train_loss = _heads_train_epoch(model, optimizer, scheduler, Xt, Yt, batches, cfg, loss_weights, head_weights)
-        result = _evaluate(model, Xv, Yv, head_names, head_sizes)
+        result = _evaluate(model, Xv, Yv, heads)
         value = _metric_value(result, metric)
         history.append(
             history_entry(

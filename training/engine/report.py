@@ -70,13 +70,16 @@ def classification_report(
     *,
     top_k: Sequence[int] = (1, 5),
     max_pairs: int = 20,
+    pred: np.ndarray | None = None,
 ) -> dict:
     """Metrics of one head from its validation scores.
 
     probs: (N, K) scores (probabilities or logits: only their order matters; NaN counts as the lowest score).
     targets: (N,) class indices, IGNORE_INDEX rows (unknown label) are excluded from everything.
-    The prediction is the arg-max (lowest index on ties); top-k counts a hit when the target is among the k
-    highest scores with the same tie rule (k is clipped to K, as in the training loop).
+    The prediction is the arg-max (lowest index on ties), or `pred` (N,) when given (the decision served, e.g. a
+    child head decoded under its parent: hierarchy.decide; -1 = no class, counted wrong and left out of the
+    confusion matrix); top-k counts a hit when the target is among the k highest scores with the same tie rule (k
+    is clipped to K, as in the training loop), top-1 with `pred` a hit of the decision.
 
     Returns {"n", "top1", "top5" (one "top{k}" per k), "macro": {"precision", "recall", "f1"} (over classes
     present in validation; precision over classes ever predicted), "per_class": {cls: {"n", "predicted",
@@ -109,21 +112,22 @@ def classification_report(
 
     out: dict = {"n": n}
     if n:
-        pred = p.argmax(axis=1)
+        pred = p.argmax(axis=1) if pred is None else np.asarray(pred).reshape(-1)[known].astype(np.int64)
         p_t = p[np.arange(n), t]
         # rank of the target in a stable descending sort: strictly higher scores + equal scores at lower index
         higher = (p > p_t[:, None]).sum(axis=1)
         tied_before = ((p == p_t[:, None]) & (np.arange(k_cls)[None, :] < t[:, None])).sum(axis=1)
         rank = higher + tied_before
         for k in top_k:
-            out[f"top{int(k)}"] = float((rank < min(int(k), k_cls)).mean())
-        confusion = np.bincount(t * k_cls + pred, minlength=k_cls * k_cls).reshape(k_cls, k_cls)
+            out[f"top{int(k)}"] = float((pred == t).mean() if int(k) == 1 else (rank < min(int(k), k_cls)).mean())
+        decided = pred >= 0
+        confusion = np.bincount(t[decided] * k_cls + pred[decided], minlength=k_cls * k_cls).reshape(k_cls, k_cls)
     else:
         for k in top_k:
             out[f"top{int(k)}"] = None
         confusion = np.zeros((k_cls, k_cls), dtype=np.int64)
 
-    true_n = confusion.sum(axis=1)
+    true_n = np.bincount(t, minlength=k_cls)
     pred_n = confusion.sum(axis=0)
     correct = np.diag(confusion)
     per_class = {}

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from . import atomic
 from .data import ManifestDataset, draft_size, eval_transform, resize_mode
 from .epoch import prepare_batch
-from .hierarchy import leaf_head
+from .hierarchy import decide, leaf_head
 from .manifest import IGNORE_INDEX
 
 
@@ -43,16 +43,20 @@ def write_head_reports(
     metrics: dict, heads: list[dict], logits: list[np.ndarray], targets: np.ndarray, out_dir: Path
 ) -> tuple[dict[str, str], dict[str, dict]]:
     """Per head (logits[h]: (N, K_h) on the evaluated split, targets: (N, H) with IGNORE_INDEX for unknown): the
-    classification report into metrics["heads"][name] (per class, macro, most confused), confusion_<head>.png and
-    .json; then curves.png. Returns ({caption: picture file}, {head: classification report}) for report.md.
+    classification report of the decisions served (hierarchy.decide on the softmax probabilities) into
+    metrics["heads"][name] (per class, macro, most confused), confusion_<head>.png and .json; then curves.png.
+    Returns ({caption: picture file}, {head: classification report}) for report.md.
     Shared by the full training loop and the quick (heads-only) retrain."""
     from . import report  # noqa: PLC0415 - matplotlib only when a report is written
 
     images: dict[str, str] = {}
     head_reports: dict[str, dict] = {}
+    q, pred = decide(
+        [F.softmax(torch.from_numpy(np.asarray(lg, dtype=np.float32)), dim=1).numpy() for lg in logits], heads
+    )  # what the Recognizer serves
     for h, head in enumerate(heads):
         name = head["name"]
-        rep = report.classification_report(logits[h], targets[:, h], head["classes"])
+        rep = report.classification_report(q[h], targets[:, h], head["classes"], pred=pred[h])
         head_reports[name] = rep
         m = metrics["heads"][name]
         m["per_class"] = {

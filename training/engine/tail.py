@@ -470,7 +470,7 @@ def _evaluate(run: _TailRun) -> dict:
     with torch.inference_mode():
         logits, _ = run.model.heads_forward(torch.from_numpy(X[ok]))
     targets = torch.from_numpy(Yk)[torch.from_numpy(ok)]
-    return evaluate_logits(logits, targets, run.parsed.head_names, _head_sizes(run))
+    return evaluate_logits(logits, targets, run.parsed.heads)
 
 
 def _train_epoch(run: _TailRun, optimizer, scheduler, gen: torch.Generator, loss_weights, ema=None) -> float | None:

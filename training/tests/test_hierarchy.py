@@ -4,7 +4,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from training.engine.hierarchy import consistent, decode, parent_index
+from training.engine.hierarchy import consistent, decide, decode, parent_index
 
 
 def test_parent_index_maps_children_to_parents():
@@ -47,3 +47,59 @@ def test_decode_never_contradicts(n_parents, n_children, seed, unknown_share):
     # batches give the same as single rows
     qb_parent, qb_child = consistent(np.stack([p_parent, p_parent]), np.stack([p_child, p_child]), cp)
     assert np.allclose(qb_parent[1], q_parent) and np.allclose(qb_child[0], q_child)
+
+
+@settings(max_examples=100, deadline=None)
+@given(n_parents=st.integers(1, 5), n_children=st.integers(1, 12), seed=st.integers(0, 10_000))
+def test_batch_decisions_are_the_recognizers(n_parents, n_children, seed):
+    rng = np.random.default_rng(seed)
+    cp = rng.integers(-1, n_parents, n_children)
+    parents = [f"P{i}" for i in range(n_parents)]
+    children = [f"C{i}" for i in range(n_children)]
+    heads = [
+        {"name": "make", "classes": parents, "parent": None},
+        {"name": "other", "classes": ["x", "y"], "parent": None},
+        {
+            "name": "model",
+            "classes": children,
+            "parent": "make",
+            "class_parents": {c: parents[p] for c, p in zip(children, cp, strict=True) if p >= 0},
+        },
+    ]
+    p_make = rng.dirichlet(np.ones(n_parents), size=7)
+    p_other = rng.dirichlet(np.ones(2), size=7)
+    p_model = rng.dirichlet(np.ones(n_children), size=7)
+    q, pred = decide([p_make, p_other, p_model], heads)
+    assert np.array_equal(pred[1], p_other.argmax(axis=1)) and np.allclose(q[1], p_other)
+    for i in range(7):
+        q_make, q_model = consistent(p_make[i], p_model[i], cp)
+        assert (pred[0][i], pred[2][i]) == decode(q_make, q_model, cp)
+        assert np.allclose(q[0][i], q_make) and np.allclose(q[2][i], q_model)
+
+
+def test_training_metrics_count_the_decision_served():
+    """evaluate_logits (quick retrain, tail fine-tune) scores a child head by its top-down decision: a flat arg-max
+    model of another make is not what the Recognizer answers, so it must not count as a hit."""
+    import torch  # noqa: PLC0415
+
+    from training.engine.quick import evaluate_logits  # noqa: PLC0415
+
+    heads = [
+        {"name": "make", "classes": ["Honda", "Toyota"], "parent": None},
+        {
+            "name": "model",
+            "classes": ["Civic", "Corolla", "Yaris"],
+            "parent": "make",
+            "class_parents": {"Civic": "Honda", "Corolla": "Toyota", "Yaris": "Toyota"},
+        },
+    ]
+    make = torch.log(torch.tensor([[0.1, 0.9], [0.1, 0.9]]))
+    model = torch.log(torch.tensor([[0.4, 0.35, 0.25], [0.4, 0.35, 0.25]]))  # flat arg-max: Civic (a Honda)
+    Y = torch.tensor([[1, 0], [1, 1]])  # truths: Toyota Civic (inconsistent label), Toyota Corolla
+    res = evaluate_logits([make, model], Y, heads)
+    assert res["heads"]["model"]["top1"] == 0.5  # decided Corolla both times: row 2 right, row 1 wrong
+    assert res["heads"]["make"]["top1"] == 1.0
+    assert res["heads"]["model"]["per_class_counts"] == ([1, 1, 0], [0, 1, 0])
+    # without the hierarchy the arg-max (Civic) would have scored row 1 and missed row 2
+    flat = [dict(h, parent=None) for h in heads]
+    assert evaluate_logits([make, model], Y, flat)["heads"]["model"]["per_class_counts"] == ([1, 1, 0], [1, 0, 0])

@@ -90,6 +90,22 @@ def test_classification_report_hand_computed():
     assert classification_report(PROBS, TARGETS, CLASSES, max_pairs=1)["most_confused"][0]["count"] == 2
 
 
+def test_classification_report_of_given_decisions():
+    # the decisions served (e.g. a child head decoded under its parent) instead of the arg-max; -1 = no class
+    pred = PROBS.argmax(axis=1)
+    pred[7], pred[1] = 0, -1  # row 7 (target a): now right; row 1 (target a): no class, wrong, not in the matrix
+    rep = classification_report(PROBS, TARGETS, CLASSES, pred=pred)
+    known = TARGETS != IGN
+    assert rep["top1"] == pytest.approx(float((pred[known] == TARGETS[known]).mean()))
+    assert rep["top5"] == classification_report(PROBS, TARGETS, CLASSES)["top5"]  # ranks: the scores' order
+    assert sum(map(sum, rep["confusion"])) == int(known.sum()) - 1
+    assert rep["per_class"]["a"]["n"] == 3 and rep["per_class"]["a"]["recall"] == pytest.approx(
+        2 / 3
+    )
+    same = classification_report(PROBS, TARGETS, CLASSES, pred=PROBS.argmax(axis=1))
+    assert same == classification_report(PROBS, TARGETS, CLASSES)
+
+
 def test_classification_report_default_keys_and_ignore_only_changes_nothing():
     rep = classification_report(PROBS, TARGETS, CLASSES)
     assert {"n", "top1", "top5", "per_class", "confusion", "most_confused"} <= set(rep)
