@@ -357,6 +357,17 @@ def _build_maps(run: _TailRun, workers: int, fresh: bool) -> _Maps:
     done_before = len(items)
     train_views = [centre[:n_train]]
     for v in range(1, views):
+        # max_train_seconds: a view whose maps would end past it is not computed (nor the ones after it)
+        view_s = (time.monotonic() - t_maps) / max(1, done_before) * n_train
+        if not (maps_dir / f"{key}-v{v}.npy").is_file() and run.clock.time_up(time.monotonic() + view_s):
+            log.warning(
+                "max_train_seconds=%s: the tail fine-tune trains on %d of %d views (the next would end past it)",
+                run.clock.max_s,
+                v,
+                views,
+            )
+            total = done_before
+            break
         aug = _compute_maps(
             run.prefix,
             run.parsed.train,
@@ -514,6 +525,10 @@ def _train_epoch(run: _TailRun, optimizer, scheduler, gen: torch.Generator, loss
             ema.update(model, step=scheduler.last_epoch)
         loss_sum += float(loss.detach())
         loss_n += 1
+        if run.clock.time_up(time.monotonic()):  # as train_model: the epoch ends here, then is evaluated
+            run.state.stopped_early = "time_limit"
+            log.warning("max_train_seconds=%s reached during a tail epoch (step %d): stopping", run.clock.max_s, s + 1)
+            break
     return loss_sum / loss_n if loss_n else None
 
 
@@ -528,7 +543,9 @@ def _end_epoch(run: _TailRun, epoch: int, train_loss, result: dict, *, lr: float
     )
     value = _metric_value(result, es["metric"])
     select_epoch(state, epoch, value, result, run.model, run.mode, es["min_delta"])
-    if es["patience"] is not None and state.bad_epochs >= es["patience"] and epoch < epochs:
+    if state.stopped_early:  # the time limit, during the epoch (_train_epoch)
+        pass
+    elif es["patience"] is not None and state.bad_epochs >= es["patience"] and epoch < epochs:
         state.stopped_early = "early_stopping"
     elif epoch < epochs and run.clock.time_up(time.monotonic() + state.history[-1]["seconds"]):
         state.stopped_early = "time_limit"  # the next epoch would end past max_train_seconds

@@ -99,9 +99,7 @@ def test_classification_report_of_given_decisions():
     assert rep["top1"] == pytest.approx(float((pred[known] == TARGETS[known]).mean()))
     assert rep["top5"] == classification_report(PROBS, TARGETS, CLASSES)["top5"]  # ranks: the scores' order
     assert sum(map(sum, rep["confusion"])) == int(known.sum()) - 1
-    assert rep["per_class"]["a"]["n"] == 3 and rep["per_class"]["a"]["recall"] == pytest.approx(
-        2 / 3
-    )
+    assert rep["per_class"]["a"]["n"] == 3 and rep["per_class"]["a"]["recall"] == pytest.approx(2 / 3)
     same = classification_report(PROBS, TARGETS, CLASSES, pred=PROBS.argmax(axis=1))
     assert same == classification_report(PROBS, TARGETS, CLASSES)
 

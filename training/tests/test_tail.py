@@ -109,7 +109,7 @@ def test_bad_tail_settings_fail_before_work(data, tmp_path):
 @pytest.mark.parametrize(
     ("over", "stop"),
     [
-        ({"max_train_seconds": 0.001}, "time_limit"),  # the next epoch would end past the budget
+        ({"max_train_seconds": 0.001}, "time_limit"),  # reached in the first epoch
         ({"early_stopping": {"metric": "primary", "patience": 1, "min_delta": 10.0}}, "early_stopping"),
     ],
 )
@@ -120,6 +120,8 @@ def test_tail_stops_after_the_first_epoch(data, tmp_path, over, stop):
     m = train_model(manifest, config(weights, eval_report=False, **over), out, progress=seen.append)
     assert m["stopped_early"] == stop and m["epochs_run"] == 1 and len(m["history"]) == 1
     assert m["best_epoch"] in (0, 1)  # epoch 0: phase 1's heads on the untouched tail
+    # past the budget no augmented view's maps are computed (the centre view only), else all of them
+    assert m["tail"]["views"] == (1 if stop == "time_limit" else 2)
     epochs = [p for p in seen if p.get("phase") == "epoch"]
     assert [p["epoch"] for p in epochs] == [1] and epochs[0]["eta_s"] == 0.0
     assert (out / "model.pt").is_file() and not (out / MAPS_DIR).exists()
