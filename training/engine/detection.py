@@ -113,9 +113,14 @@ DEFAULT_DETECTOR_CONFIG: dict[str, Any] = {
     "seed": 0,
     # Operating point and evaluation
     # Detections at or above it are "found" (recall, precision, counts, serving). "auto": chosen after training on the
-    # val photos, the threshold whose counts per photo and class are closest to the truth (count MAE, then recall;
-    # metrics.json "threshold" has the sweep); the artifact's config holds the number. Epochs are reported at 0.5.
+    # val photos, the threshold whose counts per photo and class are closest to the truth (count MAE, then recall)
+    # among those that find at least min_recall of the val boxes (metrics.json "threshold" has the sweep); the
+    # artifact's config holds the number. Epochs are reported at 0.5.
     "score_threshold": "auto",
+    # "auto"'s recall floor: a shelf count that misses containers is worse than one with a few extra boxes (the extra
+    # ones go to the review queue), so the shelf seed's target (recall >= 0.98) is the default. When no threshold of
+    # the grid reaches it on val, the one with the highest val recall. null = count MAE alone
+    "min_recall": 0.98,
     "match_iou": 0.5,
     "detections_per_image": 300,
     # class-agnostic NMS after torchvision's per-class NMS (one box per container, whatever its class); null = off
@@ -198,6 +203,8 @@ def resolve_detector_config(overrides: dict | None) -> dict:
     need("match_iou", _is_num(cfg["match_iou"]) and 0 < cfg["match_iou"] < 1, "a number in (0, 1)")
     thr = cfg["score_threshold"]
     need("score_threshold", thr == "auto" or (_is_num(thr) and 0 < thr < 1), '"auto" or a number in (0, 1)')
+    floor = cfg["min_recall"]
+    need("min_recall", floor is None or (_is_num(floor) and 0 < floor <= 1), "null or a recall in (0, 1]")
     dev = cfg["device"]
     need("device", isinstance(dev, str) and (dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:")), "a device")
     need("amp", cfg["amp"] in ("auto", "bf16", "fp16", "off"), '"auto", "bf16", "fp16" or "off"')
@@ -859,8 +866,9 @@ def choose_threshold(model, items: list[DetItem], classes: list[str], cfg: dict,
     """The operating score threshold for counting, chosen on `items` (the val photos): each photo is predicted
     once, then for every threshold of THRESHOLD_GRID the count MAE (mean over photos and classes of |detected -
     true|) and the recall and precision of any class (greedy matcher, match_iou); the lowest count MAE wins, ties
-    to the higher recall, then to the threshold nearest 0.5. Without photos: DEFAULT_THRESHOLD. Returns {"chosen",
-    "by", "on", "sweep": [{"threshold", "count_mae", "recall", "precision"}]}."""
+    to the higher recall, then to the threshold nearest 0.5, among the thresholds whose recall is at least
+    cfg["min_recall"] (pick_threshold). Without photos: DEFAULT_THRESHOLD. Returns {"chosen", "by", "on", "sweep":
+    [{"threshold", "count_mae", "recall", "precision"}]}."""
     if not items:
         return {"chosen": DEFAULT_THRESHOLD, "by": "default (no val photos)", "on": None, "sweep": []}
     model.eval()
@@ -897,8 +905,22 @@ def choose_threshold(model, items: list[DetItem], classes: list[str], cfg: dict,
                 "precision": round(hits / n_det, 5) if n_det else None,
             }
         )
-    best = min(sweep, key=lambda r: (r["count_mae"], -(r["recall"] or 0.0), abs(r["threshold"] - 0.5)))
-    return {"chosen": best["threshold"], "by": "count MAE (then recall)", "on": "val", "sweep": sweep}
+    best, by = pick_threshold(sweep, cfg["min_recall"])
+    return {"chosen": best["threshold"], "by": by, "on": "val", "sweep": sweep}
+
+
+def pick_threshold(sweep: list[dict], min_recall: float | None) -> tuple[dict, str]:
+    """(the row of `sweep` that "auto" operates at, how it was chosen): the lowest count MAE, ties to the higher
+    recall, then to the threshold nearest 0.5, among the rows whose recall is at least min_recall (None: all rows);
+    when none reaches it, the highest recall (ties to the lower count MAE, then to the higher threshold)."""
+    by_count = lambda r: (r["count_mae"], -(r["recall"] or 0.0), abs(r["threshold"] - 0.5))  # noqa: E731
+    if min_recall is None:
+        return min(sweep, key=by_count), "count MAE (then recall)"
+    ok = [r for r in sweep if (r["recall"] or 0.0) >= min_recall]
+    if ok:
+        return min(ok, key=by_count), f"count MAE (then recall) among val recall >= {min_recall:g}"
+    best = min(sweep, key=lambda r: (-(r["recall"] or 0.0), r["count_mae"], -r["threshold"]))
+    return best, f"highest val recall (no threshold reached min_recall {min_recall:g})"
 
 
 def _coco_ap(prec) -> float:
