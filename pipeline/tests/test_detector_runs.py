@@ -5,6 +5,7 @@ frozen test split, exported to ONNX with a parity check, registered and (the fir
 from pathlib import Path
 
 import pytest
+from django.utils.html import escape
 
 from labeling import boxes
 from labeling.services import LabelingError, project_create
@@ -102,6 +103,8 @@ def test_the_models_pages_show_a_detector(shelf_project, admin_client):
     test = ModelVersion.objects.get(run=run).metrics["test"]
     assert f"{test['map_50']:.3f}" in page and f"{test['count_mae']:.3f}" in page  # the test split's figures
     assert "detector.onnx" in page  # downloadable
+    by = ModelVersion.objects.get(run=run).metrics["threshold"]["by"]  # how the operating threshold was chosen
+    assert by.startswith(("count MAE", "highest val recall")) and escape(by) in page
 
     # Mobile: the export job converts the detector to detector.tflite, checked on the run's own photos.
     import os

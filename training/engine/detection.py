@@ -916,6 +916,8 @@ def pick_threshold(sweep: list[dict], min_recall: float | None) -> tuple[dict, s
     by_count = lambda r: (r["count_mae"], -(r["recall"] or 0.0), abs(r["threshold"] - 0.5))  # noqa: E731
     if min_recall is None:
         return min(sweep, key=by_count), "count MAE (then recall)"
+    if all(r["recall"] is None for r in sweep):  # no true box on val: nothing to recall
+        return min(sweep, key=by_count), "count MAE (the val photos have no boxes)"
     ok = [r for r in sweep if (r["recall"] or 0.0) >= min_recall]
     if ok:
         return min(ok, key=by_count), f"count MAE (then recall) among val recall >= {min_recall:g}"
