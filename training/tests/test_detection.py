@@ -482,15 +482,15 @@ def test_auto_threshold_is_the_one_that_counts_best_on_val(tmp_path):
 
 
 def test_auto_threshold_keeps_the_recall_floor():
-    """pick_threshold ("auto"'s rule): the count-closest threshold among those with val recall >= min_recall (the
-    default, 0.98: the shelf seed's target); none reaching it -> the highest recall; null -> count MAE alone."""
+    """pick_threshold ("auto"'s rule): the count-closest threshold among those with val recall >= min_recall; none
+    reaching it -> the highest recall; null (the default) -> count MAE alone."""
     from training.engine.detection import DEFAULT_DETECTOR_CONFIG, pick_threshold
 
     def row(t, mae, recall):
         return {"threshold": t, "count_mae": mae, "recall": recall, "precision": 0.9}
 
     sweep = [row(0.1, 0.9, 0.99), row(0.2, 0.6, 0.981), row(0.3, 0.5, 0.97), row(0.4, 0.5, 0.96), row(0.5, 0.7, 0.95)]
-    assert DEFAULT_DETECTOR_CONFIG["min_recall"] == 0.98
+    assert DEFAULT_DETECTOR_CONFIG["min_recall"] is None
     best, by = pick_threshold(sweep, 0.98)
     assert best["threshold"] == 0.2 and "recall >= 0.98" in by
     best, by = pick_threshold(sweep, None)  # count MAE alone: 0.3 and 0.4 tie, 0.3 has the higher recall
@@ -505,7 +505,7 @@ def test_auto_threshold_keeps_the_recall_floor():
     for bad in (0, 1.5, "high", True):
         with pytest.raises(ValueError, match="'min_recall'"):
             resolve_detector_config({"min_recall": bad})
-    assert resolve_detector_config({"min_recall": None})["min_recall"] is None
+    assert resolve_detector_config({"min_recall": 0.98})["min_recall"] == 0.98
 
 
 def _same_detections(a: dict, b, threshold: float, box_atol: float = 1e-3, score_atol: float = 1e-4) -> None:
