@@ -192,8 +192,12 @@ def run(work: Path) -> None:
     for arm, manifest in (("ours", containers), ("baseline", by_sku)):
         t = time.monotonic()
         m = train_detector(manifest, cfg, work / arm, fresh=True)
-        arms[arm] = {"train_s": time.monotonic() - t, "epochs": m["epochs_run"], "best": m["best_epoch"]}
-        arms[arm]["threshold_by"] = m["threshold"]["by"]
+        arms[arm] = {
+            "train_s": time.monotonic() - t,
+            "epochs": m["epochs_run"],
+            "best": m["best_epoch"],
+            "threshold_by": m["threshold"]["by"],
+        }
         arms[arm]["test"] = evaluate_detector(work / arm, manifest, split="test")
         print(
             arm,

@@ -100,10 +100,11 @@ def test_the_models_pages_show_a_detector(shelf_project, admin_client):
         assert response.status_code == 200, url
     page = admin_client.get(reverse("training:version-detail", args=[slug, 1])).content.decode()
     assert "mAP@50" in page and "count MAE" in page
-    test = ModelVersion.objects.get(run=run).metrics["test"]
+    metrics = ModelVersion.objects.get(run=run).metrics
+    test = metrics["test"]
     assert f"{test['map_50']:.3f}" in page and f"{test['count_mae']:.3f}" in page  # the test split's figures
     assert "detector.onnx" in page  # downloadable
-    by = ModelVersion.objects.get(run=run).metrics["threshold"]["by"]  # how the operating threshold was chosen
+    by = metrics["threshold"]["by"]  # how the operating threshold was chosen
     assert by.startswith(("count MAE", "highest val recall")) and escape(by) in page
 
     # Mobile: the export job converts the detector to detector.tflite, checked on the run's own photos.

@@ -867,8 +867,8 @@ def choose_threshold(model, items: list[DetItem], classes: list[str], cfg: dict,
     """The operating score threshold for counting, chosen on `items` (the val photos): each photo is predicted
     once, then for every threshold of THRESHOLD_GRID the count MAE (mean over photos and classes of |detected -
     true|) and the recall and precision of any class (greedy matcher, match_iou); the lowest count MAE wins, ties
-    to the higher recall, then to the threshold nearest 0.5, among the thresholds whose recall is at least
-    cfg["min_recall"] (pick_threshold). Without photos: DEFAULT_THRESHOLD. Returns {"chosen", "by", "on", "sweep":
+    to the higher recall, then to the threshold nearest 0.5; with cfg["min_recall"] set, only among the thresholds
+    whose recall reaches it (pick_threshold). Without photos: DEFAULT_THRESHOLD. Returns {"chosen", "by", "on", "sweep":
     [{"threshold", "count_mae", "recall", "precision"}]}."""
     if not items:
         return {"chosen": DEFAULT_THRESHOLD, "by": "default (no val photos)", "on": None, "sweep": []}
@@ -919,10 +919,10 @@ def pick_threshold(sweep: list[dict], min_recall: float | None) -> tuple[dict, s
         return min(sweep, key=by_count), "count MAE (then recall)"
     if all(r["recall"] is None for r in sweep):  # no true box on val: nothing to recall
         return min(sweep, key=by_count), "count MAE (the val photos have no boxes)"
-    ok = [r for r in sweep if (r["recall"] or 0.0) >= min_recall]
+    ok = [r for r in sweep if r["recall"] >= min_recall]  # past the guard above every row has a recall
     if ok:
         return min(ok, key=by_count), f"count MAE (then recall) among val recall >= {min_recall:g}"
-    best = min(sweep, key=lambda r: (-(r["recall"] or 0.0), r["count_mae"], -r["threshold"]))
+    best = min(sweep, key=lambda r: (-r["recall"], r["count_mae"], -r["threshold"]))
     return best, f"highest val recall (no threshold reached min_recall {min_recall:g})"
 
 
