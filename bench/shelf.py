@@ -147,6 +147,11 @@ def rule_thresholds(loaded, manifest: dict) -> dict[str, float]:
     return {rule: pick_threshold(sweep, floor)[0]["threshold"] for rule, floor in RULES.items()}
 
 
+def xyxy(boxes) -> list[list[float]]:
+    """xywh boxes as xyxy."""
+    return [[x, y, x + w, y + h] for x, y, w, h in boxes]
+
+
 def iou(a, b) -> float:
     ax2, ay2, bx2, by2 = a[0] + a[2], a[1] + a[3], b[0] + b[2], b[1] + b[3]
     iw, ih = max(0.0, min(ax2, bx2) - max(a[0], b[0])), max(0.0, min(ay2, by2) - max(a[1], b[1]))
@@ -291,11 +296,8 @@ def run(work: Path) -> None:
         labels = [a["heads"]["sku"]["label"] for a in answers]
         seconds.append(time.perf_counter() - t)
         pred_counts.append(Counter(lb for lb in labels if lb is not None))
-        hits = matched_truth(  # recall by how much of a box is visible (recall_any_class's matching)
-            [[x, y, x + w, y + h] for (x, y, w, h), _, _ in boxes],
-            [[x, y, x + w, y + h] for x, y, w, h in (b["box"] for b in truth)],
-            iou=0.5,
-        )
+        # recall by how much of a box is visible (recall_any_class's matching)
+        hits = matched_truth(xyxy(f[0] for f in boxes), xyxy(b["box"] for b in truth), iou=0.5)
         for b, hit in zip(truth, hits, strict=True):
             by_vis["< 0.5" if b["visible"] < 0.5 else ">= 0.5"].append(hit)
         n_unknown += sum(lb is None for lb in labels)
@@ -308,17 +310,14 @@ def run(work: Path) -> None:
             )
             low_labels = [a["heads"]["sku"]["label"] for a in low_answers]
         base_low = detections(base, path, thr=min(rules["baseline"].values()))
-        true_xyxy = [[x, y, x + w, y + h] for x, y, w, h in (b["box"] for b in truth)]
+        true_xyxy = xyxy(b["box"] for b in truth)
         for rule, r in per_rule.items():
-            kept = [(b, lb) for b, lb in zip(low, low_labels, strict=True)
-                    if b[2] >= rules["ours"][rule]]  # fmt: skip
+            kept = [(f, lb) for f, lb in zip(low, low_labels, strict=True) if f[2] >= rules["ours"][rule]]
             r["pred"].append(Counter(lb for _, lb in kept if lb is not None))
-            r["hits"] += int(matched_truth([[x, y, x + w, y + h] for (x, y, w, h), _, _ in (b for b, _ in kept)],
-                                           true_xyxy, iou=0.5).sum())  # fmt: skip
+            r["hits"] += int(matched_truth(xyxy(f[0] for f, _ in kept), true_xyxy, iou=0.5).sum())
             kept_base = [f for f in base_low if f[2] >= rules["baseline"][rule]]
             r["base"].append(Counter(by_sku["classes"][f[1]] for f in kept_base))
-            r["base_hits"] += int(matched_truth([[x, y, x + w, y + h] for (x, y, w, h), _, _ in kept_base],
-                                                true_xyxy, iou=0.5).sum())  # fmt: skip
+            r["base_hits"] += int(matched_truth(xyxy(f[0] for f in kept_base), true_xyxy, iou=0.5).sum())
 
     ours, base_t = arms["ours"]["test"], arms["baseline"]["test"]
     top1 = {k: v / n_true for k, v in right.items()}
