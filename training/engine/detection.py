@@ -86,11 +86,11 @@ DEFAULT_DETECTOR_CONFIG: dict[str, Any] = {
     "fpn_channels": 96,
     "anchor_sizes": [16, 32, 64, 128],  # one per FPN level (strides 8, 16, 32, 64), in model-input pixels
     "aspect_ratios": [1.0, 2.0, 3.0],  # height / width of the anchors
-    # the two-layer box head's width (torchvision's default 1024) and the sampled RoIs per photo for its loss
-    # (torchvision's default 512; fewer = faster). make bench-shelf: test recall 0.975 with 512 / 256, 0.963 with
-    # 256 / 128 (one run each, README's benchmark table)
-    "box_head_dim": 512,
-    "roi_batch": 256,
+    # the two-layer box head's width and the sampled RoIs per photo for its loss: torchvision's defaults (1024, 512).
+    # Narrower is faster but misses more: make bench-shelf gave test recall 0.975 with 512 / 256 and 0.963 with
+    # 256 / 128 (one run each, earlier README rows); see the README's benchmark table for this default's run
+    "box_head_dim": 1024,
+    "roi_batch": 512,
     # Input: each photo is resized so its shorter side is min_size and its longer side at most max_size
     "min_size": 480,
     "max_size": 640,
