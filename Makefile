@@ -133,8 +133,8 @@ bench-serving: .venv/.dev
 bench-s3: .venv/.dev
 	$(PY) -m bench.s3_serving
 
-# Shelf photos: detector + SKU classifier vs a one-class-per-SKU detector on generated shelves (b5565f3's run on its
-# 2-core machine: detectors 2,127 s + 2,266 s, SKU retrain 1,221 s - over 1.5 h; slower machines take longer).
+# Shelf photos: detector + SKU classifier vs a one-class-per-SKU detector on generated shelves (ac79db8's run on its
+# 2-core machine: detectors 2,870 s + 2,734 s, SKU retrain 1,254 s - about 2 h; slower machines take longer).
 bench-shelf: .venv/.dev
 	$(PY) -m bench.shelf
 
