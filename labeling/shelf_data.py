@@ -56,6 +56,7 @@ from .detection_formats import crop_box
 
 __all__ = [
     "CONTAINER_CLASSES",
+    "SKU_PROJECT_MIN_SIDE",
     "SKU_PROJECT_OPTIONS",
     "SPLITS",
     "Sku",
@@ -72,6 +73,10 @@ MIN_VISIBLE = 0.35
 # into the model's square (a centre crop cuts a bottle's cap and foot off), and no shifted / zoomed views (they cut
 # part of a tight crop's label off). make bench-shelf measured both (see its notes and the README).
 SKU_PROJECT_OPTIONS = {"resize": "fit", "quick_views": []}
+# The minimum image side of that project: a crop is as small as its box (on 480x360 shelves 9-107 px short side,
+# median 31), and a project's default minimum (224 px, for whole-product photos) would leave every crop out of a
+# freeze; the model fits each crop into its square whatever its size.
+SKU_PROJECT_MIN_SIDE = 8
 SPRITE_H = 160  # SKU sprites are drawn once at this height, then resized per instance
 BACK_DIM = 0.78
 _DIM_LUT = [int(v * BACK_DIM) for v in range(256)] * 3

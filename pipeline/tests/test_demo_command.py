@@ -45,6 +45,11 @@ def test_demo_shelf_creates_the_shelf_project_and_its_sku_project(tmp_path):
         assert cfg["quick_views"] == [] and cfg["resize"] == "fit"
     assert shelf.images.count() == 6 and BoxSet.objects.filter(image__project=shelf, version__gt=0).count() == 6
     assert skus.images.count() > 100  # one crop per box, labeled with its SKU from the folder name
+    # every crop is usable for training (a crop is as small as its box: the project's minimum side is lowered)
+    from labeling.versions import dataset_version_create
+
+    version, _ = dataset_version_create(project=skus)
+    assert sum(version.counts["splits"].values()) == skus.images.count()
     assert LabelClass.objects.filter(head__project=skus).count() >= 10
     n = (shelf.images.count(), skus.images.count())
     call_command("demo", "--images-per-combo", "1", "--out", str(out), "--shelf", "--shelf-photos", "6")

@@ -124,7 +124,7 @@ class Command(BaseCommand):
         """The shelf demo: generated shelf photos imported with their boxes (YOLO) into a `shelf` project, and their
         SKU crops (one folder per SKU) into the `sku` project that names each box's SKU."""
         from labeling.boxes import boxes_import
-        from labeling.shelf_data import SKU_PROJECT_OPTIONS, generate_shelves
+        from labeling.shelf_data import SKU_PROJECT_MIN_SIDE, SKU_PROJECT_OPTIONS, generate_shelves
 
         skus = Project.objects.filter(slug="shelf-skus").first()
         shelf = Project.objects.filter(slug="shelf-demo").first()
@@ -136,10 +136,12 @@ class Command(BaseCommand):
         skus = skus or project_create(
             name="Shelf SKUs", slug="shelf-skus", preset="sku", description="The shelf demo's SKU crops."
         )
-        # Tall and wide SKU crops: fitted whole, no shifted / zoomed views (SKU_PROJECT_OPTIONS, make bench-shelf)
-        options = skus.training_options or {}
-        if any(options.get(k) != v for k, v in SKU_PROJECT_OPTIONS.items()):
-            Project.objects.filter(pk=skus.pk).update(training_options={**options, **SKU_PROJECT_OPTIONS})
+        # Tall and wide SKU crops: fitted whole, no shifted / zoomed views (SKU_PROJECT_OPTIONS, make bench-shelf),
+        # and as small as their boxes (SKU_PROJECT_MIN_SIDE: the default 224 px would leave every crop out)
+        Project.objects.filter(pk=skus.pk).update(
+            training_options={**(skus.training_options or {}), **SKU_PROJECT_OPTIONS},
+            min_image_side=SKU_PROJECT_MIN_SIDE,
+        )
         head = skus.heads.get()
         for split in ("train", "val", "test"):  # crops/<split>/<sku>/*.jpg: the SKU from the folder name
             rows, report = importers.plan_folder(out / "crops" / split, head=head)
