@@ -193,11 +193,14 @@ class Command(BaseCommand):
                 raise CommandError(f"Training failed: {run.error}")
             active = project.model_versions.filter(is_active=True).first()
             if active:
-                self.stdout.write(
-                    self.style.SUCCESS(
-                        f"Model v{active.number} trained and promoted (index: {active.index_size} images)."
-                    )
+                test = active.metrics.get("test") or {}
+                about = (  # a detector has no gallery: its test figures instead
+                    f"test mAP@50 {test['map_50']:.3f}, recall {test['recall_any_class']:.3f} at score "
+                    f"{test['score_threshold']:g} on {test['photos']} photos"
+                    if active.metrics.get("task") == "detection" and "map_50" in test
+                    else f"index: {active.index_size} images"
                 )
+                self.stdout.write(self.style.SUCCESS(f"Model v{active.number} trained and promoted ({about})."))
                 self._scan(project)
                 for job in Job.objects.filter(project=project, status__in=["queued", "running"]):
                     self.stdout.write(f"{job.what.capitalize()} (job {job.id}) {job.status} on the worker: see Jobs.")
