@@ -54,3 +54,21 @@ def test_demo_shelf_creates_the_shelf_project_and_its_sku_project(tmp_path):
     n = (shelf.images.count(), skus.images.count())
     call_command("demo", "--images-per-combo", "1", "--out", str(out), "--shelf", "--shelf-photos", "6")
     assert (shelf.images.count(), skus.images.count()) == n  # a second run adds nothing
+
+
+def test_demo_train_shelf_in_one_invocation_trains_the_sku_project_as_stored(tmp_path, monkeypatch):
+    """`demo --train --shelf` on an empty database hands _train the SKU project with its lowered minimum side (the
+    object the import changed in the database, not a stale copy that would leave every crop out)."""
+    from labeling.shelf_data import SKU_PROJECT_MIN_SIDE
+    from pipeline.management.commands.demo import Command
+
+    seen = {}
+    monkeypatch.setattr(
+        Command, "_train", lambda self, project, timeout, config=None: seen.update({project.slug: project})
+    )
+    call_command(
+        "demo", "--images-per-combo", "1", "--out", str(tmp_path / "demo"), "--shelf", "--shelf-photos", "6", "--train"
+    )
+    assert set(seen) == {"lego-demo", "shelf-skus", "shelf-demo"}
+    assert seen["shelf-skus"].min_image_side == SKU_PROJECT_MIN_SIDE
+    assert seen["shelf-demo"].sku_project_id == seen["shelf-skus"].id

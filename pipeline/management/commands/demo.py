@@ -142,6 +142,7 @@ class Command(BaseCommand):
             training_options={**(skus.training_options or {}), **SKU_PROJECT_OPTIONS},
             min_image_side=SKU_PROJECT_MIN_SIDE,
         )
+        skus.refresh_from_db()  # the caller trains this object: a one-invocation `demo --train --shelf` reads it
         head = skus.heads.get()
         for split in ("train", "val", "test"):  # crops/<split>/<sku>/*.jpg: the SKU from the folder name
             rows, report = importers.plan_folder(out / "crops" / split, head=head)
