@@ -71,8 +71,10 @@ SPLITS = ("train", "val", "test")
 MIN_VISIBLE = 0.35
 # The training options of a project of these SKU crops (the shelf demo's, bench-shelf's): each crop fitted whole
 # into the model's square (a centre crop cuts a bottle's cap and foot off), and no shifted / zoomed views (they cut
-# part of a tight crop's label off). make bench-shelf measured both (see its notes and the README).
-SKU_PROJECT_OPTIONS = {"resize": "fit", "quick_views": []}
+# part of a tight crop's label off). make bench-shelf measured both (see its notes and the README). Five views for the
+# CPU tail fine-tune (the sku preset has eight): bench-shelf's ~8,000 train crops' maps take 722 s for five views of
+# its 1,200 s budget, and make bench-shelf measured five.
+SKU_PROJECT_OPTIONS = {"resize": "fit", "quick_views": [], "tail_views": 5}
 # The minimum image side of that project: a crop is as small as its box (on 480x360 shelves 9-107 px short side,
 # median 31), and a project's default minimum (224 px, for whole-product photos) would leave every crop out of a
 # freeze; the model fits each crop into its square whatever its size.

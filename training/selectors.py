@@ -370,9 +370,10 @@ def detector_run_config(project: Project, overrides: dict) -> dict:
 
 
 # Engine keys a project's training options may set for its runs (beside class weighting): quick_views, e.g. [] for a
-# project of tight crops where the sku preset's shifted views cost accuracy, and resize, "fit" for tall or wide
-# crops (the shelf demo's SKU project: labeling.shelf_data.SKU_PROJECT_OPTIONS).
-PROJECT_ENGINE_OPTIONS = ("quick_views", "resize")
+# project of tight crops where the sku preset's shifted views cost accuracy, resize, "fit" for tall or wide crops,
+# and tail_views, fewer augmented views' maps for a project of many small photos whose eight views' maps would not
+# fit the CPU budget (the shelf demo's SKU project: labeling.shelf_data.SKU_PROJECT_OPTIONS).
+PROJECT_ENGINE_OPTIONS = ("quick_views", "resize", "tail_views")
 
 
 def _with_project_options(project: Project, config: dict) -> dict:

@@ -42,7 +42,7 @@ def test_demo_shelf_creates_the_shelf_project_and_its_sku_project(tmp_path):
 
     for quick in (True, False):  # the project's options reach both kinds of run
         cfg = run_config(skus, {"quick": quick})
-        assert cfg["quick_views"] == [] and cfg["resize"] == "fit"
+        assert cfg["quick_views"] == [] and cfg["resize"] == "fit" and cfg["tail_views"] == 5
     assert shelf.images.count() == 6 and BoxSet.objects.filter(image__project=shelf, version__gt=0).count() == 6
     assert skus.images.count() > 100  # one crop per box, labeled with its SKU from the folder name
     # every crop is usable for training (a crop is as small as its box: the project's minimum side is lowered)
