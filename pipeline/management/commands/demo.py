@@ -138,11 +138,9 @@ class Command(BaseCommand):
         )
         # Tall and wide SKU crops: fitted whole, no shifted / zoomed views (SKU_PROJECT_OPTIONS, make bench-shelf),
         # and as small as their boxes (SKU_PROJECT_MIN_SIDE: the default 224 px would leave every crop out)
-        Project.objects.filter(pk=skus.pk).update(
-            training_options={**(skus.training_options or {}), **SKU_PROJECT_OPTIONS},
-            min_image_side=SKU_PROJECT_MIN_SIDE,
-        )
-        skus.refresh_from_db()  # the caller trains this object: a one-invocation `demo --train --shelf` reads it
+        skus.training_options = {**(skus.training_options or {}), **SKU_PROJECT_OPTIONS}
+        skus.min_image_side = SKU_PROJECT_MIN_SIDE  # set on the object the caller trains (demo --train --shelf)
+        skus.save(update_fields=["training_options", "min_image_side"])
         head = skus.heads.get()
         for split in ("train", "val", "test"):  # crops/<split>/<sku>/*.jpg: the SKU from the folder name
             rows, report = importers.plan_folder(out / "crops" / split, head=head)
